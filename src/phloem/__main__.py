@@ -1,0 +1,3 @@
+from phloem.cli.main import main
+
+main()

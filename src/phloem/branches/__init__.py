@@ -1,0 +1,1 @@
+"""Database branches: one PostgreSQL cluster per branch."""

@@ -1,0 +1,388 @@
+"""``phloem`` commands.
+
+    phloem up --deploy examples/hello-python
+    phloem functions deploy todos --path examples/hello-python --entry main:app
+    phloem functions get todos --output json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from phloem import __version__
+from phloem.client import Client, ClientError
+from phloem.settings import Settings, default_data_dir
+from phloem.validation import InvalidInput, check_entry, check_slug
+
+app = typer.Typer(help="phloem: long-running serverless functions that branch with "
+                       "their Postgres database.", no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+functions_app = typer.Typer(help="Deploy and manage functions.", no_args_is_help=True)
+app.add_typer(functions_app, name="functions")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class OutputFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+DataDirOpt = Annotated[Path, typer.Option(
+    "--data-dir", envvar="PHLOEM_DATA_DIR", help="Where phloem keeps its state.",
+    default_factory=default_data_dir, show_default="/var/lib/phloem as root, else the "
+    "user data dir")]
+BranchOpt = Annotated[str, typer.Option("--branch", "-b", envvar="PHLOEM_BRANCH",
+                                        help="Branch name or id.")]
+OutputOpt = Annotated[OutputFormat, typer.Option("--output", "-o", envvar="PHLOEM_OUTPUT",
+                                                 help="Output format.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def client_for(data_dir: Path) -> Client:
+    try:
+        return Client.from_environment(data_dir)
+    except ClientError as exc:
+        fail(str(exc))
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")]
+          = False) -> None:
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+# -- up ------------------------------------------------------------------------
+@app.command()
+def up(
+    data_dir: DataDirOpt,
+    api_host: Annotated[str, typer.Option(envvar="PHLOEM_API_HOST",
+                                          help="Address of the control API.")] = "127.0.0.1",
+    api_port: Annotated[int, typer.Option(envvar="PHLOEM_API_PORT",
+                                          help="Port of the control API.")] = 8788,
+    gateway_host: Annotated[str, typer.Option(envvar="PHLOEM_GATEWAY_HOST",
+                                              help="Address functions are served on.")]
+    = "127.0.0.1",
+    gateway_port: Annotated[int, typer.Option(envvar="PHLOEM_GATEWAY_PORT",
+                                              help="Port functions are served on.")] = 8787,
+    domain: Annotated[str, typer.Option(envvar="PHLOEM_DOMAIN",
+                                        help="Domain of invocation URLs.")] = "fn.localhost",
+    public_port: Annotated[int | None, typer.Option(
+        envvar="PHLOEM_PUBLIC_PORT", help="Port shown in invocation URLs "
+        "[default: the gateway port]")] = None,
+    pg_port_base: Annotated[int, typer.Option(envvar="PHLOEM_PG_PORT_BASE",
+                                              help="First TCP port for branch databases.")]
+    = 55432,
+    service_user: Annotated[str, typer.Option(
+        envvar="PHLOEM_SERVICE_USER", help="Unprivileged user PostgreSQL runs as (root "
+        "only).")] = "phloem",
+    isolate_python: Annotated[str | None, typer.Option(
+        envvar="PHLOEM_ISOLATE_PYTHON", help="Interpreter for Python isolates [default: "
+        "phloem's, or /usr/bin/pythonX.Y as root]")] = None,
+    grace: Annotated[float, typer.Option(envvar="PHLOEM_EVICTION_GRACE",
+                                         help="Seconds between SIGINT and SIGKILL for "
+                                              "isolates.")] = 10.0,
+    deploy: Annotated[list[Path] | None, typer.Option(
+        "--deploy", envvar="PHLOEM_DEPLOY", help="Deploy this directory as a function on "
+        "branch main once up (slug from the directory name; repeatable).")] = None,
+) -> None:
+    """Start the platform in the foreground: system database, branch 'main', API and
+    gateway. Ctrl-C stops everything; a second Ctrl-C forces exit.
+
+    Example: phloem up --deploy examples/hello-python
+    """
+    settings = Settings(
+        data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
+        gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
+        public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
+        isolate_python=isolate_python, eviction_grace_s=grace,
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    code = asyncio.run(_serve(settings, [p.absolute() for p in deploy or []]))
+    raise typer.Exit(code)
+
+
+async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
+    from phloem.platform import Platform, PlatformError
+
+    platform = Platform(settings)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            err.print("[yellow]stopping: draining requests, stopping isolates and "
+                      "databases (press Ctrl-C again to force)[/]")
+            platform.request_stop()
+        else:
+            err.print("[red]forced exit[/]")
+            if hasattr(platform, "supervisor"):
+                for isolate in platform.supervisor.isolates():
+                    isolate.send_signal(signal.SIGKILL)
+            os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        with err.status("starting phloem"):
+            start = asyncio.create_task(platform.start())
+            stop_wait = asyncio.create_task(platform.wait_stop_requested())
+            await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                start.cancel()
+                raise PlatformError("interrupted during start-up")
+            start.result()
+    except PlatformError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        await platform.stop()
+        return 1
+    except BaseException:
+        await platform.stop()
+        raise
+    s = settings
+    out.print(f"[bold green]phloem {__version__} is up[/]  data dir {s.data_dir}")
+    out.print(f"  api      {s.api_url}/api/v1   (key in {s.data_dir / 'credentials.json'})")
+    out.print(f"  gateway  {s.gateway_host}:{platform.gateway.port if platform.gateway else ''}")
+    for b in await platform.store.list_branches():
+        out.print(f"  branch   {b.name} ({b.id})  postgres 127.0.0.1:{b.port}")
+    if deploy_dirs:
+        await asyncio.to_thread(_deploy_dirs, settings, deploy_dirs)
+    out.print("ready. Press Ctrl-C to stop.")
+    await platform.wait_stop_requested()
+    await platform.stop()
+    out.print("phloem stopped")
+    return 0
+
+
+def _deploy_dirs(settings: Settings, dirs: list[Path]) -> None:
+    client = Client.from_environment(settings.data_dir)
+    for d in dirs:
+        slug = "".join(c for c in d.name.lower() if c.isalnum())[:20] or "fn"
+        try:
+            entry = detect_entry(d)
+            dep = client.deploy("main", slug, d, entry,
+                                progress=lambda line: err.print(f"  [dim]{escape(line)}[/]"))
+            fn = client.get_function("main", slug)
+        except (ClientError, InvalidInput) as exc:
+            err.print(f"[bold red]deploy of {d} failed:[/] {escape(str(exc))}")
+            continue
+        if dep["status"] != "ready":
+            err.print(f"[bold red]deploy of {d} failed:[/] {escape(str(dep['error']))}")
+            continue
+        _print_invocation(fn, settings.gateway_host, settings.gateway_port)
+
+
+def _print_invocation(fn: dict[str, Any], gateway_host: str, gateway_port: int) -> None:
+    url = fn["invocation_url"]
+    host = url.split("://", 1)[1]
+    out.print(f"  [bold]{fn['slug']}[/]  {url}  {fn['status']}")
+    out.print(f"    curl {url}/        [dim](browsers and curl resolve *.localhost)[/]")
+    out.print(f"    curl -H 'Host: {host}' http://{gateway_host}:{gateway_port}/")
+
+
+def detect_entry(path: Path) -> str:
+    for module in ("main", "app"):
+        if (path / f"{module}.py").is_file():
+            return f"{module}:app"
+    raise InvalidInput("entry", f"required: pass --entry module:attr (no main.py or app.py "
+                                f"in {path})")
+
+
+# -- status --------------------------------------------------------------------
+@app.command()
+def status(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
+    """Report each component of a running platform."""
+    try:
+        data = client_for(data_dir).status()
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(data)
+        return
+    out.print(f"phloem {data['version']}  data dir {data['data_dir']}")
+    for name, comp in data["components"].items():
+        state = comp if isinstance(comp, str) else comp["state"]
+        extra = "" if isinstance(comp, str) else "  ".join(
+            f"{k}={v}" for k, v in comp.items() if k != "state")
+        out.print(f"  {name:<16} {state:<8} {extra}")
+    for b in data["branches"]:
+        out.print(f"  branch {b['name']:<9} {b['database']:<8} {b['id']}  port {b['port']}")
+    for i in data["isolates"]:
+        out.print(f"  isolate {i['id']} {i['function']} {i['state']} pid {i['pid']} "
+                  f"in-flight {i['inflight']}")
+
+
+@app.command("connection-string")
+def connection_string(
+    data_dir: DataDirOpt,
+    branch: BranchOpt = "main",
+    pooled: Annotated[bool, typer.Option("--pooled/--unpooled", envvar="PHLOEM_POOLED",
+                                         help="Through the pooler, or direct.")] = True,
+) -> None:
+    """Print the branch's database URL.
+
+    Example: psql "$(phloem connection-string --unpooled)"
+    """
+    try:
+        sys.stdout.write(client_for(data_dir).connection_string(branch, pooled) + "\n")
+    except ClientError as exc:
+        fail(str(exc))
+
+
+# -- functions -----------------------------------------------------------------
+def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput("env", f"expected KEY=VALUE (got {pair!r})")
+        env[key] = value
+    return env
+
+
+@functions_app.command("deploy")
+def functions_deploy(
+    slug: Annotated[str, typer.Argument(help="Function slug: ^[a-z0-9]{1,20}$, fixed once "
+                                             "deployed.")],
+    data_dir: DataDirOpt,
+    path: Annotated[Path, typer.Option("--path", "-p", envvar="PHLOEM_PATH",
+                                       help="Source directory.")] = Path("."),
+    entry: Annotated[str | None, typer.Option(
+        "--entry", "-e", envvar="PHLOEM_ENTRY", help="ASGI app as module:attr [default: "
+        "main:app or app:app, whichever file exists]")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", help="KEY=VALUE for the function's environment (repeatable).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Display name [default: the "
+                                             "slug]")] = None,
+    runtime: Annotated[str | None, typer.Option(
+        "--runtime", envvar="PHLOEM_RUNTIME", help="Runtime [default: the platform's "
+        "Python]")] = None,
+    branch: BranchOpt = "main",
+    output: OutputOpt = OutputFormat.text,
+) -> None:
+    """Deploy a directory as a function on a branch and wait until it is ready.
+
+    Example: phloem functions deploy todos --path examples/hello-python --entry main:app
+    """
+    try:
+        check_slug(slug)
+        resolved_entry = check_entry(entry) if entry else detect_entry(path)
+        env_map = parse_env_pairs(env or [])
+    except InvalidInput as exc:
+        fail(str(exc))
+    client = client_for(data_dir)
+    quiet = output is OutputFormat.json
+    try:
+        with err.status(f"deploying {slug}") as spinner:
+            def progress(line: str) -> None:
+                spinner.update(f"deploying {slug}: {line[:100]}")
+                if not quiet:
+                    err.print(f"  [dim]{escape(line)}[/]", highlight=False)
+
+            dep = client.deploy(branch, slug, path, resolved_entry, env=env_map, name=name,
+                                runtime=runtime, progress=progress)
+        fn = client.get_function(branch, slug)
+    except (ClientError, InvalidInput) as exc:
+        fail(str(exc))
+    if quiet:
+        print_json({**fn, "deployment": dep})
+    elif dep["status"] == "ready":
+        out.print(f"[bold green]deployed[/] {slug}  {fn['invocation_url']}  ready")
+    if dep["status"] != "ready":
+        fail(f"deployment {dep['id']} of {slug} failed: {dep['error']}")
+
+
+@functions_app.command("list")
+def functions_list(data_dir: DataDirOpt, branch: BranchOpt = "main",
+                   output: OutputOpt = OutputFormat.text) -> None:
+    """List the functions of a branch."""
+    try:
+        fns = client_for(data_dir).list_functions(branch)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(fns)
+        return
+    table = Table("slug", "name", "status", "url", "deployment")
+    for f in fns:
+        table.add_row(f["slug"], f["name"], f["status"], f["invocation_url"],
+                      f["deployment_id"] or "-")
+    out.print(table)
+
+
+@functions_app.command("get")
+def functions_get(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
+                  output: OutputOpt = OutputFormat.text) -> None:
+    """Show one function and its latest deployment."""
+    try:
+        fn = client_for(data_dir).get_function(branch, slug)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(fn)
+        return
+    for key in ("slug", "name", "branch_id", "branch_name", "runtime", "invocation_url",
+                "status", "deployment_id", "created_at"):
+        out.print(f"{key:<15} {fn[key]}")
+    latest = fn.get("latest_deployment")
+    if latest and latest["status"] == "failed":
+        out.print(f"{'last error':<15} {latest['error']}")
+
+
+@functions_app.command("delete")
+def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main") -> None:
+    """Delete a function: its URL stops answering and its isolates stop."""
+    try:
+        client_for(data_dir).delete_function(branch, slug)
+    except ClientError as exc:
+        fail(str(exc))
+    out.print(f"deleted {slug}")
+
+
+@functions_app.command("logs")
+def functions_logs(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
+                   lines: Annotated[int, typer.Option(help="How many recent lines.")] = 200
+                   ) -> None:
+    """Print a function's recent log lines (isolate output and lifecycle)."""
+    try:
+        sys.stdout.write(client_for(data_dir).function_logs(branch, slug, lines))
+    except ClientError as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

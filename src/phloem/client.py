@@ -1,0 +1,159 @@
+"""A small synchronous client for the phloem API; the CLI's only way to the platform.
+
+    client = Client.from_environment()
+    client.get_function("main", "todos")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from phloem.packing import pack_directory
+from phloem.settings import default_data_dir
+
+
+class ClientError(RuntimeError):
+    """An API error (``code`` from the response) or a connection problem."""
+
+    def __init__(self, message: str, code: str = "client_error", status: int | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.field = code, status, field
+
+
+@dataclass(frozen=True)
+class Credentials:
+    api_url: str
+    api_key: str
+
+
+def load_credentials(api_url: str | None = None, api_key: str | None = None,
+                     data_dir: Path | None = None) -> Credentials:
+    """Explicit values, else ``PHLOEM_API_URL``/``PHLOEM_API_KEY``, else the credentials
+    file ``phloem up`` wrote into its data dir."""
+    url = api_url or os.environ.get("PHLOEM_API_URL")
+    key = api_key or os.environ.get("PHLOEM_API_KEY")
+    if not (url and key):
+        path = (data_dir or default_data_dir()) / "credentials.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ClientError(
+                f"no API credentials: {path} is not readable ({exc.__class__.__name__}); "
+                "start the platform with 'phloem up' or set PHLOEM_API_URL and PHLOEM_API_KEY",
+                "no_credentials") from None
+        url = url or saved["api_url"]
+        key = key or saved["api_key"]
+    return Credentials(url.rstrip("/"), key)
+
+
+class Client:
+    def __init__(self, creds: Credentials, timeout: float = 60.0) -> None:
+        self.creds = creds
+        self.http = httpx.Client(base_url=creds.api_url + "/api/v1", timeout=timeout,
+                                 headers={"Authorization": f"Bearer {creds.api_key}"})
+
+    @classmethod
+    def from_environment(cls, data_dir: Path | None = None) -> Client:
+        return cls(load_credentials(data_dir=data_dir))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot reach the phloem API at {self.creds.api_url}: {exc}; "
+                              "is 'phloem up' running?", "unreachable") from None
+        if resp.status_code >= 400 and method != "HEAD":
+            try:
+                err = resp.json()["error"]
+                raise ClientError(err["message"], err["code"], resp.status_code,
+                                  err.get("field"))
+            except (ValueError, KeyError, TypeError):
+                raise ClientError(f"HTTP {resp.status_code}: {resp.text[:500]}", "http_error",
+                                  resp.status_code) from None
+        return resp
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    # -- endpoints -----------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", "/status")
+        return result
+
+    def list_branches(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.json("GET", "/branches")
+        return result
+
+    def connection_string(self, branch: str, pooled: bool) -> str:
+        result: dict[str, Any] = self.json("GET", f"/branches/{branch}/connection",
+                                           params={"pooled": pooled})
+        return str(result["uri"])
+
+    def list_functions(self, branch: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.json("GET", f"/branches/{branch}/functions")
+        return result
+
+    def get_function(self, branch: str, slug: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/branches/{branch}/functions/{slug}")
+        return result
+
+    def delete_function(self, branch: str, slug: str) -> None:
+        self.request("DELETE", f"/branches/{branch}/functions/{slug}")
+
+    def function_logs(self, branch: str, slug: str, lines: int = 200) -> str:
+        return self.request("GET", f"/branches/{branch}/functions/{slug}/logs",
+                            params={"lines": lines}).text
+
+    def get_deployment(self, deployment_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/deployments/{deployment_id}")
+        return result
+
+    def upload(self, data: bytes, sha256: str) -> None:
+        if self.request("HEAD", f"/artifacts/{sha256}").status_code == 200:
+            return
+        self.request("PUT", f"/artifacts/{sha256}", content=data,
+                     headers={"Content-Type": "application/gzip"})
+
+    def deploy(self, branch: str, slug: str, path: Path, entry: str, *,
+               env: dict[str, str] | None = None, name: str | None = None,
+               runtime: str | None = None,
+               progress: Callable[[str], None] = lambda _: None,
+               timeout: float = 1800.0) -> dict[str, Any]:
+        """Pack, upload, deploy and wait until the deployment is ready or failed; returns
+        the deployment."""
+        progress(f"packing {path}")
+        data, sha = pack_directory(path)
+        progress(f"uploading {len(data) / 1024:.1f} KiB ({sha[:12]})")
+        self.upload(data, sha)
+        body: dict[str, Any] = {"artifact_sha256": sha, "entry": entry, "env": env or {}}
+        if name is not None:
+            body["name"] = name
+        if runtime is not None:
+            body["runtime"] = runtime
+        dep: dict[str, Any] = self.json(
+            "POST", f"/branches/{branch}/functions/{slug}/deployments", json=body)
+        deadline = time.monotonic() + timeout
+        shown = 0
+        while dep["status"] == "building":
+            if time.monotonic() > deadline:
+                raise ClientError(f"deployment {dep['id']} still building after {timeout} s",
+                                  "timeout")
+            time.sleep(0.2)
+            dep = self.get_deployment(dep["id"])
+            lines = dep["build_log"].splitlines()
+            for line in lines[shown:]:
+                progress(line)
+            shown = len(lines)
+        return dep

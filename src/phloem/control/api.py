@@ -1,0 +1,261 @@
+"""The REST API under ``/api/v1`` (OpenAPI at ``/api/v1/openapi.json``).
+
+Every error is JSON ``{"error": {"code": ..., "message": ..., "field": ...}}`` with a
+stable ``code``. Every route but ``/health`` needs ``Authorization: Bearer <api key>``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from phloem import __version__
+from phloem.artifacts import ArtifactError
+from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
+from phloem.deployer import DeployRequest, NotFound
+from phloem.logs import tail
+from phloem.validation import InvalidInput
+
+if TYPE_CHECKING:
+    from phloem.platform import Platform
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    return {"error": err}
+
+
+# -- schemas -----------------------------------------------------------------
+class BranchOut(BaseModel):
+    id: str
+    name: str
+    parent_id: str | None
+    state: str
+    created_at: datetime
+
+
+class DeploymentOut(BaseModel):
+    id: str
+    function_id: str
+    status: str = Field(description="building, ready or failed")
+    runtime: str
+    entry: str
+    artifact_sha256: str
+    env_keys: list[str]
+    error: str | None
+    build_log: str
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class FunctionOut(BaseModel):
+    id: str
+    slug: str
+    name: str
+    branch_id: str
+    branch_name: str
+    runtime: str
+    invocation_url: str
+    status: str = Field(description="status of the active deployment, or of the latest "
+                                    "one when none is active")
+    deployment_id: str | None
+    latest_deployment: DeploymentOut | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeployIn(BaseModel):
+    artifact_sha256: str
+    entry: str
+    runtime: str | None = None
+    name: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ConnectionOut(BaseModel):
+    uri: str
+    pooled: bool
+    branch_id: str
+
+
+class ArtifactOut(BaseModel):
+    sha256: str
+    size: int
+
+
+def _deployment_out(d: DeploymentRow) -> DeploymentOut:
+    return DeploymentOut(
+        id=d.id, function_id=d.function_id, status=d.status, runtime=d.runtime,
+        entry=d.entry, artifact_sha256=d.artifact_sha256, env_keys=sorted(d.env),
+        error=d.error, build_log=d.build_log, created_at=d.created_at,
+        finished_at=d.finished_at,
+    )
+
+
+def _branch_out(b: BranchRow) -> BranchOut:
+    return BranchOut(id=b.id, name=b.name, parent_id=b.parent_id, state=b.state,
+                     created_at=b.created_at)
+
+
+async def branch_by_ref(ref: str, request: Request) -> BranchRow:
+    """The branch named by the ``{ref}`` path parameter: an id or a name."""
+    platform: Platform = request.app.state.platform
+    row = await platform.store.get_branch(ref)
+    if row is None:
+        raise NotFound("branch", ref)
+    return row
+
+
+BranchRef = Annotated[BranchRow, Depends(branch_by_ref)]
+
+
+def create_api(platform: Platform) -> FastAPI:
+    app = FastAPI(title="phloem", version=__version__, openapi_url="/api/v1/openapi.json",
+                  docs_url="/api/v1/docs", redoc_url=None)
+    app.state.platform = platform
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.field), exc.status)
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
+        return JSONResponse(error_body("invalid_input", str(exc), exc.field), 400)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse(error_body(f"{exc.what}_not_found", str(exc)), 404)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path",
+                                                                          "query"))
+        return JSONResponse(
+            error_body("invalid_input", f"{loc or 'request'}: {first.get('msg')}", loc or None),
+            400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+
+    async def authorized(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <api key>'")
+        if not await platform.store.api_key_valid(key.strip()):
+            raise ApiError(401, "unauthorized", "invalid API key")
+
+    auth = [Depends(authorized)]
+
+    async def function_out(branch: BranchRow, fn: FunctionRow) -> FunctionOut:
+        deployments = await platform.store.list_deployments(fn.id)
+        latest = deployments[0] if deployments else None
+        active = next((d for d in deployments if d.id == fn.active_deployment_id), None)
+        status = active.status if active else (latest.status if latest else "none")
+        return FunctionOut(
+            id=fn.id, slug=fn.slug, name=fn.name, branch_id=branch.id,
+            branch_name=branch.name, runtime=fn.runtime,
+            invocation_url=platform.deployer.invocation_url(branch.id, fn.slug),
+            status=status, deployment_id=fn.active_deployment_id,
+            latest_deployment=_deployment_out(latest) if latest else None,
+            created_at=fn.created_at, updated_at=fn.updated_at,
+        )
+
+    @app.get("/api/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/api/v1/status", dependencies=auth)
+    async def status() -> dict[str, Any]:
+        return await platform.status()
+
+    @app.put("/api/v1/artifacts/{sha256}", dependencies=auth, status_code=201)
+    async def put_artifact(sha256: str, request: Request) -> ArtifactOut:
+        data = await request.body()
+        try:
+            sha = platform.artifacts.put(data, expected_sha256=sha256)
+        except ArtifactError as exc:
+            raise ApiError(400, "invalid_artifact", str(exc), "sha256") from exc
+        return ArtifactOut(sha256=sha, size=len(data))
+
+    @app.head("/api/v1/artifacts/{sha256}", dependencies=auth)
+    async def head_artifact(sha256: str) -> Response:
+        try:
+            found = platform.artifacts.exists(sha256)
+        except ArtifactError:
+            found = False
+        return Response(status_code=200 if found else 404)
+
+    @app.get("/api/v1/branches", dependencies=auth)
+    async def list_branches() -> list[BranchOut]:
+        return [_branch_out(b) for b in await platform.store.list_branches()]
+
+    @app.get("/api/v1/branches/{ref}", dependencies=auth)
+    async def get_branch(branch: BranchRef) -> BranchOut:
+        return _branch_out(branch)
+
+    @app.get("/api/v1/branches/{ref}/connection", dependencies=auth)
+    async def connection_string(branch: BranchRef, pooled: bool = True) -> ConnectionOut:
+        urls = platform.branches.connection_strings(branch)
+        return ConnectionOut(uri=urls.pooled if pooled else urls.unpooled, pooled=pooled,
+                             branch_id=branch.id)
+
+    @app.get("/api/v1/branches/{ref}/functions", dependencies=auth)
+    async def list_functions(branch: BranchRef) -> list[FunctionOut]:
+        fns = await platform.store.list_functions(branch.id)
+        return [await function_out(branch, f) for f in fns]
+
+    @app.get("/api/v1/branches/{ref}/functions/{slug}", dependencies=auth)
+    async def get_function(branch: BranchRef, slug: str) -> FunctionOut:
+        fn = await platform.store.get_function(branch.id, slug)
+        if fn is None:
+            raise NotFound("function", slug)
+        return await function_out(branch, fn)
+
+    @app.post("/api/v1/branches/{ref}/functions/{slug}/deployments", dependencies=auth,
+              status_code=202)
+    async def deploy(branch: BranchRef, slug: str, body: DeployIn) -> DeploymentOut:
+        dep = await platform.deployer.deploy(branch, DeployRequest(
+            slug=slug, artifact_sha256=body.artifact_sha256, entry=body.entry,
+            runtime=body.runtime, name=body.name, env=body.env))
+        return _deployment_out(dep)
+
+    @app.delete("/api/v1/branches/{ref}/functions/{slug}", dependencies=auth,
+                status_code=204)
+    async def delete_function(branch: BranchRef, slug: str) -> Response:
+        await platform.deployer.delete(branch, slug)
+        return Response(status_code=204)
+
+    @app.get("/api/v1/branches/{ref}/functions/{slug}/logs", dependencies=auth,
+             response_class=PlainTextResponse)
+    async def function_logs(branch: BranchRef, slug: str, lines: int = 200) -> str:
+        if await platform.store.get_function(branch.id, slug) is None:
+            raise NotFound("function", slug)
+        found = tail(platform.paths.function_log(branch.id, slug), max(1, min(lines, 10000)))
+        return "".join(line + "\n" for line in found)
+
+    @app.get("/api/v1/deployments/{deployment_id}", dependencies=auth)
+    async def get_deployment(deployment_id: str) -> DeploymentOut:
+        dep = await platform.store.get_deployment(deployment_id)
+        if dep is None:
+            raise NotFound("deployment", deployment_id)
+        return _deployment_out(dep)
+
+    return app

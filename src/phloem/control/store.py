@@ -1,0 +1,201 @@
+"""Metadata access: branches, functions, deployments and API keys in the system database.
+
+Every method is one short transaction; callers never hold a connection across awaits on
+other services.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+
+@dataclass(frozen=True)
+class BranchRow:
+    id: str
+    name: str
+    parent_id: str | None
+    port: int
+    database: str
+    role: str
+    role_password: str
+    superuser_password: str
+    state: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class FunctionRow:
+    id: str
+    number: int
+    branch_id: str
+    slug: str
+    name: str
+    runtime: str
+    active_deployment_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class DeploymentRow:
+    id: str
+    function_id: str
+    artifact_sha256: str
+    runtime: str
+    entry: str
+    env: dict[str, str]
+    status: str
+    error: str | None
+    build_log: str
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def new_id(prefix: str, nbytes: int = 6) -> str:
+    return f"{prefix}-{secrets.token_hex(nbytes)}"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql.encode(), params)
+            return await cur.fetchall()
+
+    async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        rows = await self._all(sql, params)
+        return rows[0] if rows else None
+
+    async def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(sql.encode(), params)
+            return cur.rowcount
+
+    # -- API keys ------------------------------------------------------------
+    async def count_api_keys(self) -> int:
+        row = await self._one("SELECT count(*) AS n FROM api_keys")
+        return int(row["n"]) if row else 0
+
+    async def create_api_key(self, name: str) -> str:
+        key = "phk_" + secrets.token_urlsafe(32)
+        await self._exec(
+            "INSERT INTO api_keys (id, key_hash, name) VALUES (%s, %s, %s)",
+            (new_id("key"), hash_key(key), name),
+        )
+        return key
+
+    async def api_key_valid(self, key: str) -> bool:
+        return await self._one(
+            "SELECT 1 AS ok FROM api_keys WHERE key_hash = %s", (hash_key(key),)
+        ) is not None
+
+    # -- branches ------------------------------------------------------------
+    async def list_branches(self) -> list[BranchRow]:
+        rows = await self._all("SELECT * FROM branches ORDER BY created_at")
+        return [BranchRow(**r) for r in rows]
+
+    async def get_branch(self, ref: str) -> BranchRow | None:
+        """By id or by name."""
+        row = await self._one("SELECT * FROM branches WHERE id = %s OR name = %s", (ref, ref))
+        return BranchRow(**row) if row else None
+
+    async def insert_branch(self, row: BranchRow) -> None:
+        await self._exec(
+            "INSERT INTO branches (id, name, parent_id, port, database, role, role_password,"
+            " superuser_password, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            (row.id, row.name, row.parent_id, row.port, row.database, row.role,
+             row.role_password, row.superuser_password, row.state),
+        )
+
+    async def set_branch_state(self, branch_id: str, state: str) -> None:
+        await self._exec("UPDATE branches SET state = %s WHERE id = %s", (state, branch_id))
+
+    async def delete_branch(self, branch_id: str) -> None:
+        await self._exec("DELETE FROM branches WHERE id = %s", (branch_id,))
+
+    # -- functions -----------------------------------------------------------
+    async def list_functions(self, branch_id: str | None = None) -> list[FunctionRow]:
+        if branch_id is None:
+            rows = await self._all("SELECT * FROM functions ORDER BY created_at")
+        else:
+            rows = await self._all(
+                "SELECT * FROM functions WHERE branch_id = %s ORDER BY slug", (branch_id,)
+            )
+        return [FunctionRow(**r) for r in rows]
+
+    async def get_function(self, branch_id: str, slug: str) -> FunctionRow | None:
+        row = await self._one(
+            "SELECT * FROM functions WHERE branch_id = %s AND slug = %s", (branch_id, slug)
+        )
+        return FunctionRow(**row) if row else None
+
+    async def upsert_function(self, branch_id: str, slug: str, name: str,
+                              runtime: str) -> FunctionRow:
+        row = await self._one(
+            "INSERT INTO functions (id, branch_id, slug, name, runtime) VALUES (%s,%s,%s,%s,%s)"
+            " ON CONFLICT (branch_id, slug) DO UPDATE SET name = EXCLUDED.name,"
+            " runtime = EXCLUDED.runtime, updated_at = now() RETURNING *",
+            (new_id("fn"), branch_id, slug, name, runtime),
+        )
+        assert row is not None
+        return FunctionRow(**row)
+
+    async def set_active_deployment(self, function_id: str, deployment_id: str) -> None:
+        await self._exec(
+            "UPDATE functions SET active_deployment_id = %s, updated_at = now() WHERE id = %s",
+            (deployment_id, function_id),
+        )
+
+    async def delete_function(self, function_id: str) -> None:
+        await self._exec("DELETE FROM functions WHERE id = %s", (function_id,))
+
+    # -- deployments ---------------------------------------------------------
+    async def insert_deployment(self, function_id: str, artifact_sha256: str, runtime: str,
+                                entry: str, env: dict[str, str]) -> DeploymentRow:
+        row = await self._one(
+            "INSERT INTO deployments (id, function_id, artifact_sha256, runtime, entry, env,"
+            " status) VALUES (%s,%s,%s,%s,%s,%s,'building') RETURNING *",
+            (new_id("dep"), function_id, artifact_sha256, runtime, entry, Jsonb(env)),
+        )
+        assert row is not None
+        return DeploymentRow(**row)
+
+    async def finish_deployment(self, deployment_id: str, status: str, error: str | None,
+                                build_log: str) -> None:
+        await self._exec(
+            "UPDATE deployments SET status = %s, error = %s, build_log = %s,"
+            " finished_at = now() WHERE id = %s",
+            (status, error, build_log, deployment_id),
+        )
+
+    async def get_deployment(self, deployment_id: str) -> DeploymentRow | None:
+        row = await self._one("SELECT * FROM deployments WHERE id = %s", (deployment_id,))
+        return DeploymentRow(**row) if row else None
+
+    async def list_deployments(self, function_id: str) -> list[DeploymentRow]:
+        rows = await self._all(
+            "SELECT * FROM deployments WHERE function_id = %s ORDER BY created_at DESC",
+            (function_id,),
+        )
+        return [DeploymentRow(**r) for r in rows]
+
+    async def fail_unfinished_deployments(self) -> int:
+        """Builds interrupted by a crash never finish; say so instead of 'building'."""
+        return await self._exec(
+            "UPDATE deployments SET status = 'failed', error = 'interrupted by a platform"
+            " restart', finished_at = now() WHERE status = 'building'"
+        )

@@ -1,0 +1,267 @@
+"""Deploying functions: build an artifact into a runnable deployment, switch traffic to
+it only once it is known to start, and keep the routing table the gateway reads.
+
+A build unpacks the artifact, installs ``requirements.txt`` into a cached environment and
+imports the entry in a throw-away process as the function's own uid with the real env. Any
+failure marks the deployment ``failed`` with the reason, and the previous deployment
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from phloem.artifacts import ArtifactError, ArtifactStore
+from phloem.branches.manager import BranchManager
+from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store
+from phloem.identity import Identity, make_dir
+from phloem.paths import DataPaths
+from phloem.runtimes.python import environment as pyenv
+from phloem.settings import Settings
+from phloem.supervisor import IsolateSpec, Supervisor
+from phloem.validation import InvalidInput, check_entry, check_env, check_name, check_slug
+
+PYTHON_RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
+RUNTIMES = (PYTHON_RUNTIME,)
+
+
+class NotFound(LookupError):
+    def __init__(self, what: str, ref: str) -> None:
+        super().__init__(f"{what} {ref!r} not found")
+        self.what = what
+        self.ref = ref
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    slug: str
+    artifact_sha256: str
+    entry: str
+    runtime: str | None = None
+    name: str | None = None
+    env: dict[str, str] | None = None
+
+
+def check_runtime(runtime: str | None) -> str:
+    if runtime is None or runtime == "python":
+        return PYTHON_RUNTIME
+    if runtime not in RUNTIMES:
+        raise InvalidInput("runtime", f"{runtime!r} is not available here "
+                                      f"(available: {', '.join(RUNTIMES)})")
+    return runtime
+
+
+class Deployer:
+    def __init__(self, settings: Settings, paths: DataPaths, store: Store,
+                 artifacts: ArtifactStore, branches: BranchManager, supervisor: Supervisor,
+                 runtime_dir: Path, isolate_python: str) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.store = store
+        self.artifacts = artifacts
+        self.branches = branches
+        self.supervisor = supervisor
+        self.runtime_dir = runtime_dir
+        self.isolate_python = isolate_python
+        #: (branch_id, slug) -> spec of the active deployment; read by the gateway router.
+        self.routes: dict[tuple[str, str], IsolateSpec] = {}
+        self._env_locks: dict[str, asyncio.Lock] = {}
+        self._builds: set[asyncio.Task[None]] = set()
+
+    # -- addressing ----------------------------------------------------------
+    def invocation_url(self, branch_id: str, slug: str) -> str:
+        s = self.settings
+        default = 443 if s.public_scheme == "https" else 80
+        port = "" if s.url_port == default else f":{s.url_port}"
+        return f"{s.public_scheme}://{branch_id}-{slug}.{s.domain}{port}"
+
+    # -- start-up ------------------------------------------------------------
+    async def load_routes(self) -> None:
+        await self.store.fail_unfinished_deployments()
+        branches = {b.id: b for b in await self.store.list_branches()}
+        for fn in await self.store.list_functions():
+            if fn.active_deployment_id is None or fn.branch_id not in branches:
+                continue
+            dep = await self.store.get_deployment(fn.active_deployment_id)
+            if dep is not None and self.paths.deployment_dir(dep.id).is_dir():
+                self.routes[(fn.branch_id, fn.slug)] = self.spec_for(
+                    branches[fn.branch_id], fn, dep)
+
+    # -- deploy --------------------------------------------------------------
+    async def deploy(self, branch: BranchRow, req: DeployRequest) -> DeploymentRow:
+        """Validate, record the deployment as 'building' and build it in the background."""
+        check_slug(req.slug)
+        check_entry(req.entry)
+        runtime = check_runtime(req.runtime)
+        env = check_env(dict(req.env or {}))
+        if req.name is not None:
+            check_name(req.name)
+        if not self.artifacts.exists(req.artifact_sha256):
+            raise InvalidInput("artifact_sha256", f"no artifact {req.artifact_sha256} has "
+                               "been uploaded (PUT /api/v1/artifacts/{sha256} first)")
+        existing = await self.store.get_function(branch.id, req.slug)
+        name = req.name or (existing.name if existing else req.slug)
+        fn = await self.store.upsert_function(branch.id, req.slug, name, runtime)
+        dep = await self.store.insert_deployment(fn.id, req.artifact_sha256, runtime,
+                                                 req.entry, env)
+        task = asyncio.create_task(self._build(branch, fn, dep))
+        self._builds.add(task)
+        task.add_done_callback(self._builds.discard)
+        return dep
+
+    def identity(self, fn: FunctionRow) -> Identity:
+        return Identity.isolate(self.settings.isolate_uid_base, fn.number)
+
+    def _home(self, ident: Identity) -> Path:
+        home = self.paths.home(ident.uid)
+        make_dir(home.parent, 0o711)
+        make_dir(home, 0o700, ident)
+        return home
+
+    def spec_for(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> IsolateSpec:
+        ident = self.identity(fn)
+        app_dir = self.paths.deployment_dir(dep.id) / "app"
+        env_link = self.paths.deployment_dir(dep.id) / "env"
+        python_path = [str(app_dir)]
+        if env_link.exists():
+            python_path.append(str(env_link.resolve() / "site"))
+        python_path.append(str(self.runtime_dir))
+        urls = self.branches.connection_strings(branch)
+        home = self._home(ident)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(home),
+            "TMPDIR": str(home),
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": os.pathsep.join(python_path),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **dep.env,
+            "DATABASE_URL": urls.pooled,
+            "DATABASE_URL_UNPOOLED": urls.unpooled,
+            "PHLOEM_BRANCH": branch.name,
+            "NEON_BRANCH": branch.name,
+            "PHLOEM_BRANCH_ID": branch.id,
+            "PHLOEM_FUNCTION": fn.slug,
+            "PHLOEM_DEPLOYMENT": dep.id,
+        }
+        return IsolateSpec(
+            deployment_id=dep.id, function_id=fn.id, slug=fn.slug, branch_id=branch.id,
+            command=[self.isolate_python, "-m", "phloem.runtimes.python.host",
+                     "--app", dep.entry],
+            env=env, cwd=app_dir, identity=ident,
+            log_path=self.paths.function_log(branch.id, fn.slug),
+        )
+
+    async def _build(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> None:
+        lines: list[str] = []
+        started = time.monotonic()
+
+        def log(line: str) -> None:
+            lines.append(f"[{time.monotonic() - started:6.2f}s] {line}")
+
+        dep_dir = self.paths.deployment_dir(dep.id)
+        try:
+            log(f"unpacking artifact {dep.artifact_sha256[:12]}")
+            ident = self.identity(fn)
+            await asyncio.to_thread(self._unpack, dep, dep_dir, ident)
+            req_file = dep_dir / "app" / "requirements.txt"
+            requirements = req_file.read_text() if req_file.is_file() else ""
+            key = pyenv.requirements_key(requirements)
+            async with self._env_locks.setdefault(key, asyncio.Lock()):
+                env_dir = await asyncio.to_thread(
+                    pyenv.ensure_function_env, self.paths.python_envs, requirements, log)
+            if env_dir is not None:
+                (dep_dir / "env").symlink_to(env_dir)
+            spec = self.spec_for(branch, fn, dep)
+            log(f"checking entry {dep.entry!r}")
+            await asyncio.to_thread(self._check_entry, spec)
+        except (BuildError, ArtifactError, pyenv.EnvironmentError_, OSError) as exc:
+            log(f"failed: {exc}")
+            await self.store.finish_deployment(dep.id, "failed", str(exc), "\n".join(lines))
+            await asyncio.to_thread(shutil.rmtree, dep_dir, True)
+            return
+        except BaseException as exc:
+            await self.store.finish_deployment(dep.id, "failed", f"internal error: {exc!r}",
+                                               "\n".join(lines))
+            await asyncio.to_thread(shutil.rmtree, dep_dir, True)
+            raise
+        log(f"ready in {time.monotonic() - started:.2f}s")
+        await self.store.finish_deployment(dep.id, "ready", None, "\n".join(lines))
+        await self.activate(branch, fn, dep, spec)
+
+    async def activate(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
+                       spec: IsolateSpec) -> None:
+        current = await self.store.get_function(branch.id, fn.slug)
+        previous = current.active_deployment_id if current else None
+        await self.store.set_active_deployment(fn.id, dep.id)
+        # New requests go to the new version at once; the old one drains in the background.
+        self.routes[(branch.id, fn.slug)] = spec
+        if previous and previous != dep.id:
+            retire = asyncio.create_task(self._retire(previous))
+            self._builds.add(retire)
+            retire.add_done_callback(self._builds.discard)
+
+    async def _retire(self, deployment_id: str) -> None:
+        await self.supervisor.retire(deployment_id)
+        await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(deployment_id), True)
+
+    def _unpack(self, dep: DeploymentRow, dep_dir: Path, ident: Identity) -> None:
+        shutil.rmtree(dep_dir, ignore_errors=True)
+        make_dir(dep_dir.parent, 0o711)
+        make_dir(dep_dir, 0o711)
+        app = dep_dir / "app"
+        self.artifacts.extract(dep.artifact_sha256, app)
+        # Only this function's uid (via its group) may read its code.
+        for dirpath, _dirs, files in os.walk(app):
+            os.chown(dirpath, 0, ident.gid) if os.geteuid() == 0 else None
+            os.chmod(dirpath, 0o750)
+            for name in files:
+                p = os.path.join(dirpath, name)
+                if os.geteuid() == 0:
+                    os.chown(p, 0, ident.gid, follow_symlinks=False)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o640)
+
+    def _check_entry(self, spec: IsolateSpec) -> None:
+        cmd = [self.isolate_python, "-m", "phloem.runtimes.python.host", "--check",
+               "--app", spec.command[-1]]
+        try:
+            proc = subprocess.run(cmd, cwd=spec.cwd, env=spec.env, capture_output=True,
+                                  text=True, timeout=300, check=False,
+                                  **spec.identity.popen_kwargs())
+        except subprocess.TimeoutExpired:
+            raise BuildError("entry: importing the app took longer than 300 s") from None
+        if proc.returncode != 0:
+            raise BuildError((proc.stderr or proc.stdout).strip()[-4000:]
+                             or f"entry: check exited with {proc.returncode}")
+
+    async def delete(self, branch: BranchRow, slug: str) -> None:
+        fn = await self.store.get_function(branch.id, slug)
+        if fn is None:
+            raise NotFound("function", slug)
+        self.routes.pop((branch.id, slug), None)
+        deployments = await self.store.list_deployments(fn.id)
+        await self.store.delete_function(fn.id)
+        for dep in deployments:
+            await self.supervisor.retire(dep.id, drain_s=0)
+            await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(dep.id), True)
+
+    async def wait_builds(self) -> None:
+        if self._builds:
+            await asyncio.gather(*self._builds, return_exceptions=True)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+BuildLog = Callable[[str], None]

@@ -1,0 +1,46 @@
+"""The gateway's router: Host header -> active deployment -> leased isolate connection.
+
+    ``br-quiet-moon-3f9a2c-todos.fn.localhost:8787`` -> branch ``br-quiet-moon-3f9a2c``,
+    function ``todos``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from phloem.deployer import Deployer
+from phloem.gateway.routing import RouteError, Upstream
+from phloem.supervisor import IsolateFailed, Supervisor
+
+_LABEL_RE = re.compile(r"^(br-[a-z]+-[a-z]+-[0-9a-f]{6})-([a-z0-9]{1,20})$")
+
+
+def parse_host(host: str, domain: str) -> tuple[str, str] | None:
+    """``(branch_id, slug)`` for a function host name, else ``None``."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        return None
+    name = name.rsplit(":", 1)[0] if ":" in name else name
+    suffix = "." + domain.lower()
+    if not name.endswith(suffix):
+        return None
+    m = _LABEL_RE.match(name[: -len(suffix)])
+    return (m.group(1), m.group(2)) if m else None
+
+
+class PlatformRouter:
+    def __init__(self, deployer: Deployer, supervisor: Supervisor, domain: str) -> None:
+        self.deployer = deployer
+        self.supervisor = supervisor
+        self.domain = domain
+
+    async def acquire(self, host: str) -> Upstream:
+        key = parse_host(host, self.domain)
+        spec = self.deployer.routes.get(key) if key else None
+        if spec is None:
+            raise RouteError(404, "unknown_host",
+                             f"no function is deployed at host {host!r}")
+        try:
+            return await self.supervisor.acquire(spec)
+        except IsolateFailed as exc:
+            raise RouteError(502, "isolate_failed", str(exc)) from exc

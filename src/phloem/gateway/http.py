@@ -1,0 +1,275 @@
+"""Byte-level HTTP/1.1 helpers for the gateway (no I/O here).
+
+* :func:`scan_request_headers` / :func:`upstream_request_head` turn a parsed client request
+  head into the head sent to the isolate (hop-by-hop headers dropped, ``X-Forwarded-*`` and
+  ``X-Request-Id`` added).
+* :func:`parse_response_head` reads an upstream response head just far enough to know its
+  status and how its body is framed; the bytes themselves are forwarded untouched.
+* :func:`error_response` renders the gateway's own JSON error responses.
+
+    info = scan_request_headers(headers)
+    head = upstream_request_head(b"GET", b"/", "1.1", headers, info, request_id=b"abc",
+                                 peer_ip="10.0.0.7", proto="http", upgrade=False)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import httptools
+
+__all__ = [
+    "RequestInfo",
+    "ResponseHead",
+    "UpstreamProtocolError",
+    "chunk",
+    "error_response",
+    "new_request_id",
+    "parse_response_head",
+    "sane_request_id",
+    "scan_request_headers",
+    "upstream_request_head",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy Proxy-Connection. Upgrade is re-added
+# explicitly for upgrade requests.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
+# Set by the gateway itself; a client's values are never passed through as-is.
+GATEWAY_HEADERS = frozenset(
+    {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
+# A client may name extra hop-by-hop fields in Connection; these are never removed that way,
+# since dropping a framing header would desynchronise the upstream connection.
+_PROTECTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,200}")
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream sent something that is not a valid HTTP/1.1 response head."""
+
+
+def sane_request_id(value: bytes | None) -> bool:
+    return value is not None and _REQUEST_ID.fullmatch(value) is not None
+
+
+def new_request_id() -> bytes:
+    return uuid.uuid4().hex.encode("ascii")
+
+
+def _tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the gateway needs to know about a request head, read in one pass."""
+
+    host: bytes | None = None
+    host_count: int = 0
+    request_id: bytes | None = None
+    content_length: int | None = None
+    chunked: bool = False
+    expect_continue: bool = False
+    forwarded_for: list[bytes] = field(default_factory=list)
+    upgrade: list[bytes] = field(default_factory=list)
+    connection: set[bytes] = field(default_factory=set)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def scan_request_headers(headers: Headers) -> RequestInfo:
+    info = RequestInfo()
+    for name, value in headers:
+        n = name.lower()
+        if n == b"host":
+            info.host = value.strip()
+            info.host_count += 1
+        elif n == b"content-length":
+            # llhttp has already rejected malformed and conflicting values.
+            info.content_length = int(value)
+        elif n == b"transfer-encoding":
+            # llhttp rejects a request whose Transfer-Encoding does not end in chunked.
+            info.chunked = True
+        elif n == b"x-request-id":
+            info.request_id = value.strip()
+        elif n == b"x-forwarded-for":
+            info.forwarded_for.append(value.strip())
+        elif n == b"expect":
+            info.expect_continue = value.strip().lower() == b"100-continue"
+        elif n == b"connection":
+            info.connection |= _tokens(value)
+        elif n == b"upgrade":
+            info.upgrade.append(value.strip())
+    return info
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    version: str,
+    headers: Headers,
+    info: RequestInfo,
+    *,
+    request_id: bytes,
+    peer_ip: str,
+    proto: str,
+    upgrade: bool,
+) -> bytes:
+    """The request head sent to the isolate; the client's HTTP version is kept."""
+    drop = HOP_BY_HOP | GATEWAY_HEADERS
+    if info.connection:
+        drop = drop | (info.connection - _PROTECTED)
+    parts = [method, b" ", target, b" HTTP/", version.encode("ascii"), b"\r\n"]
+    for name, value in headers:
+        if name.lower() not in drop:
+            parts += (name, b": ", value, b"\r\n")
+    if upgrade:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", b", ".join(info.upgrade), b"\r\n")
+    elif version == "1.0":
+        # The upstream hop is ours: keep it persistent even for HTTP/1.0 clients.
+        parts.append(b"Connection: keep-alive\r\n")
+    forwarded_for = list(info.forwarded_for)
+    if peer_ip:
+        forwarded_for.append(peer_ip.encode("ascii"))
+    if forwarded_for:
+        parts += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+    parts += (
+        b"X-Request-Id: ",
+        request_id,
+        b"\r\nX-Forwarded-Proto: ",
+        proto.encode("ascii"),
+        b"\r\n",
+    )
+    if info.host is not None:
+        parts += (b"X-Forwarded-Host: ", info.host, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> list[bytes]:
+    """One chunk of a chunked body (``data`` must not be empty: that is the last chunk)."""
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class ResponseHead:
+    """Callbacks for :class:`httptools.HttpResponseParser`, and what they learnt.
+
+    Only message boundaries are taken from the parser; the response bytes are forwarded
+    as received, so nothing here is ever re-serialised.
+    """
+
+    __slots__ = (
+        "begins",
+        "chunked",
+        "complete",
+        "connection",
+        "content_length",
+        "keep_alive",
+        "parser",
+        "status",
+        "transfer_encoding",
+    )
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.content_length: int | None = None
+        self.transfer_encoding = False
+        self.chunked = False
+        self.connection: set[bytes] = set()
+        self.keep_alive = True
+        self.complete = False
+        # More than one message begin means bytes followed the response: broken framing.
+        self.begins = 0
+
+    def on_message_begin(self) -> None:
+        self.begins += 1
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = name.lower()
+        if n == b"content-length":
+            self.content_length = int(value)
+        elif n == b"transfer-encoding":
+            self.transfer_encoding = True
+            self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        elif n == b"connection":
+            self.connection |= _tokens(value)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    @property
+    def extra_data(self) -> bool:
+        return self.begins > 1
+
+    def feed(self, data: bytes) -> None:
+        """Feed body bytes; raises :class:`UpstreamProtocolError` on broken framing."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.complete:
+                self.begins += 1  # the message ended; what follows it is junk
+                return
+            raise UpstreamProtocolError(str(exc)) from exc
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse one complete response head (status line to the blank line, inclusive)."""
+    resp = ResponseHead()
+    try:
+        resp.parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # a 101: what follows the head is another protocol
+    except httptools.HttpParserError as exc:
+        raise UpstreamProtocolError(str(exc)) from exc
+    resp.status = resp.parser.get_status_code()
+    if resp.parser.get_http_version() == "1.1":
+        resp.keep_alive = b"close" not in resp.connection
+    else:
+        resp.keep_alive = b"keep-alive" in resp.connection
+    return resp
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: bytes,
+    *,
+    close: bool,
+    head_only: bool = False,
+    http10_keep_alive: bool = False,
+) -> bytes:
+    """A gateway-made JSON error response."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    head = [
+        b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("ascii")),
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+        b"X-Request-Id: " + request_id + b"\r\n",
+    ]
+    if close:
+        head.append(b"Connection: close\r\n")
+    elif http10_keep_alive:
+        head.append(b"Connection: keep-alive\r\n")
+    head.append(b"\r\n")
+    if not head_only:
+        head.append(body)
+    return b"".join(head)

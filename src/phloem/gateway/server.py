@@ -1,0 +1,941 @@
+"""The phloem gateway: an asyncio HTTP/1.1 reverse proxy that routes by Host header.
+
+    gateway = Gateway(router, GatewayConfig(port=8787), on_request=print)
+    await gateway.start()
+    ...
+    await gateway.stop_accepting()     # no new connections
+    await gateway.drain(timeout=30.0)  # let in-flight requests finish, then close everything
+
+How it works: each client connection is an :class:`asyncio.Protocol` whose ``data_received``
+feeds an ``httptools.HttpRequestParser``; parsed requests are queued and handled strictly in
+order by one task per connection. For each request the handler leases an upstream connection
+from the :class:`~phloem.gateway.routing.Router`, writes a rewritten request head, and then
+runs two pumps at once: the request body (client -> upstream, re-framed if chunked) and the
+response (upstream -> client). Response bytes are forwarded exactly as received; an
+``httptools.HttpResponseParser`` only tells where each response ends, so streams (SSE, long
+chunked bodies) are never buffered. Both directions apply backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from phloem.gateway import http
+from phloem.gateway.routing import RouteError, Router, Upstream
+
+__all__ = ["Gateway", "GatewayConfig", "RequestRecord"]
+
+logger = logging.getLogger("phloem.gateway")
+
+READ_SIZE = 64 * 1024
+# Buffered, not yet forwarded request body bytes above which we stop reading the client.
+BODY_HIGH_WATER = 256 * 1024
+# Request and response heads larger than this are refused.
+MAX_HEAD_BYTES = 64 * 1024
+# After an early error response, at most this much request body is read and thrown away to
+# keep the connection alive; beyond that (or after DISCARD_TIMEOUT) the connection is closed.
+DISCARD_LIMIT = 1024 * 1024
+DISCARD_TIMEOUT = 5.0
+# Closing a socket with unread input makes the kernel send RST, which can destroy the
+# response we just wrote. So a client that may still be sending (an oversized upload, say)
+# gets a half-close, and its input is dropped until it closes, goes quiet for
+# LINGER_IDLE seconds, or LINGER_TOTAL seconds pass (nginx's lingering close).
+LINGER_IDLE = 5.0
+LINGER_TOTAL = 30.0
+# Safe to retry on a fresh upstream connection when a pooled one died before answering.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+NO_BODY_STATUS = frozenset({204, 304})
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8787
+    # A larger Content-Length, or a chunked body growing larger, gets a 413.
+    max_body_bytes: int = 100 * 1024 * 1024
+    # Sent upstream as X-Forwarded-Proto.
+    proto: str = "http"
+    # An idle client connection must send a complete request head within this many seconds.
+    keep_alive_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One finished exchange, for logs and metrics.
+
+    ``status`` is the status sent to the client (the upstream's, or the gateway's own for
+    errors), 499 when the client went away before the response was complete, and 0 when
+    nothing could be sent. ``path`` excludes the query string.
+    """
+
+    host: str
+    method: str
+    path: str
+    status: int
+    duration_s: float
+    request_id: str
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _UpstreamFailed(Exception):
+    """The upstream failed before any byte of a final response reached the client."""
+
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+class _Request:
+    """A parsed request head plus its body as it arrives (filled by the protocol callbacks,
+    drained by the body pump)."""
+
+    __slots__ = (
+        "body",
+        "buffered",
+        "complete",
+        "discard",
+        "error",
+        "headers",
+        "keep_alive",
+        "method",
+        "received",
+        "target",
+        "upgrade",
+        "version",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: str,
+        headers: http.Headers,
+        keep_alive: bool,
+        upgrade: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        # After an Upgrade request every further client byte is raw tunnel data.
+        self.upgrade = upgrade
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.received = 0
+        self.complete = False
+        self.discard = False
+        # "too_large", "malformed" or "disconnected": the body will never complete.
+        self.error: str | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if not self.discard and self.error is None:
+            self.body.append(data)
+            self.buffered += len(data)
+        self.wake()
+
+    def take(self) -> bytes:
+        data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body.clear()
+        self.buffered = 0
+        return data
+
+    def fail(self, error: str) -> None:
+        if self.error is None and not self.complete:
+            self.error = error
+            self.body.clear()
+            self.buffered = 0
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+class _BodySent:
+    """Set once the whole request body (terminator included) was written upstream."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests and proxies them one at a time, in order."""
+
+    _transport: asyncio.Transport
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._config = gateway.config
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer_ip = ""
+        self.task: asyncio.Task[None] | None = None
+
+        # Parser side.
+        self._url = b""
+        self._headers: http.Headers = []
+        self._in_head = False
+        self._head_began_now = False
+        self._head_bytes = 0
+        self._head_trickle = 0
+        self._parsing: _Request | None = None  # request whose body is being parsed
+        self._upgraded: _Request | None = None  # receives raw bytes after an Upgrade head
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._bad_request: tuple[int, str, str] | None = None  # unparseable input, in order
+        self._parse_dead = False
+        self._lingering = False
+        self._last_input = 0.0
+
+        # Handler side.
+        self._active: _Request | None = None
+        self._last: _Request | None = None  # the latest request handed to the handler
+        self._upstream: asyncio.WriteTransport | None = None  # aborted if the client goes
+        self._waiter: asyncio.Future[None] | None = None
+        self._idle_expired = False
+        self._disconnected = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._status = 0
+        self._final_sent = False
+        self._response_complete = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._peer_ip = str(peer[0])
+        self._gateway._connections.add(self)
+        self.task = self._loop.create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._last_input = self._loop.time()
+            return
+        if self._upgraded is not None:
+            self._upgraded.feed(data)
+        elif not self._parse_dead:
+            self._head_began_now = False
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                tail = data[exc.args[0] :]
+                if tail and self._upgraded is not None:
+                    self._upgraded.feed(tail)
+            except httptools.HttpParserError as exc:
+                if isinstance(exc.__context__, _HeadTooLarge):
+                    self._parse_failed(431, "headers_too_large", "request head too large")
+                else:
+                    self._parse_failed(400, "malformed_request", f"malformed request: {exc}")
+            else:
+                # httptools buffers a partial header line internally: bound what a slowly
+                # trickling head can make it hold.
+                if self._in_head and not self._head_began_now:
+                    self._head_trickle += len(data)
+                    if self._head_trickle > MAX_HEAD_BYTES:
+                        self._parse_failed(431, "headers_too_large", "request head too large")
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # a client half-close counts as a disconnect: close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disconnected = True
+        for req in (self._parsing, self._upgraded, self._active):
+            if req is not None:
+                req.fail("disconnected")
+        # Let the isolate see the disconnect too.
+        if self._upstream is not None:
+            self._upstream.abort()
+        self._wake_handler()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._in_head = True
+        self._head_began_now = True
+        self._head_bytes = 0
+        self._head_trickle = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # After the head these are chunked-body trailers, which are not forwarded.
+        if self._in_head:
+            self._headers.append((name, value))
+            self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge  # surfaces as an HttpParserError from feed_data
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        req = _Request(
+            p.get_method(),
+            self._url,
+            p.get_http_version(),
+            self._headers,
+            p.should_keep_alive(),
+            p.should_upgrade(),
+        )
+        self._parsing = req
+        self._pending.append(req)
+        self._wake_handler()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is None or not body:
+            return
+        req.feed(body)
+        if req.received > self._config.max_body_bytes:
+            req.fail("too_large")
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        self._parsing = None
+        if req is None:
+            return
+        if req.upgrade:
+            self._upgraded = req  # complete only when the client closes
+        else:
+            req.complete = True
+            req.wake()
+
+    # -- flow control ------------------------------------------------------------------------
+
+    def _parse_failed(self, status: int, code: str, message: str) -> None:
+        self._parse_dead = True
+        req = self._parsing
+        if req is not None and not req.complete:
+            req.fail("malformed")  # its body is broken; the exchange answers 400 and closes
+        else:
+            self._bad_request = (status, code, message)
+        self._wake_handler()
+
+    def _update_reading(self) -> None:
+        """Stop reading the client while it is ahead of us (body not yet forwarded,
+        pipelined requests queued, or nothing more will be parsed)."""
+        req = self._parsing or self._upgraded
+        pause = not self._lingering and (
+            self._parse_dead
+            or (req is not None and req.buffered > BODY_HIGH_WATER)
+            or (self._active is not None and bool(self._pending))
+        )
+        if pause == self._reading_paused or self._transport.is_closing():
+            return
+        self._reading_paused = pause
+        if pause:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()
+
+    def _wake_handler(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _on_idle_timeout(self) -> None:
+        self._idle_expired = True
+        self._wake_handler()
+
+    def close_if_idle(self) -> None:
+        """Used by :meth:`Gateway.drain`: wake the handler so an idle connection closes."""
+        if self._active is None and not self._pending and not self._in_head:
+            self._wake_handler()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def _write(self, data: bytes) -> None:
+        if not self._disconnected:
+            self._transport.write(data)
+
+    async def _drain_client(self) -> None:
+        if self._write_paused and not self._disconnected:
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    # -- request handling --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while (req := await self._next_request()) is not None:
+                if not await self._handle(req):
+                    break
+            last = self._last
+            may_be_sending = self._parse_dead or bool(self._pending) or (
+                last is not None and not last.complete and not last.upgrade
+            )
+            if may_be_sending and not self._disconnected:
+                await self._linger()
+        except Exception:
+            logger.exception("gateway connection handler failed")
+        finally:
+            self._active = None
+            if not self._transport.is_closing():
+                self._transport.close()
+            self._gateway._connections.discard(self)
+
+    async def _next_request(self) -> _Request | None:
+        while True:
+            if self._disconnected:
+                return None
+            if self._pending:
+                req = self._pending.popleft()
+                self._active = self._last = req
+                self._update_reading()
+                return req
+            if self._bad_request is not None:
+                await self._reply_bad_request(*self._bad_request)
+                return None
+            if self._idle_expired:
+                return None
+            if self._gateway.draining and not self._in_head:
+                return None
+            self._waiter = self._loop.create_future()
+            timer = self._loop.call_later(self._config.keep_alive_timeout, self._on_idle_timeout)
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                timer.cancel()
+
+    async def _linger(self) -> None:
+        """Half-close, then drop the client's input until it closes (see LINGER_IDLE)."""
+        self._lingering = True
+        self._update_reading()
+        if self._transport.can_write_eof():
+            self._transport.write_eof()  # FIN goes out after the queued response
+        now = self._last_input = self._loop.time()
+        give_up = now + LINGER_TOTAL
+        while not self._disconnected and not self._gateway.draining:
+            timeout = min(self._last_input + LINGER_IDLE, give_up) - self._loop.time()
+            if timeout <= 0:
+                return
+            self._waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout, self._wake_handler)
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                timer.cancel()
+
+    async def _handle(self, req: _Request) -> bool:
+        """Proxy one request; return whether the client connection stays open."""
+        started = self._loop.time()
+        info = http.scan_request_headers(req.headers)
+        rid = info.request_id if http.sane_request_id(info.request_id) else None
+        request_id = rid or http.new_request_id()
+        self._status = 0
+        self._final_sent = False
+        self._response_complete = False
+        try:
+            keep = await self._exchange(req, info, request_id)
+            return keep and not self._gateway.draining
+        finally:
+            self._active = None
+            if self._disconnected and not self._response_complete:
+                self._status = 499
+            self._update_reading()
+            self._gateway._record(
+                RequestRecord(
+                    host=(info.host or b"").decode("latin-1"),
+                    method=req.method.decode("latin-1"),
+                    path=req.target.split(b"?", 1)[0].decode("latin-1"),
+                    status=self._status,
+                    duration_s=self._loop.time() - started,
+                    request_id=request_id.decode("ascii"),
+                )
+            )
+
+    async def _exchange(self, req: _Request, info: http.RequestInfo, rid: bytes) -> bool:
+        limit = self._config.max_body_bytes
+        if req.error == "malformed":  # a pipelined request whose body failed to parse
+            return await self._reply_error(
+                req, info, rid, 400, "malformed_request", "malformed request body", close=True
+            )
+        if req.version not in ("1.1", "1.0"):  # llhttp also accepts 0.9 and 2.0 request lines
+            return await self._reply_error(
+                req, info, rid, 505, "http_version_not_supported", "use HTTP/1.1", close=True
+            )
+        if req.method == b"CONNECT":
+            return await self._reply_error(
+                req, info, rid, 405, "method_not_allowed", "CONNECT is not supported", close=True
+            )
+        if info.host_count > 1:
+            return await self._reply_error(
+                req, info, rid, 400, "bad_request", "more than one Host header", close=True
+            )
+        if not info.host:
+            return await self._reply_error(
+                req, info, rid, 400, "missing_host", "the request has no Host header"
+            )
+        if req.error == "too_large" or (
+            info.content_length is not None and info.content_length > limit
+        ):
+            return await self._reply_error(
+                req, info, rid, 413, "body_too_large", f"request body exceeds {limit} bytes"
+            )
+        host = info.host.decode("latin-1")
+        # A request without a body can be replayed if a pooled connection was already dead.
+        replayable = req.method in IDEMPOTENT and not info.has_body and not req.upgrade
+        for attempt in (1, 2):
+            try:
+                lease = await self._gateway.router.acquire(host)
+            except RouteError as exc:
+                status = exc.status if 400 <= exc.status <= 599 else 502
+                return await self._reply_error(req, info, rid, status, exc.code, exc.message)
+            except Exception as exc:
+                logger.warning("cannot reach upstream for %s: %r", host, exc)
+                return await self._reply_error(
+                    req, info, rid, 502, "upstream_failed", "the function could not be reached"
+                )
+            if self._disconnected:
+                lease.release(reusable=True)  # untouched: still good
+                return False
+            try:
+                keep = await self._proxy(req, info, rid, lease)
+            except _UpstreamFailed as exc:
+                failure = exc
+            else:
+                if keep and not req.complete:
+                    # The app answered before the body was all read: drop the rest, with
+                    # the lease already back in the pool.
+                    keep = await self._discard_body(req, info)
+                return keep
+            if self._disconnected:
+                return False
+            if req.error == "too_large":
+                return await self._reply_error(
+                    req, info, rid, 413, "body_too_large", f"request body exceeds {limit} bytes"
+                )
+            if req.error == "malformed":
+                return await self._reply_error(
+                    req, info, rid, 400, "malformed_request", "malformed request body", close=True
+                )
+            if not (failure.retryable and replayable and attempt == 1):
+                break
+        logger.warning("upstream for %s failed: %s", host, failure)
+        return await self._reply_error(
+            req, info, rid, 502, "upstream_failed", "the function failed to respond"
+        )
+
+    async def _proxy(
+        self, req: _Request, info: http.RequestInfo, rid: bytes, lease: Upstream
+    ) -> bool:
+        """Forward ``req`` over ``lease`` (released here, exactly once) and stream the
+        response back. Raises :class:`_UpstreamFailed` if nothing final reached the client."""
+        writer = lease.writer
+        reusable = False
+        pump: asyncio.Task[None] | None = None
+        sent = _BodySent()
+        self._upstream = writer.transport
+        try:
+            head = http.upstream_request_head(
+                req.method,
+                req.target,
+                req.version,
+                req.headers,
+                info,
+                request_id=rid,
+                peer_ip=self._peer_ip,
+                proto=self._config.proto,
+                upgrade=req.upgrade,
+            )
+            if req.upgrade:
+                writer.write(head)
+                pump = self._loop.create_task(self._pump_raw(req, writer))
+            elif not info.has_body:
+                writer.write(head)
+                sent.done = True
+            elif req.complete:
+                # Common case: the whole body came with the head; one write, no task.
+                parts = [head]
+                if req.body:
+                    body = req.take()
+                    parts += http.chunk(body) if info.chunked else [body]
+                if info.chunked:
+                    parts.append(http.LAST_CHUNK)
+                writer.write(b"".join(parts))
+                sent.done = True
+            else:
+                writer.write(head)
+                pump = self._loop.create_task(self._pump_body(req, writer, info.chunked, sent))
+            upstream_ok, keep = await self._pump_response(req, lease.reader)
+            if req.upgrade:
+                return False  # tunnel over, or upgrade refused: the connection is spent
+            # If the app answered before the body was all forwarded, the connection is out of
+            # step (the pump is cancelled below).
+            reusable = upstream_ok and sent.done
+            return keep and req.keep_alive
+        finally:
+            self._upstream = None
+            if pump is not None and not pump.done():
+                pump.cancel()
+            lease.release(reusable=reusable)
+
+    async def _pump_body(
+        self, req: _Request, writer: asyncio.StreamWriter, chunked: bool, sent: _BodySent
+    ) -> None:
+        """Client -> upstream request body, as it arrives."""
+        try:
+            while True:
+                if req.body:
+                    data = req.take()
+                    self._update_reading()
+                    writer.writelines(http.chunk(data) if chunked else [data])
+                if req.error is not None:
+                    # Abort so the app sees the broken request; the response pump reports it.
+                    writer.transport.abort()
+                    return
+                if req.complete:
+                    if chunked:
+                        writer.write(http.LAST_CHUNK)
+                    sent.done = True
+                    return
+                await writer.drain()
+                if not req.body and not req.complete and req.error is None:
+                    await req.wait()
+        except (ConnectionError, OSError):
+            return  # the upstream went away; the response pump sees it too
+
+    async def _pump_raw(self, req: _Request, writer: asyncio.StreamWriter) -> None:
+        """Client -> upstream bytes after an Upgrade request head, until the client closes."""
+        try:
+            while req.error is None:
+                if req.body:
+                    writer.write(req.take())
+                    self._update_reading()
+                    await writer.drain()
+                else:
+                    await req.wait()
+        except (ConnectionError, OSError):
+            return
+
+    async def _pump_response(
+        self, req: _Request, reader: asyncio.StreamReader
+    ) -> tuple[bool, bool]:
+        """Upstream -> client, raw. Returns (upstream connection reusable, client keep-alive)."""
+        buf = b""
+        received = False
+        while True:
+            # One response head; 1xx interim responses are passed on and followed by more.
+            end = buf.find(b"\r\n\r\n")
+            while end < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    raise _UpstreamFailed("response head too large")
+                data = await _read(reader)
+                if not data:
+                    # Nothing at all came back: maybe a pooled connection the app had closed.
+                    raise _UpstreamFailed("closed before responding", retryable=not received)
+                received = True
+                buf += data
+                end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
+            head_len = end + 4
+            try:
+                resp = http.parse_response_head(buf[:head_len])
+            except http.UpstreamProtocolError as exc:
+                raise _UpstreamFailed(f"invalid response head: {exc}") from exc
+            status = resp.status
+            if status == 101:
+                if not req.upgrade:
+                    raise _UpstreamFailed("101 response to a request that did not ask for it")
+                self._status = status
+                self._final_sent = True
+                self._write(buf)  # the head and any early tunnel bytes
+                await self._tunnel(reader)
+                self._response_complete = True
+                return False, False
+            if status >= 200:
+                break
+            self._write(buf[:head_len])
+            buf = buf[head_len:]
+
+        self._status = status
+        self._final_sent = True
+        keep = resp.keep_alive
+        rest_len = len(buf) - head_len
+
+        if req.method == b"HEAD" or status in NO_BODY_STATUS:
+            # No body whatever the headers say; anything after the head is junk.
+            self._write(buf[:head_len])
+            self._response_complete = True
+            return keep and rest_len == 0, keep
+
+        if resp.transfer_encoding or resp.content_length is None:
+            if not resp.chunked:
+                await self._forward_until_eof(buf, reader)  # body delimited by close
+                self._response_complete = not self._disconnected
+                return False, False
+            return await self._forward_chunked(resp, buf, head_len, reader)
+
+        # Content-Length: count ourselves, and never pass on bytes beyond it.
+        remaining = resp.content_length
+        first = min(rest_len, remaining)
+        extra = rest_len > first
+        self._write(buf[: head_len + first] if extra else buf)
+        remaining -= first
+        while remaining > 0:
+            await self._drain_client()
+            if self._disconnected:
+                return False, False
+            data = await _read(reader)
+            if not data:
+                if not self._disconnected:  # else we closed it ourselves
+                    logger.warning("upstream closed mid-body (%d bytes missing)", remaining)
+                return False, False
+            if len(data) > remaining:
+                extra = True
+                data = data[:remaining]
+            remaining -= len(data)
+            self._write(data)
+        self._response_complete = True
+        return keep and not extra, keep
+
+    async def _forward_chunked(
+        self, resp: http.ResponseHead, buf: bytes, head_len: int, reader: asyncio.StreamReader
+    ) -> tuple[bool, bool]:
+        data = buf[head_len:]
+        pending_head = buf[:head_len]
+        while True:
+            if data:
+                try:
+                    resp.feed(data)
+                except http.UpstreamProtocolError as exc:
+                    logger.warning("upstream sent a broken chunked body: %s", exc)
+                    self._write(pending_head)
+                    return False, False
+                self._write(pending_head + data if pending_head else data)
+                pending_head = b""
+                if resp.complete:
+                    self._response_complete = True
+                    # Bytes after the last chunk cannot be cut off exactly; they went to the
+                    # client with it, so close both connections.
+                    ok = resp.keep_alive and not resp.extra_data
+                    return ok, ok
+            elif pending_head:
+                self._write(pending_head)
+                pending_head = b""
+            await self._drain_client()
+            if self._disconnected:
+                return False, False
+            data = await _read(reader)
+            if not data:
+                if not self._disconnected:
+                    logger.warning("upstream closed mid-body (chunked)")
+                return False, False
+
+    async def _forward_until_eof(self, data: bytes, reader: asyncio.StreamReader) -> None:
+        while data:
+            self._write(data)
+            await self._drain_client()
+            if self._disconnected:
+                return
+            data = await _read(reader)
+
+    async def _tunnel(self, reader: asyncio.StreamReader) -> None:
+        """Upstream -> client bytes after a 101, until either side closes."""
+        while not self._disconnected:
+            await self._drain_client()
+            data = await _read(reader)
+            if not data:
+                return
+            self._write(data)
+
+    # -- gateway-made responses --------------------------------------------------------------
+
+    async def _reply_error(
+        self,
+        req: _Request,
+        info: http.RequestInfo,
+        rid: bytes,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        close: bool = False,
+    ) -> bool:
+        if self._disconnected:
+            return False
+        if self._final_sent:
+            return False  # too late for a clean error: just close
+        can_keep = not close and req.keep_alive and not req.upgrade and not self._gateway.draining
+        if can_keep and not req.complete:
+            can_keep = self._can_discard(req, info)
+        self._write(
+            http.error_response(
+                status,
+                code,
+                message,
+                rid,
+                close=not can_keep,
+                head_only=req.method == b"HEAD",
+                http10_keep_alive=req.version == "1.0",
+            )
+        )
+        self._status = status
+        self._final_sent = True
+        self._response_complete = True
+        if not can_keep:
+            return False
+        return req.complete or await self._discard_body(req, info)
+
+    def _can_discard(self, req: _Request, info: http.RequestInfo) -> bool:
+        # A client waiting for 100 Continue may never send the body: do not wait for it.
+        if req.error is not None or info.expect_continue:
+            return False
+        return info.content_length is None or info.content_length - req.received <= DISCARD_LIMIT
+
+    async def _discard_body(self, req: _Request, info: http.RequestInfo) -> bool:
+        """Read and drop the rest of the request body so the connection can be reused."""
+        if not self._can_discard(req, info):
+            return False
+        req.discard = True
+        req.body.clear()
+        req.buffered = 0
+        self._update_reading()
+        start = req.received
+        deadline = self._loop.time() + DISCARD_TIMEOUT
+        while not req.complete:
+            remaining = deadline - self._loop.time()
+            if req.error is not None or req.received - start > DISCARD_LIMIT or remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(req.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _reply_bad_request(self, status: int, code: str, message: str) -> None:
+        rid = http.new_request_id()
+        self._write(http.error_response(status, code, message, rid, close=True))
+        self._gateway._record(RequestRecord("", "", "", status, 0.0, rid.decode("ascii")))
+
+
+async def _read(reader: asyncio.StreamReader) -> bytes:
+    """Read from the upstream; a reset reads as end of stream."""
+    try:
+        return await reader.read(READ_SIZE)
+    except (ConnectionError, OSError):
+        return b""
+
+
+class Gateway:
+    """The HTTP/1.1 front door: accepts client connections and proxies each request to the
+    upstream the :class:`Router` picks for its Host header."""
+
+    def __init__(
+        self,
+        router: Router,
+        config: GatewayConfig,
+        *,
+        on_request: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
+        self.router = router
+        self.config = config
+        self._on_request = on_request
+        self._server: asyncio.Server | None = None
+        self._port: int | None = None
+        self._connections: set[_Connection] = set()
+        self.draining = False
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: _Connection(self),
+                self.config.host,
+                self.config.port,
+                backlog=1024,
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"gateway cannot listen on {self.config.host}:{self.config.port}: "
+                f"{exc.strerror or exc}",
+            ) from exc
+        self._port = int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when ``config.port`` is 0)."""
+        if self._port is None:
+            raise RuntimeError("the gateway has not been started")
+        return self._port
+
+    async def stop_accepting(self) -> None:
+        # Not wait_closed(): on Python 3.12+ it also waits for every open connection.
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) until no request is in flight, closing idle
+        connections at once; then close whatever remains."""
+        self.draining = True
+        for conn in list(self._connections):
+            conn.close_if_idle()
+        tasks = {c.task for c in self._connections if c.task is not None}
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if not pending:
+            return
+        for conn in list(self._connections):
+            conn.abort()  # also aborts their upstream connections
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _record(self, record: RequestRecord) -> None:
+        if self._on_request is not None:
+            try:
+                self._on_request(record)
+            except Exception:
+                logger.exception("on_request callback failed")

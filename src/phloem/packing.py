@@ -1,0 +1,69 @@
+"""Pack a function's source directory into a reproducible tar.gz.
+
+The same files give the same bytes (sorted entries, zeroed times and owners), so the
+artifact's sha256 identifies the source and unchanged code is never uploaded twice.
+``.gitignore`` files are honoured, along with a few always-ignored paths.
+
+    data, sha256 = pack_directory(Path("examples/hello-python"))
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pathspec
+
+ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", ".mypy_cache/",
+                  ".pytest_cache/", ".ruff_cache/", ".DS_Store", ".env", ".phloem/"]
+
+
+class PackError(ValueError):
+    pass
+
+
+def _spec_for(directory: Path) -> pathspec.PathSpec[Any]:
+    lines = list(ALWAYS_IGNORED)
+    gitignore = directory / ".gitignore"
+    if gitignore.is_file():
+        lines += gitignore.read_text().splitlines()
+    return pathspec.PathSpec.from_lines("gitignore", lines)
+
+
+def list_files(directory: Path) -> list[str]:
+    spec = _spec_for(directory)
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        rel_dir = os.path.relpath(dirpath, directory)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not spec.match_file(rel_dir + d + "/"))
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if not spec.match_file(rel) and not os.path.islink(os.path.join(dirpath, name)):
+                out.append(rel)
+    return sorted(out)
+
+
+def pack_directory(directory: Path, max_bytes: int = 100 * 1024 * 1024) -> tuple[bytes, str]:
+    if not directory.is_dir():
+        raise PackError(f"path: {directory} is not a directory")
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for rel in list_files(directory):
+            path = directory / rel
+            info = tarfile.TarInfo(rel)
+            info.size = path.stat().st_size
+            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            info.mtime = 0
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+            if buf.tell() > max_bytes:
+                raise PackError(f"path: {directory} packs to more than {max_bytes} bytes")
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()

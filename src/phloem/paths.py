@@ -1,0 +1,78 @@
+"""The data directory's layout, in one place.
+
+Modes matter: when phloem runs as root, the service user (PostgreSQL) and isolates (one
+uid per function) must reach only what is theirs. The root of the data dir is 0711 so
+they can traverse to the paths they are given but list nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    root: Path
+
+    @property
+    def credentials(self) -> Path:
+        return self.root / "credentials.json"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def pginstall(self) -> Path:
+        return self.root / "pginstall"
+
+    @property
+    def system_pgdata(self) -> Path:
+        return self.root / "system" / "pgdata"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    def pg_socket_dir(self, cluster: str) -> Path:
+        return self.run / "pg" / cluster
+
+    @property
+    def isolate_sockets(self) -> Path:
+        return self.run / "isolates"
+
+    def branch_dir(self, branch_id: str) -> Path:
+        return self.root / "branches" / branch_id
+
+    def branch_pgdata(self, branch_id: str) -> Path:
+        return self.branch_dir(branch_id) / "pgdata"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def deployment_dir(self, deployment_id: str) -> Path:
+        return self.root / "deployments" / deployment_id
+
+    @property
+    def python_envs(self) -> Path:
+        return self.root / "envs" / "python"
+
+    @property
+    def python_runtime(self) -> Path:
+        return self.root / "runtime" / "python"
+
+    def home(self, uid: int) -> Path:
+        return self.root / "homes" / str(uid)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def function_log(self, branch_id: str, slug: str) -> Path:
+        return self.logs / branch_id / f"{slug}.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.run / "phloem.lock"

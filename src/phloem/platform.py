@@ -1,0 +1,279 @@
+"""The whole platform in one process: system database, branch clusters, supervisor,
+gateway and control API, with an explicit lifecycle.
+
+    async with running_platform(Settings(data_dir=Path("/tmp/p"))) as platform:
+        await platform.wait_stopped()      # until platform.request_stop() (signals do that)
+
+Start order: data dir -> binaries -> system cluster -> migrations -> API key -> branch
+clusters -> runtime -> supervisor -> gateway + API. Stop is the reverse: stop accepting,
+drain in-flight requests with a deadline, stop isolates (SIGINT, then SIGKILL after the
+grace period), stop clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import uvicorn
+from psycopg_pool import AsyncConnectionPool
+
+from phloem import __version__
+from phloem.artifacts import ArtifactStore
+from phloem.branches.manager import BranchManager
+from phloem.control import db
+from phloem.control.api import create_api
+from phloem.control.store import Store
+from phloem.deployer import Deployer
+from phloem.dispatch import PlatformRouter
+from phloem.gateway.server import Gateway, GatewayConfig
+from phloem.identity import Identity, make_dir
+from phloem.logs import FunctionLogs
+from phloem.paths import DataPaths
+from phloem.postgres import Cluster, install_binaries
+from phloem.postgres.cluster import random_secret
+from phloem.runtimes.python import environment as pyenv
+from phloem.settings import Settings
+from phloem.supervisor import Supervisor
+
+log = logging.getLogger("phloem")
+
+SYSTEM_DB = "phloem"
+SYSTEM_PORT = 5432  # Unix socket only; the number just names the socket file
+
+
+class PlatformError(RuntimeError):
+    """Start-up cannot go on; the message says what to fix."""
+
+
+class _ApiServer(uvicorn.Server):
+    # The platform owns signals; uvicorn must not install its own handlers.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _check_port_free(what: str, host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise PlatformError(
+                f"{what}: {host}:{port} is already in use ({exc.strerror}); stop what is "
+                f"listening there or choose another port"
+            ) from None
+
+
+def _write_private(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+class Platform:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.paths = DataPaths(settings.data_dir)
+        self._stop_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._lock_file: IO[str] | None = None
+        self._system: Cluster | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._api_server: _ApiServer | None = None
+        self._api_task: asyncio.Task[None] | None = None
+        self.gateway: Gateway | None = None
+        self.function_logs = FunctionLogs()
+        self.api_key: str | None = None
+
+    # -- start ---------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        _check_port_free("gateway_port", s.gateway_host, s.gateway_port)
+        _check_port_free("api_port", s.api_host, s.api_port)
+        self._prepare_data_dir()
+        self.service = await asyncio.to_thread(Identity.service, s.service_user)
+        bins = await asyncio.to_thread(install_binaries, self.paths.pginstall)
+        await self._start_system_db(bins)
+        assert self._pool is not None
+        self.store = Store(self._pool)
+        await self._ensure_api_key()
+
+        self.branches = BranchManager(self.store, self.paths, bins, self.service,
+                                      s.pg_port_base)
+        await self.branches.recover()
+        await self.branches.start_all()
+        await self.branches.ensure_main()
+
+        runtime_dir = await asyncio.to_thread(pyenv.ensure_runtime, self.paths.python_runtime)
+        isolate_python = pyenv.find_isolate_python(s.isolate_python, os.geteuid() == 0)
+        make_dir(self.paths.isolate_sockets, 0o711)
+        self.supervisor = Supervisor(self.paths.isolate_sockets, self.function_logs.writer_for,
+                                     grace_s=s.eviction_grace_s,
+                                     start_timeout_s=s.isolate_start_timeout_s)
+        self.artifacts = ArtifactStore(self.paths.artifacts)
+        self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
+                                 self.supervisor, runtime_dir, isolate_python)
+        await self.deployer.load_routes()
+
+        router = PlatformRouter(self.deployer, self.supervisor, s.domain)
+        self.gateway = Gateway(router, GatewayConfig(host=s.gateway_host, port=s.gateway_port,
+                                                     proto=s.public_scheme))
+        await self.gateway.start()
+        await self._start_api()
+
+    def _prepare_data_dir(self) -> None:
+        root = self.paths.root
+        try:
+            make_dir(root, 0o711)
+            make_dir(self.paths.run, 0o711)
+            make_dir(self.paths.secrets, 0o700)
+            make_dir(self.paths.logs, 0o700)
+        except OSError as exc:
+            raise PlatformError(f"data_dir: cannot prepare {root}: {exc}") from None
+        if os.geteuid() == 0:
+            # The service user and isolates must be able to traverse to the data dir.
+            parent = root.parent
+            while parent != parent.parent:
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    raise PlatformError(
+                        f"data_dir: {root} is below {parent} (mode {oct(mode & 0o777)}), "
+                        "which unprivileged users cannot traverse; choose a data dir "
+                        "outside it (e.g. /var/lib/phloem)"
+                    )
+                parent = parent.parent
+        self._lock_file = open(self.paths.lock, "w")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PlatformError(f"data_dir: another phloem is running on {root}") from None
+
+    async def _start_system_db(self, bins: Any) -> None:
+        secret_file = self.paths.secrets / "system.json"
+        pgdata = self.paths.system_pgdata
+        cluster = self._system = Cluster(
+            bins, pgdata, socket_dir=self.paths.pg_socket_dir("system"), port=SYSTEM_PORT,
+            owner=self.service, log_file=pgdata.parent / "postgres.log",
+        )
+        if not cluster.initialized:
+            password = random_secret()
+            await asyncio.to_thread(cluster.initialize, password)
+            _write_private(secret_file, {"superuser_password": password})
+        password = json.loads(secret_file.read_text())["superuser_password"]
+        await asyncio.to_thread(cluster.start)
+        with cluster.connect(password) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (SYSTEM_DB,)).fetchone()
+            if not exists:
+                conn.execute(f"CREATE DATABASE {SYSTEM_DB}")
+        conninfo = cluster.admin_conninfo(password, SYSTEM_DB)
+        await asyncio.to_thread(db.migrate, conninfo)
+        self._pool = await db.open_pool(conninfo)
+
+    async def _ensure_api_key(self) -> None:
+        creds = self.paths.credentials
+        if creds.exists():
+            key = json.loads(creds.read_text()).get("api_key", "")
+            if key and await self.store.api_key_valid(key):
+                self.api_key = key
+        if self.api_key is None:
+            self.api_key = await self.store.create_api_key("created by phloem up")
+        _write_private(creds, {"api_url": self.settings.api_url, "api_key": self.api_key})
+
+    async def _start_api(self) -> None:
+        s = self.settings
+        config = uvicorn.Config(create_api(self), host=s.api_host, port=s.api_port,
+                                log_level="warning", access_log=False, lifespan="off")
+        self._api_server = _ApiServer(config)
+        self._api_task = asyncio.create_task(self._api_server.serve())
+        while not self._api_server.started:
+            if self._api_task.done():
+                self._api_task.result()
+                raise PlatformError(f"api_port: could not serve on {s.api_host}:{s.api_port}")
+            await asyncio.sleep(0.01)
+
+    # -- run -----------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def wait_stop_requested(self) -> None:
+        await self._stop_requested.wait()
+
+    async def status(self) -> dict[str, Any]:
+        branches = await self.store.list_branches()
+        branch_status = []
+        for b in branches:
+            ok = await asyncio.to_thread(self.branches.check, b)
+            branch_status.append({"id": b.id, "name": b.name, "port": b.port,
+                                  "database": "running" if ok else "down"})
+        isolates = [
+            {"id": i.id, "function": i.spec.slug, "branch_id": i.spec.branch_id,
+             "deployment_id": i.spec.deployment_id, "state": i.state, "pid": i.pid,
+             "inflight": i.inflight,
+             "cold_start_ms": round(i.cold_start_s * 1000, 1) if i.cold_start_s else None}
+            for i in self.supervisor.isolates()
+        ]
+        s = self.settings
+        return {
+            "version": __version__,
+            "data_dir": str(self.paths.root),
+            "components": {
+                "system_database": "running" if self._pool is not None else "stopped",
+                "api": {"state": "running", "url": s.api_url},
+                "gateway": {"state": "running", "address": f"{s.gateway_host}:"
+                            f"{self.gateway.port if self.gateway else s.gateway_port}"},
+                "supervisor": {"state": "running", "isolates": len(isolates)},
+            },
+            "branches": branch_status,
+            "isolates": isolates,
+        }
+
+    # -- stop ----------------------------------------------------------------
+    async def stop(self) -> None:
+        s = self.settings
+        if self.gateway is not None:
+            await self.gateway.stop_accepting()
+        if self._api_server is not None:
+            self._api_server.should_exit = True
+        if self.gateway is not None:
+            await self.gateway.drain(s.drain_timeout_s)
+        if self._api_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._api_task, s.drain_timeout_s)
+        if hasattr(self, "supervisor"):
+            await self.supervisor.stop_all()
+        self.function_logs.close()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if hasattr(self, "branches"):
+            await self.branches.stop_all()
+        if self._system is not None:
+            await asyncio.to_thread(self._system.stop)
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        self._stopped.set()
+
+
+@contextlib.asynccontextmanager
+async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
+    """Start the platform, yield it, stop it (also when start-up fails half-way)."""
+    platform = Platform(settings)
+    try:
+        await platform.start()
+        yield platform
+    finally:
+        await platform.stop()

@@ -1,0 +1,129 @@
+"""The Python isolate host: serve one ASGI app on an inherited Unix socket.
+
+Runs inside the isolate, as the function's uid, with only the standard library, uvicorn
+(and httptools/uvloop) and the user's packages importable, so it must import nothing else
+from phloem.
+
+    python -m phloem.runtimes.python.host --app main:app --fd 3 --ready-fd 4
+    python -m phloem.runtimes.python.host --app main:app --check
+
+SIGINT (eviction, shutdown, redeploy) is uvicorn's: it stops accepting, finishes open
+requests and runs the app's lifespan shutdown, which is where users close their pools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import inspect
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+class EntryError(Exception):
+    pass
+
+
+def load_app(entry: str) -> Any:
+    """Import ``module:attr`` (``attr`` may be dotted) and check it is an ASGI app."""
+    module_name, _, attr = entry.partition(":")
+    if not module_name or not attr:
+        raise EntryError(f"entry: must look like 'module:attr' (got {entry!r})")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name or module_name.startswith(f"{exc.name}."):
+            raise EntryError(f"entry: module {module_name!r} not found in the "
+                             "function's source") from exc
+        raise
+    app: Any = module
+    for part in attr.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise EntryError(
+                f"entry: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if inspect.isclass(app) or not callable(app):
+        raise EntryError(f"entry: {entry!r} is not an ASGI app (not a callable instance "
+                         f"or function; got {type(app).__name__})")
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else app.__call__
+    if not inspect.iscoroutinefunction(call):
+        raise EntryError(f"entry: {entry!r} is not an ASGI app: it is not an async "
+                         "callable (WSGI apps such as Flask are not supported)")
+    return app
+
+
+def _die_with_parent() -> None:
+    # If the platform is SIGKILLed, its isolates must not linger holding sockets.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    parent = os.environ.get("PHLOEM_SUPERVISOR_PID")
+    if parent and os.getppid() != int(parent):
+        os._exit(1)
+
+
+def serve(app: Any, fd: int, ready_fd: int | None) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and ready_fd is not None:
+                os.write(ready_fd, b"R")
+                os.close(ready_fd)
+
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    config = uvicorn.Config(
+        app, fd=fd, loop=loop, http="httptools", lifespan="auto", access_log=False,
+        log_level=os.environ.get("PHLOEM_LOG_LEVEL", "warning"), proxy_headers=False,
+        server_header=False, date_header=True, timeout_keep_alive=3600,
+        timeout_graceful_shutdown=None,
+    )
+    Server(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="phloem-python-host")
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--fd", type=int)
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.check:
+        _die_with_parent()
+    sys.path.insert(0, os.getcwd())
+    try:
+        app = load_app(args.app)
+    except EntryError as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    except BaseException:
+        print(f"entry: importing {args.app!r} raised:", file=sys.stderr)
+        traceback.print_exc()
+        return 3
+    if args.check:
+        return 0
+    if args.fd is None:
+        parser.error("--fd is required unless --check")
+    serve(app, args.fd, args.ready_fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Platform settings: everything `phloem up` can be told, in one object.
+
+    settings = Settings(data_dir=Path("/var/lib/phloem"), gateway_port=8787)
+    async with running_platform(settings) as platform:
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+
+def default_data_dir() -> Path:
+    """``$PHLOEM_DATA_DIR``, else ``/var/lib/phloem`` for root (the unprivileged service
+    user cannot traverse ``/root``), else the user's data directory."""
+    env = os.environ.get("PHLOEM_DATA_DIR")
+    if env:
+        return Path(env).absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/phloem")
+    return Path(platformdirs.user_data_dir("phloem"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8788
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8787
+    #: Functions are reached at ``<scheme>://<branch_id>-<slug>.<domain>:<public_port>``.
+    domain: str = "fn.localhost"
+    public_scheme: str = "http"
+    public_port: int | None = None
+    #: The unprivileged user PostgreSQL runs as when phloem runs as root.
+    service_user: str = "phloem"
+    #: Isolates run as ``isolate_uid_base + n`` (one uid per function) when root.
+    isolate_uid_base: int = 1_500_000
+    #: Interpreter for Python isolates; must be the same major.minor as phloem's own.
+    isolate_python: str | None = None
+    #: First TCP port tried for branch clusters.
+    pg_port_base: int = 55432
+    #: Seconds an isolate gets between SIGINT and SIGKILL.
+    eviction_grace_s: float = 10.0
+    #: Seconds a shutdown waits for in-flight requests.
+    drain_timeout_s: float = 30.0
+    #: Seconds an isolate may take to become ready before its requests get 502.
+    isolate_start_timeout_s: float = 900.0
+
+    @property
+    def url_port(self) -> int:
+        return self.public_port if self.public_port is not None else self.gateway_port
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+
+def python_tag() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"

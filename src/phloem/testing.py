@@ -1,0 +1,195 @@
+"""Start real platforms for tests and benchmarks: ``phloem up`` as a subprocess, as a
+user runs it, on free ports and a fresh data dir.
+
+    with PlatformProcess.start(data_dir) as p:
+        p.cli("functions", "list")
+        p.gateway_get(host, "/")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PHLOEM = str(Path(sys.executable).parent / "phloem")
+EXAMPLE = REPO / "examples" / "hello-python"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_data_dir() -> Path:
+    """A data dir the service user and isolates can traverse (pytest's tmp_path is under
+    a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="phloem-test-", dir="/tmp"))
+    os.chmod(path, 0o711)
+    return path
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, cmdline) of live processes whose command line or environment mentions
+    ``text``."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue
+        if text in cmd or text in env:
+            found.append((int(pid), cmd))
+    return found
+
+
+@dataclass
+class PlatformProcess:
+    data_dir: Path
+    api_port: int
+    gateway_port: int
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PHLOEM_DATA_DIR": str(self.data_dir), "NO_COLOR": "1",
+                "COLUMNS": "200", "TERM": "dumb"}
+
+    def args(self) -> list[str]:
+        return [PHLOEM, "up", "--api-port", str(self.api_port), "--gateway-port",
+                str(self.gateway_port), "--pg-port-base", str(free_port()),
+                "--grace", "5"]
+
+    def launch(self, extra: list[str] | None = None) -> None:
+        self._ready.clear()
+        self.output = []
+        self.proc = subprocess.Popen(
+            self.args() + (extra or []), env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+        )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.output.append(line.rstrip("\n"))
+            if line.startswith("ready."):
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        if not self._ready.wait(timeout) or not self.running:
+            raise AssertionError("phloem up did not become ready:\n" + "\n".join(self.output))
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 120) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("phloem up did not stop after SIGINT:\n"
+                                 + "\n".join(self.output)) from None
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        data: dict[str, str] = json.loads((self.data_dir / "credentials.json").read_text())
+        return data
+
+    def api(self) -> httpx.Client:
+        creds = self.credentials
+        return httpx.Client(base_url=creds["api_url"] + "/api/v1", timeout=60,
+                            headers={"Authorization": f"Bearer {creds['api_key']}"})
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([PHLOEM, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"phloem {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--output", "json").stdout)
+
+    def gateway(self, host: str, timeout: float = 120) -> httpx.Client:
+        """A client that connects to the gateway on 127.0.0.1 and sends ``host``: glibc
+        does not resolve *.localhost."""
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.gateway_port}",
+                            headers={"Host": host}, timeout=timeout)
+
+    def deploy(self, slug: str, path: Path, *extra: str, branch: str = "main") -> Any:
+        return self.cli_json("functions", "deploy", slug, "--path", str(path),
+                             "--branch", branch, *extra)
+
+    def cleanup(self) -> None:
+        if self.running:
+            self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@contextmanager
+def platform_process(extra: list[str] | None = None) -> Iterator[PlatformProcess]:
+    p = PlatformProcess(new_data_dir(), free_port(), free_port())
+    p.launch(extra)
+    try:
+        p.wait_ready()
+        yield p
+    finally:
+        p.cleanup()
+
+
+def host_of(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+def copy_example(dest: Path, src: Path = EXAMPLE) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest

@@ -1,0 +1,69 @@
+"""The control API seen from outside: auth, OpenAPI, errors, artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+
+from phloem.testing import PlatformProcess
+
+
+def test_openapi_document(platform: PlatformProcess) -> None:
+    doc = httpx.get(f"http://127.0.0.1:{platform.api_port}/api/v1/openapi.json").json()
+    assert doc["info"]["title"] == "phloem"
+    assert "/api/v1/branches/{ref}/functions/{slug}/deployments" in doc["paths"]
+
+
+def test_requests_need_the_api_key(platform: PlatformProcess) -> None:
+    base = f"http://127.0.0.1:{platform.api_port}/api/v1"
+    assert httpx.get(f"{base}/health").status_code == 200
+    missing = httpx.get(f"{base}/branches")
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "unauthorized"
+    wrong = httpx.get(f"{base}/branches", headers={"Authorization": "Bearer phk_nope"})
+    assert wrong.status_code == 401
+
+
+def test_api_key_is_stored_hashed(platform: PlatformProcess) -> None:
+    key = platform.credentials["api_key"]
+    mode = (platform.data_dir / "credentials.json").stat().st_mode & 0o777
+    assert mode == 0o600
+    # Nothing under the system cluster holds the key in clear text.
+    needle = key.encode()
+    for path in (platform.data_dir / "system").rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), path
+
+
+def test_artifact_upload_checks_hash(platform: PlatformProcess) -> None:
+    data = b"not really a tarball"
+    sha = hashlib.sha256(data).hexdigest()
+    with platform.api() as api:
+        wrong = api.put(f"/artifacts/{'0' * 64}", content=data)
+        assert wrong.status_code == 400
+        assert wrong.json()["error"]["field"] == "sha256"
+        assert api.put(f"/artifacts/{sha}", content=data).status_code == 201
+        assert api.head(f"/artifacts/{sha}").status_code == 200
+        bad = api.post("/branches/main/functions/x/deployments",
+                       json={"artifact_sha256": "f" * 64, "entry": "main:app"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["field"] == "artifact_sha256"
+
+
+def test_unknown_branch_is_404_with_code(platform: PlatformProcess) -> None:
+    with platform.api() as api:
+        resp = api.get("/branches/nope/functions")
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "branch_not_found"
+
+
+def test_status_reports_components(platform: PlatformProcess) -> None:
+    data = platform.cli_json("status")
+    assert data["components"]["system_database"] == "running"
+    assert data["components"]["gateway"]["state"] == "running"
+    assert [b["name"] for b in data["branches"]] == ["main"]
+    assert data["branches"][0]["database"] == "running"
+    text = platform.cli("status").stdout
+    assert "gateway" in text
+    assert "branch main" in text

@@ -1,0 +1,92 @@
+"""``phloem up`` as a process: start, stop with SIGINT leaving nothing behind, restart
+with everything back, clear errors."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import psycopg
+
+from phloem.testing import (
+    EXAMPLE,
+    PHLOEM,
+    PlatformProcess,
+    free_port,
+    host_of,
+    new_data_dir,
+    platform_process,
+    processes_mentioning,
+    wait_for,
+)
+
+
+def test_restart_brings_back_branches_and_deployments() -> None:
+    with platform_process(["--deploy", str(EXAMPLE)]) as p:
+        out = "\n".join(p.output)
+        fn = p.cli_json("functions", "get", "hellopython")
+        url = fn["invocation_url"]
+        assert url in out  # `up --deploy` prints the URL ...
+        assert f"curl -H 'Host: {host_of(url)}' http://127.0.0.1:{p.gateway_port}/" in out
+        with p.gateway(host_of(url)) as gw:
+            assert gw.get("/").status_code == 200
+            assert gw.post("/todos", json={"title": "survive restart"}).status_code == 201
+        db_url = p.cli("connection-string", "--unpooled").stdout.strip()
+
+        assert p.stop() == 0
+        # Nothing is left running: no postgres, no isolate.
+        assert processes_mentioning(str(p.data_dir)) == []
+        # The isolate ran its lifespan shutdown on SIGINT before the database stopped.
+        p.launch()
+        p.wait_ready()
+        with psycopg.connect(db_url) as conn:
+            events = [r[0] for r in conn.execute("SELECT event FROM app_events ORDER BY id")]
+        assert events[:2] == ["startup", "shutdown"]
+        with p.gateway(host_of(url)) as gw:
+            titles = [t["title"] for t in gw.get("/todos").json()]
+        assert titles == ["survive restart"]
+        assert p.cli_json("functions", "get", "hellopython")["deployment_id"] == \
+            fn["deployment_id"]
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    data_dir = new_data_dir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = PlatformProcess(data_dir, free_port(), port)
+        proc = subprocess.run(p.args(), env=p.env, capture_output=True, text=True,
+                              timeout=120)
+    assert proc.returncode != 0
+    assert f"gateway_port: 127.0.0.1:{port} is already in use" in " ".join(
+        (proc.stderr + proc.stdout).split())
+    assert processes_mentioning(str(data_dir)) == []
+
+
+def test_second_platform_on_same_data_dir_is_refused(platform: PlatformProcess) -> None:
+    other = PlatformProcess(platform.data_dir, free_port(), free_port())
+    proc = subprocess.run(other.args(), env=other.env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "another phloem is running" in proc.stderr + proc.stdout
+
+
+def test_cli_without_platform_says_what_to_do() -> None:
+    data_dir = new_data_dir()
+    proc = subprocess.run([PHLOEM, "functions", "list"], capture_output=True, text=True,
+                          env={"PHLOEM_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0
+    assert "phloem up" in proc.stderr
+
+
+def test_sigint_during_requests_stops_cleanly() -> None:
+    with platform_process() as p:
+        fn = p.deploy("hello", EXAMPLE)
+        with p.gateway(host_of(fn["invocation_url"])) as gw:
+            assert gw.get("/").status_code == 200
+        pids = [pid for pid, _ in processes_mentioning(str(p.data_dir))]
+        assert pids
+        assert p.stop() == 0
+        wait_for(lambda: processes_mentioning(str(p.data_dir)) == [], 10,
+                 "every platform process to exit")
