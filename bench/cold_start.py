@@ -21,58 +21,57 @@ from pathlib import Path
 
 import httpx
 
-from phloem.testing import EXAMPLE, host_of, platform_process
+from phloem.testing import EXAMPLE, PlatformProcess, host_of, platform_process
 
 
-def phloem_cold_starts(runs: int) -> tuple[list[float], str]:
-    samples = []
-    with platform_process() as p:
-        url = ""
-        for i in range(runs):
-            fn = p.deploy("cold", EXAMPLE, "--env", f"RUN={i}")
-            url = p.cli("connection-string", "--unpooled").stdout.strip()
-            with p.gateway(host_of(fn["invocation_url"])) as gw:
-                t0 = time.perf_counter()
-                resp = gw.get("/")
-                samples.append(time.perf_counter() - t0)
-                assert resp.status_code == 200, resp.text
-    return samples, url
+def phloem_cold_start(p: PlatformProcess, run: int) -> float:
+    fn = p.deploy("cold", EXAMPLE, "--env", f"RUN={run}")
+    with p.gateway(host_of(fn["invocation_url"])) as gw:
+        t0 = time.perf_counter()
+        resp = gw.get("/")
+        elapsed = time.perf_counter() - t0
+        assert resp.status_code == 200, resp.text
+    return elapsed
 
 
-def bare_uvicorn_cold_starts(runs: int, database_url: str) -> list[float]:
-    samples = []
+def bare_uvicorn_cold_start(database_url: str) -> float:
+    """Spawn uvicorn on a Unix socket and poll until the first response arrives."""
     env = {**os.environ, "DATABASE_URL": database_url}
-    for _ in range(runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            sock = str(Path(tmp) / "app.sock")
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "main:app", "--uds", sock, "--loop",
-                 "uvloop", "--http", "httptools", "--log-level", "warning"],
-                cwd=EXAMPLE, env=env)
-            try:
-                transport = httpx.HTTPTransport(uds=sock)
-                with httpx.Client(transport=transport, base_url="http://app") as client:
-                    while True:
-                        try:
-                            resp = client.get("/")
-                            break
-                        except (OSError, httpx.ConnectError, FileNotFoundError):
-                            time.sleep(0.002)
-                samples.append(time.perf_counter() - t0)
-                assert resp.status_code == 200
-            finally:
-                proc.terminate()
-                proc.wait()
-    return samples
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = str(Path(tmp) / "app.sock")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--uds", sock, "--loop", "uvloop",
+             "--http", "httptools", "--log-level", "warning"],
+            cwd=EXAMPLE, env=env)
+        try:
+            transport = httpx.HTTPTransport(uds=sock)
+            with httpx.Client(transport=transport, base_url="http://app") as client:
+                while True:
+                    try:
+                        resp = client.get("/")
+                        break
+                    except (OSError, httpx.ConnectError):
+                        time.sleep(0.002)
+            elapsed = time.perf_counter() - t0
+            assert resp.status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait()
+    return elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
-    phloem, db_url = phloem_cold_starts(args.runs)
-    bare = bare_uvicorn_cold_starts(args.runs, db_url)
+    phloem: list[float] = []
+    bare: list[float] = []
+    with platform_process() as p:
+        db_url = p.cli("connection-string").stdout.strip()
+        for run in range(args.runs):  # interleaved, so drift hits both alike
+            phloem.append(phloem_cold_start(p, run))
+            bare.append(bare_uvicorn_cold_start(db_url))
     p50, b50 = statistics.median(phloem), statistics.median(bare)
     print(f"cold start, examples/hello-python, median of {args.runs}")
     print(f"  phloem (request -> response, isolate spawned)  {p50 * 1000:8.1f} ms")

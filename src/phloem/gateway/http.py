@@ -46,6 +46,7 @@ HOP_BY_HOP = frozenset(
 GATEWAY_HEADERS = frozenset(
     {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
+_DROP = HOP_BY_HOP | GATEWAY_HEADERS
 # A client may name extra hop-by-hop fields in Connection; these are never removed that way,
 # since dropping a framing header would desynchronise the upstream connection.
 _PROTECTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
@@ -127,9 +128,7 @@ def upstream_request_head(
     upgrade: bool,
 ) -> bytes:
     """The request head sent to the isolate; the client's HTTP version is kept."""
-    drop = HOP_BY_HOP | GATEWAY_HEADERS
-    if info.connection:
-        drop = drop | (info.connection - _PROTECTED)
+    drop = _DROP | (info.connection - _PROTECTED) if info.connection else _DROP
     parts = [method, b" ", target, b" HTTP/", version.encode("ascii"), b"\r\n"]
     for name, value in headers:
         if name.lower() not in drop:

@@ -165,11 +165,13 @@ class _Request:
             self.waiter.set_result(None)
 
     async def wait(self) -> None:
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = waiter = asyncio.get_running_loop().create_future()
         try:
-            await self.waiter
+            await waiter
         finally:
-            self.waiter = None
+            # A cancelled pump may unwind after the next waiter was installed.
+            if self.waiter is waiter:
+                self.waiter = None
 
 
 class _BodySent:
@@ -408,8 +410,10 @@ class _Connection(asyncio.Protocol):
                 if not await self._handle(req):
                     break
             last = self._last
-            may_be_sending = self._parse_dead or bool(self._pending) or (
-                last is not None and not last.complete and not last.upgrade
+            may_be_sending = (
+                self._parse_dead
+                or bool(self._pending)
+                or (last is not None and not last.complete and not last.upgrade)
             )
             if may_be_sending and not self._disconnected:
                 await self._linger()
@@ -840,15 +844,16 @@ class _Connection(asyncio.Protocol):
         req.buffered = 0
         self._update_reading()
         start = req.received
-        deadline = self._loop.time() + DISCARD_TIMEOUT
-        while not req.complete:
-            remaining = deadline - self._loop.time()
-            if req.error is not None or req.received - start > DISCARD_LIMIT or remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(req.wait(), remaining)
-            except TimeoutError:
-                return False
+        # asyncio.timeout rather than wait_for: no extra task between the check and the wait,
+        # so a wake-up cannot be lost.
+        try:
+            async with asyncio.timeout(DISCARD_TIMEOUT):
+                while not req.complete:
+                    if req.error is not None or req.received - start > DISCARD_LIMIT:
+                        return False
+                    await req.wait()
+        except TimeoutError:
+            return False
         return True
 
     async def _reply_bad_request(self, status: int, code: str, message: str) -> None:
@@ -882,7 +887,7 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._connections: set[_Connection] = set()
-        self.draining = False
+        self._draining = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -908,6 +913,10 @@ class Gateway:
             raise RuntimeError("the gateway has not been started")
         return self._port
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     async def stop_accepting(self) -> None:
         # Not wait_closed(): on Python 3.12+ it also waits for every open connection.
         if self._server is not None:
@@ -917,7 +926,7 @@ class Gateway:
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout`` seconds) until no request is in flight, closing idle
         connections at once; then close whatever remains."""
-        self.draining = True
+        self._draining = True
         for conn in list(self._connections):
             conn.close_if_idle()
         tasks = {c.task for c in self._connections if c.task is not None}

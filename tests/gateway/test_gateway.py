@@ -1,0 +1,926 @@
+"""The gateway against real sockets: a uvicorn app on a Unix socket behind a real Gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import websockets
+
+from phloem.gateway.routing import RouteError, Upstream
+from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_BODY = 64 * 1024
+BIG = bytes(range(256)) * 8192  # 2 MiB
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, *, head_only: bool = False) -> RawResponse:
+    """A minimal HTTP/1.1 response reader for the raw-socket tests."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    body = b""
+    if head_only or status in (204, 304) or 100 <= status < 200:
+        pass
+    elif "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            parts.append(data[:-2])
+        body = b"".join(parts)
+    else:
+        body = await asyncio.wait_for(reader.read(), 5)
+    return RawResponse(status, headers, body)
+
+
+async def read_eof(reader: asyncio.StreamReader, timeout: float = 2.0) -> bool:
+    """True if the peer closes within ``timeout`` (any bytes before that are skipped)."""
+
+    async def until_eof() -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+    try:
+        await asyncio.wait_for(until_eof(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+# -- the upstream app ------------------------------------------------------------------------
+
+
+@dataclass
+class AppState:
+    sse_go: asyncio.Event = field(default_factory=asyncio.Event)
+    first_chunk: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_started: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_release: asyncio.Event = field(default_factory=asyncio.Event)
+    stream_started: asyncio.Event = field(default_factory=asyncio.Event)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    chunk_sizes: list[int] = field(default_factory=list)
+
+
+async def read_body(receive: Receive) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionError("client went away")
+        chunk: bytes = message.get("body", b"")
+        body += chunk
+        if not message.get("more_body", False):
+            return body
+
+
+async def respond(
+    send: Send, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers or []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def make_app(state: AppState) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if scope["path"] == "/ws-reject":
+                await receive()
+                await send({"type": "websocket.close"})  # uvicorn answers 403
+            else:
+                await websocket_echo(receive, send)
+            return
+        assert scope["type"] == "http"
+        path = scope["path"]
+        if path == "/echo":
+            body = await read_body(receive)
+            payload = {
+                "method": scope["method"],
+                "path": path,
+                "query": scope["query_string"].decode(),
+                "http_version": scope["http_version"],
+                "headers": [[k.decode(), v.decode("latin-1")] for k, v in scope["headers"]],
+                "body": body.decode("latin-1"),
+            }
+            await respond(send, 200, json.dumps(payload).encode(), [(b"content-type", b"json")])
+        elif path == "/chunks":
+            total = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    state.disconnected.set()
+                    return
+                data = message.get("body", b"")
+                if data:
+                    state.chunk_sizes.append(len(data))
+                    state.first_chunk.set()
+                total += len(data)
+                if not message.get("more_body", False):
+                    break
+            await respond(send, 200, json.dumps({"total": total}).encode())
+        elif path == "/sse":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"data: one\n\n", "more_body": True})
+            await state.sse_go.wait()
+            await send({"type": "http.response.body", "body": b"data: two\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        elif path == "/head":
+            await respond(send, 200, b"hello", [(b"content-length", b"5")])
+        elif path == "/nocontent":
+            await respond(send, 204)
+        elif path == "/slow":
+            state.slow_started.set()
+            await state.slow_release.wait()
+            await respond(send, 200, b"done")
+        elif path == "/stream-forever":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            state.stream_started.set()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            state.disconnected.set()
+        elif path == "/early":
+            await respond(send, 200, b"early")
+        elif path == "/big":
+            headers = [(b"content-length", str(len(BIG)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for i in range(0, len(BIG), 100_000):
+                await send(
+                    {"type": "http.response.body", "body": BIG[i : i + 100_000], "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b""})
+        elif path == "/bigchunked":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for i in range(0, len(BIG), 100_000):
+                await send(
+                    {"type": "http.response.body", "body": BIG[i : i + 100_000], "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await respond(send, 404, b"no such path")
+
+    return app
+
+
+async def websocket_echo(receive: Receive, send: Send) -> None:
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") is not None:
+            await send({"type": "websocket.send", "text": message["text"]})
+        else:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # leave pytest's signal handlers alone
+
+
+# -- the router ------------------------------------------------------------------------------
+
+
+class PoolRouter:
+    """Routes ``<name>[:port]`` to a Unix socket, with a small idle connection pool."""
+
+    def __init__(self, routes: dict[str, str], pool_size: int = 2) -> None:
+        self.routes = routes
+        self.pool_size = pool_size
+        self.idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        self.acquires = 0
+        self.connects = 0
+        self.outstanding = 0
+        self.releases: list[bool] = []
+        self.double_releases = 0
+
+    async def acquire(self, host: str) -> Upstream:
+        name = host.split(":", 1)[0]
+        path = self.routes.get(name)
+        if path is None:
+            raise RouteError(404, "unknown_host", f"no function serves {host}")
+        self.acquires += 1
+        pool = self.idle.setdefault(name, [])
+        while pool:
+            reader, writer = pool.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return Lease(self, name, reader, writer)
+            writer.close()
+        reader, writer = await asyncio.open_unix_connection(path)
+        self.connects += 1
+        return Lease(self, name, reader, writer)
+
+
+class Lease:
+    def __init__(
+        self,
+        router: PoolRouter,
+        name: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.router = router
+        self.name = name
+        self.reader = reader
+        self.writer = writer
+        self.released = False
+        router.outstanding += 1
+
+    def release(self, *, reusable: bool) -> None:
+        if self.released:
+            self.router.double_releases += 1
+            return
+        self.released = True
+        self.router.outstanding -= 1
+        self.router.releases.append(reusable)
+        pool = self.router.idle.setdefault(self.name, [])
+        if reusable and len(pool) < self.router.pool_size and not self.writer.is_closing():
+            pool.append((self.reader, self.writer))
+        else:
+            self.writer.close()
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    state: AppState
+    router: PoolRouter
+    gateway: Gateway
+    client: httpx.AsyncClient
+    records: list[RequestRecord]
+    tmp: Path
+
+    async def raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.gateway.port)
+
+    def record_for(self, path: str) -> RequestRecord:
+        return next(r for r in self.records if r.path == path)
+
+
+@contextlib.asynccontextmanager
+async def running_env(tmp_path: Path) -> AsyncIterator[Env]:
+    """uvicorn app on a Unix socket + PoolRouter + Gateway on port 0 + an httpx client."""
+    state = AppState()
+    sock = str(tmp_path / "app.sock")
+    config = uvicorn.Config(
+        make_app(state), uds=sock, lifespan="off", log_level="warning", proxy_headers=False
+    )
+    server = _Uvicorn(config)
+    serving = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or serving.done())
+    assert server.started
+
+    router = PoolRouter({"app.test": sock, "dead.test": str(tmp_path / "nobody.sock")})
+    records: list[RequestRecord] = []
+    gateway = Gateway(
+        router, GatewayConfig(port=0, max_body_bytes=MAX_BODY), on_request=records.append
+    )
+    await gateway.start()
+    client = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{gateway.port}", headers={"Host": "app.test"}, timeout=5
+    )
+    try:
+        yield Env(state, router, gateway, client, records, tmp_path)
+    finally:
+        await client.aclose()
+        await gateway.stop_accepting()
+        await gateway.drain(1.0)
+        state.slow_release.set()
+        state.sse_go.set()
+        await wait_until(lambda: router.outstanding == 0)
+        assert router.double_releases == 0
+        for pool in router.idle.values():
+            for _, writer in pool:
+                writer.close()
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with running_env(tmp_path) as env:
+        yield env
+
+
+def header(echo: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in echo["headers"] if k == name]
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+async def test_get_round_trip_adds_forwarding_headers(env: Env) -> None:
+    r = await env.client.get(
+        "/echo?x=1",
+        headers={
+            "X-Forwarded-For": "203.0.113.9",
+            "X-Request-Id": "req-1.A_b",
+            "X-Forwarded-Proto": "https",  # spoofed: replaced by the gateway's
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "X-Custom": "yes",
+        },
+    )
+    assert r.status_code == 200
+    echo = r.json()
+    assert echo["method"] == "GET"
+    assert echo["query"] == "x=1"
+    assert header(echo, "host") == ["app.test"]
+    assert header(echo, "x-custom") == ["yes"]
+    assert header(echo, "x-forwarded-for") == ["203.0.113.9, 127.0.0.1"]
+    assert header(echo, "x-forwarded-proto") == ["http"]
+    assert header(echo, "x-forwarded-host") == ["app.test"]
+    assert header(echo, "x-request-id") == ["req-1.A_b"]
+    for hop in ("connection", "keep-alive", "te", "upgrade", "trailer"):
+        assert header(echo, hop) == []
+
+    record = env.record_for("/echo")
+    assert (record.host, record.method, record.status, record.request_id) == (
+        "app.test",
+        "GET",
+        200,
+        "req-1.A_b",
+    )
+    assert record.duration_s >= 0
+
+
+async def test_post_round_trip_keeps_content_length(env: Env) -> None:
+    body = b"hello world " * 100
+    r = await env.client.post("/echo", content=body, headers={"X-Request-Id": "bad id!"})
+    echo = r.json()
+    assert echo["body"].encode() == body
+    assert header(echo, "content-length") == [str(len(body))]
+    assert header(echo, "transfer-encoding") == []
+    (rid,) = header(echo, "x-request-id")
+    assert rid != "bad id!" and len(rid) == 32 and int(rid, 16) >= 0
+
+
+async def test_upstream_connections_are_kept_alive(env: Env) -> None:
+    for i in range(5):
+        r = await env.client.get(f"/echo?n={i}")
+        assert r.json()["query"] == f"n={i}"
+    assert env.router.acquires == 5
+    assert env.router.connects == 1
+    assert env.router.releases == [True] * 5
+
+
+async def test_large_responses_arrive_intact(env: Env) -> None:
+    r = await env.client.get("/big")
+    assert r.headers["content-length"] == str(len(BIG))
+    assert r.content == BIG
+    r = await env.client.get("/bigchunked")
+    assert r.headers["transfer-encoding"] == "chunked"
+    assert r.content == BIG
+    assert env.router.connects == 1
+
+
+async def test_http10_client(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"GET /echo HTTP/1.0\r\nHost: app.test\r\n\r\n")
+    response = await read_response(reader)
+    assert response.status == 200
+    assert response.json()["http_version"] == "1.0"
+    assert await read_eof(reader)
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(
+        b"GET /echo?n=1 HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        b"POST /echo?n=2 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nabc"
+        b"HEAD /head HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        b"GET /echo?n=4 HTTP/1.1\r\nHost: nope.test\r\n\r\n"
+        b"GET /echo?n=5 HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+    )
+    first = await read_response(reader)
+    second = await read_response(reader)
+    third = await read_response(reader, head_only=True)
+    fourth = await read_response(reader)
+    fifth = await read_response(reader)
+    assert first.json()["query"] == "n=1"
+    assert (second.json()["query"], second.json()["body"]) == ("n=2", "abc")
+    assert (third.status, third.headers["content-length"], third.body) == (200, "5", b"")
+    assert fourth.status == 404
+    assert fifth.json()["query"] == "n=5"
+    assert await read_eof(reader)
+    writer.close()
+
+
+async def test_expect_100_continue_is_relayed(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    interim = await read_response(reader)
+    assert interim.status == 100
+    writer.write(b"hello")
+    response = await read_response(reader)
+    assert response.json()["body"] == "hello"
+    writer.close()
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+async def test_chunked_upload_is_streamed(env: Env) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        # Only sent once the app has seen the first chunk: a buffering gateway deadlocks here.
+        await asyncio.wait_for(env.state.first_chunk.wait(), 5)
+        yield b"b" * 2000
+        yield b"c" * 3000
+
+    r = await env.client.post("/chunks", content=body())
+    assert r.status_code == 200
+    assert r.json() == {"total": 6000}
+    assert env.state.chunk_sizes[0] == 1000
+    assert env.router.releases == [True]
+
+
+async def test_chunked_upload_is_reframed(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    await writer.drain()
+    writer.write(b"6\r\n world\r\n0\r\nX-Trailer: dropped\r\n\r\n")
+    response = await read_response(reader)
+    echo = response.json()
+    assert echo["body"] == "hello world"
+    assert header(echo, "transfer-encoding") == ["chunked"]
+    writer.close()
+
+
+async def test_sse_events_arrive_one_by_one(env: Env) -> None:
+    async with env.client.stream("GET", "/sse") as r:
+        assert r.headers["content-type"] == "text/event-stream"
+        chunks = r.aiter_text()
+        received = ""
+        while "data: one\n\n" not in received:
+            received += await asyncio.wait_for(chunks.__anext__(), 5)
+        # The app is still holding the second event back.
+        assert not env.state.sse_go.is_set()
+        assert "two" not in received
+        env.state.sse_go.set()
+        async for text in chunks:
+            received += text
+    assert received == "data: one\n\ndata: two\n\n"
+
+
+# -- bodiless responses ----------------------------------------------------------------------
+
+
+async def test_head_and_204_do_not_wait_for_a_body(env: Env) -> None:
+    r = await asyncio.wait_for(env.client.head("/head"), 2)
+    assert r.status_code == 200
+    assert r.headers["content-length"] == "5"
+    assert r.content == b""
+    r = await asyncio.wait_for(env.client.get("/nocontent"), 2)
+    assert r.status_code == 204
+    r = await asyncio.wait_for(env.client.get("/echo"), 2)
+    assert r.status_code == 200
+    # The upstream connection stayed in sync and was reused throughout.
+    assert env.router.connects == 1
+    assert env.router.releases == [True, True, True]
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+async def test_unknown_host_gets_404_json_and_keeps_the_connection(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"GET / HTTP/1.1\r\nHost: nope.test:8787\r\nX-Request-Id: abc\r\n\r\n")
+    response = await read_response(reader)
+    assert response.status == 404
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-request-id"] == "abc"
+    error = response.json()["error"]
+    assert error["code"] == "unknown_host"
+    assert "nope.test" in error["message"]
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    writer.close()
+
+
+async def test_route_error_discards_the_body_and_keeps_the_connection(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"POST / HTTP/1.1\r\nHost: nope.test\r\nContent-Length: 10\r\n\r\n12345")
+    response = await read_response(reader)
+    assert response.status == 404
+    writer.write(b"67890GET /echo HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    assert (await read_response(reader)).json()["method"] == "GET"
+    writer.close()
+
+
+async def test_missing_host_is_400(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"GET / HTTP/1.0\r\n\r\n")
+    response = await read_response(reader)
+    assert response.status == 400
+    assert response.json()["error"]["code"] == "missing_host"
+    assert response.headers["x-request-id"]
+    writer.close()
+
+
+async def test_malformed_request_is_400_and_closed(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: app.test\r\n\r\nNOT HTTP AT ALL\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    response = await read_response(reader)
+    assert response.status == 400
+    assert response.json()["error"]["code"] == "malformed_request"
+    assert response.headers["connection"] == "close"
+    assert await read_eof(reader)
+    writer.close()
+
+
+async def test_oversized_head_is_431(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"GET / HTTP/1.1\r\nHost: app.test\r\n")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(10):
+            writer.write(b"X-Filler: " + b"f" * 10_000 + b"\r\n")
+            await writer.drain()
+    response = await read_response(reader)
+    assert response.status == 431
+    assert await read_eof(reader)
+    writer.close()
+    assert env.router.acquires == 0
+
+
+async def test_unsupported_http_version_is_505(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"GET / HTTP/2.0\r\nHost: app.test\r\n\r\n")
+    assert (await read_response(reader)).status == 505
+    assert await read_eof(reader)
+    writer.close()
+
+
+async def test_dead_upstream_is_502_quickly(env: Env) -> None:
+    started = time.monotonic()
+    r = await asyncio.wait_for(env.client.get("/", headers={"Host": "dead.test"}), 1.0)
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_failed"
+    assert r.headers["x-request-id"]
+    assert time.monotonic() - started < 1.0
+
+
+async def test_upstream_closing_without_answer_is_502(env: Env) -> None:
+    path = str(env.tmp / "eof.sock")
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_unix_server(hang_up, path)
+    env.router.routes["eof.test"] = path
+    try:
+        r = await asyncio.wait_for(env.client.get("/", headers={"Host": "eof.test"}), 1.0)
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "upstream_failed"
+        assert env.router.acquires == 2  # an idempotent request is retried once
+        r = await asyncio.wait_for(
+            env.client.post("/", content=b"x", headers={"Host": "eof.test"}), 1.0
+        )
+        assert r.status_code == 502
+        assert env.router.acquires == 3  # a POST is not
+        assert env.router.releases == [False, False, False]
+    finally:
+        server.close()
+
+
+async def test_stale_pooled_connection_is_retried(env: Env) -> None:
+    """The app closes an idle keep-alive connection just as the gateway reuses it."""
+    path = str(env.tmp / "stale.sock")
+
+    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # the second request on this connection gets no answer
+
+    server = await asyncio.start_unix_server(one_answer, path)
+    env.router.routes["stale.test"] = path
+    try:
+        for _ in range(2):
+            r = await env.client.get("/", headers={"Host": "stale.test"})
+            assert (r.status_code, r.content) == (200, b"ok")
+        assert env.router.connects == 2
+        assert env.router.releases == [True, False, True]
+    finally:
+        server.close()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def fake_upstream(env: Env, name: str, handler: Handler) -> AsyncIterator[None]:
+    """A hand-written upstream speaking raw bytes, routed as ``name``."""
+    path = str(env.tmp / f"{name}.sock")
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await handler(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_unix_server(guarded, path)
+    env.router.routes[name] = path
+    try:
+        yield
+    finally:
+        server.close()
+
+
+async def test_bytes_beyond_content_length_are_not_forwarded(env: Env) -> None:
+    async def junk_after_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokJUNK")
+
+    async with fake_upstream(env, "junk.test", junk_after_body):
+        for _ in range(2):
+            r = await env.client.get("/", headers={"Host": "junk.test"})
+            assert (r.status_code, r.content) == (200, b"ok")
+    # The client connection stayed usable; the upstream one was not trusted again.
+    assert env.router.releases == [False, False]
+    assert env.router.connects == 2
+
+
+async def test_interim_responses_are_passed_on(env: Env) -> None:
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        await writer.drain()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
+
+    async with fake_upstream(env, "hints.test", early_hints):
+        reader, writer = await env.raw()
+        writer.write(b"GET / HTTP/1.1\r\nHost: hints.test\r\n\r\n")
+        interim = await read_response(reader)
+        assert (interim.status, interim.headers["link"]) == (103, "</a.css>; rel=preload")
+        final = await read_response(reader)
+        assert (final.status, final.body) == (200, b"body")
+        writer.close()
+    assert env.router.releases == [True]
+
+
+async def test_response_delimited_by_close(env: Env) -> None:
+    async def old_style(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\npart one, ")
+        await writer.drain()
+        writer.write(b"part two")
+
+    async with fake_upstream(env, "old.test", old_style):
+        reader, writer = await env.raw()
+        writer.write(b"GET / HTTP/1.1\r\nHost: old.test\r\n\r\n")
+        response = await read_response(reader)
+        assert (response.status, response.body) == (200, b"part one, part two")
+        writer.close()
+    assert env.router.releases == [False]
+
+
+async def test_many_concurrent_clients_do_not_cross_talk(env: Env) -> None:
+    async def one(i: int) -> None:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{env.gateway.port}", headers={"Host": "app.test"}
+        ) as client:
+            for j in range(3):
+                body = f"client {i} request {j} ".encode() * (i + 1)
+                r = await client.post(f"/echo?i={i}&j={j}", content=body)
+                echo = r.json()
+                assert (echo["query"], echo["body"].encode()) == (f"i={i}&j={j}", body)
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(40))), 20)
+    assert env.router.acquires == 120
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert all(env.router.releases)
+
+
+async def test_body_too_large_by_content_length(env: Env) -> None:
+    # 8 MiB: far more than the socket buffers hold, so the client is still sending when the
+    # 413 goes out; the gateway must not reset the connection under it.
+    for size in (MAX_BODY + 1, 8 * 1024 * 1024):
+        r = await env.client.post("/echo", content=b"x" * size)
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "body_too_large"
+        # A small excess is read and dropped to keep the connection; a large one is not.
+        assert r.headers.get("connection") == (None if size < 1024 * 1024 else "close")
+    assert env.router.acquires == 0
+
+
+async def test_body_too_large_when_chunked(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"POST /chunks HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece = b"%x\r\n%s\r\n" % (16 * 1024, b"z" * 16 * 1024)
+    writer.write(piece)
+    # The app is already reading the body when the limit is crossed.
+    await asyncio.wait_for(env.state.first_chunk.wait(), 5)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(4):
+            writer.write(piece)
+            await writer.drain()
+    response = await read_response(reader)
+    assert response.status == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert await read_eof(reader)
+    writer.close()
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert env.router.releases == [False]
+
+
+async def test_app_answering_before_reading_the_body(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"POST /early HTTP/1.1\r\nHost: app.test\r\nContent-Length: 20000\r\n\r\n")
+    writer.write(b"x" * 1000)
+    response = await read_response(reader)
+    assert (response.status, response.body) == (200, b"early")
+    # The rest of the body is read and dropped, then the connection carries on.
+    writer.write(b"x" * 19000 + b"GET /echo HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    assert (await read_response(reader)).json()["method"] == "GET"
+    writer.close()
+
+
+# -- upgrades, disconnects, drain ------------------------------------------------------------
+
+
+async def test_websocket_echo(env: Env) -> None:
+    async with websockets.connect(
+        "ws://app.test/ws", host="127.0.0.1", port=env.gateway.port, open_timeout=5
+    ) as ws:
+        await ws.send("hello")
+        assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+        await ws.send(b"\x00\x01binary")
+        assert await asyncio.wait_for(ws.recv(), 5) == b"\x00\x01binary"
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert env.router.releases == [False]
+    await wait_until(lambda: bool(env.records))
+    assert env.records[0].status == 101
+
+
+async def test_refused_websocket_upgrade_is_a_normal_response(env: Env) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(
+            "ws://app.test/ws-reject", host="127.0.0.1", port=env.gateway.port, open_timeout=5
+        )
+    assert refused.value.response.status_code == 403
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert env.router.releases == [False]
+
+
+async def test_client_disconnect_reaches_the_app(env: Env) -> None:
+    reader, writer = await env.raw()
+    writer.write(b"GET /stream-forever HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"first"), 5)
+    writer.close()
+    await asyncio.wait_for(env.state.disconnected.wait(), 5)
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert env.router.releases == [False]
+    await wait_until(lambda: bool(env.records))
+    assert env.records[0].status == 499
+
+
+async def test_client_disconnect_mid_upload_reaches_the_app(env: Env) -> None:
+    _reader, writer = await env.raw()
+    writer.write(b"POST /chunks HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1000\r\n\r\n")
+    writer.write(b"x" * 10)
+    await asyncio.wait_for(env.state.first_chunk.wait(), 5)
+    writer.close()
+    await asyncio.wait_for(env.state.disconnected.wait(), 5)
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert env.router.releases == [False]
+
+
+async def test_drain_waits_for_the_in_flight_request(env: Env) -> None:
+    idle_reader, idle_writer = await env.raw()
+    idle_writer.write(b"GET /echo HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    assert (await read_response(idle_reader)).status == 200
+
+    slow = asyncio.create_task(env.client.get("/slow"))
+    await asyncio.wait_for(env.state.slow_started.wait(), 5)
+    await env.gateway.stop_accepting()
+    drain = asyncio.create_task(env.gateway.drain(10.0))
+
+    assert await read_eof(idle_reader)  # idle keep-alive connections close at once
+    done, _ = await asyncio.wait({drain}, timeout=0.2)
+    assert not done  # still waiting for /slow
+    env.state.slow_release.set()
+    r = await asyncio.wait_for(slow, 5)
+    assert (r.status_code, r.content) == (200, b"done")
+    await asyncio.wait_for(drain, 2)
+    with pytest.raises(OSError):
+        await env.raw()
+    idle_writer.close()
+
+
+async def test_drain_timeout_closes_what_is_left(env: Env) -> None:
+    slow = asyncio.create_task(env.client.get("/slow"))
+    await asyncio.wait_for(env.state.slow_started.wait(), 5)
+    await env.gateway.stop_accepting()
+    started = time.monotonic()
+    await asyncio.wait_for(env.gateway.drain(0.2), 3)
+    assert time.monotonic() - started < 2
+    with pytest.raises(httpx.HTTPError):
+        await asyncio.wait_for(slow, 5)
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert env.router.releases == [False]
+
+
+async def test_port_in_use_is_a_clear_oserror(env: Env) -> None:
+    other = Gateway(env.router, GatewayConfig(port=env.gateway.port))
+    with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1"):
+        await other.start()
+
+
+# -- the same scenarios under uvloop (what production runs) -----------------------------------
+
+UVLOOP_SCENARIOS = [
+    test_get_round_trip_adds_forwarding_headers,
+    test_upstream_connections_are_kept_alive,
+    test_large_responses_arrive_intact,
+    test_pipelined_requests_are_answered_in_order,
+    test_chunked_upload_is_streamed,
+    test_sse_events_arrive_one_by_one,
+    test_head_and_204_do_not_wait_for_a_body,
+    test_route_error_discards_the_body_and_keeps_the_connection,
+    test_upstream_closing_without_answer_is_502,
+    test_body_too_large_by_content_length,
+    test_body_too_large_when_chunked,
+    test_app_answering_before_reading_the_body,
+    test_websocket_echo,
+    test_client_disconnect_reaches_the_app,
+    test_drain_waits_for_the_in_flight_request,
+    test_bytes_beyond_content_length_are_not_forwarded,
+    test_many_concurrent_clients_do_not_cross_talk,
+]
+
+
+@pytest.mark.parametrize("scenario", UVLOOP_SCENARIOS, ids=lambda f: f.__name__[5:])
+def test_under_uvloop(scenario: Callable[[Env], Awaitable[None]], tmp_path: Path) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async with running_env(tmp_path) as env:
+            await scenario(env)
+
+    uvloop.run(main())
