@@ -195,7 +195,8 @@ def test_delete_function(platform: PlatformProcess) -> None:
     host = host_of(fn["invocation_url"])
     with platform.gateway(host) as gw:
         assert gw.get("/").status_code == 200
-        platform.cli("functions", "delete", "doomed")
+        assert platform.cli_json("functions", "delete", "doomed") == {
+            "deleted": "doomed", "branch": "main"}
         assert gw.get("/").status_code == 404
     gone = platform.cli("functions", "get", "doomed", check=False)
     assert gone.returncode != 0

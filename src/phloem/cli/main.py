@@ -360,13 +360,17 @@ def functions_get(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
 
 
 @functions_app.command("delete")
-def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main") -> None:
+def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
+                     output: OutputOpt = OutputFormat.text) -> None:
     """Delete a function: its URL stops answering and its isolates stop."""
     try:
         client_for(data_dir).delete_function(branch, slug)
     except ClientError as exc:
         fail(str(exc))
-    out.print(f"deleted {slug}")
+    if output is OutputFormat.json:
+        print_json({"deleted": slug, "branch": branch})
+    else:
+        out.print(f"deleted {slug}")
 
 
 @functions_app.command("logs")
