@@ -62,8 +62,29 @@ def test_status_reports_components(platform: PlatformProcess) -> None:
     data = platform.cli_json("status")
     assert data["components"]["system_database"] == "running"
     assert data["components"]["gateway"]["state"] == "running"
-    assert [b["name"] for b in data["branches"]] == ["main"]
-    assert data["branches"][0]["database"] == "running"
+    main = next(b for b in data["branches"] if b["name"] == "main")
+    assert main["database"] == "running"
+    assert main["pooler"] == "running"
     text = platform.cli("status").stdout
     assert "gateway" in text
     assert "branch main" in text
+
+
+def test_metrics_count_requests_and_cold_starts(platform: PlatformProcess) -> None:
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from phloem.testing import host_of
+
+    fn = platform.deploy("metered", Path(__file__).parent / "apps" / "envprobe")
+    with platform.gateway(host_of(fn["invocation_url"])) as gw:
+        for _ in range(3):
+            assert gw.get("/").status_code == 200
+    text = httpx.get(f"http://127.0.0.1:{platform.api_port}/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    labels = (("branch", fn["branch_id"]), ("function", "metered"))
+    assert samples[("phloem_requests_total", tuple(sorted((*labels, ("status", "200")))))] == 3
+    assert samples[("phloem_cold_starts_total", labels)] == 1
+    assert samples[("phloem_isolates", labels)] == 1

@@ -13,11 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from phloem.packing import pack_directory
 from phloem.settings import default_data_dir
+
+
+def _ref(branch: str) -> str:
+    """A branch name or id as one path segment ('preview/login' -> 'preview%2Flogin')."""
+    return quote(branch, safe="")
 
 
 class ClientError(RuntimeError):
@@ -96,24 +102,43 @@ class Client:
         result: list[dict[str, Any]] = self.json("GET", "/branches")
         return result
 
+    def get_branch(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(ref)}")
+        return result
+
+    def create_branch(self, name: str | None, parent: str | None,
+                      copy_functions: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("POST", "/branches", json={
+            "name": name, "parent": parent, "copy_functions": copy_functions})
+        return result
+
+    def reset_branch(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("POST", f"/branches/{_ref(ref)}/reset")
+        return result
+
+    def delete_branch(self, ref: str, recursive: bool = False) -> list[str]:
+        result: dict[str, Any] = self.json("DELETE", f"/branches/{_ref(ref)}",
+                                           params={"recursive": recursive})
+        return list(result["deleted"])
+
     def connection_string(self, branch: str, pooled: bool) -> str:
-        result: dict[str, Any] = self.json("GET", f"/branches/{branch}/connection",
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/connection",
                                            params={"pooled": pooled})
         return str(result["uri"])
 
     def list_functions(self, branch: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.json("GET", f"/branches/{branch}/functions")
+        result: list[dict[str, Any]] = self.json("GET", f"/branches/{_ref(branch)}/functions")
         return result
 
     def get_function(self, branch: str, slug: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.json("GET", f"/branches/{branch}/functions/{slug}")
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/functions/{slug}")
         return result
 
     def delete_function(self, branch: str, slug: str) -> None:
-        self.request("DELETE", f"/branches/{branch}/functions/{slug}")
+        self.request("DELETE", f"/branches/{_ref(branch)}/functions/{slug}")
 
     def function_logs(self, branch: str, slug: str, lines: int = 200) -> str:
-        return self.request("GET", f"/branches/{branch}/functions/{slug}/logs",
+        return self.request("GET", f"/branches/{_ref(branch)}/functions/{slug}/logs",
                             params={"lines": lines}).text
 
     def get_deployment(self, deployment_id: str) -> dict[str, Any]:
@@ -143,7 +168,7 @@ class Client:
         if runtime is not None:
             body["runtime"] = runtime
         dep: dict[str, Any] = self.json(
-            "POST", f"/branches/{branch}/functions/{slug}/deployments", json=body)
+            "POST", f"/branches/{_ref(branch)}/functions/{slug}/deployments", json=body)
         deadline = time.monotonic() + timeout
         shown = 0
         while dep["status"] == "building":

@@ -255,6 +255,33 @@ class Deployer:
             await self.supervisor.retire(dep.id, drain_s=0)
             await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(dep.id), True)
 
+    # -- branch events -----------------------------------------------------------
+    async def restart_branch(self, branch: BranchRow) -> None:
+        """Stop the branch's isolates (after their in-flight requests, briefly); the next
+        request starts fresh ones, e.g. against reset data."""
+        deps = [spec.deployment_id for (b, _), spec in self.routes.items() if b == branch.id]
+        await asyncio.gather(*(self.supervisor.retire(d, drain_s=5) for d in deps))
+
+    async def drop_branch(self, branch: BranchRow) -> None:
+        """Everything of a branch being deleted: routes, isolates, deployment files."""
+        for fn in await self.store.list_functions(branch.id):
+            await self.delete(branch, fn.slug)
+
+    async def copy_functions(self, parent: BranchRow, child: BranchRow) -> list[DeploymentRow]:
+        """Deploy the parent's active deployments on ``child`` (same artifacts, entries,
+        env); they build in the background like any deploy."""
+        out = []
+        for fn in await self.store.list_functions(parent.id):
+            if fn.active_deployment_id is None:
+                continue
+            dep = await self.store.get_deployment(fn.active_deployment_id)
+            if dep is None:
+                continue
+            out.append(await self.deploy(child, DeployRequest(
+                slug=fn.slug, artifact_sha256=dep.artifact_sha256, entry=dep.entry,
+                runtime=dep.runtime, name=fn.name, env=dep.env)))
+        return out
+
     async def wait_builds(self) -> None:
         if self._builds:
             await asyncio.gather(*self._builds, return_exceptions=True)

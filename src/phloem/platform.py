@@ -33,10 +33,11 @@ from phloem.control import db
 from phloem.control.api import create_api
 from phloem.control.store import Store
 from phloem.deployer import Deployer
-from phloem.dispatch import PlatformRouter
-from phloem.gateway.server import Gateway, GatewayConfig
+from phloem.dispatch import PlatformRouter, parse_host
+from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
 from phloem.identity import Identity, make_dir
 from phloem.logs import FunctionLogs
+from phloem.metrics import FunctionLoad, Metrics
 from phloem.paths import DataPaths
 from phloem.postgres import Cluster, install_binaries
 from phloem.postgres.cluster import random_secret
@@ -95,6 +96,7 @@ class Platform:
         self._api_task: asyncio.Task[None] | None = None
         self.gateway: Gateway | None = None
         self.function_logs = FunctionLogs()
+        self.metrics = Metrics(load=self._function_load)
         self.api_key: str | None = None
 
     # -- start ---------------------------------------------------------------
@@ -119,17 +121,23 @@ class Platform:
         runtime_dir = await asyncio.to_thread(pyenv.ensure_runtime, self.paths.python_runtime)
         isolate_python = pyenv.find_isolate_python(s.isolate_python, os.geteuid() == 0)
         make_dir(self.paths.isolate_sockets, 0o711)
-        self.supervisor = Supervisor(self.paths.isolate_sockets, self.function_logs.writer_for,
-                                     grace_s=s.eviction_grace_s,
-                                     start_timeout_s=s.isolate_start_timeout_s)
+        self.supervisor = Supervisor(
+            self.paths.isolate_sockets, self.function_logs.writer_for,
+            grace_s=s.eviction_grace_s, start_timeout_s=s.isolate_start_timeout_s,
+            on_cold_start=lambda spec, secs: self.metrics.observe_cold_start(
+                spec.branch_id, spec.slug, secs))
         self.artifacts = ArtifactStore(self.paths.artifacts)
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
                                  self.supervisor, runtime_dir, isolate_python)
         await self.deployer.load_routes()
 
         router = PlatformRouter(self.deployer, self.supervisor, s.domain)
-        self.gateway = Gateway(router, GatewayConfig(host=s.gateway_host, port=s.gateway_port,
-                                                     proto=s.public_scheme))
+        self.gateway = Gateway(
+            router,
+            GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
+                          ttfb_timeout=s.ttfb_timeout_s, silence_timeout=s.silence_timeout_s,
+                          max_body_bytes=s.max_body_bytes),
+            on_request=self._observe_request)
         await self.gateway.start()
         await self._start_api()
 
@@ -204,6 +212,24 @@ class Platform:
                 raise PlatformError(f"api_port: could not serve on {s.api_host}:{s.api_port}")
             await asyncio.sleep(0.01)
 
+    # -- metrics ---------------------------------------------------------------
+    def _observe_request(self, record: RequestRecord) -> None:
+        # Only label with routes that exist: any client can send any Host.
+        key = parse_host(record.host, self.settings.domain)
+        if key is not None and key in self.deployer.routes:
+            self.metrics.observe_request(record, key[0], key[1])
+
+    def _function_load(self) -> dict[tuple[str, str], FunctionLoad]:
+        load: dict[tuple[str, str], FunctionLoad] = {}
+        if not hasattr(self, "supervisor"):
+            return load
+        for i in self.supervisor.isolates():
+            key = (i.spec.branch_id, i.spec.slug)
+            cur = load.get(key, FunctionLoad())
+            load[key] = FunctionLoad(cur.isolates + 1, cur.inflight + i.inflight,
+                                     cur.open_streams + i.open_streams)
+        return load
+
     # -- run -----------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -216,12 +242,19 @@ class Platform:
         branch_status = []
         for b in branches:
             ok = await asyncio.to_thread(self.branches.check, b)
+            if self.branches.pooler(b) is None:
+                pooler = "unavailable"
+            else:
+                pooled = await asyncio.to_thread(self.branches.check, b, True)
+                pooler = "running" if pooled else "down"
             branch_status.append({"id": b.id, "name": b.name, "port": b.port,
-                                  "database": "running" if ok else "down"})
+                                  "pooler_port": b.pooler_port, "parent_id": b.parent_id,
+                                  "state": b.state, "database": "running" if ok else "down",
+                                  "pooler": pooler})
         isolates = [
             {"id": i.id, "function": i.spec.slug, "branch_id": i.spec.branch_id,
              "deployment_id": i.spec.deployment_id, "state": i.state, "pid": i.pid,
-             "inflight": i.inflight,
+             "inflight": i.inflight, "open_streams": i.open_streams,
              "cold_start_ms": round(i.cold_start_s * 1000, 1) if i.cold_start_s else None}
             for i in self.supervisor.isolates()
         ]

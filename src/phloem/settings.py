@@ -49,6 +49,12 @@ class Settings:
     eviction_grace_s: float = 10.0
     #: Seconds a shutdown waits for in-flight requests.
     drain_timeout_s: float = 30.0
+    #: Seconds from forwarding a request until the response head arrives (else 504).
+    ttfb_timeout_s: float = 900.0
+    #: Seconds a streaming response or WebSocket may stay silent before it is closed.
+    silence_timeout_s: float = 900.0
+    #: Largest request body the gateway accepts (else 413).
+    max_body_bytes: int = 100 * 1024 * 1024
     #: Seconds an isolate may take to become ready before its requests get 502.
     isolate_start_timeout_s: float = 900.0
 

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 import websockets
 
-from phloem.gateway.routing import RouteError, Upstream
+from phloem.gateway.routing import Limits, RouteError, Upstream
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
 
 Scope = dict[str, Any]
@@ -190,6 +190,24 @@ def make_app(state: AppState) -> Callable[[Scope, Receive, Send], Awaitable[None
             while (await receive())["type"] != "http.disconnect":
                 pass
             state.disconnected.set()
+        elif path == "/hang":
+            # Never answers; only notices the gateway giving up on it.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            state.disconnected.set()
+        elif path in ("/sse-quiet", "/sse-heartbeat"):
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"data: hi\n\n", "more_body": True})
+            state.stream_started.set()
+            beat = asyncio.create_task(heartbeat(send)) if path == "/sse-heartbeat" else None
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            finally:
+                if beat is not None:
+                    beat.cancel()
+            state.disconnected.set()
         elif path == "/early":
             await respond(send, 200, b"early")
         elif path == "/big":
@@ -211,6 +229,13 @@ def make_app(state: AppState) -> Callable[[Scope, Receive, Send], Awaitable[None
             await respond(send, 404, b"no such path")
 
     return app
+
+
+async def heartbeat(send: Send) -> None:
+    """An SSE comment every 0.3 s."""
+    while True:
+        await asyncio.sleep(0.3)
+        await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
 
 
 async def websocket_echo(receive: Receive, send: Send) -> None:
@@ -241,6 +266,10 @@ class PoolRouter:
     def __init__(self, routes: dict[str, str], pool_size: int = 2) -> None:
         self.routes = routes
         self.pool_size = pool_size
+        # Names listed here get a HookedLease carrying these limits; others a plain Lease
+        # (no ``limits``, no ``mark_stream``), as the platform's leases were at first.
+        self.limits: dict[str, Limits | None] = {}
+        self.stream_marks: list[str] = []
         self.idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self.acquires = 0
         self.connects = 0
@@ -258,10 +287,17 @@ class PoolRouter:
         while pool:
             reader, writer = pool.pop()
             if not reader.at_eof() and not writer.is_closing():
-                return Lease(self, name, reader, writer)
+                return self._lease(name, reader, writer)
             writer.close()
         reader, writer = await asyncio.open_unix_connection(path)
         self.connects += 1
+        return self._lease(name, reader, writer)
+
+    def _lease(
+        self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Lease:
+        if name in self.limits:
+            return HookedLease(self, name, reader, writer, self.limits[name])
         return Lease(self, name, reader, writer)
 
 
@@ -294,6 +330,25 @@ class Lease:
             self.writer.close()
 
 
+class HookedLease(Lease):
+    """A lease with the optional members: per-route limits and the stream hook."""
+
+    def __init__(
+        self,
+        router: PoolRouter,
+        name: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: Limits | None,
+    ) -> None:
+        super().__init__(router, name, reader, writer)
+        self.limits = limits
+
+    def mark_stream(self) -> None:
+        assert not self.released
+        self.router.stream_marks.append(self.name)
+
+
 # -- fixtures --------------------------------------------------------------------------------
 
 
@@ -314,7 +369,9 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def running_env(tmp_path: Path) -> AsyncIterator[Env]:
+async def running_env(
+    tmp_path: Path, gateway_config: GatewayConfig | None = None
+) -> AsyncIterator[Env]:
     """uvicorn app on a Unix socket + PoolRouter + Gateway on port 0 + an httpx client."""
     state = AppState()
     sock = str(tmp_path / "app.sock")
@@ -328,9 +385,8 @@ async def running_env(tmp_path: Path) -> AsyncIterator[Env]:
 
     router = PoolRouter({"app.test": sock, "dead.test": str(tmp_path / "nobody.sock")})
     records: list[RequestRecord] = []
-    gateway = Gateway(
-        router, GatewayConfig(port=0, max_body_bytes=MAX_BODY), on_request=records.append
-    )
+    gateway_config = gateway_config or GatewayConfig(port=0, max_body_bytes=MAX_BODY)
+    gateway = Gateway(router, gateway_config, on_request=records.append)
     await gateway.start()
     client = httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{gateway.port}", headers={"Host": "app.test"}, timeout=5

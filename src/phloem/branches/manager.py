@@ -1,36 +1,74 @@
-"""Branch clusters: create ``main`` on first start, start and stop every branch's
-PostgreSQL with the platform, hand out connection strings.
+"""Branches: one PostgreSQL cluster (plus one PgBouncer) per branch.
 
-Each branch is its own cluster (data dir, socket dir, TCP port on 127.0.0.1) with an owner
-role and database; phloem keeps a superuser for itself, reached over the private socket.
+``main`` is made by initdb on first start; every other branch is a copy-on-write clone of
+its running parent (see :mod:`phloem.branches.basebackup`). A new cluster starts
+*private*: its ``pg_hba.conf`` admits only phloem's superuser over the private Unix socket
+until its passwords have been rotated (so the parent's credentials never open the child),
+then the normal rules are loaded. Reset re-clones from the parent keeping the branch id,
+ports and credentials.
+
+Branch operations are serialised by one lock: they are rare, and it keeps ports, names
+and parent/child checks simple and race-free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import re
 import shutil
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
+from phloem.branches.basebackup import BranchCopyError, CloneStats, clone_running_cluster
 from phloem.branches.ids import new_branch_id
+from phloem.branches.pooler import Pooler, find_pgbouncer, scram_secrets
 from phloem.control.store import BranchRow, Store
 from phloem.identity import Identity
 from phloem.paths import DataPaths
 from phloem.postgres.binaries import PgBinaries
-from phloem.postgres.cluster import Cluster, free_port, random_secret
+from phloem.postgres.cluster import SUPERUSER, Cluster, free_port, random_secret
 
 DEFAULT_DATABASE = "phloemdb"
 DEFAULT_ROLE = "phloemdb_owner"
 BRANCH_HOST = "127.0.0.1"
+BRANCH_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]{1,64}$")
+
+HBA_OPEN = """# phloem: password (SCRAM) for everyone, local socket and loopback only
+local   all          all                    scram-sha-256
+host    all          all    127.0.0.1/32    scram-sha-256
+host    all          all    ::1/128         scram-sha-256
+local   replication  all                    scram-sha-256
+host    replication  all    127.0.0.1/32    scram-sha-256
+"""
+HBA_PRIVATE = f"""# phloem: branch being prepared; only phloem's superuser, only the private socket
+local   all          {SUPERUSER}            scram-sha-256
+"""
+
+
+class BranchError(Exception):
+    """A refused branch operation; ``code`` and ``status`` go to the API as they are."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
 
 
 @dataclass(frozen=True)
 class ConnectionStrings:
     pooled: str
     unpooled: str
+
+
+#: Called around branch operations by the platform (to stop/restart isolates).
+BranchHook = Callable[[BranchRow], Awaitable[None]]
 
 
 class BranchManager:
@@ -41,8 +79,12 @@ class BranchManager:
         self.bins = bins
         self.owner = owner
         self.port_base = port_base
+        self.pgbouncer = find_pgbouncer()
         self._clusters: dict[str, Cluster] = {}
+        self._poolers: dict[str, Pooler] = {}
+        self._lock = asyncio.Lock()
 
+    # -- objects per branch ----------------------------------------------------
     def cluster(self, branch: BranchRow) -> Cluster:
         found = self._clusters.get(branch.id)
         if found is None:
@@ -55,43 +97,78 @@ class BranchManager:
             self._clusters[branch.id] = found
         return found
 
-    def connection_strings(self, branch: BranchRow) -> ConnectionStrings:
-        direct = (f"postgresql://{branch.role}:{branch.role_password}@{BRANCH_HOST}:"
-                  f"{branch.port}/{branch.database}")
-        # The pooled URL goes through PgBouncer once the branches issue lands; until
-        # then both are the branch's own cluster.
-        return ConnectionStrings(pooled=direct, unpooled=direct)
+    def pooler(self, branch: BranchRow) -> Pooler | None:
+        if self.pgbouncer is None or branch.pooler_port is None:
+            return None
+        found = self._poolers.get(branch.id)
+        if found is None:
+            found = Pooler(
+                binary=self.pgbouncer, run_dir=self.paths.branch_dir(branch.id) / "pgbouncer",
+                owner=self.owner, listen_host=BRANCH_HOST, port=branch.pooler_port,
+                backend_host=BRANCH_HOST, backend_port=branch.port, database=branch.database,
+                log_file=self.paths.branch_dir(branch.id) / "pgbouncer.log",
+            )
+            self._poolers[branch.id] = found
+        return found
 
+    def connection_strings(self, branch: BranchRow) -> ConnectionStrings:
+        auth = f"{branch.role}:{branch.role_password}"
+        direct = f"postgresql://{auth}@{BRANCH_HOST}:{branch.port}/{branch.database}"
+        if self.pooler(branch) is None:
+            return ConnectionStrings(pooled=direct, unpooled=direct)
+        pooled = f"postgresql://{auth}@{BRANCH_HOST}:{branch.pooler_port}/{branch.database}"
+        return ConnectionStrings(pooled=pooled, unpooled=direct)
+
+    async def get(self, ref: str) -> BranchRow:
+        row = await self.store.get_branch(ref)
+        if row is None:
+            raise BranchError(404, "branch_not_found", f"branch {ref!r} not found")
+        return row
+
+    async def _taken_ports(self) -> set[int]:
+        taken: set[int] = set()
+        for b in await self.store.list_branches():
+            taken.add(b.port)
+            if b.pooler_port is not None:
+                taken.add(b.pooler_port)
+        return taken
+
+    # -- start-up and shutdown -------------------------------------------------
     async def ensure_main(self) -> BranchRow:
         existing = await self.store.get_branch("main")
         if existing is not None:
             return existing
-        return await self.create_root("main")
+        async with self._lock:
+            return await self._create_root("main")
 
-    async def create_root(self, name: str) -> BranchRow:
+    async def _create_root(self, name: str) -> BranchRow:
         """A branch with no parent: a fresh cluster from initdb."""
-        taken = {b.port for b in await self.store.list_branches()}
+        taken = await self._taken_ports()
+        port = free_port(BRANCH_HOST, self.port_base, taken)
+        pooler_port = free_port(BRANCH_HOST, port + 1, taken | {port})
         row = BranchRow(
-            id=new_branch_id(), name=name, parent_id=None,
-            port=free_port(BRANCH_HOST, self.port_base, taken),
+            id=new_branch_id(), name=name, parent_id=None, port=port,
+            pooler_port=pooler_port if self.pgbouncer else None,
             database=DEFAULT_DATABASE, role=DEFAULT_ROLE, role_password=random_secret(),
             superuser_password=random_secret(), state="creating",
             created_at=datetime.now(UTC),
         )
-        # Record first, so a crash mid-way is found and cleaned up on the next start.
+        # Recorded first, so a crash half-way is found and rolled back on the next start.
         await self.store.insert_branch(row)
         try:
-            await asyncio.to_thread(self._init_cluster, row)
+            await asyncio.to_thread(self._init_root_cluster, row)
+            await asyncio.to_thread(self._open, row)
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, self.paths.branch_dir(row.id), True)
+            await self._remove_files(row)
             await self.store.delete_branch(row.id)
             raise
         await self.store.set_branch_state(row.id, "ready")
-        return await self._get(row.id)
+        return await self.get(row.id)
 
-    def _init_cluster(self, row: BranchRow) -> None:
+    def _init_root_cluster(self, row: BranchRow) -> None:
         cluster = self.cluster(row)
         cluster.initialize(row.superuser_password)
+        (cluster.pgdata / "pg_hba.conf").write_text(HBA_OPEN)
         cluster.start()
         with cluster.connect(row.superuser_password) as conn:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
@@ -99,39 +176,276 @@ class BranchManager:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                 sql.Identifier(row.database), sql.Identifier(row.role)))
 
-    async def _get(self, branch_id: str) -> BranchRow:
-        row = await self.store.get_branch(branch_id)
-        if row is None:
-            raise LookupError(branch_id)
-        return row
-
     async def recover(self) -> None:
-        """Finish or roll back what a crash interrupted: a branch still 'creating' never
-        became usable, so it is removed."""
+        """Finish or roll back what a crash interrupted."""
         for row in await self.store.list_branches():
             if row.state == "creating":
-                cluster = self.cluster(row)
-                await asyncio.to_thread(cluster.stop, "immediate")
-                await asyncio.to_thread(shutil.rmtree, self.paths.branch_dir(row.id), True)
+                # Never became usable: remove.
+                await self._remove_files(row)
+                await self.store.delete_branch(row.id)
+            elif row.state == "resetting":
+                # Roll back to the data the branch had before the reset.
+                old = self._old_pgdata(row)
+                if old.exists():
+                    await asyncio.to_thread(self.cluster(row).stop, "immediate")
+                    await asyncio.to_thread(shutil.rmtree, self.paths.branch_pgdata(row.id),
+                                            True)
+                    old.rename(self.paths.branch_pgdata(row.id))
+                await self.store.set_branch_state(row.id, "ready")
+            elif row.state == "deleting":
+                await self._remove_files(row)
                 await self.store.delete_branch(row.id)
 
     async def start_all(self) -> list[BranchRow]:
         rows = await self.store.list_branches()
-        await asyncio.gather(*(asyncio.to_thread(self.cluster(r).start) for r in rows))
+        await asyncio.gather(*(asyncio.to_thread(self._start, r) for r in rows))
         return rows
 
-    async def stop_all(self) -> None:
-        await asyncio.gather(
-            *(asyncio.to_thread(c.stop) for c in self._clusters.values()),
-            return_exceptions=True,
-        )
+    def _start(self, row: BranchRow) -> None:
+        self.cluster(row).start()
+        pooler = self.pooler(row)
+        if pooler is not None:
+            pooler.start()
 
-    def check(self, branch: BranchRow) -> bool:
+    async def stop_all(self) -> None:
+        def stop_one(branch_id: str) -> None:
+            pooler = self._poolers.get(branch_id)
+            if pooler is not None:
+                pooler.stop()
+            cluster = self._clusters.get(branch_id)
+            if cluster is not None:
+                cluster.stop()
+
+        ids = set(self._clusters) | set(self._poolers)
+        await asyncio.gather(*(asyncio.to_thread(stop_one, i) for i in ids),
+                             return_exceptions=True)
+
+    # -- opening a cluster to clients -----------------------------------------
+    def _open(self, row: BranchRow) -> None:
+        """Normal access rules, then the pooler with the current password secrets."""
+        cluster = self.cluster(row)
+        (cluster.pgdata / "pg_hba.conf").write_text(HBA_OPEN)
+        with cluster.connect(row.superuser_password) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+            secrets_ = scram_secrets(conn, [row.role]) if self.pgbouncer else {}
+        deadline = time.monotonic() + 30
+        direct = self.connection_strings(row).unpooled
+        while True:  # the reload is asynchronous: wait until the owner gets in over TCP
+            try:
+                with psycopg.connect(direct, connect_timeout=5):
+                    break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+        pooler = self.pooler(row)
+        if pooler is not None:
+            pooler.write_config(secrets_)
+            if pooler.is_running():
+                pooler.reload()
+            else:
+                pooler.start()
+
+    # -- children ----------------------------------------------------------------
+    async def create(self, name: str | None, parent_ref: str | None,
+                     progress: Callable[[str], None] = lambda _: None) -> BranchRow:
+        if name is not None and not BRANCH_NAME_RE.match(name):
+            raise BranchError(400, "invalid_input", "name: must match [A-Za-z0-9._/-]{1,64} "
+                              f"(got {name!r})", "name")
+        async with self._lock:
+            parent = await self.store.get_branch(parent_ref or "main")
+            if parent is None:
+                raise BranchError(404, "parent_not_found",
+                                  f"parent branch {parent_ref!r} not found", "parent")
+            if parent.state != "ready":
+                raise BranchError(409, "parent_not_ready",
+                                  f"parent branch {parent.name!r} is {parent.state}")
+            branch_id = new_branch_id()
+            name = name or branch_id
+            if await self.store.get_branch(name) is not None:
+                raise BranchError(409, "branch_exists", f"a branch named {name!r} exists",
+                                  "name")
+            taken = await self._taken_ports()
+            port = free_port(BRANCH_HOST, self.port_base, taken)
+            pooler_port = free_port(BRANCH_HOST, port + 1, taken | {port})
+            row = BranchRow(
+                id=branch_id, name=name, parent_id=parent.id, port=port,
+                pooler_port=pooler_port if self.pgbouncer else None,
+                database=parent.database, role=parent.role, role_password=random_secret(),
+                superuser_password=random_secret(), state="creating",
+                created_at=datetime.now(UTC),
+            )
+            await self.store.insert_branch(row)
+            try:
+                stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
+            except BaseException as exc:
+                await self._remove_files(row)
+                await self.store.delete_branch(row.id)
+                raise _as_branch_error(exc) from exc
+            await self.store.update_branch(row.id, state="ready", copy_method=stats.method,
+                                           copy_bytes=stats.bytes, copy_ms=stats.copy_ms)
+            return await self.get(row.id)
+
+    def _clone_into(self, parent: BranchRow, child: BranchRow,
+                    progress: Callable[[str], None],
+                    keep_passwords_of: BranchRow | None = None) -> CloneStats:
+        """Copy ``parent``'s running cluster into ``child``'s data dir, start it privately,
+        give it its own passwords, open it."""
+        parent_cluster = self.cluster(parent)
+        child_cluster = self.cluster(child)
+        branch_dir = self.paths.branch_dir(child.id)
+        branch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.owner.own(branch_dir, 0o700)
+        progress(f"copying {parent.name} ({parent.id})")
+        with parent_cluster.connect(parent.superuser_password) as conn:
+            stats = clone_running_cluster(conn, parent_cluster.pgdata, child_cluster.pgdata)
+        _chown_tree(child_cluster.pgdata, self.owner)
+        (child_cluster.pgdata / "pg_hba.conf").write_text(HBA_PRIVATE)
+        self.owner.own(child_cluster.pgdata / "pg_hba.conf", 0o600)
+        progress(f"copied {stats.bytes / 1e6:.1f} MB by {stats.method} in "
+                 f"{stats.copy_ms:.0f} ms; recovering")
+        child_cluster.start()
+        # Still the parent's passwords inside: replace them before anyone can connect.
+        with child_cluster.connect(parent.superuser_password) as conn:
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(SUPERUSER), sql.Literal(child.superuser_password)))
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(child.role), sql.Literal(child.role_password)))
+            subs = conn.execute(
+                "SELECT s.subname, d.datname FROM pg_subscription s "
+                "JOIN pg_database d ON d.oid = s.subdbid").fetchall()
+        for subname, datname in subs:
+            # A branch must not pull changes its parent subscribed to.
+            with child_cluster.connect(child.superuser_password, datname) as conn:
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(
+                    sql.Identifier(subname)))
+        self._open(child)
+        progress("open")
+        return stats
+
+    # -- reset -------------------------------------------------------------------
+    def _old_pgdata(self, row: BranchRow) -> Path:
+        return self.paths.branch_dir(row.id) / "pgdata.old"
+
+    async def reset(self, ref: str, before_swap: BranchHook,
+                    progress: Callable[[str], None] = lambda _: None) -> BranchRow:
+        """Re-clone from the parent, keeping id, name, ports and credentials."""
+        async with self._lock:
+            row = await self.get(ref)
+            if row.parent_id is None:
+                raise BranchError(400, "no_parent", f"branch {row.name!r} has no parent to "
+                                  "reset from")
+            parent = await self.get(row.parent_id)
+            await self.store.set_branch_state(row.id, "resetting")
+            await before_swap(row)
+            old = self._old_pgdata(row)
+            try:
+                await asyncio.to_thread(self.cluster(row).stop)
+                await asyncio.to_thread(shutil.rmtree, old, True)
+                self.paths.branch_pgdata(row.id).rename(old)
+                stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
+            except BaseException as exc:
+                # Roll back to the data the branch had.
+                await asyncio.to_thread(self.cluster(row).stop, "immediate")
+                if old.exists():
+                    await asyncio.to_thread(shutil.rmtree, self.paths.branch_pgdata(row.id),
+                                            True)
+                    old.rename(self.paths.branch_pgdata(row.id))
+                    await asyncio.to_thread(self._start, row)
+                await self.store.set_branch_state(row.id, "ready")
+                raise _as_branch_error(exc) from exc
+            await asyncio.to_thread(shutil.rmtree, old, True)
+            await self.store.update_branch(row.id, state="ready", copy_method=stats.method,
+                                           copy_bytes=stats.bytes, copy_ms=stats.copy_ms)
+            return await self.get(row.id)
+
+    # -- delete ------------------------------------------------------------------
+    async def delete(self, ref: str, recursive: bool, before_delete: BranchHook) -> list[str]:
+        """Delete a branch (and, with ``recursive``, its descendants, deepest first).
+        Returns the deleted ids."""
+        async with self._lock:
+            row = await self.get(ref)
+            if row.name == "main" or row.parent_id is None:
+                raise BranchError(409, "cannot_delete_root",
+                                  f"branch {row.name!r} is the root branch and cannot be "
+                                  "deleted")
+            order = await self._descendants(row)
+            if len(order) > 1 and not recursive:
+                names = ", ".join(repr(b.name) for b in order[:-1])
+                raise BranchError(409, "branch_has_children",
+                                  f"branch {row.name!r} has children ({names}); delete them "
+                                  "first or pass --recursive")
+            for b in order:
+                await self.store.set_branch_state(b.id, "deleting")
+                await before_delete(b)
+                await self._remove_files(b)
+                await self.store.delete_branch(b.id)
+            return [b.id for b in order]
+
+    async def _descendants(self, row: BranchRow) -> list[BranchRow]:
+        """``row`` and everything below it, children before parents."""
+        out: list[BranchRow] = []
+        for child in await self.store.child_branches(row.id):
+            out += await self._descendants(child)
+        out.append(row)
+        return out
+
+    async def _remove_files(self, row: BranchRow) -> None:
+        def remove() -> None:
+            pooler = self.pooler(row)
+            if pooler is not None:
+                pooler.stop()
+            self.cluster(row).stop("immediate")
+            shutil.rmtree(self.paths.branch_dir(row.id), ignore_errors=True)
+            shutil.rmtree(self.paths.pg_socket_dir(row.id), ignore_errors=True)
+
+        await asyncio.to_thread(remove)
+        self._clusters.pop(row.id, None)
+        self._poolers.pop(row.id, None)
+
+    # -- inspection --------------------------------------------------------------
+    def logical_size(self, row: BranchRow) -> int:
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.paths.branch_pgdata(row.id)):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue
+        return total
+
+    def check(self, branch: BranchRow, pooled: bool = False) -> bool:
         """True when the branch's database answers a query as its owner."""
+        urls = self.connection_strings(branch)
         try:
-            with psycopg.connect(self.connection_strings(branch).unpooled,
-                                 connect_timeout=3) as conn:
+            with psycopg.connect(urls.pooled if pooled else urls.unpooled,
+                                 connect_timeout=3, prepare_threshold=None) as conn:
                 conn.execute("SELECT 1")
             return True
         except psycopg.Error:
             return False
+
+
+def _chown_tree(root: os.PathLike[str], owner: Identity) -> None:
+    if owner.is_self and os.geteuid() != 0:
+        return
+    for dirpath, _dirs, files in os.walk(root):
+        os.chown(dirpath, owner.uid, owner.gid)
+        for name in files:
+            os.lchown(os.path.join(dirpath, name), owner.uid, owner.gid)
+
+
+def _as_branch_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, BranchError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return BranchError(507, "insufficient_storage",
+                           f"not enough disk space to copy the branch: {exc}")
+    if isinstance(exc, BranchCopyError):
+        return BranchError(409, "branch_copy_refused", str(exc))
+    if isinstance(exc, Exception):
+        return BranchError(500, "branch_copy_failed", f"branch copy failed: {exc}")
+    return exc
+
+
+__all__ = ["BranchError", "BranchManager", "ConnectionStrings"]

@@ -31,6 +31,9 @@ app = typer.Typer(help="phloem: long-running serverless functions that branch wi
                   context_settings={"help_option_names": ["-h", "--help"]})
 functions_app = typer.Typer(help="Deploy and manage functions.", no_args_is_help=True)
 app.add_typer(functions_app, name="functions")
+branches_app = typer.Typer(help="Create, inspect, reset and delete database branches.",
+                           no_args_is_help=True)
+app.add_typer(branches_app, name="branches")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -236,10 +239,139 @@ def status(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
             f"{k}={v}" for k, v in comp.items() if k != "state")
         out.print(f"  {name:<16} {state:<8} {extra}")
     for b in data["branches"]:
-        out.print(f"  branch {b['name']:<9} {b['database']:<8} {b['id']}  port {b['port']}")
+        out.print(f"  branch {b['name']:<9} {b['database']:<8} {b['id']}  port {b['port']}"
+                  f"  pooler {b['pooler']} {b['pooler_port'] or ''}", highlight=False)
     for i in data["isolates"]:
         out.print(f"  isolate {i['id']} {i['function']} {i['state']} pid {i['pid']} "
                   f"in-flight {i['inflight']}")
+
+
+# -- branches ------------------------------------------------------------------
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def _print_branch(b: dict[str, Any]) -> None:
+    for key in ("id", "name", "parent_id", "state", "created_at"):
+        out.print(f"{key:<13} {b[key]}", highlight=False)
+    out.print(f"{'size':<13} {_human_bytes(b.get('logical_size_bytes'))}")
+    if b.get("copy_method"):
+        out.print(f"{'copied':<13} {_human_bytes(b['copy_bytes'])} by {b['copy_method']} "
+                  f"in {b['copy_ms']:.0f} ms")
+
+
+@branches_app.command("create")
+def branches_create(
+    data_dir: DataDirOpt,
+    name: Annotated[str | None, typer.Option("--name", help="[A-Za-z0-9._/-]{1,64}, e.g. "
+                                             "preview/login [default: the new id]")] = None,
+    parent: Annotated[str | None, typer.Option("--parent", envvar="PHLOEM_PARENT",
+                                               help="Parent branch name or id "
+                                                    "[default: main]")] = None,
+    copy_functions: Annotated[bool, typer.Option(
+        "--copy-functions", help="Also deploy the parent's active functions.")] = False,
+    output: OutputOpt = OutputFormat.text,
+) -> None:
+    """Create a branch: a copy-on-write clone of the parent's data as it is now.
+
+    Example: phloem branches create --name preview/login --parent main
+    """
+    client = client_for(data_dir)
+    try:
+        with err.status(f"branching {parent or 'main'}"):
+            b = client.create_branch(name, parent, copy_functions)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(b)
+    else:
+        _print_branch(b)
+
+
+@branches_app.command("list")
+def branches_list(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
+    """List branches as a tree, with sizes."""
+    try:
+        rows = client_for(data_dir).list_branches()
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(rows)
+        return
+    from rich.tree import Tree
+
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for b in rows:
+        children.setdefault(b["parent_id"], []).append(b)
+
+    def label(b: dict[str, Any]) -> str:
+        return (f"[bold]{escape(b['name'])}[/]  {b['id']}  "
+                f"{_human_bytes(b.get('logical_size_bytes'))}  {b['state']}")
+
+    def add(node: Tree, b: dict[str, Any]) -> None:
+        for c in children.get(b["id"], []):
+            add(node.add(label(c)), c)
+
+    for root in children.get(None, []):
+        tree = Tree(label(root))
+        add(tree, root)
+        out.print(tree)
+
+
+@branches_app.command("get")
+def branches_get(ref: Annotated[str, typer.Argument(help="Branch name or id.")],
+                 data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
+    """Show one branch."""
+    try:
+        b = client_for(data_dir).get_branch(ref)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(b)
+    else:
+        _print_branch(b)
+
+
+@branches_app.command("reset")
+def branches_reset(ref: Annotated[str, typer.Argument(help="Branch name or id.")],
+                   data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
+    """Re-clone a branch from its parent, keeping its id, URLs and credentials; its
+    functions restart against the reset data."""
+    try:
+        with err.status(f"resetting {ref}"):
+            b = client_for(data_dir).reset_branch(ref)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(b)
+    else:
+        _print_branch(b)
+
+
+@branches_app.command("delete")
+def branches_delete(
+    ref: Annotated[str, typer.Argument(help="Branch name or id.")],
+    data_dir: DataDirOpt,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r",
+                                            help="Also delete its children.")] = False,
+    output: OutputOpt = OutputFormat.text,
+) -> None:
+    """Delete a branch: its database, pooler, functions and files."""
+    try:
+        deleted = client_for(data_dir).delete_branch(ref, recursive)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json({"deleted": deleted})
+    else:
+        out.print(f"deleted {', '.join(deleted)}")
 
 
 @app.command("connection-string")

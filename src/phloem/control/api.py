@@ -6,17 +6,21 @@ stable ``code``. Every route but ``/health`` needs ``Authorization: Bearer <api 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phloem import __version__
 from phloem.artifacts import ArtifactError
+from phloem.branches.manager import BranchError
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
 from phloem.logs import tail
@@ -46,6 +50,23 @@ class BranchOut(BaseModel):
     parent_id: str | None
     state: str
     created_at: datetime
+    copy_method: str | None = Field(None, description="reflink or copy: how the data "
+                                    "was copied at the last create/reset")
+    copy_bytes: int | None = None
+    copy_ms: float | None = None
+    logical_size_bytes: int | None = None
+    copied_deployments: list[str] | None = None
+
+
+class BranchCreateIn(BaseModel):
+    name: str | None = Field(None, description="[A-Za-z0-9._/-]{1,64}; default: the id")
+    parent: str | None = Field(None, description="parent name or id; default: main")
+    copy_functions: bool = Field(False, description="deploy the parent's active "
+                                 "functions on the new branch")
+
+
+class BranchDeleteOut(BaseModel):
+    deleted: list[str]
 
 
 class DeploymentOut(BaseModel):
@@ -106,18 +127,32 @@ def _deployment_out(d: DeploymentRow) -> DeploymentOut:
     )
 
 
-def _branch_out(b: BranchRow) -> BranchOut:
+def _branch_out(b: BranchRow, size: int | None = None) -> BranchOut:
     return BranchOut(id=b.id, name=b.name, parent_id=b.parent_id, state=b.state,
-                     created_at=b.created_at)
+                     created_at=b.created_at, copy_method=b.copy_method,
+                     copy_bytes=b.copy_bytes, copy_ms=b.copy_ms, logical_size_bytes=size)
+
+
+class KeepEncodedSlashes:
+    """Branch names may contain ``/`` (``preview/login``); clients send it as ``%2F``.
+    Starlette routes on the decoded path, where it would split the segment, so the path is
+    re-decoded from ``raw_path`` leaving ``%2F`` for :func:`branch_by_ref` to undo."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
+        if scope["type"] == "http" and raw and b"%2f" in raw.lower():
+            raw = raw.split(b"?", 1)[0].replace(b"%2F", b"%252F").replace(b"%2f", b"%252F")
+            scope = {**scope, "path": unquote(raw.decode("latin-1"))}
+        await self.app(scope, receive, send)
 
 
 async def branch_by_ref(ref: str, request: Request) -> BranchRow:
     """The branch named by the ``{ref}`` path parameter: an id or a name."""
     platform: Platform = request.app.state.platform
-    row = await platform.store.get_branch(ref)
-    if row is None:
-        raise NotFound("branch", ref)
-    return row
+    return await platform.branches.get(ref.replace("%2F", "/"))
 
 
 BranchRef = Annotated[BranchRow, Depends(branch_by_ref)]
@@ -127,6 +162,7 @@ def create_api(platform: Platform) -> FastAPI:
     app = FastAPI(title="phloem", version=__version__, openapi_url="/api/v1/openapi.json",
                   docs_url="/api/v1/docs", redoc_url=None)
     app.state.platform = platform
+    app.add_middleware(KeepEncodedSlashes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -135,6 +171,10 @@ def create_api(platform: Platform) -> FastAPI:
     @app.exception_handler(InvalidInput)
     async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
         return JSONResponse(error_body("invalid_input", str(exc), exc.field), 400)
+
+    @app.exception_handler(BranchError)
+    async def _branch_error(_: Request, exc: BranchError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.field), exc.status)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -182,6 +222,11 @@ def create_api(platform: Platform) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        body, content_type = platform.metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
     @app.get("/api/v1/status", dependencies=auth)
     async def status() -> dict[str, Any]:
         return await platform.status()
@@ -203,13 +248,37 @@ def create_api(platform: Platform) -> FastAPI:
             found = False
         return Response(status_code=200 if found else 404)
 
+    async def sized(b: BranchRow) -> BranchOut:
+        return _branch_out(b, await asyncio.to_thread(platform.branches.logical_size, b))
+
     @app.get("/api/v1/branches", dependencies=auth)
     async def list_branches() -> list[BranchOut]:
-        return [_branch_out(b) for b in await platform.store.list_branches()]
+        return [await sized(b) for b in await platform.store.list_branches()]
 
     @app.get("/api/v1/branches/{ref}", dependencies=auth)
     async def get_branch(branch: BranchRef) -> BranchOut:
-        return _branch_out(branch)
+        return await sized(branch)
+
+    @app.post("/api/v1/branches", dependencies=auth, status_code=201)
+    async def create_branch(body: BranchCreateIn) -> BranchOut:
+        row = await platform.branches.create(body.name, body.parent)
+        out = await sized(row)
+        if body.copy_functions and row.parent_id is not None:
+            parent = await platform.branches.get(row.parent_id)
+            deps = await platform.deployer.copy_functions(parent, row)
+            out.copied_deployments = [d.id for d in deps]
+        return out
+
+    @app.post("/api/v1/branches/{ref}/reset", dependencies=auth)
+    async def reset_branch(branch: BranchRef) -> BranchOut:
+        row = await platform.branches.reset(branch.id, platform.deployer.restart_branch)
+        return await sized(row)
+
+    @app.delete("/api/v1/branches/{ref}", dependencies=auth)
+    async def delete_branch(branch: BranchRef, recursive: bool = False) -> BranchDeleteOut:
+        deleted = await platform.branches.delete(branch.id, recursive,
+                                                 platform.deployer.drop_branch)
+        return BranchDeleteOut(deleted=deleted)
 
     @app.get("/api/v1/branches/{ref}/connection", dependencies=auth)
     async def connection_string(branch: BranchRef, pooled: bool = True) -> ConnectionOut:

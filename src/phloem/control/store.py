@@ -29,6 +29,11 @@ class BranchRow:
     superuser_password: str
     state: str
     created_at: datetime
+    pooler_port: int | None = None
+    copy_method: str | None = None
+    copy_bytes: int | None = None
+    copy_ms: float | None = None
+    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -115,14 +120,29 @@ class Store:
 
     async def insert_branch(self, row: BranchRow) -> None:
         await self._exec(
-            "INSERT INTO branches (id, name, parent_id, port, database, role, role_password,"
-            " superuser_password, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            (row.id, row.name, row.parent_id, row.port, row.database, row.role,
-             row.role_password, row.superuser_password, row.state),
+            "INSERT INTO branches (id, name, parent_id, port, pooler_port, database, role,"
+            " role_password, superuser_password, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            (row.id, row.name, row.parent_id, row.port, row.pooler_port, row.database,
+             row.role, row.role_password, row.superuser_password, row.state),
         )
 
     async def set_branch_state(self, branch_id: str, state: str) -> None:
-        await self._exec("UPDATE branches SET state = %s WHERE id = %s", (state, branch_id))
+        await self._exec("UPDATE branches SET state = %s, updated_at = now() WHERE id = %s",
+                         (state, branch_id))
+
+    async def update_branch(self, branch_id: str, **fields: Any) -> None:
+        allowed = {"state", "pooler_port", "copy_method", "copy_bytes", "copy_ms",
+                   "role_password", "superuser_password"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        sets = ", ".join(f"{k} = %s" for k in fields)
+        await self._exec(f"UPDATE branches SET {sets}, updated_at = now() WHERE id = %s",
+                         (*fields.values(), branch_id))
+
+    async def child_branches(self, branch_id: str) -> list[BranchRow]:
+        rows = await self._all("SELECT * FROM branches WHERE parent_id = %s ORDER BY "
+                               "created_at", (branch_id,))
+        return [BranchRow(**r) for r in rows]
 
     async def delete_branch(self, branch_id: str) -> None:
         await self._exec("DELETE FROM branches WHERE id = %s", (branch_id,))

@@ -177,6 +177,7 @@ class ResponseHead:
         "complete",
         "connection",
         "content_length",
+        "event_stream",
         "keep_alive",
         "parser",
         "status",
@@ -190,6 +191,8 @@ class ResponseHead:
         self.transfer_encoding = False
         self.chunked = False
         self.connection: set[bytes] = set()
+        # Content-Type text/event-stream: the exchange is a long-lived SSE stream.
+        self.event_stream = False
         self.keep_alive = True
         self.complete = False
         # More than one message begin means bytes followed the response: broken framing.
@@ -207,6 +210,8 @@ class ResponseHead:
             self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         elif n == b"connection":
             self.connection |= _tokens(value)
+        elif n == b"content-type":
+            self.event_stream = value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
     def on_message_complete(self) -> None:
         self.complete = True

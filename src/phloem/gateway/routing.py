@@ -11,11 +11,21 @@ exactly once.
     reader, writer = lease.reader, lease.writer
     ...
     lease.release(reusable=True)   # connection goes back to the isolate's idle pool
+
+A lease may also carry two optional members, looked up with ``getattr`` so that leases
+without them keep working:
+
+* ``limits: Limits | None`` — per-route overrides of the gateway's limits;
+* ``mark_stream() -> None`` — called once when the exchange becomes a stream (an SSE
+  response or a WebSocket tunnel), so the platform can neither scale out on long-lived
+  streams nor evict an isolate that still serves one. The stream ends when the lease is
+  released.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -28,6 +38,31 @@ class RouteError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-route limits carried by a lease as ``lease.limits``; ``None`` means the gateway's
+    default (:class:`~phloem.gateway.server.GatewayConfig`).
+
+    ``ttfb_timeout``: seconds from forwarding the request head until the upstream's final
+    response head arrives (else 504). ``silence_timeout``: seconds without a byte in either
+    direction once the response head arrived (else both connections are closed).
+    ``max_body_bytes``: request body limit (413); it can only lower the gateway's own
+    ``max_body_bytes``, which is checked before routing and so acts as a ceiling.
+    """
+
+    ttfb_timeout: float | None = None
+    silence_timeout: float | None = None
+    max_body_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttfb_timeout", "silence_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"Limits.{name} must be positive, got {value!r}")
+        if self.max_body_bytes is not None and self.max_body_bytes < 0:
+            raise ValueError(f"Limits.max_body_bytes must be >= 0, got {self.max_body_bytes!r}")
 
 
 class Upstream(Protocol):

@@ -14,6 +14,13 @@ runs two pumps at once: the request body (client -> upstream, re-framed if chunk
 response (upstream -> client). Response bytes are forwarded exactly as received; an
 ``httptools.HttpResponseParser`` only tells where each response ends, so streams (SSE, long
 chunked bodies) are never buffered. Both directions apply backpressure.
+
+Limits: once the request head is forwarded, the upstream has ``ttfb_timeout`` seconds to send
+its final response head (else 504 and the upstream connection is aborted, so the app sees the
+client go); from then on the exchange is closed after ``silence_timeout`` seconds without a
+byte in either direction. Both come from :class:`GatewayConfig`, overridable per lease by
+:class:`~phloem.gateway.routing.Limits`. One timer per exchange watches both (see
+``_Connection._on_watch``); bytes only stamp a time.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import cast
 import httptools
 
 from phloem.gateway import http
-from phloem.gateway.routing import RouteError, Router, Upstream
+from phloem.gateway.routing import Limits, RouteError, Router, Upstream
 
 __all__ = ["Gateway", "GatewayConfig", "RequestRecord"]
 
@@ -52,18 +59,30 @@ LINGER_TOTAL = 30.0
 # Safe to retry on a fresh upstream connection when a pooled one died before answering.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 NO_BODY_STATUS = frozenset({204, 304})
+# What the per-connection watchdog timer is watching.
+_IDLE, _TTFB, _SILENCE = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8787
-    # A larger Content-Length, or a chunked body growing larger, gets a 413.
+    # A larger Content-Length, or a chunked body growing larger, gets a 413. Checked before
+    # routing, so a lease's Limits.max_body_bytes can only lower it.
     max_body_bytes: int = 100 * 1024 * 1024
     # Sent upstream as X-Forwarded-Proto.
     proto: str = "http"
     # An idle client connection must send a complete request head within this many seconds.
     keep_alive_timeout: float = 60.0
+    # Seconds from forwarding the request head to the upstream's final response head: 504.
+    ttfb_timeout: float = 900.0
+    # Seconds without a byte either way once the response head arrived: both sides closed.
+    silence_timeout: float = 900.0
+
+    def __post_init__(self) -> None:
+        for name in ("keep_alive_timeout", "ttfb_timeout", "silence_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GatewayConfig.{name} must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +91,10 @@ class RequestRecord:
 
     ``status`` is the status sent to the client (the upstream's, or the gateway's own for
     errors), 499 when the client went away before the response was complete, and 0 when
-    nothing could be sent. ``path`` excludes the query string.
+    nothing could be sent. ``path`` excludes the query string. ``stream`` is true for an
+    SSE response or a WebSocket tunnel (``duration_s`` is then the stream's lifetime).
+    ``error`` names a limit that ended the exchange: ``"upstream_timeout"`` (time to first
+    byte; status 504) or ``"stream_silence"`` (closed mid-response; status as sent).
     """
 
     host: str
@@ -81,6 +103,8 @@ class RequestRecord:
     status: int
     duration_s: float
     request_id: str
+    stream: bool = False
+    error: str | None = None
 
 
 class _HeadTooLarge(Exception):
@@ -107,6 +131,7 @@ class _Request:
         "error",
         "headers",
         "keep_alive",
+        "max_body",
         "method",
         "received",
         "target",
@@ -123,6 +148,7 @@ class _Request:
         headers: http.Headers,
         keep_alive: bool,
         upgrade: bool,
+        max_body: int,
     ) -> None:
         self.method = method
         self.target = target
@@ -136,6 +162,8 @@ class _Request:
         self.received = 0
         self.complete = False
         self.discard = False
+        # Lowered by the route's Limits once the request is routed.
+        self.max_body = max_body
         # "too_large", "malformed" or "disconnected": the body will never complete.
         self.error: str | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -224,6 +252,18 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._final_sent = False
         self._response_complete = False
+        self._lease: Upstream | None = None
+        self._host = ""  # the current exchange's Host, for the per-host counters
+        self._stream = False  # the current exchange is an SSE response or a WebSocket tunnel
+
+        # Limits of the current exchange: one timer, re-armed lazily (see _on_watch).
+        self._phase = _IDLE
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_when = 0.0
+        self._ttfb_s = 0.0
+        self._silence_s = 0.0
+        self._last_io = 0.0  # loop time of the last byte either way
+        self._timed_out: str | None = None  # "upstream_timeout" or "stream_silence"
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -237,8 +277,9 @@ class _Connection(asyncio.Protocol):
         self.task = self._loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        self._last_io = self._loop.time()  # client activity keeps a stream alive
         if self._lingering:
-            self._last_input = self._loop.time()
+            self._last_input = self._last_io
             return
         if self._upgraded is not None:
             self._upgraded.feed(data)
@@ -322,6 +363,7 @@ class _Connection(asyncio.Protocol):
             self._headers,
             p.should_keep_alive(),
             p.should_upgrade(),
+            self._config.max_body_bytes,
         )
         self._parsing = req
         self._pending.append(req)
@@ -332,7 +374,8 @@ class _Connection(asyncio.Protocol):
         if req is None or not body:
             return
         req.feed(body)
-        if req.received > self._config.max_body_bytes:
+        # A body being discarded is bounded by DISCARD_LIMIT instead.
+        if req.received > req.max_body and not req.discard:
             req.fail("too_large")
 
     def on_message_complete(self) -> None:
@@ -392,6 +435,7 @@ class _Connection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if not self._disconnected:
+            self._last_io = self._loop.time()  # upstream activity keeps a stream alive
             self._transport.write(data)
 
     async def _drain_client(self) -> None:
@@ -401,6 +445,74 @@ class _Connection(asyncio.Protocol):
                 await self._drain_waiter
             finally:
                 self._drain_waiter = None
+
+    # -- limits: time to first byte, stream silence ------------------------------------------
+
+    def _watch_ttfb(self, timeout: float, silence: float) -> None:
+        """The request head went upstream: its final response head must start in time."""
+        self._phase = _TTFB
+        self._ttfb_s = timeout
+        self._silence_s = silence
+        self._arm(self._loop.time() + timeout)
+
+    def _watch_silence(self) -> None:
+        """The final response head arrived: from now on only silence is limited."""
+        self._phase = _SILENCE
+        self._last_io = now = self._loop.time()
+        deadline = now + self._silence_s
+        # Keep the TTFB timer if it fires no later than needed: _on_watch re-arms it then.
+        # With equal limits (the defaults) that makes one timer per exchange.
+        if self._watch is None or self._watch_when > deadline:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch_when = when
+        self._watch = self._loop.call_at(when, self._on_watch)
+
+    def _unwatch(self) -> None:
+        self._phase = _IDLE
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _on_watch(self) -> None:
+        self._watch = None
+        if self._phase == _TTFB:
+            # The exchange fails with _UpstreamFailed once the read sees the abort; _exchange
+            # then answers 504 instead of 502. The app sees its client disconnect.
+            self._timed_out = "upstream_timeout"
+            logger.info("%s: no response head within %g s", self._host, self._ttfb_s)
+            if self._upstream is not None:
+                self._upstream.abort()
+        elif self._phase == _SILENCE:
+            deadline = self._last_io + self._silence_s
+            if deadline - self._loop.time() > 0.001:
+                self._arm(deadline)  # bytes flowed meanwhile
+                return
+            self._timed_out = "stream_silence"
+            logger.info("%s: closed after %g s of silence", self._host, self._silence_s)
+            if self._upstream is not None:
+                self._upstream.abort()
+            # A peer that stopped reading would keep a graceful close pending forever.
+            if self._transport.get_write_buffer_size():
+                self._transport.abort()
+            else:
+                self._transport.close()
+
+    def _become_stream(self) -> None:
+        """The exchange is long-lived (SSE, WebSocket): count it apart and tell the lease."""
+        if self._stream:
+            return
+        self._stream = True
+        self._gateway._stream_opened(self._host)
+        mark = getattr(self._lease, "mark_stream", None)
+        if mark is not None:
+            try:
+                mark()
+            except Exception:
+                logger.exception("lease.mark_stream failed")
 
     # -- request handling --------------------------------------------------------------------
 
@@ -415,7 +527,7 @@ class _Connection(asyncio.Protocol):
                 or bool(self._pending)
                 or (last is not None and not last.complete and not last.upgrade)
             )
-            if may_be_sending and not self._disconnected:
+            if may_be_sending and not self._disconnected and not self._transport.is_closing():
                 await self._linger()
         except Exception:
             logger.exception("gateway connection handler failed")
@@ -478,22 +590,35 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._final_sent = False
         self._response_complete = False
+        self._stream = False
+        self._timed_out = None
+        self._host = host = (info.host or b"").decode("latin-1")
+        gateway = self._gateway
+        gateway._exchange_started(host)
         try:
             keep = await self._exchange(req, info, request_id)
-            return keep and not self._gateway.draining
+            return keep and not gateway.draining
         finally:
             self._active = None
-            if self._disconnected and not self._response_complete:
+            # A stream we closed for silence is not the client's doing.
+            if (
+                self._disconnected
+                and not self._response_complete
+                and self._timed_out != "stream_silence"
+            ):
                 self._status = 499
             self._update_reading()
-            self._gateway._record(
+            gateway._exchange_ended(host, self._stream)
+            gateway._record(
                 RequestRecord(
-                    host=(info.host or b"").decode("latin-1"),
+                    host=host,
                     method=req.method.decode("latin-1"),
                     path=req.target.split(b"?", 1)[0].decode("latin-1"),
                     status=self._status,
                     duration_s=self._loop.time() - started,
                     request_id=request_id.decode("ascii"),
+                    stream=self._stream,
+                    error=self._timed_out,
                 )
             )
 
@@ -542,8 +667,20 @@ class _Connection(asyncio.Protocol):
             if self._disconnected:
                 lease.release(reusable=True)  # untouched: still good
                 return False
+            limits = _limits_of(lease)
+            if limits is not None and limits.max_body_bytes is not None:
+                if limits.max_body_bytes < limit:
+                    limit = req.max_body = limits.max_body_bytes
+                over = req.received > limit
+                if over or (info.content_length is not None and info.content_length > limit):
+                    if over:
+                        req.fail("too_large")  # stop buffering what is still coming
+                    lease.release(reusable=True)  # untouched: still good
+                    return await self._reply_error(
+                        req, info, rid, 413, "body_too_large", f"request body exceeds {limit} bytes"
+                    )
             try:
-                keep = await self._proxy(req, info, rid, lease)
+                keep = await self._proxy(req, info, rid, lease, limits)
             except _UpstreamFailed as exc:
                 failure = exc
             else:
@@ -554,6 +691,15 @@ class _Connection(asyncio.Protocol):
                 return keep
             if self._disconnected:
                 return False
+            if self._timed_out == "upstream_timeout":
+                return await self._reply_error(
+                    req,
+                    info,
+                    rid,
+                    504,
+                    "upstream_timeout",
+                    f"the function did not start responding within {self._ttfb_s:g} s",
+                )
             if req.error == "too_large":
                 return await self._reply_error(
                     req, info, rid, 413, "body_too_large", f"request body exceeds {limit} bytes"
@@ -570,7 +716,12 @@ class _Connection(asyncio.Protocol):
         )
 
     async def _proxy(
-        self, req: _Request, info: http.RequestInfo, rid: bytes, lease: Upstream
+        self,
+        req: _Request,
+        info: http.RequestInfo,
+        rid: bytes,
+        lease: Upstream,
+        limits: Limits | None,
     ) -> bool:
         """Forward ``req`` over ``lease`` (released here, exactly once) and stream the
         response back. Raises :class:`_UpstreamFailed` if nothing final reached the client."""
@@ -578,7 +729,16 @@ class _Connection(asyncio.Protocol):
         reusable = False
         pump: asyncio.Task[None] | None = None
         sent = _BodySent()
+        config = self._config
+        ttfb = config.ttfb_timeout
+        silence = config.silence_timeout
+        if limits is not None:
+            if limits.ttfb_timeout is not None:
+                ttfb = limits.ttfb_timeout
+            if limits.silence_timeout is not None:
+                silence = limits.silence_timeout
         self._upstream = writer.transport
+        self._lease = lease
         try:
             head = http.upstream_request_head(
                 req.method,
@@ -610,6 +770,7 @@ class _Connection(asyncio.Protocol):
             else:
                 writer.write(head)
                 pump = self._loop.create_task(self._pump_body(req, writer, info.chunked, sent))
+            self._watch_ttfb(ttfb, silence)
             upstream_ok, keep = await self._pump_response(req, lease.reader)
             if req.upgrade:
                 return False  # tunnel over, or upgrade refused: the connection is spent
@@ -618,7 +779,9 @@ class _Connection(asyncio.Protocol):
             reusable = upstream_ok and sent.done
             return keep and req.keep_alive
         finally:
+            self._unwatch()
             self._upstream = None
+            self._lease = None
             if pump is not None and not pump.done():
                 pump.cancel()
             lease.release(reusable=reusable)
@@ -686,11 +849,16 @@ class _Connection(asyncio.Protocol):
             except http.UpstreamProtocolError as exc:
                 raise _UpstreamFailed(f"invalid response head: {exc}") from exc
             status = resp.status
+            if self._timed_out is not None:
+                # The head came in just as the TTFB limit fired: the upstream is gone already.
+                raise _UpstreamFailed("response head after the time-to-first-byte limit")
             if status == 101:
                 if not req.upgrade:
                     raise _UpstreamFailed("101 response to a request that did not ask for it")
                 self._status = status
                 self._final_sent = True
+                self._watch_silence()
+                self._become_stream()
                 self._write(buf)  # the head and any early tunnel bytes
                 await self._tunnel(reader)
                 self._response_complete = True
@@ -702,6 +870,7 @@ class _Connection(asyncio.Protocol):
 
         self._status = status
         self._final_sent = True
+        self._watch_silence()
         keep = resp.keep_alive
         rest_len = len(buf) - head_len
 
@@ -710,6 +879,9 @@ class _Connection(asyncio.Protocol):
             self._write(buf[:head_len])
             self._response_complete = True
             return keep and rest_len == 0, keep
+
+        if resp.event_stream:
+            self._become_stream()
 
         if resp.transfer_encoding or resp.content_length is None:
             if not resp.chunked:
@@ -730,7 +902,7 @@ class _Connection(asyncio.Protocol):
                 return False, False
             data = await _read(reader)
             if not data:
-                if not self._disconnected:  # else we closed it ourselves
+                if not self._disconnected and self._timed_out is None:  # else we closed it
                     logger.warning("upstream closed mid-body (%d bytes missing)", remaining)
                 return False, False
             if len(data) > remaining:
@@ -770,7 +942,7 @@ class _Connection(asyncio.Protocol):
                 return False, False
             data = await _read(reader)
             if not data:
-                if not self._disconnected:
+                if not self._disconnected and self._timed_out is None:  # else we closed it
                     logger.warning("upstream closed mid-body (chunked)")
                 return False, False
 
@@ -870,6 +1042,20 @@ async def _read(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
+def _limits_of(lease: Upstream) -> Limits | None:
+    # Optional on a lease (see gateway.routing): a lease without it gets the defaults.
+    limits = getattr(lease, "limits", None)
+    return limits if isinstance(limits, Limits) else None
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)  # unbounded Host values must not pile up
+
+
 class Gateway:
     """The HTTP/1.1 front door: accepts client connections and proxies each request to the
     upstream the :class:`Router` picks for its Host header."""
@@ -888,6 +1074,10 @@ class Gateway:
         self._port: int | None = None
         self._connections: set[_Connection] = set()
         self._draining = False
+        self._inflight = 0
+        self._open_streams = 0
+        self._inflight_by_host: dict[str, int] = {}
+        self._streams_by_host: dict[str, int] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -917,6 +1107,27 @@ class Gateway:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def inflight(self) -> int:
+        """Requests being handled that are not streams: routing (cold starts included),
+        waiting for the response, or receiving a non-stream response."""
+        return self._inflight
+
+    @property
+    def open_streams(self) -> int:
+        """Exchanges that became streams: SSE responses and WebSocket tunnels."""
+        return self._open_streams
+
+    @property
+    def inflight_by_host(self) -> dict[str, int]:
+        """:attr:`inflight` per raw Host header value (a copy; hosts at zero are absent)."""
+        return dict(self._inflight_by_host)
+
+    @property
+    def open_streams_by_host(self) -> dict[str, int]:
+        """:attr:`open_streams` per raw Host header value (a copy; hosts at zero are absent)."""
+        return dict(self._streams_by_host)
+
     async def stop_accepting(self) -> None:
         # Not wait_closed(): on Python 3.12+ it also waits for every open connection.
         if self._server is not None:
@@ -941,6 +1152,24 @@ class Gateway:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    def _exchange_started(self, host: str) -> None:
+        self._inflight += 1
+        self._inflight_by_host[host] = self._inflight_by_host.get(host, 0) + 1
+
+    def _stream_opened(self, host: str) -> None:
+        self._inflight -= 1
+        _decrement(self._inflight_by_host, host)
+        self._open_streams += 1
+        self._streams_by_host[host] = self._streams_by_host.get(host, 0) + 1
+
+    def _exchange_ended(self, host: str, stream: bool) -> None:
+        if stream:
+            self._open_streams -= 1
+            _decrement(self._streams_by_host, host)
+        else:
+            self._inflight -= 1
+            _decrement(self._inflight_by_host, host)
 
     def _record(self, record: RequestRecord) -> None:
         if self._on_request is not None:

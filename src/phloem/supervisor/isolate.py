@@ -49,6 +49,7 @@ class Isolate:
     log: LogWriter
     id: str = field(default_factory=lambda: "iso-" + secrets.token_hex(4))
     inflight: int = 0
+    open_streams: int = 0
     state: str = "starting"  # starting -> ready -> stopping -> exited
     started_at: float = field(default_factory=time.monotonic)
     cold_start_s: float | None = None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phloem.gateway.routing import Limits
 from phloem.supervisor.isolate import Isolate, IsolateFailed, IsolateSpec, LogWriter
 
 
@@ -26,13 +27,26 @@ class Lease:
     isolate: Isolate
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    limits: Limits | None = None
     _released: bool = False
+    _stream: bool = False
+
+    def mark_stream(self) -> None:
+        """The exchange became a long-lived stream (SSE, WebSocket): it no longer counts as
+        an in-flight request, but keeps the isolate from being idle until released."""
+        if not self._stream and not self._released:
+            self._stream = True
+            self.isolate.inflight -= 1
+            self.isolate.open_streams += 1
 
     def release(self, *, reusable: bool) -> None:
         if self._released:
             return
         self._released = True
-        self.isolate.inflight -= 1
+        if self._stream:
+            self.isolate.open_streams -= 1
+        else:
+            self.isolate.inflight -= 1
         self.isolate.give_back(self.reader, self.writer, reusable)
 
 
@@ -46,8 +60,10 @@ class Pool:
 
 class Supervisor:
     def __init__(self, sockets_dir: Path, log_writer_for: Callable[[IsolateSpec], LogWriter],
-                 *, grace_s: float = 10.0, start_timeout_s: float = 900.0) -> None:
+                 *, grace_s: float = 10.0, start_timeout_s: float = 900.0,
+                 on_cold_start: Callable[[IsolateSpec, float], None] | None = None) -> None:
         self.sockets_dir = sockets_dir
+        self.on_cold_start = on_cold_start
         self.log_writer_for = log_writer_for
         self.grace_s = grace_s
         self.start_timeout_s = start_timeout_s
@@ -84,6 +100,8 @@ class Supervisor:
         await isolate.wait_ready(self.start_timeout_s)
         if pool.starting is isolate:
             pool.starting = None
+            if self.on_cold_start is not None and isolate.cold_start_s is not None:
+                self.on_cold_start(pool.spec, isolate.cold_start_s)
         return isolate
 
     async def _spawn(self, pool: Pool) -> Isolate:

@@ -1,0 +1,51 @@
+"""Copying a data directory: reflinks (copy-on-write, O(files)) where the filesystem shares
+blocks, a plain copy otherwise. Which one ran is probed, never guessed, so the API can
+report it truthfully.
+
+    backend = choose_backend(src_dir, dst_parent)       # ReflinkCopier or PlainCopier
+    stats = CopyStats()
+    backend.copy_file(src, dst, stats)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from phloem.branches.clone.copy import PlainCopier
+from phloem.branches.clone.reflink import ReflinkCopier, reflink_supported
+
+
+@dataclass
+class CopyStats:
+    files: int = 0
+    bytes: int = 0
+
+
+class Copier(Protocol):
+    method: str
+
+    def copy_file(self, src: Path, dst: Path) -> int:
+        """Copy one regular file, return its size in bytes. Raises FileNotFoundError when
+        ``src`` vanished (normal while PostgreSQL runs)."""
+        ...
+
+
+def choose_backend(src_dir: Path, dst_dir: Path) -> Copier:
+    """Reflink when a probe file in ``src_dir`` can be cloned into ``dst_dir``."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".phloem-reflink-probe-", dir=src_dir)
+    try:
+        os.write(fd, b"phloem reflink probe\n")
+        os.close(fd)
+        if reflink_supported(Path(probe), dst_dir / Path(probe).name):
+            return ReflinkCopier()
+    finally:
+        os.unlink(probe)
+    return PlainCopier()
+
+
+__all__ = ["Copier", "CopyStats", "PlainCopier", "ReflinkCopier", "choose_backend"]

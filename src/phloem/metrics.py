@@ -1,0 +1,202 @@
+"""Prometheus metrics for the platform, in the text exposition format.
+
+    metrics = Metrics(load=lambda: {("br-quiet-moon-3f9a2c", "todos"): FunctionLoad(1, 3, 0)})
+    gateway = Gateway(router, config, on_request=lambda r: metrics.observe_request(r, b, f))
+    metrics.observe_cold_start("br-quiet-moon-3f9a2c", "todos", 0.041)
+    metrics.observe_eviction("br-quiet-moon-3f9a2c", "todos", "idle")
+    body, content_type = metrics.render(accept=request_accept_header)
+
+Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` (never the
+process-global one), so several can coexist, e.g. one per test. Counters and histograms are
+fed as events happen; the gauges (isolates, in-flight requests, open streams) are read from
+a callable at scrape time, so there is nothing to keep in sync.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from phloem.gateway.server import RequestRecord
+
+__all__ = [
+    "COLD_START_BUCKETS",
+    "REQUEST_BUCKETS",
+    "FunctionLoad",
+    "LoadSource",
+    "Metrics",
+]
+
+logger = logging.getLogger("phloem.metrics")
+
+# 1 ms to 15 min (the default time-to-first-byte limit), roughly 1-2.5-5 per decade.
+REQUEST_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    900.0,
+)
+# Forked Python isolates start in tens of ms; a first start with dependencies takes seconds.
+COLD_START_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+)
+
+_FUNCTION = ("branch", "function")
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionLoad:
+    """What one function on one branch is doing right now."""
+
+    isolates: int = 0
+    inflight: int = 0
+    open_streams: int = 0
+
+
+# Called at every scrape: (branch, function) -> its current load.
+LoadSource = Callable[[], Mapping[tuple[str, str], FunctionLoad]]
+
+
+class _LoadCollector:
+    """The gauges, read from ``Metrics.load`` when scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "phloem_isolates", "Running isolates (processes) per function.", labels=_FUNCTION
+            ),
+            GaugeMetricFamily(
+                "phloem_inflight_requests",
+                "Requests being handled that are not streams, per function.",
+                labels=_FUNCTION,
+            ),
+            GaugeMetricFamily(
+                "phloem_open_streams",
+                "Open SSE responses and WebSocket tunnels per function.",
+                labels=_FUNCTION,
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so the registry can refuse a clashing metric; never calls the source.
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        isolates, inflight, streams = families = self._families()
+        source = self._metrics.load
+        if source is None:
+            return families
+        try:
+            loads = dict(source())
+        except Exception:
+            # A broken source must not fail the whole scrape: the counters still matter.
+            logger.exception("metrics load source failed")
+            return families
+        for (branch, function), load in sorted(loads.items()):
+            labels = (branch, function)
+            isolates.add_metric(labels, load.isolates)
+            inflight.add_metric(labels, load.inflight)
+            streams.add_metric(labels, load.open_streams)
+        return families
+
+
+class Metrics:
+    """phloem's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, load: LoadSource | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        # Settable later: the platform may build its supervisor after its metrics.
+        self.load = load
+        r = self.registry
+        self._requests = Counter(
+            "phloem_requests_total",
+            "Requests answered, by status (499: the client left; 0: nothing could be sent).",
+            (*_FUNCTION, "status"),
+            registry=r,
+        )
+        self._duration = Histogram(
+            "phloem_request_duration_seconds",
+            "Time from the request head to the end of the response (streams excluded).",
+            _FUNCTION,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._cold_starts = Counter(
+            "phloem_cold_starts_total", "Isolates started for a function.", _FUNCTION, registry=r
+        )
+        self._cold_start_seconds = Histogram(
+            "phloem_cold_start_seconds",
+            "Time from spawning an isolate until it is ready to serve.",
+            _FUNCTION,
+            buckets=COLD_START_BUCKETS,
+            registry=r,
+        )
+        self._evictions = Counter(
+            "phloem_evictions_total",
+            "Isolates stopped by the platform, by reason (idle, memory, drained, ...).",
+            (*_FUNCTION, "reason"),
+            registry=r,
+        )
+        r.register(_LoadCollector(self))
+
+    def observe_request(self, record: RequestRecord, branch: str, function: str) -> None:
+        """Count one finished exchange (feed it the gateway's ``on_request`` records).
+
+        A stream's duration is its lifetime, not a latency, so streams are counted but kept
+        out of the duration histogram.
+        """
+        self._requests.labels(branch, function, str(record.status)).inc()
+        if not record.stream:
+            self._duration.labels(branch, function).observe(record.duration_s)
+
+    def observe_cold_start(self, branch: str, function: str, seconds: float) -> None:
+        self._cold_starts.labels(branch, function).inc()
+        self._cold_start_seconds.labels(branch, function).observe(seconds)
+
+    def observe_eviction(self, branch: str, function: str, reason: str) -> None:
+        self._evictions.labels(branch, function, reason).inc()
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its Content-Type. ``accept`` is the scraper's Accept
+        header: OpenMetrics when it asks for it, else the classic text format (0.0.4)."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
