@@ -147,6 +147,9 @@ class PlatformProcess:
         return httpx.Client(base_url=creds["api_url"] + "/api/v1", timeout=60,
                             headers={"Authorization": f"Bearer {creds['api_key']}"})
 
+    def cli_args(self) -> list[str]:
+        return [PHLOEM]
+
     def cli(self, *args: str, check: bool = True, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([PHLOEM, *args], env=self.env, capture_output=True, text=True,

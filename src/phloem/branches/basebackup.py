@@ -17,9 +17,11 @@ The child then recovers to consistency on its first start. The parent serves thr
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ EMPTY_DIRS = {"pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify"
               "pg_serial", "pg_snapshots", "pg_subtrans"}
 SKIP_FILES = {"postmaster.pid", "postmaster.opts", "pg_internal.init", "backup_label",
               "tablespace_map", "backup_label.old", "current_logfiles"}
+# Kept free after a plain copy, so the parent's WAL still has room.
+RESERVE_BYTES = 64 * 1024 * 1024
 _RELFILE_RE = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?$")
 _WALFILE_RE = re.compile(r"^[0-9A-F]{24}$")
 
@@ -94,6 +98,17 @@ def _copy_tree(src: Path, dst: Path, copier: Copier) -> tuple[int, int]:
     return files + 1, nbytes
 
 
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
+
+
 def _wal_segments(pg_wal: Path, first: str, last: str) -> list[str]:
     # Segment names sort by (timeline, log, seg); compare log+seg, any timeline.
     names = sorted(n for n in os.listdir(pg_wal) if _WALFILE_RE.match(n))
@@ -113,6 +128,15 @@ def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
         raise BranchCopyError(f"{child_pgdata} is not empty")
     child_pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
     copier = choose_backend(parent_pgdata, child_pgdata)
+    if copier.method == "copy":
+        # A plain copy needs the parent's size again. Running out of space half-way
+        # would also starve the parent's own WAL, so refuse up front.
+        need = _tree_size(parent_pgdata) + RESERVE_BYTES
+        free = shutil.disk_usage(child_pgdata).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"a plain copy needs {need / 1e6:.0f} MB (the "
+                          f"parent's size plus {RESERVE_BYTES / 1e6:.0f} MB), "
+                          f"{free / 1e6:.0f} MB are free")
     slot = f"phloem_clone_{secrets.token_hex(4)}"
     conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
     try:

@@ -438,7 +438,8 @@ def _chown_tree(root: os.PathLike[str], owner: Identity) -> None:
 def _as_branch_error(exc: BaseException) -> BaseException:
     if isinstance(exc, BranchError):
         return exc
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or isinstance(
+            exc, psycopg.errors.DiskFull):
         return BranchError(507, "insufficient_storage",
                            f"not enough disk space to copy the branch: {exc}")
     if isinstance(exc, BranchCopyError):
