@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,9 +137,30 @@ class Client:
     def delete_function(self, branch: str, slug: str) -> None:
         self.request("DELETE", f"/branches/{_ref(branch)}/functions/{slug}")
 
-    def function_logs(self, branch: str, slug: str, lines: int = 200) -> str:
+    def function_logs(self, branch: str, slug: str, lines: int = 200,
+                      since_s: float | None = None) -> str:
+        params: dict[str, Any] = {"lines": lines}
+        if since_s is not None:
+            params["since"] = since_s
         return self.request("GET", f"/branches/{_ref(branch)}/functions/{slug}/logs",
-                            params={"lines": lines}).text
+                            params=params).text
+
+    def follow_logs(self, branch: str, slug: str, lines: int = 200,
+                    since_s: float | None = None) -> Iterator[str]:
+        """Yield log lines as they are written, until interrupted."""
+        params: dict[str, Any] = {"lines": lines, "follow": True}
+        if since_s is not None:
+            params["since"] = since_s
+        url = f"/branches/{_ref(branch)}/functions/{slug}/logs"
+        try:
+            with self.http.stream("GET", url, params=params, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise ClientError(resp.json()["error"]["message"], status=resp.status_code)
+                yield from resp.iter_lines()
+        except httpx.TransportError as exc:
+            raise ClientError(f"log stream from {self.creds.api_url} broke: {exc}",
+                              "unreachable") from None
 
     def get_deployment(self, deployment_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.json("GET", f"/deployments/{deployment_id}")
@@ -153,7 +174,7 @@ class Client:
 
     def deploy(self, branch: str, slug: str, path: Path, entry: str, *,
                env: dict[str, str] | None = None, name: str | None = None,
-               runtime: str | None = None,
+               runtime: str | None = None, limits: dict[str, float] | None = None,
                progress: Callable[[str], None] = lambda _: None,
                timeout: float = 1800.0) -> dict[str, Any]:
         """Pack, upload, deploy and wait until the deployment is ready or failed; returns
@@ -162,7 +183,8 @@ class Client:
         data, sha = pack_directory(path)
         progress(f"uploading {len(data) / 1024:.1f} KiB ({sha[:12]})")
         self.upload(data, sha)
-        body: dict[str, Any] = {"artifact_sha256": sha, "entry": entry, "env": env or {}}
+        body: dict[str, Any] = {"artifact_sha256": sha, "entry": entry, "env": env or {},
+                                "limits": limits or {}}
         if name is not None:
             body["name"] = name
         if runtime is not None:

@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from phloem.artifacts import ArtifactError, ArtifactStore
 from phloem.branches.manager import BranchManager
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store
 from phloem.identity import Identity, make_dir
+from phloem.limits import check_limits
 from phloem.paths import DataPaths
 from phloem.runtimes.python import environment as pyenv
 from phloem.settings import Settings
@@ -48,6 +50,7 @@ class DeployRequest:
     runtime: str | None = None
     name: str | None = None
     env: dict[str, str] | None = None
+    limits: dict[str, Any] | None = None
 
 
 def check_runtime(runtime: str | None) -> str:
@@ -102,6 +105,7 @@ class Deployer:
         check_entry(req.entry)
         runtime = check_runtime(req.runtime)
         env = check_env(dict(req.env or {}))
+        limits = check_limits(dict(req.limits or {}))
         if req.name is not None:
             check_name(req.name)
         if not self.artifacts.exists(req.artifact_sha256):
@@ -111,7 +115,7 @@ class Deployer:
         name = req.name or (existing.name if existing else req.slug)
         fn = await self.store.upsert_function(branch.id, req.slug, name, runtime)
         dep = await self.store.insert_deployment(fn.id, req.artifact_sha256, runtime,
-                                                 req.entry, env)
+                                                 req.entry, env, limits)
         task = asyncio.create_task(self._build(branch, fn, dep))
         self._builds.add(task)
         task.add_done_callback(self._builds.discard)
@@ -159,6 +163,7 @@ class Deployer:
                      "--app", dep.entry],
             env=env, cwd=app_dir, identity=ident,
             log_path=self.paths.function_log(branch.id, fn.slug),
+            limits=self.settings.function_limits.merged(dep.limits or {}),
         )
 
     async def _build(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> None:
@@ -279,7 +284,7 @@ class Deployer:
                 continue
             out.append(await self.deploy(child, DeployRequest(
                 slug=fn.slug, artifact_sha256=dep.artifact_sha256, entry=dep.entry,
-                runtime=dep.runtime, name=fn.name, env=dep.env)))
+                runtime=dep.runtime, name=fn.name, env=dep.env, limits=dep.limits)))
         return out
 
     async def wait_builds(self) -> None:

@@ -49,6 +49,7 @@ log = logging.getLogger("phloem")
 
 SYSTEM_DB = "phloem"
 SYSTEM_PORT = 5432  # Unix socket only; the number just names the socket file
+MAX_BODY_CEILING = 1024 * 1024 * 1024  # per-function limits may raise bodies up to 1 GiB
 
 
 class PlatformError(RuntimeError):
@@ -125,7 +126,10 @@ class Platform:
             self.paths.isolate_sockets, self.function_logs.writer_for,
             grace_s=s.eviction_grace_s, start_timeout_s=s.isolate_start_timeout_s,
             on_cold_start=lambda spec, secs: self.metrics.observe_cold_start(
-                spec.branch_id, spec.slug, secs))
+                spec.branch_id, spec.slug, secs),
+            on_eviction=lambda spec, reason: self.metrics.observe_eviction(
+                spec.branch_id, spec.slug, reason))
+        await self.supervisor.start()
         self.artifacts = ArtifactStore(self.paths.artifacts)
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
                                  self.supervisor, runtime_dir, isolate_python)
@@ -135,8 +139,11 @@ class Platform:
         self.gateway = Gateway(
             router,
             GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
-                          ttfb_timeout=s.ttfb_timeout_s, silence_timeout=s.silence_timeout_s,
-                          max_body_bytes=s.max_body_bytes),
+                          ttfb_timeout=s.function_limits.ttfb_timeout_s,
+                          silence_timeout=s.function_limits.silence_timeout_s,
+                          # The gateway's own limit is a ceiling; lower ones come per lease.
+                          max_body_bytes=max(s.function_limits.max_body_bytes,
+                                             MAX_BODY_CEILING)),
             on_request=self._observe_request)
         await self.gateway.start()
         await self._start_api()
@@ -216,8 +223,14 @@ class Platform:
     def _observe_request(self, record: RequestRecord) -> None:
         # Only label with routes that exist: any client can send any Host.
         key = parse_host(record.host, self.settings.domain)
-        if key is not None and key in self.deployer.routes:
+        spec = self.deployer.routes.get(key) if key is not None else None
+        if key is not None and spec is not None:
             self.metrics.observe_request(record, key[0], key[1])
+            self.function_logs.write(
+                spec.log_path, "gateway", "access",
+                f"{record.method} {record.path} {record.status} "
+                f"{record.duration_s * 1000:.1f}ms rid={record.request_id}"
+                + (f" {record.error}" if record.error else ""))
 
     def _function_load(self) -> dict[tuple[str, str], FunctionLoad]:
         load: dict[tuple[str, str], FunctionLoad] = {}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import platformdirs
 
+from phloem.limits import FunctionLimits
+
 
 def default_data_dir() -> Path:
     """``$PHLOEM_DATA_DIR``, else ``/var/lib/phloem`` for root (the unprivileged service
@@ -49,12 +51,8 @@ class Settings:
     eviction_grace_s: float = 10.0
     #: Seconds a shutdown waits for in-flight requests.
     drain_timeout_s: float = 30.0
-    #: Seconds from forwarding a request until the response head arrives (else 504).
-    ttfb_timeout_s: float = 900.0
-    #: Seconds a streaming response or WebSocket may stay silent before it is closed.
-    silence_timeout_s: float = 900.0
-    #: Largest request body the gateway accepts (else 413).
-    max_body_bytes: int = 100 * 1024 * 1024
+    #: Per-function limits unless a deployment overrides them (DESIGN.md section 3).
+    function_limits: FunctionLimits = field(default_factory=FunctionLimits)
     #: Seconds an isolate may take to become ready before its requests get 502.
     isolate_start_timeout_s: float = 900.0
 

@@ -241,10 +241,10 @@ class BranchManager:
         pooler = self.pooler(row)
         if pooler is not None:
             pooler.write_config(secrets_)
-            if pooler.is_running():
-                pooler.reload()
-            else:
-                pooler.start()
+            # A restart, not a reload: PgBouncer keeps the SCRAM keys of earlier client
+            # logins for its server logins, and they go stale when passwords (or their
+            # salts, after a reset) change.
+            pooler.start()
 
     # -- children ----------------------------------------------------------------
     async def create(self, name: str | None, parent_ref: str | None,

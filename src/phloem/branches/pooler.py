@@ -20,9 +20,16 @@ ClientKey it needs to log in to PostgreSQL as that role. That only works while P
 secret is byte-identical to the server's (same salt and iterations), so after every
 password change the secrets are re-read from ``pg_authid`` and the pooler reloaded.
 
-Transaction mode means a client's session state does not survive its transaction: no
-session ``SET``, advisory locks, ``LISTEN`` or protocol-level prepared statements (this
-PgBouncer, 1.18, cannot track them; psycopg users pass ``prepare_threshold=None``).
+PgBouncer keeps the key from the *last* client SCRAM login per role for its server logins
+and a reload does not drop it (1.18, tested): after a rotation, new server logins fail
+until a client logs in with the new password, and sessions needing one wait meanwhile.
+Already pooled server connections are unaffected. When the cluster behind is replaced
+(branch reset), restart the pooler instead: its clients' servers are gone anyway.
+
+Transaction mode means a client's session state does not survive its transaction, and
+may leak into another client's (nothing resets a server between clients): no session
+``SET``, advisory locks, ``LISTEN`` or protocol-level prepared statements (1.18 cannot
+track them; psycopg users pass ``prepare_threshold=None``).
 
 PgBouncer runs as ``owner`` (it refuses root) as our child process, not with ``-d``: we
 then reap it ourselves, which matters where PID 1 does not reap orphans (containers), and
@@ -56,6 +63,7 @@ SCRAM_PREFIX = "SCRAM-SHA-256$"
 # PgBouncer reads an unquoted [databases] key only in this alphabet; phloem's database
 # names are plain identifiers, so anything else is refused rather than quoted.
 DATABASE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
 # Logged by PgBouncer from its SIGHUP handler right before it re-reads the files.
@@ -163,14 +171,16 @@ class Pooler:
         if not DATABASE_RE.match(self.database):
             raise PoolerError(f"database: must be a plain identifier [A-Za-z_][A-Za-z0-9_]* "
                               f"(got {self.database!r})")
-        for name in ("listen_host", "backend_host"):
-            try:
-                ipaddress.ip_address(getattr(self, name))
-            except ValueError:
-                # The listening check reads /proc/net by address, and a name would be
-                # resolved differently by PgBouncer than by us.
-                raise PoolerError(f"{name}: must be an IP address "
-                                  f"(got {getattr(self, name)!r})") from None
+        try:
+            # The listening check finds the socket in /proc/net by address; a name could
+            # resolve to several.
+            ipaddress.ip_address(self.listen_host)
+        except ValueError:
+            raise PoolerError(f"listen_host: must be an IP address "
+                              f"(got {self.listen_host!r})") from None
+        if not HOST_RE.match(self.backend_host):
+            raise PoolerError(f"backend_host: must be a host name or IP address "
+                              f"(got {self.backend_host!r})")
         for name in ("run_dir", "log_file"):
             if any(c in str(getattr(self, name)) for c in "\n\r"):
                 raise PoolerError(f"{name}: must not contain line breaks "
@@ -194,7 +204,10 @@ listen_port = {self.port}
 unix_socket_dir = {self.run_dir}
 pidfile = {self.pid_file}
 logfile = {self.log_file}
-; stats every minute would grow the log forever for nothing phloem reads
+; functions may connect per request: a line per connection (and stats every minute)
+; would grow the log without bound; errors and failed logins are still logged
+log_connections = 0
+log_disconnections = 0
 log_stats = 0
 
 ; SCRAM pass-through: the database entry names no user, so PgBouncer logs in as the
@@ -337,10 +350,10 @@ server_login_retry = 1
         by a crashed phloem (found by its pidfile or config path) is stopped first so
         that the current config applies; needs :meth:`write_config` to have run once."""
         self._check()
-        self.stop()
         if not self.auth_file.exists():
             raise PoolerError(f"pgbouncer on {self.listen_host}:{self.port}: no auth file "
                               f"{self.auth_file}; call write_config() first")
+        self.stop()
         make_dir(self.run_dir, 0o700, self.owner)
         self._write(self.config_file, self._ini())
         # A pidfile whose process died (perhaps a zombie nobody reaps, which PgBouncer's
@@ -374,12 +387,14 @@ server_login_retry = 1
             if self._pidfile_pid() == proc.pid:
                 if self._listening(proc.pid) and self._accepts():
                     return
+                error = self._fail("started but does not listen on that TCP port "
+                                   "(port in use?)", offset)
                 self.stop()
-                raise self._fail("started but does not listen on that TCP port "
-                                 "(port in use?)", offset)
+                raise error
             if time.monotonic() > deadline:
+                error = self._fail(f"not ready after {timeout:g} s", offset)
                 self.stop()
-                raise self._fail(f"not ready after {timeout:g} s", offset)
+                raise error
             time.sleep(0.01)
 
     def _accepts(self) -> bool:

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from phloem import __version__
 from phloem.client import Client, ClientError
+from phloem.limits import FunctionLimits, check_limits
 from phloem.settings import Settings, default_data_dir
 from phloem.validation import InvalidInput, check_entry, check_slug
 
@@ -111,13 +112,23 @@ def up(
     deploy: Annotated[list[Path] | None, typer.Option(
         "--deploy", envvar="PHLOEM_DEPLOY", help="Deploy this directory as a function on "
         "branch main once up (slug from the directory name; repeatable).")] = None,
+    limit: Annotated[list[str] | None, typer.Option(
+        "--limit", envvar="PHLOEM_LIMITS", help="NAME=VALUE default limit for every "
+        "function (repeatable; space-separated in the variable): ttfb_timeout_s=900 "
+        "silence_timeout_s=900 wait_until_s=900 idle_timeout_s=300 memory_mb=2048 "
+        "target_inflight=64 max_isolates=<cores> max_body_bytes=104857600")] = None,
 ) -> None:
     """Start the platform in the foreground: system database, branch 'main', API and
     gateway. Ctrl-C stops everything; a second Ctrl-C forces exit.
 
     Example: phloem up --deploy examples/hello-python
     """
+    try:
+        limits = FunctionLimits().merged(parse_pairs("limit", limit or []))
+    except InvalidInput as exc:
+        fail(str(exc))
     settings = Settings(
+        function_limits=limits,
         data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
         gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
         public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
@@ -392,14 +403,18 @@ def connection_string(
 
 
 # -- functions -----------------------------------------------------------------
-def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
+def parse_pairs(field: str, pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise InvalidInput("env", f"expected KEY=VALUE (got {pair!r})")
-        env[key] = value
-    return env
+            raise InvalidInput(field, f"expected KEY=VALUE (got {pair!r})")
+        out[key] = value
+    return out
+
+
+def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
+    return parse_pairs("env", pairs)
 
 
 @functions_app.command("deploy")
@@ -419,6 +434,9 @@ def functions_deploy(
     runtime: Annotated[str | None, typer.Option(
         "--runtime", envvar="PHLOEM_RUNTIME", help="Runtime [default: the platform's "
         "Python]")] = None,
+    limit: Annotated[list[str] | None, typer.Option(
+        "--limit", help="NAME=VALUE overriding a platform limit for this function, e.g. "
+        "idle_timeout_s=60, memory_mb=512, max_isolates=4 (repeatable).")] = None,
     branch: BranchOpt = "main",
     output: OutputOpt = OutputFormat.text,
 ) -> None:
@@ -430,6 +448,7 @@ def functions_deploy(
         check_slug(slug)
         resolved_entry = check_entry(entry) if entry else detect_entry(path)
         env_map = parse_env_pairs(env or [])
+        limits = check_limits(parse_pairs("limit", limit or []))
     except InvalidInput as exc:
         fail(str(exc))
     client = client_for(data_dir)
@@ -442,7 +461,7 @@ def functions_deploy(
                     err.print(f"  [dim]{escape(line)}[/]", highlight=False)
 
             dep = client.deploy(branch, slug, path, resolved_entry, env=env_map, name=name,
-                                runtime=runtime, progress=progress)
+                                runtime=runtime, limits=limits, progress=progress)
         fn = client.get_function(branch, slug)
     except (ClientError, InvalidInput) as exc:
         fail(str(exc))
@@ -505,15 +524,50 @@ def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main"
         out.print(f"deleted {slug}")
 
 
-@functions_app.command("logs")
-def functions_logs(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
-                   lines: Annotated[int, typer.Option(help="How many recent lines.")] = 200
-                   ) -> None:
-    """Print a function's recent log lines (isolate output and lifecycle)."""
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``2h``, ``1d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
     try:
-        sys.stdout.write(client_for(data_dir).function_logs(branch, slug, lines))
+        value = float(number) * units[unit]
+    except ValueError:
+        raise InvalidInput("since", f"expected a duration like 90s, 10m or 2h (got "
+                                    f"{text!r})") from None
+    if value <= 0:
+        raise InvalidInput("since", f"must be positive (got {text!r})")
+    return value
+
+
+@functions_app.command("logs")
+def functions_logs(
+    slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
+    lines: Annotated[int, typer.Option(help="How many recent lines.")] = 200,
+    since: Annotated[str | None, typer.Option(help="Only lines newer than this, e.g. 10m "
+                                              "[default: no limit]")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f",
+                                         help="Keep printing new lines.")] = False,
+) -> None:
+    """Print a function's log: isolate output (tagged with request ids), lifecycle
+    events and one access line per request.
+
+    Example: phloem functions logs todos --since 10m --follow
+    """
+    try:
+        since_s = parse_duration(since) if since else None
+    except InvalidInput as exc:
+        fail(str(exc))
+    client = client_for(data_dir)
+    try:
+        if follow:
+            for line in client.follow_logs(branch, slug, lines, since_s):
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        else:
+            sys.stdout.write(client.function_logs(branch, slug, lines, since_s))
     except ClientError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -23,7 +23,7 @@ from phloem.artifacts import ArtifactError
 from phloem.branches.manager import BranchError
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
-from phloem.logs import tail
+from phloem.logs import follow_file, tail
 from phloem.validation import InvalidInput
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class DeploymentOut(BaseModel):
     entry: str
     artifact_sha256: str
     env_keys: list[str]
+    limits: dict[str, Any]
     error: str | None
     build_log: str
     created_at: datetime
@@ -105,6 +106,9 @@ class DeployIn(BaseModel):
     runtime: str | None = None
     name: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, float] = Field(default_factory=dict, description="per-function "
+                                     "overrides of the platform's limits, e.g. "
+                                     "{\"idle_timeout_s\": 60, \"memory_mb\": 512}")
 
 
 class ConnectionOut(BaseModel):
@@ -122,6 +126,7 @@ def _deployment_out(d: DeploymentRow) -> DeploymentOut:
     return DeploymentOut(
         id=d.id, function_id=d.function_id, status=d.status, runtime=d.runtime,
         entry=d.entry, artifact_sha256=d.artifact_sha256, env_keys=sorted(d.env),
+        limits=d.limits or {},
         error=d.error, build_log=d.build_log, created_at=d.created_at,
         finished_at=d.finished_at,
     )
@@ -303,7 +308,7 @@ def create_api(platform: Platform) -> FastAPI:
     async def deploy(branch: BranchRef, slug: str, body: DeployIn) -> DeploymentOut:
         dep = await platform.deployer.deploy(branch, DeployRequest(
             slug=slug, artifact_sha256=body.artifact_sha256, entry=body.entry,
-            runtime=body.runtime, name=body.name, env=body.env))
+            runtime=body.runtime, name=body.name, env=body.env, limits=body.limits))
         return _deployment_out(dep)
 
     @app.delete("/api/v1/branches/{ref}/functions/{slug}", dependencies=auth,
@@ -314,11 +319,17 @@ def create_api(platform: Platform) -> FastAPI:
 
     @app.get("/api/v1/branches/{ref}/functions/{slug}/logs", dependencies=auth,
              response_class=PlainTextResponse)
-    async def function_logs(branch: BranchRef, slug: str, lines: int = 200) -> str:
+    async def function_logs(branch: BranchRef, slug: str, lines: int = 200,
+                            since: float | None = None, follow: bool = False) -> Response:
+        """The function's log; ``since`` in seconds; ``follow`` streams new lines."""
         if await platform.store.get_function(branch.id, slug) is None:
             raise NotFound("function", slug)
-        found = tail(platform.paths.function_log(branch.id, slug), max(1, min(lines, 10000)))
-        return "".join(line + "\n" for line in found)
+        path = platform.paths.function_log(branch.id, slug)
+        found = tail(path, max(1, min(lines, 10000)), since)
+        text = "".join(line + "\n" for line in found)
+        if not follow:
+            return PlainTextResponse(text)
+        return StreamingResponse(follow_file(path, text), media_type="text/plain")
 
     @app.get("/api/v1/deployments/{deployment_id}", dependencies=auth)
     async def get_deployment(deployment_id: str) -> DeploymentOut:

@@ -62,6 +62,7 @@ class DeploymentRow:
     build_log: str
     created_at: datetime
     finished_at: datetime | None
+    limits: dict[str, Any] | None = None
 
 
 def new_id(prefix: str, nbytes: int = 6) -> str:
@@ -185,11 +186,13 @@ class Store:
 
     # -- deployments ---------------------------------------------------------
     async def insert_deployment(self, function_id: str, artifact_sha256: str, runtime: str,
-                                entry: str, env: dict[str, str]) -> DeploymentRow:
+                                entry: str, env: dict[str, str],
+                                limits: dict[str, Any] | None = None) -> DeploymentRow:
         row = await self._one(
             "INSERT INTO deployments (id, function_id, artifact_sha256, runtime, entry, env,"
-            " status) VALUES (%s,%s,%s,%s,%s,%s,'building') RETURNING *",
-            (new_id("dep"), function_id, artifact_sha256, runtime, entry, Jsonb(env)),
+            " limits, status) VALUES (%s,%s,%s,%s,%s,%s,%s,'building') RETURNING *",
+            (new_id("dep"), function_id, artifact_sha256, runtime, entry, Jsonb(env),
+             Jsonb(limits or {})),
         )
         assert row is not None
         return DeploymentRow(**row)

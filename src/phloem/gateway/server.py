@@ -708,7 +708,11 @@ class _Connection(asyncio.Protocol):
                 return await self._reply_error(
                     req, info, rid, 400, "malformed_request", "malformed request body", close=True
                 )
-            if not (failure.retryable and replayable and attempt == 1):
+            # A router may forbid replays (``lease.replay_safe = False``): when a failed
+            # connection means the upstream process failed, replaying the request (maybe
+            # the one that crashed it) would do the work twice.
+            allowed = bool(getattr(lease, "replay_safe", True))
+            if not (failure.retryable and replayable and allowed and attempt == 1):
                 break
         logger.warning("upstream for %s failed: %s", host, failure)
         return await self._reply_error(

@@ -1,23 +1,34 @@
-"""Isolate pools per deployment, leases for the gateway, retirement and shutdown.
+"""Isolate pools per deployment: leases for the gateway, scale-out, idle eviction,
+retirement and shutdown.
 
     supervisor = Supervisor(sockets_dir, log_writer_for)
+    await supervisor.start()                 # the idle reaper
     lease = await supervisor.acquire(spec)   # starts an isolate when none is live
     ...
     lease.release(reusable=True)
     await supervisor.retire(old_deployment_id)   # drains, then SIGINT
     await supervisor.stop_all()
+
+Cold start: with no ready isolate, the first request spawns one and every request that
+arrives meanwhile waits for that same one (a burst starts one isolate, not N). Scale-out:
+when the least-loaded ready isolate already has ``target_inflight`` requests, another is
+started in the background (up to ``max_isolates``) and the request is served at once by
+the least-loaded one. Open streams (SSE, WebSocket) do not count towards the target, but
+they, in-flight requests and pending ``wait_until`` work all keep an isolate from idling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from phloem.gateway.routing import Limits
 from phloem.supervisor.isolate import Isolate, IsolateFailed, IsolateSpec, LogWriter
+from phloem.supervisor.memory import MemoryLimiter, choose_limiter
 
 
 @dataclass
@@ -28,6 +39,12 @@ class Lease:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     limits: Limits | None = None
+    #: Taken from the idle pool rather than freshly opened.
+    reused: bool = False
+    #: Never let the gateway replay a request: isolates keep connections open for an hour
+    #: and the pool drops closed ones, so a connection failing means the isolate failed,
+    #: and the request may be what crashed it.
+    replay_safe: bool = False
     _released: bool = False
     _stream: bool = False
 
@@ -54,55 +71,84 @@ class Lease:
 class Pool:
     spec: IsolateSpec
     isolates: list[Isolate] = field(default_factory=list)
-    starting: Isolate | None = None
     retired: bool = False
+
+    def starting(self) -> Isolate | None:
+        return next((i for i in self.isolates if i.state == "starting"), None)
+
+
+Event = Callable[[IsolateSpec, float], None]
+Eviction = Callable[[IsolateSpec, str], None]
 
 
 class Supervisor:
     def __init__(self, sockets_dir: Path, log_writer_for: Callable[[IsolateSpec], LogWriter],
                  *, grace_s: float = 10.0, start_timeout_s: float = 900.0,
-                 on_cold_start: Callable[[IsolateSpec, float], None] | None = None) -> None:
+                 memory: MemoryLimiter | None = None,
+                 on_cold_start: Event | None = None,
+                 on_eviction: Eviction | None = None) -> None:
         self.sockets_dir = sockets_dir
-        self.on_cold_start = on_cold_start
         self.log_writer_for = log_writer_for
         self.grace_s = grace_s
         self.start_timeout_s = start_timeout_s
+        self.memory = memory or choose_limiter()
+        self.on_cold_start = on_cold_start
+        self.on_eviction = on_eviction
         self.pools: dict[str, Pool] = {}
         self._stopping = False
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    def _background(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle())
 
     def isolates(self) -> list[Isolate]:
         return [i for p in self.pools.values() for i in p.isolates]
 
+    # -- leasing -------------------------------------------------------------
     async def acquire(self, spec: IsolateSpec) -> Lease:
         if self._stopping:
             raise IsolateFailed("the platform is shutting down")
         pool = self.pools.get(spec.deployment_id)
         if pool is None or pool.retired:
             pool = self.pools[spec.deployment_id] = Pool(spec)
-        isolate = await self._pick(pool)
-        isolate.inflight += 1
-        try:
-            reader, writer = await isolate.connect()
-        except OSError as exc:
-            isolate.inflight -= 1
-            raise IsolateFailed(f"cannot connect to isolate {isolate.id}: {exc}") from exc
-        return Lease(isolate, reader, writer)
+        for attempt in range(3):
+            isolate = await self._pick(pool)
+            isolate.inflight += 1
+            try:
+                reader, writer, reused = await isolate.connect()
+                break
+            except OSError as exc:
+                isolate.inflight -= 1
+                # Died a moment ago (its exit not yet reaped): never pick it again.
+                if isolate.state == "ready":
+                    isolate.state = "stopping"
+                if attempt == 2:
+                    raise IsolateFailed(f"cannot connect to isolate {isolate.id}: {exc}"
+                                        ) from exc
+        limits = spec.limits
+        return Lease(isolate, reader, writer, Limits(
+            ttfb_timeout=limits.ttfb_timeout_s, silence_timeout=limits.silence_timeout_s,
+            max_body_bytes=limits.max_body_bytes), reused=reused)
 
     async def _pick(self, pool: Pool) -> Isolate:
-        live = [i for i in pool.isolates if i.state == "ready"]
-        if live:
-            return min(live, key=lambda i: i.inflight)
-        # Cold start: one isolate per burst; every waiter shares its readiness.
-        if pool.starting is None or not pool.starting.alive:
-            pool.starting = await self._spawn(pool)
-        isolate = pool.starting
-        await isolate.wait_ready(self.start_timeout_s)
-        if pool.starting is isolate:
-            pool.starting = None
-            if self.on_cold_start is not None and isolate.cold_start_s is not None:
-                self.on_cold_start(pool.spec, isolate.cold_start_s)
-        return isolate
+        limits = pool.spec.limits
+        while True:
+            ready = [i for i in pool.isolates if i.state == "ready"]
+            if ready:
+                best = min(ready, key=lambda i: i.inflight)
+                live = sum(1 for i in pool.isolates if i.alive)
+                if (best.inflight >= limits.target_inflight and live < limits.max_isolates
+                        and pool.starting() is None):
+                    await self._spawn(pool)  # serves later requests once ready
+                return best
+            starting = pool.starting() or await self._spawn(pool)
+            await starting.wait_ready(self.start_timeout_s)
 
     async def _spawn(self, pool: Pool) -> Isolate:
         self.sockets_dir.mkdir(parents=True, exist_ok=True)
@@ -110,23 +156,51 @@ class Supervisor:
         isolate.socket_path = self.sockets_dir / f"{isolate.id}.sock"
         pool.isolates.append(isolate)
         try:
-            await isolate.start()
+            await isolate.start(self.memory)
         except Exception as exc:
             pool.isolates.remove(isolate)
             raise IsolateFailed(f"cannot start isolate: {exc}") from exc
-        task = asyncio.create_task(self._forget_when_exited(pool, isolate))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._background(self._follow(pool, isolate))
         return isolate
 
-    async def _forget_when_exited(self, pool: Pool, isolate: Isolate) -> None:
-        await isolate._exited.wait()
+    async def _follow(self, pool: Pool, isolate: Isolate) -> None:
+        with contextlib.suppress(IsolateFailed):
+            await isolate.wait_ready(self.start_timeout_s)
+            if self.on_cold_start is not None and isolate.cold_start_s is not None:
+                self.on_cold_start(pool.spec, isolate.cold_start_s)
+        await isolate.wait_exited()
         with contextlib.suppress(ValueError):
             pool.isolates.remove(isolate)
+        if isolate.exit_reason and self.on_eviction is not None:
+            self.on_eviction(pool.spec, "memory")
 
+    # -- scale to zero -------------------------------------------------------
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self._reap_interval())
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                for isolate in list(pool.isolates):
+                    idle_for = now - isolate.last_active
+                    if (isolate.state == "ready" and not isolate.busy
+                            and idle_for >= pool.spec.limits.idle_timeout_s):
+                        isolate.log(isolate.id, "phloem", f"idle for {idle_for:.0f} s: "
+                                    "evicting (SIGINT)")
+                        if self.on_eviction is not None:
+                            self.on_eviction(pool.spec, "idle")
+                        isolate.state = "stopping"  # no new leases from now on
+                        self._background(isolate.stop(self.grace_s))
+
+    def _reap_interval(self) -> float:
+        # Check often enough for the shortest idle limit in use (tests use seconds).
+        shortest = min((p.spec.limits.idle_timeout_s for p in self.pools.values()),
+                       default=60.0)
+        return max(0.05, min(1.0, shortest / 4))
+
+    # -- retirement and shutdown ---------------------------------------------
     async def retire(self, deployment_id: str, drain_s: float = 900.0) -> None:
-        """Stop sending new work to a deployment's isolates; stop each once its in-flight
-        requests are done (or after ``drain_s``)."""
+        """Stop sending new work to a deployment's isolates; stop each once its requests,
+        streams and background work are done (or after ``drain_s``)."""
         pool = self.pools.pop(deployment_id, None)
         if pool is None:
             return
@@ -136,13 +210,17 @@ class Supervisor:
     async def _drain_and_stop(self, isolate: Isolate, drain_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_s
-        while isolate.inflight > 0 and isolate.alive and loop.time() < deadline:
+        while isolate.busy and isolate.alive and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await isolate.stop(self.grace_s)
 
     async def stop_all(self) -> None:
         self._stopping = True
+        if self._reaper is not None:
+            self._reaper.cancel()
         isolates = self.isolates()
         self.pools.clear()
         await asyncio.gather(*(i.stop(self.grace_s) for i in isolates),
                              return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()

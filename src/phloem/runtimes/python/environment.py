@@ -27,7 +27,7 @@ from packaging.requirements import Requirement
 
 import phloem
 
-RUNTIME_DISTRIBUTIONS = ("uvicorn", "httptools", "uvloop")
+RUNTIME_DISTRIBUTIONS = ("uvicorn", "httptools", "uvloop", "websockets")
 
 # phloem files an isolate imports; each must import only the standard library and uvicorn.
 RUNTIME_MODULES = (

@@ -14,9 +14,11 @@ requests and runs the app's lifespan shutdown, which is where users close their 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import ctypes
 import importlib
 import inspect
+import io
 import os
 import signal
 import socket
@@ -73,15 +75,84 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "phloem_request_id", default=None)
+
+
+class _TaggedStream(io.TextIOBase):
+    """stdout/stderr that prefix each line written during a request with its
+    ``X-Request-Id``, so the function's logs tie output to requests."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.at_line_start = True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        rid = _request_id.get()
+        if rid is None:
+            self.inner.write(text)
+        else:
+            for piece in text.splitlines(keepends=True):
+                if self.at_line_start:
+                    self.inner.write(f"[rid={rid}] ")
+                self.inner.write(piece)
+                self.at_line_start = piece.endswith("\n")
+            return len(text)
+        self.at_line_start = text.endswith("\n") if text else self.at_line_start
+        return len(text)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def fileno(self) -> int:
+        return int(self.inner.fileno())
+
+
+def _with_request_ids(app: Any) -> Any:
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            for name, value in scope.get("headers", ()):
+                if name == b"x-request-id":
+                    token = _request_id.set(value.decode("latin-1"))
+                    try:
+                        return await app(scope, receive, send)  # type: ignore[no-any-return]
+                    finally:
+                        _request_id.reset(token)
+        return await app(scope, receive, send)  # type: ignore[no-any-return]
+
+    return wrapped
+
+
 def serve(app: Any, fd: int, ready_fd: int | None) -> None:
     import uvicorn
+
+    from phloem import functions
+
+    def notify(busy: bool) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"W" if busy else b"D")
+
+    functions.set_notifier(notify)
+    sys.stdout = _TaggedStream(sys.stdout)
+    sys.stderr = _TaggedStream(sys.stderr)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
+            # wait_until work runs to completion (within its budget) before the app's
+            # shutdown hooks close what it may be using.
+            shutdown_hooks = self.lifespan.shutdown
+
+            async def shutdown() -> None:
+                await functions.drain()
+                await shutdown_hooks()
+
+            self.lifespan.shutdown = shutdown
             if self.started and ready_fd is not None:
                 os.write(ready_fd, b"R")
-                os.close(ready_fd)
 
     try:
         import uvloop  # noqa: F401
@@ -90,7 +161,8 @@ def serve(app: Any, fd: int, ready_fd: int | None) -> None:
     except ImportError:
         loop = "asyncio"
     config = uvicorn.Config(
-        app, fd=fd, loop=loop, http="httptools", lifespan="auto", access_log=False,
+        _with_request_ids(app), fd=fd, loop=loop, http="httptools", lifespan="auto",
+        access_log=False,
         log_level=os.environ.get("PHLOEM_LOG_LEVEL", "warning"), proxy_headers=False,
         server_header=False, date_header=True, timeout_keep_alive=3600,
         timeout_graceful_shutdown=None,

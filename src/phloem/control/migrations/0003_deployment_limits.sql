@@ -1,0 +1,1 @@
+ALTER TABLE deployments ADD COLUMN limits jsonb NOT NULL DEFAULT '{}';
