@@ -134,6 +134,16 @@ class Client:
         result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/functions/{slug}")
         return result
 
+    def env_digest(self, env: dict[str, str]) -> str:
+        """The platform's keyed fingerprint of ``env`` (compare with a deployment's)."""
+        return str(self.json("POST", "/env-digest", json={"env": env})["digest"])
+
+    def function_env(self, branch: str, slug: str, show_values: bool) -> dict[str, Any]:
+        result: dict[str, Any] = self.json(
+            "GET", f"/branches/{_ref(branch)}/functions/{slug}/env",
+            params={"show_values": show_values})
+        return result
+
     def delete_function(self, branch: str, slug: str) -> None:
         self.request("DELETE", f"/branches/{_ref(branch)}/functions/{slug}")
 
@@ -175,6 +185,7 @@ class Client:
     def deploy(self, branch: str, slug: str, path: Path, entry: str, *,
                env: dict[str, str] | None = None, name: str | None = None,
                runtime: str | None = None, limits: dict[str, float] | None = None,
+               unset_env: list[str] | None = None, replace_env: bool = False,
                progress: Callable[[str], None] = lambda _: None,
                timeout: float = 1800.0) -> dict[str, Any]:
         """Pack, upload, deploy and wait until the deployment is ready or failed; returns
@@ -183,7 +194,20 @@ class Client:
         data, sha = pack_directory(path)
         progress(f"uploading {len(data) / 1024:.1f} KiB ({sha[:12]})")
         self.upload(data, sha)
+        return self.deploy_artifact(branch, slug, sha, entry, env=env, name=name,
+                                    runtime=runtime, limits=limits, unset_env=unset_env,
+                                    replace_env=replace_env, progress=progress,
+                                    timeout=timeout)
+
+    def deploy_artifact(self, branch: str, slug: str, sha: str, entry: str, *,
+                        env: dict[str, str] | None = None, name: str | None = None,
+                        runtime: str | None = None, limits: dict[str, float] | None = None,
+                        unset_env: list[str] | None = None, replace_env: bool = False,
+                        progress: Callable[[str], None] = lambda _: None,
+                        timeout: float = 1800.0) -> dict[str, Any]:
+        """Deploy an uploaded artifact and wait until it is ready or failed."""
         body: dict[str, Any] = {"artifact_sha256": sha, "entry": entry, "env": env or {},
+                                "unset_env": unset_env or [], "replace_env": replace_env,
                                 "limits": limits or {}}
         if name is not None:
             body["name"] = name

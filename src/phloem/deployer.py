@@ -22,11 +22,12 @@ from typing import Any
 
 from phloem.artifacts import ArtifactError, ArtifactStore
 from phloem.branches.manager import BranchManager
-from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store
+from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store, new_id
 from phloem.identity import Identity, make_dir
 from phloem.limits import check_limits
 from phloem.paths import DataPaths
 from phloem.runtimes.python import environment as pyenv
+from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import IsolateSpec, Supervisor
 from phloem.validation import InvalidInput, check_entry, check_env, check_name, check_slug
@@ -50,6 +51,10 @@ class DeployRequest:
     runtime: str | None = None
     name: str | None = None
     env: dict[str, str] | None = None
+    #: Names to remove from the env carried over from the previous deployment.
+    unset_env: list[str] | None = None
+    #: Start from an empty env instead of the previous deployment's (config apply).
+    replace_env: bool = False
     limits: dict[str, Any] | None = None
 
 
@@ -65,7 +70,8 @@ def check_runtime(runtime: str | None) -> str:
 class Deployer:
     def __init__(self, settings: Settings, paths: DataPaths, store: Store,
                  artifacts: ArtifactStore, branches: BranchManager, supervisor: Supervisor,
-                 runtime_dir: Path, isolate_python: str) -> None:
+                 runtime_dir: Path, isolate_python: str, secrets: SecretBox) -> None:
+        self.secrets = secrets
         self.settings = settings
         self.paths = paths
         self.store = store
@@ -104,7 +110,6 @@ class Deployer:
         check_slug(req.slug)
         check_entry(req.entry)
         runtime = check_runtime(req.runtime)
-        env = check_env(dict(req.env or {}))
         limits = check_limits(dict(req.limits or {}))
         if req.name is not None:
             check_name(req.name)
@@ -112,14 +117,38 @@ class Deployer:
             raise InvalidInput("artifact_sha256", f"no artifact {req.artifact_sha256} has "
                                "been uploaded (PUT /api/v1/artifacts/{sha256} first)")
         existing = await self.store.get_function(branch.id, req.slug)
+        # Unmentioned keys carry over from the previous deployment; unset ones go.
+        env = {} if req.replace_env or existing is None else await self._previous_env(existing)
+        for key in req.unset_env or []:
+            env.pop(key, None)
+        env.update(req.env or {})
+        check_env(env)
         name = req.name or (existing.name if existing else req.slug)
         fn = await self.store.upsert_function(branch.id, req.slug, name, runtime)
-        dep = await self.store.insert_deployment(fn.id, req.artifact_sha256, runtime,
-                                                 req.entry, env, limits)
+        dep_id = new_id("dep")
+        dep = await self.store.insert_deployment(
+            dep_id, fn.id, req.artifact_sha256, runtime, req.entry,
+            env_sealed=self.secrets.seal(env, dep_id), env_keys=list(env),
+            env_digest=self.secrets.digest(env), limits=limits)
         task = asyncio.create_task(self._build(branch, fn, dep))
         self._builds.add(task)
         task.add_done_callback(self._builds.discard)
         return dep
+
+    async def _previous_env(self, fn: FunctionRow) -> dict[str, str]:
+        """The env of the active deployment, else of the latest one."""
+        dep = None
+        if fn.active_deployment_id:
+            dep = await self.store.get_deployment(fn.active_deployment_id)
+        if dep is None:
+            deps = await self.store.list_deployments(fn.id)
+            dep = deps[0] if deps else None
+        return self.env_of(dep) if dep is not None else {}
+
+    def env_of(self, dep: DeploymentRow) -> dict[str, str]:
+        if dep.env_sealed:
+            return self.secrets.open(dep.env_sealed, dep.id)
+        return dict(dep.env)  # written before env sealing existed
 
     def identity(self, fn: FunctionRow) -> Identity:
         return Identity.isolate(self.settings.isolate_uid_base, fn.number)
@@ -148,7 +177,7 @@ class Deployer:
             "PYTHONPATH": os.pathsep.join(python_path),
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
-            **dep.env,
+            **self.env_of(dep),
             "DATABASE_URL": urls.pooled,
             "DATABASE_URL_UNPOOLED": urls.unpooled,
             "PHLOEM_BRANCH": branch.name,
@@ -284,7 +313,8 @@ class Deployer:
                 continue
             out.append(await self.deploy(child, DeployRequest(
                 slug=fn.slug, artifact_sha256=dep.artifact_sha256, entry=dep.entry,
-                runtime=dep.runtime, name=fn.name, env=dep.env, limits=dep.limits)))
+                runtime=dep.runtime, name=fn.name, env=self.env_of(dep), replace_env=True,
+                limits=dep.limits)))
         return out
 
     async def wait_builds(self) -> None:

@@ -20,23 +20,24 @@ from typing import Any
 import pathspec
 
 ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", ".mypy_cache/",
-                  ".pytest_cache/", ".ruff_cache/", ".DS_Store", ".env", ".phloem/"]
+                  ".pytest_cache/", ".ruff_cache/", ".DS_Store", ".env", ".env.*",
+                  ".phloem/"]
 
 
 class PackError(ValueError):
     pass
 
 
-def _spec_for(directory: Path) -> pathspec.PathSpec[Any]:
-    lines = list(ALWAYS_IGNORED)
+def _spec_for(directory: Path, extra: list[str]) -> pathspec.PathSpec[Any]:
+    lines = [*ALWAYS_IGNORED, *extra]
     gitignore = directory / ".gitignore"
     if gitignore.is_file():
         lines += gitignore.read_text().splitlines()
     return pathspec.PathSpec.from_lines("gitignore", lines)
 
 
-def list_files(directory: Path) -> list[str]:
-    spec = _spec_for(directory)
+def list_files(directory: Path, ignore: list[str] | None = None) -> list[str]:
+    spec = _spec_for(directory, ignore or [])
     out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(directory):
         rel_dir = os.path.relpath(dirpath, directory)
@@ -49,13 +50,15 @@ def list_files(directory: Path) -> list[str]:
     return sorted(out)
 
 
-def pack_directory(directory: Path, max_bytes: int = 100 * 1024 * 1024) -> tuple[bytes, str]:
+def pack_directory(directory: Path, max_bytes: int = 100 * 1024 * 1024,
+                   ignore: list[str] | None = None) -> tuple[bytes, str]:
+    """``ignore``: more gitignore-style patterns (e.g. the project's config file)."""
     if not directory.is_dir():
         raise PackError(f"path: {directory} is not a directory")
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in list_files(directory):
+        for rel in list_files(directory, ignore):
             path = directory / rel
             info = tarfile.TarInfo(rel)
             info.size = path.stat().st_size

@@ -42,6 +42,7 @@ from phloem.paths import DataPaths
 from phloem.postgres import Cluster, install_binaries
 from phloem.postgres.cluster import random_secret
 from phloem.runtimes.python import environment as pyenv
+from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import Supervisor
 
@@ -132,7 +133,8 @@ class Platform:
         await self.supervisor.start()
         self.artifacts = ArtifactStore(self.paths.artifacts)
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
-                                 self.supervisor, runtime_dir, isolate_python)
+                                 self.supervisor, runtime_dir, isolate_python,
+                                 SecretBox.from_data_dir(self.paths.secrets))
         await self.deployer.load_routes()
 
         router = PlatformRouter(self.deployer, self.supervisor, s.domain)

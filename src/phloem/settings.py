@@ -45,8 +45,9 @@ class Settings:
     isolate_uid_base: int = 1_500_000
     #: Interpreter for Python isolates; must be the same major.minor as phloem's own.
     isolate_python: str | None = None
-    #: First TCP port tried for branch clusters.
-    pg_port_base: int = 55432
+    #: First TCP port tried for branch clusters (and their poolers); below the usual
+    #: ephemeral range (32768-60999) so outgoing connections never take ours.
+    pg_port_base: int = 25432
     #: Seconds an isolate gets between SIGINT and SIGKILL.
     eviction_grace_s: float = 10.0
     #: Seconds a shutdown waits for in-flight requests.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,6 +36,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def db_port_base() -> int:
+    """A base for branch ports below the kernel's ephemeral range (where client sockets
+    take their local ports, which would race with ours), spread so that platforms in one
+    test run rarely meet."""
+    return random.randrange(20000, 30000, 50)
 
 
 def new_data_dir() -> Path:
@@ -97,7 +105,7 @@ class PlatformProcess:
 
     def args(self) -> list[str]:
         return [PHLOEM, "up", "--api-port", str(self.api_port), "--gateway-port",
-                str(self.gateway_port), "--pg-port-base", str(free_port()),
+                str(self.gateway_port), "--pg-port-base", str(db_port_base()),
                 "--grace", "5"]
 
     def launch(self, extra: list[str] | None = None) -> None:
@@ -161,6 +169,9 @@ class PlatformProcess:
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--output", "json").stdout)
+
+    def cli_json_in(self, cwd: Path, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--output", "json", cwd=cwd).stdout)
 
     def gateway(self, host: str, timeout: float = 120) -> httpx.Client:
         """A client that connects to the gateway on 127.0.0.1 and sends ``host``: glibc

@@ -3,7 +3,7 @@
     binary = find_pgbouncer()                       # None: pooled URLs fall back to direct
     pooler = Pooler(binary, run_dir=branch_dir / "pgbouncer", owner=ident,
                     listen_host="127.0.0.1", port=55433, backend_host="127.0.0.1",
-                    backend_port=55432, database="phloemdb",
+                    backend_port=25432, database="phloemdb",
                     log_file=branch_dir / "pgbouncer.log")
     with cluster.connect(superuser_password) as conn:
         pooler.write_config(scram_secrets(conn, ["phloemdb_owner"]))

@@ -49,8 +49,20 @@ DataDirOpt = Annotated[Path, typer.Option(
     "--data-dir", envvar="PHLOEM_DATA_DIR", help="Where phloem keeps its state.",
     default_factory=default_data_dir, show_default="/var/lib/phloem as root, else the "
     "user data dir")]
-BranchOpt = Annotated[str, typer.Option("--branch", "-b", envvar="PHLOEM_BRANCH",
-                                        help="Branch name or id.")]
+def linked_branch(value: str) -> str:
+    """An explicit branch, else the one the project in the working directory is linked
+    to ('phloem link'), else main."""
+    if value:
+        return value
+    from phloem.project import find_root, read_link
+
+    root = find_root(Path.cwd())
+    return (read_link(root).get("branch") if root else None) or "main"
+
+
+BranchOpt = Annotated[str, typer.Option(
+    "--branch", "-b", envvar="PHLOEM_BRANCH", callback=linked_branch,
+    help="Branch name or id [default: the linked branch, else main].", show_default=False)]
 OutputOpt = Annotated[OutputFormat, typer.Option("--output", "-o", envvar="PHLOEM_OUTPUT",
                                                  help="Output format.")]
 
@@ -99,7 +111,7 @@ def up(
         "[default: the gateway port]")] = None,
     pg_port_base: Annotated[int, typer.Option(envvar="PHLOEM_PG_PORT_BASE",
                                               help="First TCP port for branch databases.")]
-    = 55432,
+    = 25432,
     service_user: Annotated[str, typer.Option(
         envvar="PHLOEM_SERVICE_USER", help="Unprivileged user PostgreSQL runs as (root "
         "only).")] = "phloem",
@@ -388,7 +400,7 @@ def branches_delete(
 @app.command("connection-string")
 def connection_string(
     data_dir: DataDirOpt,
-    branch: BranchOpt = "main",
+    branch: BranchOpt = "",
     pooled: Annotated[bool, typer.Option("--pooled/--unpooled", envvar="PHLOEM_POOLED",
                                          help="Through the pooler, or direct.")] = True,
 ) -> None:
@@ -428,7 +440,8 @@ def functions_deploy(
         "--entry", "-e", envvar="PHLOEM_ENTRY", help="ASGI app as module:attr [default: "
         "main:app or app:app, whichever file exists]")] = None,
     env: Annotated[list[str] | None, typer.Option(
-        "--env", help="KEY=VALUE for the function's environment (repeatable).")] = None,
+        "--env", help="KEY=VALUE sets a variable, KEY= removes it; others carry over from "
+        "the previous deployment (repeatable).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Display name [default: the "
                                              "slug]")] = None,
     runtime: Annotated[str | None, typer.Option(
@@ -437,7 +450,7 @@ def functions_deploy(
     limit: Annotated[list[str] | None, typer.Option(
         "--limit", help="NAME=VALUE overriding a platform limit for this function, e.g. "
         "idle_timeout_s=60, memory_mb=512, max_isolates=4 (repeatable).")] = None,
-    branch: BranchOpt = "main",
+    branch: BranchOpt = "",
     output: OutputOpt = OutputFormat.text,
 ) -> None:
     """Deploy a directory as a function on a branch and wait until it is ready.
@@ -448,6 +461,8 @@ def functions_deploy(
         check_slug(slug)
         resolved_entry = check_entry(entry) if entry else detect_entry(path)
         env_map = parse_env_pairs(env or [])
+        unset = [k for k, v in env_map.items() if v == ""]
+        env_map = {k: v for k, v in env_map.items() if v != ""}
         limits = check_limits(parse_pairs("limit", limit or []))
     except InvalidInput as exc:
         fail(str(exc))
@@ -461,7 +476,8 @@ def functions_deploy(
                     err.print(f"  [dim]{escape(line)}[/]", highlight=False)
 
             dep = client.deploy(branch, slug, path, resolved_entry, env=env_map, name=name,
-                                runtime=runtime, limits=limits, progress=progress)
+                                runtime=runtime, limits=limits, unset_env=unset,
+                                progress=progress)
         fn = client.get_function(branch, slug)
     except (ClientError, InvalidInput) as exc:
         fail(str(exc))
@@ -474,7 +490,7 @@ def functions_deploy(
 
 
 @functions_app.command("list")
-def functions_list(data_dir: DataDirOpt, branch: BranchOpt = "main",
+def functions_list(data_dir: DataDirOpt, branch: BranchOpt = "",
                    output: OutputOpt = OutputFormat.text) -> None:
     """List the functions of a branch."""
     try:
@@ -492,15 +508,29 @@ def functions_list(data_dir: DataDirOpt, branch: BranchOpt = "main",
 
 
 @functions_app.command("get")
-def functions_get(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
-                  output: OutputOpt = OutputFormat.text) -> None:
+def functions_get(
+    slug: str, data_dir: DataDirOpt, branch: BranchOpt = "",
+    output: OutputOpt = OutputFormat.text,
+    list_env: Annotated[bool, typer.Option("--list-env", help="Show the env's names.")]
+    = False,
+    show_values: Annotated[bool, typer.Option("--show-values", help="With --list-env: "
+                                              "show the values too (secrets!).")] = False,
+) -> None:
     """Show one function and its latest deployment."""
     try:
-        fn = client_for(data_dir).get_function(branch, slug)
+        client = client_for(data_dir)
+        fn = client.get_function(branch, slug)
+        env = client.function_env(branch, slug, show_values) if list_env else None
     except ClientError as exc:
         fail(str(exc))
+    if env is not None:
+        fn["env"] = env["values"] if show_values else env["keys"]
     if output is OutputFormat.json:
         print_json(fn)
+        return
+    if env is not None:
+        for key in env["keys"]:
+            out.print(f"{key}={env['values'][key]}" if show_values else key, highlight=False)
         return
     for key in ("slug", "name", "branch_id", "branch_name", "runtime", "invocation_url",
                 "status", "deployment_id", "created_at"):
@@ -511,7 +541,7 @@ def functions_get(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
 
 
 @functions_app.command("delete")
-def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
+def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "",
                      output: OutputOpt = OutputFormat.text) -> None:
     """Delete a function: its URL stops answering and its isolates stop."""
     try:
@@ -540,7 +570,7 @@ def parse_duration(text: str) -> float:
 
 @functions_app.command("logs")
 def functions_logs(
-    slug: str, data_dir: DataDirOpt, branch: BranchOpt = "main",
+    slug: str, data_dir: DataDirOpt, branch: BranchOpt = "",
     lines: Annotated[int, typer.Option(help="How many recent lines.")] = 200,
     since: Annotated[str | None, typer.Option(help="Only lines newer than this, e.g. 10m "
                                               "[default: no limit]")] = None,
@@ -571,6 +601,8 @@ def functions_logs(
 
 
 def main() -> None:
+    import phloem.cli.project_cmds  # noqa: F401  (registers its commands on `app`)
+
     app()
 
 

@@ -77,6 +77,8 @@ class DeploymentOut(BaseModel):
     entry: str
     artifact_sha256: str
     env_keys: list[str]
+    env_digest: str | None = Field(None, description="keyed fingerprint of the env "
+                                   "values: equal digests mean equal envs")
     limits: dict[str, Any]
     error: str | None
     build_log: str
@@ -105,10 +107,18 @@ class DeployIn(BaseModel):
     entry: str
     runtime: str | None = None
     name: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="variables to set; "
+                                "others carry over from the previous deployment")
+    unset_env: list[str] = Field(default_factory=list, description="variables to remove")
+    replace_env: bool = Field(False, description="start from an empty env instead of "
+                              "the previous deployment's")
     limits: dict[str, float] = Field(default_factory=dict, description="per-function "
                                      "overrides of the platform's limits, e.g. "
                                      "{\"idle_timeout_s\": 60, \"memory_mb\": 512}")
+
+
+class EnvDigestIn(BaseModel):
+    env: dict[str, str]
 
 
 class ConnectionOut(BaseModel):
@@ -125,7 +135,9 @@ class ArtifactOut(BaseModel):
 def _deployment_out(d: DeploymentRow) -> DeploymentOut:
     return DeploymentOut(
         id=d.id, function_id=d.function_id, status=d.status, runtime=d.runtime,
-        entry=d.entry, artifact_sha256=d.artifact_sha256, env_keys=sorted(d.env),
+        entry=d.entry, artifact_sha256=d.artifact_sha256,
+        env_keys=sorted(d.env_keys if d.env_keys is not None else d.env),
+        env_digest=d.env_digest,
         limits=d.limits or {},
         error=d.error, build_log=d.build_log, created_at=d.created_at,
         finished_at=d.finished_at,
@@ -308,7 +320,8 @@ def create_api(platform: Platform) -> FastAPI:
     async def deploy(branch: BranchRef, slug: str, body: DeployIn) -> DeploymentOut:
         dep = await platform.deployer.deploy(branch, DeployRequest(
             slug=slug, artifact_sha256=body.artifact_sha256, entry=body.entry,
-            runtime=body.runtime, name=body.name, env=body.env, limits=body.limits))
+            runtime=body.runtime, name=body.name, env=body.env, unset_env=body.unset_env,
+            replace_env=body.replace_env, limits=body.limits))
         return _deployment_out(dep)
 
     @app.delete("/api/v1/branches/{ref}/functions/{slug}", dependencies=auth,
@@ -330,6 +343,24 @@ def create_api(platform: Platform) -> FastAPI:
         if not follow:
             return PlainTextResponse(text)
         return StreamingResponse(follow_file(path, text), media_type="text/plain")
+
+    @app.get("/api/v1/branches/{ref}/functions/{slug}/env", dependencies=auth)
+    async def function_env(branch: BranchRef, slug: str,
+                           show_values: bool = False) -> dict[str, Any]:
+        """The active deployment's env names (values only with ``show_values``)."""
+        fn = await platform.store.get_function(branch.id, slug)
+        if fn is None or fn.active_deployment_id is None:
+            raise NotFound("function", slug)
+        dep = await platform.store.get_deployment(fn.active_deployment_id)
+        assert dep is not None
+        env = platform.deployer.env_of(dep)
+        return {"keys": sorted(env), "values": env if show_values else None}
+
+    @app.post("/api/v1/env-digest", dependencies=auth)
+    async def env_digest(body: EnvDigestIn) -> dict[str, str]:
+        """Fingerprint an env the way deployments' ``env_digest`` is made, so a client can
+        tell whether its env differs without the platform returning any value."""
+        return {"digest": platform.deployer.secrets.digest(body.env)}
 
     @app.get("/api/v1/deployments/{deployment_id}", dependencies=auth)
     async def get_deployment(deployment_id: str) -> DeploymentOut:

@@ -63,6 +63,9 @@ class DeploymentRow:
     created_at: datetime
     finished_at: datetime | None
     limits: dict[str, Any] | None = None
+    env_sealed: str | None = None
+    env_keys: list[str] | None = None
+    env_digest: str | None = None
 
 
 def new_id(prefix: str, nbytes: int = 6) -> str:
@@ -185,14 +188,16 @@ class Store:
         await self._exec("DELETE FROM functions WHERE id = %s", (function_id,))
 
     # -- deployments ---------------------------------------------------------
-    async def insert_deployment(self, function_id: str, artifact_sha256: str, runtime: str,
-                                entry: str, env: dict[str, str],
+    async def insert_deployment(self, deployment_id: str, function_id: str,
+                                artifact_sha256: str, runtime: str, entry: str, *,
+                                env_sealed: str, env_keys: list[str], env_digest: str,
                                 limits: dict[str, Any] | None = None) -> DeploymentRow:
         row = await self._one(
-            "INSERT INTO deployments (id, function_id, artifact_sha256, runtime, entry, env,"
-            " limits, status) VALUES (%s,%s,%s,%s,%s,%s,%s,'building') RETURNING *",
-            (new_id("dep"), function_id, artifact_sha256, runtime, entry, Jsonb(env),
-             Jsonb(limits or {})),
+            "INSERT INTO deployments (id, function_id, artifact_sha256, runtime, entry,"
+            " env_sealed, env_keys, env_digest, limits, status)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,'building') RETURNING *",
+            (deployment_id, function_id, artifact_sha256, runtime, entry, env_sealed,
+             sorted(env_keys), env_digest, Jsonb(limits or {})),
         )
         assert row is not None
         return DeploymentRow(**row)

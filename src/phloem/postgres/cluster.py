@@ -1,6 +1,6 @@
 """One PostgreSQL cluster: a data directory and the postmaster serving it.
 
-    cluster = Cluster(bins, pgdata, socket_dir=..., port=55432, owner=ident, log_file=...)
+    cluster = Cluster(bins, pgdata, socket_dir=..., port=25432, owner=ident, log_file=...)
     cluster.initialize(superuser_password="...")     # initdb, scram-sha-256 everywhere
     cluster.start()                                  # pg_ctl start -w
     with cluster.connect(password="...") as conn: ...

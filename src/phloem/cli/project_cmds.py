@@ -1,0 +1,327 @@
+"""Project commands: config status|plan|apply, deploy, link, checkout, env pull|run, init.
+
+    phloem init --template python && phloem link && phloem deploy
+    phloem checkout preview/login          # new branch, functions deployed, .env pulled
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from phloem.cli.main import (
+    BranchOpt,
+    DataDirOpt,
+    OutputFormat,
+    OutputOpt,
+    app,
+    client_for,
+    err,
+    fail,
+    out,
+    print_json,
+)
+from phloem.client import Client, ClientError
+from phloem.project import (
+    CONFIG_FILE,
+    ConfigError,
+    Project,
+    apply_plan,
+    find_root,
+    load_project,
+    make_plan,
+    pack_project,
+    read_link,
+    write_link,
+)
+
+config_app = typer.Typer(help="Config as code: compare phloemfile.py with a branch and "
+                              "make it so.", no_args_is_help=True)
+env_app = typer.Typer(help="The linked branch's connection variables, locally.",
+                      no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(env_app, name="env")
+
+ProjectOpt = Annotated[Path, typer.Option(
+    "--project", "-C", envvar="PHLOEM_PROJECT", help="Project root [default: the nearest "
+    "directory up from here with phloemfile.py or a link]", show_default=False)]
+EnvFileOpt = Annotated[Path | None, typer.Option(
+    "--env", envvar="PHLOEM_ENV_FILE", help="Dotenv file loaded before phloemfile.py is "
+    "evaluated.")]
+ACTION_STYLE = {"create": "green", "update": "yellow", "delete": "red", "unchanged": "dim"}
+
+
+def project_root(given: Path | None) -> Path:
+    if given and str(given) != ".":
+        return given.absolute()
+    return find_root(Path.cwd()) or Path.cwd()
+
+
+def _load(root: Path, env_file: Path | None) -> Project:
+    try:
+        return load_project(root, env_file)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _plan(client: Client, project: Project, branch: str) -> tuple[list[Any], tuple[bytes, str]]:
+    try:
+        artifact = pack_project(project)
+        return make_plan(client, project, branch, artifact[1]), artifact
+    except (ConfigError, ClientError) as exc:
+        fail(str(exc))
+
+
+def _show_plan(plan: list[Any], branch: str) -> None:
+    out.print(f"plan for branch [bold]{escape(branch)}[/]:")
+    for item in plan:
+        style = ACTION_STYLE[item.action]
+        why = f"  ({'; '.join(item.reasons)})" if item.reasons else ""
+        out.print(f"  [{style}]{item.action:<9}[/] {item.slug}{escape(why)}")
+    counts = {a: sum(1 for i in plan if i.action == a) for a in ACTION_STYLE}
+    out.print("  " + ", ".join(f"{n} to {a}" if a != "unchanged" else f"{n} unchanged"
+                               for a, n in counts.items()))
+
+
+@config_app.command("status")
+def config_status(data_dir: DataDirOpt, branch: BranchOpt = "",
+                  output: OutputOpt = OutputFormat.text) -> None:
+    """The linked branch's live functions and their active deployments."""
+    try:
+        fns = client_for(data_dir).list_functions(branch)
+    except ClientError as exc:
+        fail(str(exc))
+    rows = [{"slug": f["slug"], "status": f["status"], "deployment_id": f["deployment_id"],
+             "invocation_url": f["invocation_url"]} for f in fns]
+    if output is OutputFormat.json:
+        print_json({"branch": branch, "functions": rows})
+        return
+    out.print(f"branch [bold]{escape(branch)}[/]: {len(rows)} function(s)")
+    for r in rows:
+        out.print(f"  {r['slug']:<20} {r['status']:<9} {r['deployment_id'] or '-'}  "
+                  f"{r['invocation_url']}", highlight=False)
+
+
+@config_app.command("plan")
+def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
+                env_file: EnvFileOpt = None, branch: BranchOpt = "",
+                output: OutputOpt = OutputFormat.text) -> None:
+    """What apply would change (create / update / delete / unchanged, with reasons);
+    changes nothing."""
+    proj = _load(project_root(project), env_file)
+    plan, _ = _plan(client_for(data_dir), proj, branch)
+    if output is OutputFormat.json:
+        print_json({"branch": branch, "plan": [i.as_dict() for i in plan]})
+    else:
+        _show_plan(plan, branch)
+
+
+def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
+             output: OutputFormat) -> None:
+    proj = _load(root, env_file)
+    client = client_for(data_dir)
+    plan, artifact = _plan(client, proj, branch)
+    quiet = output is OutputFormat.json
+    if not quiet:
+        _show_plan(plan, branch)
+    try:
+        with err.status("applying") as spinner:
+            def progress(line: str) -> None:
+                spinner.update(f"applying: {line[:100]}")
+                if not quiet:
+                    err.print(f"  [dim]{escape(line)}[/]", highlight=False)
+
+            results = apply_plan(client, proj, plan, branch, artifact, progress)
+    except ClientError as exc:
+        fail(str(exc))
+    failed = [r for r in results if not r.ok]
+    if quiet:
+        print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
+                    "results": [r.__dict__ for r in results]})
+    else:
+        for r in results:
+            mark = "[green]ok[/]" if r.ok else "[bold red]failed[/]"
+            out.print(f"  {mark} {r.action} {r.slug}: {escape(r.detail)}")
+        if not results:
+            out.print("nothing to do")
+    if failed:
+        fail("apply failed for " + ", ".join(r.slug for r in failed))
+
+
+@config_app.command("apply")
+def config_apply(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
+                 env_file: EnvFileOpt = None, branch: BranchOpt = "",
+                 output: OutputOpt = OutputFormat.text) -> None:
+    """Bundle, upload and deploy what the plan says, in parallel; exit 1 if any function
+    failed (the others stay applied)."""
+    do_apply(data_dir, project_root(project), env_file, branch, output)
+
+
+@app.command("deploy")
+def deploy_alias(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
+                 env_file: EnvFileOpt = None, branch: BranchOpt = "",
+                 output: OutputOpt = OutputFormat.text) -> None:
+    """Apply phloemfile.py to the linked branch (same as 'phloem config apply')."""
+    do_apply(data_dir, project_root(project), env_file, branch, output)
+
+
+# -- link, checkout, env ---------------------------------------------------------
+def _pull_env(client: Client, root: Path, branch: str, file: Path) -> Path:
+    target = file if file.is_absolute() else root / file
+    values = {
+        "DATABASE_URL": client.connection_string(branch, pooled=True),
+        "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
+        "PHLOEM_BRANCH": client.get_branch(branch)["name"],
+    }
+    values["NEON_BRANCH"] = values["PHLOEM_BRANCH"]
+    lines = target.read_text().splitlines() if target.exists() else []
+    seen: set[str] = set()
+    merged = []
+    for line in lines:  # the user's own lines stay as they are
+        key = line.strip().removeprefix("export ").split("=", 1)[0].strip()
+        if key in values and "=" in line:
+            merged.append(f"{key}={values[key]}")
+            seen.add(key)
+        else:
+            merged.append(line)
+    merged += [f"{k}={v}" for k, v in values.items() if k not in seen]
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(merged) + "\n")
+    return target
+
+
+@app.command("link")
+def link(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOpt = "",
+         no_env_pull: Annotated[bool, typer.Option("--no-env-pull", help="Do not write "
+                                                   ".env.")] = False) -> None:
+    """Link this project to a branch (.phloem/link.json); later commands use it."""
+    root = project_root(project)
+    client = client_for(data_dir)
+    try:
+        b = client.get_branch(branch)
+        path = write_link(root, client.creds.api_url, b["name"])
+        if not no_env_pull:
+            _pull_env(client, root, b["name"], Path(".env"))
+    except ClientError as exc:
+        fail(str(exc))
+    out.print(f"linked {root} to branch {b['name']} ({b['id']}) in {path}")
+
+
+@app.command("checkout")
+def checkout(
+    name: Annotated[str, typer.Argument(help="Branch to switch to (created if missing).")],
+    data_dir: DataDirOpt, project: ProjectOpt = Path("."), env_file: EnvFileOpt = None,
+    parent: Annotated[str | None, typer.Option("--parent", help="Parent for a new branch "
+                                               "[default: the linked branch]")] = None,
+    no_env_pull: Annotated[bool, typer.Option("--no-env-pull", help="Do not write "
+                                              ".env.")] = False,
+) -> None:
+    """Switch the link to NAME. A new branch is created from the parent and gets the
+    project's functions deployed; an existing one is only switched to.
+
+    Example: phloem checkout preview/login
+    """
+    root = project_root(project)
+    client = client_for(data_dir)
+    created = False
+    try:
+        try:
+            client.get_branch(name)
+        except ClientError as exc:
+            if exc.status != 404:
+                raise
+            base = parent or read_link(root).get("branch") or "main"
+            with err.status(f"creating branch {name} from {base}"):
+                client.create_branch(name, base)
+            created = True
+        write_link(root, client.creds.api_url, name)
+    except ClientError as exc:
+        fail(str(exc))
+    out.print(f"{'created and ' if created else ''}switched to branch {name}")
+    if created and (root / CONFIG_FILE).is_file():
+        do_apply(data_dir, root, env_file, name, OutputFormat.text)
+    if not no_env_pull:
+        try:
+            target = _pull_env(client, root, name, Path(".env"))
+        except ClientError as exc:
+            fail(str(exc))
+        out.print(f"wrote {target}")
+
+
+@env_app.command("pull")
+def env_pull(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOpt = "",
+             file: Annotated[Path, typer.Option("--file", help="Dotenv file to merge "
+                                                "into.")] = Path(".env")) -> None:
+    """Write DATABASE_URL, DATABASE_URL_UNPOOLED, PHLOEM_BRANCH and NEON_BRANCH into a
+    dotenv file, keeping every other line of it."""
+    try:
+        target = _pull_env(client_for(data_dir), project_root(project), branch, file)
+    except ClientError as exc:
+        fail(str(exc))
+    out.print(f"wrote {target}")
+
+
+@env_app.command("run", context_settings={"allow_extra_args": True,
+                                          "ignore_unknown_options": True})
+def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "") -> None:
+    """Run a command with the branch's connection variables injected.
+
+    Example: phloem env run -- npx drizzle-kit push
+    """
+    command = list(ctx.args)
+    if not command:
+        fail("env run: give a command after --, e.g. phloem env run -- psql")
+    client = client_for(data_dir)
+    try:
+        name = client.get_branch(branch)["name"]
+        env = {**os.environ,
+               "DATABASE_URL": client.connection_string(branch, pooled=True),
+               "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
+               "PHLOEM_BRANCH": name, "NEON_BRANCH": name}
+    except ClientError as exc:
+        fail(str(exc))
+    if shutil.which(command[0]) is None:
+        fail(f"env run: command not found: {command[0]}", 127)
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command("init")
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to create the project.")]
+    = Path("."),
+    template: Annotated[str, typer.Option("--template", "-t", help="python (hono arrives "
+                                          "with the Node runtime).")] = "python",
+) -> None:
+    """Scaffold a project: phloemfile.py, an ASGI app, requirements.txt."""
+    if template != "python":
+        fail(f"template: {template!r} is not available (available: python)")
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / CONFIG_FILE).exists():
+        fail(f"{directory / CONFIG_FILE} exists; not overwriting")
+    src = resources.files("phloem") / "templates" / template
+    written = []
+
+    def copy(node: Any, dest: Path) -> None:
+        for item in node.iterdir():
+            if item.name == "__pycache__":
+                continue
+            target = dest / item.name.removesuffix(".tmpl")
+            if item.is_dir():
+                target.mkdir(exist_ok=True)
+                copy(item, target)
+            elif not target.exists():
+                target.write_text(item.read_text())
+                written.append(str(target))
+
+    copy(src, directory)
+    for path in written:
+        out.print(f"  created {path}")
+    out.print("next: phloem link && phloem deploy")
