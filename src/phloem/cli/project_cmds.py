@@ -325,3 +325,52 @@ def init(
     for path in written:
         out.print(f"  created {path}")
     out.print("next: phloem link && phloem deploy")
+
+
+@app.command("dev")
+def dev(
+    data_dir: DataDirOpt, project: ProjectOpt = Path("."), env_file: EnvFileOpt = None,
+    branch: BranchOpt = "",
+    port: Annotated[int, typer.Option("--port", envvar="PHLOEM_DEV_PORT",
+                                      help="Port of the dev gateway.")] = 8789,
+) -> None:
+    """Serve the project's functions from the working tree with the linked branch's
+    database and env, reloading a function when its files change (requests in flight
+    finish on the old version).
+
+    Example: phloem dev --port 8789
+    """
+    import asyncio
+
+    from phloem.config import BranchInfo
+    from phloem.dev import DevServer
+
+    root = project_root(project)
+    proj = _load(root, env_file)
+    client = client_for(data_dir)
+    try:
+        info = client.get_branch(branch)
+        desired = proj.desired(BranchInfo(name=info["name"], id=info["id"]))
+        base_env = {
+            "DATABASE_URL": client.connection_string(branch, pooled=True),
+            "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
+            "PHLOEM_BRANCH": info["name"], "NEON_BRANCH": info["name"],
+            "PHLOEM_BRANCH_ID": info["id"],
+        }
+    except (ClientError, ConfigError) as exc:
+        fail(str(exc))
+
+    def say(line: str) -> None:
+        out.print(escape(line), highlight=False)
+
+    server = DevServer(root, desired, info["id"], base_env, port=port, say=say)
+
+    def ready() -> None:
+        for slug in desired:
+            out.print(f"[bold]{slug}[/]  {server.url(slug)}")
+        out.print(f"watching {root} (Ctrl-C to stop)")
+
+    try:
+        asyncio.run(server.run(ready))
+    except OSError as exc:
+        fail(f"port: {exc}")
