@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 
 from phloem.branches.clone import Copier, choose_backend
+from phloem.fsutil import tree_size
 
 # Directories copied empty (their contents are runtime state).
 EMPTY_DIRS = {"pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify",
@@ -98,15 +99,6 @@ def _copy_tree(src: Path, dst: Path, copier: Copier) -> tuple[int, int]:
     return files + 1, nbytes
 
 
-def _tree_size(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except FileNotFoundError:
-                continue
-    return total
 
 
 def _wal_segments(pg_wal: Path, first: str, last: str) -> list[str]:
@@ -131,7 +123,7 @@ def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
     if copier.method == "copy":
         # A plain copy needs the parent's size again. Running out of space half-way
         # would also starve the parent's own WAL, so refuse up front.
-        need = _tree_size(parent_pgdata) + RESERVE_BYTES
+        need = tree_size(parent_pgdata) + RESERVE_BYTES
         free = shutil.disk_usage(child_pgdata).free
         if free < need:
             raise OSError(errno.ENOSPC, f"a plain copy needs {need / 1e6:.0f} MB (the "

