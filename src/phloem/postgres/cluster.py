@@ -12,8 +12,10 @@ The calls block (they wait on pg_ctl); async code runs them in a thread.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,20 +127,52 @@ class Cluster:
         if not self.log_file.exists():
             self.log_file.touch()
         self.owner.own(self.log_file, 0o600)
+        # pg_ctl -w checks readiness only every 100 ms; it is started without waiting and
+        # the postmaster's own status line is polled every few ms instead.
+        stale = self._postmaster_pid()  # a crashed postmaster's file, not ours
         proc = self._run([
-            self.bins.tool("pg_ctl"), "start", "-w", "-t", str(int(timeout)),
+            self.bins.tool("pg_ctl"), "start", "-W",
             "-D", str(self.pgdata), "-l", str(self.log_file), "-o", self._options(),
-        ], timeout + 10)
+        ], 60)
         if proc.returncode != 0:
             raise self._fail("pg_ctl start", proc)
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._postmaster_status()
+            if status == "ready" and self._postmaster_pid() != stale:
+                return
+            if status == "gone" and time.monotonic() > deadline - timeout + 5:
+                raise self._fail("the postmaster exited during start-up", proc)
+            if time.monotonic() > deadline:
+                raise self._fail(f"not ready after {timeout:.0f} s", proc)
+            time.sleep(0.003)
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def _postmaster_status(self) -> str:
+        """``ready``/``starting``/``stopping``/``standby`` from postmaster.pid (line 8),
+        ``gone`` when there is no live postmaster."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            pid = int(lines[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return "gone"
+        return lines[7].strip() if len(lines) > 7 else "starting"
 
     def stop(self, mode: str = "fast", timeout: float = 120) -> None:
         if not (self.pgdata / "postmaster.pid").exists():
             return
         proc = self._run([
-            self.bins.tool("pg_ctl"), "stop", "-w", "-t", str(int(timeout)), "-m", mode,
-            "-D", str(self.pgdata),
-        ], timeout + 10)
+            self.bins.tool("pg_ctl"), "stop", "-W", "-m", mode, "-D", str(self.pgdata),
+        ], 60)
+        deadline = time.monotonic() + timeout
+        while self._postmaster_status() != "gone" and time.monotonic() < deadline:
+            time.sleep(0.003)
         if proc.returncode != 0 and self.is_running():
             raise self._fail("pg_ctl stop", proc)
 
