@@ -26,6 +26,14 @@ from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store, n
 from phloem.identity import Identity, make_dir
 from phloem.limits import check_limits
 from phloem.paths import DataPaths
+from phloem.runtimes.node.bundle import (
+    BundleError,
+    bundle,
+    find_entry,
+    install_dependencies,
+    native_packages,
+)
+from phloem.runtimes.node.provision import ProvisionError, ensure_toolchain
 from phloem.runtimes.python import environment as pyenv
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
@@ -33,7 +41,8 @@ from phloem.supervisor import IsolateSpec, Supervisor
 from phloem.validation import InvalidInput, check_entry, check_env, check_name, check_slug
 
 PYTHON_RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
-RUNTIMES = (PYTHON_RUNTIME,)
+NODE_RUNTIME = "nodejs24"
+RUNTIMES = (PYTHON_RUNTIME, NODE_RUNTIME)
 
 
 class NotFound(LookupError):
@@ -84,6 +93,7 @@ class Deployer:
         self.routes: dict[tuple[str, str], IsolateSpec] = {}
         self._env_locks: dict[str, asyncio.Lock] = {}
         self._builds: set[asyncio.Task[None]] = set()
+        self._node_tools: tuple[Path, Path, Path] | None = None
 
     # -- addressing ----------------------------------------------------------
     def invocation_url(self, branch_id: str, slug: str) -> str:
@@ -108,8 +118,11 @@ class Deployer:
     async def deploy(self, branch: BranchRow, req: DeployRequest) -> DeploymentRow:
         """Validate, record the deployment as 'building' and build it in the background."""
         check_slug(req.slug)
-        check_entry(req.entry)
         runtime = check_runtime(req.runtime)
+        if runtime == NODE_RUNTIME:
+            check_node_entry(req.entry)
+        else:
+            check_entry(req.entry)
         limits = check_limits(dict(req.limits or {}))
         if req.name is not None:
             check_name(req.name)
@@ -167,6 +180,13 @@ class Deployer:
         if env_link.exists():
             python_path.append(str(env_link.resolve() / "site"))
         python_path.append(str(self.runtime_dir))
+        if dep.runtime == NODE_RUNTIME:
+            node, _, host = self.node_toolchain()
+            command = [str(node), str(host), "--bundle",
+                       str(self.paths.deployment_dir(dep.id) / "bundle" / "bundle.mjs")]
+        else:
+            command = [self.isolate_python, "-m", "phloem.runtimes.python.host",
+                       "--app", dep.entry]
         urls = self.branches.connection_strings(branch)
         home = self._home(ident)
         env = {
@@ -188,9 +208,7 @@ class Deployer:
         }
         return IsolateSpec(
             deployment_id=dep.id, function_id=fn.id, slug=fn.slug, branch_id=branch.id,
-            command=[self.isolate_python, "-m", "phloem.runtimes.python.host",
-                     "--app", dep.entry],
-            env=env, cwd=app_dir, identity=ident,
+            command=command, env=env, cwd=app_dir, identity=ident,
             log_path=self.paths.function_log(branch.id, fn.slug),
             limits=self.settings.function_limits.merged(dep.limits or {}),
         )
@@ -207,18 +225,27 @@ class Deployer:
             log(f"unpacking artifact {dep.artifact_sha256[:12]}")
             ident = self.identity(fn)
             await asyncio.to_thread(self._unpack, dep, dep_dir, ident)
-            req_file = dep_dir / "app" / "requirements.txt"
-            requirements = req_file.read_text() if req_file.is_file() else ""
-            key = pyenv.requirements_key(requirements)
-            async with self._env_locks.setdefault(key, asyncio.Lock()):
-                env_dir = await asyncio.to_thread(
-                    pyenv.ensure_function_env, self.paths.python_envs, requirements, log)
-            if env_dir is not None:
-                (dep_dir / "env").symlink_to(env_dir)
-            spec = self.spec_for(branch, fn, dep)
-            log(f"checking entry {dep.entry!r}")
-            await asyncio.to_thread(self._check_entry, spec)
-        except (BuildError, ArtifactError, pyenv.EnvironmentError_, OSError) as exc:
+            if dep.runtime == NODE_RUNTIME:
+                async with self._env_locks.setdefault("node-toolchain", asyncio.Lock()):
+                    await asyncio.to_thread(self.node_toolchain, log)
+                await asyncio.to_thread(self._build_node, dep, dep_dir, ident, log)
+                spec = self.spec_for(branch, fn, dep)
+                log("checking the bundle's default export")
+                await asyncio.to_thread(self._check_entry, spec)
+            else:
+                req_file = dep_dir / "app" / "requirements.txt"
+                requirements = req_file.read_text() if req_file.is_file() else ""
+                key = pyenv.requirements_key(requirements)
+                async with self._env_locks.setdefault(key, asyncio.Lock()):
+                    env_dir = await asyncio.to_thread(
+                        pyenv.ensure_function_env, self.paths.python_envs, requirements, log)
+                if env_dir is not None:
+                    (dep_dir / "env").symlink_to(env_dir)
+                spec = self.spec_for(branch, fn, dep)
+                log(f"checking entry {dep.entry!r}")
+                await asyncio.to_thread(self._check_entry, spec)
+        except (BuildError, ArtifactError, pyenv.EnvironmentError_, OSError, BundleError,
+                ProvisionError) as exc:
             log(f"failed: {exc}")
             await self.store.finish_deployment(dep.id, "failed", str(exc), "\n".join(lines))
             await asyncio.to_thread(shutil.rmtree, dep_dir, True)
@@ -254,20 +281,34 @@ class Deployer:
         make_dir(dep_dir, 0o711)
         app = dep_dir / "app"
         self.artifacts.extract(dep.artifact_sha256, app)
-        # Only this function's uid (via its group) may read its code.
-        for dirpath, _dirs, files in os.walk(app):
-            os.chown(dirpath, 0, ident.gid) if os.geteuid() == 0 else None
-            os.chmod(dirpath, 0o750)
-            for name in files:
-                p = os.path.join(dirpath, name)
-                if os.geteuid() == 0:
-                    os.chown(p, 0, ident.gid, follow_symlinks=False)
-                if not os.path.islink(p):
-                    os.chmod(p, 0o640)
+        _restrict_to(app, ident)
+
+    # -- Node --------------------------------------------------------------------
+    def node_toolchain(self, log: Callable[[str], None] | None = None) -> tuple[Path, Path, Path]:
+        """Node 24, esbuild and the host program, provisioned once under the data dir."""
+        if self._node_tools is None:
+            self._node_tools = ensure_toolchain(self.paths.root / "runtime" / "node",
+                                                log or (lambda _: None))
+        return self._node_tools
+
+    def _build_node(self, dep: DeploymentRow, dep_dir: Path, ident: Identity,
+                    log: Callable[[str], None]) -> None:
+        node, esbuild, _ = self.node_toolchain(log)
+        app = dep_dir / "app"
+        entry = dep.entry or find_entry(app)
+        log(f"bundling {entry} with esbuild")
+        modules = install_dependencies(app, self.paths.root / "envs" / "node", node, log)
+        out = dep_dir / "bundle" / "bundle.mjs"
+        bundle(esbuild, app, entry, out, [modules] if modules else [],
+               external=native_packages(modules) if modules else [], log=log)
+        _restrict_to(out.parent, ident)
 
     def _check_entry(self, spec: IsolateSpec) -> None:
-        cmd = [self.isolate_python, "-m", "phloem.runtimes.python.host", "--check",
-               "--app", spec.command[-1]]
+        if "--bundle" in spec.command:
+            cmd = [*spec.command, "--check"]
+        else:
+            cmd = [self.isolate_python, "-m", "phloem.runtimes.python.host", "--check",
+                   "--app", spec.command[-1]]
         try:
             proc = subprocess.run(cmd, cwd=spec.cwd, env=spec.env, capture_output=True,
                                   text=True, timeout=300, check=False,
@@ -324,6 +365,29 @@ class Deployer:
 
 class BuildError(RuntimeError):
     pass
+
+
+def check_node_entry(entry: str) -> str:
+    """A Node entry is a file of the function's source ('' = index.ts/.mjs/.js)."""
+    if entry and (entry.startswith("/") or ".." in Path(entry).parts
+                  or not entry.endswith((".ts", ".mts", ".js", ".mjs", ".tsx", ".jsx"))):
+        raise InvalidInput("entry", f"must be a .ts/.js/.mjs file inside the source, e.g. "
+                                    f"'src/index.ts' (got {entry!r})")
+    return entry
+
+
+def _restrict_to(root: Path, ident: Identity) -> None:
+    """Only this function's uid (via its group) may read what is under ``root``."""
+    for dirpath, _dirs, files in os.walk(root):
+        if os.geteuid() == 0:
+            os.chown(dirpath, 0, ident.gid)
+        os.chmod(dirpath, 0o750)
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.geteuid() == 0:
+                os.chown(p, 0, ident.gid, follow_symlinks=False)
+            if not os.path.islink(p):
+                os.chmod(p, 0o750 if os.access(p, os.X_OK) else 0o640)
 
 
 BuildLog = Callable[[str], None]

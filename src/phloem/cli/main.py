@@ -236,6 +236,14 @@ def _print_invocation(fn: dict[str, Any], gateway_host: str, gateway_port: int) 
     out.print(f"    curl -H 'Host: {host}' http://{gateway_host}:{gateway_port}/")
 
 
+def detect_node(path: Path) -> bool:
+    """A Node project: an index.ts/.mjs/.js (or under src/) and no main.py/app.py."""
+    if (path / "main.py").is_file() or (path / "app.py").is_file():
+        return False
+    return any((path / d / f"index.{ext}").is_file()
+               for d in (".", "src") for ext in ("ts", "mjs", "js"))
+
+
 def detect_entry(path: Path) -> str:
     for module in ("main", "app"):
         if (path / f"{module}.py").is_file():
@@ -457,7 +465,12 @@ def functions_deploy(
     """
     try:
         check_slug(slug)
-        resolved_entry = check_entry(entry) if entry else detect_entry(path)
+        if runtime is None and entry is None and detect_node(path):
+            runtime = "nodejs24"
+        if runtime == "nodejs24":
+            resolved_entry = entry or ""
+        else:
+            resolved_entry = check_entry(entry) if entry else detect_entry(path)
         env_map = parse_env_pairs(env or [])
         unset = [k for k, v in env_map.items() if v == ""]
         env_map = {k: v for k, v in env_map.items() if v != ""}

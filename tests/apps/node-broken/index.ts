@@ -1,0 +1,5 @@
+export default {
+  fetch(request: Request) {
+    return new Response("unbalanced"
+  },
+};
