@@ -45,6 +45,7 @@ from phloem.runtimes.python import environment as pyenv
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import Supervisor
+from phloem.supervisor.isolate import ZygoteSpawner
 
 log = logging.getLogger("phloem")
 
@@ -100,6 +101,7 @@ class Platform:
         self.function_logs = FunctionLogs()
         self.metrics = Metrics(load=self._function_load)
         self.api_key: str | None = None
+        self.spawner: ZygoteSpawner | None = None
 
     # -- start ---------------------------------------------------------------
     async def start(self) -> None:
@@ -123,9 +125,15 @@ class Platform:
         runtime_dir = await asyncio.to_thread(pyenv.ensure_runtime, self.paths.python_runtime)
         isolate_python = pyenv.find_isolate_python(s.isolate_python, os.geteuid() == 0)
         make_dir(self.paths.isolate_sockets, 0o711)
+        # Python isolates fork from a zygote with uvicorn already imported (direct spawn
+        # when it is down); started from this thread so it dies with the platform.
+        if s.zygote:
+            self.spawner = ZygoteSpawner()
+            await self.spawner.prestart(isolate_python, runtime_dir)
         self.supervisor = Supervisor(
             self.paths.isolate_sockets, self.function_logs.writer_for,
             grace_s=s.eviction_grace_s, start_timeout_s=s.isolate_start_timeout_s,
+            spawner=self.spawner,
             on_cold_start=lambda spec, secs: self.metrics.observe_cold_start(
                 spec.branch_id, spec.slug, secs),
             on_eviction=lambda spec, reason: self.metrics.observe_eviction(
@@ -302,6 +310,8 @@ class Platform:
                 await asyncio.wait_for(self._api_task, s.drain_timeout_s)
         if hasattr(self, "supervisor"):
             await self.supervisor.stop_all()
+        if self.spawner is not None:  # after the isolates: they die with their zygote
+            await self.spawner.stop()
         self.function_logs.close()
         if self._pool is not None:
             await self._pool.close()

@@ -48,6 +48,8 @@ class Settings:
     #: First TCP port tried for branch clusters (and their poolers); below the usual
     #: ephemeral range (32768-60999) so outgoing connections never take ours.
     pg_port_base: int = 25432
+    #: Fork Python isolates from a pre-imported zygote (else spawn each interpreter).
+    zygote: bool = True
     #: Seconds an isolate gets between SIGINT and SIGKILL.
     eviction_grace_s: float = 10.0
     #: Seconds a shutdown waits for in-flight requests.

@@ -118,6 +118,9 @@ def up(
     isolate_python: Annotated[str | None, typer.Option(
         envvar="PHLOEM_ISOLATE_PYTHON", help="Interpreter for Python isolates [default: "
         "phloem's, or /usr/bin/pythonX.Y as root]")] = None,
+    zygote: Annotated[bool, typer.Option(
+        "--zygote/--no-zygote", envvar="PHLOEM_ZYGOTE",
+        help="Fork Python isolates from a pre-imported zygote (fast cold starts).")] = True,
     grace: Annotated[float, typer.Option(envvar="PHLOEM_EVICTION_GRACE",
                                          help="Seconds between SIGINT and SIGKILL for "
                                               "isolates.")] = 10.0,
@@ -144,7 +147,7 @@ def up(
         data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
         gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
         public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
-        isolate_python=isolate_python, eviction_grace_s=grace,
+        isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
     )
     try:
         import uvloop

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phloem.gateway.routing import Limits
-from phloem.supervisor.isolate import Isolate, IsolateFailed, IsolateSpec, LogWriter
+from phloem.supervisor.isolate import (
+    DirectSpawner,
+    Isolate,
+    IsolateFailed,
+    IsolateSpec,
+    LogWriter,
+    Spawner,
+)
 from phloem.supervisor.memory import MemoryLimiter, choose_limiter
 
 
@@ -85,6 +92,7 @@ class Supervisor:
     def __init__(self, sockets_dir: Path, log_writer_for: Callable[[IsolateSpec], LogWriter],
                  *, grace_s: float = 10.0, start_timeout_s: float = 900.0,
                  memory: MemoryLimiter | None = None,
+                 spawner: Spawner | None = None,
                  on_cold_start: Event | None = None,
                  on_eviction: Eviction | None = None) -> None:
         self.sockets_dir = sockets_dir
@@ -92,6 +100,7 @@ class Supervisor:
         self.grace_s = grace_s
         self.start_timeout_s = start_timeout_s
         self.memory = memory or choose_limiter()
+        self.spawner = spawner or DirectSpawner()
         self.on_cold_start = on_cold_start
         self.on_eviction = on_eviction
         self.pools: dict[str, Pool] = {}
@@ -156,7 +165,7 @@ class Supervisor:
         isolate.socket_path = self.sockets_dir / f"{isolate.id}.sock"
         pool.isolates.append(isolate)
         try:
-            await isolate.start(self.memory)
+            await isolate.start(self.memory, self.spawner)
         except Exception as exc:
             pool.isolates.remove(isolate)
             raise IsolateFailed(f"cannot start isolate: {exc}") from exc

@@ -37,6 +37,7 @@ RUNTIME_MODULES = (
     "runtimes/__init__.py",
     "runtimes/python/__init__.py",
     "runtimes/python/host.py",
+    "runtimes/python/zygote.py",
 )
 
 

@@ -7,6 +7,9 @@ from phloem.
     python -m phloem.runtimes.python.host --app main:app --fd 3 --ready-fd 4
     python -m phloem.runtimes.python.host --app main:app --check
 
+Isolates forked from the zygote (``phloem.runtimes.python.zygote``) skip the interpreter
+start and call ``run`` directly, so both kinds start the app through the same code.
+
 SIGINT (eviction, shutdown, redeploy) is uvicorn's: it stops accepting, finishes open
 requests and runs the app's lifespan shutdown, which is where users close their pools.
 """
@@ -170,6 +173,30 @@ def serve(app: Any, fd: int, ready_fd: int | None) -> None:
     Server(config).run()
 
 
+def _import_entry(entry: str) -> Any:
+    """The app, or ``None`` after printing why it cannot be imported."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        return load_app(entry)
+    except EntryError as exc:
+        print(str(exc), file=sys.stderr)
+    except BaseException:
+        print(f"entry: importing {entry!r} raised:", file=sys.stderr)
+        traceback.print_exc()
+    return None
+
+
+def run(entry: str, fd: int, ready_fd: int | None) -> int:
+    """Import the app and serve it until SIGINT; the exit code. Shared by this module's
+    ``main`` (a spawned interpreter) and the zygote's forked children, so both start an
+    app exactly alike."""
+    app = _import_entry(entry)
+    if app is None:
+        return 3
+    serve(app, fd, ready_fd)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phloem-python-host")
     parser.add_argument("--app", required=True)
@@ -177,24 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    if not args.check:
-        _die_with_parent()
-    sys.path.insert(0, os.getcwd())
-    try:
-        app = load_app(args.app)
-    except EntryError as exc:
-        print(str(exc), file=sys.stderr)
-        return 3
-    except BaseException:
-        print(f"entry: importing {args.app!r} raised:", file=sys.stderr)
-        traceback.print_exc()
-        return 3
     if args.check:
-        return 0
+        return 0 if _import_entry(args.app) is not None else 3
     if args.fd is None:
         parser.error("--fd is required unless --check")
-    serve(app, args.fd, args.ready_fd)
-    return 0
+    _die_with_parent()
+    return run(args.app, args.fd, args.ready_fd)
 
 
 if __name__ == "__main__":
