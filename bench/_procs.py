@@ -1,0 +1,255 @@
+"""Process plumbing for the benchmarks: spawn and always reap servers (uvicorn, nginx),
+check for external tools, read a process's RSS / CPU / fds, raw HTTP GETs.
+
+    with Reaper() as reaper:
+        app = spawn_uvicorn(reaper, APP_DIR, port=free_port())
+        nginx = start_nginx(reaper, tmp, port, "/tmp/x/app.sock")
+    # every process spawned through the reaper is gone here, on every path
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+TOOLS = {
+    "wrk": "apt-get install -y wrk",
+    "nginx": "apt-get install -y nginx-light",
+    "h2load": "apt-get install -y nghttp2-client",
+}
+
+UVICORN_FLAGS = [
+    # As phloem's isolates run uvicorn (phloem.runtimes.python.host.serve).
+    "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+    "--no-server-header", "--timeout-keep-alive", "3600", "--lifespan", "auto",
+]
+
+
+def missing_tools(names: list[str]) -> list[str]:
+    """Lines naming each missing tool and the command that installs it."""
+    return [f"  {name}: not found; install with: {TOOLS[name]}"
+            for name in names if shutil.which(name) is None]
+
+
+class Reaper:
+    """Owns subprocesses; on exit each gets SIGTERM, then SIGKILL after ``grace`` s."""
+
+    def __init__(self, grace: float = 5.0) -> None:
+        self.grace = grace
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(args, **kwargs)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(self.grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def __enter__(self) -> Reaper:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_uvicorn(reaper: Reaper, app_dir: Path, *, port: int | None = None,
+                  uds: str | None = None) -> subprocess.Popen[bytes]:
+    """uvicorn serving ``main:app`` from ``app_dir`` on TCP ``port`` or Unix socket ``uds``;
+    returns once it answers."""
+    where = ["--uds", uds] if uds else ["--host", "127.0.0.1", "--port", str(port)]
+    proc = reaper.spawn([sys.executable, "-m", "uvicorn", "main:app", *where, *UVICORN_FLAGS],
+                        cwd=app_dir, stdin=subprocess.DEVNULL)
+    wait_answering(proc, port=port, uds=uds, what="uvicorn")
+    return proc
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    upstream app {{
+        server unix:{sock};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 3600s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # The headers phloem's gateway adds, so both do the same work.
+            proxy_set_header Host $host;
+            proxy_set_header X-Request-Id $request_id;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(reaper: Reaper, tmp: Path, port: int, sock: str) -> subprocess.Popen[bytes]:
+    """nginx, one worker, proxying 127.0.0.1:``port`` to the Unix socket ``sock``."""
+    conf = tmp / "nginx.conf"
+    user = "user root root;" if os.geteuid() == 0 else ""  # the socket is in a 0700 dir
+    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, sock=sock, port=port))
+    proc = reaper.spawn(["nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
+                        stdin=subprocess.DEVNULL)
+    try:
+        wait_answering(proc, port=port, what="nginx")
+    except RuntimeError:
+        log = tmp / "error.log"
+        raise RuntimeError("nginx did not start:\n"
+                           + (log.read_text() if log.exists() else "(no error.log)")) from None
+    return proc
+
+
+def http_get(*, port: int | None = None, uds: str | None = None, host: str = "bench",
+             path: str = "/", timeout: float = 60.0) -> tuple[int, bytes]:
+    """One ``Connection: close`` GET on a fresh socket; (status, body). Raises OSError when
+    the server cannot be reached."""
+    if uds is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: object = uds
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        address = ("127.0.0.1", port)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect(address)  # type: ignore[arg-type]
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1."):
+        raise ConnectionError(f"no HTTP response (got {raw[:80]!r})")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def wait_answering(proc: subprocess.Popen[bytes], *, port: int | None = None,
+                   uds: str | None = None, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        try:
+            http_get(port=port, uds=uds, timeout=2.0)
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")
+
+
+# -- /proc ------------------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(") ", 1)[1].split()[:2]
+        if state != "Z":
+            children.setdefault(int(ppid), []).append(int(entry))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
+
+
+def busiest_descendant(pid: int) -> int | None:
+    """The process below ``pid`` holding the most descriptors (with thousands of streams
+    open, the isolate serving them, however it was spawned or forked)."""
+    best: tuple[int, int] | None = None
+    for child in descendants(pid):
+        try:
+            n = fd_count(child)
+        except OSError:
+            continue
+        if best is None or n > best[0]:
+            best = (n, child)
+    return best[1] if best else None
+
+
+def machine() -> str:
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"{os.cpu_count()} cores ({cpu or 'unknown cpu'}), {mem_kib / 2**20:.1f} GiB RAM, "
+            f"Linux {os.uname().release}, Python {sys.version.split()[0]}")

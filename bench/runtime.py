@@ -1,0 +1,607 @@
+"""Runtime benchmarks of phloem's request path on one minimal ASGI app (raw ASGI, 12-byte
+body, bench/apps/minimal), each beside its baseline:
+
+1. throughput (wrk, 32 and 256 connections): direct to uvicorn, through phloem's gateway,
+   through nginx (one worker, keepalive upstream on a Unix socket);
+2. added latency: p50/p99 through phloem and nginx minus direct, at a fixed rate of half
+   the direct maximum (h2load --rps; again at half phloem's maximum when phloem cannot
+   sustain that), and unloaded (wrk, one connection);
+3. cold start: request -> full response with no live isolate (a new deployment each run),
+   beside bare uvicorn spawn -> first response on a Unix socket;
+4. streams: 1,000 / 5,000 / 10,000 concurrent SSE clients (bench/apps/sse, a ``: ping``
+   every second) through the gateway: gateway RSS per stream and heartbeat lag.
+
+    .venv/bin/python bench/runtime.py                   # everything, about 5 minutes
+    .venv/bin/python bench/runtime.py --quick           # short runs, streams 1000/2000
+    .venv/bin/python bench/runtime.py --only throughput --duration 20
+    scripts/bench runtime
+
+Needs wrk, nginx and h2load (``apt-get install -y wrk nginx-light nghttp2-client``); it
+checks and says which command installs what is missing. Load generators are bounded for
+small machines (wrk -t1, h2load -t1). It ends with a markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import math
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from _load import percentile, run_h2load, run_wrk
+from _procs import (
+    Reaper,
+    busiest_descendant,
+    cpu_seconds,
+    descendants,
+    fd_count,
+    free_port,
+    http_get,
+    machine,
+    missing_tools,
+    rss_kib,
+    spawn_uvicorn,
+    start_nginx,
+)
+from _sse import StreamFleet
+
+from phloem.testing import PlatformProcess, host_of, platform_process
+
+HERE = Path(__file__).resolve().parent
+MINIMAL = HERE / "apps" / "minimal"
+SSE = HERE / "apps" / "sse"
+SECTIONS = ("throughput", "latency", "cold", "streams")
+CONNECTIONS = (32, 256)
+LATENCY_CLIENTS = 32
+
+# Targets (DESIGN.md section 4 and the runtime brief).
+T_THROUGHPUT = 0.8  # phloem / nginx (goal 1.0)
+T_ADDED_P50_MS = 1.0
+T_COLD_MS = 50.0
+T_COLD_RATIO = 0.4  # phloem / bare uvicorn
+T_RSS_KIB = 30.0  # per stream
+T_LAG_P99_MS = 250.0  # at 10,000 streams
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+@dataclass
+class Results:
+    """What the summary table is built from (only the sections that ran)."""
+
+    rps: dict[tuple[str, int], float] = field(default_factory=dict)  # (way, connections)
+    latency: list[LatencyPoint] = field(default_factory=list)
+    single: dict[str, tuple[float, float]] = field(default_factory=dict)  # wrk -c1 p50, p99
+    cold_ms: tuple[float, float] | None = None  # phloem, bare uvicorn (p50)
+    streams: list[StreamRow] = field(default_factory=list)
+    streams_note: str = ""
+    base_rss_kib: int = 0  # the gateway's, with no stream open
+
+
+@dataclass
+class LatencyPoint:
+    rate: float
+    why: str
+    ways: dict[str, tuple[float, float]] = field(default_factory=dict)  # way -> p50, p99 ms
+    saturated: bool = False  # phloem did not sustain the rate
+
+
+@dataclass
+class StreamRow:
+    count: int
+    gateway_rss_kib: int
+    isolate_rss_kib: int
+    gateway_fds: int
+    lag_p50_ms: float
+    lag_p99_ms: float
+    lag_max_ms: float
+    silent: int
+    lost: int
+    open_s: float
+    cpu: dict[str, float]
+
+
+# -- the platform and the baselines ----------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    reaper: Reaper
+    tmp: Path
+    p: PlatformProcess
+    results: Results = field(default_factory=Results)
+    _direct_port: int | None = None
+    _nginx_port: int | None = None
+    _minimal_host: str | None = None
+
+    @property
+    def gateway_pid(self) -> int:
+        assert self.p.proc is not None
+        return self.p.proc.pid
+
+    def direct_port(self) -> int:
+        """uvicorn on TCP (wrk cannot use Unix sockets), flags as phloem's isolates."""
+        if self._direct_port is None:
+            port = free_port()
+            spawn_uvicorn(self.reaper, MINIMAL, port=port)
+            self._direct_port = port
+        return self._direct_port
+
+    def nginx_port(self) -> int:
+        """nginx -> keepalive upstream -> uvicorn on a Unix socket, as phloem's isolates."""
+        if self._nginx_port is None:
+            sock = str(self.tmp / "app.sock")
+            spawn_uvicorn(self.reaper, MINIMAL, uds=sock)
+            port = free_port()
+            start_nginx(self.reaper, self.tmp, port, sock)
+            self._nginx_port = port
+        return self._nginx_port
+
+    def minimal_host(self) -> str:
+        """The minimal app deployed on phloem, one isolate (as nginx has one uvicorn)."""
+        if self._minimal_host is None:
+            fn = self.p.deploy("minimal", MINIMAL, "--limit", "max_isolates=1")
+            self._minimal_host = host_of(fn["invocation_url"])
+            status, _ = http_get(port=self.p.gateway_port, host=self._minimal_host)
+            if status != 200:
+                raise RuntimeError(f"phloem answered {status} for the minimal app")
+        return self._minimal_host
+
+    def targets(self) -> list[tuple[str, str, str | None]]:
+        """(way, url, Host header) for direct, nginx and phloem."""
+        return [
+            ("direct", f"http://127.0.0.1:{self.direct_port()}/", None),
+            ("nginx", f"http://127.0.0.1:{self.nginx_port()}/", None),
+            ("phloem", f"http://127.0.0.1:{self.p.gateway_port}/", self.minimal_host()),
+        ]
+
+
+# -- 1. throughput -----------------------------------------------------------------------------
+
+
+def throughput(b: Bench) -> None:
+    d = b.args.duration
+    say(f"## 1. throughput: wrk -t1, {d:g} s per run, minimal app (12-byte body)")
+    say("   direct = uvicorn on TCP; nginx = 1 worker -> keepalive 64 -> uvicorn on a Unix "
+        "socket;")
+    say("   phloem = gateway -> 1 isolate (uvicorn on a Unix socket, max_isolates=1)")
+    targets = b.targets()
+    for _way, url, host in targets:  # warm every path (and phloem's isolate) first
+        run_wrk(url, connections=32, duration=1 if b.args.quick else 2, host=host)
+    for conns in CONNECTIONS:
+        for way, url, host in targets:
+            r = run_wrk(url, connections=conns, duration=d, host=host)
+            b.results.rps[(way, conns)] = r.rps
+            note = f"   ({r.errors})" if r.errors else ""
+            say(f"   {conns:>4} conns  {way:<7} {r.rps:>9,.0f} req/s   p50 {r.p50_ms:6.2f} ms"
+                f"   p99 {r.p99_ms:6.2f} ms{note}")
+        ph, ng, di = (b.results.rps[(w, conns)] for w in ("phloem", "nginx", "direct"))
+        say(f"   {conns:>4} conns  phloem/nginx {ph / ng:.2f}x   phloem/direct {ph / di:.2f}x"
+            f"   nginx/direct {ng / di:.2f}x   target phloem >= {T_THROUGHPUT}x nginx "
+            f"(goal 1.0x): {verdict(ph / ng >= T_THROUGHPUT)}")
+    say()
+
+
+# -- 2. added latency --------------------------------------------------------------------------
+
+
+def latency(b: Bench) -> None:
+    d = b.args.duration
+    targets = b.targets()
+    say(f"## 2. added latency: h2load --h1 -t1, {LATENCY_CLIENTS} keep-alive connections at a "
+        f"fixed rate, {d:g} s measured after 2 s")
+    maxima = {}
+    for way, url, host in targets:  # what each path sustains, from section 1 if it ran
+        known = b.results.rps.get((way, 32))
+        maxima[way] = known or run_wrk(url, connections=32, duration=min(d, 3), host=host).rps
+    say("   max req/s at 32 connections: "
+        + ", ".join(f"{way} {rps:,.0f}" for way, rps in maxima.items()))
+    point = _latency_point(b, targets, maxima, maxima["direct"] / 2, "half the direct maximum")
+    if point.saturated:
+        say(f"   phloem cannot sustain {point.rate:,.0f} req/s; again at half phloem's own "
+            "maximum:")
+        _latency_point(b, targets, maxima, maxima["phloem"] / 2, "half phloem's maximum")
+    # The path alone, without queueing: one connection, one request at a time.
+    say(f"   unloaded: wrk -c1 (one request at a time), {min(d, 5):g} s each:")
+    single: dict[str, tuple[float, float]] = {}
+    for way, url, host in targets:
+        r = run_wrk(url, connections=1, duration=min(d, 5), host=host)
+        single[way] = (r.p50_ms, r.p99_ms)
+        say(f"   {way:<7} p50 {r.p50_ms:6.3f} ms   p99 {r.p99_ms:7.3f} ms   ({r.rps:,.0f} req/s)")
+    d50, d99 = single["direct"]
+    for way in ("nginx", "phloem"):
+        p50, p99 = single[way]
+        say(f"   added by {way:<7} p50 {p50 - d50:+6.3f} ms   p99 {p99 - d99:+7.3f} ms")
+    b.results.single = single
+    added = single["phloem"][0] - d50
+    say(f"   target added p50 <= {T_ADDED_P50_MS:g} ms (unloaded): "
+        f"{verdict(added <= T_ADDED_P50_MS)}")
+    say()
+
+
+def _latency_point(b: Bench, targets: list[tuple[str, str, str | None]],
+                   maxima: dict[str, float], rate: float, why: str) -> LatencyPoint:
+    say(f"   at {rate:,.0f} req/s ({why}):")
+    point = LatencyPoint(rate, why)
+    for way, url, host in targets:
+        if rate > 0.9 * maxima[way]:
+            say(f"   {way:<7} not measured: {rate:,.0f} req/s is beyond 90% of its maximum "
+                f"({maxima[way]:,.0f})")
+            if way == "phloem":
+                point.saturated = True
+            continue
+        r = run_h2load(url, rate=rate, clients=LATENCY_CLIENTS, duration=b.args.duration,
+                       host=host)
+        point.ways[way] = (r.p50_ms, r.p99_ms)
+        note = f"   ({r.failed} failed)" if r.failed else ""
+        note += "   (rate not sustained)" if r.rate < 0.95 * rate else ""
+        say(f"   {way:<7} p50 {r.p50_ms:6.3f} ms   p99 {r.p99_ms:7.3f} ms   "
+            f"achieved {r.rate:,.0f} req/s over {r.requests:,} requests{note}")
+    if "direct" in point.ways:
+        d50, d99 = point.ways["direct"]
+        for way in ("nginx", "phloem"):
+            if way in point.ways:
+                p50, p99 = point.ways[way]
+                say(f"   added by {way:<7} p50 {p50 - d50:+6.3f} ms   p99 {p99 - d99:+7.3f} ms")
+        if "phloem" in point.ways:
+            added = point.ways["phloem"][0] - d50
+            say(f"   target added p50 <= {T_ADDED_P50_MS:g} ms: "
+                f"{verdict(added <= T_ADDED_P50_MS)}")
+    b.results.latency.append(point)
+    return point
+
+
+# -- 3. cold start -----------------------------------------------------------------------------
+
+
+def _wait_for_exit(platform_pid: int, before: int, timeout: float = 10.0) -> None:
+    """Wait until the platform has fewer processes below it than ``before`` (the retired
+    isolate has exited), whether isolates are spawned or forked from a zygote."""
+    deadline = time.monotonic() + timeout
+    while len(descendants(platform_pid)) >= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def phloem_cold(b: Bench, run: int) -> float:
+    before = len(descendants(b.gateway_pid))
+    fn = b.p.deploy("cold", MINIMAL, "--env", f"RUN={run}")
+    if run > 0:  # the retired isolate's exit must not share the CPU with the cold start
+        _wait_for_exit(b.gateway_pid, before)
+    host = host_of(fn["invocation_url"])
+    t0 = time.perf_counter()
+    status, body = http_get(port=b.p.gateway_port, host=host)
+    elapsed = time.perf_counter() - t0
+    if status != 200 or len(body) != 12:
+        raise RuntimeError(f"cold request answered {status} {body[:200]!r}")
+    return elapsed
+
+
+def bare_uvicorn_cold(b: Bench, run: int) -> float:
+    sock = str(b.tmp / f"cold-{run}.sock")
+    t0 = time.perf_counter()
+    proc = b.reaper.spawn([sys.executable, "-m", "uvicorn", "main:app", "--uds", sock,
+                           "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                           "--log-level", "warning"], cwd=MINIMAL, stdin=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                status, _ = http_get(uds=sock)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"uvicorn exited with {proc.returncode}") from None
+                time.sleep(0.001)
+        elapsed = time.perf_counter() - t0
+        if status != 200:
+            raise RuntimeError(f"bare uvicorn answered {status}")
+    finally:
+        b.reaper.stop(proc, signal.SIGINT)
+    return elapsed
+
+
+def cold(b: Bench) -> None:
+    runs = b.args.cold_runs
+    say(f"## 3. cold start: median of {runs}, request sent -> full response received")
+    say("   phloem: a new deployment each run (--env RUN=i), so no isolate is live; the "
+        "previous one has exited")
+    say("   (as phloem starts isolates now: a fork from its zygote when one is running, else "
+        "a fresh interpreter)")
+    say(f"   bare uvicorn: spawn ({sys.executable}) -> first response on a Unix socket")
+    phloem: list[float] = []
+    bare: list[float] = []
+    for run in range(runs):  # interleaved, so drift hits both alike
+        phloem.append(phloem_cold(b, run))
+        bare.append(bare_uvicorn_cold(b, run))
+    p50, b50 = statistics.median(phloem) * 1000, statistics.median(bare) * 1000
+    b.results.cold_ms = (p50, b50)
+    say(f"   phloem        p50 {p50:7.1f} ms   min {min(phloem) * 1000:7.1f}   "
+        f"max {max(phloem) * 1000:7.1f}")
+    say(f"   bare uvicorn  p50 {b50:7.1f} ms   min {min(bare) * 1000:7.1f}   "
+        f"max {max(bare) * 1000:7.1f}")
+    logged = _logged_ready_ms(b)
+    if logged:
+        say(f"   (phloem's own log: isolate spawn -> ready p50 {statistics.median(logged):.0f}"
+            f" ms over {len(logged)} starts; the rest is routing, the request and the reply)")
+    ratio = p50 / b50
+    say(f"   ratio phloem / bare uvicorn {ratio:.2f}   targets p50 <= {T_COLD_MS:g} ms: "
+        f"{verdict(p50 <= T_COLD_MS)}; <= {T_COLD_RATIO}x bare uvicorn: "
+        f"{verdict(ratio <= T_COLD_RATIO)}")
+    say()
+
+
+def _logged_ready_ms(b: Bench) -> list[float]:
+    try:
+        out = b.p.cli("functions", "logs", "cold", "--lines", "10000", check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    values = []
+    for line in out.splitlines():
+        if "isolate ready in " in line:
+            with suppress(IndexError, ValueError):
+                values.append(float(line.split("isolate ready in ", 1)[1].split()[0]))
+    return values
+
+
+# -- 4. streams --------------------------------------------------------------------------------
+
+
+def _nofile_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def streams(b: Bench) -> None:
+    wanted = [1000, 2000] if b.args.quick else [1000, 5000, 10000]
+    window = max(3.0, b.args.duration)  # long enough to catch the gateway's full GCs
+    fn = b.p.deploy("sse", SSE, "--limit", "max_isolates=1")
+    host = host_of(fn["invocation_url"])
+    limit = _nofile_limit(b.gateway_pid)
+    base_fds = fd_count(b.gateway_pid)
+    fits = (limit - base_fds - 200) // 2  # the gateway holds 2 fds per stream
+    counts = sorted({min(n, fits) for n in wanted})
+    say(f"## 4. streams: SSE through the gateway to one isolate, ': ping' every 1 s; "
+        f"{window:g} s measured per level")
+    say(f"   RLIMIT_NOFILE {limit} (the hard limit here; the platform inherits it), gateway "
+        f"has {base_fds} fds idle and needs 2 per stream: at most {fits:,} streams fit")
+    if counts != wanted:
+        b.results.streams_note = (f"capped at {counts[-1]:,} streams by RLIMIT_NOFILE {limit}"
+                                  " (2 fds per stream in the gateway)")
+        say(f"   counts reduced from {wanted} to {counts}: {b.results.streams_note}")
+    # The client's own cyclic GC would pause all 10,000 streams at once and count as lag.
+    gc.disable()
+    try:
+        rows = _run(_streams(b, host, counts, window))
+    finally:
+        gc.enable()
+    b.results.streams = rows
+    base_rss = b.results.base_rss_kib
+    say(f"   gateway RSS with no stream open: {base_rss / 1024:.1f} MiB")
+    for r in rows:
+        cpu = "  ".join(f"{k} {v:.0%}" for k, v in r.cpu.items())
+        trouble = ""
+        if r.silent or r.lost:
+            trouble = f"   ({r.silent} silent, {r.lost} closed)"
+        iso_rss = f"{r.isolate_rss_kib / 1024:7.1f} MiB" if r.isolate_rss_kib else "n/a"
+        say(f"   {r.count:>6,} streams  gateway RSS {r.gateway_rss_kib / 1024:7.1f} MiB  "
+            f"fds {r.gateway_fds:>6,}  isolate RSS {iso_rss}  "
+            f"opened in {r.open_s:5.1f} s{trouble}")
+        say(f"   {'':>14}lag p50 {r.lag_p50_ms:6.1f} ms  p99 {r.lag_p99_ms:6.1f} ms  "
+            f"max {r.lag_max_ms:6.1f} ms   CPU {cpu}")
+    previous_count, previous_rss = 0, base_rss
+    for r in rows:
+        slope = (r.gateway_rss_kib - previous_rss) / (r.count - previous_count)
+        say(f"   RSS per stream {previous_count:>6,} -> {r.count:>6,}: {slope:6.1f} KiB")
+        previous_count, previous_rss = r.count, r.gateway_rss_kib
+    if len(rows) >= 2:
+        per = _per_stream_kib(rows)
+        say(f"   RSS per stream (slope {rows[0].count:,} -> {rows[-1].count:,}): {per:.1f} KiB"
+            f"   target <= {T_RSS_KIB:g} KiB: {verdict(per <= T_RSS_KIB)}")
+    top = rows[-1]
+    say(f"   heartbeat lag p99 at {top.count:,} streams: {top.lag_p99_ms:.1f} ms   target <= "
+        f"{T_LAG_P99_MS:g} ms at 10,000: {verdict(top.lag_p99_ms <= T_LAG_P99_MS)}"
+        + ("" if top.count >= 10000 else f" (measured at {top.count:,})"))
+    say()
+
+
+def _per_stream_kib(rows: list[StreamRow]) -> float:
+    first, last = rows[0], rows[-1]
+    return (last.gateway_rss_kib - first.gateway_rss_kib) / (last.count - first.count)
+
+
+async def _streams(b: Bench, host: str, counts: list[int],
+                   window: float) -> list[StreamRow]:
+    loop = asyncio.get_running_loop()
+    gw = b.gateway_pid
+    rows: list[StreamRow] = []
+    async with StreamFleet(b.p.gateway_port, host, "/events") as fleet:
+        await fleet.grow_to(1)  # starts the isolate
+        await asyncio.sleep(1.0)
+        b.results.base_rss_kib = rss_kib(gw)
+        iso: int | None = None
+        for count in counts:
+            t_open = loop.time()
+            await fleet.grow_to(count)
+            open_s = loop.time() - t_open
+            iso = iso or busiest_descendant(gw)
+            await asyncio.sleep(2.5)  # every new stream past its first heartbeat
+            fleet.take_gaps()
+            fleet.record(True)
+            pids = {"gateway": gw, "bench client": None, **({"isolate": iso} if iso else {})}
+            cpu0 = {k: _cpu(pid) for k, pid in pids.items()}
+            t0 = loop.time()
+            await asyncio.sleep(window)
+            spent = loop.time() - t0
+            fleet.record(False)
+            gaps = fleet.take_gaps()
+            cpu = {k: (_cpu(pid) - cpu0[k]) / spent for k, pid in pids.items()}
+            lags = [(g - 1.0) * 1000 for g in gaps]
+            rows.append(StreamRow(
+                count=count, gateway_rss_kib=rss_kib(gw),
+                isolate_rss_kib=rss_kib(iso) if iso else 0, gateway_fds=fd_count(gw),
+                lag_p50_ms=percentile(lags, 50), lag_p99_ms=percentile(lags, 99),
+                lag_max_ms=max(lags) if lags else math.nan,
+                silent=fleet.silent_since(time.monotonic() - 1.5), lost=fleet.lost,
+                open_s=open_s, cpu=cpu))
+    return rows
+
+
+def _cpu(pid: int | None) -> float:
+    if pid is None:
+        return time.process_time()
+    return cpu_seconds(pid)
+
+
+def _run(coro: object) -> list[StreamRow]:
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+
+def summary(r: Results, args: argparse.Namespace) -> None:
+    say("## summary (markdown)")
+    say()
+    say(f"machine: {machine()}; wrk/h2load -t1 on the same machine, {args.duration:g} s runs")
+    say()
+    say("| benchmark | phloem | nginx | direct / bare | phloem ratio | target |")
+    say("|---|---|---|---|---|---|")
+    for conns in CONNECTIONS:
+        if ("phloem", conns) in r.rps:
+            ph, ng, di = (r.rps[(w, conns)] for w in ("phloem", "nginx", "direct"))
+            say(f"| throughput, {conns} connections (req/s) | {ph:,.0f} | {ng:,.0f} | {di:,.0f}"
+                f" | {ph / ng:.2f}x nginx, {ph / di:.2f}x direct | >= 0.8x nginx (goal 1.0x) |")
+    for point in r.latency:
+        if "direct" not in point.ways:
+            continue
+        d50, d99 = point.ways["direct"]
+        for q, i, d_q in (("p50", 0, d50), ("p99", 1, d99)):
+            cells = [f"{point.ways[w][i] - d_q:+.2f}" if w in point.ways else "saturated"
+                     for w in ("phloem", "nginx")]
+            say(f"| added latency {q} at {point.rate:,.0f} req/s, 32 connections (ms) | "
+                f"{cells[0]} | {cells[1]} | {d_q:.2f} ({q}) | | "
+                f"{'<= 1 ms' if q == 'p50' else ''} |")
+    if r.single:
+        d50, d99 = r.single["direct"]
+        for q, i, d_q in (("p50", 0, d50), ("p99", 1, d99)):
+            ph, ng = r.single["phloem"][i] - d_q, r.single["nginx"][i] - d_q
+            say(f"| added latency {q}, unloaded (1 connection) (ms) | {ph:+.2f} | {ng:+.2f} | "
+                f"{d_q:.2f} ({q}) | | {'<= 1 ms' if q == 'p50' else ''} |")
+    if r.cold_ms:
+        ph_ms, bare_ms = r.cold_ms
+        say(f"| cold start p50, request -> response (ms) | {ph_ms:.0f} | | {bare_ms:.0f} | "
+            f"{ph_ms / bare_ms:.2f}x bare uvicorn | <= 50 ms, <= 0.4x bare |")
+    if r.streams:
+        if len(r.streams) >= 2:
+            first, last = r.streams[0], r.streams[-1]
+            say(f"| gateway RSS per SSE stream, {first.count:,} -> {last.count:,} (KiB) | "
+                f"{_per_stream_kib(r.streams):.1f} | | | | <= 30 KiB |")
+        top = r.streams[-1]
+        note = f" ({r.streams_note})" if r.streams_note else ""
+        say(f"| heartbeat lag p99 at {top.count:,} streams (ms){note} | {top.lag_p99_ms:.0f} | "
+            f"| | | <= 250 ms at 10,000 |")
+    say()
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every cleanup below
+
+
+@contextmanager
+def _signals() -> Iterator[None]:
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per load run (default 10, 3 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs, 7 cold starts, streams 1000/2000 only")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only this section (repeatable)")
+    parser.add_argument("--cold-runs", type=int, default=None,
+                        help="cold starts to take the median of (default 20, 7 with --quick)")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.cold_runs = args.cold_runs or (7 if args.quick else 20)
+    sections = args.only or list(SECTIONS)
+
+    tools = sorted({t for s in sections for t in {"throughput": ["wrk", "nginx"],
+                                                    "latency": ["wrk", "nginx", "h2load"]
+                                                    }.get(s, [])})
+    if missing := missing_tools(tools):
+        say("missing tools (run as root, after apt-get update):")
+        for line in missing:
+            say(line)
+        return 2
+
+    _raise_nofile()  # before the platform starts: it inherits the limit
+    say(f"phloem runtime benchmarks; {machine()}")
+    load = os.getloadavg()[0]
+    say(f"load average (1 min) before starting: {load:.2f}"
+        + ("  -- other work is running: expect noisy numbers" if load > 0.5 else ""))
+    say()
+    started = time.monotonic()
+    with ExitStack() as stack:
+        stack.enter_context(_signals())
+        # Unwound in reverse: the platform stops, then every server, then the temp dir goes.
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phloem-bench-")))
+        reaper = stack.enter_context(Reaper())
+        p = stack.enter_context(platform_process())
+        b = Bench(args, reaper, tmp, p)
+        steps: dict[str, Callable[[Bench], None]] = {
+            "throughput": throughput, "latency": latency, "cold": cold, "streams": streams}
+        for name in SECTIONS:
+            if name in sections:
+                steps[name](b)
+        results = b.results
+    summary(results, args)
+    say(f"(whole run: {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
