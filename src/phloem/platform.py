@@ -102,6 +102,7 @@ class Platform:
         self.metrics = Metrics(load=self._function_load)
         self.api_key: str | None = None
         self.spawner: ZygoteSpawner | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     # -- start ---------------------------------------------------------------
     async def start(self) -> None:
@@ -157,6 +158,7 @@ class Platform:
             on_request=self._observe_request)
         await self.gateway.start()
         await self._start_api()
+        self._flusher = asyncio.create_task(self._flush_logs())
 
     def _prepare_data_dir(self) -> None:
         root = self.paths.root
@@ -228,6 +230,11 @@ class Platform:
                 self._api_task.result()
                 raise PlatformError(f"api_port: could not serve on {s.api_host}:{s.api_port}")
             await asyncio.sleep(0.01)
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            self.function_logs.flush()
 
     # -- metrics ---------------------------------------------------------------
     def _observe_request(self, record: RequestRecord) -> None:
@@ -312,6 +319,8 @@ class Platform:
             await self.supervisor.stop_all()
         if self.spawner is not None:  # after the isolates: they die with their zygote
             await self.spawner.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
         self.function_logs.close()
         if self._pool is not None:
             await self._pool.close()

@@ -159,8 +159,21 @@ def up(
     raise typer.Exit(code)
 
 
+def _raise_fd_limit() -> None:
+    """Every open stream costs the gateway two descriptors: use all we may have."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
+    import gc
+
     from phloem.platform import Platform, PlatformError
+
+    _raise_fd_limit()
 
     platform = Platform(settings)
     loop = asyncio.get_running_loop()
@@ -206,6 +219,12 @@ async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
         out.print(f"  branch   {b.name} ({b.id})  postgres 127.0.0.1:{b.port}")
     if deploy_dirs:
         await asyncio.to_thread(_deploy_dirs, settings, deploy_dirs)
+    # What start-up built lives for the whole run: keep it out of every collection, and
+    # make full collections rare (with thousands of streams they paused the loop for
+    # hundreds of ms).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(700, 10, 1000)
     out.print("ready. Press Ctrl-C to stop.")
     await platform.wait_stop_requested()
     await platform.stop()

@@ -338,6 +338,7 @@ def create_api(platform: Platform) -> FastAPI:
         if await platform.store.get_function(branch.id, slug) is None:
             raise NotFound("function", slug)
         path = platform.paths.function_log(branch.id, slug)
+        platform.function_logs.flush()
         found = tail(path, max(1, min(lines, 10000)), since)
         text = "".join(line + "\n" for line in found)
         if not follow:
