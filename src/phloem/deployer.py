@@ -358,10 +358,6 @@ class Deployer:
                 limits=dep.limits)))
         return out
 
-    async def wait_builds(self) -> None:
-        if self._builds:
-            await asyncio.gather(*self._builds, return_exceptions=True)
-
 
 class BuildError(RuntimeError):
     pass
@@ -389,5 +385,3 @@ def _restrict_to(root: Path, ident: Identity) -> None:
             if not os.path.islink(p):
                 os.chmod(p, 0o750 if os.access(p, os.X_OK) else 0o640)
 
-
-BuildLog = Callable[[str], None]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -154,6 +155,4 @@ class DevServer:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            import shutil
-
             shutil.rmtree(self._run_dir, ignore_errors=True)

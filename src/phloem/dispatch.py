@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from phloem.deployer import Deployer
@@ -15,8 +16,10 @@ from phloem.supervisor import IsolateFailed, Supervisor
 _LABEL_RE = re.compile(r"^(br-[a-z]+-[a-z]+-[0-9a-f]{6})-([a-z0-9]{1,20})$")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_host(host: str, domain: str) -> tuple[str, str] | None:
-    """``(branch_id, slug)`` for a function host name, else ``None``."""
+    """``(branch_id, slug)`` for a function host name, else ``None``. Cached: the router
+    and the request observer both ask for every request."""
     name = host.strip().lower()
     if name.startswith("["):
         return None
