@@ -34,6 +34,7 @@ from phloem.runtimes.node.bundle import (
     native_packages,
 )
 from phloem.runtimes.node.provision import ProvisionError, ensure_toolchain
+from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.runtimes.python import environment as pyenv
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
@@ -297,10 +298,13 @@ class Deployer:
         app = dep_dir / "app"
         entry = dep.entry or find_entry(app)
         log(f"bundling {entry} with esbuild")
-        modules = install_dependencies(app, self.paths.root / "envs" / "node", node, log)
+        modules = install_dependencies(app, self.paths.root / "envs" / "node", node, log,
+                                       substitutes=install_substitutes())
         out = dep_dir / "bundle" / "bundle.mjs"
-        bundle(esbuild, app, entry, out, [modules] if modules else [],
-               external=native_packages(modules) if modules else [], log=log)
+        node_paths = [modules] if modules else []
+        bundle(esbuild, app, entry, out, node_paths,
+               external=native_packages(modules) if modules else [],
+               alias=bundle_aliases([app / "node_modules", *node_paths]), log=log)
         _restrict_to(out.parent, ident)
 
     def _check_entry(self, spec: IsolateSpec) -> None:

@@ -21,7 +21,7 @@ import pathspec
 
 ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", ".mypy_cache/",
                   ".pytest_cache/", ".ruff_cache/", ".DS_Store", ".env", ".env.*",
-                  ".phloem/"]
+                  ".phloem/", "node_modules/"]
 
 
 class PackError(ValueError):

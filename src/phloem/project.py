@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phloem import neon
 from phloem.client import Client, ClientError
 from phloem.config import BranchInfo, Config, Function
 from phloem.limits import check_limits
+from phloem.neon import find_neon_config
 from phloem.packing import pack_directory
 from phloem.validation import ENTRY_RE, InvalidInput, check_env, check_name, check_slug
 
 CONFIG_FILE = "phloemfile.py"
 LINK_FILE = Path(".phloem") / "link.json"
+NODE_RUNTIME = "nodejs24"
 PYTHON_RUNTIMES = ("python3.11", "python3.12", "python3.13", "python3.14")
 
 
@@ -46,27 +49,36 @@ class DesiredFunction:
 
 @dataclass
 class Project:
+    """A project root and how to turn its config into the functions a branch should run.
+
+    ``config_file`` is ``phloemfile.py`` (Python) or ``neon.ts`` (Node, Neon's shape)."""
+
     root: Path
-    config: Config
+    config_file: str
+    resolver: Callable[[BranchInfo], dict[str, DesiredFunction]]
 
     def desired(self, branch: BranchInfo) -> dict[str, DesiredFunction]:
-        overrides: Mapping[str, Any] = {}
-        if self.config.branch is not None:
-            try:
-                overrides = self.config.branch(branch) or {}
-            except Exception as exc:
-                raise ConfigError(f"{CONFIG_FILE}: branch: the callback raised {exc!r}") \
-                    from None
-        per_fn = overrides.get("functions", {}) if isinstance(overrides, Mapping) else {}
-        out: dict[str, DesiredFunction] = {}
-        for slug, fn in self.config.functions.items():
-            extra = per_fn.get(slug, {}) if isinstance(per_fn, Mapping) else {}
-            out[slug] = _resolve(self.root, slug, fn, extra)
-        for slug in per_fn if isinstance(per_fn, Mapping) else ():
-            if slug not in self.config.functions:
-                raise ConfigError(f"{CONFIG_FILE}: branch: functions.{slug}: no such "
-                                  "function is defined")
-        return out
+        return self.resolver(branch)
+
+
+def _python_desired(root: Path, config: Config, branch: BranchInfo) -> dict[str, DesiredFunction]:
+    overrides: Mapping[str, Any] = {}
+    if config.branch is not None:
+        try:
+            overrides = config.branch(branch) or {}
+        except Exception as exc:
+            raise ConfigError(f"{CONFIG_FILE}: branch: the callback raised {exc!r}") \
+                from None
+    per_fn = overrides.get("functions", {}) if isinstance(overrides, Mapping) else {}
+    out: dict[str, DesiredFunction] = {}
+    for slug, fn in config.functions.items():
+        extra = per_fn.get(slug, {}) if isinstance(per_fn, Mapping) else {}
+        out[slug] = _resolve(root, slug, fn, extra)
+    for slug in per_fn if isinstance(per_fn, Mapping) else ():
+        if slug not in config.functions:
+            raise ConfigError(f"{CONFIG_FILE}: branch: functions.{slug}: no such "
+                              "function is defined")
+    return out
 
 
 def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any]) -> DesiredFunction:
@@ -106,7 +118,8 @@ def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any]) -> D
 
 def find_root(start: Path) -> Path | None:
     for d in (start, *start.parents):
-        if (d / CONFIG_FILE).is_file() or (d / LINK_FILE).is_file():
+        if ((d / CONFIG_FILE).is_file() or (d / LINK_FILE).is_file()
+                or find_neon_config(d) is not None):
             return d
     return None
 
@@ -128,16 +141,24 @@ def load_dotenv(path: Path) -> dict[str, str]:
     return out
 
 
-def load_project(root: Path, env_file: Path | None = None) -> Project:
-    """Evaluate ``phloemfile.py`` (after loading ``env_file`` into the environment)."""
+def load_project(root: Path, env_file: Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> Project:
+    """Read the project at ``root``: ``phloemfile.py`` if there is one, else ``neon.ts``
+    (after loading ``env_file`` into the environment; both configs may read it)."""
     path = root / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (create one with 'phloem init')")
+    neon_path = find_neon_config(root)
+    if not path.is_file() and neon_path is None:
+        raise ConfigError(f"{path}: not found, nor a neon.ts (create one with 'phloem init')")
     if env_file is not None:
         if not env_file.is_file():
             raise ConfigError(f"--env {env_file}: file not found")
         for key, value in load_dotenv(env_file).items():
             os.environ.setdefault(key, value)
+    if not path.is_file():
+        assert neon_path is not None
+        return Project(root=root, config_file=neon_path.name,
+                       resolver=lambda branch: _neon_desired(root, neon_path, branch,
+                                                             progress))
     sys.path.insert(0, str(root))
     try:
         namespace = runpy.run_path(str(path), run_name="phloemfile")
@@ -152,7 +173,91 @@ def load_project(root: Path, env_file: Path | None = None) -> Project:
     for slug, fn in config.functions.items():
         if not isinstance(fn, Function):
             raise ConfigError(f"{CONFIG_FILE}: functions.{slug}: must be a Function(...)")
-    return Project(root=root, config=config)
+    return Project(root=root, config_file=CONFIG_FILE,
+                   resolver=lambda branch: _python_desired(root, config, branch))
+
+
+# -- neon.ts ---------------------------------------------------------------------
+NODE_SOURCE_SUFFIXES = (".ts", ".mts", ".cts", ".tsx", ".js", ".mjs", ".cjs", ".jsx")
+NEON_FUNCTION_KEYS = {"name", "source", "env", "limits", "runtime", "bundler",
+                      "externalPackages", "dev", "customDomains"}
+NEON_TUNING_KEYS = {"name", "env", "limits", "runtime", "customDomains"}
+
+
+def _neon_desired(root: Path, config_path: Path, branch: BranchInfo,
+                  progress: Callable[[str], None] | None) -> dict[str, DesiredFunction]:
+    name = config_path.name
+    target = {"name": branch.name, "id": branch.id, "exists": True,
+              "isDefault": branch.name == "main"}
+    try:
+        raw = neon.evaluate(config_path, target, progress)
+    except neon.NeonConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    unsupported = raw.get("unsupported") or []
+    if unsupported:
+        what = ", ".join(f"{label} ({key})" for key, label in unsupported)
+        raise ConfigError(
+            f"{name}: enables services phloem does not provide: {what}. Remove them from "
+            f"{name}: parseEnv(config) would demand their variables, which phloem cannot "
+            "inject.")
+    tuning = raw.get("tuning") or {}
+    per_fn: dict[str, Any] = tuning.get("functions") or {}
+    functions: dict[str, Any] = raw.get("functions") or {}
+    out: dict[str, DesiredFunction] = {}
+    for slug, spec in functions.items():
+        out[slug] = _resolve_node(root, name, slug, spec, per_fn.get(slug) or {})
+    for slug in per_fn:
+        if slug not in functions:
+            raise ConfigError(f"{name}: branch: functions.{slug}: no such function is "
+                              "declared")
+    return out
+
+
+def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, Any],
+                  extra: Mapping[str, Any]) -> DesiredFunction:
+    where = f"{config_name}: functions.{slug}"
+    try:
+        check_slug(slug)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    unknown = sorted(set(spec) - NEON_FUNCTION_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: "
+                          f"{', '.join(sorted(NEON_FUNCTION_KEYS))})")
+    unknown = sorted(set(extra) - NEON_TUNING_KEYS)
+    if unknown:
+        raise ConfigError(f"{config_name}: branch: functions.{slug}.{unknown[0]}: unknown "
+                          f"key (known: {', '.join(sorted(NEON_TUNING_KEYS))})")
+    source = spec.get("source")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{where}.source: must be a non-empty string (the entry file)")
+    path = (root / source).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ConfigError(f"{where}.source: {source!r} is outside the project")
+    if not path.is_file():
+        raise ConfigError(f"{where}.source: file {source!r} does not exist")
+    if path.suffix not in NODE_SOURCE_SUFFIXES:
+        raise ConfigError(f"{where}.source: {source!r} is not a JavaScript or TypeScript "
+                          f"file ({', '.join(NODE_SOURCE_SUFFIXES)}); Python functions are "
+                          f"configured in {CONFIG_FILE}")
+    entry = path.relative_to(root.resolve()).as_posix()
+    runtime = extra.get("runtime", spec.get("runtime")) or NODE_RUNTIME
+    if runtime != NODE_RUNTIME:
+        raise ConfigError(f"{where}.runtime: unknown runtime {runtime!r} (known: "
+                          f"{NODE_RUNTIME})")
+    env = {**dict(spec.get("env") or {}), **dict(extra.get("env") or {})}
+    try:
+        check_env(env)
+        limits = check_limits({**dict(spec.get("limits") or {}),
+                               **dict(extra.get("limits") or {})})
+        name = extra.get("name", spec.get("name")) or slug
+        if not isinstance(name, str):
+            raise InvalidInput("name", "must be a string")
+        check_name(name)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
+    return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
+                           limits=limits)
 
 
 # -- links ---------------------------------------------------------------------
@@ -219,7 +324,7 @@ def make_plan(client: Client, project: Project, branch: str,
             reasons.append("env values changed")
         plan.append(PlanItem(slug, "update" if reasons else "unchanged", reasons, want))
     for slug in sorted(set(live) - set(desired)):
-        plan.append(PlanItem(slug, "delete", [f"not in {CONFIG_FILE}"]))
+        plan.append(PlanItem(slug, "delete", [f"not in {project.config_file}"]))
     return plan
 
 
@@ -266,4 +371,5 @@ def apply_plan(client: Client, project: Project, plan: list[PlanItem], branch: s
 def pack_project(project: Project) -> tuple[bytes, str]:
     # The config is not code: editing it changes the plan through env/name/..., not by
     # changing every function's source hash.
-    return pack_directory(project.root, ignore=[f"/{CONFIG_FILE}", "/neon.ts"])
+    # A Node function may import its neon.ts (parseEnv(config)), so that one is packed.
+    return pack_directory(project.root, ignore=[f"/{CONFIG_FILE}"])

@@ -100,8 +100,10 @@ class PlatformProcess:
 
     @property
     def env(self) -> dict[str, str]:
+        # The CLI evaluates neon.ts with the esbuild the platform provisions anyway.
         return {**os.environ, "PHLOEM_DATA_DIR": str(self.data_dir), "NO_COLOR": "1",
-                "COLUMNS": "200", "TERM": "dumb"}
+                "COLUMNS": "200", "TERM": "dumb",
+                "PHLOEM_NODE_TOOLS": str(self.data_dir / "runtime" / "node")}
 
     def args(self) -> list[str]:
         return [PHLOEM, "up", "--api-port", str(self.api_port), "--gateway-port",

@@ -29,6 +29,7 @@ from phloem.cli.main import (
     print_json,
 )
 from phloem.client import Client, ClientError
+from phloem.neon import find_neon_config
 from phloem.project import (
     CONFIG_FILE,
     ConfigError,
@@ -53,8 +54,8 @@ ProjectOpt = Annotated[Path, typer.Option(
     "--project", "-C", envvar="PHLOEM_PROJECT", help="Project root [default: the nearest "
     "directory up from here with phloemfile.py or a link]", show_default=False)]
 EnvFileOpt = Annotated[Path | None, typer.Option(
-    "--env", envvar="PHLOEM_ENV_FILE", help="Dotenv file loaded before phloemfile.py is "
-    "evaluated.")]
+    "--env", envvar="PHLOEM_ENV_FILE", help="Dotenv file loaded before phloemfile.py (or "
+    "neon.ts) is evaluated.")]
 ACTION_STYLE = {"create": "green", "update": "yellow", "delete": "red", "unchanged": "dim"}
 
 
@@ -66,7 +67,8 @@ def project_root(given: Path | None) -> Path:
 
 def _load(root: Path, env_file: Path | None) -> Project:
     try:
-        return load_project(root, env_file)
+        return load_project(root, env_file,
+                            progress=lambda line: err.print(escape(line), highlight=False))
     except ConfigError as exc:
         fail(str(exc))
 
@@ -246,7 +248,7 @@ def checkout(
     except ClientError as exc:
         fail(str(exc))
     out.print(f"{'created and ' if created else ''}switched to branch {name}")
-    if created and (root / CONFIG_FILE).is_file():
+    if created and ((root / CONFIG_FILE).is_file() or find_neon_config(root) is not None):
         do_apply(data_dir, root, env_file, name, OutputFormat.text)
     if not no_env_pull:
         try:

@@ -148,6 +148,25 @@ function waitUntil(work) {
   pending.add(entry);
 }
 
+// Closers registered with @phloem/functions' attachDatabasePool: run once the isolate has
+// drained, so pools end cleanly instead of being cut by the exit. Bounded: a pool that
+// cannot reach its server must not hold the eviction.
+const shutdownHooks = [];
+
+function onShutdown(hook) {
+  if (typeof hook === "function") shutdownHooks.push(hook);
+}
+
+async function runShutdownHooks() {
+  if (shutdownHooks.length === 0) return;
+  let timer;
+  const bound = new Promise((resolveBound) => {
+    timer = setTimeout(resolveBound, 5000);
+  });
+  await Promise.race([Promise.allSettled(shutdownHooks.map((hook) => hook())), bound]);
+  clearTimeout(timer);
+}
+
 function waitUntilDrained() {
   if (pending.size === 0) return Promise.resolve();
   pendingIdle ??= Promise.withResolvers();
@@ -348,6 +367,7 @@ function serve(handler, fd) {
     });
     await Promise.race([all, bounded]);
     clearTimeout(timer);
+    await runShutdownHooks();
     process.exit(0);
   };
 
@@ -367,6 +387,7 @@ async function main() {
     tagConsole();
   }
   globalThis.__phloem_waitUntil = waitUntil;
+  globalThis.__phloem_onShutdown = onShutdown;
   let loaded;
   try {
     loaded = await loadHandler(args.bundle);

@@ -1,0 +1,101 @@
+// Evaluate a project's bundled neon.ts for one branch and print what phloem needs as JSON.
+//
+//   node evalconfig.mjs /tmp/neon.config.mjs '{"name":"main","id":"br-...","exists":true}'
+//
+// Output: {"functions": {slug: {name, source, env, limits, runtime}}, "tuning": {...} | null,
+//          "unsupported": [[key, what], ...], "ignored": [key, ...]}
+// Exit 2 with a message on stderr when the module cannot be evaluated or is not a config.
+// The checks that name fields and rules for the user live in phloem/neon.py; here we only
+// turn JavaScript values into JSON without losing what JSON would drop (undefined env
+// values, closures).
+
+import { pathToFileURL } from "node:url";
+
+function fail(message) {
+  process.stderr.write(`${message}\n`);
+  process.exit(2);
+}
+
+function enabled(toggle) {
+  if (toggle === undefined || toggle === null || toggle === false) return false;
+  if (typeof toggle === "object") return toggle.enabled !== false;
+  return Boolean(toggle);
+}
+
+function nonEmpty(record) {
+  return record !== undefined && record !== null && typeof record === "object" && Object.keys(record).length > 0;
+}
+
+// env values must survive JSON: an `undefined` (an unset process.env.X) would vanish.
+function plainEnv(env, where) {
+  if (env === undefined) return {};
+  if (env === null || typeof env !== "object" || Array.isArray(env)) fail(`${where}: must be an object of strings`);
+  const out = {};
+  for (const [key, value] of Object.entries(env)) {
+    if (typeof value !== "string") {
+      fail(`${where}.${key}: must be a string (got ${value === undefined ? "undefined: is the variable set when the config is evaluated?" : typeof value})`);
+    }
+    out[key] = value;
+  }
+  return out;
+}
+
+function describeFunctions(functions, where) {
+  const out = {};
+  if (functions === undefined) return out;
+  if (functions === null || typeof functions !== "object") fail(`${where}: must be an object keyed by slug`);
+  for (const [slug, def] of Object.entries(functions)) {
+    if (def === null || typeof def !== "object") fail(`${where}.${slug}: must be an object`);
+    const { env, ...rest } = def;
+    for (const [key, value] of Object.entries(rest)) {
+      if (typeof value === "function") fail(`${where}.${slug}.${key}: functions are not supported here`);
+    }
+    out[slug] = { ...rest, env: plainEnv(env, `${where}.${slug}.env`) };
+  }
+  return out;
+}
+
+const [bundlePath, targetJson] = process.argv.slice(2);
+if (!bundlePath || !targetJson) fail("usage: evalconfig.mjs BUNDLE TARGET_JSON");
+const target = Object.freeze(JSON.parse(targetJson));
+
+let mod;
+try {
+  mod = await import(pathToFileURL(bundlePath).href);
+} catch (err) {
+  fail(`evaluating it raised: ${err?.stack ?? err}`);
+}
+const config = mod.default ?? mod.config;
+if (config === null || typeof config !== "object") {
+  fail("must export its configuration: export default defineConfig({ functions: { ... } })");
+}
+
+const unsupported = [];
+if (enabled(config.auth)) unsupported.push(["auth", "Neon Auth"]);
+if (enabled(config.dataApi)) unsupported.push(["dataApi", "the Data API"]);
+if (enabled(config.aiGateway) || enabled(config.preview?.aiGateway)) unsupported.push(["aiGateway", "the AI Gateway"]);
+if (nonEmpty(config.buckets) || nonEmpty(config.preview?.buckets)) unsupported.push(["buckets", "object storage"]);
+if (nonEmpty(config.triggers)) unsupported.push(["triggers", "scheduled and storage triggers"]);
+if (nonEmpty(config.experimental?.hooks)) unsupported.push(["experimental.hooks", "lifecycle hooks"]);
+
+const both = config.functions !== undefined && config.preview?.functions !== undefined;
+if (both) fail("functions: declare functions at the top level or under preview, not both");
+const functions = config.functions !== undefined
+  ? describeFunctions(config.functions, "functions")
+  : describeFunctions(config.preview?.functions, "preview.functions");
+
+let tuning = null;
+if (config.branch !== undefined) {
+  if (typeof config.branch !== "function") fail("branch: must be a function: branch: (branch) => ({ ... })");
+  try {
+    tuning = (await config.branch(target)) ?? {};
+  } catch (err) {
+    fail(`branch: the closure raised for branch "${target.name}": ${err?.message ?? err}`);
+  }
+  if (typeof tuning !== "object" || Array.isArray(tuning)) fail("branch: the closure must return an object");
+  const fnTuning = tuning.functions ?? tuning.preview?.functions;
+  tuning = { ...tuning, functions: describeFunctions(fnTuning, "branch.functions") };
+  delete tuning.preview;
+}
+
+process.stdout.write(JSON.stringify({ functions, tuning, unsupported }));
