@@ -80,3 +80,55 @@ def test_dev_reloads_on_edit(platform: PlatformProcess, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+HONO = '''import { Hono } from "hono";
+const app = new Hono();
+app.get("/", (c) => c.text(`VERSION ${process.env.NEON_BRANCH}`));
+export default app;
+'''
+
+
+def test_dev_serves_and_reloads_a_neon_ts_node_function(platform: PlatformProcess,
+                                                         tmp_path: Path) -> None:
+    root = tmp_path / "nodedev"
+    (root / "src").mkdir(parents=True)
+    (root / "neon.ts").write_text(
+        'import { defineConfig } from "@neon/config/v1";\n'
+        'export default defineConfig({ functions: { web: { name: "web", '
+        'source: "src/index.ts" } } });\n')
+    (root / "package.json").write_text('{"type": "module", "dependencies": {"hono": "^4"}}')
+    (root / "src" / "index.ts").write_text(HONO.replace("VERSION", "one"))
+    branch = f"ndev-{uuid.uuid4().hex[:6]}"
+    platform.cli("branches", "create", "--name", branch)
+    platform.cli("link", "--branch", branch, cwd=root)
+    port = free_port()
+    proc = subprocess.Popen([*platform.cli_args(), "dev", "--port", str(port)], cwd=root,
+                            env=platform.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url = wait_for(lambda: next((ln.split()[1] for ln in lines
+                                     if ln.startswith("web ")), None), 180, "the dev URL")
+        host = url.split("://", 1)[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": host},
+                          timeout=30) as client:
+            assert client.get("/").text == f"one {branch}"
+            app = root / "src" / "index.ts"
+            app.write_text(HONO.replace("VERSION", "two"))
+            wait_for(lambda: client.get("/").text == f"two {branch}", 30, "the new version")
+            app.write_text(HONO.replace("VERSION", "three").replace("Hono();", "Hono(;"))
+            wait_for(lambda: any("build failed" in ln for ln in lines), 30,
+                     "the bundle error to be shown")
+            assert any("index.ts:2:" in ln for ln in lines)  # esbuild's location
+            assert client.get("/").text == f"two {branch}"
+    finally:
+        proc.terminate()
+        proc.wait(20)

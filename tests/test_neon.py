@@ -208,3 +208,21 @@ def test_hono_todos_example(platform: PlatformProcess, todos_project: Path) -> N
         assert [t["text"] for t in gw.get("/todos").json()] == ["branch me"]
     link = json.loads((root / ".phloem" / "link.json").read_text())
     assert link["branch"] == child
+
+
+def test_init_hono_template_deploys(platform: PlatformProcess, tmp_path: Path) -> None:
+    root = tmp_path / "hono-app"
+    out = platform.cli("init", str(root), "--template", "hono").stdout
+    assert "neon.ts" in out and "src/index.ts" in out
+    again = platform.cli("init", str(root), "--template", "python", check=False)
+    assert again.returncode != 0 and "neon.ts exists" in again.stderr
+    branch = new_branch(platform, "hono")
+    platform.cli("link", "--branch", branch, cwd=root)
+    applied = platform.cli_json_in(root, "deploy")
+    assert [(r["slug"], r["ok"]) for r in applied["results"]] == [("api", True)], applied
+    fn = platform.cli_json("functions", "get", "api", "--branch", branch)
+    with platform.gateway(host_of(fn["invocation_url"])) as gw:
+        assert gw.get("/").json() == {"greeting": "hello", "stage": branch, "branch": branch}
+        assert gw.get("/db").json()["database"] == "phloemdb"
+    unknown = platform.cli("init", str(tmp_path / "x"), "--template", "rust", check=False)
+    assert unknown.returncode != 0 and "available: python, hono" in unknown.stderr

@@ -1,6 +1,6 @@
 """``phloem dev``: serve a project's functions from the working tree, through the same
-gateway and Python runtime host as a deployment, and reload a function when its files
-change.
+gateway and runtime hosts (Python, Node) as a deployment, and reload a function when its
+files change.
 
     server = DevServer(project, branch_id="br-…", env_by_slug={...}, port=8789)
     await server.run()
@@ -8,7 +8,10 @@ change.
 Reload is blue-green per function: a new isolate starts from the edited files; once it is
 ready the function's route switches to it and the old isolate drains (requests already in
 flight finish) and gets SIGINT. If the new one fails to start (a syntax error, a failing
-start-up), the error is printed and the old one keeps serving.
+start-up), the error is printed and the old one keeps serving. Node functions are bundled
+with esbuild first (from the project's own ``node_modules`` when it has one, as phloem's
+substitutes for ``@neon/functions`` and friends otherwise); a bundle error is printed the
+same way.
 """
 
 from __future__ import annotations
@@ -33,9 +36,49 @@ from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
 from phloem.identity import Identity
 from phloem.logs import FunctionLogs
 from phloem.packing import ALWAYS_IGNORED
-from phloem.project import DesiredFunction
+from phloem.project import NODE_RUNTIME, DesiredFunction
+from phloem.runtimes.node.bundle import (
+    BundleError,
+    bundle,
+    install_dependencies,
+    native_packages,
+)
+from phloem.runtimes.node.provision import ProvisionError, ensure_toolchain
+from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.supervisor import IsolateFailed, IsolateSpec, Supervisor
 from phloem.supervisor.memory.watchdog import WatchdogLimiter
+
+
+class NodeBuilder:
+    """Bundles Node functions of the working tree into ``out_dir/<slug>/<generation>/``."""
+
+    def __init__(self, root: Path, out_dir: Path, say: Callable[[str], None]) -> None:
+        from phloem.neon import tools_dir
+
+        self.root, self.out_dir, self.say = root, out_dir, say
+        self.tools = tools_dir()
+        try:
+            self.node, self.esbuild, self.host = ensure_toolchain(self.tools, say)
+        except ProvisionError as exc:
+            raise BundleError(str(exc)) from None
+
+    def bundle_path(self, slug: str, generation: int) -> Path:
+        return self.out_dir / slug / str(generation) / "bundle.mjs"
+
+    def build(self, want: DesiredFunction, generation: int) -> Path:
+        own = self.root / "node_modules"
+        node_paths: list[Path] = []
+        if own.is_dir():
+            node_paths.append(own)
+        else:
+            installed = install_dependencies(self.root, self.tools / "dev-deps", self.node,
+                                             self.say, substitutes=install_substitutes())
+            node_paths += [installed] if installed else []
+        out = self.bundle_path(want.slug, generation)
+        bundle(self.esbuild, self.root, want.entry, out, node_paths,
+               external=[n for p in node_paths for n in native_packages(p)],
+               alias=bundle_aliases(node_paths), log=self.say)
+        return out
 
 
 @dataclass
@@ -57,6 +100,12 @@ class DevServer:
         self.logs = FunctionLogs()
         self.supervisor = Supervisor(self._run_dir, self._log_writer, grace_s=5,
                                      memory=WatchdogLimiter())
+        self.node: NodeBuilder | None = None
+        if any(want.runtime == NODE_RUNTIME for want in functions.values()):
+            self.node = NodeBuilder(root, self._run_dir / "bundles", say)
+            for want in functions.values():
+                if want.runtime == NODE_RUNTIME:
+                    self._build_node(want, 0)
         self.functions = {slug: DevFunction(want, self._spec(want, base_env, 0))
                           for slug, want in functions.items()}
         self.gateway = Gateway(self, GatewayConfig(host=host, port=port),
@@ -64,6 +113,22 @@ class DevServer:
 
     def url(self, slug: str) -> str:
         return f"http://{self.branch_id}-{slug}.{self.domain}:{self.gateway.port}"
+
+    def _build_node(self, want: DesiredFunction, gen: int) -> bool:
+        assert self.node is not None
+        try:
+            self.node.build(want, gen)
+        except BundleError as exc:
+            self.say(f"[{want.slug}] build failed: {exc}")
+            return False
+        return True
+
+    def _command(self, want: DesiredFunction, gen: int) -> list[str]:
+        if want.runtime == NODE_RUNTIME:
+            assert self.node is not None
+            return [str(self.node.node), str(self.node.host), "--bundle",
+                    str(self.node.bundle_path(want.slug, gen))]
+        return [sys.executable, "-m", "phloem.runtimes.python.host", "--app", want.entry]
 
     def _spec(self, want: DesiredFunction, base_env: dict[str, str], gen: int) -> IsolateSpec:
         env = {**os.environ, **want.env, **base_env, "PHLOEM_FUNCTION": want.slug,
@@ -74,9 +139,7 @@ class DevServer:
         return IsolateSpec(
             deployment_id=f"dev-{want.slug}-{gen}", function_id=want.slug, slug=want.slug,
             branch_id=self.branch_id,
-            command=[sys.executable, "-m", "phloem.runtimes.python.host", "--app",
-                     want.entry],
-            env=env, cwd=self.root, identity=Identity.current(),
+            command=self._command(want, gen), env=env, cwd=self.root, identity=Identity.current(),
             log_path=self._run_dir / f"{want.slug}.log")
 
     def _log_writer(self, spec: IsolateSpec) -> Callable[[str, str, str], None]:
@@ -108,7 +171,12 @@ class DevServer:
         fn = self.functions[slug]
         started = time.monotonic()
         gen = fn.generation + 1
+        if fn.desired.runtime == NODE_RUNTIME and not await asyncio.to_thread(
+                self._build_node, fn.desired, gen):
+            self.say(f"[{slug}] reload failed, still serving the previous version")
+            return False
         spec = replace(fn.spec, deployment_id=f"dev-{slug}-{gen}",
+                       command=self._command(fn.desired, gen),
                        env={**fn.spec.env, "PHLOEM_DEPLOYMENT": f"dev-{slug}-{gen}"})
         try:
             lease = await self.supervisor.acquire(spec)  # warms the new isolate

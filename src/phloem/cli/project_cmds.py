@@ -299,15 +299,23 @@ def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "") ->
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to create the project.")]
     = Path("."),
-    template: Annotated[str, typer.Option("--template", "-t", help="python (hono arrives "
-                                          "with the Node runtime).")] = "python",
+    template: Annotated[str, typer.Option(
+        "--template", "-t", envvar="PHLOEM_TEMPLATE",
+        help="python: phloemfile.py + an ASGI app; hono: neon.ts + a TypeScript Hono "
+        "app.")] = "python",
 ) -> None:
-    """Scaffold a project: phloemfile.py, an ASGI app, requirements.txt."""
-    if template != "python":
-        fail(f"template: {template!r} is not available (available: python)")
+    """Scaffold a project: a config (phloemfile.py or neon.ts) and one function.
+
+    Example: phloem init my-api --template hono
+    """
+    templates = {"python": CONFIG_FILE, "hono": "neon.ts"}
+    if template not in templates:
+        fail(f"template: {template!r} is not available (available: "
+             f"{', '.join(templates)})")
     directory.mkdir(parents=True, exist_ok=True)
-    if (directory / CONFIG_FILE).exists():
-        fail(f"{directory / CONFIG_FILE} exists; not overwriting")
+    for config_name in ("phloemfile.py", "neon.ts"):
+        if (directory / config_name).exists():
+            fail(f"{directory / config_name} exists; not overwriting")
     src = resources.files("phloem") / "templates" / template
     written = []
 
@@ -346,6 +354,7 @@ def dev(
 
     from phloem.config import BranchInfo
     from phloem.dev import DevServer
+    from phloem.runtimes.node.bundle import BundleError
 
     root = project_root(project)
     proj = _load(root, env_file)
@@ -365,7 +374,10 @@ def dev(
     def say(line: str) -> None:
         out.print(escape(line), highlight=False)
 
-    server = DevServer(root, desired, info["id"], base_env, port=port, say=say)
+    try:
+        server = DevServer(root, desired, info["id"], base_env, port=port, say=say)
+    except BundleError as exc:  # Node 24 or esbuild could not be provisioned
+        fail(f"node: {exc}")
 
     def ready() -> None:
         for slug in desired:
