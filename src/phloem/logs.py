@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +25,9 @@ class FunctionLogs:
         self._sizes: dict[Path, int] = {}
         self.rotate_bytes = rotate_bytes
         self.keep = keep
+        # The timestamp up to the second, formatted once per second.
+        self._second = -1
+        self._second_text = ""
 
     def writer_for(self, spec: IsolateSpec) -> LogWriter:
         path = spec.log_path
@@ -40,12 +44,20 @@ class FunctionLogs:
             os.chmod(path.parent.parent, 0o700)
             f = self._files[path] = open(path, "a", buffering=2**16)  # noqa: SIM115
             self._sizes[path] = path.stat().st_size
-        ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        entry = f"{ts} {source} {stream} {line}\n"
+        entry = f"{self._timestamp()} {source} {stream} {line}\n"
         f.write(entry)
-        self._sizes[path] += len(entry)
-        if self._sizes[path] > self.rotate_bytes:
+        size = self._sizes[path] = self._sizes[path] + len(entry)
+        if size > self.rotate_bytes:
             self._rotate(path, f)
+
+    def _timestamp(self) -> str:
+        """``2026-11-26T10:00:00.123Z`` (UTC, milliseconds truncated)."""
+        ms = time.time_ns() // 1_000_000
+        second, millis = divmod(ms, 1000)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{millis:03d}Z"
 
     def flush(self) -> None:
         for f in self._files.values():

@@ -10,18 +10,34 @@ Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry`
 process-global one), so several can coexist, e.g. one per test. Counters and histograms are
 fed as events happen; the gauges (isolates, in-flight requests, open streams) are read from
 a callable at scrape time, so there is nothing to keep in sync.
+
+The per-request series (``phloem_requests_total``, ``phloem_request_duration_seconds``) are
+plain ints and floats in dicts, turned into metric families only when scraped: the gateway
+feeds them once per request, and prometheus_client's labelled children (a lock and a label
+lookup per call) cost several microseconds there. They are fed from the event loop's thread
+only, like everything on the gateway's path; the exposition is the same as
+prometheus_client's own counters and histograms (``_created`` samples included).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from phloem.gateway.server import RequestRecord
@@ -139,6 +155,64 @@ class _LoadCollector:
         return families
 
 
+class _Timings:
+    """One function's request durations: a count per bucket (not cumulative; the last one
+    is ``+Inf``) and their sum."""
+
+    __slots__ = ("buckets", "created", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)
+        self.total = 0.0
+        self.created = time.time()
+
+
+_LE: list[str] = [*(floatToGoString(b) for b in REQUEST_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+
+
+class _RequestCollector:
+    """``phloem_requests_total`` and ``phloem_request_duration_seconds``, from plain
+    counts (see the module docstring)."""
+
+    def __init__(self) -> None:
+        # (branch, function, status) -> [count, created]
+        self.requests: dict[tuple[str, str, int], list[float]] = {}
+        self.timings: dict[tuple[str, str], _Timings] = {}
+
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "phloem_requests_total",
+                "Requests answered, by status (499: the client left; 0: nothing could be sent).",
+                labels=(*_FUNCTION, "status"),
+            ),
+            HistogramMetricFamily(
+                "phloem_request_duration_seconds",
+                "Time from the request head to the end of the response (streams excluded).",
+                labels=_FUNCTION,
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        requests, durations = families = self._families()
+        for (branch, function, status), (count, created) in sorted(self.requests.items()):
+            requests.add_metric((branch, function, str(status)), count, created=created)
+        for (branch, function), t in sorted(self.timings.items()):
+            cumulative, running = [], 0
+            for le, n in zip(_LE, t.buckets, strict=True):
+                running += n
+                cumulative.append((le, float(running)))
+            durations.add_metric((branch, function), cumulative, t.total)
+            labels = {"branch": branch, "function": function}
+            durations.samples.append(
+                Sample("phloem_request_duration_seconds_created", labels, t.created)
+            )
+        return families
+
+
 class Metrics:
     """phloem's Prometheus metrics, in a registry of their own."""
 
@@ -147,19 +221,8 @@ class Metrics:
         # Settable later: the platform may build its supervisor after its metrics.
         self.load = load
         r = self.registry
-        self._requests = Counter(
-            "phloem_requests_total",
-            "Requests answered, by status (499: the client left; 0: nothing could be sent).",
-            (*_FUNCTION, "status"),
-            registry=r,
-        )
-        self._duration = Histogram(
-            "phloem_request_duration_seconds",
-            "Time from the request head to the end of the response (streams excluded).",
-            _FUNCTION,
-            buckets=REQUEST_BUCKETS,
-            registry=r,
-        )
+        self._request_series = _RequestCollector()
+        r.register(self._request_series)
         self._cold_starts = Counter(
             "phloem_cold_starts_total", "Isolates started for a function.", _FUNCTION, registry=r
         )
@@ -184,9 +247,20 @@ class Metrics:
         A stream's duration is its lifetime, not a latency, so streams are counted but kept
         out of the duration histogram.
         """
-        self._requests.labels(branch, function, str(record.status)).inc()
+        series = self._request_series
+        key = (branch, function, record.status)
+        count = series.requests.get(key)
+        if count is None:
+            series.requests[key] = [1, time.time()]
+        else:
+            count[0] += 1
         if not record.stream:
-            self._duration.labels(branch, function).observe(record.duration_s)
+            timings = series.timings.get((branch, function))
+            if timings is None:
+                timings = series.timings[(branch, function)] = _Timings()
+            # bisect_left: a duration equal to a bound belongs to that bucket (le is <=).
+            timings.buckets[bisect.bisect_left(REQUEST_BUCKETS, record.duration_s)] += 1
+            timings.total += record.duration_s
 
     def observe_cold_start(self, branch: str, function: str, seconds: float) -> None:
         self._cold_starts.labels(branch, function).inc()

@@ -238,16 +238,20 @@ class Platform:
 
     # -- metrics ---------------------------------------------------------------
     def _observe_request(self, record: RequestRecord) -> None:
+        # Runs for every request on the gateway's path: keep it to lookups and one format.
         # Only label with routes that exist: any client can send any Host.
         key = parse_host(record.host, self.settings.domain)
-        spec = self.deployer.routes.get(key) if key is not None else None
-        if key is not None and spec is not None:
-            self.metrics.observe_request(record, key[0], key[1])
-            self.function_logs.write(
-                spec.log_path, "gateway", "access",
-                f"{record.method} {record.path} {record.status} "
-                f"{record.duration_s * 1000:.1f}ms rid={record.request_id}"
-                + (f" {record.error}" if record.error else ""))
+        if key is None:
+            return
+        spec = self.deployer.routes.get(key)
+        if spec is None:
+            return
+        self.metrics.observe_request(record, key[0], key[1])
+        line = (f"{record.method} {record.path} {record.status} "
+                f"{record.duration_s * 1000:.1f}ms rid={record.request_id}")
+        if record.error:
+            line = f"{line} {record.error}"
+        self.function_logs.write(spec.log_path, "gateway", "access", line)
 
     def _function_load(self) -> dict[tuple[str, str], FunctionLoad]:
         load: dict[tuple[str, str], FunctionLoad] = {}

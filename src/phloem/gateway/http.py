@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import uuid
+import secrets
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -62,8 +63,16 @@ def sane_request_id(value: bytes | None) -> bool:
     return value is not None and _REQUEST_ID.fullmatch(value) is not None
 
 
+# Request ids: a random per-process prefix (64 bits) and a counter, so ids are unique within
+# and across gateway processes without drawing randomness per request (uuid4 costs several
+# microseconds). An id names a request in logs; it is not a secret.
+_RID_PREFIX = secrets.token_hex(8).encode("ascii")
+_rid_counter = itertools.count(1)
+
+
 def new_request_id() -> bytes:
-    return uuid.uuid4().hex.encode("ascii")
+    """32 hex digits, as a uuid4's: the process's prefix, then the counter."""
+    return b"%s%016x" % (_RID_PREFIX, next(_rid_counter))
 
 
 def _tokens(value: bytes) -> set[bytes]:

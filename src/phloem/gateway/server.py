@@ -19,8 +19,8 @@ Limits: once the request head is forwarded, the upstream has ``ttfb_timeout`` se
 its final response head (else 504 and the upstream connection is aborted, so the app sees the
 client go); from then on the exchange is closed after ``silence_timeout`` seconds without a
 byte in either direction. Both come from :class:`GatewayConfig`, overridable per lease by
-:class:`~phloem.gateway.routing.Limits`. One timer per exchange watches both (see
-``_Connection._on_watch``); bytes only stamp a time.
+:class:`~phloem.gateway.routing.Limits`. One timer per connection watches both, and
+the keep-alive wait between requests (see ``_Connection._on_watch``); bytes only stamp a time.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ LINGER_TOTAL = 30.0
 # Safe to retry on a fresh upstream connection when a pooled one died before answering.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 NO_BODY_STATUS = frozenset({204, 304})
-# What the per-connection watchdog timer is watching.
-_IDLE, _TTFB, _SILENCE = 0, 1, 2
+# What the per-connection watchdog timer is watching: nothing (routing, cold start), the
+# keep-alive wait for the next request head, time to first byte, or stream silence.
+_NONE, _KEEP_ALIVE, _TTFB, _SILENCE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -256,10 +257,12 @@ class _Connection(asyncio.Protocol):
         self._host = ""  # the current exchange's Host, for the per-host counters
         self._stream = False  # the current exchange is an SSE response or a WebSocket tunnel
 
-        # Limits of the current exchange: one timer, re-armed lazily (see _on_watch).
-        self._phase = _IDLE
+        # Keep-alive and the limits of the current exchange: one timer per connection,
+        # re-armed lazily (see _on_watch).
+        self._phase = _NONE
         self._watch: asyncio.TimerHandle | None = None
         self._watch_when = 0.0
+        self._deadline = 0.0  # of the keep-alive wait or the time to first byte
         self._ttfb_s = 0.0
         self._silence_s = 0.0
         self._last_io = 0.0  # loop time of the last byte either way
@@ -421,10 +424,6 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _on_idle_timeout(self) -> None:
-        self._idle_expired = True
-        self._wake_handler()
-
     def close_if_idle(self) -> None:
         """Used by :meth:`Gateway.drain`: wake the handler so an idle connection closes."""
         if self._active is None and not self._pending and not self._in_head:
@@ -448,20 +447,32 @@ class _Connection(asyncio.Protocol):
 
     # -- limits: time to first byte, stream silence ------------------------------------------
 
+    # Every phase sets a deadline; the timer is moved only when it would fire too late. One
+    # that fires early (the deadline moved on since it was armed) re-arms itself, so with the
+    # defaults a busy keep-alive connection arms about one timer per keep-alive period
+    # instead of one or two per request.
+
+    def _watch_keep_alive(self) -> None:
+        """Waiting for the next request head: it must be complete in time."""
+        self._phase = _KEEP_ALIVE
+        self._deadline = deadline = self._loop.time() + self._config.keep_alive_timeout
+        if self._watch is None or self._watch_when > deadline:
+            self._arm(deadline)
+
     def _watch_ttfb(self, timeout: float, silence: float) -> None:
         """The request head went upstream: its final response head must start in time."""
         self._phase = _TTFB
         self._ttfb_s = timeout
         self._silence_s = silence
-        self._arm(self._loop.time() + timeout)
+        self._deadline = deadline = self._loop.time() + timeout
+        if self._watch is None or self._watch_when > deadline:
+            self._arm(deadline)
 
     def _watch_silence(self) -> None:
         """The final response head arrived: from now on only silence is limited."""
         self._phase = _SILENCE
         self._last_io = now = self._loop.time()
         deadline = now + self._silence_s
-        # Keep the TTFB timer if it fires no later than needed: _on_watch re-arms it then.
-        # With equal limits (the defaults) that makes one timer per exchange.
         if self._watch is None or self._watch_when > deadline:
             self._arm(deadline)
 
@@ -472,21 +483,35 @@ class _Connection(asyncio.Protocol):
         self._watch = self._loop.call_at(when, self._on_watch)
 
     def _unwatch(self) -> None:
-        self._phase = _IDLE
+        """Nothing to watch (the timer stays armed: it is cheaper to let it fire early)."""
+        self._phase = _NONE
+
+    def _stop_watch(self) -> None:
+        self._phase = _NONE
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
 
     def _on_watch(self) -> None:
         self._watch = None
-        if self._phase == _TTFB:
+        phase = self._phase
+        if phase == _NONE:
+            return
+        if phase != _SILENCE and self._deadline - self._loop.time() > 0.001:
+            self._arm(self._deadline)  # armed for an earlier deadline
+            return
+        if phase == _KEEP_ALIVE:
+            self._phase = _NONE
+            self._idle_expired = True
+            self._wake_handler()
+        elif phase == _TTFB:
             # The exchange fails with _UpstreamFailed once the read sees the abort; _exchange
             # then answers 504 instead of 502. The app sees its client disconnect.
             self._timed_out = "upstream_timeout"
             logger.info("%s: no response head within %g s", self._host, self._ttfb_s)
             if self._upstream is not None:
                 self._upstream.abort()
-        elif self._phase == _SILENCE:
+        elif phase == _SILENCE:
             deadline = self._last_io + self._silence_s
             if deadline - self._loop.time() > 0.001:
                 self._arm(deadline)  # bytes flowed meanwhile
@@ -533,6 +558,7 @@ class _Connection(asyncio.Protocol):
             logger.exception("gateway connection handler failed")
         finally:
             self._active = None
+            self._stop_watch()
             if not self._transport.is_closing():
                 self._transport.close()
             self._gateway._connections.discard(self)
@@ -543,6 +569,7 @@ class _Connection(asyncio.Protocol):
                 return None
             if self._pending:
                 req = self._pending.popleft()
+                self._phase = _NONE  # no keep-alive limit while it is handled
                 self._active = self._last = req
                 self._update_reading()
                 return req
@@ -553,13 +580,13 @@ class _Connection(asyncio.Protocol):
                 return None
             if self._gateway.draining and not self._in_head:
                 return None
+            if self._phase != _KEEP_ALIVE:
+                self._watch_keep_alive()
             self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(self._config.keep_alive_timeout, self._on_idle_timeout)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-                timer.cancel()
 
     async def _linger(self) -> None:
         """Half-close, then drop the client's input until it closes (see LINGER_IDLE)."""

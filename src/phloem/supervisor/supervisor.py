@@ -79,6 +79,14 @@ class Pool:
     spec: IsolateSpec
     isolates: list[Isolate] = field(default_factory=list)
     retired: bool = False
+    #: What every lease of this pool carries (built once: the spec does not change).
+    lease_limits: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        limits = self.spec.limits
+        self.lease_limits = Limits(ttfb_timeout=limits.ttfb_timeout_s,
+                                   silence_timeout=limits.silence_timeout_s,
+                                   max_body_bytes=limits.max_body_bytes)
 
     def starting(self) -> Isolate | None:
         return next((i for i in self.isolates if i.state == "starting"), None)
@@ -140,23 +148,31 @@ class Supervisor:
                 if attempt == 2:
                     raise IsolateFailed(f"cannot connect to isolate {isolate.id}: {exc}"
                                         ) from exc
-        limits = spec.limits
-        return Lease(isolate, reader, writer, Limits(
-            ttfb_timeout=limits.ttfb_timeout_s, silence_timeout=limits.silence_timeout_s,
-            max_body_bytes=limits.max_body_bytes), reused=reused)
+        return Lease(isolate, reader, writer, pool.lease_limits, reused=reused)
 
     async def _pick(self, pool: Pool) -> Isolate:
         limits = pool.spec.limits
         while True:
-            ready = [i for i in pool.isolates if i.state == "ready"]
-            if ready:
-                best = min(ready, key=lambda i: i.inflight)
-                live = sum(1 for i in pool.isolates if i.alive)
+            # One pass, no lists: this runs for every request.
+            best: Isolate | None = None
+            live = 0
+            starting: Isolate | None = None
+            for i in pool.isolates:
+                state = i.state
+                if state == "ready":
+                    live += 1
+                    if best is None or i.inflight < best.inflight:
+                        best = i
+                elif state == "starting":
+                    live += 1
+                    if starting is None:
+                        starting = i
+            if best is not None:
                 if (best.inflight >= limits.target_inflight and live < limits.max_isolates
-                        and pool.starting() is None):
+                        and starting is None):
                     await self._spawn(pool)  # serves later requests once ready
                 return best
-            starting = pool.starting() or await self._spawn(pool)
+            starting = starting or await self._spawn(pool)
             await starting.wait_ready(self.start_timeout_s)
 
     async def _spawn(self, pool: Pool) -> Isolate:
