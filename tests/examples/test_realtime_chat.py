@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection
 
 from phloem.testing import PlatformProcess, wait_for
 
+from .chromium import chromium
 from .support import HeldRequest, RawWebSocket, deploy_example, jwt_hs256
 
 SECRET = "chat-test-secret-0123456789abcdef"
@@ -179,3 +180,36 @@ def test_client_page_is_served(platform: PlatformProcess, chat: str) -> None:
     assert res.status_code == 200
     assert res.headers["content-type"].startswith("text/html")
     assert "new WebSocket(" in res.text and "CAP_MS" in res.text
+
+
+async def test_browser_client_receives_and_reconnects(platform: PlatformProcess) -> None:
+    """The page served at GET / in headless Chromium: it connects, shows a message sent by
+    another client, and when its isolate goes away (the function deleted, its isolates
+    sent SIGINT) it backs off, mints a new token and reconnects to the redeployed one."""
+    host = deploy_example(platform, "chatweb", "realtime-chat",
+                          env={"CHAT_JWT_SECRET": SECRET})
+    with chromium() as browser:
+        browser.send("Page.navigate", {"url": f"http://{host}/?name=web"})
+        browser.wait_for("window.chat && window.chat.status === 'open'", 30, "the page to connect")
+        async with await connect(platform, host, "bob") as bob:
+            await bob.send("hello browser")
+            await receive(bob, "message", body="hello browser")
+        browser.wait_for("window.chat.messages.some(m => m.body === 'hello browser' "
+                         "&& m.user === 'bob')", 10, "the message in the page")
+
+        await asyncio.to_thread(platform.cli, "functions", "delete", "chatweb")
+        browser.wait_for("window.chat.lastClose === 1001 && window.chat.status !== 'open'",
+                         15, "the page to see 1001")
+        deploy_example(platform, "chatweb", "realtime-chat", env={"CHAT_JWT_SECRET": SECRET})
+        state = browser.wait_for("window.chat.status === 'open' && window.chat.connects === 2"
+                                 " && JSON.stringify(window.chat)", 30, "the page to reconnect")
+        chat_state = json.loads(state)
+        assert chat_state["pids"][0] != chat_state["pids"][-1]
+        assert chat_state["attempts"] == 0  # reset by the successful open
+        async with await connect(platform, host, "bob") as bob:
+            await bob.send("welcome back")
+            await receive(bob, "message", body="welcome back")
+        browser.wait_for("window.chat.messages.some(m => m.body === 'welcome back')", 10,
+                         "a message after the reconnect")
+        shown = browser.evaluate("document.getElementById('log').textContent")
+        assert "bob: hello browser" in shown and "bob: welcome back" in shown
