@@ -9,7 +9,9 @@ body, bench/apps/minimal), each beside its baseline:
 3. cold start: request -> full response with no live isolate (a new deployment each run),
    beside bare uvicorn spawn -> first response on a Unix socket;
 4. streams: 1,000 / 5,000 / 10,000 concurrent SSE clients (bench/apps/sse, a ``: ping``
-   every second) through the gateway: gateway RSS per stream and heartbeat lag.
+   every second) through the gateway: gateway RSS per stream and heartbeat lag;
+5. node: the minimal app as a Hono function, through phloem vs on @hono/node-server
+   directly (throughput), and its cold start vs a bare node spawn (bench/_node.py).
 
     .venv/bin/python bench/runtime.py                   # everything, about 5 minutes
     .venv/bin/python bench/runtime.py --quick           # short runs, streams 1000/2000
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import _node
 from _load import percentile, run_h2load, run_wrk
 from _procs import (
     Reaper,
@@ -63,7 +66,7 @@ from phloem.testing import PlatformProcess, host_of, platform_process
 HERE = Path(__file__).resolve().parent
 MINIMAL = HERE / "apps" / "minimal"
 SSE = HERE / "apps" / "sse"
-SECTIONS = ("throughput", "latency", "cold", "streams")
+SECTIONS = ("throughput", "latency", "cold", "streams", "node")
 CONNECTIONS = (32, 256)
 LATENCY_CLIENTS = 32
 
@@ -95,6 +98,7 @@ class Results:
     streams: list[StreamRow] = field(default_factory=list)
     streams_note: str = ""
     base_rss_kib: int = 0  # the gateway's, with no stream open
+    node: _node.NodeResults | None = None
 
 
 @dataclass
@@ -528,7 +532,14 @@ def summary(r: Results, args: argparse.Namespace) -> None:
         note = f" ({r.streams_note})" if r.streams_note else ""
         say(f"| heartbeat lag p99 at {top.count:,} streams (ms){note} | {top.lag_p99_ms:.0f} | "
             f"| | | <= 250 ms at 10,000 |")
+    if r.node:
+        for row in _node.summary_rows(r.node, CONNECTIONS):
+            say(row)
     say()
+
+
+def node(b: Bench) -> None:
+    b.results.node = _node.node(b, CONNECTIONS, say)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -570,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.only or list(SECTIONS)
 
     tools = sorted({t for s in sections for t in {"throughput": ["wrk", "nginx"],
+                                                    "node": ["wrk"],
                                                     "latency": ["wrk", "nginx", "h2load"]
                                                     }.get(s, [])})
     if missing := missing_tools(tools):
@@ -593,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         p = stack.enter_context(platform_process())
         b = Bench(args, reaper, tmp, p)
         steps: dict[str, Callable[[Bench], None]] = {
-            "throughput": throughput, "latency": latency, "cold": cold, "streams": streams}
+            "throughput": throughput, "latency": latency, "cold": cold, "streams": streams,
+            "node": node}
         for name in SECTIONS:
             if name in sections:
                 steps[name](b)

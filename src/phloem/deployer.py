@@ -181,9 +181,13 @@ class Deployer:
         if env_link.exists():
             python_path.append(str(env_link.resolve() / "site"))
         python_path.append(str(self.runtime_dir))
+        limits = self.settings.function_limits.merged(dep.limits or {})
         if dep.runtime == NODE_RUNTIME:
             node, _, host = self.node_toolchain()
-            command = [str(node), str(host), "--bundle",
+            # V8 collects before the isolate reaches its memory limit instead of growing
+            # its heap towards the machine's size and being killed.
+            heap_mb = max(64, int(limits.memory_mb * 0.75))
+            command = [str(node), f"--max-old-space-size={heap_mb}", str(host), "--bundle",
                        str(self.paths.deployment_dir(dep.id) / "bundle" / "bundle.mjs")]
         else:
             command = [self.isolate_python, "-m", "phloem.runtimes.python.host",
@@ -211,7 +215,7 @@ class Deployer:
             deployment_id=dep.id, function_id=fn.id, slug=fn.slug, branch_id=branch.id,
             command=command, env=env, cwd=app_dir, identity=ident,
             log_path=self.paths.function_log(branch.id, fn.slug),
-            limits=self.settings.function_limits.merged(dep.limits or {}),
+            limits=limits,
         )
 
     async def _build(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> None:

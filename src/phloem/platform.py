@@ -46,6 +46,7 @@ from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import Supervisor
 from phloem.supervisor.isolate import ZygoteSpawner
+from phloem.supervisor.standby import NodeStandbySpawner
 
 log = logging.getLogger("phloem")
 
@@ -126,10 +127,11 @@ class Platform:
         runtime_dir = await asyncio.to_thread(pyenv.ensure_runtime, self.paths.python_runtime)
         isolate_python = pyenv.find_isolate_python(s.isolate_python, os.geteuid() == 0)
         make_dir(self.paths.isolate_sockets, 0o711)
-        # Python isolates fork from a zygote with uvicorn already imported (direct spawn
-        # when it is down); started from this thread so it dies with the platform.
+        # Python isolates fork from a zygote with uvicorn already imported, Node isolates
+        # are activated from a standby Node process (each spawns directly when its
+        # shortcut is down); started from this thread so they die with the platform.
         if s.zygote:
-            self.spawner = ZygoteSpawner()
+            self.spawner = ZygoteSpawner(fallback=NodeStandbySpawner())
             await self.spawner.prestart(isolate_python, runtime_dir)
         self.supervisor = Supervisor(
             self.paths.isolate_sockets, self.function_logs.writer_for,

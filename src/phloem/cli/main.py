@@ -120,7 +120,8 @@ def up(
         "phloem's, or /usr/bin/pythonX.Y as root]")] = None,
     zygote: Annotated[bool, typer.Option(
         "--zygote/--no-zygote", envvar="PHLOEM_ZYGOTE",
-        help="Fork Python isolates from a pre-imported zygote (fast cold starts).")] = True,
+        help="Start isolates from pre-started processes (fast cold starts): Python forks "
+        "from a pre-imported zygote, Node activates a standby process.")] = True,
     grace: Annotated[float, typer.Option(envvar="PHLOEM_EVICTION_GRACE",
                                          help="Seconds between SIGINT and SIGKILL for "
                                               "isolates.")] = 10.0,

@@ -569,6 +569,9 @@ class ZygoteSpawner:
         await asyncio.gather(*(z.stop() for z in self.zygotes.values()),
                              return_exceptions=True)
         self.zygotes.clear()
+        stop_fallback = getattr(self.fallback, "stop", None)
+        if stop_fallback is not None:
+            await stop_fallback()
 
 
 # -- isolates ----------------------------------------------------------------------------

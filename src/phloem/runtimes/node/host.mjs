@@ -6,6 +6,7 @@
 //
 //   node host.mjs --bundle /path/bundle.mjs --fd 3 --ready-fd 4
 //   node host.mjs --bundle /path/bundle.mjs --check
+//   node host.mjs --standby --ready-fd 3      (as root; see "standby" below)
 //
 // The bundle's default export is an object with fetch(request, env, ctx) (WinterTC /
 // Workers style; a Hono app is one) and optionally upgrade(req, socket, head), which gets
@@ -24,7 +25,7 @@
 
 import { getRequestListener } from "@hono/node-server";
 import { AsyncLocalStorage } from "node:async_hooks";
-import { writeSync } from "node:fs";
+import { chmodSync, readFileSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
 import { createServer } from "node:http";
 import { isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -34,7 +35,7 @@ const EXIT_ENTRY = 3;
 const NO_FETCH = "entry: default export has no fetch(request) method";
 
 function parseArgs(argv) {
-  const args = { bundle: null, fd: null, readyFd: null, check: false };
+  const args = { bundle: null, fd: null, readyFd: null, check: false, standby: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const value = () => {
@@ -45,8 +46,10 @@ function parseArgs(argv) {
     else if (a === "--fd") args.fd = Number.parseInt(value(), 10);
     else if (a === "--ready-fd") args.readyFd = Number.parseInt(value(), 10);
     else if (a === "--check") args.check = true;
+    else if (a === "--standby") args.standby = true;
     else usage(`unknown argument ${a}`);
   }
+  if (args.standby) return args;
   if (!args.bundle) usage("--bundle is required");
   if (!args.check && !Number.isInteger(args.fd)) usage("--fd is required unless --check");
   return args;
@@ -55,7 +58,7 @@ function parseArgs(argv) {
 function usage(message) {
   process.stderr.write(
     `phloem-node-host: ${message}\n` +
-      "usage: host.mjs --bundle FILE (--check | --fd N [--ready-fd M])\n",
+      "usage: host.mjs --bundle FILE (--check | --fd N [--ready-fd M]) | --standby --ready-fd M\n",
   );
   process.exit(2);
 }
@@ -81,11 +84,14 @@ function status(byte) {
   }
 }
 
+let watchingParent = false;
+
 function dieWithParent() {
   // No PR_SET_PDEATHSIG from JavaScript: watch the parent instead, so isolates of a
   // SIGKILLed platform do not linger holding their sockets.
   const parent = Number.parseInt(process.env.PHLOEM_SUPERVISOR_PID ?? "", 10);
-  if (!Number.isInteger(parent)) return;
+  if (!Number.isInteger(parent) || watchingParent) return;
+  watchingParent = true;
   if (process.ppid !== parent) process.exit(1);
   setInterval(() => {
     if (process.ppid !== parent) process.exit(1);
@@ -252,7 +258,17 @@ function checkResponse(value) {
   throw new TypeError(`fetch() must return a Response (or a promise of one), got ${got}`);
 }
 
-function serve(handler, fd) {
+function newServer() {
+  return createServer({
+    requestTimeout: 0, // the gateway enforces its own limits; long uploads are fine
+    keepAliveTimeout: 3600_000, // the gateway keeps upstream connections and reuses them
+    headersTimeout: 60_000,
+  });
+}
+
+// target: { fd } of the listening socket the supervisor bound, or { server } already
+// listening (a standby bound it before dropping root).
+function serve(handler, target) {
   let inflight = 0;
   let shuttingDown = false;
   const upgraded = new Set();
@@ -284,11 +300,7 @@ function serve(handler, fd) {
   );
 
   const hasUpgrade = typeof handler.upgrade === "function";
-  const server = createServer({
-    requestTimeout: 0, // the gateway enforces its own limits; long uploads are fine
-    keepAliveTimeout: 3600_000, // the gateway keeps upstream connections and reuses them
-    headersTimeout: 60_000,
-  });
+  const server = target.server ?? newServer();
 
   server.on("request", (incoming, outgoing) => {
     inflight++;
@@ -375,11 +387,76 @@ function serve(handler, fd) {
     console.error("phloem: server error:", err);
     process.exit(1);
   });
-  server.listen({ fd }, () => status("R"));
+  if (target.server) status("R");
+  else server.listen({ fd: target.fd }, () => status("R"));
+}
+
+// ---------------------------------------------------------------------------- standby
+
+// A standby is started ahead of need, as root, with Node booted and this host loaded; it
+// waits for one activation (a JSON line on stdin, then EOF) naming the isolate it becomes:
+// it joins the isolate's cgroup, binds its socket, drops to the function's uid and gid for
+// good (and checks it cannot get root back), takes the function's env and directory, and
+// only then imports the user's bundle. What a cold start saves is Node's boot and this
+// module's load (about half of it).
+async function activateStandby() {
+  let spec;
+  try {
+    spec = JSON.parse(readFileSync(0, "utf8"));
+  } catch (err) {
+    console.error("phloem: standby: no valid activation on stdin:", err?.message ?? err);
+    process.exit(2);
+  }
+  if (!Number.isInteger(spec.uid) || spec.uid === 0 || !Number.isInteger(spec.gid)) {
+    console.error("phloem: standby: refusing an activation without a non-root uid");
+    process.exit(2);
+  }
+  if (spec.cgroupProcs) writeFileSync(spec.cgroupProcs, `${process.pid}\n`);
+  const server = newServer();
+  try {
+    unlinkSync(spec.socket);
+  } catch {}
+  await new Promise((resolveListen, rejectListen) => {
+    server.once("error", rejectListen);
+    server.listen({ path: spec.socket, backlog: 1024 }, resolveListen);
+  });
+  chmodSync(spec.socket, 0o600);
+  process.setgroups([]);
+  process.setgid(spec.gid);
+  process.setuid(spec.uid);
+  let regained = false;
+  try {
+    process.setuid(0);
+    regained = true;
+  } catch {}
+  if (
+    regained ||
+    process.getuid() !== spec.uid ||
+    process.geteuid() !== spec.uid ||
+    process.getgid() !== spec.gid ||
+    process.getegid() !== spec.gid ||
+    process.getgroups().some((g) => g !== spec.gid)
+  ) {
+    console.error("phloem: standby: dropping privileges did not hold; exiting");
+    process.exit(70);
+  }
+  process.chdir(spec.cwd);
+  for (const key of Object.keys(process.env)) delete process.env[key];
+  Object.assign(process.env, spec.env);
+  return { bundle: spec.bundle, server };
 }
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
+  let target = { fd: args.fd };
+  if (args.standby) {
+    statusFd = Number.isInteger(args.readyFd) ? args.readyFd : null;
+    dieWithParent();
+    status("S"); // booted and loaded: ready to be activated
+    const activated = await activateStandby();
+    args.bundle = activated.bundle;
+    target = { server: activated.server };
+  }
   if (!args.check) {
     statusFd = Number.isInteger(args.readyFd) ? args.readyFd : null;
     dieWithParent();
@@ -402,7 +479,7 @@ async function main() {
   }
   if (args.check) process.exit(0); // the module's timers and pools must not keep us
   if (signalled) return; // a signal arrived while importing; onSignal exits
-  serve(loaded.handler, args.fd);
+  serve(loaded.handler, target);
 }
 
 main();
