@@ -116,6 +116,11 @@ def test_neon_ts_with_services_phloem_lacks_is_refused(platform: PlatformProcess
     ('export default defineConfig({ functions: { ok: { name: "x", source: "a.ts" } }, '
      'branch: () => ({ functions: { other: {} } }) });',
      "branch: functions.other: no such function is declared"),
+    ('export default defineConfig({ functions: { ok: { name: "x", source: "a.ts", '
+     'env: { NEON_TOKEN: "t" } } } });', "functions.ok.env.NEON_TOKEN"),
+    ('export default defineConfig({ functions: { ok: { name: "x", source: "a.ts" } }, '
+     'branch: () => ({ functions: { ok: { runtime: "nodejs18" } } }) });',
+     "functions.ok.runtime: unknown runtime 'nodejs18' (known: nodejs24)"),
     ('const x: number = ;', "esbuild could not bundle it"),
 ])
 def test_bad_neon_ts_names_the_field(platform: PlatformProcess, tmp_path: Path,
