@@ -7,6 +7,8 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -32,14 +34,9 @@ app = Starlette(routes=[Route("/", index), Route("/slow", slow)])
 '''
 
 
-def test_dev_reloads_on_edit(platform: PlatformProcess, tmp_path: Path) -> None:
-    root = tmp_path / "devproj"
-    platform.cli("init", str(root))
-    (root / "src" / "app.py").write_text(APP)
-    branch = f"dev-{uuid.uuid4().hex[:6]}"
-    platform.cli("branches", "create", "--name", branch)
-    platform.cli("link", "--branch", branch, cwd=root)
-    port = free_port()
+@contextmanager
+def dev_server(platform: PlatformProcess, root: Path, port: int) -> Iterator[list[str]]:
+    """``phloem dev`` in ``root``; yields the lines it prints (collected as they come)."""
     proc = subprocess.Popen([*platform.cli_args(), "dev", "--port", str(port)], cwd=root,
                             env=platform.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -52,6 +49,21 @@ def test_dev_reloads_on_edit(platform: PlatformProcess, tmp_path: Path) -> None:
 
     threading.Thread(target=read, daemon=True).start()
     try:
+        yield lines
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_dev_reloads_on_edit(platform: PlatformProcess, tmp_path: Path) -> None:
+    root = tmp_path / "devproj"
+    platform.cli("init", str(root))
+    (root / "src" / "app.py").write_text(APP)
+    branch = f"dev-{uuid.uuid4().hex[:6]}"
+    platform.cli("branches", "create", "--name", branch)
+    platform.cli("link", "--branch", branch, cwd=root)
+    port = free_port()
+    with dev_server(platform, root, port) as lines:
         url = wait_for(lambda: next((ln.split()[1] for ln in lines
                                      if ln.startswith("api ")), None), 60, "the dev URL")
         host = url.split("://", 1)[1]
@@ -77,9 +89,6 @@ def test_dev_reloads_on_edit(platform: PlatformProcess, tmp_path: Path) -> None:
                      "the build error to be shown")
             assert client.get("/").text == f"two {branch}"
             assert any("/ 200" in ln for ln in lines)  # requests are logged
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 HONO = '''import { Hono } from "hono";
@@ -103,18 +112,7 @@ def test_dev_serves_and_reloads_a_neon_ts_node_function(platform: PlatformProces
     platform.cli("branches", "create", "--name", branch)
     platform.cli("link", "--branch", branch, cwd=root)
     port = free_port()
-    proc = subprocess.Popen([*platform.cli_args(), "dev", "--port", str(port)], cwd=root,
-                            env=platform.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
+    with dev_server(platform, root, port) as lines:
         url = wait_for(lambda: next((ln.split()[1] for ln in lines
                                      if ln.startswith("web ")), None), 180, "the dev URL")
         host = url.split("://", 1)[1]
@@ -129,6 +127,3 @@ def test_dev_serves_and_reloads_a_neon_ts_node_function(platform: PlatformProces
                      "the bundle error to be shown")
             assert any("index.ts:2:" in ln for ln in lines)  # esbuild's location
             assert client.get("/").text == f"two {branch}"
-    finally:
-        proc.terminate()
-        proc.wait(20)
