@@ -273,6 +273,7 @@ class PoolRouter:
         self.idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self.acquires = 0
         self.connects = 0
+        self.connects_to: dict[str, int] = {}  # by route name
         self.outstanding = 0
         self.releases: list[bool] = []
         self.double_releases = 0
@@ -283,15 +284,21 @@ class PoolRouter:
         if path is None:
             raise RouteError(404, "unknown_host", f"no function serves {host}")
         self.acquires += 1
+        if pooled := self.pooled(name):
+            return self._lease(name, *pooled)
+        reader, writer = await asyncio.open_unix_connection(path)
+        self.connects += 1
+        self.connects_to[name] = self.connects_to.get(name, 0) + 1
+        return self._lease(name, reader, writer)
+
+    def pooled(self, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         pool = self.idle.setdefault(name, [])
         while pool:
             reader, writer = pool.pop()
             if not reader.at_eof() and not writer.is_closing():
-                return self._lease(name, reader, writer)
+                return reader, writer
             writer.close()
-        reader, writer = await asyncio.open_unix_connection(path)
-        self.connects += 1
-        return self._lease(name, reader, writer)
+        return None
 
     def _lease(
         self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -299,6 +306,26 @@ class PoolRouter:
         if name in self.limits:
             return HookedLease(self, name, reader, writer, self.limits[name])
         return Lease(self, name, reader, writer)
+
+
+class NowaitPoolRouter(PoolRouter):
+    """Also has the optional ``acquire_nowait``, so the gateway proxies requests that are
+    complete on arrival from its callbacks when a pooled connection is idle."""
+
+    def __init__(self, routes: dict[str, str], pool_size: int = 2) -> None:
+        super().__init__(routes, pool_size)
+        self.nowait_leases = 0
+
+    def acquire_nowait(self, host: str) -> Upstream | None:
+        name = host.split(":", 1)[0]
+        if name not in self.routes:
+            return None  # acquire() answers the RouteError
+        pooled = self.pooled(name)
+        if pooled is None:
+            return None
+        self.acquires += 1
+        self.nowait_leases += 1
+        return self._lease(name, *pooled)
 
 
 class Lease:
@@ -370,9 +397,11 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def running_env(
-    tmp_path: Path, gateway_config: GatewayConfig | None = None
+    tmp_path: Path, gateway_config: GatewayConfig | None = None, *, nowait: bool = True
 ) -> AsyncIterator[Env]:
-    """uvicorn app on a Unix socket + PoolRouter + Gateway on port 0 + an httpx client."""
+    """uvicorn app on a Unix socket + PoolRouter + Gateway on port 0 + an httpx client.
+    ``nowait``: the router has ``acquire_nowait`` (the gateway's callback path), as the
+    platform's has; without it every request goes through the connection's task."""
     state = AppState()
     sock = str(tmp_path / "app.sock")
     config = uvicorn.Config(
@@ -383,7 +412,13 @@ async def running_env(
     await wait_until(lambda: server.started or serving.done())
     assert server.started
 
-    router = PoolRouter({"app.test": sock, "dead.test": str(tmp_path / "nobody.sock")})
+    routes = {"app.test": sock, "dead.test": str(tmp_path / "nobody.sock")}
+    router = NowaitPoolRouter(routes) if nowait else PoolRouter(routes)
+    if nowait:
+        # One idle connection to begin with, so that a test's first request already takes
+        # the callback path (counted as a connect: it is one).
+        router.idle["app.test"] = [await asyncio.open_unix_connection(sock)]
+        router.connects += 1
     records: list[RequestRecord] = []
     gateway_config = gateway_config or GatewayConfig(port=0, max_body_bytes=MAX_BODY)
     gateway = Gateway(router, gateway_config, on_request=records.append)
@@ -408,9 +443,10 @@ async def running_env(
         await asyncio.wait_for(serving, 10)
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    async with running_env(tmp_path) as env:
+@pytest.fixture(params=["callbacks", "task"])
+async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    """Every test runs with a router that has ``acquire_nowait`` and with one that has not."""
+    async with running_env(tmp_path, nowait=request.param == "callbacks") as env:
         yield env
 
 
@@ -474,6 +510,8 @@ async def test_upstream_connections_are_kept_alive(env: Env) -> None:
     assert env.router.acquires == 5
     assert env.router.connects == 1
     assert env.router.releases == [True] * 5
+    if isinstance(env.router, NowaitPoolRouter):
+        assert env.router.nowait_leases == 5  # the pooled connection was there already
 
 
 async def test_large_responses_arrive_intact(env: Env) -> None:
@@ -720,8 +758,10 @@ async def test_stale_pooled_connection_is_retried(env: Env) -> None:
         for _ in range(2):
             r = await env.client.get("/", headers={"Host": "stale.test"})
             assert (r.status_code, r.content) == (200, b"ok")
-        assert env.router.connects == 2
+        assert env.router.connects_to["stale.test"] == 2
         assert env.router.releases == [True, False, True]
+        if isinstance(env.router, NowaitPoolRouter):
+            assert env.router.nowait_leases == 1  # the stale one; the replay was the task's
     finally:
         server.close()
 
@@ -759,7 +799,7 @@ async def test_bytes_beyond_content_length_are_not_forwarded(env: Env) -> None:
             assert (r.status_code, r.content) == (200, b"ok")
     # The client connection stayed usable; the upstream one was not trusted again.
     assert env.router.releases == [False, False]
-    assert env.router.connects == 2
+    assert env.router.connects_to["junk.test"] == 2
 
 
 async def test_interim_responses_are_passed_on(env: Env) -> None:

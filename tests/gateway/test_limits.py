@@ -25,9 +25,10 @@ from tests.gateway.test_gateway import (
 LIMITS = GatewayConfig(port=0, max_body_bytes=MAX_BODY, ttfb_timeout=1.0, silence_timeout=1.0)
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    async with running_env(tmp_path, LIMITS) as env:
+@pytest.fixture(params=["callbacks", "task"])
+async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    """With and without the router's ``acquire_nowait`` (see running_env)."""
+    async with running_env(tmp_path, LIMITS, nowait=request.param == "callbacks") as env:
         yield env
 
 

@@ -20,6 +20,14 @@ without them keep working:
   response or a WebSocket tunnel), so the platform can neither scale out on long-lived
   streams nor evict an isolate that still serves one. The stream ends when the lease is
   released.
+
+A router may also have ``acquire_nowait(host) -> Upstream | None``: a lease available at
+once (a live upstream with an idle pooled connection), else ``None`` — never an error, and
+never a new connection or a cold start; :meth:`Router.acquire` then does all of that. The
+gateway uses it to proxy complete requests from its protocol callbacks, without a task
+switch; during such an exchange it swaps the connection's protocol out
+(``transport.set_protocol``) and back, so the lease's ``reader`` must be the
+``StreamReader`` of an :func:`asyncio.open_unix_connection`-style stream (as it is anyway).
 """
 
 from __future__ import annotations

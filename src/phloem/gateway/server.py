@@ -125,6 +125,7 @@ class _Request:
     drained by the body pump)."""
 
     __slots__ = (
+        "attempts",
         "body",
         "buffered",
         "complete",
@@ -135,6 +136,7 @@ class _Request:
         "max_body",
         "method",
         "received",
+        "rid",
         "target",
         "upgrade",
         "version",
@@ -168,6 +170,9 @@ class _Request:
         # "too_large", "malformed" or "disconnected": the body will never complete.
         self.error: str | None = None
         self.waiter: asyncio.Future[None] | None = None
+        # Set when the callback path hands the request over after a failed first attempt.
+        self.rid: bytes | None = None
+        self.attempts = 0
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -256,6 +261,14 @@ class _Connection(asyncio.Protocol):
         self._lease: Upstream | None = None
         self._host = ""  # the current exchange's Host, for the per-host counters
         self._stream = False  # the current exchange is an SSE response or a WebSocket tunnel
+        self._close_after = False  # the callback path ended the connection's last exchange
+
+        # The callback path (see _try_fast): no task switch for a common exchange.
+        self._acquire_nowait: Callable[[str], Upstream | None] | None = getattr(
+            gateway.router, "acquire_nowait", None
+        )
+        self._fast: _Fast | None = None
+        self._up_paused = False  # we paused the upstream while the client is slow
 
         # Keep-alive and the limits of the current exchange: one timer per connection,
         # re-armed lazily (see _on_watch).
@@ -306,6 +319,8 @@ class _Connection(asyncio.Protocol):
                     self._head_trickle += len(data)
                     if self._head_trickle > MAX_HEAD_BYTES:
                         self._parse_failed(431, "headers_too_large", "request head too large")
+            if self._pending:
+                self._dispatch()
         self._update_reading()
 
     def eof_received(self) -> bool | None:
@@ -316,6 +331,8 @@ class _Connection(asyncio.Protocol):
         for req in (self._parsing, self._upgraded, self._active):
             if req is not None:
                 req.fail("disconnected")
+        if self._fast is not None:
+            self._fast_abandon()
         # Let the isolate see the disconnect too.
         if self._upstream is not None:
             self._upstream.abort()
@@ -325,9 +342,16 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._fast is not None and self._upstream is not None and not self._up_paused:
+            self._up_paused = True
+            cast(asyncio.ReadTransport, self._upstream).pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._up_paused:
+            self._up_paused = False
+            if self._fast is not None and self._upstream is not None:
+                cast(asyncio.ReadTransport, self._upstream).resume_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -369,8 +393,7 @@ class _Connection(asyncio.Protocol):
             self._config.max_body_bytes,
         )
         self._parsing = req
-        self._pending.append(req)
-        self._wake_handler()
+        self._pending.append(req)  # data_received then dispatches it (see _dispatch)
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
@@ -509,7 +532,18 @@ class _Connection(asyncio.Protocol):
             # then answers 504 instead of 502. The app sees its client disconnect.
             self._timed_out = "upstream_timeout"
             logger.info("%s: no response head within %g s", self._host, self._ttfb_s)
-            if self._upstream is not None:
+            fx = self._fast
+            if fx is not None:
+                keep = self._error_now(
+                    fx.req,
+                    fx.rid,
+                    504,
+                    "upstream_timeout",
+                    f"the function did not start responding within {self._ttfb_s:g} s",
+                    close=False,
+                )
+                self._fast_end(reusable=False, keep=keep, abort=True)
+            elif self._upstream is not None:
                 self._upstream.abort()
         elif phase == _SILENCE:
             deadline = self._last_io + self._silence_s
@@ -518,7 +552,9 @@ class _Connection(asyncio.Protocol):
                 return
             self._timed_out = "stream_silence"
             logger.info("%s: closed after %g s of silence", self._host, self._silence_s)
-            if self._upstream is not None:
+            if self._fast is not None:
+                self._fast_end(reusable=False, keep=False, abort=True)
+            elif self._upstream is not None:
                 self._upstream.abort()
             # A peer that stopped reading would keep a graceful close pending forever.
             if self._transport.get_write_buffer_size():
@@ -539,6 +575,295 @@ class _Connection(asyncio.Protocol):
             except Exception:
                 logger.exception("lease.mark_stream failed")
 
+    # -- the callback path -------------------------------------------------------------------
+    #
+    # A complete request (no body, or all of it already here) that the router can lease an
+    # idle upstream connection for at once (``acquire_nowait``) is proxied from callbacks
+    # alone: the head goes upstream from data_received, and the upstream connection's
+    # _Relay hands response bytes to this connection in the upstream transport's own
+    # data_received. No task switch, no StreamReader, no futures. Everything else (bodies
+    # still arriving, upgrades, cold starts, routing errors) goes to the connection's task as
+    # before; while a callback-path exchange runs, the task waits, so requests are still
+    # answered strictly in order.
+
+    def _dispatch(self) -> None:
+        """Requests are pending after parsing: serve the first on the callback path when
+        the task is idle and it qualifies, else leave it to the task."""
+        if self._active is not None:
+            return  # the current exchange's end picks it up
+        waiter = self._waiter
+        if waiter is None or waiter.done() or not self._try_fast(self._pending[0]):
+            self._wake_handler()
+
+    def _timeouts(self, limits: Limits | None) -> tuple[float, float]:
+        config = self._config
+        ttfb = config.ttfb_timeout
+        silence = config.silence_timeout
+        if limits is not None:
+            if limits.ttfb_timeout is not None:
+                ttfb = limits.ttfb_timeout
+            if limits.silence_timeout is not None:
+                silence = limits.silence_timeout
+        return ttfb, silence
+
+    def _try_fast(self, req: _Request) -> bool:
+        acquire = self._acquire_nowait
+        if (
+            acquire is None
+            or not req.complete
+            or req.upgrade
+            or req.error is not None
+            or req.attempts
+            or req.version not in ("1.1", "1.0")
+            or req.method == b"CONNECT"
+            or req.received > self._config.max_body_bytes
+        ):
+            return False
+        info = http.scan_request_headers(req.headers)
+        if info.host_count != 1 or not info.host:
+            return False  # the task path answers these
+        try:
+            lease = acquire(info.host.decode("latin-1"))
+        except Exception:
+            logger.exception("router.acquire_nowait failed")
+            return False
+        if lease is None:
+            return False
+        limits = _limits_of(lease)
+        body_limit = limits.max_body_bytes if limits is not None else None
+        if body_limit is not None and req.received > body_limit:
+            lease.release(reusable=True)  # untouched; the task path answers 413
+            return False
+        transport = lease.writer.transport
+        if transport.is_closing() or lease.reader.at_eof():
+            lease.release(reusable=False)
+            return False
+        relay = transport.get_protocol()
+        if not isinstance(relay, _Relay):
+            if not isinstance(relay, asyncio.Protocol):
+                lease.release(reusable=True)  # untouched
+                return False
+            # Once per upstream connection (uvloop re-registers the socket on a swap).
+            relay = _Relay(relay)
+            transport.set_protocol(relay)
+
+        self._pending.popleft()
+        self._active = self._last = req
+        started = self._loop.time()
+        rid = _request_id(info)
+        host = self._begin_exchange(info)
+        fx = self._fast = _Fast(req, rid, host, started, lease, transport, relay)
+        # Replayed on a fresh connection if a pooled one turns out dead (see _exchange).
+        fx.replayable = req.method in IDEMPOTENT and not info.has_body
+        self._upstream = transport
+        self._lease = lease
+        self._update_reading()
+        head = http.upstream_request_head(
+            req.method,
+            req.target,
+            req.version,
+            req.headers,
+            info,
+            request_id=rid,
+            peer_ip=self._peer_ip,
+            proto=self._config.proto,
+            upgrade=False,
+        )
+        if info.has_body:
+            parts = [head]
+            if req.body:
+                body = req.take()
+                parts += http.chunk(body) if info.chunked else [body]
+            if info.chunked:
+                parts.append(http.LAST_CHUNK)
+            head = b"".join(parts)
+        relay.sink = self
+        transport.write(head)
+        self._watch_ttfb(*self._timeouts(limits))
+        return True
+
+    def _up_data(self, data: bytes) -> None:
+        """Response bytes from the upstream (via its _Relay)."""
+        fx = self._fast
+        if fx is None:
+            return
+        state = fx.state
+        if state == _F_LENGTH:
+            remaining = fx.remaining - len(data)
+            if remaining > 0:
+                fx.remaining = remaining
+                self._write(data)
+                return
+            # Never pass on bytes beyond Content-Length; they make the connection unusable.
+            self._write(data[: fx.remaining] if remaining else data)
+            self._response_complete = True
+            self._fast_end(reusable=fx.keep and not remaining, keep=fx.keep)
+        elif state == _F_HEAD:
+            self._up_head(fx, data)
+        elif state == _F_CHUNKED:
+            self._up_chunked(fx, data, b"")
+        else:  # delimited by the upstream closing
+            self._write(data)
+
+    def _up_head(self, fx: _Fast, data: bytes) -> None:
+        fx.received = True
+        buf = fx.buf + data if fx.buf else data
+        req = fx.req
+        # One response head; 1xx interim responses are passed on and followed by more.
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    self._fast_failed("response head too large", retryable=False)
+                else:
+                    fx.buf = buf
+                return
+            head_len = end + 4
+            try:
+                resp = http.parse_response_head(buf[:head_len])
+            except http.UpstreamProtocolError as exc:
+                self._fast_failed(f"invalid response head: {exc}", retryable=False)
+                return
+            status = resp.status
+            if status == 101:
+                self._fast_failed("101 response to a request that did not ask for it")
+                return
+            if status >= 200:
+                break
+            self._write(buf[:head_len])
+            buf = buf[head_len:]
+        fx.buf = b""
+        self._status = status
+        self._final_sent = True
+        self._watch_silence()
+        keep = fx.keep = resp.keep_alive
+        rest_len = len(buf) - head_len
+        if req.method == b"HEAD" or status in NO_BODY_STATUS:
+            # No body whatever the headers say; anything after the head is junk.
+            self._write(buf[:head_len])
+            self._response_complete = True
+            self._fast_end(reusable=keep and rest_len == 0, keep=keep)
+            return
+        if resp.event_stream:
+            self._become_stream()
+        if resp.transfer_encoding or resp.content_length is None:
+            if not resp.chunked:
+                fx.state = _F_UNTIL_EOF  # body delimited by close
+                self._write(buf)
+                return
+            fx.state = _F_CHUNKED
+            fx.resp = resp
+            self._up_chunked(fx, buf[head_len:], buf[:head_len])
+            return
+        remaining = resp.content_length
+        if rest_len >= remaining:
+            extra = rest_len > remaining
+            self._write(buf[: head_len + remaining] if extra else buf)
+            self._response_complete = True
+            self._fast_end(reusable=keep and not extra, keep=keep)
+            return
+        self._write(buf)
+        fx.state = _F_LENGTH
+        fx.remaining = remaining - rest_len
+
+    def _up_chunked(self, fx: _Fast, data: bytes, pending_head: bytes) -> None:
+        resp = fx.resp
+        assert resp is not None
+        if not data:
+            if pending_head:
+                self._write(pending_head)
+            return
+        try:
+            resp.feed(data)
+        except http.UpstreamProtocolError as exc:
+            logger.warning("upstream sent a broken chunked body: %s", exc)
+            if pending_head:
+                self._write(pending_head)
+            self._fast_end(reusable=False, keep=False)
+            return
+        self._write(pending_head + data if pending_head else data)
+        if resp.complete:
+            self._response_complete = True
+            # Bytes after the last chunk cannot be cut off exactly; they went to the client
+            # with it, so close both connections.
+            ok = resp.keep_alive and not resp.extra_data
+            self._fast_end(reusable=ok, keep=ok)
+
+    def _up_closed(self) -> None:
+        """The upstream closed or reset its connection (its _Relay let go of us already)."""
+        fx = self._fast
+        if fx is None:
+            return
+        if fx.state == _F_HEAD:
+            # Nothing at all came back: maybe a pooled connection the app had closed.
+            self._fast_failed("closed before responding", retryable=not fx.received)
+        elif fx.state == _F_UNTIL_EOF:
+            self._response_complete = True
+            self._fast_end(reusable=False, keep=False)
+        else:
+            logger.warning("upstream closed mid-body")
+            self._fast_end(reusable=False, keep=False)
+
+    def _fast_failed(self, reason: str, *, retryable: bool = False) -> None:
+        """No final response head reached the client: replay on the task path, or 502."""
+        fx = self._fast
+        assert fx is not None
+        req = fx.req
+        if retryable and fx.replayable and bool(getattr(fx.lease, "replay_safe", True)):
+            # Hand the request back to the task for its second (last) attempt, under the
+            # same request id; the exchange is counted and recorded once, there.
+            self._fast_release(fx, reusable=False, abort=False)
+            self._active = None
+            self._gateway._exchange_ended(fx.host, False)
+            req.rid = fx.rid
+            req.attempts = 1
+            self._pending.appendleft(req)
+            self._update_reading()
+            self._wake_handler()
+            return
+        logger.warning("upstream for %s failed: %s", fx.host, reason)
+        keep = self._error_now(
+            req, fx.rid, 502, "upstream_failed", "the function failed to respond", close=False
+        )
+        self._fast_end(reusable=False, keep=keep)
+
+    def _fast_abandon(self) -> None:
+        """The client went away: the upstream connection is aborted so the app sees it."""
+        self._fast_end(reusable=False, keep=False, abort=True)
+
+    def _fast_release(self, fx: _Fast, *, reusable: bool, abort: bool) -> None:
+        self._fast = None
+        self._unwatch()
+        fx.relay.sink = None
+        transport = fx.transport
+        if self._up_paused:
+            self._up_paused = False
+            if not abort and not transport.is_closing():
+                cast(asyncio.ReadTransport, transport).resume_reading()
+        self._upstream = None
+        self._lease = None
+        if abort:
+            transport.abort()
+        fx.lease.release(reusable=reusable and not abort)
+
+    def _fast_end(self, *, reusable: bool, keep: bool, abort: bool = False) -> None:
+        """End the callback-path exchange: give the upstream connection back, record the
+        exchange, then wait for the next request or close."""
+        fx = self._fast
+        if fx is None:
+            return
+        self._fast_release(fx, reusable=reusable, abort=abort)
+        self._end_exchange(fx.req, fx.started, fx.rid, fx.host)
+        if self._disconnected:
+            return  # connection_lost woke the task already
+        if not (keep and fx.req.keep_alive and not self._gateway.draining):
+            self._close_after = True
+            self._wake_handler()
+        elif self._pending or self._bad_request is not None:
+            self._wake_handler()
+        else:
+            self._watch_keep_alive()
+
     # -- request handling --------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -557,6 +882,8 @@ class _Connection(asyncio.Protocol):
         except Exception:
             logger.exception("gateway connection handler failed")
         finally:
+            if self._fast is not None:
+                self._fast_abandon()
             self._active = None
             self._stop_watch()
             if not self._transport.is_closing():
@@ -567,21 +894,25 @@ class _Connection(asyncio.Protocol):
         while True:
             if self._disconnected:
                 return None
-            if self._pending:
-                req = self._pending.popleft()
-                self._phase = _NONE  # no keep-alive limit while it is handled
-                self._active = self._last = req
-                self._update_reading()
-                return req
-            if self._bad_request is not None:
-                await self._reply_bad_request(*self._bad_request)
-                return None
-            if self._idle_expired:
-                return None
-            if self._gateway.draining and not self._in_head:
-                return None
-            if self._phase != _KEEP_ALIVE:
-                self._watch_keep_alive()
+            # While the callback path runs an exchange, everything else waits for its end.
+            if self._fast is None:
+                if self._close_after:
+                    return None
+                if self._pending:
+                    req = self._pending.popleft()
+                    self._phase = _NONE  # no keep-alive limit while it is handled
+                    self._active = self._last = req
+                    self._update_reading()
+                    return req
+                if self._bad_request is not None:
+                    await self._reply_bad_request(*self._bad_request)
+                    return None
+                if self._idle_expired:
+                    return None
+                if self._gateway.draining and not self._in_head:
+                    return None
+                if self._phase != _KEEP_ALIVE:
+                    self._watch_keep_alive()
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
@@ -612,42 +943,48 @@ class _Connection(asyncio.Protocol):
         """Proxy one request; return whether the client connection stays open."""
         started = self._loop.time()
         info = http.scan_request_headers(req.headers)
-        rid = info.request_id if http.sane_request_id(info.request_id) else None
-        request_id = rid or http.new_request_id()
+        request_id = req.rid or _request_id(info)
+        host = self._begin_exchange(info)
+        try:
+            keep = await self._exchange(req, info, request_id)
+            return keep and not self._gateway.draining
+        finally:
+            self._end_exchange(req, started, request_id, host)
+
+    def _begin_exchange(self, info: http.RequestInfo) -> str:
         self._status = 0
         self._final_sent = False
         self._response_complete = False
         self._stream = False
         self._timed_out = None
         self._host = host = (info.host or b"").decode("latin-1")
+        self._gateway._exchange_started(host)
+        return host
+
+    def _end_exchange(self, req: _Request, started: float, rid: bytes, host: str) -> None:
+        self._active = None
+        # A stream we closed for silence is not the client's doing.
+        if (
+            self._disconnected
+            and not self._response_complete
+            and self._timed_out != "stream_silence"
+        ):
+            self._status = 499
+        self._update_reading()
         gateway = self._gateway
-        gateway._exchange_started(host)
-        try:
-            keep = await self._exchange(req, info, request_id)
-            return keep and not gateway.draining
-        finally:
-            self._active = None
-            # A stream we closed for silence is not the client's doing.
-            if (
-                self._disconnected
-                and not self._response_complete
-                and self._timed_out != "stream_silence"
-            ):
-                self._status = 499
-            self._update_reading()
-            gateway._exchange_ended(host, self._stream)
-            gateway._record(
-                RequestRecord(
-                    host=host,
-                    method=req.method.decode("latin-1"),
-                    path=req.target.split(b"?", 1)[0].decode("latin-1"),
-                    status=self._status,
-                    duration_s=self._loop.time() - started,
-                    request_id=request_id.decode("ascii"),
-                    stream=self._stream,
-                    error=self._timed_out,
-                )
+        gateway._exchange_ended(host, self._stream)
+        gateway._record(
+            RequestRecord(
+                host=host,
+                method=req.method.decode("latin-1"),
+                path=req.target.split(b"?", 1)[0].decode("latin-1"),
+                status=self._status,
+                duration_s=self._loop.time() - started,
+                request_id=rid.decode("ascii"),
+                stream=self._stream,
+                error=self._timed_out,
             )
+        )
 
     async def _exchange(self, req: _Request, info: http.RequestInfo, rid: bytes) -> bool:
         limit = self._config.max_body_bytes
@@ -680,7 +1017,8 @@ class _Connection(asyncio.Protocol):
         host = info.host.decode("latin-1")
         # A request without a body can be replayed if a pooled connection was already dead.
         replayable = req.method in IDEMPOTENT and not info.has_body and not req.upgrade
-        for attempt in (1, 2):
+        # A request handed over by the callback path has had its first attempt.
+        for attempt in (1, 2)[req.attempts :]:
             try:
                 lease = await self._gateway.router.acquire(host)
             except RouteError as exc:
@@ -760,14 +1098,7 @@ class _Connection(asyncio.Protocol):
         reusable = False
         pump: asyncio.Task[None] | None = None
         sent = _BodySent()
-        config = self._config
-        ttfb = config.ttfb_timeout
-        silence = config.silence_timeout
-        if limits is not None:
-            if limits.ttfb_timeout is not None:
-                ttfb = limits.ttfb_timeout
-            if limits.silence_timeout is not None:
-                silence = limits.silence_timeout
+        ttfb, silence = self._timeouts(limits)
         self._upstream = writer.transport
         self._lease = lease
         try:
@@ -1011,9 +1342,23 @@ class _Connection(asyncio.Protocol):
             return False
         if self._final_sent:
             return False  # too late for a clean error: just close
+        can_keep = self._error_now(
+            req,
+            rid,
+            status,
+            code,
+            message,
+            close=close or (not req.complete and not self._can_discard(req, info)),
+        )
+        if not can_keep:
+            return False
+        return req.complete or await self._discard_body(req, info)
+
+    def _error_now(
+        self, req: _Request, rid: bytes, status: int, code: str, message: str, *, close: bool
+    ) -> bool:
+        """Write a gateway-made error response; return whether the connection may stay."""
         can_keep = not close and req.keep_alive and not req.upgrade and not self._gateway.draining
-        if can_keep and not req.complete:
-            can_keep = self._can_discard(req, info)
         self._write(
             http.error_response(
                 status,
@@ -1028,9 +1373,7 @@ class _Connection(asyncio.Protocol):
         self._status = status
         self._final_sent = True
         self._response_complete = True
-        if not can_keep:
-            return False
-        return req.complete or await self._discard_body(req, info)
+        return can_keep
 
     def _can_discard(self, req: _Request, info: http.RequestInfo) -> bool:
         # A client waiting for 100 Continue may never send the body: do not wait for it.
@@ -1063,6 +1406,106 @@ class _Connection(asyncio.Protocol):
         rid = http.new_request_id()
         self._write(http.error_response(status, code, message, rid, close=True))
         self._gateway._record(RequestRecord("", "", "", status, 0.0, rid.decode("ascii")))
+
+
+def _request_id(info: http.RequestInfo) -> bytes:
+    """The client's X-Request-Id when it is sane, else a new one."""
+    rid = info.request_id
+    if rid is not None and http.sane_request_id(rid):
+        return rid
+    return http.new_request_id()
+
+
+# Where a callback-path exchange is in the response.
+_F_HEAD, _F_LENGTH, _F_CHUNKED, _F_UNTIL_EOF = 0, 1, 2, 3
+
+
+class _Fast:
+    """One exchange on the callback path (see ``_Connection._try_fast``)."""
+
+    __slots__ = (
+        "buf",
+        "host",
+        "keep",
+        "lease",
+        "received",
+        "relay",
+        "remaining",
+        "replayable",
+        "req",
+        "resp",
+        "rid",
+        "started",
+        "state",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        req: _Request,
+        rid: bytes,
+        host: str,
+        started: float,
+        lease: Upstream,
+        transport: asyncio.WriteTransport,
+        relay: _Relay,
+    ) -> None:
+        self.req = req
+        self.relay = relay
+        self.rid = rid
+        self.host = host
+        self.started = started
+        self.lease = lease
+        self.transport = transport
+        self.replayable = False
+        self.state = _F_HEAD
+        self.buf = b""
+        self.received = False  # any response byte at all
+        self.keep = False  # the upstream's response allows reuse
+        self.remaining = 0  # of a Content-Length body
+        self.resp: http.ResponseHead | None = None  # of a chunked body
+
+
+class _Relay(asyncio.Protocol):
+    """Installed once on an upstream connection (``transport.set_protocol``) in front of its
+    own protocol (the lease's StreamReaderProtocol), to which it passes everything on,
+    except while a client connection is its ``sink``: then response bytes go to that
+    connection directly, in the upstream transport's callback. The end of the connection
+    reaches both, so the lease's reader and writer stay consistent either way."""
+
+    __slots__ = ("orig", "sink")
+
+    def __init__(self, orig: asyncio.Protocol) -> None:
+        self.orig = orig
+        self.sink: _Connection | None = None
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            self.orig.data_received(data)
+        else:
+            sink._up_data(data)
+
+    def eof_received(self) -> bool | None:
+        keep_open = self.orig.eof_received()
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink._up_closed()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.orig.connection_lost(exc)
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink._up_closed()
+
+    def pause_writing(self) -> None:
+        self.orig.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.orig.resume_writing()
 
 
 async def _read(reader: asyncio.StreamReader) -> bytes:

@@ -37,6 +37,11 @@ from phloem.supervisor.isolate import (
 )
 from phloem.supervisor.memory import MemoryLimiter, choose_limiter
 
+#: Idle upstream connections kept per isolate; more are closed when released. A burst of
+#: N concurrent requests opens N connections, and without a cap all of them would stay
+#: open (file descriptors on both sides, and an app task each in the isolate).
+MAX_IDLE_PER_ISOLATE = 64
+
 
 @dataclass
 class Lease:
@@ -67,11 +72,15 @@ class Lease:
         if self._released:
             return
         self._released = True
+        isolate = self.isolate
         if self._stream:
-            self.isolate.open_streams -= 1
+            isolate.open_streams -= 1
         else:
-            self.isolate.inflight -= 1
-        self.isolate.give_back(self.reader, self.writer, reusable)
+            isolate.inflight -= 1
+        # The idle pool is the isolate's (Isolate._idle); its size is capped here.
+        if reusable and len(isolate._idle) >= MAX_IDLE_PER_ISOLATE:
+            reusable = False
+        isolate.give_back(self.reader, self.writer, reusable)
 
 
 @dataclass
@@ -90,6 +99,25 @@ class Pool:
 
     def starting(self) -> Isolate | None:
         return next((i for i in self.isolates if i.state == "starting"), None)
+
+
+def _survey(pool: Pool) -> tuple[Isolate | None, int, Isolate | None]:
+    """(least-loaded ready isolate, live isolates, first starting isolate), in one pass
+    without building lists: this runs for every request."""
+    best: Isolate | None = None
+    live = 0
+    starting: Isolate | None = None
+    for i in pool.isolates:
+        state = i.state
+        if state == "ready":
+            live += 1
+            if best is None or i.inflight < best.inflight:
+                best = i
+        elif state == "starting":
+            live += 1
+            if starting is None:
+                starting = i
+    return best, live, starting
 
 
 Event = Callable[[IsolateSpec, float], None]
@@ -150,23 +178,37 @@ class Supervisor:
                                         ) from exc
         return Lease(isolate, reader, writer, pool.lease_limits, reused=reused)
 
+    def acquire_nowait(self, spec: IsolateSpec) -> Lease | None:
+        """A lease on an idle pooled connection to the least-loaded ready isolate, when that
+        needs nothing else (no connect, no start, no scale-out), else ``None``: then
+        :meth:`acquire` does the rest. Lets the gateway serve a request without a task
+        switch (see gateway.routing)."""
+        if self._stopping:
+            return None
+        pool = self.pools.get(spec.deployment_id)
+        if pool is None or pool.retired:
+            return None
+        best, live, starting = _survey(pool)
+        if best is None:
+            return None
+        limits = pool.spec.limits
+        if (best.inflight >= limits.target_inflight and live < limits.max_isolates
+                and starting is None):
+            return None  # acquire() starts another isolate
+        idle = best._idle  # Isolate.connect's pool, popped the same way
+        while idle:
+            reader, writer = idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                best.last_active = time.monotonic()
+                best.inflight += 1
+                return Lease(best, reader, writer, pool.lease_limits, reused=True)
+            writer.close()
+        return None
+
     async def _pick(self, pool: Pool) -> Isolate:
         limits = pool.spec.limits
         while True:
-            # One pass, no lists: this runs for every request.
-            best: Isolate | None = None
-            live = 0
-            starting: Isolate | None = None
-            for i in pool.isolates:
-                state = i.state
-                if state == "ready":
-                    live += 1
-                    if best is None or i.inflight < best.inflight:
-                        best = i
-                elif state == "starting":
-                    live += 1
-                    if starting is None:
-                        starting = i
+            best, live, starting = _survey(pool)
             if best is not None:
                 if (best.inflight >= limits.target_inflight and live < limits.max_isolates
                         and starting is None):
