@@ -231,3 +231,39 @@ def test_init_hono_template_deploys(platform: PlatformProcess, tmp_path: Path) -
         assert gw.get("/db").json()["database"] == "phloemdb"
     unknown = platform.cli("init", str(tmp_path / "x"), "--template", "rust", check=False)
     assert unknown.returncode != 0 and "available: python, hono" in unknown.stderr
+
+
+@pytest.mark.parametrize(("example", "slug"), [
+    ("hono-todos", "todos"), ("realtime-chat", "chat"), ("realtime-sse", "events"),
+    ("agent-cors", "agent")])
+def test_examples_neon_ts_plans(platform: PlatformProcess, tmp_path: Path, example: str,
+                                slug: str) -> None:
+    root = tmp_path / example
+    shutil.copytree(EXAMPLES / example, root,
+                    ignore=shutil.ignore_patterns("node_modules", ".env", ".phloem"))
+    platform.cli("link", "--branch", "main", cwd=root)
+    plan = platform.cli_json_in(root, "config", "plan")
+    assert [(i["slug"], i["action"]) for i in plan["plan"]
+            if i["slug"] == slug] == [(slug, "create")]
+
+
+def test_realtime_sse_example_deploys_from_neon_ts(platform: PlatformProcess,
+                                                   tmp_path: Path) -> None:
+    root = tmp_path / "sse"
+    shutil.copytree(EXAMPLES / "realtime-sse", root,
+                    ignore=shutil.ignore_patterns("node_modules", ".env", ".phloem"))
+    (root / ".env.deploy").write_text("SSE_PING_INTERVAL_S=0.3\n")
+    branch = new_branch(platform, "sse")
+    platform.cli("link", "--branch", branch, cwd=root)
+    applied = platform.cli_json_in(root, "deploy", "--env", ".env.deploy")
+    assert [(r["slug"], r["ok"]) for r in applied["results"]] == [("events", True)], applied
+    fn = platform.cli_json("functions", "get", "events", "--branch", branch, "--list-env",
+                           "--show-values")
+    assert fn["env"] == {"SSE_PING_INTERVAL_S": "0.3"}
+    with platform.gateway(host_of(fn["invocation_url"])) as gw, \
+            gw.stream("GET", "/events", headers={"Accept": "text/event-stream"}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        deadline = time.monotonic() + 20
+        while next(lines) != ": ping":
+            assert time.monotonic() < deadline
