@@ -32,6 +32,7 @@ runs alone, so drift (table growth, other work on the machine) hits both sides.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import os
 import platform
@@ -231,6 +232,7 @@ class Create:
     copy_bytes: int
     delete_seconds: float
     phases: dict[str, float] | None
+    wall: tuple[float, float] = (0.0, 0.0)  # unix time of the request and the response
 
 
 def create_branch(p: PlatformProcess, api: Any, parent: Parent, name: str,
@@ -259,7 +261,8 @@ def create_branch(p: PlatformProcess, api: Any, parent: Parent, name: str,
     if delete:
         delete_s = delete_branch(api, body["id"])
     return Create(elapsed, select1, body["copy_method"], float(body["copy_ms"]),
-                  int(body["copy_bytes"]), delete_s, breakdown), body["id"]
+                  int(body["copy_bytes"]), delete_s, breakdown, (t0_wall, t_end_wall)
+                  ), body["id"]
 
 
 def delete_branch(api: Any, branch_id: str) -> float:
@@ -330,6 +333,34 @@ class Pgbench:
     min_tps_1s: float
     creates: list[Create] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)  # parent counters over the run
+    done: list[float] = field(default_factory=list)  # unix times the transactions ended
+
+    def lost_per_create(self, before: float = 5.0, after: float = 3.0) -> list[float]:
+        """Per create: transactions missing from [request, response + ``after``] compared
+        with the rate in the ``before`` seconds before the request, as a fraction of the
+        whole run's transactions. Robust to slow drift (other work on the machine)
+        that makes whole runs differ."""
+        times = sorted(self.done)
+        out = []
+        for c in self.creates:
+            t0, t1 = c.wall
+            base = (bisect.bisect_left(times, t0) - bisect.bisect_left(times, t0 - before))
+            rate = base / before
+            got = bisect.bisect_left(times, t1 + after) - bisect.bisect_left(times, t0)
+            out.append((rate * (t1 + after - t0) - got) / max(1, len(times)))
+        return out
+
+
+def parent_counters(parent: Parent) -> dict[str, float]:
+    """Checkpoints, buffers they wrote, WAL bytes and full-page images so far."""
+    with parent.admin() as conn:
+        row = conn.execute(
+            "SELECT c.num_timed, c.num_requested, c.buffers_written, w.wal_bytes, w.wal_fpi "
+            "FROM pg_stat_checkpointer c, pg_stat_wal w").fetchone()
+    assert row is not None
+    return dict(zip(["ckpt_timed", "ckpt_req", "ckpt_buffers", "wal_bytes", "wal_fpi"],
+                    map(float, row), strict=True))
 
 
 def pgbench_run(parent: Parent, seconds: int, workdir: Path,
@@ -338,6 +369,7 @@ def pgbench_run(parent: Parent, seconds: int, workdir: Path,
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     parent.checkpoint()
+    counters = parent_counters(parent)
     cmd = [parent.tool("pgbench"), "-T", str(seconds), "-c", "4", "-j", "2", "-P", "1",
            "--log", f"--log-prefix={workdir / 'tx'}", parent.owner_url]
     start = time.perf_counter()
@@ -355,16 +387,20 @@ def pgbench_run(parent: Parent, seconds: int, workdir: Path,
     if proc.returncode != 0:
         raise RuntimeError(f"pgbench exited {proc.returncode}: {out.get('err', '')[-2000:]}")
     count, max_us = 0, 0
+    done: list[float] = []
     for log_file in workdir.glob("tx.*"):
         with open(log_file) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and parts[2].isdigit():
+                if len(parts) >= 6 and parts[2].isdigit():
                     count += 1
                     max_us = max(max_us, int(parts[2]))
+                    done.append(int(parts[4]) + int(parts[5]) / 1e6)
     tps = [float(m.group(1)) for m in re.finditer(r"^progress: [\d.]+ s, ([\d.]+) tps",
                                                   out.get("err", ""), re.M)]
-    return Pgbench(count, max_us / 1000, min(tps[1:-1] or tps or [float("nan")]))
+    after = parent_counters(parent)
+    return Pgbench(count, max_us / 1000, min(tps[1:-1] or tps or [float("nan")]),
+                   stats={k: after[k] - counters[k] for k in after}, done=done)
 
 
 # -- one filesystem ---------------------------------------------------------------------------
@@ -391,6 +427,7 @@ class FsResult:
     sizes: list[SizeResult] = field(default_factory=list)
     alone: list[Pgbench] = field(default_factory=list)  # before and after the loaded run
     loaded: Pgbench | None = None
+    variants: list[VariantResult] = field(default_factory=list)
 
     @property
     def alone_transactions(self) -> float:
@@ -403,6 +440,44 @@ class FsResult:
     @property
     def tx_ratio(self) -> float:
         assert self.loaded is not None
+        return self.loaded.transactions / max(1.0, self.alone_transactions)
+
+
+@dataclass
+class Variant:
+    """``--variant 'name:KEY=VALUE,...'``: keys starting with ``PHLOEM_`` go into the
+    environment of ``phloem up`` (restarted when they change), the others are set on the
+    parent with ALTER SYSTEM (and reset for variants that do not name them)."""
+
+    name: str
+    env: dict[str, str]
+    settings: dict[str, str]
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        name, _, rest = spec.partition(":")
+        env: dict[str, str] = {}
+        settings: dict[str, str] = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE")
+            (env if key.startswith("PHLOEM_") else settings)[key.strip()] = value.strip()
+        return cls(name or "default", env, settings)
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    alone: list[Pgbench]
+    loaded: Pgbench
+
+    @property
+    def alone_transactions(self) -> float:
+        return statistics.mean(pb.transactions for pb in self.alone)
+
+    @property
+    def tx_ratio(self) -> float:
         return self.loaded.transactions / max(1.0, self.alone_transactions)
 
 
@@ -440,6 +515,9 @@ def run_filesystem(kind: str, sizes: list[float], args: argparse.Namespace) -> F
             p.wait_ready()
             log(f"{kind}: phloem up on {result.fstype} at {data_dir}")
             parent = find_parent(p)
+            if args.variant:
+                result.variants = measure_variants(p, parent, kind, scratch, args)
+                return result
             with p.api() as api:
                 for size_gb in sizes:
                     result.sizes.append(measure_size(p, api, parent, kind, size_gb, scratch,
@@ -514,6 +592,84 @@ def measure_load(p: PlatformProcess, api: Any, parent: Parent, kind: str, scratc
     return [before, after], loaded
 
 
+def measure_variants(p: PlatformProcess, parent: Parent, kind: str, scratch: Path,
+                     args: argparse.Namespace) -> list[VariantResult]:
+    """A-B-A per variant on the same 1 GB parent, one after the other."""
+    out: list[VariantResult] = []
+    env_now: dict[str, str] = {}
+    set_before: set[str] = set()
+    for spec in args.variant:
+        v = Variant.parse(spec)
+        if v.env != env_now:
+            log(f"{kind}: restarting phloem up with {v.env}")
+            p.stop()
+            for key in env_now:
+                os.environ.pop(key, None)
+            os.environ.update(v.env)
+            env_now = dict(v.env)
+            p.launch()
+            p.wait_ready()
+        with parent.admin() as conn:
+            for key in set_before - set(v.settings):
+                conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(key)))
+            for key, value in v.settings.items():
+                conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    sql.Identifier(key), sql.Literal(value)))
+            conn.execute("SELECT pg_reload_conf()")
+        set_before = set(v.settings)
+        # A fresh parent per variant: COW of blocks shared with earlier children leaves the
+        # parent's files fragmented, which makes later clones slower.
+        load_s, _, _ = load_parent(parent, SCALE_PER_GB)
+        log(f"{kind}: variant {v.name}: env {v.env} settings {v.settings}; pgbench -i -s "
+            f"{SCALE_PER_GB} took {load_s:.0f} s")
+        with p.api() as api:
+            alone, loaded = measure_load(p, api, parent, kind, scratch, args)
+        out.append(VariantResult(v, alone, loaded))
+        r = out[-1]
+        log(f"{kind}: variant {v.name}: ratio {r.tx_ratio:.3f} (alone "
+            f"{alone[0].transactions}/{alone[1].transactions}, with {loaded.transactions}); "
+            f"creates {' '.join(f'{c.seconds * 1000:.0f}' for c in loaded.creates)} ms, "
+            f"copy {' '.join(f'{c.copy_ms:.0f}' for c in loaded.creates)} ms; drift-free "
+            f"estimate {1 - sum(loaded.lost_per_create()):.3f}")
+    return out
+
+
+def print_variants(fs: FsResult, args: argparse.Namespace) -> None:
+    print(f"\n== {fs.name} ({fs.fstype}): variants, pgbench -T {args.pgbench_seconds} -c 4 "
+          f"-j 2 on the 1 GB parent, {LOAD_CREATES} creates ==")
+    print(f"  {'variant':<14} {'alone tx':>9} {'+creates':>9} {'ratio':>6} {'max lat':>8} "
+          f"{'(alone)':>8} {'create':>7} {'copy':>6} {'ckpt':>6}   creates (ms)")
+    for r in fs.variants:
+        c = r.loaded.creates
+        ckpt = median([x.phases["backup checkpoint"] for x in c if x.phases]) * 1000
+        print(f"  {r.variant.name:<14} {r.alone_transactions:9.0f} {r.loaded.transactions:9d} "
+              f"{r.tx_ratio:6.3f} {r.loaded.max_latency_ms:6.0f}ms "
+              f"{max(pb.max_latency_ms for pb in r.alone):6.0f}ms "
+              f"{median([x.seconds for x in c]) * 1000:5.0f}ms "
+              f"{median([x.copy_ms for x in c]):4.0f}ms {ckpt:4.0f}ms   "
+              f"{' '.join(f'{x.seconds * 1000:.0f}' for x in c)}"
+              + (f"  FAILED: {r.loaded.errors}" if r.loaded.errors else ""))
+    print("  lost transactions around each create (vs the 5 s before it, to 3 s after the "
+          "response), % of the run; 1 - sum estimates the ratio without drift:")
+    for r in fs.variants:
+        lost = r.loaded.lost_per_create()
+        print(f"  {r.variant.name:<14} {' '.join(f'{x * 100:5.1f}' for x in lost)}   "
+              f"1 - sum = {1 - sum(lost):.3f}")
+    print("  parent counters per run (alone / +creates / alone): checkpoints timed+requested, "
+          "buffers written by them, WAL MB, full-page images (k)")
+    for r in fs.variants:
+        print(f"  {r.variant.name:<14} " + " | ".join(
+            f"ckpt {pb.stats.get('ckpt_timed', 0):.0f}+{pb.stats.get('ckpt_req', 0):.0f} "
+            f"buf {pb.stats.get('ckpt_buffers', 0):6.0f} "
+            f"WAL {pb.stats.get('wal_bytes', 0) / 1e6:5.0f} MB "
+            f"FPI {pb.stats.get('wal_fpi', 0) / 1e3:5.0f}k"
+            for pb in (r.alone[0], r.loaded, r.alone[1])))
+    for r in fs.variants:
+        if r.loaded.creates:
+            print(f"  -- {r.variant.name}: env {r.variant.env} settings {r.variant.settings}")
+            print_phases(r.loaded.creates)
+
+
 # -- report -----------------------------------------------------------------------------------
 def machine() -> str:
     with open("/proc/meminfo") as f:
@@ -538,6 +694,10 @@ def print_phases(creates: list[Create]) -> None:
 
 def report(results: list[FsResult], args: argparse.Namespace) -> None:
     print(f"\nbranch create benchmark, median of {args.runs}; {machine()}")
+    if args.variant:
+        for fs in results:
+            print_variants(fs, args)
+        return
     for fs in results:
         print(f"\n== {fs.name} ({fs.fstype}) ==")
         for s in fs.sizes:
@@ -654,6 +814,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="runs=2, pgbench 15 s, only 100 MB and 1 GB")
     parser.add_argument("--fs", choices=["both", "xfs", "default"], default="both")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...",
+                        help="only the parent-under-load measurement (1 GB parent), A-B-A "
+                        "once per variant, in order; PHLOEM_* keys are set in phloem up's "
+                        "environment, other keys on the parent with ALTER SYSTEM; e.g. "
+                        "--variant base: --variant 'c30:checkpoint_timeout=30s'")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/branch_create.py must run as root: it loop-mounts an XFS image "

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from phloem.branches.clone.reflink import ReflinkCopier, _clone_range
 from phloem.testing import PlatformProcess, free_port
 from phloem.xfs import xfs_available, xfs_reflink_mount
 
@@ -46,3 +49,30 @@ def test_branch_on_xfs_uses_reflink_and_shares_extents() -> None:
                 assert conn.execute("SELECT count(*) FROM big").fetchone() == (200000,)
         finally:
             p.cleanup()
+
+
+@pytest.mark.parametrize("size", [0, 8192, 5 * 65536, 8 * 65536, 8 * 65536 + 8192])
+def test_ranged_clone_copies_every_byte_and_shares_blocks(size: int) -> None:
+    """Large files are cloned in ranges (so the source's lock is held briefly); the copy
+    must be byte-identical whatever the size is relative to the range."""
+    with xfs_reflink_mount(size_gb=1) as mnt:
+        src, dst = mnt / "src", mnt / "dst"
+        data = os.urandom(size)
+        src.write_bytes(data)
+        copier = ReflinkCopier(range_bytes=65536)
+        assert copier.copy_file(src, dst) == size
+        assert dst.read_bytes() == data
+        if size >= 65536:
+            assert shared_extents(dst) > 0
+
+
+def test_clone_range_past_the_end_is_refused() -> None:
+    """The ranged clone relies on the kernel refusing a range beyond the source's end
+    (EINVAL) when a relation is truncated while it is copied."""
+    with xfs_reflink_mount(size_gb=1) as mnt:
+        src, dst = mnt / "src", mnt / "dst"
+        src.write_bytes(os.urandom(65536))
+        with open(src, "rb") as fsrc, open(dst, "wb") as fdst:
+            with pytest.raises(OSError) as info:
+                _clone_range(fsrc.fileno(), fdst.fileno(), 131072, 65536)
+            assert info.value.errno == errno.EINVAL
