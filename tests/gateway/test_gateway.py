@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -522,6 +523,40 @@ async def test_large_responses_arrive_intact(env: Env) -> None:
     assert r.headers["transfer-encoding"] == "chunked"
     assert r.content == BIG
     assert env.router.connects == 1
+
+
+async def test_a_slow_client_holds_the_upstream_back(env: Env) -> None:
+    """Response bytes do not pile up in the gateway for a client that is not reading: it
+    stops reading the upstream until the client catches up (both paths)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", env.gateway.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+    # Small kernel buffers on the gateway's side too (else loopback TCP autotunes them to
+    # megabytes, which would take the whole response).
+    await wait_until(lambda: len(env.gateway._connections) == 1)
+    (conn,) = env.gateway._connections
+    conn._transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024
+    )
+    writer.write(b"GET /big HTTP/1.1\r\nHost: app.test\r\n\r\n")
+
+    def held_back() -> bool:
+        # The client transport is over its high-water mark, and the upstream is not read
+        # meanwhile: paused (callback path) or a pump awaiting the drain (task path).
+        return any(
+            c._write_paused and (c._up_paused or c._drain_waiter is not None)
+            for c in env.gateway._connections
+        )
+
+    await wait_until(held_back)
+    assert conn._transport.get_write_buffer_size() < len(BIG) // 2
+    response = await read_response(reader)
+    assert (response.status, response.body == BIG) == (200, True)
+    await wait_until(lambda: env.router.outstanding == 0)
+    assert env.router.releases == [True]
+    writer.close()
 
 
 async def test_http10_client(env: Env) -> None:
