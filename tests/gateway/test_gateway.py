@@ -515,6 +515,38 @@ async def test_upstream_connections_are_kept_alive(env: Env) -> None:
         assert env.router.nowait_leases == 5  # the pooled connection was there already
 
 
+async def test_one_upstream_connection_serves_mixed_responses(env: Env) -> None:
+    """Bodiless, Content-Length and chunked responses, HEAD requests among them, one after
+    another over one upstream connection (on the callback path, with one response parser
+    kept for the connection)."""
+    for _ in range(2):
+        r = await env.client.head("/head")
+        assert (r.status_code, r.headers["content-length"], r.content) == (200, "5", b"")
+        r = await env.client.get("/echo?n=1")
+        assert r.json()["query"] == "n=1"
+        r = await env.client.get("/nocontent")
+        assert (r.status_code, r.content) == (204, b"")
+        r = await env.client.get("/bigchunked")
+        assert r.content == BIG
+        r = await env.client.get("/head")
+        assert r.content == b"hello"
+        r = await env.client.post("/echo", content=b"x" * 1000)
+        assert r.json()["body"] == "x" * 1000
+        # A body still arriving takes the task path, over the same upstream connection.
+        r = await env.client.post("/echo", content=trickle([b"ab", b"cd"]))
+        assert r.json()["body"] == "abcd"
+    assert env.router.connects == 1
+    assert env.router.releases == [True] * 14
+    if isinstance(env.router, NowaitPoolRouter):
+        assert env.router.nowait_leases == 12
+
+
+async def trickle(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        await asyncio.sleep(0)  # let the gateway see the head before the body
+        yield part
+
+
 async def test_large_responses_arrive_intact(env: Env) -> None:
     r = await env.client.get("/big")
     assert r.headers["content-length"] == str(len(BIG))

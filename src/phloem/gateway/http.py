@@ -177,7 +177,9 @@ class ResponseHead:
     """Callbacks for :class:`httptools.HttpResponseParser`, and what they learnt.
 
     Only message boundaries are taken from the parser; the response bytes are forwarded
-    as received, so nothing here is ever re-serialised.
+    as received, so nothing here is ever re-serialised. One can serve successive responses
+    on a keep-alive connection (:meth:`feed_head` for each head, :meth:`feed` for every
+    body byte): creating a parser costs more than parsing a small head.
     """
 
     __slots__ = (
@@ -225,6 +227,28 @@ class ResponseHead:
     def on_message_complete(self) -> None:
         self.complete = True
 
+    def feed_head(self, head: bytes) -> None:
+        """Parse one complete head (status line to the blank line, inclusive): the next
+        message on this parser's connection. Raises :class:`UpstreamProtocolError`."""
+        self.status = 0
+        self.content_length = None
+        self.transfer_encoding = self.chunked = self.event_stream = self.complete = False
+        if self.connection:
+            self.connection = set()
+        self.begins = 0
+        parser = self.parser
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass  # a 101: what follows the head is another protocol
+        except httptools.HttpParserError as exc:
+            raise UpstreamProtocolError(str(exc)) from exc
+        self.status = parser.get_status_code()
+        if parser.get_http_version() == "1.1":
+            self.keep_alive = b"close" not in self.connection
+        else:
+            self.keep_alive = b"keep-alive" in self.connection
+
     @property
     def extra_data(self) -> bool:
         return self.begins > 1
@@ -243,17 +267,7 @@ class ResponseHead:
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse one complete response head (status line to the blank line, inclusive)."""
     resp = ResponseHead()
-    try:
-        resp.parser.feed_data(head)
-    except httptools.HttpParserUpgrade:
-        pass  # a 101: what follows the head is another protocol
-    except httptools.HttpParserError as exc:
-        raise UpstreamProtocolError(str(exc)) from exc
-    resp.status = resp.parser.get_status_code()
-    if resp.parser.get_http_version() == "1.1":
-        resp.keep_alive = b"close" not in resp.connection
-    else:
-        resp.keep_alive = b"keep-alive" in resp.connection
+    resp.feed_head(head)
     return resp
 
 

@@ -691,12 +691,19 @@ class _Connection(asyncio.Protocol):
         state = fx.state
         if state == _F_LENGTH:
             remaining = fx.remaining - len(data)
+            resp = fx.resp
+            assert resp is not None  # set with the head
+            parser = resp.parser
             if remaining > 0:
                 fx.remaining = remaining
+                parser.feed_data(data)
                 self._write(data)
                 return
             # Never pass on bytes beyond Content-Length; they make the connection unusable.
-            self._write(data[: fx.remaining] if remaining else data)
+            if remaining:
+                data = data[: fx.remaining]
+            parser.feed_data(data)
+            self._write(data)
             self._response_complete = True
             self._fast_end(reusable=fx.keep and not remaining, keep=fx.keep)
         elif state == _F_HEAD:
@@ -720,8 +727,11 @@ class _Connection(asyncio.Protocol):
                     fx.buf = buf
                 return
             head_len = end + 4
+            # The connection's parser, while it is in step with the connection's bytes.
+            resp = fx.resp = fx.relay.resp or http.ResponseHead()
+            fx.relay.resp = None  # until the exchange ends cleanly
             try:
-                resp = http.parse_response_head(buf[:head_len])
+                resp.feed_head(buf[:head_len])
             except http.UpstreamProtocolError as exc:
                 self._fast_failed(f"invalid response head: {exc}", retryable=False)
                 return
@@ -753,16 +763,19 @@ class _Connection(asyncio.Protocol):
                 self._write(buf)
                 return
             fx.state = _F_CHUNKED
-            fx.resp = resp
             self._up_chunked(fx, buf[head_len:], buf[:head_len])
             return
         remaining = resp.content_length
         if rest_len >= remaining:
             extra = rest_len > remaining
+            if remaining:
+                resp.parser.feed_data(buf[head_len : head_len + remaining])  # keep in step
             self._write(buf[: head_len + remaining] if extra else buf)
             self._response_complete = True
             self._fast_end(reusable=keep and not extra, keep=keep)
             return
+        if rest_len:
+            resp.parser.feed_data(buf[head_len:])
         self._write(buf)
         fx.state = _F_LENGTH
         fx.remaining = remaining - rest_len
@@ -835,7 +848,20 @@ class _Connection(asyncio.Protocol):
     def _fast_release(self, fx: _Fast, *, reusable: bool, abort: bool) -> None:
         self._fast = None
         self._unwatch()
-        fx.relay.sink = None
+        relay = fx.relay
+        relay.sink = None
+        resp = fx.resp
+        # Its parser serves the connection's next response if it read exactly this one (not
+        # after a HEAD request: the parser would expect the body the head announced).
+        if (
+            reusable
+            and not abort
+            and resp is not None
+            and resp.complete
+            and not resp.extra_data
+            and fx.req.method != b"HEAD"
+        ):
+            relay.resp = resp
         transport = fx.transport
         if self._up_paused:
             self._up_paused = False
@@ -1474,15 +1500,18 @@ class _Relay(asyncio.Protocol):
     connection directly, in the upstream transport's callback. The end of the connection
     reaches both, so the lease's reader and writer stay consistent either way."""
 
-    __slots__ = ("orig", "sink")
+    __slots__ = ("orig", "resp", "sink")
 
     def __init__(self, orig: asyncio.Protocol) -> None:
         self.orig = orig
         self.sink: _Connection | None = None
+        # A response parser in step with the connection, kept for its next response.
+        self.resp: http.ResponseHead | None = None
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
         if sink is None:
+            self.resp = None  # bytes it does not see: no longer in step
             self.orig.data_received(data)
         else:
             sink._up_data(data)
