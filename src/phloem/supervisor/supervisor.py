@@ -37,9 +37,12 @@ from phloem.supervisor.isolate import (
 )
 from phloem.supervisor.memory import MemoryLimiter, choose_limiter
 
-#: Idle upstream connections kept per isolate; more are closed when released. A burst of
-#: N concurrent requests opens N connections, and without a cap all of them would stay
-#: open (file descriptors on both sides, and an app task each in the isolate).
+#: Idle upstream connections kept per isolate: a burst of N concurrent requests opens N
+#: connections, and without a cap all of them would stay open (file descriptors on both
+#: sides, and a task each in the isolate). The idle reaper closes the excess among those
+#: that stayed unused since its last round (about a second), least recently used first;
+#: not on release: under a steady load of more concurrent requests than the cap, closing
+#: on release would reopen connections all the time.
 MAX_IDLE_PER_ISOLATE = 64
 
 
@@ -77,9 +80,6 @@ class Lease:
             isolate.open_streams -= 1
         else:
             isolate.inflight -= 1
-        # The idle pool is the isolate's (Isolate._idle); its size is capped here.
-        if reusable and len(isolate._idle) >= MAX_IDLE_PER_ISOLATE:
-            reusable = False
         isolate.give_back(self.reader, self.writer, reusable)
 
 
@@ -143,6 +143,8 @@ class Supervisor:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        # Per isolate id: the fewest idle connections since the reaper's last round.
+        self._idle_low: dict[str, int] = {}
 
     def _background(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -167,6 +169,7 @@ class Supervisor:
             isolate.inflight += 1
             try:
                 reader, writer, reused = await isolate.connect()
+                self._note_idle(isolate)
                 break
             except OSError as exc:
                 isolate.inflight -= 1
@@ -201,9 +204,28 @@ class Supervisor:
             if not reader.at_eof() and not writer.is_closing():
                 best.last_active = time.monotonic()
                 best.inflight += 1
+                self._note_idle(best)
                 return Lease(best, reader, writer, pool.lease_limits, reused=True)
             writer.close()
         return None
+
+    def _note_idle(self, isolate: Isolate) -> None:
+        n = len(isolate._idle)
+        low = self._idle_low.get(isolate.id)
+        if low is None or n < low:
+            self._idle_low[isolate.id] = n
+
+    def _trim_idle_connections(self, isolate: Isolate) -> None:
+        """Close idle connections beyond MAX_IDLE_PER_ISOLATE among those unused since the
+        last round. The pool (Isolate._idle) is a stack: its bottom is the least recently
+        used, and at least ``low`` connections at the bottom were not touched."""
+        idle = isolate._idle
+        low = self._idle_low.pop(isolate.id, len(idle))
+        excess = min(low, len(idle)) - MAX_IDLE_PER_ISOLATE
+        if excess > 0:
+            for _, writer in idle[:excess]:
+                writer.close()
+            del idle[:excess]
 
     async def _pick(self, pool: Pool) -> Isolate:
         limits = pool.spec.limits
@@ -248,6 +270,7 @@ class Supervisor:
             now = time.monotonic()
             for pool in list(self.pools.values()):
                 for isolate in list(pool.isolates):
+                    self._trim_idle_connections(isolate)
                     idle_for = now - isolate.last_active
                     if (isolate.state == "ready" and not isolate.busy
                             and idle_for >= pool.spec.limits.idle_timeout_s):
@@ -257,6 +280,7 @@ class Supervisor:
                             self.on_eviction(pool.spec, "idle")
                         isolate.state = "stopping"  # no new leases from now on
                         self._background(isolate.stop(self.grace_s))
+            self._idle_low.clear()  # marks of isolates gone meanwhile
 
     def _reap_interval(self) -> float:
         # Check often enough for the shortest idle limit in use (tests use seconds).
