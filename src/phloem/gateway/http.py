@@ -138,29 +138,27 @@ def upstream_request_head(
 ) -> bytes:
     """The request head sent to the isolate; the client's HTTP version is kept."""
     drop = _DROP | (info.connection - _PROTECTED) if info.connection else _DROP
-    parts = [method, b" ", target, b" HTTP/", version.encode("ascii"), b"\r\n"]
+    parts = [b"%s %s HTTP/%s\r\n" % (method, target, version.encode("ascii"))]
     for name, value in headers:
         if name.lower() not in drop:
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(b"%s: %s\r\n" % (name, value))
     if upgrade:
-        parts += (b"Connection: Upgrade\r\nUpgrade: ", b", ".join(info.upgrade), b"\r\n")
+        parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % b", ".join(info.upgrade))
     elif version == "1.0":
         # The upstream hop is ours: keep it persistent even for HTTP/1.0 clients.
         parts.append(b"Connection: keep-alive\r\n")
-    forwarded_for = list(info.forwarded_for)
-    if peer_ip:
-        forwarded_for.append(peer_ip.encode("ascii"))
-    if forwarded_for:
-        parts += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
-    parts += (
-        b"X-Request-Id: ",
-        request_id,
-        b"\r\nX-Forwarded-Proto: ",
-        proto.encode("ascii"),
-        b"\r\n",
+    if info.forwarded_for:
+        forwarded_for = (
+            [*info.forwarded_for, peer_ip.encode("ascii")] if peer_ip else info.forwarded_for
+        )
+        parts.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
+    elif peer_ip:
+        parts.append(b"X-Forwarded-For: %s\r\n" % peer_ip.encode("ascii"))
+    parts.append(
+        b"X-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\n" % (request_id, proto.encode("ascii"))
     )
     if info.host is not None:
-        parts += (b"X-Forwarded-Host: ", info.host, b"\r\n")
+        parts.append(b"X-Forwarded-Host: %s\r\n" % info.host)
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -171,6 +169,10 @@ def chunk(data: bytes) -> list[bytes]:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+_RESPONSE_FIELDS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"content-type"}
+)
 
 
 class ResponseHead:
@@ -214,6 +216,8 @@ class ResponseHead:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = name.lower()
+        if n not in _RESPONSE_FIELDS:
+            return  # most are not, and this runs for every header of every response
         if n == b"content-length":
             self.content_length = int(value)
         elif n == b"transfer-encoding":

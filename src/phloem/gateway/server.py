@@ -270,6 +270,8 @@ class _Connection(asyncio.Protocol):
         )
         self._fast: _Fast | None = None
         self._up_paused = False  # we paused the upstream while the client is slow
+        self._limits_seen: Limits | None = None
+        self._limits_timeouts = self._timeouts(None)
 
         # Keep-alive and the limits of the current exchange: one timer per connection,
         # re-armed lazily (see _on_watch).
@@ -366,20 +368,22 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._head_trickle = 0
 
+    # The head's size is counted as it is parsed; _HeadTooLarge surfaces as an
+    # HttpParserError from feed_data.
+
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # After the head these are chunked-body trailers, which are not forwarded.
         if self._in_head:
             self._headers.append((name, value))
-            self._count_head(len(name) + len(value) + 4)
-
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge  # surfaces as an HttpParserError from feed_data
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -430,6 +434,14 @@ class _Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         """Stop reading the client while it is ahead of us (body not yet forwarded,
         pipelined requests queued, or nothing more will be parsed)."""
+        if (
+            not self._reading_paused
+            and not self._pending
+            and self._parsing is None
+            and self._upgraded is None
+            and not self._parse_dead
+        ):
+            return  # reading, and nothing that could pause it (the common case)
         req = self._parsing or self._upgraded
         pause = not self._lingering and (
             self._parse_dead
@@ -623,8 +635,9 @@ class _Connection(asyncio.Protocol):
         info = http.scan_request_headers(req.headers)
         if info.host_count != 1 or not info.host:
             return False  # the task path answers these
+        host = info.host.decode("latin-1")
         try:
-            lease = acquire(info.host.decode("latin-1"))
+            lease = acquire(host)
         except Exception:
             logger.exception("router.acquire_nowait failed")
             return False
@@ -648,17 +661,17 @@ class _Connection(asyncio.Protocol):
             relay = _Relay(relay)
             transport.set_protocol(relay)
 
-        self._pending.popleft()
+        self._pending.popleft()  # data_received updates reading after this
         self._active = self._last = req
         started = self._loop.time()
         rid = _request_id(info)
-        host = self._begin_exchange(info)
+        self._begin_exchange(host)
         fx = self._fast = _Fast(req, rid, host, started, lease, transport, relay)
         # Replayed on a fresh connection if a pooled one turns out dead (see _exchange).
-        fx.replayable = req.method in IDEMPOTENT and not info.has_body
+        has_body = info.chunked or bool(info.content_length)
+        fx.replayable = not has_body and req.method in IDEMPOTENT
         self._upstream = transport
         self._lease = lease
-        self._update_reading()
         head = http.upstream_request_head(
             req.method,
             req.target,
@@ -670,7 +683,7 @@ class _Connection(asyncio.Protocol):
             proto=self._config.proto,
             upgrade=False,
         )
-        if info.has_body:
+        if has_body:
             parts = [head]
             if req.body:
                 body = req.take()
@@ -680,7 +693,10 @@ class _Connection(asyncio.Protocol):
             head = b"".join(parts)
         relay.sink = self
         transport.write(head)
-        self._watch_ttfb(*self._timeouts(limits))
+        if limits is not self._limits_seen:  # the same object for every lease of a route
+            self._limits_seen = limits
+            self._limits_timeouts = self._timeouts(limits)
+        self._watch_ttfb(*self._limits_timeouts)
         return True
 
     def _up_data(self, data: bytes) -> None:
@@ -746,9 +762,26 @@ class _Connection(asyncio.Protocol):
         fx.buf = b""
         self._status = status
         self._final_sent = True
-        self._watch_silence()
         keep = fx.keep = resp.keep_alive
         rest_len = len(buf) - head_len
+        length = resp.content_length
+        if (
+            length is not None
+            and rest_len >= length
+            and not resp.transfer_encoding
+            and req.method != b"HEAD"
+            and status not in NO_BODY_STATUS
+            and not resp.event_stream
+        ):
+            # The common case: the whole response at once. Not passing on bytes beyond it.
+            extra = rest_len > length
+            if length:
+                resp.parser.feed_data(buf[head_len : head_len + length])  # keep in step
+            self._write(buf[: head_len + length] if extra else buf)
+            self._response_complete = True
+            self._fast_end(reusable=keep and not extra, keep=keep)
+            return
+        self._watch_silence()
         if req.method == b"HEAD" or status in NO_BODY_STATUS:
             # No body whatever the headers say; anything after the head is junk.
             self._write(buf[:head_len])
@@ -971,22 +1004,22 @@ class _Connection(asyncio.Protocol):
         started = self._loop.time()
         info = http.scan_request_headers(req.headers)
         request_id = req.rid or _request_id(info)
-        host = self._begin_exchange(info)
+        host = (info.host or b"").decode("latin-1")
+        self._begin_exchange(host)
         try:
             keep = await self._exchange(req, info, request_id)
             return keep and not self._gateway.draining
         finally:
             self._end_exchange(req, started, request_id, host)
 
-    def _begin_exchange(self, info: http.RequestInfo) -> str:
+    def _begin_exchange(self, host: str) -> None:
         self._status = 0
         self._final_sent = False
         self._response_complete = False
         self._stream = False
         self._timed_out = None
-        self._host = host = (info.host or b"").decode("latin-1")
+        self._host = host
         self._gateway._exchange_started(host)
-        return host
 
     def _end_exchange(self, req: _Request, started: float, rid: bytes, host: str) -> None:
         self._active = None
