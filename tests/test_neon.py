@@ -189,7 +189,8 @@ def test_hono_todos_example(platform: PlatformProcess, todos_project: Path) -> N
     with platform.gateway(host_of(fn["invocation_url"])) as gw:
         assert gw.get("/").text == f"todos on {branch}"
         made = gw.post("/todos", json={"text": "branch me"})
-        assert made.status_code == 201, made.text
+        assert made.status_code == 201, platform.cli("functions", "logs", "todos", "--branch",
+                                                     branch, "--lines", "60").stdout
         assert made.headers["x-todos-banner"] == f"preview {branch}"
         assert gw.post("/todos", json={"text": ""}).status_code == 400
         assert [t["text"] for t in gw.get("/todos").json()] == ["branch me"]
@@ -241,7 +242,7 @@ def test_examples_neon_ts_plans(platform: PlatformProcess, tmp_path: Path, examp
     root = tmp_path / example
     shutil.copytree(EXAMPLES / example, root,
                     ignore=shutil.ignore_patterns("node_modules", ".env", ".phloem"))
-    platform.cli("link", "--branch", "main", cwd=root)
+    platform.cli("link", "--branch", new_branch(platform, "plan"), cwd=root)
     plan = platform.cli_json_in(root, "config", "plan")
     assert [(i["slug"], i["action"]) for i in plan["plan"]
             if i["slug"] == slug] == [(slug, "create")]

@@ -45,6 +45,12 @@ class StandbyFailed(RuntimeError):
 class StandbyProcess(DirectProcess):
     how = "activated from a standby"
 
+    def __init__(self, process: asyncio.subprocess.Process, relay: asyncio.Task[None]) -> None:
+        super().__init__(process)
+        # The event loop keeps only weak references to tasks: without this one the status
+        # relay could be collected mid-flight and the isolate would never report ready.
+        self._relay = relay
+
 
 class _Standby:
     """One waiting Node host; its status pipe is read here and relayed after activation."""
@@ -54,7 +60,6 @@ class _Standby:
         self.process = process
         self.status = status
         self._transport = transport
-        self._relay: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, key: StandbyKey, timeout: float) -> _Standby:
@@ -116,8 +121,7 @@ class _Standby:
             self.kill()
             raise StandbyFailed(f"could not send the activation: {exc}") from None
         out_fd = os.dup(launch.status_fd)
-        self._relay = asyncio.create_task(self._relay_status(out_fd))
-        return StandbyProcess(self.process)
+        return StandbyProcess(self.process, asyncio.create_task(self._relay_status(out_fd)))
 
     async def _relay_status(self, out_fd: int) -> None:
         """Pass the isolate's R/W/D bytes on to the supervisor's status pipe."""
