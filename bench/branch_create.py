@@ -342,13 +342,16 @@ class Pgbench:
         whole run's transactions. Robust to slow drift (other work on the machine)
         that makes whole runs differ."""
         times = sorted(self.done)
+        if not times:
+            return []
         out = []
         for c in self.creates:
             t0, t1 = c.wall
-            base = (bisect.bisect_left(times, t0) - bisect.bisect_left(times, t0 - before))
-            rate = base / before
-            got = bisect.bisect_left(times, t1 + after) - bisect.bisect_left(times, t0)
-            out.append((rate * (t1 + after - t0) - got) / max(1, len(times)))
+            start, end = max(times[0], t0 - before), min(times[-1], t1 + after)
+            base = (bisect.bisect_left(times, t0) - bisect.bisect_left(times, start))
+            rate = base / max(0.001, t0 - start)
+            got = bisect.bisect_left(times, end) - bisect.bisect_left(times, t0)
+            out.append((rate * max(0.0, end - t0) - got) / len(times))
         return out
 
 
@@ -625,6 +628,12 @@ def measure_variants(p: PlatformProcess, parent: Parent, kind: str, scratch: Pat
         with p.api() as api:
             alone, loaded = measure_load(p, api, parent, kind, scratch, args)
         out.append(VariantResult(v, alone, loaded))
+        if args.dump:
+            import json
+            with open(f"{args.dump}.{v.name}.json", "w") as f:
+                json.dump({"done": sorted(loaded.done), "creates": [
+                    {"wall": c.wall, "phases": c.phases, "copy_ms": c.copy_ms,
+                     "seconds": c.seconds} for c in loaded.creates]}, f)
         r = out[-1]
         log(f"{kind}: variant {v.name}: ratio {r.tx_ratio:.3f} (alone "
             f"{alone[0].transactions}/{alone[1].transactions}, with {loaded.transactions}); "
@@ -819,6 +828,9 @@ def main() -> None:
                         "once per variant, in order; PHLOEM_* keys are set in phloem up's "
                         "environment, other keys on the parent with ALTER SYSTEM; e.g. "
                         "--variant base: --variant 'c30:checkpoint_timeout=30s'")
+    parser.add_argument("--dump", metavar="PREFIX",
+                        help="with --variant: write each loaded run's transaction end times "
+                        "and creates to PREFIX.<variant>.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/branch_create.py must run as root: it loop-mounts an XFS image "

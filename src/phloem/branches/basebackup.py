@@ -12,7 +12,7 @@ with reflinks and in one superuser session on the parent:
 
 The child then recovers to consistency on its first start. The parent serves throughout.
 
-    stats = clone_running_cluster(conn, parent_pgdata, child_pgdata)
+    stats = clone_running_cluster(conn, parent_pgdata, child_pgdata, owner=(uid, gid))
 """
 
 from __future__ import annotations
@@ -67,16 +67,31 @@ def _unlogged_main_forks(dirpath: str, filenames: list[str]) -> set[str]:
             if (m := _RELFILE_RE.match(f)) and m.group(1) in inits and m.group(2) != "init"}
 
 
-def _copy_tree(src: Path, dst: Path, copier: Copier) -> tuple[int, int]:
+def _mkdir(path: Path, owner: tuple[int, int] | None) -> None:
+    path.mkdir(mode=0o700, exist_ok=True)
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+def _write(path: Path, text: str, owner: tuple[int, int] | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        f.write(text)
+
+
+def _copy_tree(src: Path, dst: Path, copier: Copier,
+               owner: tuple[int, int] | None) -> tuple[int, int]:
     files = nbytes = 0
     pg_control = None
     for dirpath, dirnames, filenames in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         target = dst if rel == "." else dst / rel
-        target.mkdir(mode=0o700, exist_ok=True)
+        _mkdir(target, owner)
         if rel in EMPTY_DIRS:
             if rel == "pg_wal":
-                (target / "archive_status").mkdir(mode=0o700, exist_ok=True)
+                _mkdir(target / "archive_status", owner)
             dirnames[:] = []
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith("pgsql_tmp")]
@@ -108,8 +123,11 @@ def _wal_segments(pg_wal: Path, first: str, last: str) -> list[str]:
 
 
 def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
-                          child_pgdata: Path) -> CloneStats:
-    """``conn``: an autocommit superuser connection to the parent."""
+                          child_pgdata: Path,
+                          owner: tuple[int, int] | None = None) -> CloneStats:
+    """``conn``: an autocommit superuser connection to the parent. ``owner`` (uid, gid):
+    who gets every file and directory of the copy as it is made (None: whoever runs
+    this)."""
     started = time.monotonic()
     row = conn.execute("SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN "
                        "('pg_default', 'pg_global')").fetchone()
@@ -118,8 +136,9 @@ def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
                               "tablespaces cannot be branched")
     if child_pgdata.exists() and any(child_pgdata.iterdir()):
         raise BranchCopyError(f"{child_pgdata} is not empty")
-    child_pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
-    copier = choose_backend(parent_pgdata, child_pgdata)
+    child_pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _mkdir(child_pgdata, owner)
+    copier = choose_backend(parent_pgdata, child_pgdata, owner)
     if copier.method == "copy":
         # A plain copy needs the parent's size again. Running out of space half-way
         # would also starve the parent's own WAL, so refuse up front.
@@ -138,15 +157,15 @@ def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
         backup_ms = (time.monotonic() - started) * 1000
         copy_started = time.monotonic()
         try:
-            files, nbytes = _copy_tree(parent_pgdata, child_pgdata, copier)
+            files, nbytes = _copy_tree(parent_pgdata, child_pgdata, copier, owner)
         finally:
             stop = conn.execute("SELECT lsn, labelfile, spcmapfile FROM pg_backup_stop(false)"
                                 ).fetchone()
         assert stop is not None
         stop_lsn, labelfile, spcmapfile = stop
-        (child_pgdata / "backup_label").write_text(labelfile)
+        _write(child_pgdata / "backup_label", labelfile, owner)
         if spcmapfile:
-            (child_pgdata / "tablespace_map").write_text(spcmapfile)
+            _write(child_pgdata / "tablespace_map", spcmapfile, owner)
         names = conn.execute("SELECT pg_walfile_name(%s), pg_walfile_name(%s)",
                              (start_lsn[0], stop_lsn)).fetchone()
         assert names is not None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import re
 import shutil
 import time
@@ -301,14 +300,22 @@ class BranchManager:
         branch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.owner.own(branch_dir, 0o700)
         progress(f"copying {parent.name} ({parent.id})")
+        owner = None if self.owner.is_self else (self.owner.uid, self.owner.gid)
         with parent_cluster.connect(parent.superuser_password) as conn:
-            stats = clone_running_cluster(conn, parent_cluster.pgdata, child_cluster.pgdata)
-        _chown_tree(child_cluster.pgdata, self.owner)
+            stats = clone_running_cluster(conn, parent_cluster.pgdata, child_cluster.pgdata,
+                                          owner)
         (child_cluster.pgdata / "pg_hba.conf").write_text(HBA_PRIVATE)
         self.owner.own(child_cluster.pgdata / "pg_hba.conf", 0o600)
+        # Recover as a standby, then promote: the end of crash recovery would make the
+        # child write every page it redid (a burst on the disk the parent shares) before
+        # it opens; a promotion leaves that to a spread checkpoint. The child then runs
+        # on a timeline of its own.
+        (child_cluster.pgdata / "standby.signal").touch()
+        self.owner.own(child_cluster.pgdata / "standby.signal", 0o600)
         progress(f"copied {stats.bytes / 1e6:.1f} MB by {stats.method} in "
                  f"{stats.copy_ms:.0f} ms; recovering")
-        child_cluster.start()
+        child_cluster.start(standby=True)
+        child_cluster.promote(parent.superuser_password)
         # Still the parent's passwords inside: replace them before anyone can connect.
         with child_cluster.connect(parent.superuser_password) as conn:
             conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
@@ -421,15 +428,6 @@ class BranchManager:
             return True
         except psycopg.Error:
             return False
-
-
-def _chown_tree(root: os.PathLike[str], owner: Identity) -> None:
-    if owner.is_self and os.geteuid() != 0:
-        return
-    for dirpath, _dirs, files in os.walk(root):
-        os.chown(dirpath, owner.uid, owner.gid)
-        for name in files:
-            os.lchown(os.path.join(dirpath, name), owner.uid, owner.gid)
 
 
 def _as_branch_error(exc: BaseException) -> BaseException:

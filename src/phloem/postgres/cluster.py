@@ -118,9 +118,10 @@ class Cluster:
         proc = self._run([self.bins.tool("pg_ctl"), "status", "-D", str(self.pgdata)], 30)
         return proc.returncode == 0
 
-    def start(self, timeout: float = 300) -> None:
-        """Start the postmaster and wait until it accepts connections. A postmaster left
-        running by a crashed phloem is stopped first so that our settings apply."""
+    def start(self, timeout: float = 300, standby: bool = False) -> None:
+        """Start the postmaster and wait until it accepts connections (``standby``: or
+        read-only ones, as a hot standby does once consistent). A postmaster left running
+        by a crashed phloem is stopped first so that our settings apply."""
         if self.is_running():
             self.stop()
         make_dir(self.socket_dir, 0o755, self.owner)
@@ -139,7 +140,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while True:
             status = self._postmaster_status()
-            if status == "ready" and self._postmaster_pid() != stale:
+            if (status == "ready" or (standby and status == "standby")) and \
+                    self._postmaster_pid() != stale:
                 return
             if status == "gone" and time.monotonic() > deadline - timeout + 5:
                 raise self._fail("the postmaster exited during start-up", proc)
@@ -175,6 +177,22 @@ class Cluster:
             time.sleep(0.003)
         if proc.returncode != 0 and self.is_running():
             raise self._fail("pg_ctl stop", proc)
+
+    def promote(self, password: str, timeout: float = 60) -> None:
+        """End recovery of a hot standby and wait until it takes writes. Unlike the end
+        of crash recovery, a promotion does not wait for a checkpoint: it writes an
+        end-of-recovery record and lets the checkpointer spread the next one."""
+        with self.connect(password) as conn:
+            conn.execute("SELECT pg_promote(false)")
+            deadline = time.monotonic() + timeout
+            while True:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                if row is not None and not row[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{self.pgdata}: still in recovery {timeout:.0f} s "
+                                       "after pg_promote()")
+                time.sleep(0.003)
 
     # -- connections ---------------------------------------------------------
     def admin_conninfo(self, password: str, dbname: str = "postgres") -> str:

@@ -57,11 +57,14 @@ def _clone_ranges(src_fd: int, dst_fd: int, range_bytes: int) -> None:
         os.ftruncate(dst_fd, os.fstat(src_fd).st_size)
 
 
-def _clone(src: Path, dst: Path, range_bytes: int = RANGE_BYTES) -> int:
+def _clone(src: Path, dst: Path, range_bytes: int = RANGE_BYTES,
+           owner: tuple[int, int] | None = None) -> int:
     with open(src, "rb") as fsrc:
         size = os.fstat(fsrc.fileno()).st_size
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             if range_bytes and size > range_bytes:
                 _clone_ranges(fsrc.fileno(), fd, range_bytes)
                 size = os.fstat(fd).st_size
@@ -88,8 +91,10 @@ def reflink_supported(src: Path, dst: Path) -> bool:
 class ReflinkCopier:
     method = "reflink"
 
-    def __init__(self, range_bytes: int = RANGE_BYTES) -> None:
+    def __init__(self, range_bytes: int = RANGE_BYTES,
+                 owner: tuple[int, int] | None = None) -> None:
         self.range_bytes = range_bytes
+        self.owner = owner
 
     def copy_file(self, src: Path, dst: Path) -> int:
-        return _clone(src, dst, self.range_bytes)
+        return _clone(src, dst, self.range_bytes, self.owner)
