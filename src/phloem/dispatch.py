@@ -47,3 +47,10 @@ class PlatformRouter:
             return await self.supervisor.acquire(spec)
         except IsolateFailed as exc:
             raise RouteError(502, "isolate_failed", str(exc)) from exc
+
+    def acquire_nowait(self, host: str) -> Upstream | None:
+        """The gateway's fast path (see gateway.routing): an idle pooled connection to a
+        ready isolate of the host's deployment, or ``None`` (then :meth:`acquire`)."""
+        key = parse_host(host, self.domain)
+        spec = self.deployer.routes.get(key) if key is not None else None
+        return self.supervisor.acquire_nowait(spec) if spec is not None else None

@@ -34,7 +34,6 @@ from phloem.control.api import create_api
 from phloem.control.store import Store
 from phloem.deployer import Deployer
 from phloem.dispatch import PlatformRouter, parse_host
-from phloem.gateway.routing import Upstream
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
 from phloem.identity import Identity, make_dir
 from phloem.logs import FunctionLogs
@@ -58,15 +57,6 @@ MAX_BODY_CEILING = 1024 * 1024 * 1024  # per-function limits may raise bodies up
 
 class PlatformError(RuntimeError):
     """Start-up cannot go on; the message says what to fix."""
-
-
-class _GatewayRouter(PlatformRouter):
-    """PlatformRouter plus the gateway's optional fast lookup (see gateway.routing)."""
-
-    def acquire_nowait(self, host: str) -> Upstream | None:
-        key = parse_host(host, self.domain)
-        spec = self.deployer.routes.get(key) if key is not None else None
-        return self.supervisor.acquire_nowait(spec) if spec is not None else None
 
 
 class _ApiServer(uvicorn.Server):
@@ -158,7 +148,7 @@ class Platform:
                                  SecretBox.from_data_dir(self.paths.secrets))
         await self.deployer.load_routes()
 
-        router = _GatewayRouter(self.deployer, self.supervisor, s.domain)
+        router = PlatformRouter(self.deployer, self.supervisor, s.domain)
         self.gateway = Gateway(
             router,
             GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
