@@ -95,7 +95,9 @@ class BranchManager:
                 listen_addresses=BRANCH_HOST,
                 # A fresh clone looks crashed, so its first start fsyncs every file;
                 # one syncfs() does the same job in milliseconds.
-                extra_settings={"recovery_init_sync_method": "syncfs"},
+                # A clone recovers as a hot standby and is promoted (see _clone_into),
+                # whatever a copied postgresql.auto.conf says.
+                extra_settings={"recovery_init_sync_method": "syncfs", "hot_standby": "on"},
             )
             self._clusters[branch.id] = found
         return found
