@@ -148,16 +148,20 @@ def test_browser_page_on_another_origin_reads_the_stream(platform: PlatformProce
     times = [chunk["at"] for chunk in result["chunks"]]
     assert len(times) >= 6
     assert times[-1] - times[0] >= 1500
-    # The browser preflighted the request (DevTools saw an OPTIONS without the token go
-    # first, and the function logged it), then sent the GET with the token.
+    # The browser preflighted the request (an OPTIONS without the token, which the function
+    # logged) and sent the GET with the token.
     sent = [e["params"]["request"] for e in events
             if e["method"] == "Network.requestWillBeSent"
             and e["params"]["request"]["url"].startswith(agent.url)]
-    assert [r["method"] for r in sent] == ["OPTIONS", "GET"], sent
-    ask = {k.lower(): v for k, v in sent[0]["headers"].items()}
+    # DevTools may announce the fetch before its preflight (the preflight is started on the
+    # fetch's behalf), so the order of these events says nothing; the function's own log
+    # below shows the preflight reached it.
+    by_method = {r["method"]: r for r in sent}
+    assert sorted(r["method"] for r in sent) == ["GET", "OPTIONS"], sent
+    ask = {k.lower(): v for k, v in by_method["OPTIONS"]["headers"].items()}
     assert ask["access-control-request-method"] == "GET"
     assert ask["access-control-request-headers"] == "authorization"
     assert "authorization" not in ask
-    assert sent[1]["headers"]["Authorization"] == f"Bearer {token}"
+    assert by_method["GET"]["headers"]["Authorization"] == f"Bearer {token}"
     after = platform.cli("functions", "logs", "agent").stdout.count(preflight)
     assert after == before + 1
