@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from phloem.testing import PlatformProcess, host_of
@@ -179,6 +180,11 @@ def test_hono_todos_example(platform: PlatformProcess, todos_project: Path) -> N
     root = todos_project
     branch = new_branch(platform, "todos")
     platform.cli("link", "--branch", branch, cwd=root)
+    # The branch has main's data, where other tests keep a different `todos` table; start
+    # from the schema-less database the example expects.
+    url = platform.cli("connection-string", "--branch", branch, "--unpooled").stdout.strip()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS todos, todo_events")
     # The schema goes in with drizzle-kit over the direct URL, as in Neon's example.
     push = platform.cli("env", "run", "--", "npx", "drizzle-kit", "push", "--force",
                         cwd=root, check=False)
