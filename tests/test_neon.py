@@ -181,14 +181,20 @@ def test_hono_todos_example(platform: PlatformProcess, todos_project: Path) -> N
     branch = new_branch(platform, "todos")
     platform.cli("link", "--branch", branch, cwd=root)
     # The branch has main's data, where other tests keep a different `todos` table; start
-    # from the schema-less database the example expects.
+    # from a database without this app's tables but with someone else's, which drizzle-kit
+    # must leave alone (the example's tablesFilter).
     url = platform.cli("connection-string", "--branch", branch, "--unpooled").stdout.strip()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS todos, todo_events")
+        conn.execute("CREATE TABLE IF NOT EXISTS other_app_rows (id int)")
     # The schema goes in with drizzle-kit over the direct URL, as in Neon's example.
     push = platform.cli("env", "run", "--", "npx", "drizzle-kit", "push", "--force",
                         cwd=root, check=False)
-    assert push.returncode == 0, push.stdout + push.stderr
+    with psycopg.connect(url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert push.returncode == 0 and {"todos", "todo_events", "other_app_rows"} <= tables, \
+        (push.stdout + push.stderr, tables)
     applied = platform.cli_json_in(root, "deploy")
     assert [(r["slug"], r["ok"]) for r in applied["results"]] == [("todos", True)], applied
     fn = platform.cli_json("functions", "get", "todos", "--branch", branch)

@@ -6,4 +6,7 @@ export default defineConfig({
   dialect: "postgresql",
   schema: "./src/db/schema.ts",
   dbCredentials: { url: process.env.DATABASE_URL_UNPOOLED ?? "" },
+  // Only this app's tables: a branch may hold other apps' tables, which push must not
+  // offer to drop or rename.
+  tablesFilter: ["todos", "todo_events"],
 });
