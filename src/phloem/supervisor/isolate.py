@@ -739,15 +739,34 @@ class Isolate:
     def alive(self) -> bool:
         return self.state in ("starting", "ready")
 
+    def take_idle(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently used open connection of the idle pool (dead ones on the way
+        are closed), or ``None``."""
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    def close_oldest_idle(self, count: int) -> None:
+        """Close the ``count`` least recently used idle connections (the pool is a stack:
+        its bottom was used longest ago)."""
+        for _, writer in self._idle[:count]:
+            writer.close()
+        del self._idle[:count]
+
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         """A connection to the app, from the idle pool when one is there; the flag says
         whether it was reused."""
         self.last_active = time.monotonic()
-        while self._idle:
-            reader, writer = self._idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer, True
-            writer.close()
+        pooled = self.take_idle()
+        if pooled is not None:
+            return pooled[0], pooled[1], True
         reader, writer = await asyncio.open_unix_connection(str(self.socket_path),
                                                             limit=2**20)
         if self.pid is not None and _exiting(self.pid):

@@ -97,9 +97,6 @@ class Pool:
                                    silence_timeout=limits.silence_timeout_s,
                                    max_body_bytes=limits.max_body_bytes)
 
-    def starting(self) -> Isolate | None:
-        return next((i for i in self.isolates if i.state == "starting"), None)
-
 
 def _survey(pool: Pool) -> tuple[Isolate | None, int, Isolate | None]:
     """(least-loaded ready isolate, live isolates, first starting isolate), in one pass
@@ -198,34 +195,29 @@ class Supervisor:
         if (best.inflight >= limits.target_inflight and live < limits.max_isolates
                 and starting is None):
             return None  # acquire() starts another isolate
-        idle = best._idle  # Isolate.connect's pool, popped the same way
-        while idle:
-            reader, writer = idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                best.last_active = time.monotonic()
-                best.inflight += 1
-                self._note_idle(best)
-                return Lease(best, reader, writer, pool.lease_limits, reused=True)
-            writer.close()
-        return None
+        pooled = best.take_idle()
+        if pooled is None:
+            return None
+        best.last_active = time.monotonic()
+        best.inflight += 1
+        self._note_idle(best)
+        return Lease(best, pooled[0], pooled[1], pool.lease_limits, reused=True)
 
     def _note_idle(self, isolate: Isolate) -> None:
-        n = len(isolate._idle)
+        n = isolate.idle_connections
         low = self._idle_low.get(isolate.id)
         if low is None or n < low:
             self._idle_low[isolate.id] = n
 
     def _trim_idle_connections(self, isolate: Isolate) -> None:
         """Close idle connections beyond MAX_IDLE_PER_ISOLATE among those unused since the
-        last round. The pool (Isolate._idle) is a stack: its bottom is the least recently
-        used, and at least ``low`` connections at the bottom were not touched."""
-        idle = isolate._idle
-        low = self._idle_low.pop(isolate.id, len(idle))
-        excess = min(low, len(idle)) - MAX_IDLE_PER_ISOLATE
+        last round: the idle pool is a stack, and at least ``low`` connections at its
+        bottom (the least recently used) were not touched."""
+        n = isolate.idle_connections
+        low = self._idle_low.pop(isolate.id, n)
+        excess = min(low, n) - MAX_IDLE_PER_ISOLATE
         if excess > 0:
-            for _, writer in idle[:excess]:
-                writer.close()
-            del idle[:excess]
+            isolate.close_oldest_idle(excess)
 
     async def _pick(self, pool: Pool) -> Isolate:
         limits = pool.spec.limits
