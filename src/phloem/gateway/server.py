@@ -608,6 +608,11 @@ class _Connection(asyncio.Protocol):
         if waiter is None or waiter.done() or not self._try_fast(self._pending[0]):
             self._wake_handler()
 
+    def _upstream_head(self, req: _Request, info: http.RequestInfo, rid: bytes) -> bytes:
+        return http.upstream_request_head(
+            req.method, req.target, req.version, req.headers, info, request_id=rid,
+            peer_ip=self._peer_ip, proto=self._config.proto, upgrade=req.upgrade)
+
     def _timeouts(self, limits: Limits | None) -> tuple[float, float]:
         config = self._config
         ttfb = config.ttfb_timeout
@@ -672,17 +677,7 @@ class _Connection(asyncio.Protocol):
         fx.replayable = not has_body and req.method in IDEMPOTENT
         self._upstream = transport
         self._lease = lease
-        head = http.upstream_request_head(
-            req.method,
-            req.target,
-            req.version,
-            req.headers,
-            info,
-            request_id=rid,
-            peer_ip=self._peer_ip,
-            proto=self._config.proto,
-            upgrade=False,
-        )
+        head = self._upstream_head(req, info, rid)  # never an upgrade here (_try_fast)
         if has_body:
             parts = [head]
             if req.body:
@@ -1162,17 +1157,7 @@ class _Connection(asyncio.Protocol):
         self._upstream = writer.transport
         self._lease = lease
         try:
-            head = http.upstream_request_head(
-                req.method,
-                req.target,
-                req.version,
-                req.headers,
-                info,
-                request_id=rid,
-                peer_ip=self._peer_ip,
-                proto=self._config.proto,
-                upgrade=req.upgrade,
-            )
+            head = self._upstream_head(req, info, rid)
             if req.upgrade:
                 writer.write(head)
                 pump = self._loop.create_task(self._pump_raw(req, writer))
