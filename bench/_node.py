@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from _load import run_wrk
-from _procs import free_port, http_get
+from _procs import free_port, http_get, wait_answering
 
 from phloem.runtimes.node.provision import NODE_SERVER_VERSION, ensure_toolchain
 from phloem.testing import host_of
@@ -60,14 +60,7 @@ def _spawn_direct(b: Bench, node: Path, script: Path, bundle: Path,
     t0 = time.perf_counter()
     proc = b.reaper.spawn([str(node), str(script), bundle.as_uri(), str(port)],
                           stdin=subprocess.DEVNULL)
-    while True:
-        try:
-            status, body = http_get(port=port)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"node exited with {proc.returncode}") from None
-            time.sleep(0.001)
+    status, body = wait_answering(proc, port=port, what="node", poll_s=0.001)
     elapsed = time.perf_counter() - t0
     if status != 200 or body != b"hello world!":
         raise RuntimeError(f"direct node answered {status} {body[:100]!r}")

@@ -170,16 +170,18 @@ def http_get(*, port: int | None = None, uds: str | None = None, host: str = "be
 
 
 def wait_answering(proc: subprocess.Popen[bytes], *, port: int | None = None,
-                   uds: str | None = None, what: str, timeout: float = 30.0) -> None:
+                   uds: str | None = None, what: str, timeout: float = 30.0,
+                   poll_s: float = 0.02) -> tuple[int, bytes]:
+    """Poll ``proc``'s server every ``poll_s`` until it answers a GET; returns that first
+    answer (status, body). Cold-start timers poll every millisecond."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode}")
         try:
-            http_get(port=port, uds=uds, timeout=2.0)
-            return
+            return http_get(port=port, uds=uds, timeout=2.0)
         except OSError:
-            time.sleep(0.02)
+            time.sleep(poll_s)
     raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")
 
 

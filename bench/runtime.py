@@ -58,6 +58,7 @@ from _procs import (
     rss_kib,
     spawn_uvicorn,
     start_nginx,
+    wait_answering,
 )
 from _sse import StreamFleet
 
@@ -307,14 +308,7 @@ def bare_uvicorn_cold(b: Bench, run: int) -> float:
                            "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                            "--log-level", "warning"], cwd=MINIMAL, stdin=subprocess.DEVNULL)
     try:
-        while True:
-            try:
-                status, _ = http_get(uds=sock)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"uvicorn exited with {proc.returncode}") from None
-                time.sleep(0.001)
+        status, _ = wait_answering(proc, uds=sock, what="uvicorn", poll_s=0.001)
         elapsed = time.perf_counter() - t0
         if status != 200:
             raise RuntimeError(f"bare uvicorn answered {status}")
