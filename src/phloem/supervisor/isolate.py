@@ -107,7 +107,22 @@ class Spawner(Protocol):
     async def spawn(self, launch: Launch) -> IsolateProcess: ...
 
 
-class DirectProcess:
+class _PipedOutput:
+    """stdout/stderr of an isolate process, as the supervisor reads them."""
+
+    _stdout: asyncio.StreamReader
+    _stderr: asyncio.StreamReader
+
+    @property
+    def stdout(self) -> asyncio.StreamReader:
+        return self._stdout
+
+    @property
+    def stderr(self) -> asyncio.StreamReader:
+        return self._stderr
+
+
+class DirectProcess(_PipedOutput):
     how = "spawned"
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
@@ -119,14 +134,6 @@ class DirectProcess:
     @property
     def pid(self) -> int:
         return self._process.pid
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        return self._stdout
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        return self._stderr
 
     async def wait(self) -> int | None:
         return await self._process.wait()
@@ -173,7 +180,7 @@ async def _pipe_reader(fd: int) -> asyncio.StreamReader:
     return reader
 
 
-class ZygoteProcess:
+class ZygoteProcess(_PipedOutput):
     """A child of the zygote. It is not ours to ``wait()`` for, so its exit is seen on a
     pidfd (readable once it has exited) and its status comes from the zygote, which
     reaps it; signals go through the pidfd, so a recycled pid is never hit."""
@@ -193,14 +200,6 @@ class ZygoteProcess:
     @property
     def pid(self) -> int:
         return self._pid
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        return self._stdout
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        return self._stderr
 
     async def wait(self) -> int | None:
         if self._exited:
@@ -471,8 +470,9 @@ def _zygote_key(launch: Launch) -> tuple[tuple[str, str], str, list[str]] | None
     return (cmd[0], path[-1]), cmd[4], path
 
 
-def _cgroup_procs(slot: MemorySlot) -> tuple[bool, str | None]:
-    """Whether a forked child can honour ``slot``, and the ``cgroup.procs`` it joins."""
+def cgroup_procs(slot: MemorySlot) -> tuple[bool, str | None]:
+    """Whether a process started before it knew its isolate (a zygote's child, a Node
+    standby) can honour ``slot``, and the ``cgroup.procs`` it joins itself."""
     if isinstance(slot, CgroupSlot):
         return True, str(slot.directory / "cgroup.procs")
     # No wrapper to run before exec (the RSS watchdog only needs the pid).
@@ -547,7 +547,7 @@ class ZygoteSpawner:
 
     async def spawn(self, launch: Launch) -> IsolateProcess:
         plan = _zygote_key(launch)
-        joinable, procs = _cgroup_procs(launch.memory)
+        joinable, procs = cgroup_procs(launch.memory)
         if plan is None or not joinable or self._stopped:
             return await self.fallback.spawn(launch)
         key, entry, path = plan

@@ -30,7 +30,7 @@ from phloem.supervisor.isolate import (
     IsolateProcess,
     Launch,
     Spawner,
-    _cgroup_procs,
+    cgroup_procs,
 )
 
 log = logging.getLogger("phloem.supervisor")
@@ -181,7 +181,7 @@ class NodeStandbySpawner:
 
     async def spawn(self, launch: Launch) -> IsolateProcess:
         plan = _standby_plan(launch)
-        joinable, procs = _cgroup_procs(launch.memory)
+        joinable, procs = cgroup_procs(launch.memory)
         if plan is None or not joinable or self._stopped:
             return await self.fallback.spawn(launch)
         key, bundle = plan
