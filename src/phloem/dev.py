@@ -57,6 +57,10 @@ class NodeBuilder:
 
         self.root, self.out_dir, self.say = root, out_dir, say
         self.tools = tools_dir()
+        # node_modules -> (its mtime, packages with native addons): walking a large
+        # node_modules on every save would dominate the rebuild. npm install renames a new
+        # node_modules/.package-lock.json into place, which changes the directory's mtime.
+        self._natives: dict[Path, tuple[int, list[str]]] = {}
         try:
             self.node, self.esbuild, self.host = ensure_toolchain(self.tools, say)
         except ProvisionError as exc:
@@ -76,9 +80,16 @@ class NodeBuilder:
             node_paths += [installed] if installed else []
         out = self.bundle_path(want.slug, generation)
         bundle(self.esbuild, self.root, want.entry, out, node_paths,
-               external=[n for p in node_paths for n in native_packages(p)],
+               external=[n for p in node_paths for n in self._native_packages(p)],
                alias=bundle_aliases(node_paths), log=self.say)
         return out
+
+    def _native_packages(self, node_modules: Path) -> list[str]:
+        mtime = node_modules.stat().st_mtime_ns
+        cached = self._natives.get(node_modules)
+        if cached is None or cached[0] != mtime:
+            cached = self._natives[node_modules] = (mtime, native_packages(node_modules))
+        return cached[1]
 
 
 @dataclass
