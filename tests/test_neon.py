@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from phloem.testing import PlatformProcess, host_of
+from phloem.testing import PlatformProcess, host_of, wait_for
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 APPS = Path(__file__).parent / "apps"
@@ -136,14 +136,6 @@ def test_bad_neon_ts_names_the_field(platform: PlatformProcess, tmp_path: Path,
     assert message in out.stderr, out.stderr
 
 
-def wait_for(check: object, timeout: float = 60) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        time.sleep(0.1)
-
-
 def test_neon_functions_substitute_wait_until_and_pool(platform: PlatformProcess) -> None:
     # @neondatabase/functions is declared (npm has no such package) and @neon/functions
     # only imported: both are phloem's.
@@ -154,13 +146,13 @@ def test_neon_functions_substitute_wait_until_and_pool(platform: PlatformProcess
         assert first["finished"] == 0
         assert gw.get("/later", params={"ms": "300"}).status_code == 202
         assert gw.get("/later", params={"ms": "300", "via": "neon"}).status_code == 202
-        wait_for(lambda: gw.get("/").json()["finished"] == 2, 30)
+        wait_for(lambda: gw.get("/").json()["finished"] == 2, 30, "both waitUntil jobs")
 
     def logs() -> str:
         return platform.cli("functions", "logs", "neonfns").stdout
 
     # Idle eviction (idle_timeout_s=2) drains the isolate, then closes the attached pool.
-    wait_for(lambda: "attached pool closed" in logs(), 60)
+    wait_for(lambda: "attached pool closed" in logs(), 60, "the attached pool to close")
     assert "background work done (2)" in logs()
 
 
@@ -209,7 +201,8 @@ def test_hono_todos_example(platform: PlatformProcess, todos_project: Path) -> N
         todo_id = made.json()["id"]
         assert gw.patch(f"/todos/{todo_id}", json={"done": True}).json()["done"] is True
         # waitUntil's insert lands after the response.
-        wait_for(lambda: [e["kind"] for e in gw.get("/events").json()] == ["created"], 30)
+        wait_for(lambda: [e["kind"] for e in gw.get("/events").json()] == ["created"], 30,
+                 "the waitUntil event row")
 
     # A child made by checkout has the parent's rows and its own deployment; its writes
     # stay in the child.

@@ -53,6 +53,13 @@ def jwt_hs256(secret: str, claims: dict[str, Any], ttl_s: float = 600) -> str:
     return signing_input + "." + b64(signature)
 
 
+def no_second_isolate(platform: PlatformProcess, slug: str) -> AssertionError:
+    """The failure when scaling out to a second isolate did not happen: with the
+    function's log, which says why."""
+    logs = platform.cli("functions", "logs", slug, "--lines", "60").stdout
+    return AssertionError(f"no second isolate within 30 s; logs:\n{logs}")
+
+
 class HeldRequest:
     """A POST whose body is sent but for its last byte, so the request stays in flight
     on the isolate serving it until :meth:`finish`. With ``target_inflight=1`` the next

@@ -13,7 +13,7 @@ import pytest
 
 from phloem.testing import PlatformProcess
 
-from .support import HeldRequest, SseReader, deploy_example, sse_stream
+from .support import HeldRequest, SseReader, deploy_example, no_second_isolate, sse_stream
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,8 @@ def test_fan_out_across_two_isolates_and_replay(platform: PlatformProcess, sse: 
         second: SseReader | None = None
         deadline = time.monotonic() + 30
         while second is None:
-            if time.monotonic() > deadline:  # say why, from the function's own log
-                logs = platform.cli("functions", "logs", "sse", "--lines", "60").stdout
-                raise AssertionError(f"no second isolate within 30 s; logs:\n{logs}")
+            if time.monotonic() > deadline:
+                raise no_second_isolate(platform, "sse")
             attempt = ExitStack()
             reader = open_reader(attempt, attempt.enter_context(platform.gateway(sse)))
             if reader.next_of("hello").json()["pid"] != pid_a:
