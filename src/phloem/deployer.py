@@ -33,7 +33,7 @@ from phloem.runtimes.node.bundle import (
     install_dependencies,
     native_packages,
 )
-from phloem.runtimes.node.provision import ProvisionError, ensure_toolchain
+from phloem.runtimes.node.provision import NODE_RUNTIME, ProvisionError, ensure_toolchain
 from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.runtimes.python import environment as pyenv
 from phloem.secrets import SecretBox
@@ -42,7 +42,6 @@ from phloem.supervisor import IsolateSpec, Supervisor
 from phloem.validation import InvalidInput, check_entry, check_env, check_name, check_slug
 
 PYTHON_RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
-NODE_RUNTIME = "nodejs24"
 RUNTIMES = (PYTHON_RUNTIME, NODE_RUNTIME)
 
 

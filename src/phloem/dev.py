@@ -36,14 +36,14 @@ from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
 from phloem.identity import Identity
 from phloem.logs import FunctionLogs
 from phloem.packing import ALWAYS_IGNORED
-from phloem.project import NODE_RUNTIME, DesiredFunction
+from phloem.project import DesiredFunction
 from phloem.runtimes.node.bundle import (
     BundleError,
     bundle,
     install_dependencies,
     native_packages,
 )
-from phloem.runtimes.node.provision import ProvisionError, ensure_toolchain
+from phloem.runtimes.node.provision import NODE_RUNTIME, ProvisionError, ensure_toolchain
 from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.supervisor import IsolateFailed, IsolateSpec, Supervisor
 from phloem.supervisor.memory.watchdog import WatchdogLimiter

@@ -25,11 +25,11 @@ from phloem.config import BranchInfo, Config, Function
 from phloem.limits import check_limits
 from phloem.neon import find_neon_config
 from phloem.packing import pack_directory
+from phloem.runtimes.node.provision import NODE_RUNTIME
 from phloem.validation import ENTRY_RE, InvalidInput, check_env, check_name, check_slug
 
 CONFIG_FILE = "phloemfile.py"
 LINK_FILE = Path(".phloem") / "link.json"
-NODE_RUNTIME = "nodejs24"
 PYTHON_RUNTIMES = ("python3.11", "python3.12", "python3.13", "python3.14")
 
 

