@@ -26,6 +26,10 @@ class FunctionLimits:
     idle_timeout_s: float = 300.0
     #: Memory per isolate (cgroup limit, else an RSS watchdog); over it: killed, 502s.
     memory_mb: int = 2048
+    #: Processes and threads per isolate (cgroup ``pids.max``): a fork bomb hits EAGAIN.
+    pids_max: int = 512
+    #: CPU per isolate in thousandths of a CPU (cgroup CPU quota); 0: no quota.
+    cpu_millicores: int = 0
     #: In-flight requests per isolate above which another isolate starts.
     target_inflight: int = 64
     #: Most isolates per function.
@@ -43,8 +47,18 @@ class FunctionLimits:
 _MINIMUM: dict[str, float] = {
     "ttfb_timeout_s": 0.1, "silence_timeout_s": 0.1, "wait_until_s": 0.1,
     "idle_timeout_s": 0.1, "memory_mb": 16, "target_inflight": 1, "max_isolates": 1,
-    "max_body_bytes": 1,
+    "max_body_bytes": 1, "pids_max": 16, "cpu_millicores": 10,
 }
+#: Upper bounds where the kernel (or sense) has one.
+_MAXIMUM: dict[str, float] = {"pids_max": 65536, "cpu_millicores": 1_000_000}
+#: Limits for which 0 means "unlimited".
+_ZERO_IS_UNLIMITED = {"cpu_millicores"}
+
+
+def _rule(key: str) -> str:
+    low, high = _MINIMUM[key], _MAXIMUM.get(key)
+    rule = f"between {low} and {high}" if high is not None else f"at least {low}"
+    return f"0 (no limit) or {rule}" if key in _ZERO_IS_UNLIMITED else rule
 
 
 def check_limits(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +74,9 @@ def check_limits(overrides: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             what = "an integer" if kind is int else "a number"
             raise InvalidInput(f"limits.{key}", f"must be {what} (got {value!r})") from None
-        if isinstance(value, bool) or number < _MINIMUM[key]:
-            raise InvalidInput(f"limits.{key}", f"must be at least {_MINIMUM[key]} (got {value!r})")
+        unlimited = number == 0 and key in _ZERO_IS_UNLIMITED
+        in_range = _MINIMUM[key] <= number <= _MAXIMUM.get(key, float("inf"))
+        if isinstance(value, bool) or not (unlimited or in_range):
+            raise InvalidInput(f"limits.{key}", f"must be {_rule(key)} (got {value!r})")
         out[key] = number
     return out

@@ -45,6 +45,7 @@ from phloem.runtimes.python import environment as pyenv
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import Supervisor
+from phloem.supervisor.cgroups import choose_limiter, old_roots, parent_name
 from phloem.supervisor.isolate import ZygoteSpawner
 from phloem.supervisor.standby import NodeStandbySpawner
 
@@ -133,10 +134,14 @@ class Platform:
         if s.zygote:
             self.spawner = ZygoteSpawner(fallback=NodeStandbySpawner())
             await self.spawner.prestart(isolate_python, runtime_dir)
+        # Isolates' groups go below ours; a killed run's leftovers go first.
+        self.cgroups = choose_limiter(parent_name=parent_name(self.paths.root),
+                                      defaults=s.function_limits)
+        self.cgroups.sweep(self.paths.run / "cgroups.json", old_roots())
         self.supervisor = Supervisor(
             self.paths.isolate_sockets, self.function_logs.writer_for,
             grace_s=s.eviction_grace_s, start_timeout_s=s.isolate_start_timeout_s,
-            spawner=self.spawner,
+            memory=self.cgroups, spawner=self.spawner,
             on_cold_start=lambda spec, secs: self.metrics.observe_cold_start(
                 spec.branch_id, spec.slug, secs),
             on_eviction=lambda spec, reason: self.metrics.observe_eviction(
@@ -303,7 +308,8 @@ class Platform:
                 "api": {"state": "running", "url": s.api_url},
                 "gateway": {"state": "running", "address": f"{s.gateway_host}:"
                             f"{self.gateway.port if self.gateway else s.gateway_port}"},
-                "supervisor": {"state": "running", "isolates": len(isolates)},
+                "supervisor": {"state": "running", "isolates": len(isolates),
+                               "cgroups": self.cgroups.describe()},
             },
             "branches": branch_status,
             "isolates": isolates,
@@ -325,6 +331,8 @@ class Platform:
             await self.supervisor.stop_all()
         if self.spawner is not None:  # after the isolates: they die with their zygote
             await self.spawner.stop()
+        if hasattr(self, "cgroups"):
+            await asyncio.to_thread(self.cgroups.close, self.paths.run / "cgroups.json")
         if self._flusher is not None:
             self._flusher.cancel()
         self.function_logs.close()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phloem.gateway.routing import Limits
+from phloem.supervisor.cgroups import FunctionLimiter, MemoryLimiter, choose_limiter
 from phloem.supervisor.isolate import (
     DirectSpawner,
     Isolate,
@@ -35,7 +36,6 @@ from phloem.supervisor.isolate import (
     LogWriter,
     Spawner,
 )
-from phloem.supervisor.memory import MemoryLimiter, choose_limiter
 
 #: Idle upstream connections kept per isolate: a burst of N concurrent requests opens N
 #: connections, and without a cap all of them would stay open (file descriptors on both
@@ -237,7 +237,9 @@ class Supervisor:
         isolate.socket_path = self.sockets_dir / f"{isolate.id}.sock"
         pool.isolates.append(isolate)
         try:
-            await isolate.start(self.memory, self.spawner)
+            # Below its function's group, with its limits (pids, CPU) as well as memory.
+            await isolate.start(FunctionLimiter(self.memory, pool.spec.function_id,
+                                                pool.spec.limits), self.spawner)
         except Exception as exc:
             pool.isolates.remove(isolate)
             raise IsolateFailed(f"cannot start isolate: {exc}") from exc

@@ -1,56 +1,7 @@
-"""The fallback: poll an isolate's resident set size and SIGKILL it over the limit."""
+"""Renamed to :mod:`phloem.supervisor.cgroups.watchdog`."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import threading
+from phloem.supervisor.cgroups.watchdog import WatchdogLimiter, WatchdogSlot, rss_bytes
 
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class WatchdogSlot:
-    interval_s = 0.25
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self.killed = False
-        self._stop = threading.Event()
-
-    def wrap(self, command: list[str]) -> list[str]:
-        return command
-
-    def started(self, pid: int) -> None:
-        threading.Thread(target=self._watch, args=(pid,), daemon=True,
-                         name=f"rss-watchdog-{pid}").start()
-
-    def _watch(self, pid: int) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if rss_bytes(pid) > self.limit_bytes:
-                    self.killed = True
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    return
-            except (OSError, ValueError):
-                return
-
-    def finished(self) -> str | None:
-        self._stop.set()
-        if self.killed:
-            return f"memory limit of {self.limit_bytes // 2**20} MiB exceeded (RSS watchdog)"
-        return None
-
-
-class WatchdogLimiter:
-    name = "rss-watchdog"
-
-    def prepare(self, isolate_id: str, limit_bytes: int) -> WatchdogSlot:
-        return WatchdogSlot(limit_bytes)
+__all__ = ["WatchdogLimiter", "WatchdogSlot", "rss_bytes"]
