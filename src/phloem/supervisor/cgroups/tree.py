@@ -15,6 +15,7 @@ import contextlib
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from phloem.limits import FunctionLimits
 from phloem.supervisor.cgroups.hierarchy import is_orphan, remove_tree
 from phloem.supervisor.cgroups.slot import CgroupSlot
 
+OLD_MIN_AGE_S = 60.0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -48,7 +50,7 @@ class CgroupLimiter:
     #: Where the memory controller reports OOM kills, and under which key.
     oom_file = ""
     oom_key = "oom_kill"
-    #: Limit files written where the kernel has them, errors ignored (swap accounting).
+    #: Limit files written only where the kernel has them, errors ignored (swap).
     optional_files = frozenset({"memory.memsw.limit_in_bytes", "memory.swap.max"})
 
     def __init__(self, parents: dict[str, Path], *, own: dict[str, Path] | None = None,
@@ -63,8 +65,9 @@ class CgroupLimiter:
         self._trees = list(dict.fromkeys([parents["memory"], *parents.values()]))
 
     # -- per hierarchy specifics -------------------------------------------------------
-    def _limit_files(self, limit_bytes: int, limits: FunctionLimits) -> dict[str, str]:
-        """Controller-relative file name -> value, for the controllers this has."""
+    def _limit_files(self, limit_bytes: int, limits: FunctionLimits
+                     ) -> dict[str, dict[str, str]]:
+        """Controller -> limit file name -> value, in the order they are written."""
         raise NotImplementedError
 
     def _made_inner(self, directory: Path) -> None:
@@ -79,6 +82,7 @@ class CgroupLimiter:
         fn = function_dir_name(function_id)
         files = self._limit_files(limit_bytes, limits or self.defaults)
         dirs: list[Path] = []
+        of: dict[Path, Path] = {}  # tree -> the isolate's directory in it
         with self._lock:  # against a concurrent removal of the function's directory
             for tree in self._trees:
                 if not tree.is_dir():
@@ -91,18 +95,18 @@ class CgroupLimiter:
                 d = fn_dir / isolate_id
                 d.mkdir(exist_ok=True)
                 dirs.append(d)
+                of[tree] = d
         slot = CgroupSlot(dirs, limit_bytes, self.oom_file, self.oom_key,
                           on_removed=lambda: self._remove_function(fn))
         try:
-            for d in dirs:
-                for name, value in files.items():
-                    if not (d / name).exists():
-                        continue
-                    if name in self.optional_files:
+            for controller, parent in self.parents.items():
+                d = of[parent]
+                for name, value in files.get(controller, {}).items():
+                    if name not in self.optional_files:
+                        write(d / name, value)
+                    elif (d / name).exists():
                         with contextlib.suppress(CgroupError):
                             write(d / name, value)
-                    else:
-                        write(d / name, value)
         except BaseException:
             slot.remove()
             raise
@@ -127,7 +131,9 @@ class CgroupLimiter:
         """At start: remove what a killed platform left under the parent (every process
         there is an orphaned isolate: the data dir's lock says no other platform uses
         it), under the parents recorded in ``record`` by that run, and, for orphaned
-        isolates only, under ``old_roots`` (shared by all platforms of old versions).
+        isolates only, under ``old_roots`` (shared by all platforms of old versions, so
+        a process there is killed only if orphaned, a group removed only if older than
+        ``OLD_MIN_AGE_S``; the old root itself stays: a running old version needs it).
         Then record this run's parents. Returns the groups that could not be removed."""
         left: list[Path] = []
         previous: list[Path] = []
@@ -140,10 +146,9 @@ class CgroupLimiter:
         for old in old_roots or []:
             if old.is_dir():
                 for child in sorted(old.iterdir()):
-                    if child.is_dir():
+                    # A young group may be an old-version platform's isolate about to join.
+                    if child.is_dir() and time.time() - child.stat().st_mtime > OLD_MIN_AGE_S:
                         left += remove_tree(child, kill=is_orphan)
-                if not any(c.is_dir() for c in old.iterdir()):
-                    remove_tree(old)
         if record is not None:
             tmp = record.with_suffix(".tmp")
             tmp.write_text(json.dumps([str(p) for p in self.parents.values()]))

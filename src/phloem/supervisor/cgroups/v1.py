@@ -28,13 +28,13 @@ class CgroupV1Limiter(CgroupLimiter):
     name = "cgroup-v1"
     oom_file = "memory.oom_control"
 
-    def _limit_files(self, limit_bytes: int, limits: FunctionLimits) -> dict[str, str]:
-        files = {"memory.limit_in_bytes": str(limit_bytes),
-                 "memory.memsw.limit_in_bytes": str(limit_bytes),
-                 "pids.max": str(limits.pids_max),
-                 "cpu.cfs_period_us": str(CFS_PERIOD_US),
-                 "cpu.cfs_quota_us": str(cpu_quota_us(limits.cpu_millicores))}
-        return files
+    def _limit_files(self, limit_bytes: int, limits: FunctionLimits
+                     ) -> dict[str, dict[str, str]]:
+        return {"memory": {"memory.limit_in_bytes": str(limit_bytes),
+                           "memory.memsw.limit_in_bytes": str(limit_bytes)},
+                "pids": {"pids.max": str(limits.pids_max)},
+                "cpu": {"cpu.cfs_period_us": str(CFS_PERIOD_US),
+                        "cpu.cfs_quota_us": str(cpu_quota_us(limits.cpu_millicores))}}
 
     @classmethod
     def probe(cls, parent_name: str, *, mounts: list[Mount] | None = None,

@@ -64,13 +64,12 @@ class CgroupV2Limiter(CgroupLimiter):
     def _made_inner(self, directory: Path) -> None:
         enable(directory, self.controllers)
 
-    def _limit_files(self, limit_bytes: int, limits: FunctionLimits) -> dict[str, str]:
-        files = {"memory.max": str(limit_bytes), "memory.swap.max": "0"}
-        if "pids" in self.controllers:
-            files["pids.max"] = str(limits.pids_max)
-        if "cpu" in self.controllers:
-            files["cpu.max"] = cpu_max(limits.cpu_millicores)
-        return files
+    def _limit_files(self, limit_bytes: int, limits: FunctionLimits
+                     ) -> dict[str, dict[str, str]]:
+        # Only for the controllers enabled (self.parents has no others).
+        return {"memory": {"memory.max": str(limit_bytes), "memory.swap.max": "0"},
+                "pids": {"pids.max": str(limits.pids_max)},
+                "cpu": {"cpu.max": cpu_max(limits.cpu_millicores)}}
 
     @classmethod
     def probe(cls, parent_name: str, *, mounts: list[Mount] | None = None,
