@@ -58,6 +58,11 @@ def lock_down(creds: Credentials | None, *, keep_caps: tuple[int, ...] = (),
             if cap not in keep_caps:
                 k.prctl(k.PR_CAPBSET_DROP, cap)
     if nofile is not None:
+        # Never above the hard limit we were given (raising it may be refused even to
+        # root, e.g. in a container).
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY:
+            nofile = min(nofile, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     if creds is not None:
         drop_privileges(creds.uid, creds.gid)
