@@ -675,7 +675,9 @@ class Isolate:
             listener.listen(1024)
             fd = listener.fileno()
             self._memory = memory.prepare(self.id, self.spec.limits.memory_mb * 2**20)
-            env = {**self.spec.env, "PHLOEM_WAIT_UNTIL_S": str(self.spec.limits.wait_until_s)}
+            # PHLOEM_ISOLATE tells isolates apart: in their sandboxes every one is pid 1.
+            env = {**self.spec.env, "PHLOEM_WAIT_UNTIL_S": str(self.spec.limits.wait_until_s),
+                   "PHLOEM_ISOLATE": self.id}
             if self.spec.sandbox is None:
                 # The host exits when its parent is no longer the platform; in a sandbox
                 # it is the first process of its PID namespace and PR_SET_PDEATHSIG,
