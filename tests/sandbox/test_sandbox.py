@@ -46,6 +46,7 @@ def host_pids(p: PlatformProcess, slug: str) -> list[int]:
 
 def test_isolate_runs_locked_down(platform: PlatformProcess) -> None:
     fn = platform.deploy("sbxlock", PROBE)
+    assert platform.cli_json("status")["components"]["supervisor"]["sandbox"] == "active"
     seen = get(platform, fn, "/")
     assert seen["uid"] >= 1_500_000
     assert seen["NoNewPrivs"] == "1"
