@@ -145,7 +145,9 @@ async function recent(limit = 50): Promise<Message[]> {
       ORDER BY id`,
     [limit],
   );
-  return rows as Message[];
+  // pg returns a bigint as a string, the NOTIFY payload has a number: clients match ids
+  // (to drop a message they got both ways), so give them one type.
+  return rows.map((row) => ({ ...row, id: Number(row.id) })) as Message[];
 }
 
 function accept(ws: WebSocket, identity: Identity): void {
