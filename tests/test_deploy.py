@@ -120,7 +120,7 @@ def test_redeploy_serves_new_version(platform: PlatformProcess, tmp_path: Path) 
 
     def shutdown_seen() -> bool:
         with psycopg.connect(url) as conn:
-            row = conn.execute("SELECT count(*) FROM app_events WHERE event = 'shutdown'"
+            row = conn.execute("SELECT count(*) FROM lifecycle_events WHERE event = 'shutdown'"
                                ).fetchone()
             return bool(row and row[0] >= 1)
 

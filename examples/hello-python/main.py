@@ -41,18 +41,18 @@ async def lifespan(app: Starlette):
             " created_at timestamptz NOT NULL DEFAULT now())"
         )
         await conn.execute(
-            "CREATE TABLE IF NOT EXISTS app_events ("
+            "CREATE TABLE IF NOT EXISTS lifecycle_events ("
             " id bigserial PRIMARY KEY, event text NOT NULL, isolate text NOT NULL,"
             " at timestamptz NOT NULL DEFAULT now())"
         )
         await conn.execute(
-            "INSERT INTO app_events (event, isolate) VALUES ('startup', %s)", (ISOLATE,)
+            "INSERT INTO lifecycle_events (event, isolate) VALUES ('startup', %s)", (ISOLATE,)
         )
     yield
     # Runs on SIGINT (eviction, redeploy, platform shutdown): close the pool cleanly.
     async with pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO app_events (event, isolate) VALUES ('shutdown', %s)", (ISOLATE,)
+            "INSERT INTO lifecycle_events (event, isolate) VALUES ('shutdown', %s)", (ISOLATE,)
         )
     await pool.close()
 

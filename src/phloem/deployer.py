@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,8 @@ class Deployer:
         _restrict_to(out.parent, ident)
 
     def _check_entry(self, spec: IsolateSpec) -> None:
+        # The import check is an isolate of its own as far as the app can tell.
+        spec = replace(spec, env={**spec.env, "PHLOEM_ISOLATE": "iso-check"})
         if "--bundle" in spec.command:
             cmd = [*spec.command, "--check"]
         else:
