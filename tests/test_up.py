@@ -40,7 +40,7 @@ def test_restart_brings_back_branches_and_deployments() -> None:
         p.launch()
         p.wait_ready()
         with psycopg.connect(db_url) as conn:
-            events = [r[0] for r in conn.execute("SELECT event FROM app_events ORDER BY id")]
+            events = [r[0] for r in conn.execute("SELECT event FROM lifecycle_events ORDER BY id")]
         assert events[:2] == ["startup", "shutdown"]
         with p.gateway(host_of(url)) as gw:
             titles = [t["title"] for t in gw.get("/todos").json()]

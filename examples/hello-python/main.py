@@ -15,6 +15,10 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 GREETING = "hello from phloem"
+# Which isolate this is: phloem injects its id (e.g. "iso-1a2b3c4d", as shown by
+# `phloem status` and in the logs). The pid cannot tell isolates apart, since each runs as
+# pid 1 in a sandbox of its own; elsewhere (`phloem dev`) the pid stands in.
+ISOLATE = os.environ.get("PHLOEM_ISOLATE") or f"pid-{os.getpid()}"
 
 # Module scope: one pool per isolate, shared by all its concurrent requests.
 pool = AsyncConnectionPool(
@@ -37,18 +41,18 @@ async def lifespan(app: Starlette):
             " created_at timestamptz NOT NULL DEFAULT now())"
         )
         await conn.execute(
-            "CREATE TABLE IF NOT EXISTS app_events ("
-            " id bigserial PRIMARY KEY, event text NOT NULL, pid int NOT NULL,"
+            "CREATE TABLE IF NOT EXISTS lifecycle_events ("
+            " id bigserial PRIMARY KEY, event text NOT NULL, isolate text NOT NULL,"
             " at timestamptz NOT NULL DEFAULT now())"
         )
         await conn.execute(
-            "INSERT INTO app_events (event, pid) VALUES ('startup', %s)", (os.getpid(),)
+            "INSERT INTO lifecycle_events (event, isolate) VALUES ('startup', %s)", (ISOLATE,)
         )
     yield
     # Runs on SIGINT (eviction, redeploy, platform shutdown): close the pool cleanly.
     async with pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO app_events (event, pid) VALUES ('shutdown', %s)", (os.getpid(),)
+            "INSERT INTO lifecycle_events (event, isolate) VALUES ('shutdown', %s)", (ISOLATE,)
         )
     await pool.close()
 

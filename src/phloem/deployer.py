@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from phloem.runtimes.node.bundle import (
 from phloem.runtimes.node.provision import NODE_RUNTIME, ProvisionError, ensure_toolchain
 from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.runtimes.python import environment as pyenv
+from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
+from phloem.sandbox import available as sandbox_unavailable
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import IsolateSpec, Supervisor
@@ -94,6 +96,9 @@ class Deployer:
         self._env_locks: dict[str, asyncio.Lock] = {}
         self._builds: set[asyncio.Task[None]] = set()
         self._node_tools: tuple[Path, Path, Path] | None = None
+        #: Why isolates run without a sandbox (None: they run in one).
+        self.sandbox_off: str | None = (sandbox_unavailable() if settings.sandbox
+                                        else "turned off (--no-sandbox)")
 
     # -- addressing ----------------------------------------------------------
     def invocation_url(self, branch_id: str, slug: str) -> str:
@@ -174,25 +179,42 @@ class Deployer:
 
     def spec_for(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> IsolateSpec:
         ident = self.identity(fn)
-        app_dir = self.paths.deployment_dir(dep.id) / "app"
-        env_link = self.paths.deployment_dir(dep.id) / "env"
+        dep_dir = self.paths.deployment_dir(dep.id)
+        app_dir = dep_dir / "app"
+        env_link = dep_dir / "env"
+        env_dir = env_link.resolve() if env_link.exists() else None
         python_path = [str(app_dir)]
-        if env_link.exists():
-            python_path.append(str(env_link.resolve() / "site"))
+        if env_dir is not None:
+            python_path.append(str(env_dir / "site"))
         python_path.append(str(self.runtime_dir))
         limits = self.settings.function_limits.merged(dep.limits or {})
+        # What the isolate sees of the data dir, read-only: its deployment, its
+        # dependency environment and the runtime it runs on; nothing else.
+        visible = [str(dep_dir)]
         if dep.runtime == NODE_RUNTIME:
             node, _, host = self.node_toolchain()
             # V8 collects before the isolate reaches its memory limit instead of growing
             # its heap towards the machine's size and being killed.
             heap_mb = max(64, int(limits.memory_mb * 0.75))
             command = [str(node), f"--max-old-space-size={heap_mb}", str(host), "--bundle",
-                       str(self.paths.deployment_dir(dep.id) / "bundle" / "bundle.mjs")]
+                       str(dep_dir / "bundle" / "bundle.mjs")]
+            visible += _outside_system({node.resolve().parent, host.parent})
         else:
             command = [self.isolate_python, "-m", "phloem.runtimes.python.host",
                        "--app", dep.entry]
+            visible.append(str(self.runtime_dir))
+            if env_dir is not None:
+                visible.append(str(env_dir))
+            visible += _outside_system({Path(self.isolate_python).resolve().parent})
         urls = self.branches.connection_strings(branch)
-        home = self._home(ident)
+        sandbox = None
+        if self.sandbox_off is None:
+            make_dir(self.paths.sandbox_root, 0o700)
+            sandbox = SandboxSpec(root_dir=str(self.paths.sandbox_root), ro=visible,
+                                  tmp_mb=self.settings.sandbox_tmp_mb, cwd=str(app_dir))
+            home = Path("/tmp")  # the isolate's own, private
+        else:
+            home = self._home(ident)
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": str(home),
@@ -214,7 +236,7 @@ class Deployer:
             deployment_id=dep.id, function_id=fn.id, slug=fn.slug, branch_id=branch.id,
             command=command, env=env, cwd=app_dir, identity=ident,
             log_path=self.paths.function_log(branch.id, fn.slug),
-            limits=limits,
+            limits=limits, sandbox=sandbox, nofile=self.settings.isolate_nofile,
         )
 
     async def _build(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> None:
@@ -311,15 +333,30 @@ class Deployer:
         _restrict_to(out.parent, ident)
 
     def _check_entry(self, spec: IsolateSpec) -> None:
+        # The import check is an isolate of its own as far as the app can tell.
+        spec = replace(spec, env={**spec.env, "PHLOEM_ISOLATE": "iso-check"})
         if "--bundle" in spec.command:
             cmd = [*spec.command, "--check"]
         else:
             cmd = [self.isolate_python, "-m", "phloem.runtimes.python.host", "--check",
                    "--app", spec.command[-1]]
         try:
-            proc = subprocess.run(cmd, cwd=spec.cwd, env=spec.env, capture_output=True,
-                                  text=True, timeout=300, check=False,
-                                  **spec.identity.popen_kwargs())
+            if spec.sandbox is not None:
+                # As an isolate runs: the function's env only after the privilege drop.
+                job = Job(argv=cmd, env=spec.env, cwd=str(spec.cwd), uid=spec.identity.uid,
+                          gid=spec.identity.gid, sandbox=spec.sandbox, nofile=spec.nofile)
+                argv, job_fd = job.launcher()
+                try:
+                    proc = subprocess.run(argv, cwd="/", env=LAUNCHER_ENV,
+                                          pass_fds=(job_fd,), stdin=subprocess.DEVNULL,
+                                          capture_output=True, text=True, timeout=300,
+                                          check=False)
+                finally:
+                    os.close(job_fd)
+            else:
+                proc = subprocess.run(cmd, cwd=spec.cwd, env=spec.env, capture_output=True,
+                                      text=True, timeout=300, check=False,
+                                      **spec.identity.popen_kwargs())
         except subprocess.TimeoutExpired:
             raise BuildError("entry: importing the app took longer than 300 s") from None
         if proc.returncode != 0:
@@ -377,6 +414,12 @@ def check_node_entry(entry: str) -> str:
         raise InvalidInput("entry", f"must be a .ts/.js/.mjs file inside the source, e.g. "
                                     f"'src/index.ts' (got {entry!r})")
     return entry
+
+
+def _outside_system(dirs: set[Path]) -> list[str]:
+    """Those of ``dirs`` a sandbox does not show anyway (it shows /usr, /etc, /lib...)."""
+    shown = ("/usr/", "/etc/", "/lib/", "/lib64/", "/bin/", "/sbin/")
+    return sorted(str(d) for d in dirs if not (str(d) + "/").startswith(shown))
 
 
 def _restrict_to(root: Path, ident: Identity) -> None:

@@ -42,6 +42,11 @@ class DataPaths:
     def isolate_sockets(self) -> Path:
         return self.run / "isolates"
 
+    @property
+    def sandbox_root(self) -> Path:
+        """An empty directory (root's, 0700) on which sandboxes build their root."""
+        return self.run / "sandbox"
+
     def branch_dir(self, branch_id: str) -> Path:
         return self.root / "branches" / branch_id
 

@@ -309,11 +309,16 @@ class Platform:
                 "gateway": {"state": "running", "address": f"{s.gateway_host}:"
                             f"{self.gateway.port if self.gateway else s.gateway_port}"},
                 "supervisor": {"state": "running", "isolates": len(isolates),
+                               "sandbox": self._sandbox_state(),
                                "cgroups": self.cgroups.describe()},
             },
             "branches": branch_status,
             "isolates": isolates,
         }
+
+    def _sandbox_state(self) -> str:
+        off = self.deployer.sandbox_off if self.deployer is not None else "not started"
+        return "active" if off is None else f"off: {off}"
 
     # -- stop ----------------------------------------------------------------
     async def stop(self) -> None:

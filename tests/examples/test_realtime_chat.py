@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,6 +45,11 @@ async def connect(platform: PlatformProcess, host: str, name: str) -> ClientConn
                                     port=platform.gateway_port, open_timeout=30)
 
 
+def isolate_ids(platform: PlatformProcess, slug: str) -> set[str]:
+    """The ids of the function's isolates, which each gets as ``PHLOEM_ISOLATE``."""
+    return {i["id"] for i in platform.cli_json("status")["isolates"] if i["function"] == slug}
+
+
 async def receive(ws: ClientConnection, kind: str, timeout: float = 10,
                   **match: Any) -> dict[str, Any]:
     """The next message of type ``kind`` whose fields equal ``match``."""
@@ -60,34 +64,38 @@ async def receive(ws: ClientConnection, kind: str, timeout: float = 10,
 async def test_message_reaches_a_client_on_another_isolate(platform: PlatformProcess,
                                                            chat: str) -> None:
     alice = await connect(platform, chat, "alice")
-    pid_a = (await receive(alice, "hello", timeout=30))["pid"]
+    on_a = (await receive(alice, "hello", timeout=30))["isolate"]
     # Keep one request in flight on alice's isolate: with target_inflight=1 the next
     # connection makes the supervisor start a second isolate, and once it is ready new
     # connections go to it (the least loaded). Connect until bob lands there.
     held = await asyncio.to_thread(HeldRequest, platform.gateway_port, chat, "/token",
                                    b'{"name": "held"}')
     bob: ClientConnection | None = None
+    on_b = ""
     deadline = time.monotonic() + 30
     while bob is None:
         if time.monotonic() > deadline:
             raise no_second_isolate(platform, "chat")
         candidate = await connect(platform, chat, "bob")
-        if (await receive(candidate, "hello", timeout=30))["pid"] != pid_a:
+        on_b = (await receive(candidate, "hello", timeout=30))["isolate"]
+        if on_b != on_a:
             bob = candidate
         else:
             await candidate.close()
             await asyncio.sleep(0.1)
     status, body = await asyncio.to_thread(held.finish)
     assert status == 200 and b"token" in body
+    # The ids the isolates report are the platform's own.
+    assert {on_a, on_b} == await asyncio.to_thread(isolate_ids, platform, "chat")
 
     # Each message is inserted by the sender's isolate and reaches both through NOTIFY.
     await bob.send("hi alice, from the other isolate")
     got_a = await receive(alice, "message", body="hi alice, from the other isolate")
     got_b = await receive(bob, "message", body="hi alice, from the other isolate")
-    assert got_a == got_b and got_a["user"] == "bob" and got_a["pid"] != pid_a
+    assert got_a == got_b and got_a["user"] == "bob" and got_a["isolate"] == on_b
     await alice.send("hi bob")
     got_b = await receive(bob, "message", body="hi bob")
-    assert got_b["user"] == "alice" and got_b["pid"] == pid_a
+    assert got_b["user"] == "alice" and got_b["isolate"] == on_a
 
     # Stored, in order, for clients that reconnect.
     with platform.gateway(chat) as gw:
@@ -148,22 +156,22 @@ async def test_sigint_handler_runs_on_eviction_and_delete(platform: PlatformProc
     # Idle eviction: the isolate is left alone for a second, gets SIGINT, and its handler
     # records the shutdown in Postgres before closing its connections.
     ws = await connect(platform, host, "dora")
-    pid = (await receive(ws, "hello", timeout=30))["pid"]
-    assert Path(f"/proc/{pid}").exists()
+    isolate = (await receive(ws, "hello", timeout=30))["isolate"]
+    assert isolate in await asyncio.to_thread(isolate_ids, platform, "chatidle")
     await ws.close()
-    await asyncio.to_thread(wait_for, lambda: not Path(f"/proc/{pid}").exists(), 30,
-                            f"isolate {pid} to be evicted")
+    await asyncio.to_thread(wait_for, lambda: isolate not in isolate_ids(platform, "chatidle"), 30,
+                            f"isolate {isolate} to be evicted")
     with platform.gateway(host) as gw:  # a new isolate answers
         rows = gw.get("/shutdowns").json()
-    assert {"pid": pid, "signal": "SIGINT", "sockets": 0} in [
-        {k: r[k] for k in ("pid", "signal", "sockets")} for r in rows]
+    assert {"isolate": isolate, "signal": "SIGINT", "sockets": 0} in [
+        {k: r[k] for k in ("isolate", "signal", "sockets")} for r in rows]
     logs = platform.cli("functions", "logs", "chatidle").stdout
-    assert f"chat: SIGINT: closed 0 sockets with 1001, pid {pid}" in logs
+    assert f"chat: SIGINT: closed 0 sockets with 1001, isolate {isolate}" in logs
 
     # Deleting the function stops its isolates at once, open sockets or not: the handler
     # closes them with 1001 (going away).
     ws = await connect(platform, host, "erin")
-    pid = (await receive(ws, "hello", timeout=30))["pid"]
+    isolate = (await receive(ws, "hello", timeout=30))["isolate"]
     await asyncio.to_thread(platform.cli, "functions", "delete", "chatidle")
     await asyncio.wait_for(ws.wait_closed(), 15)
     assert ws.close_code == 1001 and ws.close_reason == "server going away"
@@ -171,8 +179,8 @@ async def test_sigint_handler_runs_on_eviction_and_delete(platform: PlatformProc
                           env={"CHAT_JWT_SECRET": SECRET})
     with platform.gateway(host) as gw:
         rows = gw.get("/shutdowns").json()
-    assert {"pid": pid, "signal": "SIGINT", "sockets": 1} in [
-        {k: r[k] for k in ("pid", "signal", "sockets")} for r in rows]
+    assert {"isolate": isolate, "signal": "SIGINT", "sockets": 1} in [
+        {k: r[k] for k in ("isolate", "signal", "sockets")} for r in rows]
 
 
 def test_client_page_is_served(platform: PlatformProcess, chat: str) -> None:
@@ -193,6 +201,7 @@ async def test_browser_client_receives_and_reconnects(platform: PlatformProcess)
         browser.send("Page.navigate", {"url": f"http://{host}/?name=web"})
         browser.wait_for("window.chat && window.chat.status === 'open'", 30, "the page to connect")
         async with await connect(platform, host, "bob") as bob:
+            bob_on = [(await receive(bob, "hello", timeout=30))["isolate"]]
             await bob.send("hello browser")
             await receive(bob, "message", body="hello browser")
         browser.wait_for("window.chat.messages.some(m => m.body === 'hello browser' "
@@ -203,14 +212,25 @@ async def test_browser_client_receives_and_reconnects(platform: PlatformProcess)
                          15, "the page to see 1001")
         deploy_example(platform, "chatweb", "realtime-chat", env={"CHAT_JWT_SECRET": SECRET})
         state = browser.wait_for("window.chat.status === 'open' && window.chat.connects === 2"
+                                 " && window.chat.isolates.length === 2"
                                  " && JSON.stringify(window.chat)", 30, "the page to reconnect")
         chat_state = json.loads(state)
-        assert chat_state["pids"][0] != chat_state["pids"][-1]
+        on = chat_state["isolates"]
+        assert on[0] != on[1]  # the redeployed function's new isolate, told by its hello
+        assert browser.evaluate("document.getElementById('status').textContent") == \
+            f"open, on isolate {on[1]}"
         assert chat_state["attempts"] == 0  # reset by the successful open
         async with await connect(platform, host, "bob") as bob:
+            bob_on.append((await receive(bob, "hello", timeout=30))["isolate"])
             await bob.send("welcome back")
             await receive(bob, "message", body="welcome back")
         browser.wait_for("window.chat.messages.some(m => m.body === 'welcome back')", 10,
                          "a message after the reconnect")
         shown = browser.evaluate("document.getElementById('log').textContent")
         assert "bob: hello browser" in shown and "bob: welcome back" in shown
+        # Each message names the isolate that stored it: the one bob was connected to.
+        lines = browser.evaluate(
+            "Array.from(document.querySelectorAll('#log li'), li => li.textContent)")
+        for body, isolate in zip(("hello browser", "welcome back"), bob_on, strict=True):
+            [line] = [line for line in lines if line.startswith(f"bob: {body} ")]
+            assert line.endswith(f" via {isolate}"), line

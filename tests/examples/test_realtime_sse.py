@@ -59,7 +59,7 @@ def test_fan_out_across_two_isolates_and_replay(platform: PlatformProcess, sse: 
     with ExitStack() as stack:
         gw = stack.enter_context(platform.gateway(sse))
         first = open_reader(stack, gw)
-        pid_a = first.next_of("hello").json()["pid"]
+        on_a = first.next_of("hello").json()["isolate"]
         # A request held in flight on the first isolate makes the supervisor start a second
         # one (target_inflight=1); streams opened once it is ready land there.
         held = HeldRequest(platform.gateway_port, sse, "/events", b'{"data": "held"}')
@@ -70,18 +70,23 @@ def test_fan_out_across_two_isolates_and_replay(platform: PlatformProcess, sse: 
                 raise no_second_isolate(platform, "sse")
             attempt = ExitStack()
             reader = open_reader(attempt, attempt.enter_context(platform.gateway(sse)))
-            if reader.next_of("hello").json()["pid"] != pid_a:
+            on_b = reader.next_of("hello").json()["isolate"]
+            if on_b != on_a:
                 second = reader
                 stack.enter_context(attempt)
             else:
                 attempt.close()
                 time.sleep(0.1)
 
+        # The ids the isolates report are the platform's own.
+        assert {on_a, on_b} == {i["id"] for i in platform.cli_json("status")["isolates"]
+                                if i["function"] == "sse"}
+
         # Published by the first isolate, delivered by both.
         status, body = held.finish()
         assert status == 201
         held_event = json.loads(body)
-        assert held_event["pid"] == pid_a
+        assert held_event["isolate"] == on_a
         for reader in (first, second):
             event = reader.next_of("message")
             assert event.json() == "held" and event.id == str(held_event["id"])

@@ -43,10 +43,27 @@ def deploy(p: PlatformProcess, slug: str, *limits: str) -> dict[str, Any]:
     return fn
 
 
-def isolate_dirs(p: PlatformProcess, cgroup_text: str) -> dict[str, Path]:
+def only_isolate(p: PlatformProcess, slug: str) -> dict[str, Any]:
+    [isolate] = [i for i in p.cli_json("status")["isolates"] if i["function"] == slug]
+    return isolate
+
+
+def host_pids(dirs: dict[str, Path]) -> set[int]:
+    return {int(pid) for d in dirs.values()
+            for pid in (d / "cgroup.procs").read_text().split()}
+
+
+def hierarchies_of(p: PlatformProcess) -> dict[str, str]:
+    hierarchies: dict[str, str] = p.cli_json("status")["components"]["supervisor"][
+        "cgroups"]["hierarchies"]
+    return hierarchies
+
+
+def isolate_dirs(p: PlatformProcess, cgroup_text: str,
+                 hierarchies: dict[str, str] | None = None) -> dict[str, Path]:
     """Controller -> the directory of an isolate whose /proc/<pid>/cgroup is given,
     for the hierarchies the platform reports."""
-    hierarchies = p.cli_json("status")["components"]["supervisor"]["cgroups"]["hierarchies"]
+    hierarchies = hierarchies or hierarchies_of(p)
     paths: dict[str, str] = {}
     for line in cgroup_text.splitlines():
         _, controllers, path = line.split(":", 2)
@@ -70,11 +87,11 @@ def test_isolate_is_below_the_platforms_own_cgroup(platform: PlatformProcess) ->
     assert platform.proc is not None
     own = own_cgroups(platform.proc.pid)
     assert own == own_cgroups()  # the platform runs in the test runner's groups
-    mine = own_cgroups(info["pid"])
+    isolate = only_isolate(platform, "cgwhere")
+    mine = own_cgroups(isolate["pid"])  # the host's view (the app may be in a PID namespace)
+    assert own_cgroups() != mine
     cgroups = platform.cli_json("status")["components"]["supervisor"]["cgroups"]
     assert cgroups["backend"] in ("cgroup-v1", "cgroup-v2")
-    [isolate] = [i for i in platform.cli_json("status")["isolates"]
-                 if i["function"] == "cgwhere"]
     name = parent_name(platform.data_dir)
     for controller in cgroups["hierarchies"]:
         key = "" if cgroups["backend"] == "cgroup-v2" else controller
@@ -92,6 +109,7 @@ def test_pids_max_stops_a_fork_loop(platform: PlatformProcess) -> None:
     fn = deploy(platform, "cgforks", "pids_max=32")
     with platform.gateway(host_of(fn["invocation_url"])) as gw:
         info = gw.get("/").json()
+        isolate = only_isolate(platform, "cgforks")
         dirs = isolate_dirs(platform, info["cgroup"])
         assert (dirs["pids"] / "pids.max").read_text().strip() == "32"
         result = gw.get("/spawn", params={"n": "100"}).json()
@@ -101,22 +119,25 @@ def test_pids_max_stops_a_fork_loop(platform: PlatformProcess) -> None:
         assert "Resource temporarily unavailable" in result["error"], result
         after = gw.get("/")
         assert after.status_code == 200
-        assert after.json()["pid"] == info["pid"]  # the same isolate still answers
+        assert only_isolate(platform, "cgforks")["id"] == isolate["id"]  # still the same
 
 
 @real
 def test_isolate_groups_are_removed_when_it_stops(platform: PlatformProcess) -> None:
-    fn = deploy(platform, "cgidle", "idle_timeout_s=1")
+    fn = deploy(platform, "cgidle", "idle_timeout_s=5")
+    hierarchies = hierarchies_of(platform)  # before: the isolate goes 5 s after requests
     with platform.gateway(host_of(fn["invocation_url"])) as gw:
         info = gw.get("/").json()
-        left = gw.get("/leave").json()["pid"]  # a child the isolate leaves running
-    dirs = isolate_dirs(platform, info["cgroup"])
-    assert all(d.is_dir() for d in dirs.values())
+        gw.get("/leave")  # a child the isolate leaves running
+        dirs = isolate_dirs(platform, info["cgroup"], hierarchies)
+        pids = host_pids(dirs)
+    assert len(pids) >= 2
     wait_for(lambda: not any(d.exists() for d in dirs.values()), 30,
              "the isolate's groups to be removed")
     # Its function's groups went with its last isolate; the child was killed.
     assert not any(d.parent.exists() for d in dirs.values())
-    wait_for(lambda: not _alive(left), 10, "the isolate's child to be killed")
+    wait_for(lambda: not any(_alive(pid) for pid in pids), 10,
+             "the isolate's processes to be gone")
 
 
 def _alive(pid: int) -> bool:
@@ -156,20 +177,21 @@ def test_killed_platforms_leftovers_are_removed_at_next_start() -> None:
             fn = deploy(p, "cgkilled")
             with p.gateway(host_of(fn["invocation_url"])) as gw:
                 info = gw.get("/").json()
-                left = gw.get("/leave").json()["pid"]
+                gw.get("/leave")
             dirs = isolate_dirs(p, info["cgroup"])
+            pids = host_pids(dirs)
             parents = {c: Path(h) for c, h in p.cli_json("status")["components"][
                 "supervisor"]["cgroups"]["hierarchies"].items()}
             assert p.proc is not None
             p.proc.send_signal(signal.SIGKILL)
             p.proc.wait(30)
-            # The detached child outlives its isolate and keeps its groups.
-            assert _alive(left)
+            # The groups stay (without a sandbox, with the detached child in them; in a
+            # sandbox's PID namespace the child died with the isolate).
             assert all(d.is_dir() for d in dirs.values())
 
             p.launch()
             p.wait_ready()
-            assert not _alive(left)
+            assert not any(_alive(pid) for pid in pids)
             assert not any(d.exists() for d in dirs.values())
             assert not _alive(orphan) and not old.exists()
             assert _alive(live.pid) and live_group.is_dir()

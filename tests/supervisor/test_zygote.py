@@ -78,8 +78,10 @@ async def app(scope, receive, send):
             zoneinfo_mark = getattr(zoneinfo, "MARK", None)
         except ImportError:
             zoneinfo_mark = None
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            parent = f.read().replace(b"\\0", b" ").decode()
+        parent = ""
+        if os.getppid():  # 0 in a sandbox: the first process of its own PID namespace
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                parent = f.read().replace(b"\\0", b" ").decode()
         with open("/proc/self/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\\0", b" ").decode()
         body = {
@@ -121,11 +123,18 @@ def deploy(p: PlatformProcess, slug: str, path: Path, *args: str) -> dict[str, A
     return dict(fn)
 
 
-def info(p: PlatformProcess, fn: dict[str, Any]) -> dict[str, Any]:
+def info(p: PlatformProcess, fn: dict[str, Any], outside: bool = True) -> dict[str, Any]:
     with p.gateway(host_of(fn["invocation_url"])) as gw:
         resp = gw.get("/info")
         assert resp.status_code == 200, resp.text
-        return dict(resp.json())
+        probe = dict(resp.json())
+    if probe["pid"] == 1 and outside:
+        # Sandboxed: the isolate sees its own PID namespace; read its ids from outside.
+        probe["ns_pid"] = 1
+        [probe["pid"]] = [i["pid"] for i in isolates(p, fn["slug"])]
+        probe["ppid"] = ppid_of(probe["pid"])
+        probe["parent"] = Path(f"/proc/{probe['ppid']}/cmdline").read_bytes().decode()
+    return probe
 
 
 def isolates(p: PlatformProcess, slug: str) -> list[dict[str, Any]]:
@@ -195,7 +204,11 @@ def test_forked_isolate_has_function_identity_env_cwd_path(
     assert env["GREETING"] == "hello-zygote"
     assert env["PHLOEM_DEPLOYMENT"] == fn["deployment_id"]
     assert env["DATABASE_URL"].startswith("postgres")
-    assert env["PHLOEM_SUPERVISOR_PID"] == str(probe["ppid"])
+    if probe.get("ns_pid") == 1:
+        # PR_SET_PDEATHSIG ties it to the zygote; no pid of the platform is in its view.
+        assert "PHLOEM_SUPERVISOR_PID" not in env
+    else:
+        assert env["PHLOEM_SUPERVISOR_PID"] == str(probe["ppid"])
     entries = env["PYTHONPATH"].split(os.pathsep)
     assert entries[0] == str(cwd)
     # As a spawned `python -m` host: cwd (twice: -m and the host), then PYTHONPATH.
@@ -229,7 +242,9 @@ def test_memory_limit_kills_forked_isolate(platform: PlatformProcess, probe_dir:
 
 def test_sigint_runs_lifespan_shutdown(platform: PlatformProcess, probe_dir: Path) -> None:
     fn = deploy(platform, "zyidle", probe_dir, "--limit", "idle_timeout_s=1")
-    assert_forked(platform, info(platform, fn))
+    # (Its isolate may be evicted before `phloem status` could name its parent.)
+    info(platform, fn, outside=False)
+    assert "(forked from the zygote)" in logs(platform, "zyidle")
     wait_for(lambda: isolates(platform, "zyidle") == [], 30, "the idle isolate to go")
     text = logs(platform, "zyidle")
     assert "evicting (SIGINT)" in text

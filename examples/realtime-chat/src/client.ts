@@ -3,7 +3,9 @@
 // Each connection attempt mints a fresh token (tokens expire after 10 minutes, and a
 // reconnect may come much later), then opens the WebSocket. When the socket closes, the
 // next attempt waits min(cap, base * 2^attempt) with full jitter; a successful open
-// resets the attempt counter. window.chat exposes the state (used by the browser test).
+// resets the attempt counter. The status line names the isolate the socket landed on, and
+// each message the isolate that stored it. window.chat exposes the state (used by the
+// browser test).
 
 export const CLIENT_HTML = `<!doctype html>
 <html lang="en">
@@ -30,7 +32,7 @@ export const CLIENT_HTML = `<!doctype html>
 const BASE_MS = 500, CAP_MS = 15000;
 const params = new URLSearchParams(location.search);
 const name = params.get("name") || prompt("Your name?") || "guest";
-const chat = window.chat = { status: "connecting", connects: 0, attempts: 0, pids: [], messages: [], socket: null };
+const chat = window.chat = { status: "connecting", connects: 0, attempts: 0, isolates: [], messages: [], socket: null };
 const statusEl = document.getElementById("status");
 const log = document.getElementById("log");
 
@@ -47,7 +49,7 @@ function show(m) {
   const who = document.createElement("b");
   who.textContent = m.user + ": ";
   const when = document.createElement("small");
-  when.textContent = " " + new Date(m.at).toLocaleTimeString();
+  when.textContent = " " + new Date(m.at).toLocaleTimeString() + " via " + m.isolate;
   li.append(who, document.createTextNode(m.body), when);
   log.append(li);
 }
@@ -87,8 +89,12 @@ async function connect() {
   };
   ws.onmessage = (event) => {
     const m = JSON.parse(event.data);
-    if (m.type === "hello") chat.pids.push(m.pid);
-    else if (m.type === "message") show(m);
+    if (m.type === "hello") {
+      chat.isolates.push(m.isolate);
+      setStatus("open", "open, on isolate " + m.isolate);
+    } else if (m.type === "message") {
+      show(m);
+    }
   };
   ws.onclose = (event) => {
     chat.lastClose = event.code;

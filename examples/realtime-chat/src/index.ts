@@ -33,6 +33,10 @@ const secret = new TextEncoder().encode(secretText);
 const pingIntervalMs = seconds("CHAT_PING_INTERVAL_S", 25) * 1000;
 const CHANNEL = "chat_messages";
 const MAX_BODY = 2000;
+// Which isolate this is: phloem injects its id (e.g. "iso-1a2b3c4d", as shown by
+// `phloem status` and in the logs). The pid cannot tell isolates apart, since each runs as
+// pid 1 in a sandbox of its own; elsewhere (`phloem dev`) the pid stands in.
+const ISOLATE = process.env.PHLOEM_ISOLATE ?? `pid-${process.pid}`;
 
 function seconds(name: string, fallback: number): number {
   const value = Number.parseFloat(process.env[name] ?? "");
@@ -51,12 +55,12 @@ const SCHEMA = `
     id         bigserial PRIMARY KEY,
     user_name  text NOT NULL,
     body       text NOT NULL,
-    pid        integer NOT NULL,
+    isolate    text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
   );
   CREATE TABLE IF NOT EXISTS chat_shutdowns (
     id         bigserial PRIMARY KEY,
-    pid        integer NOT NULL,
+    isolate    text NOT NULL,
     signal     text NOT NULL,
     sockets    integer NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
@@ -108,7 +112,7 @@ await listen();
 // ------------------------------------------------------------------------------ sockets
 
 type Identity = { name: string };
-type Message = { id: number; user: string; body: string; pid: number; at: string };
+type Message = { id: number; user: string; body: string; isolate: string; at: string };
 
 const wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 });
 const alive = new WeakMap<WebSocket, boolean>();
@@ -125,23 +129,25 @@ async function post(identity: Identity, text: string): Promise<void> {
   // Insert and notify in one statement: the NOTIFY is delivered when it commits.
   await pool.query(
     `WITH m AS (
-       INSERT INTO chat_messages (user_name, body, pid) VALUES ($1, $2, $3)
-       RETURNING id, user_name, body, pid, created_at)
+       INSERT INTO chat_messages (user_name, body, isolate) VALUES ($1, $2, $3)
+       RETURNING id, user_name, body, isolate, created_at)
      SELECT pg_notify($4, json_build_object(
-       'type', 'message', 'id', id, 'user', user_name, 'body', body, 'pid', pid,
+       'type', 'message', 'id', id, 'user', user_name, 'body', body, 'isolate', isolate,
        'at', created_at)::text) FROM m`,
-    [identity.name, body, process.pid, CHANNEL],
+    [identity.name, body, ISOLATE, CHANNEL],
   );
 }
 
 async function recent(limit = 50): Promise<Message[]> {
   const { rows } = await pool.query(
-    `SELECT id, user_name AS user, body, pid, created_at AS at
+    `SELECT id, user_name AS user, body, isolate, created_at AS at
        FROM (SELECT * FROM chat_messages ORDER BY id DESC LIMIT $1) last
       ORDER BY id`,
     [limit],
   );
-  return rows as Message[];
+  // pg returns a bigint as a string, the NOTIFY payload has a number: clients match ids
+  // (to drop a message they got both ways), so give them one type.
+  return rows.map((row) => ({ ...row, id: Number(row.id) })) as Message[];
 }
 
 function accept(ws: WebSocket, identity: Identity): void {
@@ -156,8 +162,9 @@ function accept(ws: WebSocket, identity: Identity): void {
       }
     });
   });
-  // Which isolate this is (its pid) helps to see the fan-out at work.
-  ws.send(JSON.stringify({ type: "hello", user: identity.name, pid: process.pid }));
+  // Which isolate the socket landed on (and, per message, which one stored it) makes the
+  // fan-out visible.
+  ws.send(JSON.stringify({ type: "hello", user: identity.name, isolate: ISOLATE }));
 }
 
 // Heartbeat: ping every interval; a socket that did not answer the previous ping is gone
@@ -222,12 +229,12 @@ app.get("/messages", async (c) => c.json(await recent()));
 
 app.get("/shutdowns", async (c) => {
   const { rows } = await pool.query(
-    "SELECT pid, signal, sockets, created_at AS at FROM chat_shutdowns ORDER BY id",
+    "SELECT isolate, signal, sockets, created_at AS at FROM chat_shutdowns ORDER BY id",
   );
   return c.json(rows);
 });
 
-app.get("/healthz", (c) => c.json({ ok: true, pid: process.pid, clients: wss.clients.size }));
+app.get("/healthz", (c) => c.json({ ok: true, isolate: ISOLATE, clients: wss.clients.size }));
 
 export default {
   fetch: app.fetch,
@@ -257,12 +264,11 @@ process.on("SIGINT", async () => {
     for (const ws of wss.clients) ws.terminate();
   }, 2000);
   try {
-    await pool.query("INSERT INTO chat_shutdowns (pid, signal, sockets) VALUES ($1, $2, $3)", [
-      process.pid,
-      "SIGINT",
-      sockets,
-    ]);
-    console.log(`chat: SIGINT: closed ${sockets} sockets with 1001, pid ${process.pid}`);
+    await pool.query(
+      "INSERT INTO chat_shutdowns (isolate, signal, sockets) VALUES ($1, $2, $3)",
+      [ISOLATE, "SIGINT", sockets],
+    );
+    console.log(`chat: SIGINT: closed ${sockets} sockets with 1001, isolate ${ISOLATE}`);
   } catch (err) {
     console.error("chat: recording the shutdown failed:", (err as Error).message);
   }

@@ -4,7 +4,7 @@
 //   GET  /events   text/event-stream: "hello" (which isolate), then every published event;
 //                  ": ping" comments keep idle connections open. Last-Event-ID (sent by
 //                  EventSource when it reconnects) replays what was missed.
-//   POST /events   {"type"?: string, "data": any} -> 201 {"id": n}
+//   POST /events   {"type"?: string, "data": any} -> 201 {"id": n, "isolate": "iso-..."}
 //
 // Events are stored in Postgres and NOTIFYed in the same statement; every isolate LISTENs
 // over the direct (unpooled) connection and writes each event to its own open streams, so
@@ -24,6 +24,10 @@ const pingMs = seconds("SSE_PING_INTERVAL_S", 25) * 1000;
 const CHANNEL = "sse_events";
 const MAX_PAYLOAD = 7000; // NOTIFY payloads must stay under 8000 bytes
 const encoder = new TextEncoder();
+// Which isolate this is: phloem injects its id (e.g. "iso-1a2b3c4d", as shown by
+// `phloem status` and in the logs). The pid cannot tell isolates apart, since each runs as
+// pid 1 in a sandbox of its own; elsewhere (`phloem dev`) the pid stands in.
+const ISOLATE = process.env.PHLOEM_ISOLATE ?? `pid-${process.pid}`;
 
 function seconds(name: string, fallback: number): number {
   const value = Number.parseFloat(process.env[name] ?? "");
@@ -146,7 +150,7 @@ function openStream(after: number, signal: AbortSignal): ReadableStream<Uint8Arr
     start(controller) {
       sub = new Subscriber(controller, after);
       subscribers.add(sub);
-      const hello = { pid: process.pid, branch: env.branch?.name ?? null };
+      const hello = { isolate: ISOLATE, branch: env.branch?.name ?? null };
       sub.write(`retry: 2000\nevent: hello\ndata: ${JSON.stringify(hello)}\n\n`);
       signal.addEventListener("abort", () => sub?.close());
       const current = sub;
@@ -211,7 +215,7 @@ app.post("/events", async (c) => {
        'id', id, 'type', type, 'data', data, 'at', created_at)::text) FROM e`,
     [type, data, CHANNEL],
   );
-  return c.json({ id: rows[0].id, pid: process.pid }, 201);
+  return c.json({ id: rows[0].id, isolate: ISOLATE }, 201);
 });
 
 export default app;
@@ -234,11 +238,15 @@ const PAGE = `<!doctype html>
 </head>
 <body>
 <h1>Events</h1>
+<p id="isolate">connecting</p>
 <form id="pub"><input name="text" placeholder="Publish something" required> <button>Publish</button></form>
 <ol id="log"></ol>
 <script type="module">
 const log = document.getElementById("log");
 const source = new EventSource("events");  // reconnects by itself, sending Last-Event-ID
+source.addEventListener("hello", (e) => {
+  document.getElementById("isolate").textContent = "streaming from isolate " + JSON.parse(e.data).isolate;
+});
 source.addEventListener("message", (e) => {
   const li = document.createElement("li");
   li.textContent = "#" + e.lastEventId + " " + JSON.parse(e.data);

@@ -123,6 +123,10 @@ def up(
         "--zygote/--no-zygote", envvar="PHLOEM_ZYGOTE",
         help="Start isolates from pre-started processes (fast cold starts): Python forks "
         "from a pre-imported zygote, Node activates a standby process.")] = True,
+    sandbox: Annotated[bool, typer.Option(
+        "--sandbox/--no-sandbox", envvar="PHLOEM_SANDBOX",
+        help="Run isolates and builds in sandboxes (own mount, PID and IPC namespaces, "
+        "read-only system, private /tmp, no capabilities, seccomp); needs root.")] = True,
     grace: Annotated[float, typer.Option(envvar="PHLOEM_EVICTION_GRACE",
                                          help="Seconds between SIGINT and SIGKILL for "
                                               "isolates.")] = 10.0,
@@ -150,6 +154,7 @@ def up(
         gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
         public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
         isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
+        sandbox=sandbox,
     )
     try:
         import uvloop

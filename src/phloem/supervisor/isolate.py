@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from phloem.identity import Identity
 from phloem.limits import FunctionLimits
 from phloem.runtimes.python import zygote as pyzygote
+from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
 from phloem.supervisor.memory import MemoryLimiter, MemorySlot
 from phloem.supervisor.memory._cgroup import CgroupSlot
 
@@ -56,6 +57,10 @@ class IsolateSpec:
     identity: Identity
     log_path: Path
     limits: FunctionLimits = field(default_factory=FunctionLimits)
+    #: The isolate's sandbox (``None``: none can be made here, or sandboxes are off).
+    sandbox: SandboxSpec | None = None
+    #: RLIMIT_NOFILE inside the sandbox.
+    nofile: int = 65536
 
 
 LogWriter = Callable[[str, str, str], None]  # (isolate id, stream, line)
@@ -125,8 +130,10 @@ class _PipedOutput:
 class DirectProcess(_PipedOutput):
     how = "spawned"
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, how: str | None = None) -> None:
         assert process.stdout is not None and process.stderr is not None
+        if how is not None:
+            self.how = how
         self._process = process
         self._stdout = process.stdout
         self._stderr = process.stderr
@@ -145,20 +152,37 @@ class DirectProcess(_PipedOutput):
 
 
 class DirectSpawner:
-    """Execute the deployment's command: the memory slot's wrapper joins the cgroup, a
-    ``setpriv`` prefix drops to the function's uid, then a fresh interpreter starts."""
+    """Execute the deployment's command. With a sandbox, through the sandbox launcher
+    (``phloem.sandbox.launch``): the function's env reaches only the final exec, after
+    the privilege drop. Without one (not root), the memory slot's wrapper joins the
+    cgroup and a ``setpriv`` prefix drops to the function's uid, as the same user."""
 
     name = "direct"
 
     async def spawn(self, launch: Launch) -> IsolateProcess:
         spec = launch.spec
-        cmd = launch.memory.wrap([*spec.identity.command_prefix(), *spec.command,
-                                  "--fd", str(launch.listen_fd),
-                                  "--ready-fd", str(launch.status_fd)])
+        command = [*spec.command, "--fd", str(launch.listen_fd),
+                   "--ready-fd", str(launch.status_fd)]
+        fds = (launch.listen_fd, launch.status_fd)
+        if spec.sandbox is not None:
+            job = Job(argv=command, env=launch.env, cwd=str(spec.cwd),
+                      uid=spec.identity.uid, gid=spec.identity.gid, sandbox=spec.sandbox,
+                      procs_files=procs_files(launch.memory), keep_fds=list(fds),
+                      nofile=spec.nofile)
+            argv, job_fd = job.launcher()
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv, cwd="/", env=LAUNCHER_ENV, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    pass_fds=(job_fd, *fds), start_new_session=True)
+            finally:
+                os.close(job_fd)
+            return DirectProcess(process, how="spawned in a sandbox")
+        cmd = launch.memory.wrap([*spec.identity.command_prefix(), *command])
         process = await asyncio.create_subprocess_exec(
             *cmd, cwd=spec.cwd, env=launch.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            pass_fds=(launch.listen_fd, launch.status_fd), start_new_session=True,
+            pass_fds=fds, start_new_session=True,
         )
         return DirectProcess(process)
 
@@ -380,11 +404,14 @@ class ZygoteClient:
                 raise ZygoteUnavailable(str(exc)) from exc
 
     async def spawn(self, launch: Launch, entry: str, path: list[str],
-                    cgroup_procs: str | None, timeout: float = 10.0) -> ZygoteProcess:
+                    cgroup_procs: list[str], timeout: float = 10.0) -> ZygoteProcess:
         loop = asyncio.get_running_loop()
         spec = launch.spec
         # The env (the function's secrets) goes in a memfd only the child reads.
-        payload = json.dumps({"env": {**launch.env, "PHLOEM_SUPERVISOR_PID": str(self.pid)},
+        env = dict(launch.env)
+        if spec.sandbox is None:  # in its own PID namespace the zygote is not its parent
+            env["PHLOEM_SUPERVISOR_PID"] = str(self.pid)
+        payload = json.dumps({"env": env,
                               "cwd": str(spec.cwd), "path": path, "entry": entry}).encode()
         spec_fd = os.memfd_create("phloem-isolate-spec", os.MFD_CLOEXEC)
         out_r, out_w = os.pipe()
@@ -399,8 +426,10 @@ class ZygoteClient:
         try:
             os.write(spec_fd, payload)
             os.lseek(spec_fd, 0, os.SEEK_SET)
+            sandbox = spec.sandbox.to_json() if spec.sandbox is not None else None
             await self._send({"op": "spawn", "id": spawn_id, "uid": spec.identity.uid,
-                              "gid": spec.identity.gid, "cgroup_procs": cgroup_procs},
+                              "gid": spec.identity.gid, "cgroup_procs": cgroup_procs,
+                              "sandbox": sandbox, "nofile": spec.nofile},
                              [spec_fd, launch.listen_fd, launch.status_fd, out_w, err_w])
             try:
                 message, fds = await asyncio.wait_for(asyncio.shield(reply), timeout)
@@ -470,13 +499,19 @@ def _zygote_key(launch: Launch) -> tuple[tuple[str, str], str, list[str]] | None
     return (cmd[0], path[-1]), cmd[4], path
 
 
-def cgroup_procs(slot: MemorySlot) -> tuple[bool, str | None]:
-    """Whether a process started before it knew its isolate (a zygote's child, a Node
-    standby) can honour ``slot``, and the ``cgroup.procs`` it joins itself."""
+def procs_files(slot: MemorySlot) -> list[str]:
+    """The ``cgroup.procs`` files a process writes its pid to, to join ``slot``."""
     if isinstance(slot, CgroupSlot):
-        return True, str(slot.directory / "cgroup.procs")
-    # No wrapper to run before exec (the RSS watchdog only needs the pid).
-    return slot.wrap([]) == [], None
+        return [str(slot.directory / "cgroup.procs")]
+    return []
+
+
+def cgroup_procs(slot: MemorySlot) -> tuple[bool, list[str]]:
+    """Whether a process started before it knew its isolate (a zygote's child, a Node
+    standby) can honour ``slot``, and the ``cgroup.procs`` files it joins."""
+    files = procs_files(slot)
+    # Without cgroups: no wrapper to run before exec (the RSS watchdog only needs the pid).
+    return bool(files) or slot.wrap([]) == [], files
 
 
 class ZygoteSpawner:
@@ -640,8 +675,14 @@ class Isolate:
             listener.listen(1024)
             fd = listener.fileno()
             self._memory = memory.prepare(self.id, self.spec.limits.memory_mb * 2**20)
-            env = {**self.spec.env, "PHLOEM_SUPERVISOR_PID": str(os.getpid()),
-                   "PHLOEM_WAIT_UNTIL_S": str(self.spec.limits.wait_until_s)}
+            # PHLOEM_ISOLATE tells isolates apart: in their sandboxes every one is pid 1.
+            env = {**self.spec.env, "PHLOEM_WAIT_UNTIL_S": str(self.spec.limits.wait_until_s),
+                   "PHLOEM_ISOLATE": self.id}
+            if self.spec.sandbox is None:
+                # The host exits when its parent is no longer the platform; in a sandbox
+                # it is the first process of its PID namespace and PR_SET_PDEATHSIG,
+                # set by the launcher or the zygote, does that.
+                env["PHLOEM_SUPERVISOR_PID"] = str(os.getpid())
             self._process = await (spawner or DirectSpawner()).spawn(
                 Launch(self.spec, env, fd, status_w, self._memory))
             self._memory.started(self._process.pid)

@@ -5,14 +5,18 @@ with Node booted and the host program loaded, waiting to become one isolate.
     process = await spawner.spawn(launch)   # activates the standby, or spawns directly
 
 A cold start then costs the function's own import only, not Node's boot and the host's
-load. Activation (host.mjs ``--standby``) joins the isolate's cgroup, binds the isolate's
-socket path, drops to the function's uid/gid for good and checks root cannot be regained,
-replaces the environment and the working directory, and only then imports the user's
-bundle, so no user code ever runs with privileges. One standby is kept per distinct
-command (Node binary, V8 flags such as the heap limit, host program); taking it starts the
-next one in the background. Launches it cannot serve (root identities, memory limits a
-running process cannot join, other runtimes) and every launch while no standby is ready
-go to ``fallback``.
+load. A standby inherits a listening socket of its own from the start. With a sandbox it
+runs under the sandbox launcher, in a root that shows the Node runtime but no function,
+with only the setuid/setgid capabilities, ``no_new_privs`` and the seccomp filter; on
+activation the launcher joins it to the isolate's cgroups and mounts the function's
+deployment into its mount namespace. Then (host.mjs ``--standby``) it drops to the
+function's uid/gid for good and checks root cannot be regained, only then reads the
+function's env, and imports the user's bundle, so no user code and no byte of the
+function's runs with privileges. The socket file is renamed to the isolate's path. One
+standby is kept per distinct command (Node binary, V8 flags such as the heap limit, host
+program, sandbox); taking it starts the next one in the background. Launches it cannot
+serve (root identities, memory limits a running process cannot join, other runtimes) and
+every launch while no standby is ready go to ``fallback``.
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
+from dataclasses import replace
+from pathlib import Path
 
+from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
+from phloem.sandbox.lockdown import CAP_SETGID, CAP_SETUID
 from phloem.supervisor.isolate import (
     DirectProcess,
     DirectSpawner,
@@ -56,32 +65,56 @@ class _Standby:
     """One waiting Node host; its status pipe is read here and relayed after activation."""
 
     def __init__(self, process: asyncio.subprocess.Process, status: asyncio.StreamReader,
-                 transport: asyncio.BaseTransport) -> None:
+                 transport: asyncio.BaseTransport, socket_path: Path,
+                 sandbox: SandboxSpec | None) -> None:
         self.process = process
         self.status = status
         self._transport = transport
+        self.socket_path = socket_path
+        self.sandbox = sandbox
 
     @classmethod
-    async def start(cls, key: StandbyKey, timeout: float) -> _Standby:
+    async def start(cls, key: StandbyKey, sandbox: SandboxSpec | None, socket_dir: Path,
+                    timeout: float) -> _Standby:
         loop = asyncio.get_running_loop()
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        path = socket_dir / f"standby-{secrets.token_hex(6)}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         status_r, status_w = os.pipe()
+        job_fd = -1
         try:
+            listener.bind(str(path))
+            os.chmod(path, 0o600)
+            listener.listen(1024)
+            fds: tuple[int, ...] = (listener.fileno(), status_w)
+            command = [*key, "--standby", "--fd", str(fds[0]), "--ready-fd", str(fds[1])]
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+            if sandbox is not None:
+                job = Job(argv=command, env=env, cwd="/", uid=None, gid=None,
+                          sandbox=sandbox, keep_fds=list(fds), standby=True,
+                          keep_caps=(CAP_SETUID, CAP_SETGID))
+                command, job_fd = job.launcher()
+                env, fds = LAUNCHER_ENV, (*fds, job_fd)
+            else:
+                env["PHLOEM_SUPERVISOR_PID"] = str(os.getpid())
             process = await asyncio.create_subprocess_exec(
-                *key, "--standby", "--ready-fd", str(status_w),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(status_w,),
-                start_new_session=True, cwd="/",
-                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-                     "PHLOEM_SUPERVISOR_PID": str(os.getpid())})
+                *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=fds, start_new_session=True,
+                cwd="/", env=env)
         except BaseException:
             os.close(status_r)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
             raise
         finally:
+            listener.close()
             os.close(status_w)
+            if job_fd >= 0:
+                os.close(job_fd)
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(status_r, "rb", 0))
-        standby = cls(process, reader, transport)
+        standby = cls(process, reader, transport, path, sandbox)
         try:
             first = await asyncio.wait_for(reader.read(1), timeout)
         except (TimeoutError, OSError):
@@ -103,23 +136,36 @@ class _Standby:
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
         self._transport.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
 
     async def activate(self, launch: Launch, bundle: str,
-                       cgroup_procs: str | None) -> IsolateProcess:
-        with socket.socket(fileno=os.dup(launch.listen_fd)) as listener:
-            path = listener.getsockname()
+                       procs_files: list[str]) -> IsolateProcess:
         spec = launch.spec
-        message = {"uid": spec.identity.uid, "gid": spec.identity.gid,
-                   "cgroupProcs": cgroup_procs, "socket": path, "cwd": str(spec.cwd),
-                   "env": launch.env, "bundle": bundle}
+        with socket.socket(fileno=os.dup(launch.listen_fd)) as listener:
+            isolate_path = listener.getsockname()
+        # The isolate's own (unused) socket file gives way to the standby's.
+        os.replace(self.socket_path, isolate_path)
+        who = json.dumps({"uid": spec.identity.uid, "gid": spec.identity.gid,
+                          "cwd": str(spec.cwd), "bundle": bundle})
+        lines = f"{who}\n{json.dumps({'env': launch.env})}\n"
+        if self.sandbox is not None:
+            shown = set(self.sandbox.ro)
+            inject = [p for p in (spec.sandbox.ro if spec.sandbox else []) if p not in shown]
+            message = json.dumps({"procs_files": procs_files, "inject": inject,
+                                  "forward": lines}) + "\n"
+        else:
+            pid = self.process.pid
+            await asyncio.to_thread(_join, procs_files, pid)
+            message = lines
         assert self.process.stdin is not None
         try:
-            self.process.stdin.write(json.dumps(message).encode() + b"\n")
+            self.process.stdin.write(message.encode())
             await self.process.stdin.drain()
-            self.process.stdin.close()
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.kill()
             raise StandbyFailed(f"could not send the activation: {exc}") from None
+        # stdin stays open: its end tells the isolate that the platform is gone.
         out_fd = os.dup(launch.status_fd)
         return StandbyProcess(self.process, asyncio.create_task(self._relay_status(out_fd)))
 
@@ -135,35 +181,53 @@ class _Standby:
             self._transport.close()
 
 
-def _standby_plan(launch: Launch) -> tuple[StandbyKey, str] | None:
-    """(command without the bundle, bundle) for a Node host launch as a non-root user."""
+def _join(procs_files: list[str], pid: int) -> None:
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write(str(pid))
+
+
+def _standby_plan(launch: Launch) -> tuple[StandbyKey, str, SandboxSpec | None] | None:
+    """(command without the bundle, bundle, the standby's sandbox) for a Node host launch
+    as a non-root user. The standby's sandbox is the isolate's without its deployment."""
     cmd = launch.spec.command
     if len(cmd) < 4 or cmd[-2] != "--bundle" or not cmd[-3].endswith(".mjs"):
         return None
     if launch.spec.identity.uid == 0:
         return None  # a standby only ever becomes an unprivileged isolate
-    return tuple(cmd[:-2]), cmd[-1]
+    sandbox = launch.spec.sandbox
+    if sandbox is not None:
+        deployment = str(Path(cmd[-1]).parent.parent)
+        sandbox = replace(sandbox, ro=[p for p in sandbox.ro if p != deployment], cwd="/")
+        key = (*cmd[:-2], json.dumps(sandbox.to_json(), sort_keys=True))
+        return key, cmd[-1], sandbox
+    return tuple(cmd[:-2]), cmd[-1], None
 
 
 class NodeStandbySpawner:
     name = "node-standby"
 
-    def __init__(self, fallback: Spawner | None = None, *,
+    def __init__(self, fallback: Spawner | None = None, *, socket_dir: Path | None = None,
                  start_timeout_s: float = 30.0) -> None:
         self.fallback: Spawner = fallback or DirectSpawner()
+        #: Where standbys' sockets are made (the isolates' socket directory).
+        self.socket_dir = socket_dir
         self.start_timeout_s = start_timeout_s
         self._ready: dict[StandbyKey, _Standby] = {}
         self._starting: dict[StandbyKey, asyncio.Task[None]] = {}
         self._failures: dict[StandbyKey, int] = {}
         self._stopped = False
 
-    def _replenish(self, key: StandbyKey) -> None:
+    def _replenish(self, key: StandbyKey, sandbox: SandboxSpec | None,
+                   socket_dir: Path) -> None:
         if self._stopped or key in self._starting or self._failures.get(key, 0) >= 3:
             return
+        command = key[:-1] if sandbox is not None else key
 
         async def start() -> None:
             try:
-                standby = await _Standby.start(key, self.start_timeout_s)
+                standby = await _Standby.start(command, sandbox, socket_dir,
+                                               self.start_timeout_s)
             except (StandbyFailed, OSError) as exc:
                 self._failures[key] = self._failures.get(key, 0) + 1
                 log.warning("node standby could not start (%s); isolates are spawned "
@@ -184,9 +248,11 @@ class NodeStandbySpawner:
         joinable, procs = cgroup_procs(launch.memory)
         if plan is None or not joinable or self._stopped:
             return await self.fallback.spawn(launch)
-        key, bundle = plan
+        key, bundle, sandbox = plan
+        with socket.socket(fileno=os.dup(launch.listen_fd)) as listener:
+            socket_dir = self.socket_dir or Path(listener.getsockname()).parent
         standby = self._ready.pop(key, None)
-        self._replenish(key)
+        self._replenish(key, sandbox, socket_dir)
         if standby is None or not standby.alive:
             if standby is not None:
                 standby.kill()

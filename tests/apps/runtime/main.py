@@ -14,13 +14,19 @@ DB = os.environ["DATABASE_URL_UNPOOLED"]
 _hoard: list[bytes] = []
 
 
+def isolate() -> str:
+    """Which isolate this is: each is pid 1 in its own sandbox, its id tells them apart.
+    Read per call: the deploy's import check runs the module without it."""
+    return os.environ["PHLOEM_ISOLATE"]
+
+
 async def record(event: str) -> None:
     async with await psycopg.AsyncConnection.connect(DB, autocommit=True) as conn:
         await conn.execute("CREATE TABLE IF NOT EXISTS runtime_events (event text,"
-                           " deployment text, pid int, at timestamptz DEFAULT now())")
-        await conn.execute("INSERT INTO runtime_events (event, deployment, pid)"
+                           " deployment text, isolate text, at timestamptz DEFAULT now())")
+        await conn.execute("INSERT INTO runtime_events (event, deployment, isolate)"
                            " VALUES (%s, %s, %s)",
-                           (event, os.environ["PHLOEM_DEPLOYMENT"], os.getpid()))
+                           (event, os.environ["PHLOEM_DEPLOYMENT"], isolate()))
 
 
 async def send_text(send, status: int, text: str, ctype: bytes = b"text/plain") -> None:
@@ -51,10 +57,10 @@ async def app(scope, receive, send):
     path = scope["path"]
     if path == "/slow":
         await asyncio.sleep(float(q.get("s", "1")))
-        await send_text(send, 200, json.dumps({"pid": os.getpid()}), b"application/json")
+        await send_text(send, 200, json.dumps({"isolate": isolate()}), b"application/json")
     elif path == "/info":
         await send_text(send, 200, json.dumps({
-            "pid": os.getpid(), "deployment": os.environ["PHLOEM_DEPLOYMENT"]}),
+            "isolate": isolate(), "deployment": os.environ["PHLOEM_DEPLOYMENT"]}),
             b"application/json")
     elif path == "/print":
         print(q.get("msg", "hello"), flush=True)

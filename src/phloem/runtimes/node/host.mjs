@@ -25,7 +25,7 @@
 
 import { getRequestListener } from "@hono/node-server";
 import { AsyncLocalStorage } from "node:async_hooks";
-import { chmodSync, readFileSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
+import { writeSync } from "node:fs";
 import { createServer } from "node:http";
 import { isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -49,7 +49,10 @@ function parseArgs(argv) {
     else if (a === "--standby") args.standby = true;
     else usage(`unknown argument ${a}`);
   }
-  if (args.standby) return args;
+  if (args.standby) {
+    if (!Number.isInteger(args.fd)) usage("--fd is required with --standby");
+    return args;
+  }
   if (!args.bundle) usage("--bundle is required");
   if (!args.check && !Number.isInteger(args.fd)) usage("--fd is required unless --check");
   return args;
@@ -58,7 +61,7 @@ function parseArgs(argv) {
 function usage(message) {
   process.stderr.write(
     `phloem-node-host: ${message}\n` +
-      "usage: host.mjs --bundle FILE (--check | --fd N [--ready-fd M]) | --standby --ready-fd M\n",
+      "usage: host.mjs --bundle FILE (--check | --fd N [--ready-fd M]) | --standby --fd N --ready-fd M\n",
   );
   process.exit(2);
 }
@@ -393,16 +396,47 @@ function serve(handler, target) {
 
 // ---------------------------------------------------------------------------- standby
 
-// A standby is started ahead of need, as root, with Node booted and this host loaded; it
-// waits for one activation (a JSON line on stdin, then EOF) naming the isolate it becomes:
-// it joins the isolate's cgroup, binds its socket, drops to the function's uid and gid for
-// good (and checks it cannot get root back), takes the function's env and directory, and
-// only then imports the user's bundle. What a cold start saves is Node's boot and this
-// module's load (about half of it).
-async function activateStandby() {
+// A standby is started ahead of need, as root (in a sandbox, with only the setuid and
+// setgid capabilities left), with Node booted and this host loaded, and the listening
+// socket of the isolate it will become already inherited (--fd). It waits for its
+// activation on stdin, two JSON lines: the first names the uid/gid, directory and bundle,
+// and it drops to that uid and gid for good (and checks it cannot get root back) before it
+// reads the second, the function's env, so not a byte the function supplied is handled
+// with privileges; only then does it import the user's bundle. stdin stays open as a
+// lifeline: its end means the platform is gone. What a cold start saves is Node's boot and
+// this module's load (about half of it).
+function stdinLines() {
+  let buffered = "";
+  const waiting = [];
+  const lines = [];
+  let ended = false;
+  process.stdin.setEncoding("utf8");
+  process.stdin.on("data", (chunk) => {
+    buffered += chunk;
+    let at;
+    while ((at = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, at);
+      buffered = buffered.slice(at + 1);
+      if (waiting.length) waiting.shift().resolve(line);
+      else lines.push(line);
+    }
+  });
+  process.stdin.on("end", () => {
+    ended = true;
+    for (const w of waiting.splice(0)) w.reject(new Error("stdin closed"));
+  });
+  return () =>
+    new Promise((resolveLine, rejectLine) => {
+      if (lines.length) resolveLine(lines.shift());
+      else if (ended) rejectLine(new Error("stdin closed"));
+      else waiting.push({ resolve: resolveLine, reject: rejectLine });
+    });
+}
+
+async function activateStandby(nextLine) {
   let spec;
   try {
-    spec = JSON.parse(readFileSync(0, "utf8"));
+    spec = JSON.parse(await nextLine());
   } catch (err) {
     console.error("phloem: standby: no valid activation on stdin:", err?.message ?? err);
     process.exit(2);
@@ -411,16 +445,6 @@ async function activateStandby() {
     console.error("phloem: standby: refusing an activation without a non-root uid");
     process.exit(2);
   }
-  if (spec.cgroupProcs) writeFileSync(spec.cgroupProcs, `${process.pid}\n`);
-  const server = newServer();
-  try {
-    unlinkSync(spec.socket);
-  } catch {}
-  await new Promise((resolveListen, rejectListen) => {
-    server.once("error", rejectListen);
-    server.listen({ path: spec.socket, backlog: 1024 }, resolveListen);
-  });
-  chmodSync(spec.socket, 0o600);
   process.setgroups([]);
   process.setgid(spec.gid);
   process.setuid(spec.uid);
@@ -440,10 +464,18 @@ async function activateStandby() {
     console.error("phloem: standby: dropping privileges did not hold; exiting");
     process.exit(70);
   }
+  let env;
+  try {
+    ({ env } = JSON.parse(await nextLine()));
+  } catch (err) {
+    console.error("phloem: standby: no env after the activation:", err?.message ?? err);
+    process.exit(2);
+  }
   process.chdir(spec.cwd);
   for (const key of Object.keys(process.env)) delete process.env[key];
-  Object.assign(process.env, spec.env);
-  return { bundle: spec.bundle, server };
+  Object.assign(process.env, env);
+  process.stdin.on("end", () => process.exit(1));
+  return { bundle: spec.bundle };
 }
 
 async function main() {
@@ -452,10 +484,10 @@ async function main() {
   if (args.standby) {
     statusFd = Number.isInteger(args.readyFd) ? args.readyFd : null;
     dieWithParent();
+    const nextLine = stdinLines();
     status("S"); // booted and loaded: ready to be activated
-    const activated = await activateStandby();
+    const activated = await activateStandby(nextLine);
     args.bundle = activated.bundle;
-    target = { server: activated.server };
   }
   if (!args.check) {
     statusFd = Number.isInteger(args.readyFd) ? args.readyFd : null;

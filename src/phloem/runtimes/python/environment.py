@@ -38,6 +38,12 @@ RUNTIME_MODULES = (
     "runtimes/python/__init__.py",
     "runtimes/python/host.py",
     "runtimes/python/zygote.py",
+    # The zygote's children enter their sandbox themselves.
+    "sandbox/__init__.py",
+    "sandbox/_linux.py",
+    "sandbox/lockdown.py",
+    "sandbox/root.py",
+    "sandbox/seccomp.py",
 )
 
 

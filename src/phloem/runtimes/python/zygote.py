@@ -53,6 +53,9 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from phloem.runtimes.python import host
+from phloem.sandbox import _linux as kernel
+from phloem.sandbox.lockdown import Credentials, drop_privileges, lock_down
+from phloem.sandbox.root import SandboxSpec, enter
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -183,7 +186,11 @@ class Job:
     zygote_pid: int
     uid: int
     gid: int
-    cgroup_procs: str | None
+    cgroup_procs: list[str]
+    sandbox: SandboxSpec | None
+    nofile: int | None
+    #: A pidfd of the zygote: readable once it has exited.
+    zygote_pidfd: int
     fds: dict[str, int]
     base_path: list[str]
     preloaded: frozenset[str]
@@ -209,6 +216,9 @@ class Zygote:
         self.runtime_dists = runtime_dists
         self.preloaded = loaded_top_level()
         self.children: dict[int, int] = {}  # pid -> spawn id
+        self.pidfd = os.pidfd_open(os.getpid())
+        # To put pid_for_children back after each child got a PID namespace of its own.
+        self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
     def serve(self) -> Job | None:
         """Answer spawn requests until the control socket closes (``None``). In a forked
@@ -282,15 +292,29 @@ class Zygote:
                 uid, gid = int(request["uid"]), int(request["gid"])
                 if uid == 0:
                     raise ProtocolError("refusing to start an isolate as root")
-                procs = request.get("cgroup_procs")
-                if procs is not None and not isinstance(procs, str):
-                    raise ProtocolError("cgroup_procs must be a path")
+                procs = request.get("cgroup_procs") or []
+                if not isinstance(procs, list) or not all(isinstance(p, str) for p in procs):
+                    raise ProtocolError("cgroup_procs must be a list of paths")
+                raw_sandbox = request.get("sandbox")
+                sandbox = (SandboxSpec.from_json(raw_sandbox) if raw_sandbox is not None
+                           else None)
+                nofile = request.get("nofile")
+                if nofile is not None and not isinstance(nofile, int):
+                    raise ProtocolError("nofile must be an integer")
             except (ValueError, KeyError, TypeError, ProtocolError) as exc:
                 _send(self.control, {"op": "failed", "id": spawn_id, "error": str(exc)})
                 return None
             zygote_pid = os.getpid()
+            pid = -1
             try:
-                pid = os.fork()
+                if sandbox is not None:
+                    # The child is the first process of a PID namespace of its own.
+                    kernel.unshare(kernel.CLONE_NEWPID)
+                try:
+                    pid = os.fork()
+                finally:
+                    if sandbox is not None and pid != 0:
+                        kernel.setns(self.pid_ns, kernel.CLONE_NEWPID)
             except OSError as exc:
                 _send(self.control, {"op": "failed", "id": spawn_id,
                                      "error": f"fork: {exc}"})
@@ -298,8 +322,9 @@ class Zygote:
             if pid == 0:
                 fds_by_name = dict(zip(SPAWN_FDS, fds, strict=True))
                 fds = []  # the child owns them now; the finally below must not close them
-                return Job(spawn_id, zygote_pid, uid, gid, procs, fds_by_name,
-                           self.base_path, self.preloaded, self.runtime_dists)
+                return Job(spawn_id, zygote_pid, uid, gid, procs, sandbox, nofile,
+                           self.pidfd, fds_by_name, self.base_path, self.preloaded,
+                           self.runtime_dists)
             # A pidfd taken before this loop can reap the child names exactly that
             # process: the supervisor never signals a recycled pid.
             try:
@@ -341,28 +366,6 @@ def _close_fds_except(keep: set[int]) -> None:
     os.closerange(low, max(high, low))
 
 
-def _drop_privileges(uid: int, gid: int) -> None:
-    if os.geteuid() == 0:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    elif os.geteuid() != uid:
-        raise PermissionError(f"cannot become uid {uid} without root")
-    # Verify rather than trust: every id is the function's, and there is no way back.
-    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-        raise PermissionError(f"ids are {os.getresuid()}/{os.getresgid()}, not {uid}/{gid}")
-    for regain in (os.setuid, os.setgid):
-        try:
-            regain(0)
-        except PermissionError:
-            continue
-        raise PermissionError(f"{regain.__name__}(0) succeeded after dropping privileges")
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("CapPrm:", "CapEff:")) and int(line.split()[1], 16):
-                raise PermissionError(f"capabilities left: {line.strip()}")
-
-
 def _enter(job: Job) -> dict[str, Any]:
     """The privileged part, as root: own session, the given stdio, nothing else open,
     the memory cgroup, then the function's uid for good. Returns the spec."""
@@ -372,20 +375,27 @@ def _enter(job: Job) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.dup2(fds["stdout"], 1)
     os.dup2(fds["stderr"], 2)
-    _close_fds_except({0, 1, 2, fds["spec"], fds["listen"], fds["status"]})
-    if job.cgroup_procs:
-        # Before anything is allocated for the app and while still root.
-        with open(job.cgroup_procs, "w") as f:
-            f.write(str(os.getpid()))
-    _drop_privileges(job.uid, job.gid)
+    _close_fds_except({0, 1, 2, fds["spec"], fds["listen"], fds["status"], job.zygote_pidfd})
+    for procs in job.cgroup_procs:
+        # Before anything is allocated for the app and while still root. "0" is the
+        # writing process, whatever its pid in its own PID namespace.
+        with open(procs, "w") as f:
+            f.write("0")
+    if job.sandbox is not None:
+        kernel.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWIPC)
+        enter(job.sandbox)
+        lock_down(Credentials(job.uid, job.gid), nofile=job.nofile)
+    else:
+        drop_privileges(job.uid, job.gid)
     # Changing credentials made the process non-dumpable, which makes /proc/self root's;
     # a spawned isolate is dumpable again after exec. Nothing in this memory is secret:
     # the zygote never saw any function's spec.
     _prctl(PR_SET_DUMPABLE, 1)
     # After the credential change, which clears it. The parent is the zygote.
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != job.zygote_pid:
+    if select.select([job.zygote_pidfd], [], [], 0)[0]:
         os._exit(1)  # the zygote died meanwhile
+    os.close(job.zygote_pidfd)
     with os.fdopen(fds["spec"], "rb") as f:
         spec: dict[str, Any] = json.loads(f.read(MAX_SPEC_BYTES))
     for key, kind in (("env", dict), ("cwd", str), ("path", list), ("entry", str)):
