@@ -46,7 +46,7 @@ from phloem.runtimes.node.bundle import (
 from phloem.runtimes.node.provision import NODE_RUNTIME, ProvisionError, ensure_toolchain
 from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.supervisor import IsolateFailed, IsolateSpec, Supervisor
-from phloem.supervisor.memory.watchdog import WatchdogLimiter
+from phloem.supervisor.cgroups.watchdog import WatchdogLimiter
 
 
 class NodeBuilder:

@@ -26,7 +26,7 @@ from phloem.identity import Identity
 from phloem.runtimes.python import environment as pyenv
 from phloem.supervisor import IsolateSpec, Supervisor
 from phloem.supervisor.isolate import ZygoteSpawner
-from phloem.supervisor.memory.watchdog import WatchdogLimiter
+from phloem.supervisor.cgroups.watchdog import WatchdogLimiter
 from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 
 ZYGOTE_MODULE = "phloem.runtimes.python.zygote"

@@ -35,8 +35,7 @@ from phloem.identity import Identity
 from phloem.limits import FunctionLimits
 from phloem.runtimes.python import zygote as pyzygote
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
-from phloem.supervisor.memory import MemoryLimiter, MemorySlot
-from phloem.supervisor.memory._cgroup import CgroupSlot
+from phloem.supervisor.cgroups import MemoryLimiter, MemorySlot
 
 log = logging.getLogger("phloem.supervisor")
 
@@ -501,9 +500,7 @@ def _zygote_key(launch: Launch) -> tuple[tuple[str, str], str, list[str]] | None
 
 def procs_files(slot: MemorySlot) -> list[str]:
     """The ``cgroup.procs`` files a process writes its pid to, to join ``slot``."""
-    if isinstance(slot, CgroupSlot):
-        return [str(slot.directory / "cgroup.procs")]
-    return []
+    return list(slot.procs_files)
 
 
 def cgroup_procs(slot: MemorySlot) -> tuple[bool, list[str]]:
