@@ -46,13 +46,20 @@ NOT_PASSED = ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER", "PIP_CACHE_DIR
               "NPM_CONFIG_CACHE", "npm_config_prefix", "NPM_CONFIG_PREFIX")
 
 
+def _in_system_dir(path: str) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS)
+
+
 def tool_mounts(executable: str | Path) -> list[Path]:
-    """What a sandbox must show for ``executable`` to run: nothing when it lives in a
-    system directory, else its installation prefix (``<prefix>/bin/<name>``)."""
-    real = os.path.realpath(executable)
-    if any(real == d or real.startswith(d + "/") for d in SYSTEM_DIRS):
-        return []
-    return [Path(real).parent.parent]
+    """What a sandbox must show for ``executable`` to run: the installation prefix
+    (``<prefix>/bin/<name>``) of the path and of what it links to (a virtualenv's
+    python), unless they are in system directories, which every sandbox shows."""
+    out = []
+    for path in (os.path.abspath(executable), os.path.realpath(executable)):
+        prefix = Path(path).parent.parent
+        if not _in_system_dir(path) and prefix not in out:
+            out.append(prefix)
+    return out
 
 
 class BuildRunner:
@@ -143,7 +150,7 @@ class SandboxRunner(BuildRunner):
             argv=[str(a) for a in argv], env=dict(env), cwd=str(cwd),
             uid=self.identity.uid, gid=self.identity.gid,
             sandbox=sandbox.SandboxSpec(
-                root_dir=str(self.root_dir), ro=_unique(ro), rw=_unique(rw),
+                root_dir=str(self.root_dir), ro=_shown(ro), rw=_unique(rw),
                 tmp_mb=self.tmp_mb, cwd=str(cwd)))
         launcher, job_fd = job.launcher()
         try:
@@ -160,6 +167,11 @@ DIRECT = BuildRunner()
 
 def _unique(paths: Sequence[Path | str]) -> list[str]:
     return list(dict.fromkeys(str(p) for p in paths))
+
+
+def _shown(paths: Sequence[Path | str]) -> list[str]:
+    """``paths`` minus those every sandbox shows anyway."""
+    return [p for p in _unique(paths) if not _in_system_dir(os.path.abspath(p))]
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:

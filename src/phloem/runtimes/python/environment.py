@@ -9,7 +9,7 @@
 * the **interpreter**: phloem's own when isolates can execute it, else a system Python of
   the same major.minor (as root, isolates cannot reach a virtualenv under ``/root``).
 
-All three are world-readable: they hold public packages, never secrets.
+All are world-readable: they hold public packages, never secrets.
 """
 
 from __future__ import annotations
