@@ -51,7 +51,7 @@ def check_member(member: tarfile.TarInfo) -> None:
                           "(no devices or fifos)")
     if member.isdir():
         member.mode = 0o755
-    elif member.isreg():
+    elif member.isreg() or member.islnk():  # a hard link's mode is set on its target
         member.mode = 0o755 if member.mode & 0o111 else 0o644
 
 
