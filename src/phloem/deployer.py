@@ -1,10 +1,13 @@
 """Deploying functions: build an artifact into a runnable deployment, switch traffic to
 it only once it is known to start, and keep the routing table the gateway reads.
 
-A build unpacks the artifact, installs ``requirements.txt`` into a cached environment and
-imports the entry in a throw-away process as the function's own uid with the real env. Any
-failure marks the deployment ``failed`` with the reason, and the previous deployment
-keeps serving.
+A build unpacks the artifact, installs ``requirements.txt`` into a cached environment (or
+bundles a Node function with its npm dependencies) and imports the entry in a throw-away
+process as the function's own uid with the real env. As root, unpacking, pip, npm and
+esbuild run as the build user in sandboxes (``phloem.runtimes.build``) that show them the
+function's source and their own output, never the data dir, its secrets or other
+functions. Any failure marks the deployment ``failed`` with the reason, and the previous
+deployment keeps serving.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,6 +30,7 @@ from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store, n
 from phloem.identity import Identity, make_dir
 from phloem.limits import check_limits
 from phloem.paths import DataPaths
+from phloem.runtimes.build import DIRECT, BuildRunner, SandboxRunner, failure, tool_mounts
 from phloem.runtimes.node.bundle import (
     BundleError,
     bundle,
@@ -36,6 +41,7 @@ from phloem.runtimes.node.bundle import (
 from phloem.runtimes.node.provision import NODE_RUNTIME, ProvisionError, ensure_toolchain
 from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.runtimes.python import environment as pyenv
+from phloem.runtimes.unpack import UnpackError, check_tree
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
 from phloem.sandbox import available as sandbox_unavailable
 from phloem.secrets import SecretBox
@@ -99,6 +105,13 @@ class Deployer:
         #: Why isolates run without a sandbox (None: they run in one).
         self.sandbox_off: str | None = (sandbox_unavailable() if settings.sandbox
                                         else "turned off (--no-sandbox)")
+        self.build_identity = Identity.build(settings.isolate_uid_base)
+        #: Runs every build step: in a sandbox as the build user whenever isolates get
+        #: one, else directly (see docs/architecture.md, Builds).
+        self.runner: BuildRunner = DIRECT if self.sandbox_off else SandboxRunner(
+            self.build_identity, paths.sandbox_root, paths.build_caches)
+        self._build_python: Path | None = None
+        self._build_python_lock = threading.Lock()
 
     # -- addressing ----------------------------------------------------------
     def invocation_url(self, branch_id: str, slug: str) -> str:
@@ -247,26 +260,30 @@ class Deployer:
             lines.append(f"[{time.monotonic() - started:6.2f}s] {line}")
 
         dep_dir = self.paths.deployment_dir(dep.id)
+        app = dep_dir / "app"
         try:
             log(f"unpacking artifact {dep.artifact_sha256[:12]}")
             ident = self.identity(fn)
-            await asyncio.to_thread(self._unpack, dep, dep_dir, ident)
+            await asyncio.to_thread(self._unpack, dep, dep_dir)
             if dep.runtime == NODE_RUNTIME:
                 async with self._env_locks.setdefault("node-toolchain", asyncio.Lock()):
                     await asyncio.to_thread(self.node_toolchain, log)
                 await asyncio.to_thread(self._build_node, dep, dep_dir, ident, log)
+                await asyncio.to_thread(_restrict_to, app, ident)
                 spec = self.spec_for(branch, fn, dep)
                 log("checking the bundle's default export")
                 await asyncio.to_thread(self._check_entry, spec)
             else:
-                req_file = dep_dir / "app" / "requirements.txt"
-                requirements = req_file.read_text() if req_file.is_file() else ""
+                requirements = _read_requirements(app)
                 key = pyenv.requirements_key(requirements)
+                pip = await asyncio.to_thread(self._pip)
                 async with self._env_locks.setdefault(key, asyncio.Lock()):
                     env_dir = await asyncio.to_thread(
-                        pyenv.ensure_function_env, self.paths.python_envs, requirements, log)
+                        pyenv.ensure_function_env, self.paths.python_envs, requirements, log,
+                        source=app, runner=self.runner, pip=pip)
                 if env_dir is not None:
                     (dep_dir / "env").symlink_to(env_dir)
+                await asyncio.to_thread(_restrict_to, app, ident)
                 spec = self.spec_for(branch, fn, dep)
                 log(f"checking entry {dep.entry!r}")
                 await asyncio.to_thread(self._check_entry, spec)
@@ -301,19 +318,59 @@ class Deployer:
         await self.supervisor.retire(deployment_id)
         await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(deployment_id), True)
 
-    def _unpack(self, dep: DeploymentRow, dep_dir: Path, ident: Identity) -> None:
+    def _unpack(self, dep: DeploymentRow, dep_dir: Path) -> None:
+        """Unpack the artifact into ``dep_dir/app``, readable by the build user until the
+        build restricts it to the function. As root the build user unpacks it in a
+        sandbox where only ``app`` is writable (the archive comes on stdin)."""
         shutil.rmtree(dep_dir, ignore_errors=True)
         make_dir(dep_dir.parent, 0o711)
         make_dir(dep_dir, 0o711)
         app = dep_dir / "app"
-        self.artifacts.extract(dep.artifact_sha256, app)
-        _restrict_to(app, ident)
+        if not self.runner.sandboxed:
+            self.artifacts.extract(dep.artifact_sha256, app)
+        else:
+            tools = self.build_python()
+            self.runner.output_dir(app)
+            with open(self.artifacts.path(dep.artifact_sha256), "rb") as artifact:
+                try:
+                    proc = self.runner.run(
+                        [self.isolate_python, "-I", "-S", tools / pyenv.UNPACK_SCRIPT, app],
+                        cwd=app, env=self.runner.env(), stdin=artifact,
+                        ro=[tools, *tool_mounts(self.isolate_python)], rw=[app],
+                        timeout=UNPACK_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    raise ArtifactError(f"artifact: unpacking took longer than "
+                                        f"{UNPACK_TIMEOUT_S} s") from None
+                finally:
+                    self.runner.reclaim(app)
+            if proc.returncode != 0:
+                raise ArtifactError(failure(proc))
+        # Links are checked once all exist (a chain of links can hide where it points);
+        # only then does the platform read files of the source.
+        try:
+            check_tree(str(app))
+        except UnpackError as exc:
+            raise ArtifactError(f"artifact: {exc}") from None
+        _restrict_to(app, self.build_identity)
+
+    def build_python(self) -> Path:
+        """pip and the unpacker for build steps (see ``pyenv.ensure_build_python``)."""
+        with self._build_python_lock:
+            if self._build_python is None:
+                self._build_python = pyenv.ensure_build_python(self.paths.build_python)
+            return self._build_python
+
+    def _pip(self) -> pyenv.Pip | None:
+        """The isolates' interpreter with phloem's pip, as the build user runs it."""
+        if not self.runner.sandboxed:
+            return None  # phloem's own interpreter, as the current user
+        return pyenv.Pip(self.isolate_python, self.build_python())
 
     # -- Node --------------------------------------------------------------------
     def node_toolchain(self, log: Callable[[str], None] | None = None) -> tuple[Path, Path, Path]:
         """Node 24, esbuild and the host program, provisioned once under the data dir."""
         if self._node_tools is None:
-            self._node_tools = ensure_toolchain(self.paths.root / "runtime" / "node",
+            self._node_tools = ensure_toolchain(self.paths.node_tools,
                                                 log or (lambda _: None))
         return self._node_tools
 
@@ -323,13 +380,14 @@ class Deployer:
         app = dep_dir / "app"
         entry = dep.entry or find_entry(app)
         log(f"bundling {entry} with esbuild")
-        modules = install_dependencies(app, self.paths.root / "envs" / "node", node, log,
-                                       substitutes=install_substitutes())
+        modules = install_dependencies(app, self.paths.node_envs, node, log,
+                                       substitutes=install_substitutes(), runner=self.runner)
         out = dep_dir / "bundle" / "bundle.mjs"
         node_paths = [modules] if modules else []
         bundle(esbuild, app, entry, out, node_paths,
                external=native_packages(modules) if modules else [],
-               alias=bundle_aliases([app / "node_modules", *node_paths]), log=log)
+               alias=bundle_aliases([app / "node_modules", *node_paths]), log=log,
+               runner=self.runner)
         _restrict_to(out.parent, ident)
 
     def _check_entry(self, spec: IsolateSpec) -> None:
@@ -405,6 +463,19 @@ class Deployer:
 
 class BuildError(RuntimeError):
     pass
+
+
+UNPACK_TIMEOUT_S = 300
+
+
+def _read_requirements(app: Path) -> str:
+    path = app / "requirements.txt"
+    if not path.is_file():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BuildError("requirements.txt: must be UTF-8 text") from None
 
 
 def check_node_entry(entry: str) -> str:

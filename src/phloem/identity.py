@@ -3,7 +3,8 @@
 As root, PostgreSQL runs as a dedicated system user and each function's isolates run as
 their own uid (``isolate_uid_base + function number``, no passwd entry needed, like
 systemd's DynamicUser), so an isolate can read neither cluster files, keys, credentials
-nor other functions' artifacts. As any other user, everything runs as that user.
+nor other functions' artifacts. Builds run as one more such uid, just below the isolates'
+(``Identity.build``). As any other user, everything runs as that user.
 
     ident = Identity.service("phloem")        # creates the system user when root
     subprocess.run(cmd, **ident.popen_kwargs())
@@ -61,6 +62,14 @@ class Identity:
             return Identity.current()
         uid = base + function_number
         return Identity(uid, uid)
+
+    @staticmethod
+    def build(base: int) -> Identity:
+        """The uid and gid every build step runs as (dependency installs, bundling,
+        unpacking): ``isolate_uid_base - 1`` when root, else the current user."""
+        if os.geteuid() != 0:
+            return Identity.current()
+        return Identity(base - 1, base - 1)
 
     @property
     def is_self(self) -> bool:

@@ -68,6 +68,24 @@ class DataPaths:
     def python_runtime(self) -> Path:
         return self.root / "runtime" / "python"
 
+    @property
+    def build_python(self) -> Path:
+        """pip (and the unpack step) for build steps, readable by the build user."""
+        return self.root / "runtime" / "build-python"
+
+    @property
+    def node_tools(self) -> Path:
+        return self.root / "runtime" / "node"
+
+    @property
+    def node_envs(self) -> Path:
+        return self.root / "envs" / "node"
+
+    @property
+    def build_caches(self) -> Path:
+        """Download caches shared by all builds (``pip``, ``npm``), the build user's."""
+        return self.root / "cache"
+
     def home(self, uid: int) -> Path:
         return self.root / "homes" / str(uid)
 

@@ -30,20 +30,26 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from phloem.fsutil import make_world_readable
+from phloem.identity import make_dir
+from phloem.runtimes.build import DIRECT, BuildRunner, failure, mark_complete, tool_mounts
 from phloem.runtimes.node.provision import (
     NODE_MAJOR,
+    NPM_QUIET,
     ProvisionError,
+    npm_package_dir,
     run_npm,
 )
 
 ENTRY_CANDIDATES = ("index.ts", "index.mjs", "index.js",
                     "src/index.ts", "src/index.mjs", "src/index.js")
 LOCKFILES = ("npm-shrinkwrap.json", "package-lock.json")
+NPM_TIMEOUT_S = 900
 
 #: Gives the ES module bundle a CommonJS ``require`` for dependencies that need one
 #: (esbuild's ``__require`` shim calls it for ``require("node:fs")`` and the like).
@@ -117,7 +123,8 @@ def dependencies_key(app_dir: Path, substitutes: Mapping[str, Path] | None = Non
 
 def install_dependencies(app_dir: Path, cache_dir: Path, node: Path | None = None,
                          log: Log | None = None,
-                         substitutes: Mapping[str, Path] | None = None) -> Path | None:
+                         substitutes: Mapping[str, Path] | None = None,
+                         runner: BuildRunner = DIRECT) -> Path | None:
     """``npm install`` the runtime dependencies of ``app_dir/package.json`` into
     ``cache_dir/<key>/node_modules`` (once per key) and return that ``node_modules``;
     ``None`` when the project declares no dependencies.
@@ -125,6 +132,8 @@ def install_dependencies(app_dir: Path, cache_dir: Path, node: Path | None = Non
     ``substitutes`` maps package names to local package directories installed instead of
     the registry's (for names npm does not have, e.g. phloem's ``@neon/functions``).
     ``node`` (Node 24) is put first on npm's PATH so ``engines`` are judged against it.
+    ``runner`` runs npm (as the build user in a sandbox showing node, npm, the
+    substitutes, the build directory and npm's cache; ``node`` is required then).
     """
     say = log or (lambda _line: None)
     package = read_package_json(app_dir)
@@ -139,11 +148,8 @@ def install_dependencies(app_dir: Path, cache_dir: Path, node: Path | None = Non
     if (target / ".complete").exists():
         say(f"dependencies: cached node_modules {key}")
         return target / "node_modules"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(cache_dir, 0o755)
-    tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    make_dir(cache_dir, 0o755)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_dir))
     try:
         if used:
             for field in ("dependencies", "optionalDependencies"):
@@ -159,13 +165,18 @@ def install_dependencies(app_dir: Path, cache_dir: Path, node: Path | None = Non
             if (app_dir / name).is_file():
                 shutil.copyfile(app_dir / name, tmp / name)
         say(f"dependencies: npm install ({len(deps)} packages in package.json)")
-        try:
-            run_npm(["install", "--omit=dev", "--no-audit", "--no-fund", "--ignore-scripts",
-                     "--install-links"], tmp, node, "package.json")
-        except ProvisionError as exc:
-            raise DependencyError(str(exc)) from None
+        args = ["install", "--omit=dev", "--no-audit", "--no-fund", "--ignore-scripts",
+                "--install-links"]
+        if runner.sandboxed:
+            _sandboxed_npm(runner, args, tmp, node, [p.resolve() for p in used.values()])
+        else:
+            try:
+                run_npm(args, tmp, node, "package.json")
+            except ProvisionError as exc:
+                raise DependencyError(str(exc)) from None
+        runner.reclaim(tmp)
         (tmp / "node_modules").mkdir(exist_ok=True)
-        (tmp / ".complete").write_text("")
+        mark_complete(tmp)
         make_world_readable(tmp)
         try:
             tmp.rename(target)
@@ -176,6 +187,28 @@ def install_dependencies(app_dir: Path, cache_dir: Path, node: Path | None = Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target / "node_modules"
+
+
+def _sandboxed_npm(runner: BuildRunner, args: list[str], work: Path, node: Path | None,
+                   reads: list[Path], timeout: float = NPM_TIMEOUT_S) -> None:
+    """``node npm-cli.js args`` in ``work`` as a build step (see ``run_npm``)."""
+    if node is None:
+        raise DependencyError("package.json: a sandboxed npm install needs the node binary")
+    npm = npm_package_dir()
+    cache = runner.cache("npm")
+    runner.own(work)
+    env = runner.env({**NPM_QUIET, "npm_config_cache": str(cache),
+                      "PATH": f"{node.parent}:/usr/local/bin:/usr/bin:/bin"})
+    try:
+        proc = runner.run([node, npm / "bin" / "npm-cli.js", *args], cwd=work, env=env,
+                          ro=[*tool_mounts(node), npm, *reads],
+                          rw=[work, *([cache] if cache else [])], timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DependencyError(f"package.json: npm {args[0]} timed out after "
+                              f"{timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise DependencyError(f"package.json: npm {args[0]} failed (exit "
+                              f"{proc.returncode}):\n{failure(proc)}")
 
 
 def _packages(node_modules: Path) -> list[tuple[str, Path]]:
@@ -215,7 +248,7 @@ def _package_dir(name: str, roots: Sequence[Path]) -> Path | None:
 def bundle(esbuild: Path, app_dir: Path, entry: str, out_file: Path,
            node_paths: Sequence[Path] = (), *, external: Sequence[str] = (),
            alias: Mapping[str, str] | None = None, log: Log | None = None,
-           timeout: float = 300) -> None:
+           timeout: float = 300, runner: BuildRunner = DIRECT) -> None:
     """Bundle ``app_dir/entry`` and what it imports into the ES module ``out_file``.
 
     ``node_paths``: extra ``node_modules`` directories to resolve packages from (the
@@ -223,27 +256,35 @@ def bundle(esbuild: Path, app_dir: Path, entry: str, out_file: Path,
     (native addons); the ``node_modules`` that holds them is copied next to ``out_file``.
     ``alias``: esbuild ``--alias`` substitutions (``{"@neon/functions": "/path"}``).
     Raises :class:`BundleError` with esbuild's messages (file:line:column) on failure;
-    warnings go to ``log``.
+    warnings go to ``log``. ``runner`` runs esbuild (as the build user in a sandbox that
+    shows only the source, ``node_paths``, the aliased packages and the output
+    directory, so an import of anything else, e.g. the platform's secrets, cannot be
+    resolved and never reaches the bundle).
     """
     if not (app_dir / entry).is_file():
         raise BundleError(f"entry: {entry} does not exist in the function's source")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+    runner.output_dir(out_file.parent)
     cmd = [str(esbuild), entry, "--bundle", "--platform=node", "--format=esm",
            f"--target=node{NODE_MAJOR}", f"--outfile={out_file}", f"--banner:js={BANNER}",
            "--log-level=warning", "--color=false", "--legal-comments=none",
            "--log-limit=20", "--charset=utf8"]
     cmd += [f"--external:{name}" for name in external]
     cmd += [f"--alias:{name}={target}" for name, target in (alias or {}).items()]
-    env = {k: v for k, v in os.environ.items() if k != "NODE_PATH"}
+    env = {k: v for k, v in runner.env().items() if k != "NODE_PATH"}
     if node_paths:
         env["NODE_PATH"] = os.pathsep.join(str(p) for p in node_paths)
+    # What esbuild may read: the source, the dependencies, the substituted packages.
+    reads = [app_dir, *node_paths, *(Path(p) for p in (alias or {}).values()),
+             *tool_mounts(esbuild)]
     try:
-        proc = subprocess.run(cmd, cwd=app_dir, env=env, capture_output=True, text=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        proc = runner.run(cmd, cwd=app_dir, env=env, ro=reads, rw=[out_file.parent],
+                          timeout=timeout)
     except subprocess.TimeoutExpired:
         raise BundleError(f"esbuild: timed out after {timeout:.0f} s") from None
     except OSError as exc:
         raise BundleError(f"esbuild: could not run {esbuild}: {exc}") from None
+    finally:
+        runner.reclaim(out_file.parent)
     output = (proc.stderr + proc.stdout).strip()
     if proc.returncode != 0:
         message = output or f"esbuild failed with exit code {proc.returncode}"

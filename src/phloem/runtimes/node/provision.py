@@ -96,6 +96,16 @@ def find_npm() -> str:
     return npm
 
 
+#: npm settings for every run: quiet, no update checks.
+NPM_QUIET: Mapping[str, str] = {
+    "npm_config_update_notifier": "false",
+    "npm_config_fund": "false",
+    "npm_config_audit": "false",
+    "npm_config_loglevel": "error",
+    "npm_config_progress": "false",
+}
+
+
 def npm_env(node: Path | None = None) -> dict[str, str]:
     """Environment for running npm: quiet, no update checks, and (when ``node`` is given)
     that node first on PATH, so npm runs on it and judges ``engines`` and optional
@@ -103,14 +113,22 @@ def npm_env(node: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if node is not None:
         env["PATH"] = f"{Path(node).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({
-        "npm_config_update_notifier": "false",
-        "npm_config_fund": "false",
-        "npm_config_audit": "false",
-        "npm_config_loglevel": "error",
-        "npm_config_progress": "false",
-    })
+    env.update(NPM_QUIET)
     return env
+
+
+def npm_package_dir() -> Path:
+    """The directory of the npm installation ``npm`` on PATH runs (holding
+    ``bin/npm-cli.js``), so npm can be run as ``node npm-cli.js`` in a sandbox that
+    shows only that directory and node."""
+    start = Path(os.path.realpath(find_npm()))
+    for directory in start.parents:
+        # npm-cli.js itself (a link to it), or a wrapper script in <prefix>/bin.
+        for candidate in (directory, directory / "lib" / "node_modules" / "npm"):
+            if (candidate / "bin" / "npm-cli.js").is_file():
+                return candidate
+    raise ProvisionError(f"nodejs24: cannot find npm-cli.js of the npm at {start}; "
+                         "install npm from Node's own distribution or the OS packages")
 
 
 def run_npm(args: Sequence[str], cwd: Path, node: Path | None, what: str,

@@ -3,11 +3,13 @@
 * the **runtime**: uvicorn and what it needs, plus phloem's host and helper modules, copied
   from phloem's own installation into ``runtime/python/<key>`` (no network at start-up);
 * a **function environment** per distinct ``requirements.txt``: ``pip install --target``
-  into ``envs/python/<sha256 of requirements + Python version>``, built once and shared;
+  into ``envs/python/<sha256 of requirements + Python version>``, built once and shared,
+  by the build user in a sandbox (``phloem.runtimes.build``) with the pip copied into
+  ``runtime/build-python/<key>``;
 * the **interpreter**: phloem's own when isolates can execute it, else a system Python of
   the same major.minor (as root, isolates cannot reach a virtualenv under ``/root``).
 
-All three are world-readable: they hold public packages, never secrets.
+All are world-readable: they hold public packages, never secrets.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.markers import default_environment
@@ -27,8 +31,15 @@ from packaging.requirements import Requirement
 
 import phloem
 from phloem.fsutil import make_world_readable
+from phloem.identity import make_dir
+from phloem.runtimes.build import DIRECT, BuildRunner, mark_complete, tool_mounts
 
 RUNTIME_DISTRIBUTIONS = ("uvicorn", "httptools", "uvloop", "websockets")
+#: What build steps need from phloem's installation: pip, run as the build user.
+BUILD_DISTRIBUTIONS = ("pip",)
+#: The artifact unpacker (``phloem/runtimes/unpack.py``) in the build-python directory.
+UNPACK_SCRIPT = "unpack.py"
+PIP_TIMEOUT_S = 900
 
 # phloem files an isolate imports; each must import only the standard library and uvicorn.
 RUNTIME_MODULES = (
@@ -72,13 +83,13 @@ def _closure(names: tuple[str, ...]) -> list[md.Distribution]:
     return list(seen.values())
 
 
-def ensure_runtime(base: Path) -> Path:
-    """Build (once per content) and return the runtime directory for isolates."""
-    package_root = Path(phloem.__file__).parent
-    dists = _closure(RUNTIME_DISTRIBUTIONS)
+def _copy_distributions(base: Path, dists: list[md.Distribution],
+                        files: dict[str, Path]) -> Path:
+    """``base/<hash of the contents>/`` holding ``dists`` and ``files`` (destination ->
+    source), built once and world-readable."""
     h = hashlib.sha256(phloem.__version__.encode())
-    for rel in RUNTIME_MODULES:
-        h.update(rel.encode() + (package_root / rel).read_bytes())
+    for rel, src in sorted(files.items()):
+        h.update(rel.encode() + src.read_bytes())
     for d in sorted(dists, key=lambda d: d.metadata["Name"]):
         h.update(f"{d.metadata['Name']}=={d.version}".encode())
     target = base / h.hexdigest()[:16]
@@ -96,9 +107,9 @@ def ensure_runtime(base: Path) -> Path:
             if src.is_file():
                 (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, tmp / dest)
-    for rel in RUNTIME_MODULES:
-        (tmp / "phloem" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(package_root / rel, tmp / "phloem" / rel)
+    for rel, src in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, tmp / rel)
     make_world_readable(tmp)
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o755)
@@ -109,46 +120,132 @@ def ensure_runtime(base: Path) -> Path:
     return target
 
 
-def requirements_key(requirements: str) -> str:
+def ensure_runtime(base: Path) -> Path:
+    """Build (once per content) and return the runtime directory for isolates."""
+    package_root = Path(phloem.__file__).parent
+    return _copy_distributions(base, _closure(RUNTIME_DISTRIBUTIONS),
+                               {f"phloem/{rel}": package_root / rel for rel in RUNTIME_MODULES})
+
+
+def ensure_build_python(base: Path) -> Path:
+    """Build (once per content) and return the directory build steps run Python tools
+    from: pip (the isolates' interpreter, e.g. Debian's, may have none) and
+    ``unpack.py``. World-readable, so the build user can run them."""
+    package_root = Path(phloem.__file__).parent
+    return _copy_distributions(base, _closure(BUILD_DISTRIBUTIONS),
+                               {UNPACK_SCRIPT: package_root / "runtimes" / "unpack.py"})
+
+
+#: Requirement lines that name files of the function's source, resolved against it:
+#: ``./pkg``, ``/abs``, ``file:``, ``name @ file:...``, ``-r``/``-c`` includes, ``-e``,
+#: ``-f`` (find-links).
+_SOURCE_REFERENCE = re.compile(
+    r"^\s*(?:-[rcef]\b|--(?:requirement|constraint|editable|find-links)\b|\.|/|file:)"
+    r"|@\s*file:", re.MULTILINE)
+
+
+def references_source(requirements: str) -> bool:
+    return bool(_SOURCE_REFERENCE.search(requirements))
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(dirpath) / name
+            h.update(str(p.relative_to(root)).encode() + b"\0")
+            h.update(os.readlink(p).encode() if p.is_symlink() else p.read_bytes())
+    return h.hexdigest()
+
+
+def requirements_key(requirements: str, source: Path | None = None) -> str:
+    """Cache key of an environment: the Python version and the requirements, plus the
+    contents of ``source`` when the requirements refer to files in it."""
     tag = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return hashlib.sha256(f"python{tag}\n{requirements}".encode()).hexdigest()[:24]
+    h = hashlib.sha256(f"python{tag}\n{requirements}".encode())
+    if source is not None and references_source(requirements):
+        h.update(b"\0source\0" + _tree_digest(source).encode())
+    return h.hexdigest()[:24]
 
 
-def ensure_function_env(base: Path, requirements: str,
-                        log: Callable[[str], None]) -> Path | None:
+@dataclass(frozen=True)
+class Pip:
+    """``python -m pip``; with ``path`` (from :func:`ensure_build_python`) the pip found
+    there, not the interpreter's own."""
+
+    python: str
+    path: Path | None = None
+
+    def argv(self, *args: str) -> list[str]:
+        flags = ["-s"] if self.path is not None else []
+        return [self.python, *flags, "-m", "pip", *args]
+
+    def mounts(self) -> list[Path]:
+        return [*tool_mounts(self.python), *([self.path] if self.path else [])]
+
+
+def ensure_function_env(base: Path, requirements: str, log: Callable[[str], None], *,
+                        source: Path | None = None, runner: BuildRunner = DIRECT,
+                        pip: Pip | None = None) -> Path | None:
     """Install ``requirements`` into a shared, cached target directory. ``None`` when
-    there is nothing to install."""
+    there is nothing to install.
+
+    ``source`` (the function's unpacked code) is where paths in the requirements
+    resolve; pip then works in a copy of it. ``runner`` runs pip (as the build user in a
+    sandbox showing only pip, that copy, the output and the pip cache); ``pip`` says
+    which pip (default: phloem's own interpreter's)."""
     if not requirements.strip():
         return None
-    target = base / requirements_key(requirements)
+    key = requirements_key(requirements, source)
+    target = base / key
     if (target / ".complete").exists():
         log(f"dependencies: cached environment {target.name}")
         return target
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o755)
-    tmp = base / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    req_file = tmp / "requirements.txt"
-    req_file.write_text(requirements)
-    log("dependencies: pip install -r requirements.txt")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-         "--no-input", "--quiet", "--target", str(tmp / "site"), "-r", str(req_file)],
-        capture_output=True, text=True, check=False, timeout=900,
-    )
-    out = (proc.stdout + proc.stderr).strip()
-    out = "\n".join(line for line in out.splitlines() if "is ignored: it is neither" not in line)
-    if out:
-        log(out)
-    if proc.returncode != 0:
+    make_dir(base, 0o755)
+    pip = pip or Pip(sys.executable)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=base))
+    try:
+        work = tmp
+        if source is not None and references_source(requirements):
+            work = tmp / "src"
+            shutil.copytree(source, work, symlinks=True)
+        else:
+            (tmp / "requirements.txt").write_text(requirements)
+        runner.own(tmp)
+        cache = runner.cache("pip")
+        extra = {"PYTHONNOUSERSITE": "1"} if runner.sandboxed else {}
+        if pip.path is not None:
+            extra["PYTHONPATH"] = str(pip.path)
+        if cache is not None:
+            extra["PIP_CACHE_DIR"] = str(cache)
+        log("dependencies: pip install -r requirements.txt")
+        try:
+            proc = runner.run(
+                pip.argv("install", "--disable-pip-version-check", "--no-input", "--quiet",
+                         "--target", str(tmp / "site"), "-r", "requirements.txt"),
+                cwd=work, env=runner.env(extra), ro=pip.mounts(),
+                rw=[tmp, *([cache] if cache else [])], timeout=PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise EnvironmentError_(f"requirements.txt: pip install took longer than "
+                                    f"{PIP_TIMEOUT_S} s") from None
+        runner.reclaim(tmp)
+        out = (proc.stdout + proc.stderr).strip()
+        out = "\n".join(line for line in out.splitlines()
+                        if "is ignored: it is neither" not in line)
+        if out:
+            log(out)
+        if proc.returncode != 0:
+            raise EnvironmentError_(f"requirements.txt: pip install failed (exit "
+                                    f"{proc.returncode}):\n{out[-4000:]}")
+        if work != tmp:
+            shutil.rmtree(work)
+        mark_complete(tmp)
+        make_world_readable(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EnvironmentError_(f"requirements.txt: pip install failed (exit "
-                                f"{proc.returncode}):\n{out[-4000:]}")
-    (tmp / ".complete").write_text("")
-    make_world_readable(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
     return target
 
 
