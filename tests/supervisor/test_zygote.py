@@ -25,8 +25,8 @@ import pytest
 from phloem.identity import Identity
 from phloem.runtimes.python import environment as pyenv
 from phloem.supervisor import IsolateSpec, Supervisor
-from phloem.supervisor.isolate import ZygoteSpawner
 from phloem.supervisor.cgroups.watchdog import WatchdogLimiter
+from phloem.supervisor.isolate import ZygoteSpawner
 from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 
 ZYGOTE_MODULE = "phloem.runtimes.python.zygote"
