@@ -4,6 +4,7 @@ As root, PostgreSQL runs as a dedicated system user and each function's isolates
 their own uid (``isolate_uid_base + function number``, no passwd entry needed, like
 systemd's DynamicUser), so an isolate can read neither cluster files, keys, credentials
 nor other functions' artifacts. As any other user, everything runs as that user.
+Builds run as the uid just below the isolates' (``build_identity``).
 
     ident = Identity.service("phloem")        # creates the system user when root
     subprocess.run(cmd, **ident.popen_kwargs())
@@ -18,6 +19,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+#: Isolate uids are ``[base, base + ISOLATE_UIDS)``; network rules confine that range.
+ISOLATE_UIDS = 1 << 20
 
 
 class IdentityError(RuntimeError):
@@ -87,6 +92,23 @@ class Identity:
         if not self.is_self or os.geteuid() == 0:
             os.chown(path, self.uid, self.gid)
         os.chmod(path, mode)
+
+
+def build_uid(base: int) -> int:
+    """The uid builds (dependency installs, bundling, import checks) run as: ``base - 1``,
+    reserved next to the isolates' range so one network rule covers both."""
+    return base - 1
+
+
+def build_identity(base: int) -> Identity:
+    """Who builds run as: ``build_uid(base)`` as root, else the current user.
+
+        subprocess.run(["pip", "install", ...], **build_identity(1_500_000).popen_kwargs())
+    """
+    if os.geteuid() != 0:
+        return Identity.current()
+    uid = build_uid(base)
+    return Identity(uid, uid)
 
 
 def make_dir(path: Path, mode: int, owner: Identity | None = None) -> Path:
