@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 #: Isolate uids are ``[base, base + ISOLATE_UIDS)``; network rules confine that range.
 ISOLATE_UIDS = 1 << 20
 
