@@ -6,6 +6,7 @@ only the rules can explain)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -16,13 +17,15 @@ from typing import Any
 
 import pytest
 
-from phloem.firewall import find_nft, table_name
+from phloem.firewall import ConfinedUids, NftablesFirewall, find_nft, table_name
+from phloem.firewall.nftables import render_table
 from phloem.identity import build_uid
 from phloem.testing import (
     PlatformProcess,
     free_port,
     host_of,
     new_data_dir,
+    pick_isolate_uid_base,
     platform_process,
 )
 
@@ -124,6 +127,70 @@ def assert_refused(results: dict[tuple[str, int], dict[str, Any]],
         assert connects_from_here(*t), f"{t} must be listening for the check to mean much"
         got = results[t]
         assert got["result"] == "refused" and got["ms"] < FAST_MS, (t, got)
+
+
+# -- the nftables backend alone -------------------------------------------------------
+@pytest.fixture
+def backend() -> Iterator[NftablesFirewall]:
+    assert NFT is not None
+    data_dir = new_data_dir()
+    fw = NftablesFirewall(NFT, data_dir, ConfinedUids.for_base(pick_isolate_uid_base()))
+    yield fw
+    subprocess.run([NFT, "-f", "-"], input=f"table inet {fw.table}\n"
+                   f"delete table inet {fw.table}\n", text=True, check=False)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_backend_changes_only_the_elements_asked_for(backend: NftablesFirewall) -> None:
+    a, b = backend.uids.isolate_first + 1, backend.uids.isolate_first + 2
+    await backend.start([8787], {a: {100, 101}})
+    assert backend.state == "active"
+    assert function_ports(backend.table) == {(a, 100), (a, 101)}
+    await backend.allow_function(a, {102})  # a redeploy elsewhere replaces, never adds
+    await backend.allow_function(b, {100})
+    assert function_ports(backend.table) == {(a, 102), (b, 100)}
+    await backend.forget_function(a)
+    await backend.forget_function(a)  # already gone: nothing to do, no error
+    assert function_ports(backend.table) == {(b, 100)}
+    assert backend.describe()["functions"] == 1
+    await backend.stop()
+    assert backend.table not in tables()
+    assert backend.state == "unavailable: stopped"
+
+
+async def test_backend_that_cannot_run_nft_says_why(tmp_path: Path) -> None:
+    fw = NftablesFirewall("/nonexistent/nft", tmp_path, ConfinedUids.for_base(2_000_000))
+    await fw.start([8787], {2_000_001: {100}})
+    assert fw.state.startswith(f"unavailable: could not install table inet {fw.table}: "
+                               "could not run /nonexistent/nft"), fw.state
+    await fw.allow_function(2_000_002, {100})  # no rules: nothing to change, no error
+    await fw.stop()
+
+
+async def test_backend_removes_tables_of_gone_data_dirs_and_warns_of_overlaps(
+        backend: NftablesFirewall, caplog: pytest.LogCaptureFixture) -> None:
+    assert NFT is not None
+    base = backend.uids.isolate_first
+    gone = Path(new_data_dir())
+    shutil.rmtree(gone)
+    live = new_data_dir()
+    leftover, other = table_name(gone), table_name(live)
+    for table, data_dir in ((leftover, gone), (other, live)):
+        script = render_table(table, backend.uids, [1], {},
+                              f"phloem uid_base={base} data_dir={data_dir}")
+        subprocess.run([NFT, "-f", "-"], input=script, text=True, check=True)
+    try:
+        with caplog.at_level(logging.WARNING, "phloem.firewall"):
+            await backend.start([8787], {})
+        assert backend.state == "active"
+        assert leftover not in tables()
+        assert other in tables()  # its data dir exists: maybe a live platform
+        assert f"table inet {other}" in caplog.text and "--isolate-uid-base" in caplog.text
+    finally:
+        subprocess.run([NFT, "-f", "-"], input=f"table inet {other}\n"
+                       f"delete table inet {other}\n", text=True, check=False)
+        shutil.rmtree(live, ignore_errors=True)
+        await backend.stop()
 
 
 # -- a platform whose API listens on every address -----------------------------------

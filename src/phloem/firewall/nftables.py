@@ -166,8 +166,11 @@ class NftablesFirewall:
         return self._state
 
     def describe(self) -> dict[str, Any]:
-        return {"state": self._state, "backend": "nftables", "table": f"inet {self.table}",
-                "functions": len(self._functions)}
+        out: dict[str, Any] = {"state": self._state, "backend": "nftables",
+                               "table": f"inet {self.table}"}
+        if self._installed:
+            out["functions"] = len(self._functions)
+        return out
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self, shared_ports: Iterable[int],
