@@ -227,7 +227,7 @@ class NftablesFirewall:
             lines.append(f"add element inet {self.table} function_ports "
                          f"{{ {', '.join(_pairs(uid, new))} }}")
         try:
-            if lines:  # one transaction: the uid never has neither set
+            if lines:  # one transaction: no moment with neither the old ports nor the new
                 await asyncio.to_thread(run_nft, self.nft, "\n".join(lines) + "\n")
         except FirewallError as exc:
             self._state = f"failing: could not {what}: {exc}"
