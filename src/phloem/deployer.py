@@ -80,8 +80,8 @@ def check_runtime(runtime: str | None) -> str:
 
 class Deployer:
     #: Awaited when a deploy has recorded its function (before the build, whose import
-    #: check runs as the function's uid) and when a function is deleted; the platform's
-    #: network rules follow them.
+    #: check runs as the function's uid) and when a deleted function's isolates are gone;
+    #: the platform's network rules follow them.
     on_function_deployed: Callable[[BranchRow, FunctionRow], Awaitable[None]] | None = None
     on_function_deleted: Callable[[FunctionRow], Awaitable[None]] | None = None
 
@@ -378,11 +378,11 @@ class Deployer:
         self.routes.pop((branch.id, slug), None)
         deployments = await self.store.list_deployments(fn.id)
         await self.store.delete_function(fn.id)
-        if self.on_function_deleted is not None:
-            await self.on_function_deleted(fn)
         for dep in deployments:
             await self.supervisor.retire(dep.id, drain_s=0)
             await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(dep.id), True)
+        if self.on_function_deleted is not None:  # after its isolates' shutdown handlers
+            await self.on_function_deleted(fn)
 
     # -- branch events -----------------------------------------------------------
     async def restart_branch(self, branch: BranchRow) -> None:
