@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,12 @@ def check_runtime(runtime: str | None) -> str:
 
 
 class Deployer:
+    #: Awaited when a deploy has recorded its function (before the build, whose import
+    #: check runs as the function's uid) and when a deleted function's isolates are gone;
+    #: the platform's network rules follow them.
+    on_function_deployed: Callable[[BranchRow, FunctionRow], Awaitable[None]] | None = None
+    on_function_deleted: Callable[[FunctionRow], Awaitable[None]] | None = None
+
     def __init__(self, settings: Settings, paths: DataPaths, store: Store,
                  artifacts: ArtifactStore, branches: BranchManager, supervisor: Supervisor,
                  runtime_dir: Path, isolate_python: str, secrets: SecretBox) -> None:
@@ -156,6 +162,8 @@ class Deployer:
         check_env(env)
         name = req.name or (existing.name if existing else req.slug)
         fn = await self.store.upsert_function(branch.id, req.slug, name, runtime)
+        if self.on_function_deployed is not None:
+            await self.on_function_deployed(branch, fn)
         dep_id = new_id("dep")
         dep = await self.store.insert_deployment(
             dep_id, fn.id, req.artifact_sha256, runtime, req.entry,
@@ -431,6 +439,8 @@ class Deployer:
         for dep in deployments:
             await self.supervisor.retire(dep.id, drain_s=0)
             await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(dep.id), True)
+        if self.on_function_deleted is not None:  # after its isolates' shutdown handlers
+            await self.on_function_deleted(fn)
 
     # -- branch events -----------------------------------------------------------
     async def restart_branch(self, branch: BranchRow) -> None:

@@ -4,7 +4,7 @@ As root, PostgreSQL runs as a dedicated system user and each function's isolates
 their own uid (``isolate_uid_base + function number``, no passwd entry needed, like
 systemd's DynamicUser), so an isolate can read neither cluster files, keys, credentials
 nor other functions' artifacts. Builds run as one more such uid, just below the isolates'
-(``Identity.build``). As any other user, everything runs as that user.
+(``Identity.build``, ``build_uid``). As any other user, everything runs as that user.
 
     ident = Identity.service("phloem")        # creates the system user when root
     subprocess.run(cmd, **ident.popen_kwargs())
@@ -19,6 +19,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+#: Isolate uids are ``[base, base + ISOLATE_UIDS)``; network rules confine that range.
+ISOLATE_UIDS = 1 << 20
 
 
 class IdentityError(RuntimeError):
@@ -69,7 +72,8 @@ class Identity:
         unpacking): ``isolate_uid_base - 1`` when root, else the current user."""
         if os.geteuid() != 0:
             return Identity.current()
-        return Identity(base - 1, base - 1)
+        uid = build_uid(base)
+        return Identity(uid, uid)
 
     @property
     def is_self(self) -> bool:
@@ -98,11 +102,7 @@ class Identity:
         os.chmod(path, mode)
 
 
-def make_dir(path: Path, mode: int, owner: Identity | None = None) -> Path:
-    """mkdir -p, then set mode (and owner) on the leaf exactly, whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True)
-    if owner is not None:
-        owner.own(path, mode)
-    else:
-        os.chmod(path, mode)
-    return path
+def build_uid(base: int) -> int:
+    """The uid builds (dependency installs, bundling, import checks) run as: ``base - 1``,
+    reserved next to the isolates' range so one network rule covers both."""
+    return base - 1

@@ -5,9 +5,9 @@ gateway and control API, with an explicit lifecycle.
         await platform.wait_stopped()      # until platform.request_stop() (signals do that)
 
 Start order: data dir -> binaries -> system cluster -> migrations -> API key -> branch
-clusters -> runtime -> supervisor -> gateway + API. Stop is the reverse: stop accepting,
-drain in-flight requests with a deadline, stop isolates (SIGINT, then SIGKILL after the
-grace period), stop clusters.
+clusters -> network rules -> runtime -> supervisor -> gateway + API. Stop is the reverse:
+stop accepting, drain in-flight requests with a deadline, stop isolates (SIGINT, then
+SIGKILL after the grace period), remove the network rules, stop clusters.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from phloem.artifacts import ArtifactStore
 from phloem.branches.manager import BranchManager
 from phloem.control import db
 from phloem.control.api import create_api
-from phloem.control.store import Store
+from phloem.control.store import BranchRow, FunctionRow, Store
 from phloem.deployer import Deployer
 from phloem.dispatch import PlatformRouter, parse_host
+from phloem.firewall import ACTIVE, Firewall, NoFirewall, choose_firewall
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
-from phloem.identity import Identity, make_dir
+from phloem.identity import ISOLATE_UIDS, Identity, make_dir
 from phloem.logs import FunctionLogs
 from phloem.metrics import FunctionLoad, Metrics
 from phloem.paths import DataPaths
@@ -54,6 +55,10 @@ log = logging.getLogger("phloem")
 SYSTEM_DB = "phloem"
 SYSTEM_PORT = 5432  # Unix socket only; the number just names the socket file
 MAX_BODY_CEILING = 1024 * 1024 * 1024  # per-function limits may raise bodies up to 1 GiB
+#: Isolate uids run to base + ISOLATE_UIDS - 1, builds use base - 1: all valid, unused
+#: by regular accounts (below 65536), and never (uid_t)-1.
+MIN_UID_BASE = 65_537
+MAX_UID_BASE = 2**32 - 1 - ISOLATE_UIDS
 
 
 class PlatformError(RuntimeError):
@@ -77,6 +82,11 @@ def _check_port_free(what: str, host: str, port: int) -> None:
                 f"{what}: {host}:{port} is already in use ({exc.strerror}); stop what is "
                 f"listening there or choose another port"
             ) from None
+
+
+def _branch_ports(branch: BranchRow) -> list[int]:
+    """The local ports a branch's isolates may reach of their own: PostgreSQL, PgBouncer."""
+    return [p for p in (branch.port, branch.pooler_port) if p is not None]
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:
@@ -105,10 +115,14 @@ class Platform:
         self.api_key: str | None = None
         self.spawner: ZygoteSpawner | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self.firewall: Firewall = NoFirewall("not started")
 
     # -- start ---------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        if not MIN_UID_BASE <= s.isolate_uid_base <= MAX_UID_BASE:
+            raise PlatformError(f"isolate_uid_base: must be between {MIN_UID_BASE} and "
+                                f"{MAX_UID_BASE} (got {s.isolate_uid_base})")
         _check_port_free("gateway_port", s.gateway_host, s.gateway_port)
         _check_port_free("api_port", s.api_host, s.api_port)
         self._prepare_data_dir()
@@ -124,6 +138,7 @@ class Platform:
         await self.branches.recover()
         await self.branches.start_all()
         await self.branches.ensure_main()
+        await self._start_firewall()
 
         runtime_dir = await asyncio.to_thread(pyenv.ensure_runtime, self.paths.python_runtime)
         isolate_python = pyenv.find_isolate_python(s.isolate_python, os.geteuid() == 0)
@@ -151,6 +166,8 @@ class Platform:
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
                                  self.supervisor, runtime_dir, isolate_python,
                                  SecretBox.from_data_dir(self.paths.secrets))
+        self.deployer.on_function_deployed = self._allow_function
+        self.deployer.on_function_deleted = self._forget_function
         await self.deployer.load_routes()
 
         router = PlatformRouter(self.deployer, self.supervisor, s.domain)
@@ -166,6 +183,29 @@ class Platform:
         await self.gateway.start()
         await self._start_api()
         self._flusher = asyncio.create_task(self._flush_logs())
+
+    async def _start_firewall(self) -> None:
+        """Network rules before any isolate or build runs, with every function already
+        recorded allowed its branch's ports (docs/architecture.md, "Network rules")."""
+        s = self.settings
+        ports = {b.id: _branch_ports(b) for b in await self.store.list_branches()}
+        functions = {self._isolate_uid(fn): ports[fn.branch_id]
+                     for fn in await self.store.list_functions() if fn.branch_id in ports}
+        self.firewall = choose_firewall(s)
+        await self.firewall.start([s.gateway_port], functions)
+        if self.firewall.state != ACTIVE and s.firewall and os.geteuid() == 0:
+            log.warning("warning: no network rules for isolates and builds (%s); they can "
+                        "connect to every local port: the control API, other branches' "
+                        "databases", self.firewall.state)
+
+    def _isolate_uid(self, fn: FunctionRow) -> int:
+        return Identity.isolate(self.settings.isolate_uid_base, fn.number).uid
+
+    async def _allow_function(self, branch: BranchRow, fn: FunctionRow) -> None:
+        await self.firewall.allow_function(self._isolate_uid(fn), _branch_ports(branch))
+
+    async def _forget_function(self, fn: FunctionRow) -> None:
+        await self.firewall.forget_function(self._isolate_uid(fn))
 
     def _prepare_data_dir(self) -> None:
         root = self.paths.root
@@ -311,6 +351,7 @@ class Platform:
                 "supervisor": {"state": "running", "isolates": len(isolates),
                                "sandbox": self._sandbox_state(),
                                "cgroups": self.cgroups.describe()},
+                "firewall": self.firewall.describe(),
             },
             "branches": branch_status,
             "isolates": isolates,
@@ -338,6 +379,7 @@ class Platform:
             await self.spawner.stop()
         if hasattr(self, "cgroups"):
             await asyncio.to_thread(self.cgroups.close, self.paths.run / "cgroups.json")
+        await self.firewall.stop()
         if self._flusher is not None:
             self._flusher.cancel()
         self.function_logs.close()

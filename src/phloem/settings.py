@@ -41,7 +41,8 @@ class Settings:
     public_port: int | None = None
     #: The unprivileged user PostgreSQL runs as when phloem runs as root.
     service_user: str = "phloem"
-    #: Isolates run as ``isolate_uid_base + n`` (one uid per function) when root.
+    #: Isolates run as ``isolate_uid_base + n`` (one uid per function) when root, builds
+    #: as ``isolate_uid_base - 1``. Two platforms on one machine need different bases.
     isolate_uid_base: int = 1_500_000
     #: Interpreter for Python isolates; must be the same major.minor as phloem's own.
     isolate_python: str | None = None
@@ -64,6 +65,9 @@ class Settings:
     function_limits: FunctionLimits = field(default_factory=FunctionLimits)
     #: Seconds an isolate may take to become ready before its requests get 502.
     isolate_start_timeout_s: float = 900.0
+    #: As root, nftables rules keep isolates and builds off local ports that are not
+    #: theirs (the control API, other branches' databases).
+    firewall: bool = True
 
     @property
     def url_port(self) -> int:

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,29 @@ def db_port_base() -> int:
     take their local ports, which would race with ours), spread so that platforms in one
     test run rarely meet."""
     return random.randrange(20000, 30000, 50)
+
+
+def pick_isolate_uid_base() -> int:
+    """A uid base no other platform's network rules confine now: platforms sharing
+    isolate uids would refuse each other's isolates their databases (test runs of several
+    people share a machine). Random among ~2000 slots, skipping those of live tables."""
+    from phloem.firewall import ConfinedUids, FirewallError, find_nft
+    from phloem.firewall.nftables import installed_tables
+
+    taken: list[ConfinedUids] = []
+    nft = find_nft()
+    if os.geteuid() == 0 and nft is not None:
+        with suppress(FirewallError):
+            taken = [ConfinedUids.for_base(t.uid_base) for t in installed_tables(nft)
+                     if t.uid_base is not None]
+    slots = list(range(1, 2000))
+    random.shuffle(slots)
+    for slot in slots:
+        base = 1_500_000 + slot * 2**21
+        mine = ConfinedUids.for_base(base)
+        if all(mine.last < t.first or t.last < mine.first for t in taken):
+            return base
+    raise AssertionError("no free isolate uid range left for a test platform")
 
 
 def new_data_dir() -> Path:
@@ -96,6 +119,8 @@ class PlatformProcess:
     gateway_port: int
     proc: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
+    #: Kept across relaunches: files of the data dir belong to these uids.
+    isolate_uid_base: int = field(default_factory=pick_isolate_uid_base)
     _ready: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -108,7 +133,7 @@ class PlatformProcess:
     def args(self) -> list[str]:
         return [PHLOEM, "up", "--api-port", str(self.api_port), "--gateway-port",
                 str(self.gateway_port), "--pg-port-base", str(db_port_base()),
-                "--grace", "5"]
+                "--grace", "5", "--isolate-uid-base", str(self.isolate_uid_base)]
 
     def launch(self, extra: list[str] | None = None) -> None:
         self._ready.clear()

@@ -116,6 +116,14 @@ def up(
     service_user: Annotated[str, typer.Option(
         envvar="PHLOEM_SERVICE_USER", help="Unprivileged user PostgreSQL runs as (root "
         "only).")] = "phloem",
+    isolate_uid_base: Annotated[int, typer.Option(
+        envvar="PHLOEM_ISOLATE_UID_BASE", help="As root, isolates run as this uid + the "
+        "function's number, builds as this uid - 1; two platforms on one machine need "
+        "different bases.")] = 1_500_000,
+    firewall: Annotated[bool, typer.Option(
+        "--firewall/--no-firewall", envvar="PHLOEM_FIREWALL",
+        help="As root, install nftables rules so isolates reach only their branch's "
+        "databases, the gateway and the outside world, and builds no local port.")] = True,
     isolate_python: Annotated[str | None, typer.Option(
         envvar="PHLOEM_ISOLATE_PYTHON", help="Interpreter for Python isolates [default: "
         "phloem's, or /usr/bin/pythonX.Y as root]")] = None,
@@ -154,7 +162,7 @@ def up(
         gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
         public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
         isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
-        sandbox=sandbox,
+        sandbox=sandbox, isolate_uid_base=isolate_uid_base, firewall=firewall,
     )
     try:
         import uvloop
@@ -222,6 +230,7 @@ async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
     out.print(f"[bold green]phloem {__version__} is up[/]  data dir {s.data_dir}")
     out.print(f"  api      {s.api_url}/api/v1   (key in {s.data_dir / 'credentials.json'})")
     out.print(f"  gateway  {s.gateway_host}:{platform.gateway.port if platform.gateway else ''}")
+    out.print(f"  firewall {escape(platform.firewall.state)}", highlight=False)
     for b in await platform.store.list_branches():
         out.print(f"  branch   {b.name} ({b.id})  postgres 127.0.0.1:{b.port}")
     if deploy_dirs:
