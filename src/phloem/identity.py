@@ -106,3 +106,13 @@ def build_uid(base: int) -> int:
     """The uid builds (dependency installs, bundling, import checks) run as: ``base - 1``,
     reserved next to the isolates' range so one network rule covers both."""
     return base - 1
+
+
+def make_dir(path: Path, mode: int, owner: Identity | None = None) -> Path:
+    """mkdir -p, then set mode (and owner) on the leaf exactly, whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True)
+    if owner is not None:
+        owner.own(path, mode)
+    else:
+        os.chmod(path, mode)
+    return path
