@@ -18,11 +18,10 @@ from typing import Any
 
 import pytest
 
-from phloem.settings import Settings
-from phloem.testing import PlatformProcess, host_of, wait_for
+from phloem.identity import build_uid
+from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 
 APPS = Path(__file__).parent / "apps"
-BUILD_UID = Settings().isolate_uid_base - 1
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="builds are sandboxed as root")
 
@@ -106,7 +105,8 @@ def test_setup_py_runs_as_the_build_user_and_reaches_nothing(platform: PlatformP
     assert dep["status"] == "failed"
     log = dep["build_log"]
     uids = re.findall(r"BUILD-UID=(\d+) GID=(\d+)", log)
-    assert uids and set(uids) == {(str(BUILD_UID), str(BUILD_UID))}, log
+    build = str(build_uid(platform.isolate_uid_base))
+    assert uids and set(uids) == {(build, build)}, log
     assert "WRITE-OK" not in log and "READ-OK" not in log, log
     for marker in markers:
         assert f"WRITE-REFUSED {marker}" in log
@@ -200,6 +200,7 @@ def test_a_build_cannot_reach_another_functions_files(platform: PlatformProcess,
 
 def test_redeploys_hit_the_caches_owned_by_the_build_user(platform: PlatformProcess) -> None:
     dd = platform.data_dir
+    build = build_uid(platform.isolate_uid_base)
     example = Path(__file__).parent.parent / "examples" / "hello-python"
     for slug, path, cached in [("cachepy", example, "dependencies: cached environment"),
                                ("cachenode", APPS / "node-hono",
@@ -210,7 +211,7 @@ def test_redeploys_hit_the_caches_owned_by_the_build_user(platform: PlatformProc
         assert cached in latest(platform, slug)["build_log"]
     for tool in ("pip", "npm"):
         st = (dd / "cache" / tool).stat()
-        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (BUILD_UID, BUILD_UID, 0o700)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (build, build, 0o700)
     # Published environments are root's: a later build cannot change them.
     for env in [*(dd / "envs" / "python").iterdir(), *(dd / "envs" / "node").iterdir()]:
         assert not env.name.startswith(".tmp-"), env
@@ -261,3 +262,18 @@ def test_artifact_links_out_of_the_source_are_refused(platform: PlatformProcess)
     assert not any(s in done["error"] + done["build_log"] for s in secret_values(dd))
     wait_for(lambda: not (dd / "deployments" / dep["id"]).exists(), 30,
              "the failed deployment's files to be removed")
+
+
+def test_without_sandboxes_builds_still_never_run_as_root(tmp_path: Path) -> None:
+    """--no-sandbox drops the namespaces, not the build user."""
+    with platform_process(["--no-sandbox"]) as p:
+        assert p.cli_json("status")["components"]["supervisor"]["sandbox"].startswith("off")
+        app = probe_app(tmp_path / "app", [Path(f"/etc/phloem-pwned-{secrets.token_hex(4)}")],
+                        [p.data_dir / "secrets" / "system.json"])
+        assert p.cli("functions", "deploy", "nosbx", "--path", str(app),
+                     check=False).returncode != 0
+        log = latest(p, "nosbx")["build_log"]
+        build = str(build_uid(p.isolate_uid_base))
+        uids = re.findall(r"BUILD-UID=(\d+) GID=(\d+)", log)
+        assert uids and set(uids) == {(build, build)}, log
+        assert "WRITE-OK" not in log and "READ-OK" not in log, log

@@ -112,10 +112,11 @@ class Deployer:
         self.sandbox_off: str | None = (sandbox_unavailable() if settings.sandbox
                                         else "turned off (--no-sandbox)")
         self.build_identity = Identity.build(settings.isolate_uid_base)
-        #: Runs every build step: in a sandbox as the build user whenever isolates get
-        #: one, else directly (see docs/architecture.md, Builds).
-        self.runner: BuildRunner = DIRECT if self.sandbox_off else SandboxRunner(
-            self.build_identity, paths.sandbox_root, paths.build_caches)
+        #: Runs every build step: as root, as the build user through the launcher (in a
+        #: sandbox unless --no-sandbox); else directly (docs/architecture.md, Builds).
+        self.runner: BuildRunner = DIRECT if os.geteuid() != 0 else SandboxRunner(
+            self.build_identity, paths.sandbox_root, paths.build_caches,
+            namespaces=self.sandbox_off is None)
         self._build_python: Path | None = None
         self._build_python_lock = threading.Lock()
 

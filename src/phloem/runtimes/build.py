@@ -98,13 +98,17 @@ class BuildRunner:
 
 
 class SandboxRunner(BuildRunner):
-    """Steps in sandboxes as the build user; needs root."""
+    """Steps in sandboxes as the build user; needs root. With ``namespaces=False``
+    (``--no-sandbox``) steps still run as the build user under ``no_new_privs`` and the
+    seccomp filter, only without their own mount and PID namespaces: a build never runs
+    as root."""
 
     sandboxed = True
 
     def __init__(self, identity: Identity, root_dir: Path, caches: Path,
-                 tmp_mb: int = BUILD_TMP_MB) -> None:
+                 tmp_mb: int = BUILD_TMP_MB, *, namespaces: bool = True) -> None:
         self.identity = identity
+        self.namespaces = namespaces
         self.root_dir = root_dir
         self.caches = caches
         self.tmp_mb = tmp_mb
@@ -151,7 +155,7 @@ class SandboxRunner(BuildRunner):
             uid=self.identity.uid, gid=self.identity.gid,
             sandbox=sandbox.SandboxSpec(
                 root_dir=str(self.root_dir), ro=_shown(ro), rw=_unique(rw),
-                tmp_mb=self.tmp_mb, cwd=str(cwd)))
+                tmp_mb=self.tmp_mb, cwd=str(cwd)) if self.namespaces else None)
         launcher, job_fd = job.launcher()
         try:
             return subprocess.run(launcher, pass_fds=(job_fd,), env=sandbox.LAUNCHER_ENV,
