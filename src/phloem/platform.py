@@ -113,9 +113,10 @@ class Platform:
         self._prepare_data_dir()
         self.service = await asyncio.to_thread(Identity.service, s.service_user)
         bins = await asyncio.to_thread(install_binaries, self.paths.pginstall)
+        self.secret_box = SecretBox.from_data_dir(self.paths.secrets)
         await self._start_system_db(bins)
         assert self._pool is not None
-        self.store = Store(self._pool)
+        self.store = Store(self._pool, self.secret_box)
         await self._ensure_api_key()
 
         self.branches = BranchManager(self.store, self.paths, bins, self.service,
@@ -145,7 +146,7 @@ class Platform:
         self.artifacts = ArtifactStore(self.paths.artifacts)
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
                                  self.supervisor, runtime_dir, isolate_python,
-                                 SecretBox.from_data_dir(self.paths.secrets))
+                                 self.secret_box)
         await self.deployer.load_routes()
 
         router = PlatformRouter(self.deployer, self.supervisor, s.domain)
@@ -208,7 +209,7 @@ class Platform:
             if not exists:
                 conn.execute(f"CREATE DATABASE {SYSTEM_DB}")
         conninfo = cluster.admin_conninfo(password, SYSTEM_DB)
-        await asyncio.to_thread(db.migrate, conninfo)
+        await asyncio.to_thread(db.migrate, conninfo, self.secret_box)
         self._pool = await db.open_pool(conninfo)
 
     async def _ensure_api_key(self) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PHLOEM = str(Path(sys.executable).parent / "phloem")
@@ -156,6 +157,13 @@ class PlatformProcess:
         creds = self.credentials
         return httpx.Client(base_url=creds["api_url"] + "/api/v1", timeout=60,
                             headers={"Authorization": f"Bearer {creds['api_key']}"})
+
+    def system_db(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """A superuser connection to the running platform's system database (as root)."""
+        secret = json.loads((self.data_dir / "secrets" / "system.json").read_text())
+        return psycopg.connect(host=str(self.data_dir / "run" / "pg" / "system"), port=5432,
+                               user="postgres", password=secret["superuser_password"],
+                               dbname="phloem", autocommit=True)
 
     def cli_args(self) -> list[str]:
         return [PHLOEM]
