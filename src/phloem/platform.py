@@ -153,6 +153,7 @@ class Platform:
         self.gateway = Gateway(
             router,
             GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
+                          trusted_proxies=s.trusted_proxies,
                           ttfb_timeout=s.function_limits.ttfb_timeout_s,
                           silence_timeout=s.function_limits.silence_timeout_s,
                           # The gateway's own limit is a ceiling; lower ones come per lease.

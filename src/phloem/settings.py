@@ -58,6 +58,13 @@ class Settings:
     function_limits: FunctionLimits = field(default_factory=FunctionLimits)
     #: Seconds an isolate may take to become ready before its requests get 502.
     isolate_start_timeout_s: float = 900.0
+    #: Networks (CIDR) of proxies in front of the gateway whose ``X-Forwarded-*`` headers
+    #: are passed on (``X-Forwarded-For`` appended to); from any other peer they are
+    #: replaced by what the gateway itself sees.
+    trusted_proxies: tuple[str, ...] = ()
+    #: A bearer token that may read ``/metrics`` besides any API key (for a scraper that
+    #: must not hold an API key).
+    metrics_token: str | None = None
 
     @property
     def url_port(self) -> int:

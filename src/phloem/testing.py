@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -97,6 +98,8 @@ class PlatformProcess:
     gateway_port: int
     proc: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
+    #: Given to ``phloem up`` as PHLOEM_METRICS_TOKEN: it may scrape /metrics.
+    metrics_token: str = field(default_factory=lambda: "mt-" + secrets.token_urlsafe(24))
     _ready: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -104,7 +107,8 @@ class PlatformProcess:
         # The CLI evaluates neon.ts with the esbuild the platform provisions anyway.
         return {**os.environ, "PHLOEM_DATA_DIR": str(self.data_dir), "NO_COLOR": "1",
                 "COLUMNS": "200", "TERM": "dumb",
-                "PHLOEM_NODE_TOOLS": str(self.data_dir / "runtime" / "node")}
+                "PHLOEM_NODE_TOOLS": str(self.data_dir / "runtime" / "node"),
+                "PHLOEM_METRICS_TOKEN": self.metrics_token}
 
     def args(self) -> list[str]:
         return [PHLOEM, "up", "--api-port", str(self.api_port), "--gateway-port",
@@ -164,6 +168,12 @@ class PlatformProcess:
         return psycopg.connect(host=str(self.data_dir / "run" / "pg" / "system"), port=5432,
                                user="postgres", password=secret["superuser_password"],
                                dbname="phloem", autocommit=True)
+
+    def metrics(self, token: str | None = None) -> httpx.Response:
+        """GET /metrics with ``token`` as the bearer (default: the API key)."""
+        token = self.credentials["api_key"] if token is None else token
+        return httpx.get(f"http://127.0.0.1:{self.api_port}/metrics", timeout=60,
+                         headers={"Authorization": f"Bearer {token}"} if token else {})
 
     def cli_args(self) -> list[str]:
         return [PHLOEM]
