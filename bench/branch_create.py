@@ -20,7 +20,7 @@ checkpointed and synced, then
   ``cp -a --reflink=always`` on XFS), then ``sync`` timed apart;
 * ``CREATE DATABASE c TEMPLATE <idle copy of phloemdb> STRATEGY FILE_COPY`` on the parent,
   as its ``postgres`` superuser (the branch owner role has no CREATEDB; phloem keeps the
-  superuser password in the system database), ``file_copy_method = clone`` on XFS and
+  superuser password sealed in the system database), ``file_copy_method = clone`` on XFS and
   ``copy`` elsewhere.
 
 Then, on the 1 GB parent, ``pgbench -T <s> -c 4 -j 2 -P 1 --log`` alone, with 5 branch
