@@ -116,21 +116,27 @@ class PlatformProcess:
                 "--grace", "5"]
 
     def launch(self, extra: list[str] | None = None) -> None:
-        self._ready.clear()
-        self.output = []
+        # A new event and list per process: the reader of a previous (stopped) process
+        # may still be at its EOF, and must not mark this one ready.
+        ready = self._ready = threading.Event()
+        output: list[str] = []
+        self.output = output
         self.proc = subprocess.Popen(
             self.args() + (extra or []), env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
         )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc, ready, output),
+                         daemon=True).start()
 
-    def _read(self, proc: subprocess.Popen[str]) -> None:
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], ready: threading.Event,
+              output: list[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            self.output.append(line.rstrip("\n"))
+            output.append(line.rstrip("\n"))
             if line.startswith("ready."):
-                self._ready.set()
-        self._ready.set()
+                ready.set()
+        ready.set()
 
     def wait_ready(self, timeout: float = 180) -> None:
         if not self._ready.wait(timeout) or not self.running:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -233,3 +234,13 @@ def test_plaintext_passwords_of_an_older_platform_are_sealed_at_start() -> None:
                                 "--parent", "old-child")
         assert grandchild["parent_id"] == child["id"]
         assert count(url_of(p, "new-child"), "app_events") == events
+
+        # Another key cannot open them: a clear refusal, not a half-started platform.
+        assert p.stop() == 0
+        wrong = base64.urlsafe_b64encode(os.urandom(32)).decode()
+        proc = subprocess.run(p.args(), env={**p.env, "PHLOEM_SECRET_KEY": wrong},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert "cannot be opened: wrong PHLOEM_SECRET_KEY or tampered data" in " ".join(
+            (proc.stderr + proc.stdout).split())
+        assert processes_mentioning(str(p.data_dir)) == []

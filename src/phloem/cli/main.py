@@ -189,6 +189,7 @@ async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
     import gc
 
     from phloem.platform import Platform, PlatformError
+    from phloem.secrets import SecretError
 
     _raise_fd_limit()
 
@@ -221,7 +222,7 @@ async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
                 start.cancel()
                 raise PlatformError("interrupted during start-up")
             start.result()
-    except PlatformError as exc:
+    except (PlatformError, SecretError) as exc:  # SecretError: a wrong PHLOEM_SECRET_KEY
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         await platform.stop()
         return 1
