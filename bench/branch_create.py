@@ -20,7 +20,7 @@ checkpointed and synced, then
   ``cp -a --reflink=always`` on XFS), then ``sync`` timed apart;
 * ``CREATE DATABASE c TEMPLATE <idle copy of phloemdb> STRATEGY FILE_COPY`` on the parent,
   as its ``postgres`` superuser (the branch owner role has no CREATEDB; phloem keeps the
-  superuser password in the system database), ``file_copy_method = clone`` on XFS and
+  superuser password sealed in the system database), ``file_copy_method = clone`` on XFS and
   ``copy`` elsewhere.
 
 Then, on the 1 GB parent, ``pgbench -T <s> -c 4 -j 2 -P 1 --log`` alone, with 5 branch
@@ -103,17 +103,23 @@ class Parent:
 
 
 def find_parent(p: PlatformProcess) -> Parent:
-    """``main``'s port and superuser password, read from the system database as root."""
+    """``main``'s port and superuser password, read from the system database as root and
+    opened with the platform's secret key."""
     import json
+
+    from phloem.control.store import branch_secret_context
+    from phloem.secrets import SecretBox
 
     secret = json.loads((p.data_dir / "secrets" / "system.json").read_text())
     with psycopg.connect(host=str(p.data_dir / "run" / "pg" / "system"), port=5432,
                          user="postgres", password=secret["superuser_password"],
                          dbname="phloem") as conn:
-        row = conn.execute("SELECT id, port, superuser_password FROM branches "
+        row = conn.execute("SELECT id, port, superuser_password_sealed FROM branches "
                            "WHERE name = 'main'").fetchone()
     assert row is not None, "no branch main in the system database"
-    branch_id, port, password = row
+    branch_id, port, sealed = row
+    password = SecretBox.from_data_dir(p.data_dir / "secrets").open_text(
+        sealed, branch_secret_context(branch_id, "superuser_password"))
     branch_dir = p.data_dir / "branches" / branch_id
     return Parent(
         branch_id=branch_id, port=port, superuser_password=password,

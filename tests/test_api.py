@@ -81,10 +81,34 @@ def test_metrics_count_requests_and_cold_starts(platform: PlatformProcess) -> No
     with platform.gateway(host_of(fn["invocation_url"])) as gw:
         for _ in range(3):
             assert gw.get("/").status_code == 200
-    text = httpx.get(f"http://127.0.0.1:{platform.api_port}/metrics").text
+    scraped = platform.metrics()
+    assert scraped.status_code == 200
+    text = scraped.text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     labels = (("branch", fn["branch_id"]), ("function", "metered"))
     assert samples[("phloem_requests_total", tuple(sorted((*labels, ("status", "200")))))] == 3
     assert samples[("phloem_cold_starts_total", labels)] == 1
     assert samples[("phloem_isolates", labels)] == 1
+
+
+def test_metrics_need_the_api_key_or_the_scrape_token(platform: PlatformProcess) -> None:
+    """/metrics names every branch and function: not for anyone who can reach the port."""
+    url = f"http://127.0.0.1:{platform.api_port}/metrics"
+    for headers in ({}, {"Authorization": "Bearer phk_nope"},
+                    {"Authorization": f"Bearer {platform.metrics_token}x"},
+                    {"Authorization": f"Basic {platform.metrics_token}"},
+                    {"Authorization": "Bearer"}):
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401, headers
+        assert refused.json()["error"]["code"] == "unauthorized"
+        assert "phloem_" not in refused.text
+    for token in (platform.credentials["api_key"], platform.metrics_token):
+        ok = platform.metrics(token)
+        assert ok.status_code == 200
+        assert ok.headers["content-type"].startswith("text/plain")
+        assert "# TYPE phloem_requests_total counter" in ok.text
+    # The scrape token is good for /metrics only.
+    status = httpx.get(f"http://127.0.0.1:{platform.api_port}/api/v1/status",
+                       headers={"Authorization": f"Bearer {platform.metrics_token}"})
+    assert status.status_code == 401

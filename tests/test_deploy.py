@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -83,6 +84,33 @@ def test_injected_environment(platform: PlatformProcess) -> None:
     assert body["headers"]["x-request-id"] == "req-123"
     assert body["headers"]["x-forwarded-host"] == host_of(fn["invocation_url"])
     assert body["headers"]["x-forwarded-for"] == "127.0.0.1"
+
+
+def test_forwarded_for_is_the_peer_unless_it_is_a_trusted_proxy(
+        platform: PlatformProcess) -> None:
+    """The shared platform trusts 127.0.0.2 (tests/conftest.py), not 127.0.0.1."""
+    fn = platform.deploy("envprobe", APPS / "envprobe")
+    host = host_of(fn["invocation_url"])
+    spoofed = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https",
+               "X-Forwarded-Host": "bank.example", "X-Real-IP": "6.6.6.6"}
+
+    def seen_from(local_address: str) -> dict[str, str]:
+        transport = httpx.HTTPTransport(local_address=local_address)
+        with httpx.Client(transport=transport, timeout=120) as client:
+            r = client.get(f"http://127.0.0.1:{platform.gateway_port}/",
+                           headers={"Host": host, **spoofed})
+        assert r.status_code == 200
+        headers: dict[str, str] = r.json()["headers"]
+        return {k: v for k, v in headers.items()
+                if k.startswith("x-forwarded-") or k == "x-real-ip"}
+
+    assert seen_from("127.0.0.1") == {"x-forwarded-for": "127.0.0.1",
+                                      "x-forwarded-proto": "http",
+                                      "x-forwarded-host": host}
+    assert seen_from("127.0.0.2") == {"x-forwarded-for": "6.6.6.6, 127.0.0.2",
+                                      "x-forwarded-proto": "https",
+                                      "x-forwarded-host": "bank.example",
+                                      "x-real-ip": "6.6.6.6"}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation needs root")

@@ -1,9 +1,14 @@
-"""Deploy-time env: carry-over and deletion, limits, and values sealed at rest."""
+"""Deploy-time env: carry-over and deletion, limits; env values and branch passwords
+sealed at rest."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from psycopg.conninfo import conninfo_to_dict
+
+from phloem.control.store import branch_secret_context
+from phloem.secrets import SecretBox
 from phloem.testing import PlatformProcess, host_of
 
 APPS = Path(__file__).parent / "apps"
@@ -43,19 +48,50 @@ def test_env_limits_are_named(platform: PlatformProcess) -> None:
         assert reserved.json()["error"]["field"] == "env.NEON_X"
 
 
-def test_secret_values_are_not_stored_in_clear(platform: PlatformProcess) -> None:
-    fn = platform.deploy("sealed", APPS / "envprobe", "--env", f"API_KEY={SECRET}")
+def branch_passwords(platform: PlatformProcess) -> dict[str, str]:
+    """Every branch's owner and superuser password, opened from the system database with
+    the platform's key; the owner's must equal the one in its connection string."""
+    box = SecretBox.from_data_dir(platform.data_dir / "secrets")
+    with platform.system_db() as conn:
+        rows = conn.execute("SELECT id, name, role_password_sealed, "
+                            "superuser_password_sealed FROM branches").fetchall()
+    out = {}
+    for branch_id, name, role_sealed, superuser_sealed in rows:
+        out[f"{name} owner"] = box.open_text(
+            role_sealed, branch_secret_context(branch_id, "role_password"))
+        out[f"{name} superuser"] = box.open_text(
+            superuser_sealed, branch_secret_context(branch_id, "superuser_password"))
+    url = platform.cli("connection-string", "--unpooled").stdout.strip()
+    assert conninfo_to_dict(url)["password"] == out["main owner"]
+    return out
+
+
+def test_secrets_are_not_stored_in_clear(platform: PlatformProcess) -> None:
+    """Deployed env values and branch database passwords appear in no file of the data
+    dir (heap and WAL included): PostgreSQL keeps SCRAM verifiers, PgBouncer's auth file
+    the SCRAM secrets, the system database sealed tokens."""
+    platform.cli_json("branches", "create", "--name", "sealed-kid")
+    fn = platform.deploy("sealed", APPS / "envprobe", "--env", f"API_KEY={SECRET}",
+                         branch="sealed-kid")
     with platform.gateway(host_of(fn["invocation_url"])) as gw:
-        assert gw.get("/").status_code == 200
-    needle = SECRET.encode()
+        assert gw.get("/").status_code == 200  # an isolate connected with them
+    needles = {"env value": SECRET, **branch_passwords(platform)}
+    assert {"main owner", "sealed-kid owner", "sealed-kid superuser"} <= set(needles)
+    with platform.system_db() as conn:
+        conn.execute("CHECKPOINT")  # what the system database holds is on disk
+        table = repr(conn.execute("SELECT * FROM branches").fetchall())
+    assert [what for what, value in needles.items() if value in table] == []
     leaks = []
     for path in platform.data_dir.rglob("*"):
         if path.is_file() and not path.is_symlink():
             try:
-                if needle in path.read_bytes():
-                    leaks.append(str(path))
+                data = path.read_bytes()
             except OSError:
                 continue
+            leaks += [f"{what} in {path}" for what, value in needles.items()
+                      if value.encode() in data]
     assert leaks == []
-    assert SECRET not in platform.cli("functions", "logs", "sealed").stdout
-    assert SECRET not in platform.cli("functions", "get", "sealed", "--output", "json").stdout
+    assert SECRET not in platform.cli("functions", "logs", "sealed", "--branch",
+                                      "sealed-kid").stdout
+    assert SECRET not in platform.cli("functions", "get", "sealed", "--branch", "sealed-kid",
+                                      "--output", "json").stdout

@@ -7,6 +7,7 @@ import socket
 import subprocess
 
 import psycopg
+import pytest
 
 from phloem.testing import (
     EXAMPLE,
@@ -62,6 +63,28 @@ def test_port_in_use_is_a_clear_error() -> None:
     assert f"gateway_port: 127.0.0.1:{port} is already in use" in " ".join(
         (proc.stderr + proc.stdout).split())
     assert processes_mentioning(str(data_dir)) == []
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PHLOEM_TRUSTED_PROXIES": "10.0.0.0/8 10.0.0.300/8"},
+     "trusted_proxies: '10.0.0.300/8' is not an IP address or a network in CIDR notation"),
+    ({"PHLOEM_TRUSTED_PROXIES": "192.168.1.7/24"},
+     "trusted_proxies: '192.168.1.7/24' is not an IP address or a network in CIDR notation "
+     "without host bits"),
+    ({"PHLOEM_METRICS_TOKEN": "short"}, "metrics_token: must be 16-512 characters (got 5)"),
+    ({"PHLOEM_METRICS_TOKEN": "sixteen chars or more"},
+     "metrics_token: may contain only letters, digits and -._~+/"),
+])
+def test_bad_security_settings_are_refused_by_name(env: dict[str, str], message: str) -> None:
+    p = PlatformProcess(new_data_dir(), free_port(), free_port())
+    try:
+        proc = subprocess.run(p.args(), env={**p.env, **env}, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0
+        assert message in " ".join((proc.stderr + proc.stdout).split())
+        assert not (p.data_dir / "system").exists()  # refused before anything started
+    finally:
+        p.cleanup()
 
 
 def test_second_platform_on_same_data_dir_is_refused(platform: PlatformProcess) -> None:

@@ -128,9 +128,10 @@ class Platform:
         self._prepare_data_dir()
         self.service = await asyncio.to_thread(Identity.service, s.service_user)
         bins = await asyncio.to_thread(install_binaries, self.paths.pginstall)
+        self.secret_box = SecretBox.from_data_dir(self.paths.secrets)
         await self._start_system_db(bins)
         assert self._pool is not None
-        self.store = Store(self._pool)
+        self.store = Store(self._pool, self.secret_box)
         await self._ensure_api_key()
 
         self.branches = BranchManager(self.store, self.paths, bins, self.service,
@@ -165,7 +166,7 @@ class Platform:
         self.artifacts = ArtifactStore(self.paths.artifacts)
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
                                  self.supervisor, runtime_dir, isolate_python,
-                                 SecretBox.from_data_dir(self.paths.secrets))
+                                 self.secret_box)
         self.deployer.on_function_deployed = self._allow_function
         self.deployer.on_function_deleted = self._forget_function
         await self.deployer.load_routes()
@@ -174,6 +175,7 @@ class Platform:
         self.gateway = Gateway(
             router,
             GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
+                          trusted_proxies=s.trusted_proxies,
                           ttfb_timeout=s.function_limits.ttfb_timeout_s,
                           silence_timeout=s.function_limits.silence_timeout_s,
                           # The gateway's own limit is a ceiling; lower ones come per lease.
@@ -253,7 +255,7 @@ class Platform:
             if not exists:
                 conn.execute(f"CREATE DATABASE {SYSTEM_DB}")
         conninfo = cluster.admin_conninfo(password, SYSTEM_DB)
-        await asyncio.to_thread(db.migrate, conninfo)
+        await asyncio.to_thread(db.migrate, conninfo, self.secret_box)
         self._pool = await db.open_pool(conninfo)
 
     async def _ensure_api_key(self) -> None:

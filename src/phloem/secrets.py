@@ -1,13 +1,16 @@
-"""Function env values are secrets: sealed with AES-256-GCM before they reach the system
-database, opened only to start an isolate.
+"""Secrets at rest: function env values and branch database passwords are sealed with
+AES-256-GCM before they reach the system database, opened only when they are used.
 
 The key is ``$PHLOEM_SECRET_KEY`` (32 bytes, urlsafe base64) or a random key created once
-in ``<data>/secrets/env.key`` (0600, root's). The deployment id is the associated data, so
-a sealed env cannot be moved to another deployment.
+in ``<data>/secrets/env.key`` (0600, root's). The context is the associated data: a sealed
+env is bound to its deployment id, a password to its branch id and column, so a sealed
+value cannot be moved to another row or column.
 
     box = SecretBox.from_data_dir(paths.secrets)
     token = box.seal({"OPENAI_API_KEY": "sk-..."}, context="dep-1a2b")
     box.open(token, context="dep-1a2b")
+    sealed = box.seal_text("s3cret", context="branch:br-x:role_password")
+    box.open_text(sealed, context="branch:br-x:role_password")
 """
 
 from __future__ import annotations
@@ -51,23 +54,34 @@ class SecretBox:
         return cls(path.read_bytes())
 
     def seal(self, env: dict[str, str], context: str) -> str:
+        return self._seal(json.dumps(env, sort_keys=True).encode(), context)
+
+    def open(self, token: str, context: str) -> dict[str, str]:
+        env: dict[str, str] = json.loads(self._open(token, context, "sealed env"))
+        return env
+
+    def seal_text(self, text: str, context: str) -> str:
+        """Seal one string (a password) bound to ``context``."""
+        return self._seal(text.encode(), context)
+
+    def open_text(self, token: str, context: str) -> str:
+        return self._open(token, context, f"sealed value ({context})").decode()
+
+    def _seal(self, data: bytes, context: str) -> str:
         nonce = os.urandom(12)
-        data = json.dumps(env, sort_keys=True).encode()
         sealed = self._aead.encrypt(nonce, data, context.encode())
         return f"{VERSION}:" + base64.urlsafe_b64encode(nonce + sealed).decode()
 
-    def open(self, token: str, context: str) -> dict[str, str]:
+    def _open(self, token: str, context: str, what: str) -> bytes:
         version, _, body = token.partition(":")
         if version != VERSION:
-            raise SecretError(f"sealed env: unknown format {version!r}")
+            raise SecretError(f"{what}: unknown format {version!r}")
         raw = base64.urlsafe_b64decode(body)
         try:
-            data = self._aead.decrypt(raw[:12], raw[12:], context.encode())
-        except Exception as exc:  # InvalidTag: wrong key or tampered
-            raise SecretError("sealed env cannot be opened: wrong PHLOEM_SECRET_KEY or "
-                              "tampered data") from exc
-        env: dict[str, str] = json.loads(data)
-        return env
+            return self._aead.decrypt(raw[:12], raw[12:], context.encode())
+        except Exception as exc:  # InvalidTag: wrong key, tampered or moved
+            raise SecretError(f"{what} cannot be opened: wrong {KEY_ENV} or tampered "
+                              "data") from exc
 
     def digest(self, env: dict[str, str]) -> str:
         """Fingerprint of an env for plans, keyed so equal envs on two platforms differ and

@@ -68,6 +68,13 @@ class Settings:
     #: As root, nftables rules keep isolates and builds off local ports that are not
     #: theirs (the control API, other branches' databases).
     firewall: bool = True
+    #: Networks (CIDR) of proxies in front of the gateway whose ``X-Forwarded-*`` headers
+    #: are passed on (``X-Forwarded-For`` appended to); from any other peer they are
+    #: replaced by what the gateway itself sees.
+    trusted_proxies: tuple[str, ...] = ()
+    #: A bearer token that may read ``/metrics`` besides any API key (for a scraper that
+    #: must not hold an API key).
+    metrics_token: str | None = None
 
     @property
     def url_port(self) -> int:

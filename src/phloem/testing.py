@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PHLOEM = str(Path(sys.executable).parent / "phloem")
@@ -121,6 +123,8 @@ class PlatformProcess:
     output: list[str] = field(default_factory=list)
     #: Kept across relaunches: files of the data dir belong to these uids.
     isolate_uid_base: int = field(default_factory=pick_isolate_uid_base)
+    #: Given to ``phloem up`` as PHLOEM_METRICS_TOKEN: it may scrape /metrics.
+    metrics_token: str = field(default_factory=lambda: "mt-" + secrets.token_urlsafe(24))
     _ready: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -128,7 +132,8 @@ class PlatformProcess:
         # The CLI evaluates neon.ts with the esbuild the platform provisions anyway.
         return {**os.environ, "PHLOEM_DATA_DIR": str(self.data_dir), "NO_COLOR": "1",
                 "COLUMNS": "200", "TERM": "dumb",
-                "PHLOEM_NODE_TOOLS": str(self.data_dir / "runtime" / "node")}
+                "PHLOEM_NODE_TOOLS": str(self.data_dir / "runtime" / "node"),
+                "PHLOEM_METRICS_TOKEN": self.metrics_token}
 
     def args(self) -> list[str]:
         return [PHLOEM, "up", "--api-port", str(self.api_port), "--gateway-port",
@@ -136,21 +141,27 @@ class PlatformProcess:
                 "--grace", "5", "--isolate-uid-base", str(self.isolate_uid_base)]
 
     def launch(self, extra: list[str] | None = None) -> None:
-        self._ready.clear()
-        self.output = []
+        # A new event and list per process: the reader of a previous (stopped) process
+        # may still be at its EOF, and must not mark this one ready.
+        ready = self._ready = threading.Event()
+        output: list[str] = []
+        self.output = output
         self.proc = subprocess.Popen(
             self.args() + (extra or []), env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
         )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc, ready, output),
+                         daemon=True).start()
 
-    def _read(self, proc: subprocess.Popen[str]) -> None:
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], ready: threading.Event,
+              output: list[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            self.output.append(line.rstrip("\n"))
+            output.append(line.rstrip("\n"))
             if line.startswith("ready."):
-                self._ready.set()
-        self._ready.set()
+                ready.set()
+        ready.set()
 
     def wait_ready(self, timeout: float = 180) -> None:
         if not self._ready.wait(timeout) or not self.running:
@@ -181,6 +192,19 @@ class PlatformProcess:
         creds = self.credentials
         return httpx.Client(base_url=creds["api_url"] + "/api/v1", timeout=60,
                             headers={"Authorization": f"Bearer {creds['api_key']}"})
+
+    def system_db(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """A superuser connection to the running platform's system database (as root)."""
+        secret = json.loads((self.data_dir / "secrets" / "system.json").read_text())
+        return psycopg.connect(host=str(self.data_dir / "run" / "pg" / "system"), port=5432,
+                               user="postgres", password=secret["superuser_password"],
+                               dbname="phloem", autocommit=True)
+
+    def metrics(self, token: str | None = None) -> httpx.Response:
+        """GET /metrics with ``token`` as the bearer (default: the API key)."""
+        token = self.credentials["api_key"] if token is None else token
+        return httpx.get(f"http://127.0.0.1:{self.api_port}/metrics", timeout=60,
+                         headers={"Authorization": f"Bearer {token}"} if token else {})
 
     def cli_args(self) -> list[str]:
         return [PHLOEM]

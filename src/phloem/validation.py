@@ -13,6 +13,10 @@ RESERVED_ENV_NAMES = ("DATABASE_URL", "DATABASE_URL_UNPOOLED")
 MAX_ENV_VARS = 1000
 MAX_ENV_BYTES = 64 * 1024
 MAX_NAME_LEN = 100
+# RFC 6750's b64token: what may follow "Authorization: Bearer ".
+BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+MIN_TOKEN_LEN = 16
+MAX_TOKEN_LEN = 512
 
 
 class InvalidInput(ValueError):
@@ -57,3 +61,15 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
     if total > MAX_ENV_BYTES:
         raise InvalidInput("env", f"at most {MAX_ENV_BYTES} bytes in all (got {total})")
     return env
+
+
+def check_token(field: str, token: str) -> str:
+    """A bearer token chosen by the operator: long enough not to be guessed, and sendable
+    in an Authorization header."""
+    if not MIN_TOKEN_LEN <= len(token) <= MAX_TOKEN_LEN:
+        raise InvalidInput(field, f"must be {MIN_TOKEN_LEN}-{MAX_TOKEN_LEN} characters "
+                                  f"(got {len(token)})")
+    if not BEARER_TOKEN_RE.match(token):
+        raise InvalidInput(field, "may contain only letters, digits and -._~+/ (then '=' "
+                                  "padding), as a bearer token")
+    return token

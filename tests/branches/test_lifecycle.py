@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from phloem.control.store import branch_secret_context
+from phloem.secrets import SecretBox
 from phloem.testing import (
     EXAMPLE,
     PlatformProcess,
@@ -163,3 +166,81 @@ def test_parent_keeps_serving_while_child_is_reset() -> None:
             t.join(30)
         assert errors == []
         assert count(url_of(p, "r"), "ticks") <= count(main, "ticks")
+
+
+def test_plaintext_passwords_of_an_older_platform_are_sealed_at_start() -> None:
+    """A system database written before migration 5 (passwords in plaintext columns) is
+    converted at the next start; the branches then open, reset and clone as before."""
+    with platform_process(["--deploy", str(EXAMPLE)]) as p:
+        fn = p.cli_json("functions", "get", "hellopython")
+        child = p.cli_json("branches", "create", "--name", "old-child")
+        urls = {b: (url_of(p, b), url_of(p, b, pooled=True)) for b in ("main", "old-child")}
+        box = SecretBox.from_data_dir(p.data_dir / "secrets")
+        plain: dict[str, tuple[str, str]] = {}
+        # Rewrite the table as the platform before migration 5 had it.
+        with p.system_db() as conn, conn.transaction():
+            for branch_id, role_sealed, superuser_sealed in conn.execute(
+                    "SELECT id, role_password_sealed, superuser_password_sealed "
+                    "FROM branches").fetchall():
+                plain[branch_id] = (
+                    box.open_text(role_sealed,
+                                  branch_secret_context(branch_id, "role_password")),
+                    box.open_text(superuser_sealed,
+                                  branch_secret_context(branch_id, "superuser_password")))
+            conn.execute("ALTER TABLE branches ADD COLUMN role_password text,"
+                         " ADD COLUMN superuser_password text")
+            for branch_id, (role, superuser) in plain.items():
+                conn.execute("UPDATE branches SET role_password = %s, superuser_password = %s"
+                             " WHERE id = %s", (role, superuser, branch_id))
+            conn.execute("ALTER TABLE branches DROP COLUMN role_password_sealed,"
+                         " DROP COLUMN superuser_password_sealed,"
+                         " ALTER COLUMN role_password SET NOT NULL,"
+                         " ALTER COLUMN superuser_password SET NOT NULL")
+            conn.execute("DELETE FROM schema_migrations WHERE version = 5")
+        assert p.stop() == 0
+
+        p.launch()
+        p.wait_ready()
+        passwords = [pw for pair in plain.values() for pw in pair]
+        with p.system_db() as conn:
+            assert conn.execute("SELECT name FROM schema_migrations WHERE version = 5"
+                                ).fetchone() == ("0005_sealed_branch_passwords.py",)
+            columns = {r[0] for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'branches'")}
+            assert {"role_password_sealed", "superuser_password_sealed"} <= columns
+            assert not {"role_password", "superuser_password"} & columns
+            table = repr(conn.execute("SELECT * FROM branches").fetchall())
+            conn.execute("CHECKPOINT")
+            (table_file,) = conn.execute("SELECT pg_relation_filepath('branches')").fetchone()
+        assert [pw for pw in passwords if pw in table] == []
+        # VACUUM FULL rewrote the table: no dead tuple version holds them either.
+        data = (p.data_dir / "system" / "pgdata" / table_file).read_bytes()
+        assert [pw for pw in passwords if pw.encode() in data] == []
+
+        # The same credentials still open every branch, directly and pooled.
+        for name, pair in urls.items():
+            assert (url_of(p, name), url_of(p, name, pooled=True)) == pair
+            for url in pair:
+                with psycopg.connect(url, prepare_threshold=None) as conn:
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+        with p.gateway(host_of(fn["invocation_url"])) as gw:
+            assert gw.get("/todos").status_code == 200  # the isolate's DATABASE_URL works
+        # main's isolate has written its startup event: main stays as it is now.
+        events = count(urls["main"][0], "app_events")
+        assert p.cli_json("branches", "reset", "old-child")["id"] == child["id"]
+        assert count(urls["old-child"][0], "app_events") == events
+        grandchild = p.cli_json("branches", "create", "--name", "new-child",
+                                "--parent", "old-child")
+        assert grandchild["parent_id"] == child["id"]
+        assert count(url_of(p, "new-child"), "app_events") == events
+
+        # Another key cannot open them: a clear refusal, not a half-started platform.
+        assert p.stop() == 0
+        wrong = base64.urlsafe_b64encode(os.urandom(32)).decode()
+        proc = subprocess.run(p.args(), env={**p.env, "PHLOEM_SECRET_KEY": wrong},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert "cannot be opened: wrong PHLOEM_SECRET_KEY or tampered data" in " ".join(
+            (proc.stderr + proc.stdout).split())
+        assert processes_mentioning(str(p.data_dir)) == []

@@ -462,7 +462,7 @@ async def test_get_round_trip_adds_forwarding_headers(env: Env) -> None:
     r = await env.client.get(
         "/echo?x=1",
         headers={
-            "X-Forwarded-For": "203.0.113.9",
+            "X-Forwarded-For": "203.0.113.9",  # spoofed: the peer is no trusted proxy
             "X-Request-Id": "req-1.A_b",
             "X-Forwarded-Proto": "https",  # spoofed: replaced by the gateway's
             "Keep-Alive": "timeout=5",
@@ -476,7 +476,7 @@ async def test_get_round_trip_adds_forwarding_headers(env: Env) -> None:
     assert echo["query"] == "x=1"
     assert header(echo, "host") == ["app.test"]
     assert header(echo, "x-custom") == ["yes"]
-    assert header(echo, "x-forwarded-for") == ["203.0.113.9, 127.0.0.1"]
+    assert header(echo, "x-forwarded-for") == ["127.0.0.1"]
     assert header(echo, "x-forwarded-proto") == ["http"]
     assert header(echo, "x-forwarded-host") == ["app.test"]
     assert header(echo, "x-request-id") == ["req-1.A_b"]
@@ -491,6 +491,113 @@ async def test_get_round_trip_adds_forwarding_headers(env: Env) -> None:
         "req-1.A_b",
     )
     assert record.duration_s >= 0
+
+
+# Every header by which a client could claim another address, scheme or host.
+SPOOFED = [
+    ("X-Forwarded-For", "6.6.6.6"),
+    ("x-forwarded-for", "7.7.7.7, 8.8.8.8"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "bank.example"),
+    ("X-FORWARDED-PORT", "443"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-Forwarded-Ssl", "on"),
+    ("Forwarded", "for=6.6.6.6;proto=https"),
+    ("X-Real-IP", "6.6.6.6"),
+]
+FORWARDING_NAMES = {"forwarded", "x-real-ip"}
+
+
+def forwarding(echo: dict[str, Any]) -> dict[str, list[str]]:
+    """The forwarding headers the app received, by lower-case name."""
+    out: dict[str, list[str]] = {}
+    for k, v in echo["headers"]:
+        if k.startswith("x-forwarded-") or k in FORWARDING_NAMES:
+            out.setdefault(k, []).append(v)
+    return out
+
+
+async def test_spoofed_forwarding_headers_from_an_untrusted_peer_are_replaced(
+    env: Env,
+) -> None:
+    for _ in range(2):  # the second over a reused upstream connection
+        r = await env.client.get("/echo", headers=SPOOFED)
+        assert r.status_code == 200
+        assert forwarding(r.json()) == {
+            "x-forwarded-for": ["127.0.0.1"],
+            "x-forwarded-proto": ["http"],
+            "x-forwarded-host": ["app.test"],
+        }
+    # A body still arriving takes the task path in both set-ups.
+    r = await env.client.post("/echo", content=trickle([b"ab", b"cd"]), headers=SPOOFED)
+    assert forwarding(r.json())["x-forwarded-for"] == ["127.0.0.1"]
+    if isinstance(env.router, NowaitPoolRouter):
+        assert env.router.nowait_leases == 2
+
+
+async def test_a_client_cannot_hide_the_forwarding_headers_with_connection(env: Env) -> None:
+    r = await env.client.get(
+        "/echo", headers=[("Connection", "x-forwarded-for, x-forwarded-proto"), *SPOOFED]
+    )
+    assert forwarding(r.json()) == {
+        "x-forwarded-for": ["127.0.0.1"],
+        "x-forwarded-proto": ["http"],
+        "x-forwarded-host": ["app.test"],
+    }
+
+
+@pytest.fixture(params=["callbacks", "task"])
+async def proxied_env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    """As ``env``, with the gateway trusting 127.0.0.1 as a proxy in front of it."""
+    config = GatewayConfig(
+        port=0, max_body_bytes=MAX_BODY, trusted_proxies=("10.0.0.0/8", "127.0.0.1/32")
+    )
+    async with running_env(tmp_path, config, nowait=request.param == "callbacks") as env:
+        yield env
+
+
+async def test_a_trusted_proxy_forwarding_headers_are_passed_on(proxied_env: Env) -> None:
+    env = proxied_env
+    r = await env.client.get("/echo", headers=SPOOFED)
+    assert forwarding(r.json()) == {
+        # The proxy's list, then the proxy itself.
+        "x-forwarded-for": ["6.6.6.6, 7.7.7.7, 8.8.8.8, 127.0.0.1"],
+        "x-forwarded-proto": ["https"],
+        "x-forwarded-host": ["bank.example"],
+        "x-forwarded-port": ["443"],
+        "x-forwarded-prefix": ["/admin"],
+        "x-forwarded-ssl": ["on"],
+        "forwarded": ["for=6.6.6.6;proto=https"],
+        "x-real-ip": ["6.6.6.6"],
+    }
+    # A proxy that says nothing: the gateway's own values.
+    r = await env.client.get("/echo")
+    assert forwarding(r.json()) == {
+        "x-forwarded-for": ["127.0.0.1"],
+        "x-forwarded-proto": ["http"],
+        "x-forwarded-host": ["app.test"],
+    }
+    if isinstance(env.router, NowaitPoolRouter):
+        assert env.router.nowait_leases == 2
+
+
+async def test_only_peers_in_the_trusted_networks_are_trusted(proxied_env: Env) -> None:
+    """127.0.0.2 is not in 127.0.0.1/32: its connection is an untrusted client's."""
+    env = proxied_env
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", env.gateway.port, local_addr=("127.0.0.2", 0)
+    )
+    try:
+        spoofed = "".join(f"{k}: {v}\r\n" for k, v in SPOOFED)
+        writer.write(f"GET /echo HTTP/1.1\r\nHost: app.test\r\n{spoofed}\r\n".encode())
+        resp = await read_response(reader)
+    finally:
+        writer.close()
+    assert forwarding(resp.json()) == {
+        "x-forwarded-for": ["127.0.0.2"],
+        "x-forwarded-proto": ["http"],
+        "x-forwarded-host": ["app.test"],
+    }
 
 
 async def test_post_round_trip_keeps_content_length(env: Env) -> None:

@@ -23,10 +23,11 @@ from rich.table import Table
 
 from phloem import __version__
 from phloem.client import Client, ClientError
+from phloem.gateway.proxies import parse_networks
 from phloem.limits import FunctionLimits, check_limits
 from phloem.runtimes.node.provision import NODE_RUNTIME
 from phloem.settings import Settings, default_data_dir
-from phloem.validation import InvalidInput, check_entry, check_slug
+from phloem.validation import InvalidInput, check_entry, check_slug, check_token
 
 app = typer.Typer(help="phloem: long-running serverless functions that branch with "
                        "their Postgres database.", no_args_is_help=True,
@@ -146,6 +147,16 @@ def up(
         "function (repeatable; space-separated in the variable): ttfb_timeout_s=900 "
         "silence_timeout_s=900 wait_until_s=900 idle_timeout_s=300 memory_mb=2048 "
         "target_inflight=64 max_isolates=<cores> max_body_bytes=104857600")] = None,
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        "--trusted-proxy", envvar="PHLOEM_TRUSTED_PROXIES", help="Address or CIDR network "
+        "of a proxy in front of the gateway: its X-Forwarded-* headers are passed on "
+        "(X-Forwarded-For appended to); every other client's are replaced (repeatable; "
+        "space- or comma-separated in the variable).",
+        show_default="none")] = None,
+    metrics_token: Annotated[str | None, typer.Option(
+        envvar="PHLOEM_METRICS_TOKEN", help="Bearer token that may read /metrics besides "
+        "any API key, for a scraper (16-512 characters).",
+        show_default="none, API keys only")] = None,
 ) -> None:
     """Start the platform in the foreground: system database, branch 'main', API and
     gateway. Ctrl-C stops everything; a second Ctrl-C forces exit.
@@ -154,7 +165,10 @@ def up(
     """
     try:
         limits = FunctionLimits().merged(parse_pairs("limit", limit or []))
-    except InvalidInput as exc:
+        if metrics_token is not None:
+            check_token("metrics_token", metrics_token)
+        proxies = tuple(str(n) for n in parse_networks(trusted_proxy or []))
+    except (InvalidInput, ValueError) as exc:
         fail(str(exc))
     settings = Settings(
         function_limits=limits,
@@ -163,6 +177,7 @@ def up(
         public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
         isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
         sandbox=sandbox, isolate_uid_base=isolate_uid_base, firewall=firewall,
+        trusted_proxies=proxies, metrics_token=metrics_token,
     )
     try:
         import uvloop
@@ -187,6 +202,7 @@ async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
     import gc
 
     from phloem.platform import Platform, PlatformError
+    from phloem.secrets import SecretError
 
     _raise_fd_limit()
 
@@ -219,7 +235,7 @@ async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
                 start.cancel()
                 raise PlatformError("interrupted during start-up")
             start.result()
-    except PlatformError as exc:
+    except (PlatformError, SecretError) as exc:  # SecretError: a wrong PHLOEM_SECRET_KEY
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         await platform.stop()
         return 1

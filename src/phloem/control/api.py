@@ -1,12 +1,14 @@
 """The REST API under ``/api/v1`` (OpenAPI at ``/api/v1/openapi.json``).
 
 Every error is JSON ``{"error": {"code": ..., "message": ..., "field": ...}}`` with a
-stable ``code``. Every route but ``/health`` needs ``Authorization: Bearer <api key>``.
+stable ``code``. Every route but ``/health`` needs ``Authorization: Bearer <api key>``;
+``/metrics`` also takes the platform's ``metrics_token`` in its place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import unquote
@@ -211,13 +213,26 @@ def create_api(platform: Platform) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
 
-    async def authorized(request: Request) -> None:
+    def bearer(request: Request, what: str) -> str:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <api key>'")
-        if not await platform.store.api_key_valid(key.strip()):
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(401, "unauthorized", f"missing 'Authorization: Bearer <{what}>'")
+        return key.strip()
+
+    async def authorized(request: Request) -> None:
+        if not await platform.store.api_key_valid(bearer(request, "api key")):
             raise ApiError(401, "unauthorized", "invalid API key")
+
+    metrics_token = platform.settings.metrics_token
+
+    async def may_scrape(request: Request) -> None:
+        """An API key, or the platform's metrics token (compared in constant time)."""
+        key = bearer(request, "api key or metrics token")
+        if metrics_token and hmac.compare_digest(key.encode(), metrics_token.encode()):
+            return
+        if not await platform.store.api_key_valid(key):
+            raise ApiError(401, "unauthorized", "invalid API key or metrics token")
 
     auth = [Depends(authorized)]
 
@@ -239,8 +254,9 @@ def create_api(platform: Platform) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(may_scrape)])
     async def metrics(request: Request) -> Response:
+        """Prometheus exposition; it names every branch and function, so it needs a key."""
         body, content_type = platform.metrics.render(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 

@@ -1,20 +1,30 @@
 """Metadata access: branches, functions, deployments and API keys in the system database.
 
 Every method is one short transaction; callers never hold a connection across awaits on
-other services.
+other services. Branch database passwords are sealed here on the way in and opened on
+the way out (:class:`~phloem.secrets.SecretBox`): a :class:`BranchRow` holds them in the
+clear, the ``branches`` table never does.
+
+    store = Store(pool, SecretBox.from_data_dir(paths.secrets))
+    row = await store.get_branch("main")
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+
+from phloem.secrets import SecretBox
+
+#: BranchRow fields stored sealed, each in a ``<name>_sealed`` column.
+BRANCH_SECRETS = ("role_password", "superuser_password")
 
 
 @dataclass(frozen=True)
@@ -25,8 +35,8 @@ class BranchRow:
     port: int
     database: str
     role: str
-    role_password: str
-    superuser_password: str
+    role_password: str = field(repr=False)
+    superuser_password: str = field(repr=False)
     state: str
     created_at: datetime
     pooler_port: int | None = None
@@ -68,6 +78,12 @@ class DeploymentRow:
     env_digest: str | None = None
 
 
+def branch_secret_context(branch_id: str, column: str) -> str:
+    """Associated data of a sealed branch secret: a token opens only for this branch and
+    this column."""
+    return f"branch:{branch_id}:{column}"
+
+
 def new_id(prefix: str, nbytes: int = 6) -> str:
     return f"{prefix}-{secrets.token_hex(nbytes)}"
 
@@ -77,8 +93,9 @@ def hash_key(key: str) -> str:
 
 
 class Store:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, box: SecretBox) -> None:
         self.pool = pool
+        self.box = box
 
     async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -113,21 +130,32 @@ class Store:
         ) is not None
 
     # -- branches ------------------------------------------------------------
+    def _seal(self, branch_id: str, column: str, value: str) -> str:
+        return self.box.seal_text(value, branch_secret_context(branch_id, column))
+
+    def _branch(self, row: dict[str, Any]) -> BranchRow:
+        for column in BRANCH_SECRETS:
+            row[column] = self.box.open_text(row.pop(f"{column}_sealed"),
+                                             branch_secret_context(row["id"], column))
+        return BranchRow(**row)
+
     async def list_branches(self) -> list[BranchRow]:
         rows = await self._all("SELECT * FROM branches ORDER BY created_at")
-        return [BranchRow(**r) for r in rows]
+        return [self._branch(r) for r in rows]
 
     async def get_branch(self, ref: str) -> BranchRow | None:
         """By id or by name."""
         row = await self._one("SELECT * FROM branches WHERE id = %s OR name = %s", (ref, ref))
-        return BranchRow(**row) if row else None
+        return self._branch(row) if row else None
 
     async def insert_branch(self, row: BranchRow) -> None:
         await self._exec(
             "INSERT INTO branches (id, name, parent_id, port, pooler_port, database, role,"
-            " role_password, superuser_password, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            " role_password_sealed, superuser_password_sealed, state)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
             (row.id, row.name, row.parent_id, row.port, row.pooler_port, row.database,
-             row.role, row.role_password, row.superuser_password, row.state),
+             row.role, self._seal(row.id, "role_password", row.role_password),
+             self._seal(row.id, "superuser_password", row.superuser_password), row.state),
         )
 
     async def set_branch_state(self, branch_id: str, state: str) -> None:
@@ -139,6 +167,9 @@ class Store:
                    "role_password", "superuser_password"}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        for column in BRANCH_SECRETS:
+            if column in fields:
+                fields[f"{column}_sealed"] = self._seal(branch_id, column, fields.pop(column))
         sets = ", ".join(f"{k} = %s" for k in fields)
         await self._exec(f"UPDATE branches SET {sets}, updated_at = now() WHERE id = %s",
                          (*fields.values(), branch_id))
@@ -146,7 +177,7 @@ class Store:
     async def child_branches(self, branch_id: str) -> list[BranchRow]:
         rows = await self._all("SELECT * FROM branches WHERE parent_id = %s ORDER BY "
                                "created_at", (branch_id,))
-        return [BranchRow(**r) for r in rows]
+        return [self._branch(r) for r in rows]
 
     async def delete_branch(self, branch_id: str) -> None:
         await self._exec("DELETE FROM branches WHERE id = %s", (branch_id,))

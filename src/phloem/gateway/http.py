@@ -2,14 +2,16 @@
 
 * :func:`scan_request_headers` / :func:`upstream_request_head` turn a parsed client request
   head into the head sent to the isolate (hop-by-hop headers dropped, ``X-Forwarded-*`` and
-  ``X-Request-Id`` added).
+  ``X-Request-Id`` set by the gateway; a client's own forwarding headers are dropped unless
+  its connection comes from a trusted proxy).
 * :func:`parse_response_head` reads an upstream response head just far enough to know its
   status and how its body is framed; the bytes themselves are forwarded untouched.
 * :func:`error_response` renders the gateway's own JSON error responses.
 
     info = scan_request_headers(headers)
     head = upstream_request_head(b"GET", b"/", "1.1", headers, info, request_id=b"abc",
-                                 peer_ip="10.0.0.7", proto="http", upgrade=False)
+                                 peer_ip="10.0.0.7", proto="http", upgrade=False,
+                                 trusted=False)
 """
 
 from __future__ import annotations
@@ -43,11 +45,17 @@ Headers = list[tuple[bytes, bytes]]
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
 )
-# Set by the gateway itself; a client's values are never passed through as-is.
+# Set by the gateway itself; a client's values are never passed through as-is (a trusted
+# proxy's X-Forwarded-* are taken over: see upstream_request_head).
 GATEWAY_HEADERS = frozenset(
     {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
-_DROP = HOP_BY_HOP | GATEWAY_HEADERS
+# Other headers by which a client could claim an address, scheme or host: passed on only
+# from a trusted proxy, like every X-Forwarded-* (matched by prefix).
+FORWARDING = frozenset({b"forwarded", b"x-real-ip"})
+_DROP = HOP_BY_HOP | GATEWAY_HEADERS | FORWARDING
+_DROP_TRUSTED = HOP_BY_HOP | {b"x-request-id"}
+_X_FORWARDED = b"x-forwarded-"
 # A client may name extra hop-by-hop fields in Connection; these are never removed that way,
 # since dropping a framing header would desynchronise the upstream connection.
 _PROTECTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
@@ -89,7 +97,6 @@ class RequestInfo:
     content_length: int | None = None
     chunked: bool = False
     expect_continue: bool = False
-    forwarded_for: list[bytes] = field(default_factory=list)
     upgrade: list[bytes] = field(default_factory=list)
     connection: set[bytes] = field(default_factory=set)
 
@@ -113,8 +120,6 @@ def scan_request_headers(headers: Headers) -> RequestInfo:
             info.chunked = True
         elif n == b"x-request-id":
             info.request_id = value.strip()
-        elif n == b"x-forwarded-for":
-            info.forwarded_for.append(value.strip())
         elif n == b"expect":
             info.expect_continue = value.strip().lower() == b"100-continue"
         elif n == b"connection":
@@ -135,30 +140,58 @@ def upstream_request_head(
     peer_ip: str,
     proto: str,
     upgrade: bool,
+    trusted: bool = False,
 ) -> bytes:
-    """The request head sent to the isolate; the client's HTTP version is kept."""
-    drop = _DROP | (info.connection - _PROTECTED) if info.connection else _DROP
+    """The request head sent to the isolate; the client's HTTP version is kept.
+
+    From an untrusted peer (``trusted`` false, the default) every forwarding header the
+    client sent (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``) is dropped and
+    ``X-Forwarded-For`` is exactly ``peer_ip``, ``X-Forwarded-Proto`` is ``proto`` and
+    ``X-Forwarded-Host`` the Host. From a trusted proxy they are passed on, with
+    ``peer_ip`` appended to its ``X-Forwarded-For`` and its ``X-Forwarded-Proto`` /
+    ``X-Forwarded-Host`` (the first of each) taking the place of ours.
+    """
     parts = [b"%s %s HTTP/%s\r\n" % (method, target, version.encode("ascii"))]
-    for name, value in headers:
-        if name.lower() not in drop:
-            parts.append(b"%s: %s\r\n" % (name, value))
+    forwarded_for: list[bytes] = []
+    forwarded_proto = proto.encode("ascii")
+    forwarded_host = info.host
+    if trusted:
+        drop = _DROP_TRUSTED | (info.connection - _PROTECTED) if info.connection \
+            else _DROP_TRUSTED
+        proto_seen = host_seen = False
+        for name, value in headers:
+            n = name.lower()
+            if n in GATEWAY_HEADERS:
+                if n == b"x-forwarded-for":
+                    if value.strip():
+                        forwarded_for.append(value.strip())
+                elif n == b"x-forwarded-proto":
+                    if not proto_seen and value.strip():
+                        forwarded_proto, proto_seen = value.strip(), True
+                elif n == b"x-forwarded-host" and not host_seen and value.strip():
+                    forwarded_host, host_seen = value.strip(), True
+            elif n not in drop:
+                parts.append(b"%s: %s\r\n" % (name, value))
+    else:
+        drop = _DROP | (info.connection - _PROTECTED) if info.connection else _DROP
+        for name, value in headers:
+            n = name.lower()
+            # n[0] first (llhttp never passes an empty name): a method call per header
+            # would cost more than the rest of this loop.
+            if n not in drop and not (n[0] == 0x78 and n.startswith(_X_FORWARDED)):
+                parts.append(b"%s: %s\r\n" % (name, value))
     if upgrade:
         parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % b", ".join(info.upgrade))
     elif version == "1.0":
         # The upstream hop is ours: keep it persistent even for HTTP/1.0 clients.
         parts.append(b"Connection: keep-alive\r\n")
-    if info.forwarded_for:
-        forwarded_for = (
-            [*info.forwarded_for, peer_ip.encode("ascii")] if peer_ip else info.forwarded_for
-        )
+    if peer_ip:
+        forwarded_for.append(peer_ip.encode("ascii"))
+    if forwarded_for:
         parts.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
-    elif peer_ip:
-        parts.append(b"X-Forwarded-For: %s\r\n" % peer_ip.encode("ascii"))
-    parts.append(
-        b"X-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\n" % (request_id, proto.encode("ascii"))
-    )
-    if info.host is not None:
-        parts.append(b"X-Forwarded-Host: %s\r\n" % info.host)
+    parts.append(b"X-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\n" % (request_id, forwarded_proto))
+    if forwarded_host is not None:
+        parts.append(b"X-Forwarded-Host: %s\r\n" % forwarded_host)
     parts.append(b"\r\n")
     return b"".join(parts)
 

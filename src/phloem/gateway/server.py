@@ -29,12 +29,13 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import httptools
 
 from phloem.gateway import http
+from phloem.gateway.proxies import TrustedProxies
 from phloem.gateway.routing import Limits, RouteError, Router, Upstream
 
 __all__ = ["Gateway", "GatewayConfig", "RequestRecord"]
@@ -73,17 +74,23 @@ class GatewayConfig:
     max_body_bytes: int = 100 * 1024 * 1024
     # Sent upstream as X-Forwarded-Proto.
     proto: str = "http"
+    # Peers (CIDR networks) whose X-Forwarded-* headers are passed on; every other
+    # client's are replaced (see http.upstream_request_head). Parsed once into ``trusted``.
+    trusted_proxies: tuple[str, ...] = ()
     # An idle client connection must send a complete request head within this many seconds.
     keep_alive_timeout: float = 60.0
     # Seconds from forwarding the request head to the upstream's final response head: 504.
     ttfb_timeout: float = 900.0
     # Seconds without a byte either way once the response head arrived: both sides closed.
     silence_timeout: float = 900.0
+    trusted: TrustedProxies = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("keep_alive_timeout", "ttfb_timeout", "silence_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"GatewayConfig.{name} must be positive")
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+        object.__setattr__(self, "trusted", TrustedProxies(self.trusted_proxies))
 
 
 @dataclass(slots=True)
@@ -229,6 +236,7 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._peer_ip = ""
+        self._trusted = False  # the peer is a trusted proxy
         self.task: asyncio.Task[None] | None = None
 
         # Parser side.
@@ -292,6 +300,9 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._peer_ip = str(peer[0])
+            trusted = self._config.trusted
+            if trusted:  # once per connection, and only when proxies are configured
+                self._trusted = self._peer_ip in trusted
         self._gateway._connections.add(self)
         self.task = self._loop.create_task(self._run())
 
@@ -611,7 +622,8 @@ class _Connection(asyncio.Protocol):
     def _upstream_head(self, req: _Request, info: http.RequestInfo, rid: bytes) -> bytes:
         return http.upstream_request_head(
             req.method, req.target, req.version, req.headers, info, request_id=rid,
-            peer_ip=self._peer_ip, proto=self._config.proto, upgrade=req.upgrade)
+            peer_ip=self._peer_ip, proto=self._config.proto, upgrade=req.upgrade,
+            trusted=self._trusted)
 
     def _timeouts(self, limits: Limits | None) -> tuple[float, float]:
         config = self._config
