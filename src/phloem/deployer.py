@@ -408,7 +408,7 @@ class Deployer:
             cmd = [self.isolate_python, "-m", "phloem.runtimes.python.host", "--check",
                    "--app", spec.command[-1]]
         try:
-            if spec.sandbox is not None:
+            if spec.sandbox is not None or not spec.identity.is_self:
                 # As an isolate runs: the function's env only after the privilege drop.
                 job = Job(argv=cmd, env=spec.env, cwd=str(spec.cwd), uid=spec.identity.uid,
                           gid=spec.identity.gid, sandbox=spec.sandbox, nofile=spec.nofile)

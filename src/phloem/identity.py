@@ -86,15 +86,6 @@ class Identity:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
-    def command_prefix(self) -> list[str]:
-        """A ``setpriv`` prefix that runs a command as this identity, for process
-        spawners without ``user=``/``group=`` support (uvloop's)."""
-        if self.is_self:
-            return []
-        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
-        return [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
-                "--"]
-
     def own(self, path: Path, mode: int) -> None:
         """Make ``path`` belong to this identity with ``mode``."""
         if not self.is_self or os.geteuid() == 0:

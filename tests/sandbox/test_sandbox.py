@@ -115,7 +115,8 @@ def _hostile_sources(tmp: Path, base: Path) -> Path:
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the library")
-def test_function_env_never_runs_as_root(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sandboxes", [["--sandbox"], ["--no-sandbox"]], ids=["sandbox", "none"])
+def test_function_env_never_runs_as_root(tmp_path: Path, sandboxes: list[str]) -> None:
     hostile_env = ["--env", "LD_PRELOAD=./evil.so", "--env", "PYTHONSTARTUP=./startup.py",
                    "--env", "NODE_OPTIONS=--require ./evil.cjs"]
     python_app = _hostile_sources(tmp_path / "py", PROBE)
@@ -123,7 +124,7 @@ def test_function_env_never_runs_as_root(tmp_path: Path) -> None:
     # Without the zygote every Python isolate is executed (as the old direct path did,
     # through root helpers); a Node function's first start is executed too, later ones
     # are activated standbys.
-    with platform_process(["--no-zygote"]) as p:
+    with platform_process(["--no-zygote", *sandboxes]) as p:
         records: list[tuple[str, int]] = []
         for slug, app, path in (("hostilepy", python_app, "/"),
                                 ("hostilenode", node_app, "/")):

@@ -151,10 +151,10 @@ class DirectProcess(_PipedOutput):
 
 
 class DirectSpawner:
-    """Execute the deployment's command. With a sandbox, through the sandbox launcher
-    (``phloem.sandbox.launch``): the function's env reaches only the final exec, after
-    the privilege drop. Without one (not root), the memory slot's wrapper joins the
-    cgroup and a ``setpriv`` prefix drops to the function's uid, as the same user."""
+    """Execute the deployment's command. As root (in a sandbox or not), through the
+    sandbox launcher (``phloem.sandbox.launch``): the function's env reaches only the
+    final exec, after the privilege drop. Not as root, everything is the one user: the
+    memory slot's wrapper (empty for the RSS watchdog) and the command."""
 
     name = "direct"
 
@@ -163,8 +163,11 @@ class DirectSpawner:
         command = [*spec.command, "--fd", str(launch.listen_fd),
                    "--ready-fd", str(launch.status_fd)]
         fds = (launch.listen_fd, launch.status_fd)
-        if spec.sandbox is not None:
-            job = Job(argv=command, env=launch.env, cwd=str(spec.cwd),
+        if spec.sandbox is not None or not spec.identity.is_self:
+            # As root, with or without a sandbox: nothing of the function's (its env above
+            # all) may reach a root helper before the drop. The launcher is the parent.
+            env = {k: v for k, v in launch.env.items() if k != "PHLOEM_SUPERVISOR_PID"}
+            job = Job(argv=command, env=env, cwd=str(spec.cwd),
                       uid=spec.identity.uid, gid=spec.identity.gid, sandbox=spec.sandbox,
                       procs_files=procs_files(launch.memory), keep_fds=list(fds),
                       nofile=spec.nofile)
@@ -176,8 +179,9 @@ class DirectSpawner:
                     pass_fds=(job_fd, *fds), start_new_session=True)
             finally:
                 os.close(job_fd)
-            return DirectProcess(process, how="spawned in a sandbox")
-        cmd = launch.memory.wrap([*spec.identity.command_prefix(), *command])
+            how = "spawned in a sandbox" if spec.sandbox is not None else "spawned"
+            return DirectProcess(process, how=how)
+        cmd = launch.memory.wrap(command)
         process = await asyncio.create_subprocess_exec(
             *cmd, cwd=spec.cwd, env=launch.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
