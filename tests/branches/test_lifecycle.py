@@ -227,13 +227,13 @@ def test_plaintext_passwords_of_an_older_platform_are_sealed_at_start() -> None:
         with p.gateway(host_of(fn["invocation_url"])) as gw:
             assert gw.get("/todos").status_code == 200  # the isolate's DATABASE_URL works
         # main's isolate has written its startup event: main stays as it is now.
-        events = count(urls["main"][0], "app_events")
+        events = count(urls["main"][0], "lifecycle_events")
         assert p.cli_json("branches", "reset", "old-child")["id"] == child["id"]
-        assert count(urls["old-child"][0], "app_events") == events
+        assert count(urls["old-child"][0], "lifecycle_events") == events
         grandchild = p.cli_json("branches", "create", "--name", "new-child",
                                 "--parent", "old-child")
         assert grandchild["parent_id"] == child["id"]
-        assert count(url_of(p, "new-child"), "app_events") == events
+        assert count(url_of(p, "new-child"), "lifecycle_events") == events
 
         # Another key cannot open them: a clear refusal, not a half-started platform.
         assert p.stop() == 0

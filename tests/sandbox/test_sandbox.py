@@ -95,7 +95,7 @@ PRELOAD_C = r"""
 __attribute__((constructor)) static void record(void) {
     char exe[512] = {0};
     readlink("/proc/self/exe", exe, sizeof exe - 1);
-    dprintf(2, "HOSTILE-RECORD preload uid=%d exe=%s\n", (int)getuid(), exe);
+    dprintf(2, "HOSTILE-RECORD preload uid=%u exe=%s\n", (unsigned)getuid(), exe);
 }
 """
 RECORD = re.compile(r"HOSTILE-RECORD (\w+) uid=(\d+)")
