@@ -233,7 +233,7 @@ class Deployer:
         if self.sandbox_off is None:
             make_dir(self.paths.sandbox_root, 0o700)
             sandbox = SandboxSpec(root_dir=str(self.paths.sandbox_root), ro=visible,
-                                  tmp_mb=self.settings.sandbox_tmp_mb, cwd=str(app_dir))
+                                  tmp_mb=limits.tmp_mb, cwd=str(app_dir))
             home = Path("/tmp")  # the isolate's own, private
         else:
             home = self._home(ident)
@@ -258,7 +258,7 @@ class Deployer:
             deployment_id=dep.id, function_id=fn.id, slug=fn.slug, branch_id=branch.id,
             command=command, env=env, cwd=app_dir, identity=ident,
             log_path=self.paths.function_log(branch.id, fn.slug),
-            limits=limits, sandbox=sandbox, nofile=self.settings.isolate_nofile,
+            limits=limits, sandbox=sandbox, nofile=limits.nofile,
         )
 
     async def _build(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> None:

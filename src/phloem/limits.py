@@ -30,6 +30,10 @@ class FunctionLimits:
     pids_max: int = 512
     #: CPU per isolate in thousandths of a CPU (cgroup CPU quota); 0: no quota.
     cpu_millicores: int = 0
+    #: Size of an isolate's private /tmp (and of its /dev/shm) in its sandbox, MiB.
+    tmp_mb: int = 256
+    #: Open descriptors per isolate process (RLIMIT_NOFILE; never above the platform's).
+    nofile: int = 65536
     #: In-flight requests per isolate above which another isolate starts.
     target_inflight: int = 64
     #: Most isolates per function.
@@ -47,10 +51,11 @@ class FunctionLimits:
 _MINIMUM: dict[str, float] = {
     "ttfb_timeout_s": 0.1, "silence_timeout_s": 0.1, "wait_until_s": 0.1,
     "idle_timeout_s": 0.1, "memory_mb": 16, "target_inflight": 1, "max_isolates": 1,
-    "max_body_bytes": 1, "pids_max": 16, "cpu_millicores": 10,
+    "max_body_bytes": 1, "pids_max": 16, "cpu_millicores": 10, "tmp_mb": 1, "nofile": 64,
 }
 #: Upper bounds where the kernel (or sense) has one.
-_MAXIMUM: dict[str, float] = {"pids_max": 65536, "cpu_millicores": 1_000_000}
+_MAXIMUM: dict[str, float] = {"pids_max": 65536, "cpu_millicores": 1_000_000,
+                               "tmp_mb": 1 << 20, "nofile": 1 << 20}
 #: Limits for which 0 means "unlimited".
 _ZERO_IS_UNLIMITED = {"cpu_millicores"}
 

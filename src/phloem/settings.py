@@ -53,10 +53,6 @@ class Settings:
     zygote: bool = True
     #: Run isolates and builds in sandboxes (namespaces, seccomp) when root.
     sandbox: bool = True
-    #: Size of an isolate's private /tmp (and /dev/shm), MiB.
-    sandbox_tmp_mb: int = 256
-    #: RLIMIT_NOFILE of an isolate.
-    isolate_nofile: int = 65536
     #: Seconds an isolate gets between SIGINT and SIGKILL.
     eviction_grace_s: float = 10.0
     #: Seconds a shutdown waits for in-flight requests.

@@ -89,6 +89,16 @@ def test_isolates_cannot_see_each_other_or_the_data_dir(platform: PlatformProces
     assert get(platform, probe, "/write", path="/tmp/big", bytes=big) == "ENOSPC"
 
 
+def test_tmp_size_and_descriptors_are_limits_per_function(platform: PlatformProcess) -> None:
+    fn = platform.deploy("sbxsmall", PROBE, "--limit", "tmp_mb=8", "--limit", "nofile=256")
+    assert get(platform, fn, "/write", path="/tmp/a", bytes=str(7 * 2**20)) == "written"
+    assert get(platform, fn, "/write", path="/tmp/b", bytes=str(2 * 2**20)) == "ENOSPC"
+    assert get(platform, fn, "/")["nofile"] == [256, 256]
+    bad = platform.cli("functions", "deploy", "sbxsmall", "--path", str(PROBE), "--limit",
+                       "tmp_mb=0", check=False)
+    assert bad.returncode != 0 and "limits.tmp_mb" in bad.stderr
+
+
 PRELOAD_C = r"""
 #include <stdio.h>
 #include <unistd.h>

@@ -146,7 +146,8 @@ def up(
         "--limit", envvar="PHLOEM_LIMITS", help="NAME=VALUE default limit for every "
         "function (repeatable; space-separated in the variable): ttfb_timeout_s=900 "
         "silence_timeout_s=900 wait_until_s=900 idle_timeout_s=300 memory_mb=2048 "
-        "target_inflight=64 max_isolates=<cores> max_body_bytes=104857600")] = None,
+        "target_inflight=64 max_isolates=<cores> max_body_bytes=104857600 pids_max=512 "
+        "cpu_millicores=0 (no quota) tmp_mb=256 nofile=65536")] = None,
     trusted_proxy: Annotated[list[str] | None, typer.Option(
         "--trusted-proxy", envvar="PHLOEM_TRUSTED_PROXIES", help="Address or CIDR network "
         "of a proxy in front of the gateway: its X-Forwarded-* headers are passed on "

@@ -4,6 +4,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 from urllib.parse import parse_qs
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -81,6 +82,7 @@ async def app(scope, receive, send):
         body = {"uid": os.getuid(), "pid": os.getpid(), "home": os.environ.get("HOME"),
                 "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
                 "root": sorted(os.listdir("/")), "cwd": os.getcwd(),
+                "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
                 **{k: st[k] for k in ("NoNewPrivs", "Seccomp", "CapBnd", "CapEff", "CapPrm")}}
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": 200,
