@@ -50,10 +50,9 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
-def _mountpoint(root: str, source: str) -> str:
-    """Create the empty file or directory a bind of ``source`` is mounted on."""
-    target = _inside(root, source)
-    if os.path.isdir(source):
+def _make_mountpoint(target: str, is_dir: bool) -> str:
+    """Create the empty file or directory something is mounted on."""
+    if is_dir:
         os.makedirs(target, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -61,6 +60,11 @@ def _mountpoint(root: str, source: str) -> str:
             with open(target, "w"):
                 pass
     return target
+
+
+def _mountpoint(root: str, source: str) -> str:
+    """The mountpoint for a bind of ``source`` under ``root``."""
+    return _make_mountpoint(_inside(root, source), os.path.isdir(source))
 
 
 def _bind(root: str, source: str, *, read_only: bool) -> None:
@@ -142,14 +146,7 @@ def inject(pid: int, source: str, *, read_only: bool = True) -> None:
         is_dir = os.path.isdir(source)
         k.setns(theirs, k.CLONE_NEWNS)
         try:
-            if is_dir:
-                os.makedirs(source, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(source), exist_ok=True)
-                if not os.path.exists(source):
-                    with open(source, "w"):
-                        pass
-            k.move_mount(tree, source)
+            k.move_mount(tree, _make_mountpoint(source, is_dir))
         finally:
             k.setns(own, k.CLONE_NEWNS)
             os.fchdir(cwd)
