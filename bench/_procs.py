@@ -229,6 +229,47 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def tree_cpu_ticks(roots: list[int]) -> int:
+    """User + system CPU clock ticks of ``roots`` and every live process below them."""
+    total = 0
+    for pid in {*roots, *(d for root in roots for d in descendants(root))}:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def wait_quiet(roots: list[int], *, window_s: float = 0.1, max_ticks: int = 1,
+               timeout: float = 5.0) -> float:
+    """Wait until the process trees of ``roots`` use at most ``max_ticks`` clock ticks of
+    CPU in ``window_s`` (a retired isolate has exited, a standby has been replaced, a
+    deploy's work is done); returns the seconds waited (``timeout`` if they never were)."""
+    t0 = time.monotonic()
+    before = tree_cpu_ticks(roots)
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window_s)
+        now = tree_cpu_ticks(roots)
+        if now - before <= max_ticks:
+            break
+        before = now
+    return time.monotonic() - t0
+
+
+def in_other_mount_ns(pid: int) -> list[int]:
+    """Processes below ``pid`` in a mount namespace other than ours (sandboxed ones)."""
+    ours = os.readlink("/proc/self/ns/mnt")
+    found = []
+    for child in descendants(pid):
+        try:
+            if os.readlink(f"/proc/{child}/ns/mnt") != ours:
+                found.append(child)
+        except OSError:
+            continue
+    return found
+
+
 def busiest_descendant(pid: int) -> int | None:
     """The process below ``pid`` holding the most descriptors (with thousands of streams
     open, the isolate serving them, however it was spawned or forked)."""

