@@ -54,7 +54,7 @@ from typing import Any, NoReturn
 
 from phloem.runtimes.python import host
 from phloem.sandbox import _linux as kernel
-from phloem.sandbox.lockdown import Credentials, drop_privileges, lock_down
+from phloem.sandbox.lockdown import Credentials, drop_privileges, join_cgroups, lock_down
 from phloem.sandbox.root import SandboxSpec, enter
 
 PR_SET_PDEATHSIG = 1
@@ -376,11 +376,9 @@ def _enter(job: Job) -> dict[str, Any]:
     os.dup2(fds["stdout"], 1)
     os.dup2(fds["stderr"], 2)
     _close_fds_except({0, 1, 2, fds["spec"], fds["listen"], fds["status"], job.zygote_pidfd})
-    for procs in job.cgroup_procs:
-        # Before anything is allocated for the app and while still root. "0" is the
-        # writing process, whatever its pid in its own PID namespace.
-        with open(procs, "w") as f:
-            f.write("0")
+    # Before anything is allocated for the app and while still root; one thread, so on
+    # cgroup v1 without the global lock's grace period.
+    join_cgroups(job.cgroup_procs)
     if job.sandbox is not None:
         kernel.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWIPC)
         enter(job.sandbox)
