@@ -1,28 +1,28 @@
 """Deploying functions: build an artifact into a runnable deployment, switch traffic to
 it only once it is known to start, and keep the routing table the gateway reads.
 
-A build unpacks the artifact, installs ``requirements.txt`` into a cached environment (or
-bundles a Node function with its npm dependencies) and imports the entry in a throw-away
-process as the function's own uid with the real env. As root, unpacking, pip, npm and
-esbuild run as the build user in sandboxes (``phloem.runtimes.build``) that show them the
-function's source and their own output, never the data dir, its secrets or other
-functions. Any failure marks the deployment ``failed`` with the reason, and the previous
-deployment keeps serving.
+A build unpacks the artifact, lets the function's runtime (``phloem.runtimes``) install
+its dependencies and bundle it into the deployment directory, and runs the runtime's
+entry check in a throw-away process as the function's own uid with the real env. As
+root, unpacking and the runtime's steps (pip, npm, esbuild) run as the build user in
+sandboxes (``phloem.runtimes.build``) that show them the function's source and their
+own output, never the data dir, its secrets or other functions. Any failure marks the
+deployment ``failed`` with the reason, and the previous deployment keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from phloem.artifacts import ArtifactError, ArtifactStore
 from phloem.branches.manager import BranchManager
@@ -30,27 +30,31 @@ from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store, n
 from phloem.identity import Identity, make_dir
 from phloem.limits import check_limits
 from phloem.paths import DataPaths
-from phloem.runtimes.build import DIRECT, BuildRunner, SandboxRunner, failure, tool_mounts
-from phloem.runtimes.node.bundle import (
-    BundleError,
-    bundle,
-    find_entry,
-    install_dependencies,
-    native_packages,
+from phloem.runtimes.base import (
+    BuildContext,
+    BuildFailed,
+    IsolateContext,
+    IsolatePlan,
+    Runtime,
+    Toolbox,
 )
-from phloem.runtimes.node.provision import NODE_RUNTIME, ProvisionError, ensure_toolchain
-from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
-from phloem.runtimes.python import environment as pyenv
+from phloem.runtimes.build import UNPACK_SCRIPT, failure, tool_mounts
+from phloem.runtimes.registry import family_of, runtime_for
 from phloem.runtimes.unpack import UnpackError, check_tree
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
-from phloem.sandbox import available as sandbox_unavailable
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import IsolateSpec, Supervisor
-from phloem.validation import InvalidInput, check_entry, check_env, check_name, check_slug
+from phloem.validation import InvalidInput, check_env, check_name, check_slug
 
-PYTHON_RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
-RUNTIMES = (PYTHON_RUNTIME, NODE_RUNTIME)
+log = logging.getLogger("phloem")
+
+#: Builds at once (each a thread: steps are processes, and a build waiting for another
+#: to finish a shared dependency environment holds its thread meanwhile).
+BUILD_THREADS = 8
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class NotFound(LookupError):
@@ -75,15 +79,6 @@ class DeployRequest:
     limits: dict[str, Any] | None = None
 
 
-def check_runtime(runtime: str | None) -> str:
-    if runtime is None or runtime == "python":
-        return PYTHON_RUNTIME
-    if runtime not in RUNTIMES:
-        raise InvalidInput("runtime", f"{runtime!r} is not available here "
-                                      f"(available: {', '.join(RUNTIMES)})")
-    return runtime
-
-
 class Deployer:
     #: Awaited when a deploy has recorded its function (before the build, whose import
     #: check runs as the function's uid) and when a deleted function's isolates are gone;
@@ -93,7 +88,7 @@ class Deployer:
 
     def __init__(self, settings: Settings, paths: DataPaths, store: Store,
                  artifacts: ArtifactStore, branches: BranchManager, supervisor: Supervisor,
-                 runtime_dir: Path, isolate_python: str, secrets: SecretBox) -> None:
+                 toolbox: Toolbox, secrets: SecretBox, sandbox_off: str | None) -> None:
         self.secrets = secrets
         self.settings = settings
         self.paths = paths
@@ -101,24 +96,26 @@ class Deployer:
         self.artifacts = artifacts
         self.branches = branches
         self.supervisor = supervisor
-        self.runtime_dir = runtime_dir
-        self.isolate_python = isolate_python
+        #: What runtimes build and run with; its runner runs every build step: as root,
+        #: as the build user through the launcher (in a sandbox unless --no-sandbox);
+        #: else directly (docs/architecture.md, Builds).
+        self.toolbox = toolbox
+        self.runner = toolbox.runner
         #: (branch_id, slug) -> spec of the active deployment; read by the gateway router.
         self.routes: dict[tuple[str, str], IsolateSpec] = {}
-        self._env_locks: dict[str, asyncio.Lock] = {}
         self._builds: set[asyncio.Task[None]] = set()
-        self._node_tools: tuple[Path, Path, Path] | None = None
+        self._executor = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="phloem-build")
         #: Why isolates run without a sandbox (None: they run in one).
-        self.sandbox_off: str | None = (sandbox_unavailable() if settings.sandbox
-                                        else "turned off (--no-sandbox)")
+        self.sandbox_off = sandbox_off
         self.build_identity = Identity.build(settings.isolate_uid_base)
-        #: Runs every build step: as root, as the build user through the launcher (in a
-        #: sandbox unless --no-sandbox); else directly (docs/architecture.md, Builds).
-        self.runner: BuildRunner = DIRECT if os.geteuid() != 0 else SandboxRunner(
-            self.build_identity, paths.sandbox_root, paths.build_caches,
-            namespaces=self.sandbox_off is None)
-        self._build_python: Path | None = None
-        self._build_python_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Builds not yet started are dropped (their deployments fail at next start)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     # -- addressing ----------------------------------------------------------
     def invocation_url(self, branch_id: str, slug: str) -> str:
@@ -135,19 +132,21 @@ class Deployer:
             if fn.active_deployment_id is None or fn.branch_id not in branches:
                 continue
             dep = await self.store.get_deployment(fn.active_deployment_id)
-            if dep is not None and self.paths.deployment_dir(dep.id).is_dir():
+            if dep is None or not self.paths.deployment_dir(dep.id).is_dir():
+                continue
+            try:
                 self.routes[(fn.branch_id, fn.slug)] = self.spec_for(
                     branches[fn.branch_id], fn, dep)
+            except (InvalidInput, BuildFailed) as exc:
+                log.error("function %s of branch %s is not served: %s", fn.slug,
+                          fn.branch_id, exc)
 
     # -- deploy --------------------------------------------------------------
     async def deploy(self, branch: BranchRow, req: DeployRequest) -> DeploymentRow:
         """Validate, record the deployment as 'building' and build it in the background."""
         check_slug(req.slug)
-        runtime = check_runtime(req.runtime)
-        if runtime == NODE_RUNTIME:
-            check_node_entry(req.entry)
-        else:
-            check_entry(req.entry)
+        runtime = runtime_for(req.runtime)
+        runtime.check_entry(req.entry)
         limits = check_limits(dict(req.limits or {}))
         if req.name is not None:
             check_name(req.name)
@@ -162,12 +161,12 @@ class Deployer:
         env.update(req.env or {})
         check_env(env)
         name = req.name or (existing.name if existing else req.slug)
-        fn = await self.store.upsert_function(branch.id, req.slug, name, runtime)
+        fn = await self.store.upsert_function(branch.id, req.slug, name, runtime.name)
         if self.on_function_deployed is not None:
             await self.on_function_deployed(branch, fn)
         dep_id = new_id("dep")
         dep = await self.store.insert_deployment(
-            dep_id, fn.id, req.artifact_sha256, runtime, req.entry,
+            dep_id, fn.id, req.artifact_sha256, runtime.name, req.entry,
             env_sealed=self.secrets.seal(env, dep_id), env_keys=list(env),
             env_digest=self.secrets.digest(env), limits=limits)
         task = asyncio.create_task(self._build(branch, fn, dep))
@@ -199,40 +198,31 @@ class Deployer:
         make_dir(home, 0o700, ident)
         return home
 
+    @staticmethod
+    def runtime_of(dep: DeploymentRow) -> Runtime:
+        """The runtime a deployment runs on. Its stored name is exact; one of a version
+        this platform no longer runs (after an upgrade) runs on the current one."""
+        return family_of(dep.runtime)
+
     def spec_for(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> IsolateSpec:
+        return self._isolate(branch, fn, dep)[0]
+
+    def _isolate(self, branch: BranchRow, fn: FunctionRow,
+                 dep: DeploymentRow) -> tuple[IsolateSpec, IsolatePlan]:
         ident = self.identity(fn)
         dep_dir = self.paths.deployment_dir(dep.id)
         app_dir = dep_dir / "app"
-        env_link = dep_dir / "env"
-        env_dir = env_link.resolve() if env_link.exists() else None
-        python_path = [str(app_dir)]
-        if env_dir is not None:
-            python_path.append(str(env_dir / "site"))
-        python_path.append(str(self.runtime_dir))
         limits = self.settings.function_limits.merged(dep.limits or {})
-        # What the isolate sees of the data dir, read-only: its deployment, its
-        # dependency environment and the runtime it runs on; nothing else.
-        visible = [str(dep_dir)]
-        if dep.runtime == NODE_RUNTIME:
-            node, _, host = self.node_toolchain()
-            # V8 collects before the isolate reaches its memory limit instead of growing
-            # its heap towards the machine's size and being killed.
-            heap_mb = max(64, int(limits.memory_mb * 0.75))
-            command = [str(node), f"--max-old-space-size={heap_mb}", str(host), "--bundle",
-                       str(dep_dir / "bundle" / "bundle.mjs")]
-            visible += _outside_system({node.resolve().parent, host.parent})
-        else:
-            command = [self.isolate_python, "-m", "phloem.runtimes.python.host",
-                       "--app", dep.entry]
-            visible.append(str(self.runtime_dir))
-            if env_dir is not None:
-                visible.append(str(env_dir))
-            visible += _outside_system({Path(self.isolate_python).resolve().parent})
+        plan = self.runtime_of(dep).isolate(IsolateContext(
+            self.toolbox, source=app_dir, out=dep_dir, entry=dep.entry, limits=limits))
         urls = self.branches.connection_strings(branch)
         sandbox = None
         if self.sandbox_off is None:
             make_dir(self.paths.sandbox_root, 0o700)
-            sandbox = SandboxSpec(root_dir=str(self.paths.sandbox_root), ro=visible,
+            # What the isolate sees of the data dir, read-only: its deployment and what
+            # its runtime runs it with (interpreter, host, dependencies); nothing else.
+            sandbox = SandboxSpec(root_dir=str(self.paths.sandbox_root),
+                                  ro=[str(dep_dir), *plan.ro],
                                   tmp_mb=limits.tmp_mb, cwd=str(app_dir))
             home = Path("/tmp")  # the isolate's own, private
         else:
@@ -242,9 +232,7 @@ class Deployer:
             "HOME": str(home),
             "TMPDIR": str(home),
             "LANG": "C.UTF-8",
-            "PYTHONPATH": os.pathsep.join(python_path),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
+            **plan.env,
             **self.env_of(dep),
             "DATABASE_URL": urls.pooled,
             "DATABASE_URL_UNPOOLED": urls.unpooled,
@@ -254,50 +242,26 @@ class Deployer:
             "PHLOEM_FUNCTION": fn.slug,
             "PHLOEM_DEPLOYMENT": dep.id,
         }
-        return IsolateSpec(
+        spec = IsolateSpec(
             deployment_id=dep.id, function_id=fn.id, slug=fn.slug, branch_id=branch.id,
-            command=command, env=env, cwd=app_dir, identity=ident,
+            command=plan.command, env=env, cwd=app_dir, identity=ident,
             log_path=self.paths.function_log(branch.id, fn.slug),
             limits=limits, sandbox=sandbox, nofile=limits.nofile,
+            start=plan.start,
         )
+        return spec, plan
 
     async def _build(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> None:
         lines: list[str] = []
         started = time.monotonic()
 
-        def log(line: str) -> None:
+        def log(line: str) -> None:  # called from the build's thread
             lines.append(f"[{time.monotonic() - started:6.2f}s] {line}")
 
         dep_dir = self.paths.deployment_dir(dep.id)
-        app = dep_dir / "app"
         try:
-            log(f"unpacking artifact {dep.artifact_sha256[:12]}")
-            ident = self.identity(fn)
-            await asyncio.to_thread(self._unpack, dep, dep_dir)
-            if dep.runtime == NODE_RUNTIME:
-                async with self._env_locks.setdefault("node-toolchain", asyncio.Lock()):
-                    await asyncio.to_thread(self.node_toolchain, log)
-                await asyncio.to_thread(self._build_node, dep, dep_dir, ident, log)
-                await asyncio.to_thread(_restrict_to, app, ident)
-                spec = self.spec_for(branch, fn, dep)
-                log("checking the bundle's default export")
-                await asyncio.to_thread(self._check_entry, spec)
-            else:
-                requirements = _read_requirements(app)
-                key = pyenv.requirements_key(requirements)
-                pip = await asyncio.to_thread(self._pip)
-                async with self._env_locks.setdefault(key, asyncio.Lock()):
-                    env_dir = await asyncio.to_thread(
-                        pyenv.ensure_function_env, self.paths.python_envs, requirements, log,
-                        source=app, runner=self.runner, pip=pip)
-                if env_dir is not None:
-                    (dep_dir / "env").symlink_to(env_dir)
-                await asyncio.to_thread(_restrict_to, app, ident)
-                spec = self.spec_for(branch, fn, dep)
-                log(f"checking entry {dep.entry!r}")
-                await asyncio.to_thread(self._check_entry, spec)
-        except (BuildError, ArtifactError, pyenv.EnvironmentError_, OSError, BundleError,
-                ProvisionError) as exc:
+            spec = await self._in_thread(self._build_steps, branch, fn, dep, log)
+        except (BuildFailed, ArtifactError, OSError) as exc:
             log(f"failed: {exc}")
             await self.store.finish_deployment(dep.id, "failed", str(exc), "\n".join(lines))
             await asyncio.to_thread(shutil.rmtree, dep_dir, True)
@@ -310,6 +274,26 @@ class Deployer:
         log(f"ready in {time.monotonic() - started:.2f}s")
         await self.store.finish_deployment(dep.id, "ready", None, "\n".join(lines))
         await self.activate(branch, fn, dep, spec)
+
+    def _build_steps(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
+                     log: Callable[[str], None]) -> IsolateSpec:
+        """Unpack, the runtime's build, the entry check (blocking: in a build thread)."""
+        dep_dir = self.paths.deployment_dir(dep.id)
+        app = dep_dir / "app"
+        log(f"unpacking artifact {dep.artifact_sha256[:12]}")
+        self._unpack(dep, dep_dir)
+        self.runtime_of(dep).build(BuildContext(self.toolbox, source=app, out=dep_dir,
+                                                entry=dep.entry, log=log))
+        # What the build wrote (the source, a bundle) is the function's alone; links
+        # (to shared dependency environments) stay as they are.
+        ident = self.identity(fn)
+        for entry in dep_dir.iterdir():
+            if not entry.is_symlink():
+                _restrict_to(entry, ident)
+        spec, plan = self._isolate(branch, fn, dep)
+        log(f"checking entry {dep.entry!r}" if dep.entry else "checking the entry")
+        self._check_entry(spec, plan.check)
+        return spec
 
     async def activate(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
                        spec: IsolateSpec) -> None:
@@ -335,17 +319,18 @@ class Deployer:
         make_dir(dep_dir.parent, 0o711)
         make_dir(dep_dir, 0o711)
         app = dep_dir / "app"
-        if not self.runner.sandboxed:
+        tools = self.toolbox.build_python()
+        if tools is None:
             self.artifacts.extract(dep.artifact_sha256, app)
         else:
-            tools = self.build_python()
+            python = self.toolbox.python
             self.runner.output_dir(app)
             with open(self.artifacts.path(dep.artifact_sha256), "rb") as artifact:
                 try:
                     proc = self.runner.run(
-                        [self.isolate_python, "-I", "-S", tools / pyenv.UNPACK_SCRIPT, app],
+                        [python, "-I", "-S", tools / UNPACK_SCRIPT, app],
                         cwd=app, env=self.runner.env(), stdin=artifact,
-                        ro=[tools, *tool_mounts(self.isolate_python)], rw=[app],
+                        ro=[tools, *tool_mounts(python)], rw=[app],
                         timeout=UNPACK_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
                     raise ArtifactError(f"artifact: unpacking took longer than "
@@ -362,51 +347,9 @@ class Deployer:
             raise ArtifactError(f"artifact: {exc}") from None
         _restrict_to(app, self.build_identity)
 
-    def build_python(self) -> Path:
-        """pip and the unpacker for build steps (see ``pyenv.ensure_build_python``)."""
-        with self._build_python_lock:
-            if self._build_python is None:
-                self._build_python = pyenv.ensure_build_python(self.paths.build_python)
-            return self._build_python
-
-    def _pip(self) -> pyenv.Pip | None:
-        """The isolates' interpreter with phloem's pip, as the build user runs it."""
-        if not self.runner.sandboxed:
-            return None  # phloem's own interpreter, as the current user
-        return pyenv.Pip(self.isolate_python, self.build_python())
-
-    # -- Node --------------------------------------------------------------------
-    def node_toolchain(self, log: Callable[[str], None] | None = None) -> tuple[Path, Path, Path]:
-        """Node 24, esbuild and the host program, provisioned once under the data dir."""
-        if self._node_tools is None:
-            self._node_tools = ensure_toolchain(self.paths.node_tools,
-                                                log or (lambda _: None))
-        return self._node_tools
-
-    def _build_node(self, dep: DeploymentRow, dep_dir: Path, ident: Identity,
-                    log: Callable[[str], None]) -> None:
-        node, esbuild, _ = self.node_toolchain(log)
-        app = dep_dir / "app"
-        entry = dep.entry or find_entry(app)
-        log(f"bundling {entry} with esbuild")
-        modules = install_dependencies(app, self.paths.node_envs, node, log,
-                                       substitutes=install_substitutes(), runner=self.runner)
-        out = dep_dir / "bundle" / "bundle.mjs"
-        node_paths = [modules] if modules else []
-        bundle(esbuild, app, entry, out, node_paths,
-               external=native_packages(modules) if modules else [],
-               alias=bundle_aliases([app / "node_modules", *node_paths]), log=log,
-               runner=self.runner)
-        _restrict_to(out.parent, ident)
-
-    def _check_entry(self, spec: IsolateSpec) -> None:
+    def _check_entry(self, spec: IsolateSpec, cmd: list[str]) -> None:
         # The import check is an isolate of its own as far as the app can tell.
         spec = replace(spec, env={**spec.env, "PHLOEM_ISOLATE": "iso-check"})
-        if "--bundle" in spec.command:
-            cmd = [*spec.command, "--check"]
-        else:
-            cmd = [self.isolate_python, "-m", "phloem.runtimes.python.host", "--check",
-                   "--app", spec.command[-1]]
         try:
             if spec.sandbox is not None or not spec.identity.is_self:
                 # As an isolate runs: the function's env only after the privilege drop.
@@ -425,9 +368,9 @@ class Deployer:
                                       text=True, timeout=300, check=False,
                                       **spec.identity.popen_kwargs())
         except subprocess.TimeoutExpired:
-            raise BuildError("entry: importing the app took longer than 300 s") from None
+            raise BuildFailed("entry: importing the app took longer than 300 s") from None
         if proc.returncode != 0:
-            raise BuildError((proc.stderr or proc.stdout).strip()[-4000:]
+            raise BuildFailed((proc.stderr or proc.stdout).strip()[-4000:]
                              or f"entry: check exited with {proc.returncode}")
 
     async def delete(self, branch: BranchRow, slug: str) -> None:
@@ -472,36 +415,7 @@ class Deployer:
         return out
 
 
-class BuildError(RuntimeError):
-    pass
-
-
 UNPACK_TIMEOUT_S = 300
-
-
-def _read_requirements(app: Path) -> str:
-    path = app / "requirements.txt"
-    if not path.is_file():
-        return ""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise BuildError("requirements.txt: must be UTF-8 text") from None
-
-
-def check_node_entry(entry: str) -> str:
-    """A Node entry is a file of the function's source ('' = index.ts/.mjs/.js)."""
-    if entry and (entry.startswith("/") or ".." in Path(entry).parts
-                  or not entry.endswith((".ts", ".mts", ".js", ".mjs", ".tsx", ".jsx"))):
-        raise InvalidInput("entry", f"must be a .ts/.js/.mjs file inside the source, e.g. "
-                                    f"'src/index.ts' (got {entry!r})")
-    return entry
-
-
-def _outside_system(dirs: set[Path]) -> list[str]:
-    """Those of ``dirs`` a sandbox does not show anyway (it shows /usr, /etc, /lib...)."""
-    shown = ("/usr/", "/etc/", "/lib/", "/lib64/", "/bin/", "/sbin/")
-    return sorted(str(d) for d in dirs if not (str(d) + "/").startswith(shown))
 
 
 def _restrict_to(root: Path, ident: Identity) -> None:

@@ -61,25 +61,19 @@ class DataPaths:
         return self.root / "deployments" / deployment_id
 
     @property
-    def python_envs(self) -> Path:
-        return self.root / "envs" / "python"
-
-    @property
-    def python_runtime(self) -> Path:
-        return self.root / "runtime" / "python"
+    def runtime_tools(self) -> Path:
+        """``<family>/``: each runtime's toolchain or isolate runtime (world-readable)."""
+        return self.root / "runtime"
 
     @property
     def build_python(self) -> Path:
         """pip (and the unpack step) for build steps, readable by the build user."""
-        return self.root / "runtime" / "build-python"
+        return self.runtime_tools / "build-python"
 
     @property
-    def node_tools(self) -> Path:
-        return self.root / "runtime" / "node"
-
-    @property
-    def node_envs(self) -> Path:
-        return self.root / "envs" / "node"
+    def envs(self) -> Path:
+        """``<family>/<key>``: dependency environments shared by deployments."""
+        return self.root / "envs"
 
     @property
     def build_caches(self) -> Path:

@@ -5,9 +5,9 @@ gateway and control API, with an explicit lifecycle.
         await platform.wait_stopped()      # until platform.request_stop() (signals do that)
 
 Start order: data dir -> binaries -> system cluster -> migrations -> API key -> branch
-clusters -> network rules -> runtime -> supervisor -> gateway + API. Stop is the reverse:
-stop accepting, drain in-flight requests with a deadline, stop isolates (SIGINT, then
-SIGKILL after the grace period), remove the network rules, stop clusters.
+clusters -> network rules -> runtimes' spawners -> supervisor -> gateway + API. Stop is
+the reverse: stop accepting, drain in-flight requests with a deadline, stop isolates
+(SIGINT, then SIGKILL after the grace period), remove the network rules, stop clusters.
 """
 
 from __future__ import annotations
@@ -42,13 +42,15 @@ from phloem.metrics import FunctionLoad, Metrics
 from phloem.paths import DataPaths
 from phloem.postgres import Cluster, install_binaries
 from phloem.postgres.cluster import random_secret
-from phloem.runtimes.python import environment as pyenv
+from phloem.runtimes.base import BuildFailed, Toolbox
+from phloem.runtimes.build import DIRECT, SandboxRunner
+from phloem.runtimes.registry import spawners
+from phloem.sandbox import available as sandbox_unavailable
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import Supervisor
 from phloem.supervisor.cgroups import choose_limiter, old_roots, parent_name
-from phloem.supervisor.isolate import ZygoteSpawner
-from phloem.supervisor.standby import NodeStandbySpawner
+from phloem.supervisor.isolate import DirectSpawner, Spawner
 
 log = logging.getLogger("phloem")
 
@@ -113,7 +115,7 @@ class Platform:
         self.function_logs = FunctionLogs()
         self.metrics = Metrics(load=self._function_load)
         self.api_key: str | None = None
-        self.spawner: ZygoteSpawner | None = None
+        self.spawner: Spawner | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.firewall: Firewall = NoFirewall("not started")
 
@@ -141,15 +143,23 @@ class Platform:
         await self.branches.ensure_main()
         await self._start_firewall()
 
-        runtime_dir = await asyncio.to_thread(pyenv.ensure_runtime, self.paths.python_runtime)
-        isolate_python = pyenv.find_isolate_python(s.isolate_python, os.geteuid() == 0)
+        sandbox_off = (sandbox_unavailable() if s.sandbox else "turned off (--no-sandbox)")
+        # As root, build steps run as the build user through the launcher (in a sandbox
+        # unless --no-sandbox); else directly (docs/architecture.md, Builds).
+        runner = DIRECT if os.geteuid() != 0 else SandboxRunner(
+            Identity.build(s.isolate_uid_base), self.paths.sandbox_root,
+            self.paths.build_caches, namespaces=sandbox_off is None)
+        try:
+            toolbox = Toolbox.for_platform(self.paths, runner, s.isolate_python)
+        except BuildFailed as exc:
+            raise PlatformError(str(exc)) from None
         make_dir(self.paths.isolate_sockets, 0o711)
-        # Python isolates fork from a zygote with uvicorn already imported, Node isolates
-        # are activated from a standby Node process (each spawns directly when its
-        # shortcut is down); started from this thread so they die with the platform.
+        # Each runtime's fast spawner (Python: a zygote with uvicorn already imported;
+        # Node: standby processes), each spawning directly when its shortcut is down;
+        # started from this thread so they die with the platform.
         if s.zygote:
-            self.spawner = ZygoteSpawner(fallback=NodeStandbySpawner())
-            await self.spawner.prestart(isolate_python, runtime_dir)
+            self.spawner = await asyncio.to_thread(spawners, toolbox, DirectSpawner())
+            await self.spawner.start()
         # Isolates' groups go below ours; a killed run's leftovers go first.
         self.cgroups = choose_limiter(parent_name=parent_name(self.paths.root),
                                       defaults=s.function_limits)
@@ -165,8 +175,7 @@ class Platform:
         await self.supervisor.start()
         self.artifacts = ArtifactStore(self.paths.artifacts)
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
-                                 self.supervisor, runtime_dir, isolate_python,
-                                 self.secret_box)
+                                 self.supervisor, toolbox, self.secret_box, sandbox_off)
         self.deployer.on_function_deployed = self._allow_function
         self.deployer.on_function_deleted = self._forget_function
         await self.deployer.load_routes()
@@ -375,6 +384,8 @@ class Platform:
         if self._api_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._api_task, s.drain_timeout_s)
+        if hasattr(self, "deployer"):
+            self.deployer.close()
         if hasattr(self, "supervisor"):
             await self.supervisor.stop_all()
         if self.spawner is not None:  # after the isolates: they die with their zygote

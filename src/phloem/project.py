@@ -25,12 +25,17 @@ from phloem.config import BranchInfo, Config, Function
 from phloem.limits import check_limits
 from phloem.neon import find_neon_config
 from phloem.packing import pack_directory
-from phloem.runtimes.node.provision import NODE_RUNTIME
-from phloem.validation import ENTRY_RE, InvalidInput, check_env, check_name, check_slug
+from phloem.runtimes.base import Runtime
+from phloem.runtimes.registry import (
+    answers_to,
+    runtime_for_source,
+    satisfies,
+    source_suffixes,
+)
+from phloem.validation import InvalidInput, check_env, check_name, check_slug
 
 CONFIG_FILE = "phloemfile.py"
 LINK_FILE = Path(".phloem") / "link.json"
-PYTHON_RUNTIMES = ("python3.11", "python3.12", "python3.13", "python3.14")
 
 
 class ConfigError(ValueError):
@@ -42,9 +47,33 @@ class DesiredFunction:
     slug: str
     name: str
     entry: str
-    runtime: str | None
+    #: As the config asks for it: an exact version, or a family (``python``: whichever
+    #: version the platform runs).
+    runtime: str
     env: dict[str, str]
     limits: dict[str, Any]
+
+
+def _runtime(where: str, source: str, path: Path, requested: Any) -> tuple[Runtime, str]:
+    """The runtime of a function whose code is ``path`` and the name to deploy it with
+    (``requested``, else the runtime's family)."""
+    rt = runtime_for_source(path)
+    if rt is None:
+        raise ConfigError(f"{where}.source: {source!r} is not a source file of any runtime "
+                          f"({source_suffixes()})")
+    if requested is not None and (not isinstance(requested, str)
+                                  or not answers_to(rt, requested)):
+        raise ConfigError(f"{where}.runtime: unknown runtime {requested!r} "
+                          f"(known: {', '.join(rt.known_names)})")
+    return rt, requested or rt.family
+
+
+def _entry(where: str, rt: Runtime, source: str, attr: str | None) -> str:
+    entry = rt.entry_for_source(source, attr)
+    try:
+        return rt.check_entry(entry)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}.entry: {exc.message}") from None
 
 
 @dataclass
@@ -93,17 +122,9 @@ def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any]) -> D
     source = root / fn.source
     if not source.is_file():
         raise ConfigError(f"{where}.source: file {fn.source!r} does not exist")
-    if source.suffix != ".py":
-        raise ConfigError(f"{where}.source: {fn.source!r} is not a Python file (.py); Node "
-                          "functions are configured in neon.ts")
-    module = ".".join(source.relative_to(root).with_suffix("").parts)
-    entry = f"{module}:{extra.get('entry', fn.entry)}"
-    if not ENTRY_RE.match(entry):
-        raise ConfigError(f"{where}.entry: {entry!r} must be module:attr")
-    runtime = extra.get("runtime", fn.runtime)
-    if runtime is not None and runtime not in PYTHON_RUNTIMES:
-        raise ConfigError(f"{where}.runtime: unknown runtime {runtime!r} (known: "
-                          f"{', '.join(PYTHON_RUNTIMES)})")
+    rt, runtime = _runtime(where, fn.source, source, extra.get("runtime", fn.runtime))
+    entry = _entry(where, rt, source.relative_to(root).as_posix(),
+                   extra.get("entry", fn.entry))
     env = {**dict(fn.env), **dict(extra.get("env", {}))}
     try:
         check_env(env)
@@ -178,7 +199,6 @@ def load_project(root: Path, env_file: Path | None = None,
 
 
 # -- neon.ts ---------------------------------------------------------------------
-NODE_SOURCE_SUFFIXES = (".ts", ".mts", ".cts", ".tsx", ".js", ".mjs", ".cjs", ".jsx")
 NEON_FUNCTION_KEYS = {"name", "source", "env", "limits", "runtime", "bundler",
                       "externalPackages", "dev", "customDomains"}
 NEON_TUNING_KEYS = {"name", "env", "limits", "runtime", "customDomains"}
@@ -236,15 +256,9 @@ def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, An
         raise ConfigError(f"{where}.source: {source!r} is outside the project")
     if not path.is_file():
         raise ConfigError(f"{where}.source: file {source!r} does not exist")
-    if path.suffix not in NODE_SOURCE_SUFFIXES:
-        raise ConfigError(f"{where}.source: {source!r} is not a JavaScript or TypeScript "
-                          f"file ({', '.join(NODE_SOURCE_SUFFIXES)}); Python functions are "
-                          f"configured in {CONFIG_FILE}")
-    entry = path.relative_to(root.resolve()).as_posix()
-    runtime = extra.get("runtime", spec.get("runtime")) or NODE_RUNTIME
-    if runtime != NODE_RUNTIME:
-        raise ConfigError(f"{where}.runtime: unknown runtime {runtime!r} (known: "
-                          f"{NODE_RUNTIME})")
+    rt, runtime = _runtime(where, source, path,
+                           extra.get("runtime", spec.get("runtime")) or None)
+    entry = _entry(where, rt, path.relative_to(root.resolve()).as_posix(), None)
     env = {**dict(spec.get("env") or {}), **dict(extra.get("env") or {})}
     try:
         check_env(env)
@@ -308,7 +322,7 @@ def make_plan(client: Client, project: Project, branch: str,
             reasons.append("source changed")
         if active["entry"] != want.entry:
             reasons.append(f"entry {active['entry']} -> {want.entry}")
-        if want.runtime is not None and active["runtime"] != want.runtime:
+        if not satisfies(active["runtime"], want.runtime):
             reasons.append(f"runtime {active['runtime']} -> {want.runtime}")
         if fn is not None and fn["name"] != want.name:
             reasons.append(f"name {fn['name']!r} -> {want.name!r}")

@@ -23,10 +23,11 @@ from typing import Any
 import pytest
 
 from phloem.identity import Identity
+from phloem.runtimes.base import find_isolate_python
 from phloem.runtimes.python import environment as pyenv
+from phloem.runtimes.python.zygote_spawner import ZygoteSpawner, ZygoteStart
 from phloem.supervisor import IsolateSpec, Supervisor
 from phloem.supervisor.cgroups.watchdog import WatchdogLimiter
-from phloem.supervisor.isolate import ZygoteSpawner
 from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 
 ZYGOTE_MODULE = "phloem.runtimes.python.zygote"
@@ -353,7 +354,8 @@ def _spec(root: Path, runtime: Path, python: str, ident: Identity, env: dict[str
              "PYTHONPATH": f"{app}{os.pathsep}{runtime}", "PYTHONUNBUFFERED": "1",
              "PYTHONDONTWRITEBYTECODE": "1", **env},
         cwd=app, identity=ident, log_path=root / "log",
-        limits=FunctionLimits().merged({"memory_mb": limits_mb}))
+        limits=FunctionLimits().merged({"memory_mb": limits_mb}),
+        start=ZygoteStart(python, str(runtime), "main:app", (str(app), str(runtime))))
 
 
 async def _get(supervisor: Supervisor, spec: IsolateSpec, path: str) -> tuple[int, bytes]:
@@ -391,7 +393,7 @@ def _zygote_memory_contains(pid: int, needle: bytes) -> bool:
 async def test_secrets_stay_out_of_zygote_and_watchdog_limits_children() -> None:
     root = _scratch()
     runtime = await asyncio.to_thread(pyenv.ensure_runtime, root / "runtime")
-    python = pyenv.find_isolate_python(None, True)
+    python = find_isolate_python(None, True)
     spawner = ZygoteSpawner()
     assert await spawner.prestart(python, runtime)
     lines: list[str] = []
@@ -426,7 +428,7 @@ async def test_secrets_stay_out_of_zygote_and_watchdog_limits_children() -> None
 async def test_spawner_falls_back_when_the_zygote_is_down() -> None:
     root = _scratch()
     runtime = await asyncio.to_thread(pyenv.ensure_runtime, root / "runtime")
-    python = pyenv.find_isolate_python(None, os.geteuid() == 0)
+    python = find_isolate_python(None, os.geteuid() == 0)
     spawner = ZygoteSpawner(retry_s=3600)  # no restart within the test
     assert not await spawner.prestart("/nonexistent/python3", runtime)
     assert await spawner.prestart(python, runtime)
@@ -447,6 +449,41 @@ async def test_spawner_falls_back_when_the_zygote_is_down() -> None:
         spec = dataclasses.replace(spec, deployment_id="dep-after")
         assert (await _get(supervisor, spec, "/info"))[0] == 200
         assert any("(spawned)" in line for line in lines), lines
+    finally:
+        await supervisor.stop_all()
+        await spawner.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_the_zygote_is_chosen_by_the_start_plan_never_by_the_env() -> None:
+    """A function's env used to pick the zygote: the last entry of its PYTHONPATH was
+    taken for the runtime directory, so ``--env PYTHONPATH=...:<a dir of the function's
+    code>`` made the platform start a zygote as root with that directory as its working
+    directory and path, importing a ``phloem`` package planted there as root. Now the
+    Python runtime's start plan names the zygote; the env only reaches the isolate."""
+    root = _scratch()
+    runtime = await asyncio.to_thread(pyenv.ensure_runtime, root / "runtime")
+    python = find_isolate_python(None, os.geteuid() == 0)
+    planted = root / "planted"
+    marker = root / "planted-ran"
+    (planted / "phloem").mkdir(parents=True)
+    (planted / "phloem" / "__init__.py").write_text(
+        f"import os\nopen({str(marker)!r}, 'w').write(str(os.getuid()))\n")
+    spawner = ZygoteSpawner(retry_s=3600)
+    assert await spawner.prestart(python, runtime)
+    lines: list[str] = []
+    supervisor = Supervisor(root / "sockets", lambda spec: lambda i, s, line: lines.append(
+        line), spawner=spawner)
+    try:
+        spec = _spec(root, runtime, python, Identity.isolate(1_500_000, 4244),
+                     {"PYTHONPATH": f"{root / 'app'}{os.pathsep}{runtime}{os.pathsep}"
+                                    f"{planted}"})
+        status, _ = await _get(supervisor, spec, "/info")
+        assert status == 200, lines
+        assert any("(forked from the zygote)" in line for line in lines), lines
+        # Only the zygote of the plan exists; none was started for the planted directory.
+        assert spawner.keys() == {(python, str(runtime))}
+        assert not marker.exists()
     finally:
         await supervisor.stop_all()
         await spawner.stop()

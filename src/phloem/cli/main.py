@@ -25,9 +25,9 @@ from phloem import __version__
 from phloem.client import Client, ClientError
 from phloem.gateway.proxies import parse_networks
 from phloem.limits import FunctionLimits, check_limits
-from phloem.runtimes.node.provision import NODE_RUNTIME
+from phloem.runtimes.registry import RUNTIMES, choose
 from phloem.settings import Settings, default_data_dir
-from phloem.validation import InvalidInput, check_entry, check_slug, check_token
+from phloem.validation import InvalidInput, check_slug, check_token
 
 app = typer.Typer(help="phloem: long-running serverless functions that branch with "
                        "their Postgres database.", no_args_is_help=True,
@@ -270,8 +270,8 @@ def _deploy_dirs(settings: Settings, dirs: list[Path]) -> None:
     for d in dirs:
         slug = "".join(c for c in d.name.lower() if c.isalnum())[:20] or "fn"
         try:
-            entry = detect_entry(d)
-            dep = client.deploy("main", slug, d, entry,
+            runtime, entry = choose(d, None, None)
+            dep = client.deploy("main", slug, d, entry, runtime=runtime.family,
                                 progress=lambda line: err.print(f"  [dim]{escape(line)}[/]"))
             fn = client.get_function("main", slug)
         except (ClientError, InvalidInput) as exc:
@@ -289,22 +289,6 @@ def _print_invocation(fn: dict[str, Any], gateway_host: str, gateway_port: int) 
     out.print(f"  [bold]{fn['slug']}[/]  {url}  {fn['status']}")
     out.print(f"    curl {url}/        [dim](browsers and curl resolve *.localhost)[/]")
     out.print(f"    curl -H 'Host: {host}' http://{gateway_host}:{gateway_port}/")
-
-
-def detect_node(path: Path) -> bool:
-    """A Node project: an index.ts/.mjs/.js (or under src/) and no main.py/app.py."""
-    if (path / "main.py").is_file() or (path / "app.py").is_file():
-        return False
-    return any((path / d / f"index.{ext}").is_file()
-               for d in (".", "src") for ext in ("ts", "mjs", "js"))
-
-
-def detect_entry(path: Path) -> str:
-    for module in ("main", "app"):
-        if (path / f"{module}.py").is_file():
-            return f"{module}:app"
-    raise InvalidInput("entry", f"required: pass --entry module:attr (no main.py or app.py "
-                                f"in {path})")
 
 
 # -- status --------------------------------------------------------------------
@@ -498,16 +482,20 @@ def functions_deploy(
     path: Annotated[Path, typer.Option("--path", "-p", envvar="PHLOEM_PATH",
                                        help="Source directory.")] = Path("."),
     entry: Annotated[str | None, typer.Option(
-        "--entry", "-e", envvar="PHLOEM_ENTRY", help="ASGI app as module:attr [default: "
-        "main:app or app:app, whichever file exists]")] = None,
+        "--entry", "-e", envvar="PHLOEM_ENTRY", help="The app, e.g. " + ", ".join(
+            f"{rt.entry_example} ({rt.family})" for rt in RUNTIMES)
+        + " [default: the first runtime's default found in the source, e.g. main.py -> "
+        "main:app]")] = None,
     env: Annotated[list[str] | None, typer.Option(
         "--env", help="KEY=VALUE sets a variable, KEY= removes it; others carry over from "
         "the previous deployment (repeatable).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Display name [default: the "
                                              "slug]")] = None,
     runtime: Annotated[str | None, typer.Option(
-        "--runtime", envvar="PHLOEM_RUNTIME", help="Runtime [default: the platform's "
-        "Python]")] = None,
+        "--runtime", envvar="PHLOEM_RUNTIME", help="Runtime: "
+        f"{', '.join(n for rt in RUNTIMES for n in (rt.family, rt.name))} [default: the one "
+        "the entry or the source's files call for; a family means the platform's "
+        "version]")] = None,
     limit: Annotated[list[str] | None, typer.Option(
         "--limit", help="NAME=VALUE overriding a platform limit for this function, e.g. "
         "idle_timeout_s=60, memory_mb=512, max_isolates=4 (repeatable).")] = None,
@@ -520,12 +508,8 @@ def functions_deploy(
     """
     try:
         check_slug(slug)
-        if runtime is None and entry is None and detect_node(path):
-            runtime = NODE_RUNTIME
-        if runtime == NODE_RUNTIME:
-            resolved_entry = entry or ""
-        else:
-            resolved_entry = check_entry(entry) if entry else detect_entry(path)
+        chosen, resolved_entry = choose(path, runtime, entry)
+        runtime = runtime or chosen.family
         env_map = parse_env_pairs(env or [])
         unset = [k for k, v in env_map.items() if v == ""]
         env_map = {k: v for k, v in env_map.items() if v != ""}

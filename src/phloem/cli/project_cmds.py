@@ -354,7 +354,7 @@ def dev(
 
     from phloem.config import BranchInfo
     from phloem.dev import DevServer
-    from phloem.runtimes.node.bundle import BundleError
+    from phloem.runtimes.base import BuildFailed
 
     root = project_root(project)
     proj = _load(root, env_file)
@@ -376,8 +376,8 @@ def dev(
 
     try:
         server = DevServer(root, desired, info["id"], base_env, port=port, say=say)
-    except BundleError as exc:  # Node 24 or esbuild could not be provisioned
-        fail(f"node: {exc}")
+    except BuildFailed as exc:  # a runtime's tools (Node, esbuild) could not be provisioned
+        fail(str(exc))
 
     def ready() -> None:
         for slug in desired:

@@ -11,6 +11,8 @@ network (they fetch from package registries).
 Without root (``phloem dev``, a platform run as a user) a :class:`BuildRunner` runs steps
 as plain processes of the current user.
 
+A step that fails raises :class:`BuildFailed` (or a subclass) with a message for the user.
+
     runner = SandboxRunner(Identity.build(base), paths.sandbox_root, paths.build_caches)
     out = runner.output_dir(dep_dir / "bundle")
     proc = runner.run([esbuild, "index.ts", f"--outfile={out}/bundle.mjs"], cwd=app,
@@ -29,6 +31,7 @@ from typing import IO
 
 from phloem import sandbox
 from phloem.identity import Identity, make_dir
+from phloem.runtimes.distributions import closure, copy_distributions
 from phloem.sandbox.root import SYSTEM_DIRS
 
 #: The launcher's /tmp (and /dev/shm) for a build: pip builds wheels there.
@@ -46,8 +49,25 @@ NOT_PASSED = ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER", "PIP_CACHE_DIR
               "NPM_CONFIG_CACHE", "npm_config_prefix", "NPM_CONFIG_PREFIX")
 
 
-def _in_system_dir(path: str) -> bool:
+#: What build steps need from phloem's installation: pip, run as the build user.
+BUILD_DISTRIBUTIONS = ("pip",)
+#: The artifact unpacker (``phloem/runtimes/unpack.py``) in the build-python directory.
+UNPACK_SCRIPT = "unpack.py"
+
+
+class BuildFailed(RuntimeError):
+    """A build could not finish; the message is shown to the user (a deployment's error,
+    ``phloem dev``'s output)."""
+
+
+def in_system_dir(path: str) -> bool:
+    """Is ``path`` under a directory every sandbox shows (``/usr``, ``/etc``...)?"""
     return any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS)
+
+
+def outside_system(dirs: set[Path] | list[Path]) -> list[str]:
+    """Those of ``dirs`` a sandbox does not show anyway, sorted."""
+    return sorted({str(d) for d in dirs if not in_system_dir(str(d))})
 
 
 def tool_mounts(executable: str | Path) -> list[Path]:
@@ -57,7 +77,7 @@ def tool_mounts(executable: str | Path) -> list[Path]:
     out = []
     for path in (os.path.abspath(executable), os.path.realpath(executable)):
         prefix = Path(path).parent.parent
-        if not _in_system_dir(path) and prefix not in out:
+        if not in_system_dir(path) and prefix not in out:
             out.append(prefix)
     return out
 
@@ -175,7 +195,7 @@ def _unique(paths: Sequence[Path | str]) -> list[str]:
 
 def _shown(paths: Sequence[Path | str]) -> list[str]:
     """``paths`` minus those every sandbox shows anyway."""
-    return [p for p in _unique(paths) if not _in_system_dir(os.path.abspath(p))]
+    return [p for p in _unique(paths) if not in_system_dir(os.path.abspath(p))]
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
@@ -199,3 +219,12 @@ def mark_complete(directory: Path) -> None:
     if os.path.lexists(marker):
         os.unlink(marker)
     os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+
+
+def ensure_build_python(base: Path) -> Path:
+    """Build (once per content) and return the directory build steps run Python tools
+    from: pip (the isolates' interpreter, e.g. Debian's, may have none) and
+    ``unpack.py``. World-readable, so the build user can run them."""
+    here = Path(__file__).parent
+    return copy_distributions(base, closure(BUILD_DISTRIBUTIONS),
+                              {UNPACK_SCRIPT: here / "unpack.py"})

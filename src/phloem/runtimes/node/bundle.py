@@ -37,7 +37,14 @@ from typing import Any
 
 from phloem.fsutil import make_world_readable
 from phloem.identity import make_dir
-from phloem.runtimes.build import DIRECT, BuildRunner, failure, mark_complete, tool_mounts
+from phloem.runtimes.build import (
+    DIRECT,
+    BuildFailed,
+    BuildRunner,
+    failure,
+    mark_complete,
+    tool_mounts,
+)
 from phloem.runtimes.node.provision import (
     NODE_MAJOR,
     NPM_QUIET,
@@ -59,7 +66,7 @@ BANNER = ('import { createRequire as __phloemCreateRequire } from "node:module";
 Log = Callable[[str], None]
 
 
-class BundleError(RuntimeError):
+class BundleError(BuildFailed):
     """The function could not be bundled; the message is esbuild's (or npm's) output."""
 
 

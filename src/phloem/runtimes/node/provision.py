@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from phloem.fsutil import make_world_readable
+from phloem.runtimes.build import BuildFailed
 
 NODE_MAJOR = 24
 #: The runtime name deployments, neon.ts and the CLI use for Node functions.
@@ -63,7 +64,7 @@ HOST_SOURCE = Path(__file__).with_name("host.mjs")
 Progress = Callable[[str], None]
 
 
-class ProvisionError(RuntimeError):
+class ProvisionError(BuildFailed):
     """A tool could not be provisioned; the message says what and why."""
 
 

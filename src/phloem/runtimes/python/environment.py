@@ -5,17 +5,15 @@
 * a **function environment** per distinct ``requirements.txt``: ``pip install --target``
   into ``envs/python/<sha256 of requirements + Python version>``, built once and shared,
   by the build user in a sandbox (``phloem.runtimes.build``) with the pip copied into
-  ``runtime/build-python/<key>``;
-* the **interpreter**: phloem's own when isolates can execute it, else a system Python of
-  the same major.minor (as root, isolates cannot reach a virtualenv under ``/root``).
+  ``runtime/build-python/<key>``.
 
+The interpreter isolates run is the toolbox's (``phloem.runtimes.base.find_isolate_python``).
 All are world-readable: they hold public packages, never secrets.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import os
 import re
 import shutil
@@ -26,19 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-
 import phloem
 from phloem.fsutil import make_world_readable
 from phloem.identity import make_dir
-from phloem.runtimes.build import DIRECT, BuildRunner, mark_complete, tool_mounts
+from phloem.runtimes.build import (
+    DIRECT,
+    BuildFailed,
+    BuildRunner,
+    mark_complete,
+    tool_mounts,
+)
+from phloem.runtimes.distributions import closure, copy_distributions
 
 RUNTIME_DISTRIBUTIONS = ("uvicorn", "httptools", "uvloop", "websockets")
-#: What build steps need from phloem's installation: pip, run as the build user.
-BUILD_DISTRIBUTIONS = ("pip",)
-#: The artifact unpacker (``phloem/runtimes/unpack.py``) in the build-python directory.
-UNPACK_SCRIPT = "unpack.py"
 PIP_TIMEOUT_S = 900
 
 # phloem files an isolate imports; each must import only the standard library and uvicorn.
@@ -58,82 +56,15 @@ RUNTIME_MODULES = (
 )
 
 
-class EnvironmentError_(RuntimeError):
+class EnvironmentError_(BuildFailed):
     """A build step failed; the message is shown to the user."""
-
-
-def _closure(names: tuple[str, ...]) -> list[md.Distribution]:
-    env = {k: str(v) for k, v in default_environment().items()}
-    env["extra"] = ""
-    seen: dict[str, md.Distribution] = {}
-    todo = list(names)
-    while todo:
-        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-        if name in seen:
-            continue
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            continue  # optional on this platform (e.g. uvloop on Windows)
-        seen[name] = dist
-        for req_text in dist.requires or []:
-            req = Requirement(req_text)
-            if req.marker is None or req.marker.evaluate(env):
-                todo.append(req.name)
-    return list(seen.values())
-
-
-def _copy_distributions(base: Path, dists: list[md.Distribution],
-                        files: dict[str, Path]) -> Path:
-    """``base/<hash of the contents>/`` holding ``dists`` and ``files`` (destination ->
-    source), built once and world-readable."""
-    h = hashlib.sha256(phloem.__version__.encode())
-    for rel, src in sorted(files.items()):
-        h.update(rel.encode() + src.read_bytes())
-    for d in sorted(dists, key=lambda d: d.metadata["Name"]):
-        h.update(f"{d.metadata['Name']}=={d.version}".encode())
-    target = base / h.hexdigest()[:16]
-    if target.exists():
-        return target
-    tmp = base / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for dist in dists:
-        for f in dist.files or []:
-            src = Path(str(dist.locate_file(f)))
-            dest = Path(str(f))
-            if dest.is_absolute() or ".." in dest.parts or "__pycache__" in dest.parts:
-                continue
-            if src.is_file():
-                (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, tmp / dest)
-    for rel, src in files.items():
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, tmp / rel)
-    make_world_readable(tmp)
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o755)
-    try:
-        tmp.rename(target)
-    except OSError:  # built meanwhile by another process
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def ensure_runtime(base: Path) -> Path:
     """Build (once per content) and return the runtime directory for isolates."""
     package_root = Path(phloem.__file__).parent
-    return _copy_distributions(base, _closure(RUNTIME_DISTRIBUTIONS),
-                               {f"phloem/{rel}": package_root / rel for rel in RUNTIME_MODULES})
-
-
-def ensure_build_python(base: Path) -> Path:
-    """Build (once per content) and return the directory build steps run Python tools
-    from: pip (the isolates' interpreter, e.g. Debian's, may have none) and
-    ``unpack.py``. World-readable, so the build user can run them."""
-    package_root = Path(phloem.__file__).parent
-    return _copy_distributions(base, _closure(BUILD_DISTRIBUTIONS),
-                               {UNPACK_SCRIPT: package_root / "runtimes" / "unpack.py"})
+    return copy_distributions(base, closure(RUNTIME_DISTRIBUTIONS),
+                              {f"phloem/{rel}": package_root / rel for rel in RUNTIME_MODULES})
 
 
 #: Requirement lines that name files of the function's source, resolved against it:
@@ -171,8 +102,8 @@ def requirements_key(requirements: str, source: Path | None = None) -> str:
 
 @dataclass(frozen=True)
 class Pip:
-    """``python -m pip``; with ``path`` (from :func:`ensure_build_python`) the pip found
-    there, not the interpreter's own."""
+    """``python -m pip``; with ``path`` (from ``phloem.runtimes.build``'s
+    ``ensure_build_python``) the pip found there, not the interpreter's own."""
 
     python: str
     path: Path | None = None
@@ -247,27 +178,3 @@ def ensure_function_env(base: Path, requirements: str, log: Callable[[str], None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def env_site(env_dir: Path | None) -> list[str]:
-    return [str(env_dir / "site")] if env_dir is not None else []
-
-
-def find_isolate_python(configured: str | None, as_root: bool) -> str:
-    """The interpreter isolates run. As root, phloem's own interpreter usually lives under
-    ``/root`` where isolates cannot reach it, so a system Python of the same version is
-    used."""
-    if configured:
-        return configured
-    tag = f"{sys.version_info.major}.{sys.version_info.minor}"
-    own = os.path.realpath(sys.executable)
-    if not as_root or not own.startswith("/root/"):
-        return sys.executable
-    for candidate in (f"/usr/bin/python{tag}", f"/usr/local/bin/python{tag}"):
-        if os.path.exists(candidate):
-            return candidate
-    raise EnvironmentError_(
-        f"isolate_python: phloem's interpreter {own} is under /root, which isolates cannot "
-        f"reach, and no /usr/bin/python{tag} exists; install python{tag} or set "
-        "PHLOEM_ISOLATE_PYTHON"
-    )

@@ -2,7 +2,7 @@
 with Node booted and the host program loaded, waiting to become one isolate.
 
     spawner = NodeStandbySpawner(fallback=DirectSpawner())
-    process = await spawner.spawn(launch)   # activates the standby, or spawns directly
+    process = await spawner.spawn(launch)   # activates a standby, or the fallback spawns
 
 A cold start then costs the function's own import only, not Node's boot and the host's
 load. A standby inherits a listening socket of its own from the start. With a sandbox it
@@ -14,9 +14,11 @@ function's uid/gid for good and checks root cannot be regained, only then reads 
 function's env, and imports the user's bundle, so no user code and no byte of the
 function's runs with privileges. The socket file is renamed to the isolate's path. One
 standby is kept per distinct command (Node binary, V8 flags such as the heap limit, host
-program, sandbox); taking it starts the next one in the background. Launches it cannot
-serve (root identities, memory limits a running process cannot join, other runtimes) and
-every launch while no standby is ready go to ``fallback``.
+program, sandbox); taking it starts the next one in the background. What to start comes
+from the :class:`StandbyStart` the Node runtime puts on the spec (never from parsing the
+command line). Launches it cannot serve (no such plan, root identities, memory limits a
+running process cannot join) and every launch while no standby is ready go to
+``fallback``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import os
 import secrets
 import socket
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
@@ -45,6 +47,18 @@ from phloem.supervisor.isolate import (
 log = logging.getLogger("phloem.supervisor")
 
 StandbyKey = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StandbyStart:
+    """How a standby becomes one Node isolate: a standby started with ``command`` (the
+    host without a bundle) imports ``bundle``. ``private`` are the read-only paths of
+    the isolate's sandbox that are the function's own (its deployment): a standby, made
+    before it knows its function, shows none of them; they are mounted at activation."""
+
+    command: tuple[str, ...]
+    bundle: str
+    private: tuple[str, ...]
 
 
 class StandbyFailed(RuntimeError):
@@ -188,20 +202,20 @@ def _join(procs_files: list[str], pid: int) -> None:
 
 
 def _standby_plan(launch: Launch) -> tuple[StandbyKey, str, SandboxSpec | None] | None:
-    """(command without the bundle, bundle, the standby's sandbox) for a Node host launch
-    as a non-root user. The standby's sandbox is the isolate's without its deployment."""
-    cmd = launch.spec.command
-    if len(cmd) < 4 or cmd[-2] != "--bundle" or not cmd[-3].endswith(".mjs"):
+    """(key, bundle, the standby's sandbox) for a launch with a :class:`StandbyStart` as
+    a non-root user. The standby's sandbox is the isolate's without its own paths."""
+    start = launch.spec.start
+    if not isinstance(start, StandbyStart):
         return None
     if launch.spec.identity.uid == 0:
         return None  # a standby only ever becomes an unprivileged isolate
     sandbox = launch.spec.sandbox
     if sandbox is not None:
-        deployment = str(Path(cmd[-1]).parent.parent)
-        sandbox = replace(sandbox, ro=[p for p in sandbox.ro if p != deployment], cwd="/")
-        key = (*cmd[:-2], json.dumps(sandbox.to_json(), sort_keys=True))
-        return key, cmd[-1], sandbox
-    return tuple(cmd[:-2]), cmd[-1], None
+        sandbox = replace(sandbox, ro=[p for p in sandbox.ro if p not in start.private],
+                          cwd="/")
+        key = (*start.command, json.dumps(sandbox.to_json(), sort_keys=True))
+        return key, start.bundle, sandbox
+    return start.command, start.bundle, None
 
 
 class NodeStandbySpawner:
@@ -243,6 +257,11 @@ class NodeStandbySpawner:
 
         self._starting[key] = asyncio.create_task(start())
 
+    async def start(self) -> None:
+        # Standbys start on the first launch of each command (the heap limit is per
+        # function), then one is kept ready.
+        await self.fallback.start()
+
     async def spawn(self, launch: Launch) -> IsolateProcess:
         plan = _standby_plan(launch)
         joinable, procs = cgroup_procs(launch.memory)
@@ -273,3 +292,4 @@ class NodeStandbySpawner:
             with contextlib.suppress(Exception):
                 await standby.process.wait()
         self._ready.clear()
+        await self.fallback.stop()
