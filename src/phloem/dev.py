@@ -172,9 +172,19 @@ class DevServer:
             # Any file may be imported by any function: reload them all, concurrently.
             await asyncio.gather(*(self.reload(s) for s in self.functions))
 
-    async def run(self, ready: Callable[[], None] = lambda: None) -> None:
+    async def start(self) -> None:
+        """Serve (without watching files: :meth:`run` does that)."""
         await self.supervisor.start()
         await self.gateway.start()
+
+    async def stop(self) -> None:
+        await self.gateway.stop_accepting()
+        await self.gateway.drain(5)
+        await self.supervisor.stop_all()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    async def run(self, ready: Callable[[], None] = lambda: None) -> None:
+        await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -185,10 +195,7 @@ class DevServer:
             await stop.wait()
         finally:
             self.say("stopping")
-            await self.gateway.stop_accepting()
-            await self.gateway.drain(5)
-            await self.supervisor.stop_all()
+            await self.stop()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            shutil.rmtree(self._run_dir, ignore_errors=True)
