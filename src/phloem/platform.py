@@ -143,7 +143,10 @@ class Platform:
         await self.branches.ensure_main()
         await self._start_firewall()
 
-        sandbox_off = (sandbox_unavailable() if s.sandbox else "turned off (--no-sandbox)")
+        sandbox_off = (await asyncio.to_thread(sandbox_unavailable) if s.sandbox
+                       else "turned off (--no-sandbox)")
+        if sandbox_off is not None and s.sandbox and os.geteuid() == 0:
+            log.warning("isolates and builds run WITHOUT sandboxes: %s", sandbox_off)
         # As root, build steps run as the build user through the launcher (in a sandbox
         # unless --no-sandbox); else directly (docs/architecture.md, Builds).
         runner = DIRECT if os.geteuid() != 0 else SandboxRunner(

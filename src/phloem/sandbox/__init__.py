@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +32,40 @@ LAUNCHER = Path(__file__).with_name("launch.py")
 SETUP_FAILED = 71
 
 
+_probed: list[str | None] = []
+
+
 def available() -> str | None:
-    """``None`` when sandboxes can be made here, else why not."""
+    """``None`` when sandboxes can be made here, else why not. The first call as root
+    makes one (a container without ``CAP_SYS_ADMIN`` or a kernel without the features
+    would refuse) and remembers the answer."""
     if sys.platform != "linux":
         return "sandboxes need Linux"
     if os.geteuid() != 0:
         return "not running as root (everything runs as the current user)"
+    if not _probed:
+        _probed.append(_probe())
+    return _probed[0]
+
+
+def _probe() -> str | None:
+    root = tempfile.mkdtemp(prefix="phloem-sandbox-probe-")
+    try:
+        job = Job(argv=["/bin/true"], env={}, cwd="/", uid=65534, gid=65534,
+                  sandbox=SandboxSpec(root_dir=root, tmp_mb=1))
+        argv, fd = job.launcher()
+        try:
+            proc = subprocess.run(argv, pass_fds=(fd,), env=LAUNCHER_ENV, cwd="/",
+                                  capture_output=True, text=True, timeout=30, check=False)
+        finally:
+            os.close(fd)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the sandbox launcher could not run: {exc}"
+    finally:
+        os.rmdir(root)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip() or f"exit code {proc.returncode}")[-300:]
+        return f"this kernel or container refused one: {why}"
     return None
 
 
