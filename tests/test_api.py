@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import httpx
 
@@ -112,3 +113,31 @@ def test_metrics_need_the_api_key_or_the_scrape_token(platform: PlatformProcess)
     status = httpx.get(f"http://127.0.0.1:{platform.api_port}/api/v1/status",
                        headers={"Authorization": f"Bearer {platform.metrics_token}"})
     assert status.status_code == 401
+
+
+def test_bad_input_is_a_named_4xx_never_a_500(platform: PlatformProcess) -> None:
+    """Inputs the reliability review found answered with 500 (issue 11, item 3)."""
+    fn = platform.deploy("badinput", Path(__file__).parent / "apps" / "envprobe")
+    latest = platform.cli_json("functions", "get", "badinput")["latest_deployment"]
+    with platform.api() as api:
+        dep = api.get(f"/deployments/{latest['id']}").raise_for_status().json()
+        assert api.get("/branches/ma%00in").status_code == 404
+        url = "/branches/main/functions/badinput/deployments"
+        body = {"artifact_sha256": "z" * 64, "entry": "main:app"}
+        resp = api.post(url, json=body)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["field"] == "artifact_sha256"
+        for bad in ("1e309", "NaN", "Infinity", "-Infinity"):
+            # Python's json reads these non-standard numbers; a client may send them.
+            content = ('{"artifact_sha256": "' + dep["artifact_sha256"] + '", "entry": '
+                       '"main:app", "limits": {"ttfb_timeout_s": ' + bad + '}}')
+            resp = api.post(url, content=content,
+                            headers={"Content-Type": "application/json"})
+            assert resp.status_code in (400, 422), (bad, resp.text)
+        for since in ("nan", "inf", "-inf"):
+            resp = api.get("/branches/main/functions/badinput/logs",
+                           params={"since": since})
+            assert resp.status_code in (400, 422), (since, resp.text)
+    # Nothing of the refused requests took effect: the function serves as before.
+    after = platform.cli_json("functions", "get", "badinput")
+    assert after["deployment_id"] == fn["deployment_id"]

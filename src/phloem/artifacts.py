@@ -16,7 +16,7 @@ import re
 import tarfile
 from pathlib import Path
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # with fullmatch: "$" would allow a newline
 MAX_ARTIFACT_BYTES = 100 * 1024 * 1024
 
 
@@ -29,7 +29,7 @@ class ArtifactStore:
         self.root = root
 
     def path(self, sha256: str) -> Path:
-        if not SHA256_RE.match(sha256):
+        if not SHA256_RE.fullmatch(sha256):
             raise ArtifactError(f"sha256: must be 64 lowercase hex digits (got {sha256!r})")
         return self.root / "sha256" / sha256[:2] / f"{sha256}.tar.gz"
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from phloem.artifacts import ArtifactError, ArtifactStore
+from phloem.artifacts import SHA256_RE, ArtifactError, ArtifactStore
 from phloem.branches.manager import BranchManager
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store, new_id
 from phloem.identity import Identity, make_dir
@@ -150,6 +150,9 @@ class Deployer:
         limits = check_limits(dict(req.limits or {}))
         if req.name is not None:
             check_name(req.name)
+        if not SHA256_RE.fullmatch(req.artifact_sha256):
+            raise InvalidInput("artifact_sha256", "must be 64 lowercase hex digits, the "
+                               f"sha256 of the uploaded artifact (got {req.artifact_sha256!r})")
         if not self.artifacts.exists(req.artifact_sha256):
             raise InvalidInput("artifact_sha256", f"no artifact {req.artifact_sha256} has "
                                "been uploaded (PUT /api/v1/artifacts/{sha256} first)")

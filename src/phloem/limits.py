@@ -7,6 +7,7 @@ deploy time (``phloem functions deploy --limit idle_timeout_s=30``).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -79,6 +80,8 @@ def check_limits(overrides: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             what = "an integer" if kind is int else "a number"
             raise InvalidInput(f"limits.{key}", f"must be {what} (got {value!r})") from None
+        if not math.isfinite(number):
+            raise InvalidInput(f"limits.{key}", f"must be a finite number (got {value!r})")
         unlimited = number == 0 and key in _ZERO_IS_UNLIMITED
         in_range = _MINIMUM[key] <= number <= _MAXIMUM.get(key, float("inf"))
         if isinstance(value, bool) or not (unlimited or in_range):

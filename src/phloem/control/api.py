@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import unquote
@@ -351,6 +352,8 @@ def create_api(platform: Platform) -> FastAPI:
     async def function_logs(branch: BranchRef, slug: str, lines: int = 200,
                             since: float | None = None, follow: bool = False) -> Response:
         """The function's log; ``since`` in seconds; ``follow`` streams new lines."""
+        if since is not None and not math.isfinite(since):
+            raise InvalidInput("since", f"must be a finite number of seconds (got {since})")
         if await platform.store.get_function(branch.id, slug) is None:
             raise NotFound("function", slug)
         path = platform.paths.function_log(branch.id, slug)

@@ -145,6 +145,8 @@ class Store:
 
     async def get_branch(self, ref: str) -> BranchRow | None:
         """By id or by name."""
+        if not _storable(ref):
+            return None
         row = await self._one("SELECT * FROM branches WHERE id = %s OR name = %s", (ref, ref))
         return self._branch(row) if row else None
 
@@ -193,6 +195,8 @@ class Store:
         return [FunctionRow(**r) for r in rows]
 
     async def get_function(self, branch_id: str, slug: str) -> FunctionRow | None:
+        if not (_storable(branch_id) and _storable(slug)):
+            return None
         row = await self._one(
             "SELECT * FROM functions WHERE branch_id = %s AND slug = %s", (branch_id, slug)
         )
@@ -242,6 +246,8 @@ class Store:
         )
 
     async def get_deployment(self, deployment_id: str) -> DeploymentRow | None:
+        if not _storable(deployment_id):
+            return None
         row = await self._one("SELECT * FROM deployments WHERE id = %s", (deployment_id,))
         return DeploymentRow(**row) if row else None
 
@@ -258,3 +264,9 @@ class Store:
             "UPDATE deployments SET status = 'failed', error = 'interrupted by a platform"
             " restart', finished_at = now() WHERE status = 'building'"
         )
+
+
+def _storable(text: str) -> bool:
+    """PostgreSQL text cannot hold NUL: such a reference names nothing (and would make
+    the driver raise instead of finding no row)."""
+    return "\x00" not in text
