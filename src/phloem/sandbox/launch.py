@@ -30,7 +30,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
         os.path.abspath(__file__)))))
 
 from phloem.sandbox import _linux as k
-from phloem.sandbox.lockdown import Credentials, join_cgroups, lock_down
+from phloem.sandbox.lockdown import Credentials, close_fds_except, join_cgroups, lock_down
 from phloem.sandbox.root import SandboxSpec, enter, inject
 
 SETUP_FAILED = 71
@@ -56,14 +56,6 @@ def _read_line(fd: int, limit: int = MAX_JOB) -> bytes:
     return bytes(data)
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    low = 3
-    for fd in sorted(f for f in keep if f >= 3):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), low))
-
-
 def _child(job: dict[str, Any], launcher_pidfd: int, stdin_r: int | None) -> NoReturn:
     try:
         if stdin_r is not None:
@@ -75,7 +67,7 @@ def _child(job: dict[str, Any], launcher_pidfd: int, stdin_r: int | None) -> NoR
             enter(SandboxSpec.from_json(sandbox))
         os.chdir(job["cwd"])
         keep = {int(fd) for fd in job.get("keep_fds") or []}
-        _close_fds_except(keep | {launcher_pidfd})  # the pidfd is close-on-exec
+        close_fds_except(keep | {launcher_pidfd})  # the pidfd is close-on-exec
         for fd in keep:
             os.set_inheritable(fd, True)
         creds = None if job.get("uid") is None else Credentials(int(job["uid"]),

@@ -60,6 +60,16 @@ def join_cgroups(procs_files: list[str]) -> None:
             f.write("0")  # "the writing process"
 
 
+def close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor above stderr but ``keep``: nothing of the parent's (a
+    zygote's control socket, the platform's files) stays open in what runs next."""
+    low = 3
+    for fd in sorted(f for f in keep if f >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), low))
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """Become ``uid``/``gid`` with no supplementary groups, and verify there is no way
     back (ids, ``setuid(0)``, capabilities)."""

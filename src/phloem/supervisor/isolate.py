@@ -181,11 +181,11 @@ class DirectSpawner:
         fds = (launch.listen_fd, launch.status_fd)
         if spec.sandbox is not None or not spec.identity.is_self:
             # As root, with or without a sandbox: nothing of the function's (its env above
-            # all) may reach a root helper before the drop. The launcher is the parent.
-            env = {k: v for k, v in launch.env.items() if k != "PHLOEM_SUPERVISOR_PID"}
-            job = Job(argv=command, env=env, cwd=str(spec.cwd),
+            # all) may reach a root helper before the drop. The launcher is the parent,
+            # and PR_SET_PDEATHSIG, set by it, ends the isolate with it.
+            job = Job(argv=command, env=launch.env, cwd=str(spec.cwd),
                       uid=spec.identity.uid, gid=spec.identity.gid, sandbox=spec.sandbox,
-                      procs_files=procs_files(launch.memory), keep_fds=list(fds),
+                      procs_files=list(launch.memory.procs_files), keep_fds=list(fds),
                       nofile=spec.nofile)
             argv, job_fd = job.launcher()
             try:
@@ -198,23 +198,20 @@ class DirectSpawner:
             how = "spawned in a sandbox" if spec.sandbox is not None else "spawned"
             return DirectProcess(process, how=how)
         cmd = launch.memory.wrap(command)
+        # The host exits when its parent is no longer the platform.
+        env = {**launch.env, "PHLOEM_SUPERVISOR_PID": str(os.getpid())}
         process = await asyncio.create_subprocess_exec(
-            *cmd, cwd=spec.cwd, env=launch.env, stdin=asyncio.subprocess.DEVNULL,
+            *cmd, cwd=spec.cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             pass_fds=fds, start_new_session=True,
         )
         return DirectProcess(process)
 
 
-def procs_files(slot: MemorySlot) -> list[str]:
-    """The ``cgroup.procs`` files a process writes its pid to, to join ``slot``."""
-    return list(slot.procs_files)
-
-
 def cgroup_procs(slot: MemorySlot) -> tuple[bool, list[str]]:
     """Whether a process started before it knew its isolate (a zygote's child, a Node
     standby) can honour ``slot``, and the ``cgroup.procs`` files it joins."""
-    files = procs_files(slot)
+    files = list(slot.procs_files)
     # Without cgroups: no wrapper to run before exec (the RSS watchdog only needs the pid).
     return bool(files) or slot.wrap([]) == [], files
 
@@ -288,11 +285,6 @@ class Isolate:
             # PHLOEM_ISOLATE tells isolates apart: in their sandboxes every one is pid 1.
             env = {**self.spec.env, "PHLOEM_WAIT_UNTIL_S": str(self.spec.limits.wait_until_s),
                    "PHLOEM_ISOLATE": self.id}
-            if self.spec.sandbox is None:
-                # The host exits when its parent is no longer the platform; in a sandbox
-                # it is the first process of its PID namespace and PR_SET_PDEATHSIG,
-                # set by the launcher or the zygote, does that.
-                env["PHLOEM_SUPERVISOR_PID"] = str(os.getpid())
             self._process = await (spawner or DirectSpawner()).spawn(
                 Launch(self.spec, env, fd, status_w, self._memory))
             self._memory.started(self._process.pid)

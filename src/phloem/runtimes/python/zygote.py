@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import gc
 import importlib
@@ -54,11 +53,15 @@ from typing import Any, NoReturn
 
 from phloem.runtimes.python import host
 from phloem.sandbox import _linux as kernel
-from phloem.sandbox.lockdown import Credentials, drop_privileges, join_cgroups, lock_down
+from phloem.sandbox.lockdown import (
+    Credentials,
+    close_fds_except,
+    drop_privileges,
+    join_cgroups,
+    lock_down,
+)
 from phloem.sandbox.root import SandboxSpec, enter
 
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
 MAX_MESSAGE = 64 * 1024
 MAX_SPEC_BYTES = 16 * 2**20
 #: Descriptors sent with a spawn request, in this order.
@@ -183,7 +186,6 @@ class Job:
     """What a freshly forked child needs to become an isolate."""
 
     id: int
-    zygote_pid: int
     uid: int
     gid: int
     cgroup_procs: list[str]
@@ -195,13 +197,6 @@ class Job:
     base_path: list[str]
     preloaded: frozenset[str]
     runtime_dists: dict[str, str]
-
-
-def _prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
 def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -304,7 +299,6 @@ class Zygote:
             except (ValueError, KeyError, TypeError, ProtocolError) as exc:
                 _send(self.control, {"op": "failed", "id": spawn_id, "error": str(exc)})
                 return None
-            zygote_pid = os.getpid()
             pid = -1
             try:
                 if sandbox is not None:
@@ -322,7 +316,7 @@ class Zygote:
             if pid == 0:
                 fds_by_name = dict(zip(SPAWN_FDS, fds, strict=True))
                 fds = []  # the child owns them now; the finally below must not close them
-                return Job(spawn_id, zygote_pid, uid, gid, procs, sandbox, nofile,
+                return Job(spawn_id, uid, gid, procs, sandbox, nofile,
                            self.pidfd, fds_by_name, self.base_path, self.preloaded,
                            self.runtime_dists)
             # A pidfd taken before this loop can reap the child names exactly that
@@ -357,15 +351,6 @@ def _fatal(message: str) -> NoReturn:
     os._exit(SETUP_FAILED)
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    high = os.sysconf("SC_OPEN_MAX")
-    low = 3
-    for fd in sorted(k for k in keep if k >= 3):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, max(high, low))
-
-
 def _enter(job: Job) -> dict[str, Any]:
     """The privileged part, as root: own session, the given stdio, nothing else open,
     the memory cgroup, then the function's uid for good. Returns the spec."""
@@ -375,7 +360,7 @@ def _enter(job: Job) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.dup2(fds["stdout"], 1)
     os.dup2(fds["stderr"], 2)
-    _close_fds_except({0, 1, 2, fds["spec"], fds["listen"], fds["status"], job.zygote_pidfd})
+    close_fds_except({0, 1, 2, fds["spec"], fds["listen"], fds["status"], job.zygote_pidfd})
     # Before anything is allocated for the app and while still root; one thread, so on
     # cgroup v1 without the global lock's grace period.
     join_cgroups(job.cgroup_procs)
@@ -388,9 +373,9 @@ def _enter(job: Job) -> dict[str, Any]:
     # Changing credentials made the process non-dumpable, which makes /proc/self root's;
     # a spawned isolate is dumpable again after exec. Nothing in this memory is secret:
     # the zygote never saw any function's spec.
-    _prctl(PR_SET_DUMPABLE, 1)
+    kernel.prctl(kernel.PR_SET_DUMPABLE, 1)
     # After the credential change, which clears it. The parent is the zygote.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if select.select([job.zygote_pidfd], [], [], 0)[0]:
         os._exit(1)  # the zygote died meanwhile
     os.close(job.zygote_pidfd)
@@ -491,7 +476,7 @@ def _exec_host(entry: str, job: Job, env: dict[str, str], clash: list[str]) -> N
 # -- entry point ---------------------------------------------------------------------------
 
 def _die_with_parent(parent: int) -> None:
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 
