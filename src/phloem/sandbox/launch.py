@@ -30,7 +30,13 @@ if __name__ == "__main__" and __package__ in (None, ""):
         os.path.abspath(__file__)))))
 
 from phloem.sandbox import _linux as k
-from phloem.sandbox.lockdown import Credentials, close_fds_except, join_cgroups, lock_down
+from phloem.sandbox.lockdown import (
+    Credentials,
+    close_fds_except,
+    join_cgroups,
+    lock_down,
+    move_to_cgroups,
+)
 from phloem.sandbox.root import SandboxSpec, enter, inject
 
 SETUP_FAILED = 71
@@ -97,9 +103,7 @@ def _activate(child: int, child_pidfd: int, stdin_w: int) -> bool:
     if not line:
         return False  # the platform dropped the standby
     activation = json.loads(line)
-    for path in activation.get("procs_files") or []:
-        with open(path, "w") as f:
-            f.write(str(child))
+    move_to_cgroups(child, [str(p) for p in activation.get("procs_files") or []])
     for path in activation.get("inject") or []:
         inject(child, str(path), read_only=True)
     forward = str(activation.get("forward", "")).encode()

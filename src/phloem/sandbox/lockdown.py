@@ -60,6 +60,14 @@ def join_cgroups(procs_files: list[str]) -> None:
             f.write("0")  # "the writing process"
 
 
+def move_to_cgroups(pid: int, procs_files: list[str]) -> None:
+    """Move another process (every thread of it) into each group of ``procs_files``: a
+    Node standby, which joins its isolate's groups only once it is activated."""
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write(str(pid))
+
+
 def close_fds_except(keep: set[int]) -> None:
     """Close every descriptor above stderr but ``keep``: nothing of the parent's (a
     zygote's control socket, the platform's files) stays open in what runs next."""

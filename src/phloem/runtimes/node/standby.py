@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
-from phloem.sandbox.lockdown import CAP_SETGID, CAP_SETUID
+from phloem.sandbox.lockdown import CAP_SETGID, CAP_SETUID, move_to_cgroups
 from phloem.supervisor.isolate import (
     DirectProcess,
     DirectSpawner,
@@ -170,7 +170,7 @@ class _Standby:
                                   "forward": lines}) + "\n"
         else:
             pid = self.process.pid
-            await asyncio.to_thread(_join, procs_files, pid)
+            await asyncio.to_thread(move_to_cgroups, pid, procs_files)
             message = lines
         assert self.process.stdin is not None
         try:
@@ -193,12 +193,6 @@ class _Standby:
         finally:
             os.close(out_fd)
             self._transport.close()
-
-
-def _join(procs_files: list[str], pid: int) -> None:
-    for path in procs_files:
-        with open(path, "w") as f:
-            f.write(str(pid))
 
 
 def _standby_plan(launch: Launch) -> tuple[StandbyKey, str, SandboxSpec | None] | None:
