@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -145,18 +146,23 @@ def test_local_package_in_requirements_installs(platform: PlatformProcess,
         assert st.st_uid == 0 and st.st_mode & 0o022 == 0, path
 
 
+def deploy_node_importing(platform: PlatformProcess, slug: str, target: Path,
+                          app: Path) -> subprocess.CompletedProcess[str]:
+    """Deploy a Node function whose bundle would inline ``target``."""
+    app.mkdir()
+    (app / "index.mjs").write_text(
+        f'import data from {json.dumps(str(target))};\n'
+        'export default { fetch: () => Response.json(data) };\n')
+    return platform.cli("functions", "deploy", slug, "--path", str(app),
+                        "--runtime", "nodejs24", check=False)
+
+
 @pytest.mark.parametrize("secret", ["secrets/system.json", "credentials.json"])
 def test_bundle_cannot_import_platform_secrets(platform: PlatformProcess, tmp_path: Path,
                                                secret: str) -> None:
     dd = platform.data_dir
     target = dd / secret
-    app = tmp_path / "app"
-    app.mkdir()
-    (app / "index.mjs").write_text(
-        f'import secret from {json.dumps(str(target))};\n'
-        'export default { async fetch() { return Response.json(secret); } };\n')
-    proc = platform.cli("functions", "deploy", "nodesecret", "--path", str(app),
-                        "--runtime", "nodejs24", check=False)
+    proc = deploy_node_importing(platform, "nodesecret", target, tmp_path / "app")
     assert proc.returncode != 0
     assert f'Could not resolve "{target}"' in proc.stderr, proc.stderr
     dep = latest(platform, "nodesecret")
@@ -187,13 +193,8 @@ def test_a_build_cannot_reach_another_functions_files(platform: PlatformProcess,
     assert "hello from phloem" in (a_dir / "app" / "main.py").read_text()
     # ... and a Node build (esbuild) see none of them: an import of A's source does not
     # resolve (were the file visible, esbuild would complain about the .py loader).
-    node = tmp_path / "node"
-    node.mkdir()
-    (node / "index.mjs").write_text(
-        f'import code from {json.dumps(str(a_dir / "app" / "main.py"))};\n'
-        'export default { fetch: () => new Response(code) };\n')
-    proc = platform.cli("functions", "deploy", "buildbnode", "--path", str(node),
-                        "--runtime", "nodejs24", check=False)
+    proc = deploy_node_importing(platform, "buildbnode", a_dir / "app" / "main.py",
+                                 tmp_path / "node")
     assert proc.returncode != 0
     assert f'Could not resolve "{a_dir / "app" / "main.py"}"' in proc.stderr, proc.stderr
 

@@ -16,6 +16,7 @@ A zygote's forked child enters the same sandbox in-process (``root.enter`` and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -32,9 +33,6 @@ LAUNCHER = Path(__file__).with_name("launch.py")
 SETUP_FAILED = 71
 
 
-_probed: list[str | None] = []
-
-
 def available() -> str | None:
     """``None`` when sandboxes can be made here, else why not. The first call as root
     makes one (a container without ``CAP_SYS_ADMIN`` or a kernel without the features
@@ -43,11 +41,10 @@ def available() -> str | None:
         return "sandboxes need Linux"
     if os.geteuid() != 0:
         return "not running as root (everything runs as the current user)"
-    if not _probed:
-        _probed.append(_probe())
-    return _probed[0]
+    return _probe()
 
 
+@functools.cache
 def _probe() -> str | None:
     root = tempfile.mkdtemp(prefix="phloem-sandbox-probe-")
     try:
