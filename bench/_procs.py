@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from phloem.testing import free_port  # noqa: F401  (re-exported for the benches)
+
 TOOLS = {
     "wrk": "apt-get install -y wrk",
     "nginx": "apt-get install -y nginx-light",
@@ -70,10 +72,6 @@ class Reaper:
             self.stop(proc)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn_uvicorn(reaper: Reaper, app_dir: Path, *, port: int | None = None,

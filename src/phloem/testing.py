@@ -35,9 +35,18 @@ EXAMPLE = REPO / "examples" / "hello-python"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that is free now, below the kernel's ephemeral range: a port the kernel
+    handed out (bind to 0) can be taken by any client socket's local end before our
+    server binds it, which failed CI runs with "already in use"."""
+    for _ in range(200):
+        port = random.randrange(10000, 20000)
+        try:
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port in 10000-19999")
 
 
 def db_port_base() -> int:
