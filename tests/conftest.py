@@ -50,3 +50,10 @@ def reliability(request: pytest.FixtureRequest) -> Iterator[Reliability]:
     yield rec
     for row in rec.rows:
         request.node.user_properties.append(("reliability", row))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test that records a reliability row is selectable with -m reliability.
+    for item in items:
+        if "reliability" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.reliability)
