@@ -201,7 +201,8 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 def test_connection_flood(reliability) -> None:  # type: ignore[no-untyped-def]
     """20,000 connections that never finish a head (half send nothing), from 40 addresses
     and 4 processes, 15,000 at the gateway and 5,000 at the API, held; a normal client on
-    127.0.0.1 is served by both, with a new connection each time, within 5 s."""
+    127.0.0.1 is served by both, with a new connection each time, within 5 s, and a new
+    deployment is built and cold-started."""
     started = time.monotonic()
     # A long head timeout: the flood stays, so the caps alone must keep clients served.
     with platform_process(["--head-timeout", "300"]) as p:
@@ -217,8 +218,10 @@ def test_connection_flood(reliability) -> None:  # type: ignore[no-untyped-def]
                                     *SOURCES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    text=True) for port in targets]
         try:
-            opened = [int(_read_line(f, 90).split()[1]) for f in floods]
-            assert sum(opened) == FLOOD_PROCESSES * PER_PROCESS, opened
+            reports = [_read_line(f, 90).split() for f in floods]
+            # Every connection reached the server (its head bytes were acknowledged).
+            assert sum(int(r[1]) for r in reports) == FLOOD_PROCESSES * PER_PROCESS, reports
+            assert sum(int(r[3]) for r in reports) == 0, reports
             assert p.proc is not None
             fd_dir = f"/proc/{p.proc.pid}/fd"
             fds = len(os.listdir(fd_dir))
@@ -240,6 +243,13 @@ def test_connection_flood(reliability) -> None:  # type: ignore[no-untyped-def]
                 worst = max(worst, took)
                 passed += ok and took < DEADLINE_S
             fds = max(fds, len(os.listdir(fd_dir)))
+            # Builds, spawns and the new isolate's upstream connections get descriptors:
+            # a deploy through the API and a cold start, with the flood still held.
+            t0 = time.monotonic()
+            second = host_of(p.deploy("second", EXAMPLE)["invocation_url"])
+            cold = httpx.get(gw_url, headers={"Host": second}, timeout=60).status_code
+            deploy_s = time.monotonic() - t0
+            fds = max(fds, len(os.listdir(fd_dir)))
             gw_limit = metric(p, "phloem_connection_limit", listener="gateway")
             gw_open = metric(p, "phloem_open_connections", listener="gateway")
             api_open = metric(p, "phloem_open_connections", listener="api")
@@ -252,11 +262,13 @@ def test_connection_flood(reliability) -> None:  # type: ignore[no-untyped-def]
                 if f.stdin is not None:
                     f.stdin.close()
                 f.wait(30)
-        figure = (f"20,000 held connections: {passed}/{ROUNDS} rounds served by gateway "
-                  f"and API, {worst * 1000:.0f} ms max; {fds} of 20,000 descriptors used; "
-                  f"{int(evicted_gw + evicted_api)} evicted")
+        figure = (f"20,000 unfinished heads held: {passed}/{ROUNDS} rounds served by "
+                  f"gateway and API, {worst * 1000:.0f} ms max; {fds} of 20,000 fds used; "
+                  f"{int(evicted_gw + evicted_api)} evicted; deploy + cold start "
+                  f"{deploy_s:.1f} s")
         reliability.record(rounds=ROUNDS, passed=passed, figure=figure)
         assert passed == ROUNDS, figure
+        assert cold == 200, figure
         assert 0 < gw_open <= gw_limit
         assert api_open <= metric(p, "phloem_connection_limit", listener="api")
         assert evicted_gw > 0 and evicted_api > 0

@@ -502,8 +502,10 @@ class _Connection(asyncio.Protocol):
 
     @property
     def evictable(self) -> bool:
-        """Waiting for a request head: none is being handled or queued."""
-        return self._phase == _KEEP_ALIVE and self._active is None and not self._pending
+        """Waiting for a request head (none is being handled or queued), or only
+        draining the input of a connection that is closing."""
+        return self._lingering or (
+            self._phase == _KEEP_ALIVE and self._active is None and not self._pending)
 
     def evict(self) -> None:
         """Closed to make room for a new connection (the listener is full)."""
@@ -1054,6 +1056,7 @@ class _Connection(asyncio.Protocol):
     async def _linger(self) -> None:
         """Half-close, then drop the client's input until it closes (see LINGER_IDLE)."""
         self._lingering = True
+        self._admission.waiting(self)  # its response is out: may be closed to make room
         self._update_reading()
         if self._transport.can_write_eof():
             self._transport.write_eof()  # FIN goes out after the queued response
