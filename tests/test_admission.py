@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from phloem.admission import AdmissionConfig, plan_connections
+from phloem.admission import Admission, AdmissionConfig, plan_connections
 from phloem.testing import wait_for
 
 
@@ -116,3 +116,49 @@ def test_out_of_descriptors_still_serves() -> None:
     assert "test: connection limit descriptors" in log
     # Rate-limited: one line (plus at most a summary), not one per connection.
     assert log.count("connection limit descriptors") <= 2, log
+
+
+class Conn:
+    """A connection as admission sees it: evictable while waiting for a head."""
+
+    def __init__(self, admission: Admission, ip: str) -> None:
+        self.admission, self.evictable, self.evicted = admission, True, False
+        admission.opened(self, ip)
+        admission.waiting(self)
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def test_caps_and_eviction_order(caplog: pytest.LogCaptureFixture) -> None:
+    a = Admission("gw", AdmissionConfig(max_connections=3, max_per_peer=2),
+                  exempt=lambda ip: ip == "10.0.0.9")
+    first, second = Conn(a, "10.0.0.1"), Conn(a, "10.0.0.2")
+    assert a.check("10.0.0.1") is None
+    busy = Conn(a, "10.0.0.1")
+    busy.evictable = False  # in a request
+    assert a.check("10.0.0.1") == "per_peer"
+    # Full: the one waiting longest goes (first waits again, so second waited longer).
+    a.waiting(first)
+    assert a.check("10.0.0.9") is None
+    assert second.evicted and not first.evicted and not busy.evicted
+    assert a.open == 2 and a.peer_count("10.0.0.2") == 0
+    a.closed(second)  # its connection_lost: already counted out
+    assert a.open == 2
+    proxy = [Conn(a, "10.0.0.9")]
+    first.evictable = False  # now in a request: skipped
+    assert a.check("10.0.0.4") is None
+    assert proxy[0].evicted and not first.evicted
+    Conn(a, "10.0.0.4").evictable = False
+    assert a.check("10.0.0.5") == "capacity"  # all three in requests
+    # The exempt peer (a trusted proxy) has no per-peer cap.
+    b = Admission("gw2", AdmissionConfig(max_connections=10, max_per_peer=1),
+                  exempt=lambda ip: ip == "10.0.0.9")
+    Conn(b, "10.0.0.9")
+    assert b.check("10.0.0.9") is None
+    assert a.refused == {"per_peer": 1, "capacity": 1, "evicted": 2, "head_timeout": 0,
+                         "descriptors": 0}
+    # One line per reason and interval, not one per hit.
+    lines = [r.getMessage() for r in caplog.records if "connection limit" in r.getMessage()]
+    assert sorted(line.split(":")[1] for line in lines) == [
+        " connection limit capacity", " connection limit evicted", " connection limit per_peer"]

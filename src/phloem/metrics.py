@@ -4,6 +4,8 @@
     gateway = Gateway(router, config, on_request=lambda r: metrics.observe_request(r, b, f))
     metrics.observe_cold_start("br-quiet-moon-3f9a2c", "todos", 0.041)
     metrics.observe_eviction("br-quiet-moon-3f9a2c", "todos", "idle")
+    metrics.connections = lambda: {"gateway": ListenerLoad(open=12, limit=9360,
+                                                           refused={"per_peer": 3})}
     body, content_type = metrics.render(accept=request_accept_header)
 
 Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` (never the

@@ -17,7 +17,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phloem.testing import EXAMPLE, PlatformProcess, host_of, platform_process, wait_for
+from phloem.testing import (
+    EXAMPLE,
+    PlatformProcess,
+    free_port,
+    host_of,
+    new_data_dir,
+    platform_process,
+    wait_for,
+)
 
 FLOOD = Path(__file__).with_name("flood.py")
 HEAD_TIMEOUT = 2.0
@@ -278,3 +286,21 @@ def test_connection_flood(reliability) -> None:  # type: ignore[no-untyped-def]
         assert "gateway: connection limit evicted" in output
         assert "api: connection limit evicted" in output
     print(f"flood test: {time.monotonic() - started:.1f} s; {figure}")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PHLOEM_HEAD_TIMEOUT": "0"}, "head_timeout: must be a positive number of seconds"),
+    ({"PHLOEM_HEAD_TIMEOUT": "inf"}, "head_timeout: must be a positive number of seconds"),
+    ({"PHLOEM_MAX_CONNECTIONS_PER_PEER": "-1"}, "'--max-connections-per-peer'"),
+    ({"PHLOEM_API_MAX_CONNECTIONS": "0"}, "'--api-max-connections'"),
+])
+def test_bad_limits_are_refused_by_name(env: dict[str, str], message: str) -> None:
+    p = PlatformProcess(new_data_dir(), free_port(), free_port())
+    try:
+        proc = subprocess.run(p.args(), env={**p.env, **env}, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0
+        assert message in " ".join((proc.stderr + proc.stdout).split())
+        assert not (p.data_dir / "system").exists()  # refused before anything started
+    finally:
+        p.cleanup()

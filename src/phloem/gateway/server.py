@@ -21,6 +21,8 @@ client go); from then on the exchange is closed after ``silence_timeout`` second
 byte in either direction. Both come from :class:`GatewayConfig`, overridable per lease by
 :class:`~phloem.gateway.routing.Limits`. One timer per connection watches both, and
 the keep-alive wait between requests (see ``_Connection._on_watch``); bytes only stamp a time.
+The same timer gives a request head ``head_timeout`` seconds (408); connections are accepted
+through :class:`phloem.admission.Listener` (per-peer and per-listener caps, descriptors).
 """
 
 from __future__ import annotations
