@@ -26,6 +26,7 @@ from phloem.testing import (
     platform_process,
     wait_for,
 )
+from tests.conftest import Reliability
 
 FLOOD = Path(__file__).with_name("flood.py")
 HEAD_TIMEOUT = 2.0
@@ -88,8 +89,9 @@ def listeners(p: PlatformProcess) -> list[tuple[str, int, str]]:
     return [("gateway", p.gateway_port, "nothing.fn.localhost"), ("api", p.api_port, "api")]
 
 
-def test_head_timeout(limited: PlatformProcess) -> None:
+def test_head_timeout(limited: PlatformProcess, reliability: Reliability) -> None:
     p = limited
+    closed_at: list[float] = []
     for listener, port, host in listeners(p):
         before = metric(p, "phloem_connections_refused_total", listener=listener,
                         reason="head_timeout")
@@ -121,6 +123,7 @@ def test_head_timeout(limited: PlatformProcess) -> None:
                 i += 1
             time.sleep(0.2)  # the slowloris's pace, not a wait for the server
         closed_after = time.monotonic() - start
+        closed_at.append(closed_after)
         assert got.startswith(b"HTTP/1.1 408"), (listener, got)
         assert b"request_timeout" in got
         assert HEAD_TIMEOUT - 0.2 < closed_after < HEAD_TIMEOUT + 3, (listener, closed_after)
@@ -149,9 +152,12 @@ def test_head_timeout(limited: PlatformProcess) -> None:
         assert read == b"still open"
         s.sendall(request(p.gateway_port, "nothing.fn.localhost"))
         assert response_head(s).startswith(b"HTTP/1.1 404")
+    reliability.record(rounds=2, passed=2, figure=(
+        f"a byte every 0.2 s: 408 after {max(closed_at):.2f} s at most (head_timeout "
+        f"{HEAD_TIMEOUT:g} s), gateway and API"))
 
 
-def test_per_peer_cap(limited: PlatformProcess) -> None:
+def test_per_peer_cap(limited: PlatformProcess, reliability: Reliability) -> None:
     p = limited
     for listener, port, host in listeners(p):
         before = metric(p, "phloem_connections_refused_total", listener=listener,
@@ -186,6 +192,9 @@ def test_per_peer_cap(limited: PlatformProcess) -> None:
         s.sendall(request(p.gateway_port, "nothing.fn.localhost"))
         assert response_head(s).startswith(b"HTTP/1.1 404")
         s.close()
+    reliability.record(rounds=2, passed=2, figure=(
+        f"connection {PER_PEER + 1} from one address: 503, others served (gateway and API); "
+        f"a trusted proxy's {PER_PEER + 2} all served"))
 
 
 # -- the flood ---------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-def test_connection_flood(reliability) -> None:  # type: ignore[no-untyped-def]
+def test_connection_flood(reliability: Reliability) -> None:
     """20,000 connections that never finish a head (half send nothing), from 40 addresses
     and 4 processes, 15,000 at the gateway and 5,000 at the API, held; a normal client on
     127.0.0.1 is served by both, with a new connection each time, within 5 s, and a new
