@@ -25,6 +25,8 @@ def test_plan_leaves_descriptors_for_the_rest() -> None:
     assert small.gateway + small.api < 1024 and small.gateway >= 16
     over = plan_connections(20000, gateway=15000)
     assert over.gateway == 15000 and over.warning and "max_connections 15000" in over.warning
+    api = plan_connections(20000, api=8000)  # as given, but said to be too many
+    assert api.api == 8000 and api.warning and "api_max_connections 8000" in api.warning
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

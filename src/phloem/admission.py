@@ -263,7 +263,7 @@ def plan_connections(limit: int, gateway: int = 0, api: int = 256) -> Connection
         plan_connections(20000)  # ConnectionPlan(gateway=9360, api=256, rest=...)
     """
     reserve = min(1024, max(64, limit // 8))
-    api = max(1, min(api, max(1, limit // 8))) if api else max(1, min(256, limit // 8))
+    api = api or max(1, min(256, limit // 8))  # 0: auto, as for the gateway
     auto = max(16, (limit - reserve - api) // 2)
     gw = gateway or auto
     warning = None
@@ -271,6 +271,10 @@ def plan_connections(limit: int, gateway: int = 0, api: int = 256) -> Connection
         warning = (f"max_connections {gateway} is more than half of the {limit} descriptors "
                    f"this process may open, less the API's {api} and a reserve of "
                    f"{reserve}: a connection flood can leave none for isolates' connections")
+    elif api > limit // 4:
+        warning = (f"api_max_connections {api} is more than a quarter of the {limit} "
+                   "descriptors this process may open: a flood of the API can leave too few "
+                   "for the gateway and isolates")
     return ConnectionPlan(gw, api, limit - gw - api, warning)
 
 
