@@ -4,6 +4,8 @@
     gateway = Gateway(router, config, on_request=lambda r: metrics.observe_request(r, b, f))
     metrics.observe_cold_start("br-quiet-moon-3f9a2c", "todos", 0.041)
     metrics.observe_eviction("br-quiet-moon-3f9a2c", "todos", "idle")
+    metrics.connections = lambda: {"gateway": ListenerLoad(open=12, limit=9360,
+                                                           refused={"per_peer": 3})}
     body, content_type = metrics.render(accept=request_accept_header)
 
 Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` (never the
@@ -25,7 +27,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -45,7 +47,9 @@ if TYPE_CHECKING:
 __all__ = [
     "COLD_START_BUCKETS",
     "REQUEST_BUCKETS",
+    "ConnectionSource",
     "FunctionLoad",
+    "ListenerLoad",
     "LoadSource",
     "Metrics",
 ]
@@ -107,6 +111,63 @@ class FunctionLoad:
 
 # Called at every scrape: (branch, function) -> its current load.
 LoadSource = Callable[[], Mapping[tuple[str, str], FunctionLoad]]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLoad:
+    """One listener's client connections (see phloem.admission)."""
+
+    open: int = 0
+    limit: int = 0
+    #: Connections refused or closed by a limit, per reason.
+    refused: Mapping[str, int] = field(default_factory=dict)
+
+
+# Called at every scrape: listener name ("gateway", "api") -> its connections.
+ConnectionSource = Callable[[], Mapping[str, ListenerLoad]]
+
+
+class _ConnectionCollector:
+    """Open connections and limit hits per listener, read from ``Metrics.connections``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
+        return (
+            GaugeMetricFamily("phloem_open_connections",
+                              "Client connections open now, per listener (gateway, api).",
+                              labels=("listener",)),
+            GaugeMetricFamily("phloem_connection_limit",
+                              "Client connections a listener keeps open at most.",
+                              labels=("listener",)),
+            CounterMetricFamily(
+                "phloem_connections_refused_total",
+                "Client connections refused or closed by a limit, by reason: per_peer, "
+                "capacity (listener full, none idle), evicted (the longest-waiting one "
+                "closed to make room), head_timeout, descriptors (accept out of them).",
+                labels=("listener", "reason")),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        open_, limit, refused = families = self._families()
+        source = self._metrics.connections
+        if source is None:
+            return families
+        try:
+            listeners = dict(source())
+        except Exception:
+            logger.exception("metrics connection source failed")
+            return families
+        for name, load in sorted(listeners.items()):
+            open_.add_metric((name,), load.open)
+            limit.add_metric((name,), load.limit)
+            for reason, n in sorted(load.refused.items()):
+                refused.add_metric((name, reason), n)
+        return families
 
 
 class _LoadCollector:
@@ -216,10 +277,12 @@ class _RequestCollector:
 class Metrics:
     """phloem's Prometheus metrics, in a registry of their own."""
 
-    def __init__(self, load: LoadSource | None = None) -> None:
+    def __init__(self, load: LoadSource | None = None,
+                 connections: ConnectionSource | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         # Settable later: the platform may build its supervisor after its metrics.
         self.load = load
+        self.connections = connections
         r = self.registry
         self._request_series = _RequestCollector()
         r.register(self._request_series)
@@ -240,6 +303,7 @@ class Metrics:
             registry=r,
         )
         r.register(_LoadCollector(self))
+        r.register(_ConnectionCollector(self))
 
     def observe_request(self, record: RequestRecord, branch: str, function: str) -> None:
         """Count one finished exchange (feed it the gateway's ``on_request`` records).

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,10 +27,12 @@ import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
 from phloem import __version__
+from phloem.admission import Admission, AdmissionConfig, fd_limit, plan_connections
 from phloem.artifacts import ArtifactStore
 from phloem.branches.manager import BranchManager
 from phloem.control import db
 from phloem.control.api import create_api
+from phloem.control.serving import ApiServer
 from phloem.control.store import BranchRow, FunctionRow, Store
 from phloem.deployer import Deployer
 from phloem.dispatch import PlatformRouter, parse_host
@@ -38,7 +40,7 @@ from phloem.firewall import ACTIVE, Firewall, NoFirewall, choose_firewall
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
 from phloem.identity import ISOLATE_UIDS, Identity, make_dir
 from phloem.logs import FunctionLogs
-from phloem.metrics import FunctionLoad, Metrics
+from phloem.metrics import FunctionLoad, ListenerLoad, Metrics
 from phloem.paths import DataPaths
 from phloem.postgres import Cluster, install_binaries
 from phloem.postgres.cluster import random_secret
@@ -65,13 +67,6 @@ MAX_UID_BASE = 2**32 - 1 - ISOLATE_UIDS
 
 class PlatformError(RuntimeError):
     """Start-up cannot go on; the message says what to fix."""
-
-
-class _ApiServer(uvicorn.Server):
-    # The platform owns signals; uvicorn must not install its own handlers.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _check_port_free(what: str, host: str, port: int) -> None:
@@ -109,11 +104,12 @@ class Platform:
         self._lock_file: IO[str] | None = None
         self._system: Cluster | None = None
         self._pool: AsyncConnectionPool | None = None
-        self._api_server: _ApiServer | None = None
+        self._api_server: ApiServer | None = None
         self._api_task: asyncio.Task[None] | None = None
         self.gateway: Gateway | None = None
         self.function_logs = FunctionLogs()
-        self.metrics = Metrics(load=self._function_load)
+        self.metrics = Metrics(load=self._function_load, connections=self._listener_load)
+        self._admissions: list[Admission] = []
         self.api_key: str | None = None
         self.spawner: Spawner | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -184,10 +180,18 @@ class Platform:
         await self.deployer.load_routes()
 
         router = PlatformRouter(self.deployer, self.supervisor, s.domain)
+        # Client connections may not take the descriptors isolates' connections, spawns
+        # and databases need (phloem.admission.plan_connections).
+        plan = plan_connections(fd_limit(), s.max_connections, s.api_max_connections)
+        if plan.warning:
+            log.warning("warning: %s", plan.warning)
+        self._connection_plan = plan
         self.gateway = Gateway(
             router,
             GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
                           trusted_proxies=s.trusted_proxies,
+                          head_timeout=s.head_timeout_s, max_connections=plan.gateway,
+                          max_connections_per_peer=s.max_connections_per_peer,
                           ttfb_timeout=s.function_limits.ttfb_timeout_s,
                           silence_timeout=s.function_limits.silence_timeout_s,
                           # The gateway's own limit is a ceiling; lower ones come per lease.
@@ -195,6 +199,7 @@ class Platform:
                                              MAX_BODY_CEILING)),
             on_request=self._observe_request)
         await self.gateway.start()
+        self._admissions.append(self.gateway.admission)
         await self._start_api()
         self._flusher = asyncio.create_task(self._flush_logs())
 
@@ -282,9 +287,15 @@ class Platform:
 
     async def _start_api(self) -> None:
         s = self.settings
+        # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
         config = uvicorn.Config(create_api(self), host=s.api_host, port=s.api_port,
-                                log_level="warning", access_log=False, lifespan="off")
-        self._api_server = _ApiServer(config)
+                                log_level="warning", access_log=False, lifespan="off",
+                                ws="none")
+        admission = Admission("api", AdmissionConfig(
+            max_connections=self._connection_plan.api,
+            max_per_peer=s.max_connections_per_peer, head_timeout_s=s.head_timeout_s))
+        self._admissions.append(admission)
+        self._api_server = ApiServer(config, admission)
         self._api_task = asyncio.create_task(self._api_server.serve())
         while not self._api_server.started:
             if self._api_task.done():
@@ -313,6 +324,10 @@ class Platform:
         if record.error:
             line = f"{line} {record.error}"
         self.function_logs.write(spec.log_path, "gateway", "access", line)
+
+    def _listener_load(self) -> dict[str, ListenerLoad]:
+        return {a.name: ListenerLoad(a.open, a.config.max_connections, dict(a.refused))
+                for a in self._admissions}
 
     def _function_load(self) -> dict[tuple[str, str], FunctionLoad]:
         load: dict[tuple[str, str], FunctionLoad] = {}

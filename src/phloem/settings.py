@@ -71,6 +71,17 @@ class Settings:
     #: A bearer token that may read ``/metrics`` besides any API key (for a scraper that
     #: must not hold an API key).
     metrics_token: str | None = None
+    #: Seconds a client connection (gateway or API) has to send a complete request head:
+    #: the first from accept, a later one from its first byte; then 408 and close.
+    head_timeout_s: float = 10.0
+    #: Client connections open at once from one address, per listener (0: no cap);
+    #: trusted proxies are exempt on the gateway.
+    max_connections_per_peer: int = 1024
+    #: Gateway client connections open at once; 0: from the descriptor limit
+    #: (``phloem.admission.plan_connections``).
+    max_connections: int = 0
+    #: Control API client connections open at once (its own share of descriptors).
+    api_max_connections: int = 256
 
     @property
     def url_port(self) -> int:

@@ -158,6 +158,24 @@ def up(
         envvar="PHLOEM_METRICS_TOKEN", help="Bearer token that may read /metrics besides "
         "any API key, for a scraper (16-512 characters).",
         show_default="none, API keys only")] = None,
+    head_timeout: Annotated[float, typer.Option(
+        envvar="PHLOEM_HEAD_TIMEOUT", help="Seconds a client connection (gateway or API) "
+        "has to send a complete request head, the first one from connecting, a later one "
+        "from its first byte; then 408 and close. A real client sends a head at once; this "
+        "bounds slow or idle connections.")] = 10.0,
+    max_connections_per_peer: Annotated[int, typer.Option(
+        envvar="PHLOEM_MAX_CONNECTIONS_PER_PEER", min=0, help="Client connections one "
+        "address may keep open on the gateway, and on the API (0: no cap). Above what a "
+        "browser opens in all (Chrome 256, Firefox 900); --trusted-proxy peers are exempt "
+        "on the gateway (their clients are limited by the proxy).")] = 1024,
+    max_connections: Annotated[int, typer.Option(
+        envvar="PHLOEM_MAX_CONNECTIONS", min=0, help="Gateway client connections open at "
+        "once; when full, the one waiting longest for a request head is closed to admit a "
+        "new one.", show_default="auto: half the descriptor limit less the API's and a "
+        "reserve")] = 0,
+    api_max_connections: Annotated[int, typer.Option(
+        envvar="PHLOEM_API_MAX_CONNECTIONS", min=1, help="Control API client connections "
+        "open at once (descriptors of its own, apart from the gateway's).")] = 256,
 ) -> None:
     """Start the platform in the foreground: system database, branch 'main', API and
     gateway. Ctrl-C stops everything; a second Ctrl-C forces exit.
@@ -169,6 +187,9 @@ def up(
         if metrics_token is not None:
             check_token("metrics_token", metrics_token)
         proxies = tuple(str(n) for n in parse_networks(trusted_proxy or []))
+        if not 0 < head_timeout < float("inf"):
+            raise ValueError(f"head_timeout: must be a positive number of seconds "
+                             f"(got {head_timeout})")
     except (InvalidInput, ValueError) as exc:
         fail(str(exc))
     settings = Settings(
@@ -179,6 +200,8 @@ def up(
         isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
         sandbox=sandbox, isolate_uid_base=isolate_uid_base, firewall=firewall,
         trusted_proxies=proxies, metrics_token=metrics_token,
+        head_timeout_s=head_timeout, max_connections_per_peer=max_connections_per_peer,
+        max_connections=max_connections, api_max_connections=api_max_connections,
     )
     try:
         import uvloop

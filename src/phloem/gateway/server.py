@@ -21,6 +21,8 @@ client go); from then on the exchange is closed after ``silence_timeout`` second
 byte in either direction. Both come from :class:`GatewayConfig`, overridable per lease by
 :class:`~phloem.gateway.routing.Limits`. One timer per connection watches both, and
 the keep-alive wait between requests (see ``_Connection._on_watch``); bytes only stamp a time.
+The same timer gives a request head ``head_timeout`` seconds (408); connections are accepted
+through :class:`phloem.admission.Listener` (per-peer and per-listener caps, descriptors).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import cast
 
 import httptools
 
+from phloem.admission import Admission, AdmissionConfig, Listener
 from phloem.gateway import http
 from phloem.gateway.proxies import TrustedProxies
 from phloem.gateway.routing import Limits, RouteError, Router, Upstream
@@ -79,6 +82,14 @@ class GatewayConfig:
     trusted_proxies: tuple[str, ...] = ()
     # An idle client connection must send a complete request head within this many seconds.
     keep_alive_timeout: float = 60.0
+    # A new connection must send its first request head, complete, within this many seconds
+    # of being accepted, and a later head must be complete this long after its first byte:
+    # else 408 (or a silent close if nothing came) and the connection is closed.
+    head_timeout: float = 10.0
+    # Client connections open at once (see phloem.admission.plan_connections), and from one
+    # peer address (0: no cap; trusted proxies are exempt).
+    max_connections: int = 10_000
+    max_connections_per_peer: int = 1024
     # Seconds from forwarding the request head to the upstream's final response head: 504.
     ttfb_timeout: float = 900.0
     # Seconds without a byte either way once the response head arrived: both sides closed.
@@ -86,7 +97,7 @@ class GatewayConfig:
     trusted: TrustedProxies = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("keep_alive_timeout", "ttfb_timeout", "silence_timeout"):
+        for name in ("keep_alive_timeout", "head_timeout", "ttfb_timeout", "silence_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"GatewayConfig.{name} must be positive")
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
@@ -233,6 +244,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._config = gateway.config
+        self._admission = gateway.admission
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._peer_ip = ""
@@ -246,6 +258,7 @@ class _Connection(asyncio.Protocol):
         self._head_began_now = False
         self._head_bytes = 0
         self._head_trickle = 0
+        self._head_timed = False  # the head deadline covers the head being parsed
         self._parsing: _Request | None = None  # request whose body is being parsed
         self._upgraded: _Request | None = None  # receives raw bytes after an Upgrade head
         self._pending: collections.deque[_Request] = collections.deque()
@@ -327,12 +340,18 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._parse_failed(400, "malformed_request", f"malformed request: {exc}")
             else:
-                # httptools buffers a partial header line internally: bound what a slowly
-                # trickling head can make it hold.
-                if self._in_head and not self._head_began_now:
-                    self._head_trickle += len(data)
-                    if self._head_trickle > MAX_HEAD_BYTES:
-                        self._parse_failed(431, "headers_too_large", "request head too large")
+                if self._in_head:
+                    # httptools buffers a partial header line internally: bound what a
+                    # slowly trickling head can make it hold.
+                    if not self._head_began_now:
+                        self._head_trickle += len(data)
+                        if self._head_trickle > MAX_HEAD_BYTES:
+                            self._parse_failed(431, "headers_too_large",
+                                               "request head too large")
+                    # An unfinished head: from now on it has head_timeout to complete.
+                    # (A head that arrives whole, the common case, never gets here.)
+                    if not self._head_timed:
+                        self._watch_head()
             if self._pending:
                 self._dispatch()
         self._update_reading()
@@ -342,6 +361,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disconnected = True
+        self._admission.closed(self)
         for req in (self._parsing, self._upgraded, self._active):
             if req is not None:
                 req.fail("disconnected")
@@ -378,6 +398,7 @@ class _Connection(asyncio.Protocol):
         self._head_began_now = True
         self._head_bytes = 0
         self._head_trickle = 0
+        self._head_timed = False
 
     # The head's size is counted as it is parsed; _HeadTooLarge surfaces as an
     # HttpParserError from feed_data.
@@ -479,6 +500,19 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self._transport.abort()
 
+    # -- admission (phloem.admission.Tracked) ------------------------------------------------
+
+    @property
+    def evictable(self) -> bool:
+        """Waiting for a request head (none is being handled or queued), or only
+        draining the input of a connection that is closing."""
+        return self._lingering or (
+            self._phase == _KEEP_ALIVE and self._active is None and not self._pending)
+
+    def evict(self) -> None:
+        """Closed to make room for a new connection (the listener is full)."""
+        self._transport.abort()
+
     def _write(self, data: bytes) -> None:
         if not self._disconnected:
             self._last_io = self._loop.time()  # upstream activity keeps a stream alive
@@ -500,11 +534,44 @@ class _Connection(asyncio.Protocol):
     # instead of one or two per request.
 
     def _watch_keep_alive(self) -> None:
-        """Waiting for the next request head: it must be complete in time."""
+        """Waiting for the next request head: it must be complete in time (head_timeout
+        for a new connection's first one and for one that has begun, else the keep-alive
+        timeout)."""
         self._phase = _KEEP_ALIVE
-        self._deadline = deadline = self._loop.time() + self._config.keep_alive_timeout
+        config = self._config
+        timeout = config.keep_alive_timeout
+        if self._last is None or self._in_head:
+            self._head_timed = self._in_head
+            timeout = min(timeout, config.head_timeout)
+        self._deadline = deadline = self._loop.time() + timeout
         if self._watch is None or self._watch_when > deadline:
             self._arm(deadline)
+        self._admission.waiting(self)
+
+    def _watch_head(self) -> None:
+        """A request head has begun and is not complete: it must be within head_timeout."""
+        self._head_timed = True
+        if self._phase != _KEEP_ALIVE:
+            return  # a pipelined head: _watch_keep_alive times it when its turn comes
+        deadline = self._loop.time() + self._config.head_timeout
+        if deadline < self._deadline:
+            self._deadline = deadline
+            if self._watch is None or self._watch_when > deadline:
+                self._arm(deadline)
+
+    def _head_timed_out(self) -> None:
+        """No complete request head in time: a 408 if part of one came, then close."""
+        timeout = self._config.head_timeout
+        self._admission.limit_hit(
+            "head_timeout", self._peer_ip,
+            f"no complete request head within {timeout:g} s (head_timeout)")
+        if not self._in_head:
+            return  # nothing came: nobody to answer
+        rid = http.new_request_id()
+        self._write(http.error_response(
+            408, "request_timeout", f"the request head was not complete within {timeout:g} s",
+            rid, close=True))
+        self._gateway._record(RequestRecord("", "", "", 408, 0.0, rid.decode("ascii")))
 
     def _watch_ttfb(self, timeout: float, silence: float) -> None:
         """The request head went upstream: its final response head must start in time."""
@@ -550,6 +617,8 @@ class _Connection(asyncio.Protocol):
         if phase == _KEEP_ALIVE:
             self._phase = _NONE
             self._idle_expired = True
+            if self._in_head or self._last is None:
+                self._head_timed_out()
             self._wake_handler()
         elif phase == _TTFB:
             # The exchange fails with _UpstreamFailed once the read sees the abort; _exchange
@@ -989,6 +1058,7 @@ class _Connection(asyncio.Protocol):
     async def _linger(self) -> None:
         """Half-close, then drop the client's input until it closes (see LINGER_IDLE)."""
         self._lingering = True
+        self._admission.waiting(self)  # its response is out: may be closed to make room
         self._update_reading()
         if self._transport.can_write_eof():
             self._transport.write_eof()  # FIN goes out after the queued response
@@ -1604,7 +1674,15 @@ class Gateway:
         self.router = router
         self.config = config
         self._on_request = on_request
-        self._server: asyncio.Server | None = None
+        trusted = config.trusted
+        #: Connection limits (see phloem.admission); trusted proxies have no per-peer cap.
+        self.admission = Admission(
+            "gateway",
+            AdmissionConfig(max_connections=config.max_connections,
+                            max_per_peer=config.max_connections_per_peer,
+                            head_timeout_s=config.head_timeout),
+            exempt=trusted.__contains__ if trusted else None)
+        self._server: Listener | None = None
         self._port: int | None = None
         self._connections: set[_Connection] = set()
         self._draining = False
@@ -1614,12 +1692,14 @@ class Gateway:
         self._streams_by_host: dict[str, int] = {}
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(
-                lambda: _Connection(self),
+            # Our own accept loop: it applies the connection limits and never drops a
+            # connection unanswered when out of descriptors (see phloem.admission).
+            self._server = await Listener.open(
                 self.config.host,
                 self.config.port,
+                lambda: _Connection(self),
+                self.admission,
                 backlog=1024,
             )
         except OSError as exc:
