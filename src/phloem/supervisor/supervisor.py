@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from phloem.gateway.routing import Limits
 from phloem.supervisor.cgroups import FunctionLimiter, MemoryLimiter, choose_limiter
@@ -153,6 +154,18 @@ class Supervisor:
 
     def isolates(self) -> list[Isolate]:
         return [i for p in self.pools.values() for i in p.isolates]
+
+    def health(self) -> dict[str, Any]:
+        """For ``phloem status``: ``running`` while its loop (the idle reaper) is alive,
+        ``stopping`` once :meth:`stop_all` began, else ``down`` with the loop's error."""
+        out: dict[str, Any] = {"state": "running", "isolates": len(self.isolates())}
+        if self._stopping:
+            out["state"] = "stopping"
+        elif self._reaper is None or self._reaper.done():
+            out["state"] = "down"
+            if self._reaper is not None and not self._reaper.cancelled():
+                out["error"] = repr(self._reaper.exception())
+        return out
 
     # -- leasing -------------------------------------------------------------
     async def acquire(self, spec: IsolateSpec) -> Lease:
