@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from phloem.supervisor.isolate import (
     LogWriter,
     Spawner,
 )
+
+log = logging.getLogger("phloem.supervisor")
 
 #: Idle upstream connections kept per isolate: a burst of N concurrent requests opens N
 #: connections, and without a cap all of them would stay open (file descriptors on both
@@ -318,7 +321,13 @@ class Supervisor:
             self._reaper.cancel()
         isolates = self.isolates()
         self.pools.clear()
-        await asyncio.gather(*(i.stop(self.grace_s) for i in isolates),
-                             return_exceptions=True)
+        # wait_until work gets its budget, not just the grace (as on a redeploy).
+        busy = [i for i in isolates if i.background]
+        if busy:
+            log.warning("waiting for wait_until work of %d isolate(s), up to %.0f s (the "
+                        "functions' wait_until limit); Ctrl-C again to force exit",
+                        len(busy), max(i.spec.limits.wait_until_s for i in busy))
+        await asyncio.gather(*(i.stop(self.grace_s, i.spec.limits.wait_until_s)
+                               for i in isolates), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
