@@ -315,19 +315,22 @@ class Supervisor:
             await asyncio.sleep(0.05)
         await isolate.stop(self.grace_s)
 
-    async def stop_all(self) -> None:
+    async def stop_all(self, *, wait_until: bool = True) -> None:
+        """Stop every isolate: SIGINT, SIGKILL after the grace; with ``wait_until``, an
+        isolate's pending ``wait_until`` work first gets up to its function's budget."""
         self._stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
         isolates = self.isolates()
         self.pools.clear()
         # wait_until work gets its budget, not just the grace (as on a redeploy).
-        busy = [i for i in isolates if i.background]
+        busy = [i for i in isolates if i.background and wait_until]
         if busy:
             log.warning("waiting for wait_until work of %d isolate(s), up to %.0f s (the "
                         "functions' wait_until limit); Ctrl-C again to force exit",
                         len(busy), max(i.spec.limits.wait_until_s for i in busy))
-        await asyncio.gather(*(i.stop(self.grace_s, i.spec.limits.wait_until_s)
+        await asyncio.gather(*(i.stop(self.grace_s, i.spec.limits.wait_until_s
+                                      if wait_until else 0.0)
                                for i in isolates), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
