@@ -73,11 +73,6 @@ class Bounded(Generic[T]):
             return None
         return task.result()
 
-    def close(self) -> None:
-        for task in self._running.values():
-            task.cancel()
-        self._running.clear()
-
 
 async def _bounded(work: Awaitable[T], limit_s: float) -> T:
     async with asyncio.timeout(limit_s):
@@ -115,10 +110,6 @@ class Probes:
             return ProbeResult(False, (time.monotonic() - started) * 1000,
                                message[0] if message else type(exc).__name__)
         return ProbeResult(True, (time.monotonic() - started) * 1000)
-
-    def close(self) -> None:
-        """Cancel probes still waiting on a stuck server (at platform stop)."""
-        self._queries.close()
 
 
 __all__ = ["PROBE_TIMEOUT_S", "Bounded", "ProbeResult", "Probes"]
