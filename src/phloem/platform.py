@@ -101,6 +101,10 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+async def _none() -> None:
+    return None
+
+
 class Platform:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -398,16 +402,18 @@ class Platform:
 
     async def _branch_status(self, b: BranchRow) -> dict[str, Any]:
         urls = self.branches.connection_strings(b)
-        database = await self._probes.database(f"branch {b.id}", urls.unpooled)
+        pooler = self.branches.pooler(b)
+        database, pooled = await asyncio.gather(
+            self._probes.database(f"branch {b.id}", urls.unpooled),
+            self._probes.database(f"pooler {b.id}", urls.pooled) if pooler else _none())
         out: dict[str, Any] = {
             "id": b.id, "name": b.name, "port": b.port, "pooler_port": b.pooler_port,
             "parent_id": b.parent_id, "state": b.state,
             "database": "running" if database.ok else "down",
             "database_probe": database.describe()}
-        if self.branches.pooler(b) is None:
+        if pooled is None:
             out["pooler"] = "unavailable"
         else:
-            pooled = await self._probes.database(f"pooler {b.id}", urls.pooled)
             out["pooler"] = "running" if pooled.ok else "down"
             out["pooler_probe"] = pooled.describe()
         return out
