@@ -59,18 +59,6 @@ def test_unknown_branch_is_404_with_code(platform: PlatformProcess) -> None:
     assert resp.json()["error"]["code"] == "branch_not_found"
 
 
-def test_status_reports_components(platform: PlatformProcess) -> None:
-    data = platform.cli_json("status")
-    assert data["components"]["system_database"] == "running"
-    assert data["components"]["gateway"]["state"] == "running"
-    main = next(b for b in data["branches"] if b["name"] == "main")
-    assert main["database"] == "running"
-    assert main["pooler"] == "running"
-    text = platform.cli("status").stdout
-    assert "gateway" in text
-    assert "branch main" in text
-
-
 def test_metrics_count_requests_and_cold_starts(platform: PlatformProcess) -> None:
     from pathlib import Path
 

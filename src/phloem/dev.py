@@ -180,7 +180,9 @@ class DevServer:
     async def stop(self) -> None:
         await self.gateway.stop_accepting()
         await self.gateway.drain(5)
-        await self.supervisor.stop_all()
+        # A developer's Ctrl-C must not wait minutes for wait_until work (no second
+        # Ctrl-C forces `phloem dev`): the grace only.
+        await self.supervisor.stop_all(wait_until=False)
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
     async def run(self, ready: Callable[[], None] = lambda: None) -> None:

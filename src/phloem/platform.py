@@ -38,6 +38,7 @@ from phloem.deployer import Deployer
 from phloem.dispatch import PlatformRouter, parse_host
 from phloem.firewall import ACTIVE, Firewall, NoFirewall, choose_firewall
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
+from phloem.health import Bounded, Probes
 from phloem.identity import ISOLATE_UIDS, Identity, make_dir
 from phloem.logs import FunctionLogs
 from phloem.metrics import FunctionLoad, ListenerLoad, Metrics
@@ -95,6 +96,10 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+async def _none() -> None:
+    return None
+
+
 class Platform:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -114,6 +119,10 @@ class Platform:
         self.spawner: Spawner | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.firewall: Firewall = NoFirewall("not started")
+        # phloem status: bounded probes, and the branches as last listed.
+        self._probes = Probes()
+        self._listing: Bounded[list[BranchRow]] = Bounded()
+        self._last_branches: list[BranchRow] = []
 
     # -- start ---------------------------------------------------------------
     async def start(self) -> None:
@@ -348,43 +357,105 @@ class Platform:
         await self._stop_requested.wait()
 
     async def status(self) -> dict[str, Any]:
-        branches = await self.store.list_branches()
-        branch_status = []
-        for b in branches:
-            ok = await asyncio.to_thread(self.branches.check, b)
-            if self.branches.pooler(b) is None:
-                pooler = "unavailable"
-            else:
-                pooled = await asyncio.to_thread(self.branches.check, b, True)
-                pooler = "running" if pooled else "down"
-            branch_status.append({"id": b.id, "name": b.name, "port": b.port,
-                                  "pooler_port": b.pooler_port, "parent_id": b.parent_id,
-                                  "state": b.state, "database": "running" if ok else "down",
-                                  "pooler": pooler})
+        """Each component's real state, probed now; ``down`` names what is down (the CLI
+        exits non-zero then). A stuck database costs at most the probe timeout."""
+        s = self.settings
+        system, (branch_rows, listed) = await asyncio.gather(self._probe_system_db(),
+                                                             self._known_branches())
+        branch_status = await asyncio.gather(*(self._branch_status(b) for b in branch_rows))
         isolates = [
             {"id": i.id, "function": i.spec.slug, "branch_id": i.spec.branch_id,
              "deployment_id": i.spec.deployment_id, "state": i.state, "pid": i.pid,
              "inflight": i.inflight, "open_streams": i.open_streams,
+             "background": i.background,
              "cold_start_ms": round(i.cold_start_s * 1000, 1) if i.cold_start_s else None}
             for i in self.supervisor.isolates()
-        ]
-        s = self.settings
+        ] if hasattr(self, "supervisor") else []
+        supervisor: dict[str, Any] = (self.supervisor.health() if hasattr(self, "supervisor")
+                                      else {"state": "down", "isolates": 0})
+        if hasattr(self, "supervisor"):
+            supervisor.update(sandbox=self._sandbox_state(), cgroups=self.cgroups.describe())
+        components: dict[str, Any] = {
+            "system_database": system,
+            "api": {"state": self._api_state(), "url": s.api_url},
+            "gateway": self._gateway_state(),
+            "supervisor": supervisor,
+            "firewall": self.firewall.describe(),
+        }
+        down = [name for name, c in components.items() if c["state"] == "down"]
+        for b in branch_status:  # one being created, reset or deleted is down by design
+            down += [f"branch {b['name']} {part}" for part in ("database", "pooler")
+                     if b[part] == "down" and b["state"] == "ready"]
         return {
             "version": __version__,
             "data_dir": str(self.paths.root),
-            "components": {
-                "system_database": "running" if self._pool is not None else "stopped",
-                "api": {"state": "running", "url": s.api_url},
-                "gateway": {"state": "running", "address": f"{s.gateway_host}:"
-                            f"{self.gateway.port if self.gateway else s.gateway_port}"},
-                "supervisor": {"state": "running", "isolates": len(isolates),
-                               "sandbox": self._sandbox_state(),
-                               "cgroups": self.cgroups.describe()},
-                "firewall": self.firewall.describe(),
-            },
+            "healthy": not down,
+            "down": down,
+            "components": components,
+            # From the last answer of the system database when it does not answer now.
+            "branches_listed": listed,
             "branches": branch_status,
             "isolates": isolates,
         }
+
+    async def _probe_system_db(self) -> dict[str, Any]:
+        conninfo = self._pool.conninfo if self._pool is not None else None
+        if not isinstance(conninfo, str):  # not started (open_pool passes a string)
+            return {"state": "down", "error": "not started"}
+        result = await self._probes.database("system", conninfo)
+        return result.describe()
+
+    async def _known_branches(self) -> tuple[list[BranchRow], str]:
+        """The branches, and whether they were listed ``now`` or come from the ``cache``
+        of the last listing (when the system database does not answer)."""
+        rows = await self._listing.run("branches", self.store.list_branches,
+                                       self._probes.timeout_s)
+        if rows is None:
+            return self._last_branches, "cache"
+        self._last_branches = rows
+        return rows, "now"
+
+    async def _branch_status(self, b: BranchRow) -> dict[str, Any]:
+        urls = self.branches.connection_strings(b)
+        pooler = self.branches.pooler(b)
+        database, pooled = await asyncio.gather(
+            self._probes.database(f"branch {b.id}", urls.unpooled),
+            self._probes.database(f"pooler {b.id}", urls.pooled) if pooler else _none())
+        out: dict[str, Any] = {
+            "id": b.id, "name": b.name, "port": b.port, "pooler_port": b.pooler_port,
+            "parent_id": b.parent_id, "state": b.state,
+            "database": "running" if database.ok else "down",
+            "database_probe": database.describe()}
+        if pooled is None:
+            out["pooler"] = "unavailable"
+        else:
+            out["pooler"] = "running" if pooled.ok else "down"
+            out["pooler_probe"] = pooled.describe()
+        return out
+
+    def _api_state(self) -> str:
+        """The control API's uvicorn server: ``running`` once it serves, ``stopping``
+        once told to exit, ``down`` if its task ended."""
+        server, task = self._api_server, self._api_task
+        if server is None or task is None or task.done():
+            return "down"
+        if server.should_exit:
+            return "stopping"
+        return "running" if server.started else "starting"
+
+    def _gateway_state(self) -> dict[str, Any]:
+        s, gw = self.settings, self.gateway
+        out: dict[str, Any] = {"address": f"{s.gateway_host}:{s.gateway_port}"}
+        if gw is None:
+            return {"state": "down", **out}
+        if gw.serving:
+            state = "running"
+        elif gw.draining:
+            state = "draining"
+        else:  # never started, or stopped accepting without a drain
+            return {"state": "down", **out}
+        return {"state": state, "address": f"{s.gateway_host}:{gw.port}",
+                "inflight": gw.inflight, "open_streams": gw.open_streams}
 
     def _sandbox_state(self) -> str:
         off = self.deployer.sandbox_off if self.deployer is not None else "not started"

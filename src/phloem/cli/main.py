@@ -317,26 +317,44 @@ def _print_invocation(fn: dict[str, Any], gateway_host: str, gateway_port: int) 
 # -- status --------------------------------------------------------------------
 @app.command()
 def status(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
-    """Report each component of a running platform."""
+    """Report each component of a running platform, probed now: system database, API,
+    gateway, supervisor, firewall, every branch's database and pooler, and the isolates.
+
+    Exit status: 0 when nothing is down; 1 when a component, a branch's database or its
+    pooler is down (they are named on stderr), or the platform cannot be reached.
+    A database that does not answer within 2 s counts as down.
+    """
     try:
         data = client_for(data_dir).status()
     except ClientError as exc:
         fail(str(exc))
+    down: list[str] = data.get("down", [])
     if output is OutputFormat.json:
         print_json(data)
-        return
-    out.print(f"phloem {data['version']}  data dir {data['data_dir']}")
+    else:
+        _print_status(data)
+    if down:
+        fail("down: " + ", ".join(down))
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    out.print(f"phloem {data['version']}  data dir {data['data_dir']}", highlight=False)
     for name, comp in data["components"].items():
         state = comp if isinstance(comp, str) else comp["state"]
         extra = "" if isinstance(comp, str) else "  ".join(
             f"{k}={v}" for k, v in comp.items() if k != "state")
-        out.print(f"  {name:<16} {state:<8} {extra}")
+        out.print(f"  {name:<16} {state:<8} {escape(extra)}", highlight=False)
+    if data.get("branches_listed") == "cache":
+        out.print("  (branches as last listed: the system database does not answer)")
     for b in data["branches"]:
+        why = [b[f"{part}_probe"]["error"] for part in ("database", "pooler")
+               if b.get(f"{part}_probe", {}).get("error")]
         out.print(f"  branch {b['name']:<9} {b['database']:<8} {b['id']}  port {b['port']}"
-                  f"  pooler {b['pooler']} {b['pooler_port'] or ''}", highlight=False)
+                  f"  pooler {b['pooler']} {b['pooler_port'] or ''}"
+                  + (f"  ({escape('; '.join(why))})" if why else ""), highlight=False)
     for i in data["isolates"]:
         out.print(f"  isolate {i['id']} {i['function']} {i['state']} pid {i['pid']} "
-                  f"in-flight {i['inflight']}")
+                  f"in-flight {i['inflight']}", highlight=False)
 
 
 # -- branches ------------------------------------------------------------------

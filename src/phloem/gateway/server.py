@@ -1722,6 +1722,11 @@ class Gateway:
         return self._draining
 
     @property
+    def serving(self) -> bool:
+        """Its listening socket accepts connections (for ``phloem status``)."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
     def inflight(self) -> int:
         """Requests being handled that are not streams: routing (cold starts included),
         waiting for the response, or receiving a non-stream response."""

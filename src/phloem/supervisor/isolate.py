@@ -429,8 +429,12 @@ class Isolate:
         if self._process is not None:
             self._process.send_signal(sig)
 
-    async def stop(self, grace: float) -> None:
-        """SIGINT (the app drains and runs its shutdown hooks), SIGKILL after ``grace``."""
+    async def stop(self, grace: float, wait_until_s: float = 0.0) -> None:
+        """SIGINT (the app finishes its requests and its ``wait_until`` work, then runs its
+        shutdown hooks), SIGKILL after ``grace``. With ``wait_until_s`` (platform
+        shutdown), pending ``wait_until`` work gets up to that long before the grace
+        starts, as it would on a redeploy: the grace is for shutdown hooks, not for work
+        the function was promised."""
         if self.state == "exited":
             return
         self.state = "stopping"
@@ -438,10 +442,25 @@ class Isolate:
             writer.close()
         self._idle.clear()
         self.send_signal(signal.SIGINT)
-        try:
-            await asyncio.wait_for(self._exited.wait(), grace)
-        except TimeoutError:
-            self.log(self.id, "phloem", f"isolate still running {grace:.0f} s after SIGINT;"
-                     " SIGKILL")
-            self.send_signal(signal.SIGKILL)
-            await self._exited.wait()
+        loop = asyncio.get_running_loop()
+        budget_end = loop.time() + wait_until_s
+        deadline = loop.time() + grace
+        waited_for_work = False
+        while not self._exited.is_set():
+            now = loop.time()
+            if self.background and now < budget_end:
+                if not waited_for_work:
+                    waited_for_work = True
+                    self.log(self.id, "phloem", "wait_until work pending at shutdown: "
+                             f"waiting up to {budget_end - now:.0f} s for it")
+                deadline = max(deadline, now + grace)  # the grace starts when it is done
+            elif now >= deadline:
+                self.log(self.id, "phloem", f"isolate still running {grace:.0f} s after "
+                         "SIGINT; SIGKILL")
+                self.send_signal(signal.SIGKILL)
+                break
+            # Polled: wait_until work may start or end at any moment (the W/D events).
+            step = 0.1 if wait_until_s > 0 else deadline - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), step)
+        await self._exited.wait()

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from phloem.gateway.routing import Limits
 from phloem.supervisor.cgroups import FunctionLimiter, MemoryLimiter, choose_limiter
@@ -36,6 +38,8 @@ from phloem.supervisor.isolate import (
     LogWriter,
     Spawner,
 )
+
+log = logging.getLogger("phloem.supervisor")
 
 #: Idle upstream connections kept per isolate: a burst of N concurrent requests opens N
 #: connections, and without a cap all of them would stay open (file descriptors on both
@@ -153,6 +157,18 @@ class Supervisor:
 
     def isolates(self) -> list[Isolate]:
         return [i for p in self.pools.values() for i in p.isolates]
+
+    def health(self) -> dict[str, Any]:
+        """For ``phloem status``: ``running`` while its loop (the idle reaper) is alive,
+        ``stopping`` once :meth:`stop_all` began, else ``down`` with the loop's error."""
+        out: dict[str, Any] = {"state": "running", "isolates": len(self.isolates())}
+        if self._stopping:
+            out["state"] = "stopping"
+        elif self._reaper is None or self._reaper.done():
+            out["state"] = "down"
+            if self._reaper is not None and not self._reaper.cancelled():
+                out["error"] = repr(self._reaper.exception())
+        return out
 
     # -- leasing -------------------------------------------------------------
     async def acquire(self, spec: IsolateSpec) -> Lease:
@@ -299,13 +315,22 @@ class Supervisor:
             await asyncio.sleep(0.05)
         await isolate.stop(self.grace_s)
 
-    async def stop_all(self) -> None:
+    async def stop_all(self, *, wait_until: bool = True) -> None:
+        """Stop every isolate: SIGINT, SIGKILL after the grace; with ``wait_until``, an
+        isolate's pending ``wait_until`` work first gets up to its function's budget."""
         self._stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
         isolates = self.isolates()
         self.pools.clear()
-        await asyncio.gather(*(i.stop(self.grace_s) for i in isolates),
-                             return_exceptions=True)
+        # wait_until work gets its budget, not just the grace (as on a redeploy).
+        busy = [i for i in isolates if i.background and wait_until]
+        if busy:
+            log.warning("waiting for wait_until work of %d isolate(s), up to %.0f s (the "
+                        "functions' wait_until limit); Ctrl-C again to force exit",
+                        len(busy), max(i.spec.limits.wait_until_s for i in busy))
+        await asyncio.gather(*(i.stop(self.grace_s, i.spec.limits.wait_until_s
+                                      if wait_until else 0.0)
+                               for i in isolates), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()

@@ -11,12 +11,15 @@ Isolates forked from the zygote (``phloem.runtimes.python.zygote``) skip the int
 start and call ``run`` directly, so both kinds start the app through the same code.
 
 SIGINT (eviction, shutdown, redeploy) is uvicorn's: it stops accepting, finishes open
-requests and runs the app's lifespan shutdown, which is where users close their pools.
+requests, waits for ``wait_until`` work (each piece within its budget, as the Node host
+does) and runs the app's lifespan shutdown, which is where users close their pools. A
+second SIGINT exits without waiting (the Node host's second signal, too).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextvars
 import ctypes
 import importlib
@@ -150,8 +153,13 @@ def serve(app: Any, fd: int, ready_fd: int | None) -> None:
             shutdown_hooks = self.lifespan.shutdown
 
             async def shutdown() -> None:
-                await functions.drain()
-                await shutdown_hooks()
+                # A second SIGINT (force_exit) gives up on the work and the hooks and
+                # exits, as the Node host does; the supervisor SIGKILLs after its limit.
+                drained = asyncio.ensure_future(functions.drain())
+                while not drained.done() and not self.force_exit:
+                    await asyncio.wait({drained}, timeout=0.1)
+                if not self.force_exit:
+                    await shutdown_hooks()
 
             self.lifespan.shutdown = shutdown
             if self.started and ready_fd is not None:
