@@ -1,0 +1,168 @@
+"""phloem backup create|list|restore: a backup of a running platform with two branches,
+rows and a deployed function with an env secret on each, restored offline into an empty
+data dir, brings back every branch, row, deployment, secret and the API key, and the
+functions answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from phloem.backup.files import copy_tree
+from phloem.backup.restore import _relinker, _uid_mover
+from phloem.branches.clone import PlainCopier
+from phloem.testing import (
+    PHLOEM,
+    PlatformProcess,
+    free_port,
+    host_of,
+    new_data_dir,
+    platform_process,
+)
+
+APPS = Path(__file__).parent / "apps"
+
+
+def _rows(p: PlatformProcess, branch: str) -> list[str]:
+    url = p.cli("connection-string", "--branch", branch, "--unpooled").stdout.strip()
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        return [r[0] for r in conn.execute("SELECT note FROM notes ORDER BY id")]
+
+
+def _insert(p: PlatformProcess, branch: str, *notes: str) -> None:
+    url = p.cli("connection-string", "--branch", branch, "--unpooled").stdout.strip()
+    with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, note text)")
+        for note in notes:
+            conn.execute("INSERT INTO notes (note) VALUES (%s)", (note,))
+
+
+def _restore(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHLOEM_")}
+    return subprocess.run([PHLOEM, "backup", "restore", *args], env={**env, "NO_COLOR": "1"},
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def _state(p: PlatformProcess) -> dict[str, Any]:
+    """What a restore must bring back, as the API and the branches' databases show it."""
+    branches = {b["name"]: b["id"] for b in p.cli_json("branches", "list")}
+    out: dict[str, Any] = {"branches": branches}
+    for name in branches:
+        fn = p.cli_json("functions", "get", "probe", "--branch", name)
+        env = p.cli_json("functions", "get", "probe", "--branch", name, "--list-env",
+                         "--show-values")["env"]
+        with p.gateway(host_of(fn["invocation_url"])) as gw:
+            answer = gw.get("/").json()["env"]["GREETING"]
+        out[name] = {"rows": _rows(p, name), "deployment": fn["deployment_id"],
+                     # the gateway's port is the new platform's
+                     "host": host_of(fn["invocation_url"]).split(":")[0], "env": env,
+                     "answer": answer}
+    return out
+
+
+def test_backup_restore_brings_back_the_platform() -> None:
+    with platform_process() as p:
+        _insert(p, "main", "m1", "m2")
+        p.cli_json("branches", "create", "--name", "kid", "--parent", "main")
+        _insert(p, "kid", "k1")
+        _insert(p, "main", "m3")  # after the branch: main only
+        p.deploy("probe", APPS / "envprobe", "--env", "GREETING=main-secret-7f3a")
+        p.deploy("probe", APPS / "envprobe", "--env", "GREETING=kid-secret-91c2",
+                 branch="kid")
+        before = _state(p)
+        assert (before["main"]["rows"], before["main"]["answer"]) == (
+            ["m1", "m2", "m3"], "main-secret-7f3a")
+        assert (before["kid"]["rows"], before["kid"]["answer"]) == (
+            ["m1", "m2", "k1"], "kid-secret-91c2")
+        api_key = p.credentials["api_key"]
+
+        done = json.loads(p.cli("backup", "create", "--output", "json").stdout)
+        assert done["state"] == "complete", done
+        assert sorted(b["name"] for b in done["branches"]) == ["kid", "main"]
+        assert sorted(done["deployments"]) == sorted(
+            [before["main"]["deployment"], before["kid"]["deployment"]])
+        assert any(line.startswith("branch 2/2") for line in done["progress"])
+        backup_dir = Path(done["path"])
+        assert backup_dir.parent == p.data_dir / "backups"
+        assert (backup_dir.stat().st_mode & 0o777) == 0o700  # it holds secrets
+        listed = p.cli_json("backup", "list")
+        assert [(b["id"], b["state"]) for b in listed] == [(done["id"], "complete")]
+        # Writes after the backup are not in it.
+        _insert(p, "main", "after-backup")
+        p.stop()
+
+        # Refused: a target that is not empty, naming the field and the rule.
+        busy = new_data_dir()
+        (busy / "keep.txt").write_text("mine")
+        refused = _restore(done["id"], "--backups-dir", str(p.data_dir / "backups"),
+                           "--data-dir", str(busy))
+        assert refused.returncode != 0
+        assert "data_dir:" in refused.stderr and "not empty" in refused.stderr, refused
+        assert sorted(os.listdir(busy)) == ["keep.txt"]
+
+        target = new_data_dir()
+        restored = _restore(done["id"], "--backups-dir", str(p.data_dir / "backups"),
+                            "--data-dir", str(target))
+        assert restored.returncode == 0, restored.stderr + restored.stdout
+        assert "restored " + done["id"] in restored.stdout
+
+        q = PlatformProcess(target, free_port(), free_port(),
+                            isolate_uid_base=p.isolate_uid_base)
+        try:
+            q.launch()
+            q.wait_ready()
+            assert q.credentials["api_key"] == api_key
+            r = httpx.get(f"http://127.0.0.1:{q.api_port}/api/v1/branches", timeout=30,
+                          headers={"Authorization": f"Bearer {api_key}"})
+            assert r.status_code == 200
+            after = _state(q)
+            assert after == before
+        finally:
+            q.cleanup()
+            shutil.rmtree(busy, ignore_errors=True)
+
+
+def test_restore_refuses_what_is_not_a_backup(tmp_path: Path) -> None:
+    missing = _restore(str(tmp_path / "nope"), "--data-dir", str(tmp_path / "new"))
+    assert missing.returncode != 0
+    assert "backup:" in missing.stderr and "not a directory" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    bare = _restore(str(tmp_path / "empty"), "--data-dir", str(tmp_path / "new"))
+    assert bare.returncode != 0
+    assert "backup:" in bare.stderr and "manifest.json" in bare.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_copy_tree_keeps_owners_modes_and_moves_links(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "deployments" / "dep-1" / "app").mkdir(parents=True)
+    (src / "envs" / "python" / "abc").mkdir(parents=True)
+    (src / "envs" / "python" / ".tmp-half").mkdir()
+    code = src / "deployments" / "dep-1" / "app" / "main.py"
+    code.write_text("app = 1\n")
+    os.chmod(code, 0o640)
+    (src / "deployments" / "dep-1" / "env").symlink_to(src / "envs" / "python" / "abc")
+    (src / "deployments" / "dep-1" / "rel").symlink_to("app/main.py")
+    old_base, new_base = 1_500_000, 3_600_000
+    if os.geteuid() == 0:
+        os.chown(code, old_base + 7, old_base + 7)
+    stats = copy_tree(src, dst, PlainCopier(),
+                      skip=lambda rel: rel.name.startswith(".tmp"),
+                      owner_map=_uid_mover(old_base, new_base),
+                      relink=_relinker(str(src), "/var/lib/new"))
+    copied = dst / "deployments" / "dep-1" / "app" / "main.py"
+    assert copied.read_text() == "app = 1\n"
+    assert copied.stat().st_mode & 0o777 == 0o640
+    if os.geteuid() == 0:
+        assert (copied.stat().st_uid, copied.stat().st_gid) == (new_base + 7, new_base + 7)
+    assert os.readlink(dst / "deployments" / "dep-1" / "env") == "/var/lib/new/envs/python/abc"
+    assert os.readlink(dst / "deployments" / "dep-1" / "rel") == "app/main.py"
+    assert not (dst / "envs" / "python" / ".tmp-half").exists()
+    assert stats.files == 3
