@@ -92,6 +92,13 @@ def test_backup_restore_brings_back_the_platform() -> None:
         backup_dir = Path(done["path"])
         assert backup_dir.parent == p.data_dir / "backups"
         assert (backup_dir.stat().st_mode & 0o777) == 0o700  # it holds secrets
+        anonymous = httpx.post(f"http://127.0.0.1:{p.api_port}/api/v1/backups", timeout=30)
+        assert (anonymous.status_code, anonymous.json()["error"]["code"]) == (
+            401, "unauthorized")
+        with p.api() as api:
+            bad = api.get("/backups/..%2Fsecrets")
+            assert (bad.status_code, bad.json()["error"]["field"]) == (400, "id")
+            assert api.get("/backups/bk-20200101T000000Z-abcd").status_code == 404
         listed = p.cli_json("backup", "list")
         assert [(b["id"], b["state"]) for b in listed] == [(done["id"], "complete")]
         # Writes after the backup are not in it.

@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -178,9 +179,8 @@ async def take_backup(platform: Platform, backup_id: str, progress: Progress) ->
     try:
         return await _take(platform, backup_id, backup_dir, progress)
     except BaseException:
-        import shutil
-
-        await asyncio.to_thread(shutil.rmtree, backup_dir, True)
+        # Not in a thread: this also runs when the platform's loop cancels the task.
+        shutil.rmtree(backup_dir, ignore_errors=True)
         raise
 
 
@@ -209,12 +209,13 @@ async def _take(platform: Platform, backup_id: str, backup_dir: Path,
         after = await _active_deployments(store)
         method = await asyncio.to_thread(_copy_deployments, paths, data,
                                          [d for d in after if d not in before], dep_stats)
-        deployments = sorted(set(before) | set(after))
-        for dep_id in deployments:
-            if not (data / "deployments" / dep_id).is_dir():
+        deployments = sorted(d for d in set(before) | set(after)
+                             if (data / "deployments" / d).is_dir())
+        for dep_id in after:
+            if dep_id not in deployments:
                 warnings.append(f"deployment {dep_id}: its directory was removed while "
                                 "the backup ran (a newer deploy replaced it); its function "
-                                "needs a redeploy after a restore")
+                                "may need a redeploy after a restore")
         files = {"deployments": dep_stats.part(method, t)}
         files.update(await asyncio.to_thread(_copy_files, paths, data))
         progress("files: " + ", ".join(f"{k} {_mb(v.bytes)}" for k, v in files.items()))
@@ -223,7 +224,7 @@ async def _take(platform: Platform, backup_id: str, backup_dir: Path,
         if branches:
             mirror_dir(os.stat(paths.root / "branches"), data / "branches")
         for i, b in enumerate(branches, 1):
-            at = datetime.now(UTC).isoformat()
+            at = datetime.now(UTC).isoformat(timespec="milliseconds")
             stats = await asyncio.to_thread(_backup_branch, platform, b, data)
             entries.append(BranchEntry(id=b.id, name=b.name, parent_id=b.parent_id,
                                        started_at=at, copy=stats))
@@ -235,8 +236,9 @@ async def _take(platform: Platform, backup_id: str, backup_dir: Path,
                         "the restored platform needs the same value")
     parts = [metadata, *files.values(), *(e.copy for e in entries)]
     manifest = Manifest(
-        id=backup_id, created_at=created_at.isoformat(),
-        finished_at=datetime.now(UTC).isoformat(), phloem_version=__version__,
+        id=backup_id, created_at=created_at.isoformat(timespec="seconds"),
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        phloem_version=__version__,
         data_dir=str(paths.root), isolate_uid_base=platform.settings.isolate_uid_base,
         secret_key=secret_key, method=_method(parts),
         size_bytes=sum(p.bytes for p in parts), duration_ms=_ms(started),

@@ -92,8 +92,9 @@ class BackupJobs:
         job = self._jobs.get(backup_id)
         path = self.root / backup_id
         if job is not None and job.state != "complete":
-            return BackupInfo(job.id, job.state, str(path), job.created_at.isoformat(),
-                              None, list(job.progress), job.error)
+            created = job.created_at.isoformat(timespec="seconds")
+            return BackupInfo(job.id, job.state, str(path), created, None,
+                              list(job.progress), job.error)
         if not path.is_dir():
             return None
         progress = list(job.progress) if job else []
