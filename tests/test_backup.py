@@ -24,6 +24,7 @@ from phloem.testing import (
     free_port,
     host_of,
     new_data_dir,
+    pick_isolate_uid_base,
     platform_process,
 )
 
@@ -114,14 +115,17 @@ def test_backup_restore_brings_back_the_platform() -> None:
         assert "data_dir:" in refused.stderr and "not empty" in refused.stderr, refused
         assert sorted(os.listdir(busy)) == ["keep.txt"]
 
-        target = new_data_dir()
+        # Onto another isolate uid base: functions' files move to it.
+        target, base = new_data_dir(), pick_isolate_uid_base()
         restored = _restore(done["id"], "--backups-dir", str(p.data_dir / "backups"),
-                            "--data-dir", str(target))
+                            "--data-dir", str(target), "--isolate-uid-base", str(base))
         assert restored.returncode == 0, restored.stderr + restored.stdout
         assert "restored " + done["id"] in restored.stdout
+        if os.geteuid() == 0:
+            owners = {(d / "app").stat().st_gid for d in (target / "deployments").iterdir()}
+            assert len(owners) == 2 and all(base < g < base + 2**20 for g in owners), owners
 
-        q = PlatformProcess(target, free_port(), free_port(),
-                            isolate_uid_base=p.isolate_uid_base)
+        q = PlatformProcess(target, free_port(), free_port(), isolate_uid_base=base)
         try:
             q.launch()
             q.wait_ready()
