@@ -4,15 +4,17 @@ make them usable (secrets, credentials, artifacts, built deployments, environmen
 
 Order, and what it guarantees (docs/architecture.md, "Backups"):
 
-1. Branch creates, resets and deletes wait for the whole backup (the branch manager's
+1. Branch creates, resets and deletes wait until step 5 is done (the branch manager's
    lock), so the set of branches cannot change under it.
 2. The directories of the deployments active now are copied.
 3. The system database (metadata): its base backup is the backup's moment for metadata.
 4. Directories of deployments that became active meanwhile are copied.
-5. Secrets, credentials, artifacts (content-addressed, never removed: every artifact the
-   metadata names is there), dependency environments, runtimes, homes.
-6. Each branch's cluster, one after the other (a few ms to seconds each, later than 3:
+5. Each branch's cluster, one after the other (a few ms to seconds each, later than 3:
    rows written after the metadata's moment are in the branch, which restore keeps).
+   Branch operations may go on from here.
+6. Secrets, credentials, artifacts (content-addressed, never removed: every artifact the
+   metadata names is there), dependency environments (never removed either), runtimes,
+   homes.
 7. ``manifest.json``, last.
 
     manifest = await take_backup(platform, new_backup_id(), progress=print)
@@ -217,8 +219,6 @@ async def _take(platform: Platform, backup_id: str, backup_dir: Path,
                                 "the backup ran (a newer deploy replaced it); its function "
                                 "may need a redeploy after a restore")
         files = {"deployments": dep_stats.part(method, t)}
-        files.update(await asyncio.to_thread(_copy_files, paths, data))
-        progress("files: " + ", ".join(f"{k} {_mb(v.bytes)}" for k, v in files.items()))
 
         entries = []
         if branches:
@@ -230,6 +230,10 @@ async def _take(platform: Platform, backup_id: str, backup_dir: Path,
                                        started_at=at, copy=stats))
             progress(f"branch {i}/{len(branches)} {b.name} ({b.id}): {_mb(stats.bytes)} "
                      f"by {stats.method} in {stats.ms:.0f} ms")
+    # Outside the lock: artifacts and environments are never removed, so what the metadata
+    # and the deployments name is still there; secrets and credentials do not change.
+    files.update(await asyncio.to_thread(_copy_files, paths, data))
+    progress("files: " + ", ".join(f"{k} {_mb(v.bytes)}" for k, v in files.items()))
     secret_key = "environment" if os.environ.get(KEY_ENV) else "file"
     if secret_key == "environment":
         warnings.append(f"the secret key comes from {KEY_ENV} and is not in the backup: "
