@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,25 @@ def _insert(p: PlatformProcess, branch: str, *notes: str) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, note text)")
         for note in notes:
             conn.execute("INSERT INTO notes (note) VALUES (%s)", (note,))
+
+
+def _write_until(p: PlatformProcess, branch: str,
+                 finished: Callable[[], bool]) -> tuple[int, list[str]]:
+    """Insert rows into ``branch`` every few ms until ``finished()`` (at most 120 s)."""
+    url = p.cli("connection-string", "--branch", branch, "--unpooled").stdout.strip()
+    written, failed = 0, []
+    with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
+        conn.execute("CREATE TABLE load (id serial PRIMARY KEY, at timestamptz DEFAULT now())")
+        deadline = time.monotonic() + 120
+        while not finished():
+            assert time.monotonic() < deadline, "the backup did not finish in 120 s"
+            for _ in range(10):
+                try:
+                    conn.execute("INSERT INTO load DEFAULT VALUES")
+                    written += 1
+                except psycopg.Error as exc:
+                    failed.append(repr(exc))
+    return written, failed
 
 
 def _restore(*args: str) -> subprocess.CompletedProcess[str]:
@@ -84,6 +105,18 @@ def test_backup_restore_brings_back_the_platform() -> None:
             ["m1", "m2", "k1"], "kid-secret-91c2")
         api_key = p.credentials["api_key"]
 
+        # Through the API, one at a time, while main takes writes: none fails.
+        with p.api() as api:
+            first = api.post("/backups")
+            assert first.status_code == 202 and first.json()["state"] == "running"
+            second = api.post("/backups")
+            assert (second.status_code, second.json()["error"]["code"]) == (
+                409, "backup_running")
+            written, failed = _write_until(p, "main", lambda: api.get(
+                f"/backups/{first.json()['id']}").json()["state"] != "running")
+            assert api.get(f"/backups/{first.json()['id']}").json()["state"] == "complete"
+        assert failed == [] and written > 0
+
         done = json.loads(p.cli("backup", "create", "--output", "json").stdout)
         assert done["state"] == "complete", done
         assert sorted(b["name"] for b in done["branches"]) == ["kid", "main"]
@@ -101,7 +134,8 @@ def test_backup_restore_brings_back_the_platform() -> None:
             assert (bad.status_code, bad.json()["error"]["field"]) == (400, "id")
             assert api.get("/backups/bk-20200101T000000Z-abcd").status_code == 404
         listed = p.cli_json("backup", "list")
-        assert [(b["id"], b["state"]) for b in listed] == [(done["id"], "complete")]
+        assert [(b["id"], b["state"]) for b in listed] == [
+            (first.json()["id"], "complete"), (done["id"], "complete")]
         # Writes after the backup are not in it.
         _insert(p, "main", "after-backup")
         p.stop()
