@@ -10,16 +10,16 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 
-from phloem.backup.files import copy_tree
+from phloem.backup.files import StreamCopier, copy_tree
 from phloem.backup.restore import _relinker, _uid_mover
-from phloem.branches.clone import PlainCopier
 from phloem.testing import (
     PHLOEM,
     PlatformProcess,
@@ -27,8 +27,8 @@ from phloem.testing import (
     host_of,
     new_data_dir,
     pick_isolate_uid_base,
-    platform_process,
 )
+from phloem.xfs import xfs_available, xfs_reflink_mount
 
 APPS = Path(__file__).parent / "apps"
 
@@ -89,8 +89,27 @@ def _state(p: PlatformProcess) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _source_platform() -> Iterator[tuple[PlatformProcess, str]]:
+    """A running platform, on a reflink filesystem (loop-mounted XFS) where one can be
+    mounted here: its backup is then taken by reflink, while the restore into /tmp is a
+    plain copy, so one run covers both. Elsewhere both are plain copies."""
+    with ExitStack() as stack:
+        if xfs_available() is None:
+            mnt = stack.enter_context(xfs_reflink_mount(size_gb=3))
+            data_dir, method = mnt / "phloem", "reflink"
+            data_dir.mkdir(mode=0o711)
+        else:
+            data_dir, method = new_data_dir(), "copy"
+        p = PlatformProcess(data_dir, free_port(), free_port())
+        stack.callback(p.cleanup)  # before the unmount
+        p.launch()
+        p.wait_ready()
+        yield p, method
+
+
 def test_backup_restore_brings_back_the_platform() -> None:
-    with platform_process() as p:
+    with _source_platform() as (p, method):
         _insert(p, "main", "m1", "m2")
         p.cli_json("branches", "create", "--name", "kid", "--parent", "main")
         _insert(p, "kid", "k1")
@@ -118,7 +137,7 @@ def test_backup_restore_brings_back_the_platform() -> None:
         assert failed == [] and written > 0
 
         done = json.loads(p.cli("backup", "create", "--output", "json").stdout)
-        assert done["state"] == "complete", done
+        assert (done["state"], done["method"]) == ("complete", method), done
         assert sorted(b["name"] for b in done["branches"]) == ["kid", "main"]
         assert sorted(done["deployments"]) == sorted(
             [before["main"]["deployment"], before["kid"]["deployment"]])
@@ -198,7 +217,7 @@ def test_copy_tree_keeps_owners_modes_and_moves_links(tmp_path: Path) -> None:
     old_base, new_base = 1_500_000, 3_600_000
     if os.geteuid() == 0:
         os.chown(code, old_base + 7, old_base + 7)
-    stats = copy_tree(src, dst, PlainCopier(),
+    stats = copy_tree(src, dst, StreamCopier(),  # as between two filesystems
                       skip=lambda rel: rel.name.startswith(".tmp"),
                       owner_map=_uid_mover(old_base, new_base),
                       relink=_relinker(str(src), "/var/lib/new"))

@@ -36,16 +36,23 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from phloem import __version__
-from phloem.backup.files import TreeStats, copy_entry, copy_tree, is_temporary, mirror_dir
+from phloem.backup.files import (
+    TreeStats,
+    choose_copier,
+    copy_entry,
+    copy_tree,
+    is_temporary,
+    mirror_dir,
+)
 from phloem.backup.manifest import (
     DATA,
+    BackupError,
     BranchEntry,
     Manifest,
     PartStats,
     write_manifest,
 )
 from phloem.branches.basebackup import clone_running_cluster
-from phloem.branches.clone import choose_backend
 from phloem.control.store import BranchRow, Store
 from phloem.identity import make_dir
 from phloem.paths import DataPaths
@@ -76,6 +83,19 @@ def backups_dir(paths: DataPaths) -> Path:
     return paths.root / "backups"
 
 
+def check_backups_dir(paths: DataPaths) -> Path:
+    """Create ``<data>/backups`` (root's, 0700) and check it is on the data dir's
+    filesystem: base backups are copied the way branches are, within one filesystem (a
+    finished backup can be copied anywhere)."""
+    root = backups_dir(paths)
+    make_dir(root, 0o700)
+    if os.stat(root).st_dev != os.stat(paths.root).st_dev:
+        raise BackupError(409, "backups_dir_elsewhere", f"backups: {root} is on another "
+                          "filesystem than the data dir; backups are written on the data "
+                          "dir's filesystem (copy a finished one elsewhere)", "backups")
+    return root
+
+
 def _system_connection(paths: DataPaths) -> psycopg.Connection[tuple[object, ...]]:
     from phloem.platform import SYSTEM_PORT  # the platform imports the API, which imports us
 
@@ -102,7 +122,7 @@ def _backup_branch(platform: Platform, branch: BranchRow, data: Path) -> PartSta
     with cluster.connect(branch.superuser_password) as conn:
         stats = clone_running_cluster(conn, cluster.pgdata, dst_dir / "pgdata")
     files = TreeStats(stats.files, stats.bytes)
-    copier = choose_backend(src_dir, dst_dir)
+    copier = choose_copier(src_dir, dst_dir)
     for entry in sorted(os.listdir(src_dir)):
         if entry in BRANCH_DIR_SKIP or is_temporary(entry):
             continue
@@ -123,7 +143,7 @@ def _copy_deployments(paths: DataPaths, data: Path, ids: list[str],
         return "copy"
     dst_root = data / "deployments"
     mirror_dir(os.stat(src_root), dst_root)
-    copier = choose_backend(src_root, dst_root)
+    copier = choose_copier(src_root, dst_root)
     for dep_id in ids:
         if not (dst_root / dep_id).exists():
             out.add(copy_tree(src_root / dep_id, dst_root / dep_id, copier))
@@ -144,7 +164,7 @@ def _copy_files(paths: DataPaths, data: Path) -> dict[str, PartStats]:
             continue
         src = paths.root / name
         started = time.monotonic()
-        copier = choose_backend(src if src.is_dir() else paths.root, data)
+        copier = choose_copier(src if src.is_dir() else paths.root, data)
         stats = (copy_tree(src, data / name, copier,
                            skip=_temporary_near_top)
                  if src.is_dir() and not src.is_symlink()
@@ -173,10 +193,7 @@ def _mb(n: int) -> str:
 
 async def take_backup(platform: Platform, backup_id: str, progress: Progress) -> Manifest:
     """Write the backup ``<data>/backups/<backup_id>``; on failure nothing is left."""
-    paths = platform.paths
-    root = backups_dir(paths)
-    make_dir(root, 0o700)
-    backup_dir = root / backup_id
+    backup_dir = check_backups_dir(platform.paths) / backup_id
     backup_dir.mkdir(mode=0o700)
     try:
         return await _take(platform, backup_id, backup_dir, progress)

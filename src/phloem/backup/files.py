@@ -6,7 +6,7 @@ the filesystem shares blocks, ``copy_file_range`` otherwise. Files that vanish w
 they are copied are skipped (the platform keeps running during a backup); sockets, FIFOs
 and devices are never copied.
 
-    stats = copy_tree(src, dst, choose_backend(src, dst))
+    stats = copy_tree(src, dst, choose_copier(src, dst))
     stats = copy_tree(src, dst, copier, owner_map=remap, relink=move_link)
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phloem.backup.manifest import PartStats
-from phloem.branches.clone import Copier
+from phloem.branches.clone import Copier, choose_backend
 
 #: (uid, gid) -> (uid, gid) for the copy.
 OwnerMap = Callable[[int, int], tuple[int, int]]
@@ -29,6 +30,29 @@ OwnerMap = Callable[[int, int], tuple[int, int]]
 Relink = Callable[[str], str]
 #: A path relative to the tree's root -> True to leave it out (and below it).
 Skip = Callable[[Path], bool]
+
+
+class StreamCopier:
+    """A plain copy through user space, for copies between filesystems: there
+    ``copy_file_range`` fails with EXDEV (a backup restored from another disk)."""
+
+    method = "copy"
+
+    def copy_file(self, src: Path, dst: Path) -> int:
+        with open(src, "rb") as fsrc:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as fdst:
+                shutil.copyfileobj(fsrc, fdst, 1 << 20)
+                return fdst.tell()
+
+
+def choose_copier(src_dir: Path, dst_dir: Path) -> Copier:
+    """Reflink or ``copy_file_range`` within one filesystem (probed, as for branches),
+    :class:`StreamCopier` between two."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    if os.stat(src_dir).st_dev != os.stat(dst_dir).st_dev:
+        return StreamCopier()
+    return choose_backend(src_dir, dst_dir)
 
 
 def _same_owner(uid: int, gid: int) -> tuple[int, int]:

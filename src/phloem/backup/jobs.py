@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from phloem.backup.create import backups_dir, new_backup_id, take_backup
+from phloem.backup.create import (
+    backups_dir,
+    check_backups_dir,
+    new_backup_id,
+    take_backup,
+)
 from phloem.backup.manifest import (
     BACKUP_ID_RE,
     MANIFEST,
@@ -68,6 +73,7 @@ class BackupJobs:
         if running:
             raise BackupError(409, "backup_running", f"backup {running[0].id} is still "
                               "running; one backup runs at a time")
+        check_backups_dir(self.platform.paths)
         job = BackupJob(id=new_backup_id(), created_at=datetime.now(UTC))
         self._jobs[job.id] = job
         task = asyncio.create_task(self._run(job))

@@ -26,9 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phloem.backup.files import TreeStats, chown_tree, copy_entry, copy_tree, mirror_dir
+from phloem.backup.files import (
+    TreeStats,
+    choose_copier,
+    chown_tree,
+    copy_entry,
+    copy_tree,
+    mirror_dir,
+)
 from phloem.backup.manifest import BACKUP_ID_RE, DATA, BackupError, Manifest, read_manifest
-from phloem.branches.clone import choose_backend
 from phloem.identity import ISOLATE_UIDS, Identity, IdentityError
 from phloem.platform import MAX_UID_BASE, MIN_UID_BASE
 from phloem.secrets import KEY_ENV
@@ -120,7 +126,7 @@ def restore(backup_dir: Path, data_dir: Path, *, service_user: str,
              f"{manifest.created_at}) into {data_dir}")
     try:
         mirror_dir(os.stat(src), work)
-        copier = choose_backend(src, work)
+        copier = choose_copier(src, work)
         owner_map = _uid_mover(manifest.isolate_uid_base, base)
         relink = _relinker(manifest.data_dir, str(data_dir))
         total = TreeStats()
