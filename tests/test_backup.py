@@ -17,9 +17,11 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 
 from phloem.backup.files import StreamCopier, copy_tree
-from phloem.backup.restore import _relinker, _uid_mover
+from phloem.backup.manifest import BackupError, Manifest, PartStats, write_manifest
+from phloem.backup.restore import _relinker, _uid_mover, restore
 from phloem.testing import (
     PHLOEM,
     PlatformProcess,
@@ -230,3 +232,46 @@ def test_copy_tree_keeps_owners_modes_and_moves_links(tmp_path: Path) -> None:
     assert os.readlink(dst / "deployments" / "dep-1" / "rel") == "app/main.py"
     assert not (dst / "envs" / "python" / ".tmp-half").exists()
     assert stats.files == 3
+
+
+def _small_backup(root: Path, old_base: int) -> Path:
+    """A backup with no branches, made by hand: the restore's file work, checked fast."""
+    backup = root / "bk-20261201T000000Z-0000"
+    data = backup / "data"
+    (data / "homes" / str(old_base + 3)).mkdir(parents=True)
+    (data / "homes" / str(old_base + 3) / ".profile").write_text("x")
+    (data / "deployments" / "dep-1" / "app").mkdir(parents=True)
+    (data / "deployments" / "dep-1" / "env").symlink_to("/srv/old/envs/python/k")
+    if os.geteuid() == 0:
+        os.chown(data / "homes" / str(old_base + 3), old_base + 3, old_base + 3)
+    part = PartStats("copy", 0, 0, 0.0)
+    write_manifest(backup, Manifest(
+        id=backup.name, created_at="2026-12-01T00:00:00+00:00",
+        finished_at="2026-12-01T00:00:01+00:00", phloem_version="0", data_dir="/srv/old",
+        isolate_uid_base=old_base, secret_key="file", method="copy", size_bytes=0,
+        duration_ms=0.0, metadata=part, files={}, branches=[], deployments=["dep-1"]))
+    return backup
+
+
+def test_restore_moves_uids_homes_and_links(tmp_path: Path) -> None:
+    old_base, new_base = 1_500_000, 5_700_000
+    backup = _small_backup(tmp_path, old_base)
+    target = tmp_path / "restored"
+    result = restore(backup, target, service_user="phloem", isolate_uid_base=new_base,
+                     progress=lambda _: None)
+    assert result.data_dir == target and result.isolate_uid_base == new_base
+    assert sorted(os.listdir(target / "homes")) == [str(new_base + 3)]
+    if os.geteuid() == 0:
+        assert (target / "homes" / str(new_base + 3)).stat().st_uid == new_base + 3
+    assert os.readlink(target / "deployments" / "dep-1" / "env") == \
+        f"{target}/envs/python/k"
+    assert [n for n in os.listdir(tmp_path) if "restoring" in n] == []
+    # A second restore into it is refused, naming the field; nothing is touched.
+    with pytest.raises(BackupError) as refused:
+        restore(backup, target, service_user="phloem", isolate_uid_base=None,
+                progress=lambda _: None)
+    assert refused.value.field == "data_dir" and "not empty" in refused.value.message
+    with pytest.raises(BackupError) as bad_base:
+        restore(backup, tmp_path / "other", service_user="phloem", isolate_uid_base=5,
+                progress=lambda _: None)
+    assert bad_base.value.field == "isolate_uid_base"

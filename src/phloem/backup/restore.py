@@ -139,6 +139,11 @@ def restore(backup_dir: Path, data_dir: Path, *, service_user: str,
             total.add(stats)
             progress(f"{name}: {stats.files} files, {stats.bytes / 1e6:.1f} MB by "
                      f"{copier.method} in {(time.monotonic() - t) * 1000:.0f} ms")
+        homes = work / "homes"  # homes/<uid>: the names move with the uids
+        if base != manifest.isolate_uid_base and homes.is_dir():
+            for name in os.listdir(homes):
+                if name.isdigit() and str(owner_map(int(name), 0)[0]) != name:
+                    (homes / name).rename(homes / str(owner_map(int(name), 0)[0]))
         if os.geteuid() == 0:
             # Clusters and poolers run as the service user, whoever that is here.
             if (work / "system").is_dir():
