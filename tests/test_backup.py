@@ -20,7 +20,13 @@ import psycopg
 import pytest
 
 from phloem.backup.files import StreamCopier, copy_tree
-from phloem.backup.manifest import BackupError, Manifest, PartStats, write_manifest
+from phloem.backup.manifest import (
+    BackupError,
+    BranchEntry,
+    Manifest,
+    PartStats,
+    write_manifest,
+)
 from phloem.backup.restore import _relinker, _uid_mover, restore
 from phloem.testing import (
     PHLOEM,
@@ -234,7 +240,8 @@ def test_copy_tree_keeps_owners_modes_and_moves_links(tmp_path: Path) -> None:
     assert stats.files == 3
 
 
-def _small_backup(root: Path, old_base: int) -> Path:
+def _small_backup(root: Path, old_base: int,
+                  branches: list[BranchEntry] | None = None) -> Path:
     """A backup with no branches, made by hand: the restore's file work, checked fast."""
     backup = root / "bk-20261201T000000Z-0000"
     data = backup / "data"
@@ -249,7 +256,8 @@ def _small_backup(root: Path, old_base: int) -> Path:
         id=backup.name, created_at="2026-12-01T00:00:00+00:00",
         finished_at="2026-12-01T00:00:01+00:00", phloem_version="0", data_dir="/srv/old",
         isolate_uid_base=old_base, secret_key="file", method="copy", size_bytes=0,
-        duration_ms=0.0, metadata=part, files={}, branches=[], deployments=["dep-1"]))
+        duration_ms=0.0, metadata=part, files={}, branches=branches or [],
+        deployments=["dep-1"]))
     return backup
 
 
@@ -265,7 +273,7 @@ def test_restore_moves_uids_homes_and_links(tmp_path: Path) -> None:
         assert (target / "homes" / str(new_base + 3)).stat().st_uid == new_base + 3
     assert os.readlink(target / "deployments" / "dep-1" / "env") == \
         f"{target}/envs/python/k"
-    assert [n for n in os.listdir(tmp_path) if "restoring" in n] == []
+    assert [n for n in os.listdir(target) if "restoring" in n] == []
     # A second restore into it is refused, naming the field; nothing is touched.
     with pytest.raises(BackupError) as refused:
         restore(backup, target, service_user="phloem", isolate_uid_base=None,
@@ -275,3 +283,19 @@ def test_restore_moves_uids_homes_and_links(tmp_path: Path) -> None:
         restore(backup, tmp_path / "other", service_user="phloem", isolate_uid_base=5,
                 progress=lambda _: None)
     assert bad_base.value.field == "isolate_uid_base"
+
+
+def test_failed_restore_leaves_the_target_as_it_was(tmp_path: Path) -> None:
+    lost = BranchEntry(id="br-lost-one-000000", name="lost", parent_id=None,
+                       started_at="2026-12-01T00:00:00+00:00",
+                       copy=PartStats("copy", 0, 0, 0.0))
+    backup = _small_backup(tmp_path, 1_500_000, [lost])
+    for target, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        if existed:
+            target.mkdir()
+        with pytest.raises(BackupError) as failed:
+            restore(backup, target, service_user="phloem", isolate_uid_base=None,
+                    progress=lambda _: None)
+        assert failed.value.field == "backup" and "lost" in failed.value.message
+        assert target.exists() == existed
+        assert not existed or os.listdir(target) == []

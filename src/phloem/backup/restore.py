@@ -1,14 +1,14 @@
 """Restoring a backup into an empty data dir, offline (no platform runs).
 
-The backup's ``data/`` is copied into a new directory beside the target (so a failed
-restore leaves nothing half-made), then:
+The backup's ``data/`` is copied into a new directory inside the target (so a failed
+restore leaves the target as it was, and the target may be a fresh mount point), then:
 
 * the clusters (``system/``, ``branches/<id>/``) are given to the service user;
 * files of isolates and builds move with the isolate uid base, when another is chosen;
 * links into the old data dir (a deployment's dependency environment) point into the
   new one;
 
-and the directory is renamed into place. ``phloem up --data-dir <it>`` then starts every
+and its entries are moved up into the target. ``phloem up --data-dir <it>`` then starts every
 cluster (each recovers from its base backup's WAL, as a fresh branch does), with the same
 metadata, secrets key and API key, and serves the deployments that were active.
 
@@ -120,8 +120,10 @@ def restore(backup_dir: Path, data_dir: Path, *, service_user: str,
                         "platform with the same value, or sealed env values and branch "
                         "passwords cannot be opened")
     src = backup_dir / DATA
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = data_dir.with_name(f".{data_dir.name}.restoring-{secrets.token_hex(3)}")
+    created = not data_dir.exists()
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Inside the target (which may be a fresh mount point), moved up when complete.
+    work = data_dir / f".restoring-{secrets.token_hex(3)}"
     progress(f"restoring {manifest.id} ({len(manifest.branches)} branches, taken "
              f"{manifest.created_at}) into {data_dir}")
     try:
@@ -156,11 +158,14 @@ def restore(backup_dir: Path, data_dir: Path, *, service_user: str,
                 raise BackupError(400, "not_a_backup", f"backup: branch {b.name} ({b.id}) "
                                   "has no cluster in the backup", "backup")
             progress(f"branch {b.name} ({b.id}): ready to recover on start")
-        if data_dir.exists():
-            data_dir.rmdir()  # empty, checked above
-        work.rename(data_dir)
+        for name in os.listdir(work):
+            (work / name).rename(data_dir / name)
+        work.rmdir()
+        mirror_dir(os.stat(src), data_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)
         raise
     return RestoreResult(manifest=manifest, data_dir=data_dir, isolate_uid_base=base,
                          files=total.files, bytes=total.bytes,
