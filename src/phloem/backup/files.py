@@ -2,7 +2,8 @@
 privilege split depends on: each file's owner and mode, symbolic links as links.
 
 Regular files go through the branch copier (``phloem.branches.clone``): reflinks where
-the filesystem shares blocks, ``copy_file_range`` otherwise. Files that vanish while
+the filesystem shares blocks, ``copy_file_range`` otherwise, a user-space copy between
+filesystems (:func:`choose_copier`). Files that vanish while
 they are copied are skipped (the platform keeps running during a backup); sockets, FIFOs
 and devices are never copied.
 
@@ -52,7 +53,10 @@ def choose_copier(src_dir: Path, dst_dir: Path) -> Copier:
     dst_dir.mkdir(parents=True, exist_ok=True)
     if os.stat(src_dir).st_dev != os.stat(dst_dir).st_dev:
         return StreamCopier()
-    return choose_backend(src_dir, dst_dir)
+    try:
+        return choose_backend(src_dir, dst_dir)
+    except OSError:  # the probe writes into src_dir: a backup may be read-only
+        return StreamCopier()
 
 
 def _same_owner(uid: int, gid: int) -> tuple[int, int]:
