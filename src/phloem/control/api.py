@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from phloem import __version__
 from phloem.artifacts import ArtifactError
 from phloem.branches.manager import BranchError
+from phloem.control.backup_api import router as backup_router
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
 from phloem.logs import follow_file, tail
@@ -398,4 +399,5 @@ def create_api(platform: Platform) -> FastAPI:
             raise NotFound("deployment", deployment_id)
         return _deployment_out(dep)
 
+    app.include_router(backup_router)
     return app
