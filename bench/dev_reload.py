@@ -206,6 +206,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
     print(f"  ratio phloem / uvicorn per run: min {min(ratios):.2f}, median "
           f"{statistics.median(ratios):.2f}, max {max(ratios):.2f}")
+    print(f"  load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

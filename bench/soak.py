@@ -536,34 +536,59 @@ class Trend:
     last: float
     lo: float
     hi: float
+    per_isolate: float | None = None  # the fit's coefficient of the live isolates
 
     @property
     def flat(self) -> bool:
         return abs(self.rise) <= self.tolerance
 
 
-def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
-    """Least squares y = a + b x: (a, b, residual standard deviation)."""
+def fit(xs: list[float], ys: list[float], zs: list[float] | None = None
+        ) -> tuple[float, float | None, float]:
+    """Least squares y = a + b x (+ c z when ``zs`` varies independently of ``xs``):
+    (b, c or None, residual standard deviation).
+
+        fit([0, 1, 2], [5, 7, 9])                  # (2.0, None, 0.0)
+    """
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-    a = my - b * mx
-    resid = [y - (a + b * x) for x, y in zip(xs, ys, strict=True)]
+    dx = [x - mx for x in xs]
+    dy = [y - my for y in ys]
+    sxx = sum(d * d for d in dx)
+    sxy = sum(a * b for a, b in zip(dx, dy, strict=True))
+    if zs is not None:
+        mz = sum(zs) / n
+        dz = [z - mz for z in zs]
+        szz = sum(d * d for d in dz)
+        sxz = sum(a * b for a, b in zip(dx, dz, strict=True))
+        szy = sum(a * b for a, b in zip(dz, dy, strict=True))
+        det = sxx * szz - sxz * sxz
+        if szz and det > 1e-9 * sxx * szz:
+            b = (szz * sxy - sxz * szy) / det
+            c = (sxx * szy - sxz * sxy) / det
+            resid = [y - b * x - c * z for x, y, z in zip(dx, dy, dz, strict=True)]
+            noise = math.sqrt(sum(r * r for r in resid) / (n - 3)) if n > 3 else 0.0
+            return b, c, noise
+    b = sxy / sxx if sxx else 0.0
+    resid = [y - b * x for x, y in zip(dx, dy, strict=True)]
     noise = math.sqrt(sum(r * r for r in resid) / (n - 2)) if n > 2 else 0.0
-    return a, b, noise
+    return b, None, noise
 
 
 def trend(name: str, unit: str, samples: list[Sample], get: Callable[[Sample], float],
-          floor: float, duration: float) -> Trend:
+          floor: float, duration: float, *, per_isolate: bool = True) -> Trend:
+    """The line through the samples after the warm-up, against time and (with
+    ``per_isolate``) the number of live isolates, which redeploys and kills move: a
+    retired isolate draining its streams holds descriptors and groups of its own."""
     kept = [s for s in samples if s.t >= WARMUP_SHARE * duration] or samples
     xs = [s.t / 60 for s in kept]
     ys = [get(s) for s in kept]
-    _, slope, noise = fit(xs, ys)
+    zs = [float(s.sandboxes) for s in kept] if per_isolate else None
+    slope, each, noise = fit(xs, ys, zs)
     window = xs[-1] - xs[0] if len(xs) > 1 else 0.0
     every = [get(s) for s in samples]
     return Trend(name, unit, slope, slope * window, noise, max(2 * noise, floor),
-                 every[0], every[-1], min(every), max(every))
+                 every[0], every[-1], min(every), max(every), each)
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
@@ -738,9 +763,9 @@ def _trends(run: Run, duration: float) -> bool:
     if len(samples) < 3:
         say("   too few samples for trends")
         return False
-    say(f"## trends over {duration / 60:g} min ({len(samples)} samples; line fitted after the "
-        f"first {WARMUP_SHARE:.0%}; flat = rise over the fitted window <= max(2 x residual "
-        f"s.d., floor))")
+    say(f"## trends over {duration / 60:g} min ({len(samples)} samples; least squares after "
+        f"the first {WARMUP_SHARE:.0%}, against time and the live isolates; flat = rise over "
+        f"the fitted window <= max(2 x residual s.d., floor))")
     trends = [trend("phloem up RSS", "MiB", samples, lambda s: s.rss_mib, FLOORS["rss_mib"],
                     duration),
               trend("phloem up descriptors", "", samples, lambda s: s.fds, FLOORS["fds"],
@@ -751,14 +776,16 @@ def _trends(run: Run, duration: float) -> bool:
         trends.append(trend("cgroup directories", "", samples, lambda s: s.cgroups or 0,
                             one, duration))
         trends.append(trend("  beyond live isolates", "", samples, run.cgroup_excess, one,
-                            duration))
+                            duration, per_isolate=False))
     else:
         say("   cgroup directories: n/a (the platform has no cgroup tree: not root?)")
     for tr in trends:
         say(f"   {tr.name:<22} {tr.first:8.1f} -> {tr.last:8.1f} {tr.unit:<3} (min {tr.lo:.1f},"
             f" max {tr.hi:.1f})  slope {tr.slope_per_min:+.3f} {tr.unit}/min, rise "
             f"{tr.rise:+.1f} vs tolerance {tr.tolerance:.1f} (noise {tr.noise:.2f}): "
-            f"{'flat within noise' if tr.flat else 'NOT flat'}")
+            f"{'flat within noise' if tr.flat else 'NOT flat'}"
+            + ("" if tr.per_isolate is None else
+               f"; {tr.per_isolate:+.1f} per live isolate"))
     say("   over time (each row from its minimum to its maximum):")
     rows: list[tuple[str, list[float]]] = [
         ("RSS MiB", [s.rss_mib for s in samples]), ("fds", [float(s.fds) for s in samples])]
