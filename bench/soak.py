@@ -158,6 +158,7 @@ class Sample:
     sandboxes: int  # live isolates, retired included: mount namespaces below phloem up
     http_rps: float
     errors_and_churn: int
+    fd_kinds: dict[str, int] = field(default_factory=dict)  # only in the quiet samples
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -491,6 +492,22 @@ async def churn_safely(t: Target, churn: Churn, stop_at: float, kill_every: floa
         churn.failed.append(f"churn stopped: {exc!r}"[:300])
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """``pid``'s descriptors by what they are: socket, pipe, anon_inode:[pidfd], a file's
+    directory, ..."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":[", 1)[0] if target.startswith(("socket:", "pipe:")) else target
+        if kind.startswith("/"):
+            kind = str(Path(kind).parent) + "/*"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def sandboxes(pid: int) -> int:
     """Distinct mount namespaces other than ours below ``pid``: one per live sandboxed
     isolate (a build or entry check counts too while it runs)."""
@@ -682,6 +699,7 @@ async def soak(t: Target, run: Run) -> None:
     await wait_quiet(t)
     t_zero = time.monotonic()
     run.before = await sample(t, run.stats, t_zero, 0.0)
+    run.before.fd_kinds = fd_kinds(t.pid)
     run.cgroup_hierarchies = len(t.cgroup_parents())
     duration = args.minutes * 60
     stop_at = t_zero + duration
@@ -706,6 +724,7 @@ async def soak(t: Target, run: Run) -> None:
     say("## quiet: every client closed, waiting for the platform to be idle")
     await wait_quiet(t)
     run.after = await sample(t, run.stats, t_zero, 0.0)
+    run.after.fd_kinds = fd_kinds(t.pid)
 
 
 async def progress(run: Run, t_zero: float, stop_at: float) -> None:
@@ -832,6 +851,12 @@ def _compare_quiet(run: Run) -> None:
     say(f"## quiet before vs after: live isolates {b.sandboxes} -> {a.sandboxes}, RSS "
         f"{b.rss_mib:.1f} -> {a.rss_mib:.1f} MiB, descriptors {b.fds} -> {a.fds}, cgroup "
         f"directories {b.cgroups} -> {a.cgroups}")
+    changed = {k: a.fd_kinds.get(k, 0) - b.fd_kinds.get(k, 0)
+               for k in {*a.fd_kinds, *b.fd_kinds}}
+    changed = {k: v for k, v in changed.items() if v}
+    if changed:
+        say("   descriptors that changed, by kind: " + ", ".join(
+            f"{k} {v:+d}" for k, v in sorted(changed.items(), key=lambda kv: -abs(kv[1]))))
     if b.cgroups is not None and a.cgroups is not None and run.cgroup_hierarchies:
         left = [run.cgroup_excess(x) for x in (b, a)]
         say(f"   cgroup directories beyond the live isolates' ({run.cgroup_hierarchies} "
