@@ -41,9 +41,14 @@ def test_artifact_upload_checks_hash(platform: PlatformProcess) -> None:
     data = b"not really a tarball"
     sha = hashlib.sha256(data).hexdigest()
     with platform.api() as api:
+        # RFC 9110 9.3.4: a PUT whose content is inconsistent with its target is a 409.
         wrong = api.put(f"/artifacts/{'0' * 64}", content=data)
-        assert wrong.status_code == 400
-        assert wrong.json()["error"]["field"] == "sha256"
+        assert wrong.status_code == 409
+        assert wrong.json()["error"] == {"code": "sha256_mismatch", "field": "sha256",
+                                         "message": wrong.json()["error"]["message"]}
+        malformed = api.put("/artifacts/ABC", content=data)
+        assert malformed.status_code == 400
+        assert malformed.json()["error"]["field"] == "sha256"
         assert api.put(f"/artifacts/{sha}", content=data).status_code == 201
         assert api.head(f"/artifacts/{sha}").status_code == 200
         bad = api.post("/branches/main/functions/x/deployments",
