@@ -634,10 +634,12 @@ def _openapi_document(app: FastAPI) -> dict[str, Any]:
     error_ref = {"content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
     for path, operations in doc["paths"].items():
-        for op in operations.values():
+        for method, op in operations.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
             for status, response in responses.items():
+                if method == "head" and int(status) < 400:
+                    response.pop("content", None)  # a HEAD answer has no body
                 # FastAPI gives them the route's media type (text/plain for logs).
                 if int(status) >= 400 and "content" in response:
                     response["content"] = error_ref["content"]
