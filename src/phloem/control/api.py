@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -465,6 +466,10 @@ def create_api(platform: Platform) -> FastAPI:
             raise ApiError(413, "payload_too_large", str(exc)) from None
         except NoSpace as exc:
             raise ApiError(507, "insufficient_storage", str(exc)) from None
+        except ClientDisconnect:
+            # Nobody will read this answer; it keeps the log free of a traceback.
+            raise ApiError(400, "incomplete_body", "the client left before the whole "
+                           "artifact arrived; nothing was stored") from None
         except ArtifactError as exc:
             raise ApiError(400, "invalid_artifact", str(exc), "sha256") from None
 
