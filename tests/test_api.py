@@ -25,6 +25,28 @@ def test_openapi_document(platform: PlatformProcess) -> None:
     assert "/api/v1/branches/{ref}/functions/{slug}/deployments" in doc["paths"]
 
 
+def test_errors_are_declared_and_405_names_the_methods(platform: PlatformProcess) -> None:
+    base = f"http://127.0.0.1:{platform.api_port}/api/v1"
+    doc = httpx.get(f"{base}/openapi.json").json()
+    deploy = doc["paths"]["/api/v1/branches/{ref}/functions/{slug}/deployments"]["post"]
+    assert {"400", "401", "404", "413"} <= set(deploy["responses"])
+    assert "422" not in deploy["responses"]  # validation errors are 400s
+    assert deploy["security"] == [{"apiKey": []}]
+    assert "security" not in doc["paths"]["/api/v1/health"]["get"]
+    with platform.api() as api:
+        resp = api.request("TRACE", "/branches/main")
+        assert resp.status_code == 405
+        # Both routes of the path, not only the first Starlette matched.
+        assert resp.headers["allow"] == "DELETE, GET"
+        assert resp.json()["error"]["code"] == "method_not_allowed"
+        unknown = api.post("/branches", json={"name": "x", "copy_function": True})
+        assert unknown.status_code == 400
+        assert unknown.json()["error"]["field"] == "copy_function"
+        loose = api.post("/branches", json={"name": "x", "copy_functions": 0})
+        assert loose.status_code == 400
+        assert loose.json()["error"]["field"] == "copy_functions"
+
+
 def test_requests_need_the_api_key(platform: PlatformProcess) -> None:
     base = f"http://127.0.0.1:{platform.api_port}/api/v1"
     assert httpx.get(f"{base}/health").status_code == 200
