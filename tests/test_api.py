@@ -282,6 +282,8 @@ def test_bodies_over_their_cap_get_413_unread(platform: PlatformProcess,
     for path, op in (("/api/v1/branches", "post"), ("/api/v1/artifacts/{sha256}", "put")):
         declared = doc["paths"][path][op]["responses"]["413"]
         assert declared["content"]["application/json"]["schema"]["$ref"].endswith("ErrorOut")
+    assert f"at most {MAX_JSON_BODY_BYTES} bytes" in (
+        doc["paths"]["/api/v1/branches"]["post"]["requestBody"]["description"])
     assert f"at most {MAX_ARTIFACT_BYTES} bytes" in (
         doc["paths"]["/api/v1/artifacts/{sha256}"]["put"]["requestBody"]["description"])
     assert not list((platform.data_dir / "artifacts" / "tmp").iterdir())

@@ -653,5 +653,7 @@ def _openapi_document(app: FastAPI) -> dict[str, Any]:
                 responses["401"] = {"description": ERROR_MEANINGS[401], **error_ref}
             if "requestBody" in op:
                 responses["413"] = {"description": ERROR_MEANINGS[413], **error_ref}
+                op["requestBody"].setdefault(
+                    "description", f"JSON, at most {MAX_JSON_BODY_BYTES} bytes (413 beyond)")
     app.openapi_schema = doc
     return doc
