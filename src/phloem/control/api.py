@@ -403,12 +403,15 @@ def create_api(platform: Platform) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        first: dict[str, Any] = (dict(exc.errors()[0]) if exc.errors()
+                                 else {"loc": (), "msg": "invalid request"})
         loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path",
                                                                           "query"))
-        return JSONResponse(
-            error_body("invalid_input", f"{loc or 'request'}: {first.get('msg')}", loc or None),
-            400)
+        rule = first.get("msg")
+        if first.get("type") == "string_pattern_mismatch":  # say it as the checks do
+            rule = f"must match {first['ctx']['pattern']} (got {first.get('input')!r})"
+        return JSONResponse(error_body("invalid_input", f"{loc or 'request'}: {rule}",
+                                       loc or None), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -502,7 +505,7 @@ def create_api(platform: Platform) -> FastAPI:
             out.copied_deployments = [d.id for d in deps]
         return out
 
-    @app.post("/api/v1/branches/{ref}/reset", responses=errors(400, 404, 409, 507))
+    @app.post("/api/v1/branches/{ref}/reset", responses=errors(404, 409, 507))
     async def reset_branch(branch: BranchRef) -> BranchOut:
         row = await platform.branches.reset(branch.id, platform.deployer.restart_branch)
         return await sized(row)
