@@ -182,6 +182,7 @@ class Platform:
                 spec.branch_id, spec.slug, reason))
         await self.supervisor.start()
         self.artifacts = ArtifactStore(self.paths.artifacts)
+        await asyncio.to_thread(self.artifacts.sweep)  # uploads a killed run left
         self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
                                  self.supervisor, toolbox, self.secret_box, sandbox_off)
         self.deployer.on_function_deployed = self._allow_function

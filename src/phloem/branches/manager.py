@@ -346,7 +346,7 @@ class BranchManager:
         async with self._lock:
             row = await self.get(ref)
             if row.parent_id is None:
-                raise BranchError(400, "no_parent", f"branch {row.name!r} has no parent to "
+                raise BranchError(409, "no_parent", f"branch {row.name!r} has no parent to "
                                   "reset from")
             parent = await self.get(row.parent_id)
             await self.store.set_branch_state(row.id, "resetting")

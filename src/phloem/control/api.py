@@ -1,8 +1,14 @@
 """The REST API under ``/api/v1`` (OpenAPI at ``/api/v1/openapi.json``).
 
 Every error is JSON ``{"error": {"code": ..., "message": ..., "field": ...}}`` with a
-stable ``code``. Every route but ``/health`` needs ``Authorization: Bearer <api key>``;
-``/metrics`` also takes the platform's ``metrics_token`` in its place.
+stable ``code``, and every status a route can answer is declared in the OpenAPI document.
+Every route but ``/health`` and the document itself needs ``Authorization: Bearer <api
+key>``; ``/metrics`` also takes the platform's ``metrics_token`` in its place. The key is
+checked by :class:`RequestGuard` before a byte of the body is read, and bodies are capped
+(:data:`MAX_JSON_BODY_BYTES`, artifacts :data:`~phloem.artifacts.MAX_ARTIFACT_BYTES`):
+anyone who can reach the port can otherwise make the platform buffer what it sends.
+
+    app = create_api(platform)      # served by uvicorn in the platform's event loop
 """
 
 from __future__ import annotations
@@ -10,19 +16,30 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phloem import __version__
-from phloem.artifacts import ArtifactError
+from phloem.artifacts import (
+    MAX_ARTIFACT_BYTES,
+    ArtifactError,
+    ArtifactTooLarge,
+    HashMismatch,
+    NoSpace,
+)
 from phloem.branches.manager import BranchError
 from phloem.control.backup_api import router as backup_router
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
@@ -47,7 +64,152 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
     return {"error": err}
 
 
+#: Cap of every JSON body (and of any body sent to a route that takes none). The largest
+#: valid one is a deploy: env values up to 64 KiB in all (``MAX_ENV_BYTES``), which JSON
+#: escaping can make 6x larger (``\u0000``-style), plus up to 1000 names and the limits:
+#: under 1 MiB. Parsing 1 MiB of JSON costs a few MiB at most.
+MAX_JSON_BODY_BYTES = 1024 * 1024
+#: Paths anyone may request: the health probe and the API's own description.
+PUBLIC_PATHS = frozenset({"/api/v1/health", "/api/v1/openapi.json", "/api/v1/docs",
+                          "/api/v1/docs/oauth2-redirect"})
+ARTIFACTS_PREFIX = "/api/v1/artifacts/"
+
+
+def body_cap(method: str, path: str) -> int:
+    """The most bytes of body ``method path`` accepts (413 beyond)."""
+    if method == "PUT" and path.startswith(ARTIFACTS_PREFIX):
+        return MAX_ARTIFACT_BYTES
+    return MAX_JSON_BODY_BYTES
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a body passes its cap while it streams in. An
+    ``HTTPException`` so that FastAPI's body parsing lets it through unchanged."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(413, f"request body: larger than this route's cap of {cap} bytes")
+
+
+class RequestGuard:
+    """In front of the whole app: refuse a request without a valid key, or with a body
+    over its cap, before any of the body is read; count a body without Content-Length
+    (chunked) as it streams. A response sent while the body is still unread closes the
+    connection (``Connection: close``), so the rest is never read either."""
+
+    def __init__(self, app: ASGIApp, key_valid: Callable[[str], Awaitable[bool]],
+                 metrics_token: str | None) -> None:
+        self.app = app
+        self.key_valid = key_valid
+        self.metrics_token = metrics_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        # Without Content-Length or chunked framing a request has no body (RFC 9112 6.3).
+        body_done = length in (None, "0") and "transfer-encoding" not in headers
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if not body_done:
+                    kept = [(k, v) for k, v in message.get("headers", [])
+                            if k.lower() != b"connection"]
+                    message = {**message, "headers": [*kept, (b"connection", b"close")]}
+            await send(message)
+
+        path, method = scope["path"], scope["method"]
+        if path not in PUBLIC_PATHS:
+            refusal = await self._refusal(path, headers.get("authorization", ""))
+            if refusal is not None:
+                await _error_response(guarded_send, 401, "unauthorized", refusal,
+                                      {"www-authenticate": "Bearer"})
+                return
+        cap = body_cap(method, path)
+        if length is not None and length.isdigit() and int(length) > cap:
+            await _error_response(guarded_send, 413, "payload_too_large",
+                                  BodyTooLarge(cap).detail)
+            return
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received, body_done
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap:
+                    raise BodyTooLarge(cap)
+                if not message.get("more_body", False):
+                    body_done = True
+            return message
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _error_response(guarded_send, 413, "payload_too_large", exc.detail)
+
+    async def _refusal(self, path: str, header: str) -> str | None:
+        """Why the request may not go on, or None."""
+        what = "api key or metrics token" if path == "/metrics" else "api key"
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            return f"missing 'Authorization: Bearer <{what}>'"
+        if path == "/metrics" and self.metrics_token and hmac.compare_digest(
+                key.encode(), self.metrics_token.encode()):
+            return None
+        if not await self.key_valid(key):
+            return f"invalid {what}"
+        return None
+
+
+async def _error_response(send: Send, status: int, code: str, message: str,
+                          headers: dict[str, str] | None = None) -> None:
+    # What Response.__call__ sends, without a scope or receive it does not use.
+    response = JSONResponse(error_body(code, message), status, headers=headers)
+    await send({"type": "http.response.start", "status": status,
+                "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
 # -- schemas -----------------------------------------------------------------
+#: Request bodies: JSON types as declared (no "0" for false) and no unknown fields, so a
+#: misspelled option is an error naming it instead of silently ignored.
+STRICT_INPUT = ConfigDict(strict=True, extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable, e.g. branch_not_found")
+    message: str
+    field: str | None = Field(None, description="the input at fault, when one is")
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+#: What each error status means on this API (the OpenAPI document's descriptions).
+ERROR_MEANINGS = {
+    400: "invalid input (`invalid_input`, `field` names it and the message the rule)",
+    401: "no valid API key (`unauthorized`); checked before the body is read",
+    404: "what the path names does not exist (`<what>_not_found`)",
+    409: "conflicts with the current state (e.g. `branch_exists`, `sha256_mismatch`)",
+    413: "the body is over this route's cap (`payload_too_large`)",
+    507: "no space left to store it (`insufficient_storage`); nothing was changed",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route that may answer ``statuses`` with an :class:`ErrorOut`."""
+    return {s: {"model": ErrorOut, "description": ERROR_MEANINGS[s]} for s in statuses}
+
+
 class BranchOut(BaseModel):
     id: str
     name: str
@@ -63,7 +225,10 @@ class BranchOut(BaseModel):
 
 
 class BranchCreateIn(BaseModel):
-    name: str | None = Field(None, description="[A-Za-z0-9._/-]{1,64}; default: the id")
+    model_config = STRICT_INPUT
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]{1,64}$",
+                             description="default: the id")
     parent: str | None = Field(None, description="parent name or id; default: main")
     copy_functions: bool = Field(False, description="deploy the parent's active "
                                  "functions on the new branch")
@@ -107,7 +272,10 @@ class FunctionOut(BaseModel):
 
 
 class DeployIn(BaseModel):
-    artifact_sha256: str
+    model_config = STRICT_INPUT
+
+    artifact_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="the sha256 of an "
+                                 "artifact uploaded with PUT /api/v1/artifacts/{sha256}")
     entry: str
     runtime: str | None = None
     name: str | None = None
@@ -122,6 +290,8 @@ class DeployIn(BaseModel):
 
 
 class EnvDigestIn(BaseModel):
+    model_config = STRICT_INPUT
+
     env: dict[str, str]
 
 
@@ -134,6 +304,20 @@ class ConnectionOut(BaseModel):
 class ArtifactOut(BaseModel):
     sha256: str
     size: int
+
+
+class EnvOut(BaseModel):
+    keys: list[str]
+    values: dict[str, str] | None = Field(description="only with show_values=true")
+
+
+class DigestOut(BaseModel):
+    digest: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
 
 
 def _deployment_out(d: DeploymentRow) -> DeploymentOut:
@@ -179,11 +363,37 @@ async def branch_by_ref(ref: str, request: Request) -> BranchRow:
 BranchRef = Annotated[BranchRow, Depends(branch_by_ref)]
 
 
+Sha256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex")]
+Slug = Annotated[str, Path(pattern=r"^[a-z0-9]{1,20}$")]
+#: The artifact route reads its body itself (streaming): describe it by hand.
+ARTIFACT_BODY: dict[str, Any] = {"requestBody": {
+    "required": True,
+    "description": f"the artifact (a .tar.gz), at most {MAX_ARTIFACT_BYTES} bytes (413 "
+                   "beyond); its sha256 must be the one in the path (409 otherwise)",
+    "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                        "format": "binary"}}}}}
+#: Upload chunks go to the worker thread in batches of this size: few thread hops, and
+#: never more than this much of an upload in memory.
+UPLOAD_BATCH_BYTES = 1024 * 1024
+
+
 def create_api(platform: Platform) -> FastAPI:
     app = FastAPI(title="phloem", version=__version__, openapi_url="/api/v1/openapi.json",
                   docs_url="/api/v1/docs", redoc_url=None)
     app.state.platform = platform
     app.add_middleware(KeepEncodedSlashes)
+    # Added last, so outermost: nothing runs for a request it refuses.
+    async def key_valid(key: str) -> bool:
+        # The platform's own key (credentials.json's) is compared in memory, so status
+        # and the rest answer a 401/200 while the system database does not; other keys
+        # are looked up.
+        own = platform.api_key
+        if own and hmac.compare_digest(key.encode(), own.encode()):
+            return True
+        return await platform.store.api_key_valid(key)
+
+    app.add_middleware(RequestGuard, key_valid=key_valid,
+                       metrics_token=platform.settings.metrics_token)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -203,40 +413,28 @@ def create_api(platform: Platform) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        first: dict[str, Any] = (dict(exc.errors()[0]) if exc.errors()
+                                 else {"loc": (), "msg": "invalid request"})
         loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path",
                                                                           "query"))
-        return JSONResponse(
-            error_body("invalid_input", f"{loc or 'request'}: {first.get('msg')}", loc or None),
-            400)
+        rule = first.get("msg")
+        if first.get("type") == "string_pattern_mismatch":  # say it as the checks do
+            rule = f"must match {first['ctx']['pattern']} (got {first.get('input')!r})"
+        return JSONResponse(error_body("invalid_input", f"{loc or 'request'}: {rule}",
+                                       loc or None), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path only.
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code,
+                            headers=headers)
 
-    def bearer(request: Request, what: str) -> str:
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, "unauthorized", f"missing 'Authorization: Bearer <{what}>'")
-        return key.strip()
-
-    async def authorized(request: Request) -> None:
-        if not await platform.store.api_key_valid(bearer(request, "api key")):
-            raise ApiError(401, "unauthorized", "invalid API key")
-
-    metrics_token = platform.settings.metrics_token
-
-    async def may_scrape(request: Request) -> None:
-        """An API key, or the platform's metrics token (compared in constant time)."""
-        key = bearer(request, "api key or metrics token")
-        if metrics_token and hmac.compare_digest(key.encode(), metrics_token.encode()):
-            return
-        if not await platform.store.api_key_valid(key):
-            raise ApiError(401, "unauthorized", "invalid API key or metrics token")
-
-    auth = [Depends(authorized)]
+    app.openapi = lambda: _openapi_document(app)  # type: ignore[method-assign]
 
     async def function_out(branch: BranchRow, fn: FunctionRow) -> FunctionOut:
         deployments = await platform.store.list_deployments(fn.id)
@@ -253,57 +451,61 @@ def create_api(platform: Platform) -> FastAPI:
         )
 
     @app.get("/api/v1/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    async def health() -> HealthOut:
+        return HealthOut(status="ok", version=__version__)
 
-    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(may_scrape)])
+    @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
-        """Prometheus exposition; it names every branch and function, so it needs a key."""
+        """Prometheus exposition; it names every branch and function, so it needs a key
+        (or the metrics token: :class:`RequestGuard`)."""
         body, content_type = platform.metrics.render(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 
-    async def may_see_status(request: Request) -> None:
-        """The platform's own key (credentials.json's) is compared in memory, so status
-        answers while the system database does not; any other key as usual."""
-        key = bearer(request, "api key")
-        own = platform.api_key
-        if own and hmac.compare_digest(key.encode(), own.encode()):
-            return
-        await authorized(request)
-
-    @app.get("/api/v1/status", dependencies=[Depends(may_see_status)])
+    @app.get("/api/v1/status")
     async def status() -> dict[str, Any]:
         return await platform.status()
 
-    @app.put("/api/v1/artifacts/{sha256}", dependencies=auth, status_code=201)
-    async def put_artifact(sha256: str, request: Request) -> ArtifactOut:
-        data = await request.body()
+    @app.put("/api/v1/artifacts/{sha256}", status_code=201,
+             responses=errors(400, 409, 413, 507), openapi_extra=ARTIFACT_BODY)
+    async def put_artifact(sha256: Sha256, request: Request) -> ArtifactOut:
+        """Upload an artifact (a packed project) named by its sha256. It streams to a
+        temporary file from a worker thread (the gateway shares this event loop), hashed
+        on the way, and is renamed into place only when it hashes to its name."""
         try:
-            sha = platform.artifacts.put(data, expected_sha256=sha256)
+            return await receive_artifact(platform, sha256, request)
+        except HashMismatch as exc:
+            raise ApiError(409, "sha256_mismatch", str(exc), "sha256") from None
+        except ArtifactTooLarge as exc:
+            raise ApiError(413, "payload_too_large", str(exc)) from None
+        except NoSpace as exc:
+            raise ApiError(507, "insufficient_storage", str(exc)) from None
+        except ClientDisconnect:
+            # Nobody will read this answer; it keeps the log free of a traceback.
+            raise ApiError(400, "incomplete_body", "the client left before the whole "
+                           "artifact arrived; nothing was stored") from None
         except ArtifactError as exc:
-            raise ApiError(400, "invalid_artifact", str(exc), "sha256") from exc
-        return ArtifactOut(sha256=sha, size=len(data))
+            raise ApiError(400, "invalid_artifact", str(exc), "sha256") from None
 
-    @app.head("/api/v1/artifacts/{sha256}", dependencies=auth)
-    async def head_artifact(sha256: str) -> Response:
-        try:
-            found = platform.artifacts.exists(sha256)
-        except ArtifactError:
-            found = False
+    @app.head("/api/v1/artifacts/{sha256}", responses={
+        200: {"description": "the artifact is stored"},
+        404: {"description": "no such artifact (no body: this is HEAD)"},
+        **errors(400)})
+    async def head_artifact(sha256: Sha256) -> Response:
+        found = await asyncio.to_thread(platform.artifacts.exists, sha256)
         return Response(status_code=200 if found else 404)
 
     async def sized(b: BranchRow) -> BranchOut:
         return _branch_out(b, await asyncio.to_thread(platform.branches.logical_size, b))
 
-    @app.get("/api/v1/branches", dependencies=auth)
+    @app.get("/api/v1/branches")
     async def list_branches() -> list[BranchOut]:
         return [await sized(b) for b in await platform.store.list_branches()]
 
-    @app.get("/api/v1/branches/{ref}", dependencies=auth)
+    @app.get("/api/v1/branches/{ref}", responses=errors(404))
     async def get_branch(branch: BranchRef) -> BranchOut:
         return await sized(branch)
 
-    @app.post("/api/v1/branches", dependencies=auth, status_code=201)
+    @app.post("/api/v1/branches", status_code=201, responses=errors(400, 404, 409, 507))
     async def create_branch(body: BranchCreateIn) -> BranchOut:
         row = await platform.branches.create(body.name, body.parent)
         out = await sized(row)
@@ -313,52 +515,53 @@ def create_api(platform: Platform) -> FastAPI:
             out.copied_deployments = [d.id for d in deps]
         return out
 
-    @app.post("/api/v1/branches/{ref}/reset", dependencies=auth)
+    @app.post("/api/v1/branches/{ref}/reset", responses=errors(404, 409, 507))
     async def reset_branch(branch: BranchRef) -> BranchOut:
         row = await platform.branches.reset(branch.id, platform.deployer.restart_branch)
         return await sized(row)
 
-    @app.delete("/api/v1/branches/{ref}", dependencies=auth)
+    @app.delete("/api/v1/branches/{ref}", responses=errors(400, 404, 409))
     async def delete_branch(branch: BranchRef, recursive: bool = False) -> BranchDeleteOut:
         deleted = await platform.branches.delete(branch.id, recursive,
                                                  platform.deployer.drop_branch)
         return BranchDeleteOut(deleted=deleted)
 
-    @app.get("/api/v1/branches/{ref}/connection", dependencies=auth)
+    @app.get("/api/v1/branches/{ref}/connection", responses=errors(400, 404))
     async def connection_string(branch: BranchRef, pooled: bool = True) -> ConnectionOut:
         urls = platform.branches.connection_strings(branch)
         return ConnectionOut(uri=urls.pooled if pooled else urls.unpooled, pooled=pooled,
                              branch_id=branch.id)
 
-    @app.get("/api/v1/branches/{ref}/functions", dependencies=auth)
+    @app.get("/api/v1/branches/{ref}/functions", responses=errors(404))
     async def list_functions(branch: BranchRef) -> list[FunctionOut]:
         fns = await platform.store.list_functions(branch.id)
         return [await function_out(branch, f) for f in fns]
 
-    @app.get("/api/v1/branches/{ref}/functions/{slug}", dependencies=auth)
+    @app.get("/api/v1/branches/{ref}/functions/{slug}", responses=errors(404))
     async def get_function(branch: BranchRef, slug: str) -> FunctionOut:
         fn = await platform.store.get_function(branch.id, slug)
         if fn is None:
             raise NotFound("function", slug)
         return await function_out(branch, fn)
 
-    @app.post("/api/v1/branches/{ref}/functions/{slug}/deployments", dependencies=auth,
-              status_code=202)
-    async def deploy(branch: BranchRef, slug: str, body: DeployIn) -> DeploymentOut:
+    @app.post("/api/v1/branches/{ref}/functions/{slug}/deployments", status_code=202,
+              responses=errors(400, 404))
+    async def deploy(branch: BranchRef, slug: Slug, body: DeployIn) -> DeploymentOut:
         dep = await platform.deployer.deploy(branch, DeployRequest(
             slug=slug, artifact_sha256=body.artifact_sha256, entry=body.entry,
             runtime=body.runtime, name=body.name, env=body.env, unset_env=body.unset_env,
             replace_env=body.replace_env, limits=body.limits))
         return _deployment_out(dep)
 
-    @app.delete("/api/v1/branches/{ref}/functions/{slug}", dependencies=auth,
-                status_code=204)
+    @app.delete("/api/v1/branches/{ref}/functions/{slug}", status_code=204,
+                responses=errors(404))
     async def delete_function(branch: BranchRef, slug: str) -> Response:
         await platform.deployer.delete(branch, slug)
         return Response(status_code=204)
 
-    @app.get("/api/v1/branches/{ref}/functions/{slug}/logs", dependencies=auth,
-             response_class=PlainTextResponse)
+    @app.get("/api/v1/branches/{ref}/functions/{slug}/logs", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                        **errors(400, 404)})
     async def function_logs(branch: BranchRef, slug: str, lines: int = 200,
                             since: float | None = None, follow: bool = False) -> Response:
         """The function's log; ``since`` in seconds; ``follow`` streams new lines."""
@@ -374,9 +577,9 @@ def create_api(platform: Platform) -> FastAPI:
             return PlainTextResponse(text)
         return StreamingResponse(follow_file(path, text), media_type="text/plain")
 
-    @app.get("/api/v1/branches/{ref}/functions/{slug}/env", dependencies=auth)
+    @app.get("/api/v1/branches/{ref}/functions/{slug}/env", responses=errors(400, 404))
     async def function_env(branch: BranchRef, slug: str,
-                           show_values: bool = False) -> dict[str, Any]:
+                           show_values: bool = False) -> EnvOut:
         """The active deployment's env names (values only with ``show_values``)."""
         fn = await platform.store.get_function(branch.id, slug)
         if fn is None or fn.active_deployment_id is None:
@@ -384,15 +587,15 @@ def create_api(platform: Platform) -> FastAPI:
         dep = await platform.store.get_deployment(fn.active_deployment_id)
         assert dep is not None
         env = platform.deployer.env_of(dep)
-        return {"keys": sorted(env), "values": env if show_values else None}
+        return EnvOut(keys=sorted(env), values=env if show_values else None)
 
-    @app.post("/api/v1/env-digest", dependencies=auth)
-    async def env_digest(body: EnvDigestIn) -> dict[str, str]:
+    @app.post("/api/v1/env-digest", responses=errors(400))
+    async def env_digest(body: EnvDigestIn) -> DigestOut:
         """Fingerprint an env the way deployments' ``env_digest`` is made, so a client can
         tell whether its env differs without the platform returning any value."""
-        return {"digest": platform.deployer.secrets.digest(body.env)}
+        return DigestOut(digest=platform.deployer.secrets.digest(body.env))
 
-    @app.get("/api/v1/deployments/{deployment_id}", dependencies=auth)
+    @app.get("/api/v1/deployments/{deployment_id}", responses=errors(404))
     async def get_deployment(deployment_id: str) -> DeploymentOut:
         dep = await platform.store.get_deployment(deployment_id)
         if dep is None:
@@ -401,3 +604,70 @@ def create_api(platform: Platform) -> FastAPI:
 
     app.include_router(backup_router)
     return app
+
+
+async def receive_artifact(platform: Platform, sha256: str, request: Request) -> ArtifactOut:
+    upload = await asyncio.to_thread(platform.artifacts.begin, sha256)
+    try:
+        batch: list[bytes] = []
+        pending = 0
+        async for chunk in request.stream():
+            batch.append(chunk)
+            pending += len(chunk)
+            if pending >= UPLOAD_BATCH_BYTES:
+                await asyncio.to_thread(upload.write, b"".join(batch))
+                batch, pending = [], 0
+        if batch:
+            await asyncio.to_thread(upload.write, b"".join(batch))
+        sha = await asyncio.to_thread(upload.commit)
+    finally:
+        await asyncio.to_thread(upload.abort)
+    return ArtifactOut(sha256=sha, size=upload.size)
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at this path, for a 405's ``Allow``."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        route_methods = getattr(route, "methods", None)
+        if match != Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
+def _openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, told what :class:`RequestGuard` and the error handlers do:
+    the bearer scheme and 401 on every route but the public ones, 413 on every route with
+    a body, and errors as :class:`ErrorOut` with 400, never FastAPI's default 422."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    components["securitySchemes"] = {"apiKey": {
+        "type": "http", "scheme": "bearer",
+        "description": "an API key (phk_...), from credentials.json or `phloem keys`"}}
+    error_ref = {"content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            for status, response in responses.items():
+                if method == "head" and int(status) < 400:
+                    response.pop("content", None)  # a HEAD answer has no body
+                # FastAPI gives them the route's media type (text/plain for logs).
+                if int(status) >= 400 and "content" in response:
+                    response["content"] = error_ref["content"]
+            if path not in PUBLIC_PATHS:
+                op["security"] = [{"apiKey": []}]
+                responses["401"] = {"description": ERROR_MEANINGS[401], **error_ref}
+            if "requestBody" in op:
+                responses["413"] = {"description": ERROR_MEANINGS[413], **error_ref}
+                op["requestBody"].setdefault(
+                    "description", f"JSON, at most {MAX_JSON_BODY_BYTES} bytes (413 beyond)")
+    app.openapi_schema = doc
+    return doc
