@@ -158,7 +158,7 @@ def test_backup_restore_brings_back_the_platform() -> None:
             401, "unauthorized")
         with p.api() as api:
             bad = api.get("/backups/..%2Fsecrets")
-            assert (bad.status_code, bad.json()["error"]["field"]) == (400, "id")
+            assert (bad.status_code, bad.json()["error"]["field"]) == (400, "backup_id")
             assert api.get("/backups/bk-20200101T000000Z-abcd").status_code == 404
         listed = p.cli_json("backup", "list")
         assert [(b["id"], b["state"]) for b in listed] == [

@@ -10,16 +10,13 @@ hold the platform's secrets); restoring one is offline (``phloem backup restore`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+from typing import Annotated, NoReturn
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 
 from phloem.backup.jobs import BackupInfo, BackupJobs
 from phloem.backup.manifest import BackupError
-
-if TYPE_CHECKING:
-    from phloem.platform import Platform
 
 
 class BackupBranchOut(BaseModel):
@@ -56,17 +53,6 @@ def _fail(exc: BackupError) -> NoReturn:
     raise ApiError(exc.status, exc.code, exc.message, exc.field) from exc
 
 
-async def _authorized(request: Request) -> None:
-    from phloem.control.api import ApiError
-
-    platform: Platform = request.app.state.platform
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <api key>'")
-    if not await platform.store.api_key_valid(key.strip()):
-        raise ApiError(401, "unauthorized", "invalid API key")
-
-
 def _jobs(request: Request) -> BackupJobs:
     state = request.app.state
     jobs: BackupJobs | None = getattr(state, "backup_jobs", None)
@@ -92,8 +78,11 @@ def _out(info: BackupInfo) -> BackupOut:
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "missing or invalid API key"},
 }
-router = APIRouter(prefix="/api/v1/backups", tags=["backups"],
-                   dependencies=[Depends(_authorized)], responses=_ERRORS)
+# The key is checked by the API's RequestGuard before anything here runs.
+router = APIRouter(prefix="/api/v1/backups", tags=["backups"], responses=_ERRORS)
+#: As BACKUP_ID_RE, stated in the OpenAPI document.
+BackupId = Annotated[str, Path(pattern=r"^bk-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{4}$",
+                               description="bk-<UTC time>-<4 hex>")]
 
 
 @router.post("", status_code=202,
@@ -117,7 +106,7 @@ async def list_backups(request: Request) -> list[BackupOut]:
 
 @router.get("/{backup_id}", responses={400: {"description": "not a backup id"},
                                        404: {"description": "no such backup"}})
-async def get_backup(backup_id: str, request: Request) -> BackupOut:
+async def get_backup(backup_id: BackupId, request: Request) -> BackupOut:
     try:
         return _out(_jobs(request).describe(backup_id))
     except BackupError as exc:
