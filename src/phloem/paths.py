@@ -35,8 +35,13 @@ class DataPaths:
     def run(self) -> Path:
         return self.root / "run"
 
+    @property
+    def pg_sockets(self) -> Path:
+        """``<cluster>/``: each cluster's Unix socket directory."""
+        return self.run / "pg"
+
     def pg_socket_dir(self, cluster: str) -> Path:
-        return self.run / "pg" / cluster
+        return self.pg_sockets / cluster
 
     @property
     def isolate_sockets(self) -> Path:

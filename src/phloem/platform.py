@@ -26,7 +26,7 @@ from typing import IO, Any
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from phloem import __version__
+from phloem import __version__, leftovers
 from phloem.artifacts import ArtifactStore
 from phloem.branches.manager import BranchManager
 from phloem.control import db
@@ -128,6 +128,12 @@ class Platform:
         _check_port_free("gateway_port", s.gateway_host, s.gateway_port)
         _check_port_free("api_port", s.api_host, s.api_port)
         self._prepare_data_dir()
+        # What a killed run left (its databases and poolers, isolate sockets, half-made
+        # environments) goes before anything of this run starts.
+        swept = await asyncio.to_thread(leftovers.sweep, self.paths)
+        if swept:
+            log.warning("the previous run of %s did not stop cleanly; stopped or removed "
+                        "what it left: %s", self.paths.root, swept.summary())
         self.service = await asyncio.to_thread(Identity.service, s.service_user)
         bins = await asyncio.to_thread(install_binaries, self.paths.pginstall)
         self.secret_box = SecretBox.from_data_dir(self.paths.secrets)
@@ -141,6 +147,7 @@ class Platform:
         await self.branches.recover()
         await self.branches.start_all()
         await self.branches.ensure_main()
+        self.branches.start_watching()
         await self._start_firewall()
 
         sandbox_off = (await asyncio.to_thread(sandbox_unavailable) if s.sandbox
