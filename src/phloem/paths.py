@@ -62,8 +62,12 @@ class DataPaths:
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
+    @property
+    def deployments(self) -> Path:
+        return self.root / "deployments"
+
     def deployment_dir(self, deployment_id: str) -> Path:
-        return self.root / "deployments" / deployment_id
+        return self.deployments / deployment_id
 
     @property
     def runtime_tools(self) -> Path:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -189,6 +190,7 @@ class Platform:
         self.deployer.on_function_deployed = self._allow_function
         self.deployer.on_function_deleted = self._forget_function
         await self.deployer.load_routes()
+        await self._remove_unserved_deployments()
 
         router = PlatformRouter(self.deployer, self.supervisor, s.domain)
         self.gateway = Gateway(
@@ -218,6 +220,19 @@ class Platform:
             log.warning("warning: no network rules for isolates and builds (%s); they can "
                         "connect to every local port: the control API, other branches' "
                         "databases", self.firewall.state)
+
+    async def _remove_unserved_deployments(self) -> None:
+        """Deployment directories only an active deployment needs: a build or a retire
+        that a killed run left half-done leaves one behind (no build runs yet here)."""
+        active = {fn.active_deployment_id for fn in await self.store.list_functions()}
+        root = self.paths.deployments
+        stale = [d for d in (root.iterdir() if root.is_dir() else [])
+                 if d.name not in active]
+        for d in stale:
+            await asyncio.to_thread(shutil.rmtree, d, True)
+        if stale:
+            log.warning("removed %d deployment directories of unfinished builds or "
+                        "retired deployments", len(stale))
 
     def _isolate_uid(self, fn: FunctionRow) -> int:
         return Identity.isolate(self.settings.isolate_uid_base, fn.number).uid
