@@ -64,8 +64,7 @@ def sweep(paths: DataPaths) -> Swept:
     (up to ``POSTMASTER_GRACE_S`` and a few seconds for a postmaster that is shutting
     down); call it with the data dir's lock held."""
     found = Swept()
-    found.postgres = _stop_postgres(paths.root)
-    found.pgbouncer = _stop_pgbouncers(paths.root)
+    found.postgres, found.pgbouncer = stop_processes(paths.root)
     found.sockets = _clear_dir(paths.isolate_sockets)
     for base in _staging_dirs(paths):
         found.partial += _remove_partial(base)
@@ -74,31 +73,32 @@ def sweep(paths: DataPaths) -> Swept:
 
 # -- processes ---------------------------------------------------------------------------
 
-def postgres_processes(root: Path) -> dict[Path, list[int]]:
-    """Data directory -> live postgres processes working in it, for data dirs below
-    ``root``."""
+def database_processes(root: Path) -> tuple[dict[Path, list[int]], list[int]]:
+    """In one pass over /proc: data directory -> live postgres processes working in it
+    (for data dirs below ``root``), and live pgbouncer processes whose config file is
+    below ``root``."""
     top = root.resolve()
+    prefix = str(top) + "/"
     groups: dict[Path, list[int]] = defaultdict(list)
+    bouncers = []
     for pid in procfs.pids():
-        if procfs.exe_name(pid) != "postgres":
-            continue
-        cwd = procfs.cwd_of(pid)
-        if cwd is not None and procfs.is_under(cwd, top):
-            groups[cwd].append(pid)
-    return dict(groups)
+        name = procfs.exe_name(pid)
+        if name == "postgres":
+            cwd = procfs.cwd_of(pid)
+            if cwd is not None and procfs.is_under(cwd, top):
+                groups[cwd].append(pid)
+        elif name == "pgbouncer":
+            argv = procfs.cmdline(pid) or []
+            if any(a.startswith(prefix) for a in argv[1:]):
+                bouncers.append(pid)
+    return dict(groups), bouncers
 
 
-def pgbouncer_processes(root: Path) -> list[int]:
-    """Live pgbouncer processes whose config file is below ``root``."""
-    top = str(root.resolve()) + "/"
-    out = []
-    for pid in procfs.pids():
-        if procfs.exe_name(pid) != "pgbouncer":
-            continue
-        argv = procfs.cmdline(pid) or []
-        if any(a.startswith(top) for a in argv[1:]):
-            out.append(pid)
-    return out
+def stop_processes(root: Path) -> tuple[list[int], list[int]]:
+    """Stop every PostgreSQL and PgBouncer process of the data dir ``root``; returns
+    their pids (postgres, pgbouncer)."""
+    groups, bouncers = database_processes(root)
+    return _stop_postgres(groups), _stop_pgbouncers(bouncers)
 
 
 def _signal(pids: list[int], sig: int) -> None:
@@ -116,8 +116,7 @@ def _wait_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
-def _stop_postgres(root: Path) -> list[int]:
-    groups = postgres_processes(root)
+def _stop_postgres(groups: dict[Path, list[int]]) -> list[int]:
     everyone = [pid for pids in groups.values() for pid in pids]
     if not everyone:
         return []
@@ -144,8 +143,7 @@ def _stop_postgres(root: Path) -> list[int]:
     return everyone
 
 
-def _stop_pgbouncers(root: Path) -> list[int]:
-    pids = pgbouncer_processes(root)
+def _stop_pgbouncers(pids: list[int]) -> list[int]:
     _signal(pids, signal.SIGINT)
     if not _wait_gone(pids, POOLER_GRACE_S):
         _signal(pids, signal.SIGKILL)
@@ -202,4 +200,4 @@ def _remove_partial(base: Path) -> list[Path]:
     return removed
 
 
-__all__ = ["Swept", "pgbouncer_processes", "postgres_processes", "sweep"]
+__all__ = ["Swept", "database_processes", "stop_processes", "sweep"]
