@@ -4,8 +4,9 @@ gateway and control API, with an explicit lifecycle.
     async with running_platform(Settings(data_dir=Path("/tmp/p"))) as platform:
         await platform.wait_stopped()      # until platform.request_stop() (signals do that)
 
-Start order: data dir -> binaries -> system cluster -> migrations -> API key -> branch
-clusters -> network rules -> runtimes' spawners -> supervisor -> gateway + API. Stop is
+Start order: data dir -> what a killed run left (``phloem.leftovers``) -> binaries ->
+system cluster -> migrations -> API key -> branch clusters (then watched: one that dies is
+restarted) -> network rules -> runtimes' spawners -> supervisor -> gateway + API. Stop is
 the reverse: stop accepting, drain in-flight requests with a deadline, stop isolates
 (SIGINT, then SIGKILL after the grace period), remove the network rules, stop clusters.
 """

@@ -269,8 +269,11 @@ def test_kill_during_deploys(killer: Killer, reliability: Any, tmp_path: Path) -
         deployer.join(30)
         assert not deployer.is_alive()
         client.close()
-        if "value" in result:
-            dep = result["value"]
+        dep = result.get("value")
+        if dep is not None and dep["status"] == "failed":
+            # Its last poll came after the restart: the build was cut short, and it says so.
+            assert "interrupted by a platform restart" in dep["error"], dep
+        elif dep is not None:
             assert dep["status"] == "ready", dep
             acknowledged += 1
             last = (r, dep["id"])
@@ -308,7 +311,7 @@ def test_kill_during_branch_creates(killer: Killer, reliability: Any) -> None:
     passed, acknowledged = 0, 0
     killer.restart_s.clear()
     with api(p) as client:
-        window = 1.5 * timed(lambda: client.create_branch("warm", "main"))
+        window = 2 * timed(lambda: client.create_branch("warm", "main"))
         client.delete_branch("warm")
     for r in range(ROUNDS):
         name = f"kill-{r}"
