@@ -1,6 +1,7 @@
 """A branch's PostgreSQL killed (kill -9 of its postmaster) under a running function:
 the platform restarts it (crash recovery), PgBouncer reconnects, and the function answers
-200 again without a redeploy, with every committed row still there."""
+200 again without a redeploy, with every committed row still there. Its PgBouncer killed:
+restarted as well."""
 
 from __future__ import annotations
 
@@ -36,17 +37,18 @@ def test_branch_postgres_killed_recovers(reliability) -> None:  # type: ignore[n
         passed, recoveries = 0, []
         with p.gateway(host, timeout=10) as gw:
             assert gw.post("/todos", json={"title": "before"}).status_code == 201
+
+            def answers() -> bool:
+                try:
+                    return gw.get("/todos").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
             for n in range(ROUNDS):
                 old = postmaster(pgdata)
                 assert gw.get("/todos").status_code == 200
                 os.kill(old, signal.SIGKILL)
                 killed = time.monotonic()
-
-                def answers() -> bool:
-                    try:
-                        return gw.get("/todos").status_code == 200
-                    except httpx.HTTPError:
-                        return False
 
                 def restarted(old: int = old) -> int | None:
                     try:
@@ -69,6 +71,17 @@ def test_branch_postgres_killed_recovers(reliability) -> None:  # type: ignore[n
                 with psycopg.connect(db_url, connect_timeout=5) as conn:
                     assert conn.execute("SELECT count(*) FROM todos").fetchone() == (n + 2,)
                 passed += 1
+            # Its PgBouncer killed: restarted too, and the function's pool reconnects.
+            bouncer = int((pgdata.parent / "pgbouncer" / "pgbouncer.pid").read_text())
+            assert procfs.exe_name(bouncer) == "pgbouncer"
+            os.kill(bouncer, signal.SIGKILL)
+            wait_for(lambda: procfs.alive(int((pgdata.parent / "pgbouncer" / "pgbouncer.pid")
+                                               .read_text() or 0)), DEADLINE_S,
+                     "a new pgbouncer", interval=0.01)
+            wait_for(answers, DEADLINE_S, "the function to answer 200 after the pgbouncer kill",
+                     interval=0.02)
+            assert gw.post("/todos", json={"title": "after pgbouncer"}).status_code == 201
+        assert any("PgBouncer exited unexpectedly" in line for line in p.output)
         # The function was never redeployed; the restarts were said.
         assert len(p.cli_json("functions", "get", "pgkill")["deployment_id"]) > 0
         assert sum("PostgreSQL exited unexpectedly" in line for line in p.output) == ROUNDS
