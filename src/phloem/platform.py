@@ -149,6 +149,8 @@ class Platform:
         await self.branches.recover()
         await self.branches.start_all()
         await self.branches.ensure_main()
+        assert self._system is not None
+        self.branches.watch_also("system database", self._system)
         self.branches.start_watching()
         await self._start_firewall()
 

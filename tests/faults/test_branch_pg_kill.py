@@ -1,7 +1,7 @@
 """A branch's PostgreSQL killed (kill -9 of its postmaster) under a running function:
 the platform restarts it (crash recovery), PgBouncer reconnects, and the function answers
-200 again without a redeploy, with every committed row still there. Its PgBouncer killed:
-restarted as well."""
+200 again without a redeploy, with every committed row still there. Its PgBouncer, or
+the system database, killed: restarted as well."""
 
 from __future__ import annotations
 
@@ -81,10 +81,23 @@ def test_branch_postgres_killed_recovers(reliability) -> None:  # type: ignore[n
             wait_for(answers, DEADLINE_S, "the function to answer 200 after the pgbouncer kill",
                      interval=0.02)
             assert gw.post("/todos", json={"title": "after pgbouncer"}).status_code == 201
+            # The system database killed: restarted, and the API answers again.
+            system = p.data_dir / "system" / "pgdata"
+            os.kill(postmaster(system), signal.SIGKILL)
+
+            def api_answers() -> bool:
+                with p.api() as api:
+                    return api.get("/branches/main/functions/pgkill").status_code == 200
+
+            wait_for(lambda: postmaster(system), DEADLINE_S, "a new system postmaster")
+            wait_for(api_answers, DEADLINE_S, "the API to answer again", interval=0.05)
+            assert answers()
         assert any("PgBouncer exited unexpectedly" in line for line in p.output)
+        assert any("system database: PostgreSQL exited" in line for line in p.output)
         # The function was never redeployed; the restarts were said.
         assert len(p.cli_json("functions", "get", "pgkill")["deployment_id"]) > 0
-        assert sum("PostgreSQL exited unexpectedly" in line for line in p.output) == ROUNDS
+        assert sum("branch" in line and "PostgreSQL exited unexpectedly" in line
+                   for line in p.output) == ROUNDS
     reliability.record(rounds=ROUNDS, passed=passed,
                        figure=f"200 again {max(recoveries) * 1000:.0f} ms max after kill -9 "
                               "of the branch's postmaster")

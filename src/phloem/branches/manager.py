@@ -96,7 +96,8 @@ class BranchManager:
         self._busy: set[str] = set()
         self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        #: Restarts done by the watch, per branch id (for status and tests).
+        self._others: dict[str, Cluster] = {}
+        #: Restarts done by the watch, per branch id (or watch_also name).
         self.restarts: dict[str, int] = {}
 
     @contextlib.contextmanager
@@ -240,6 +241,11 @@ class BranchManager:
                     shutil.rmtree(d, ignore_errors=True)
 
     # -- crashes -------------------------------------------------------------------
+    def watch_also(self, name: str, cluster: Cluster) -> None:
+        """Restart ``cluster`` too when it dies (the system database); ``name`` labels
+        it in the log. Stopping it stays the caller's, after :meth:`stop_all`."""
+        self._others[name] = cluster
+
     def start_watching(self) -> None:
         """Restart a branch's PostgreSQL (crash recovery) or PgBouncer that dies while
         the platform runs; stopped by :meth:`stop_all`. PgBouncer keeps its clients'
@@ -257,42 +263,43 @@ class BranchManager:
             if self._stopping.is_set():
                 return
             now = time.monotonic()
-            for branch_id in list(self._clusters):
-                if branch_id in self._busy or retry_at.get(branch_id, 0) > now:
+            targets = [*((b, f"branch {b}") for b in self._clusters),
+                       *((name, name) for name in self._others)]
+            for key, label in targets:
+                if key in self._busy or retry_at.get(key, 0) > now:
                     continue
-                cluster = self._clusters.get(branch_id)
+                # Looked up again: an earlier restart may have given a delete its turn.
+                cluster = self._clusters.get(key) or self._others.get(key)
                 if cluster is None:
                     continue
-                pooler = self._poolers.get(branch_id)
+                pooler = self._poolers.get(key)
                 db_down = not cluster.is_running()
                 pooler_down = pooler is not None and not pooler.is_running()
                 if not (db_down or pooler_down):
-                    failures.pop(branch_id, None)
+                    failures.pop(key, None)
                     continue
                 try:
-                    await self._restart(branch_id, cluster, pooler, db_down, pooler_down)
+                    await self._restart(key, label, cluster, pooler, db_down, pooler_down)
                 except Exception as exc:
-                    n = failures[branch_id] = failures.get(branch_id, 0) + 1
+                    n = failures[key] = failures.get(key, 0) + 1
                     delay = min(MAX_RESTART_BACKOFF_S, 0.5 * 2 ** n)
-                    retry_at[branch_id] = time.monotonic() + delay
-                    log.error("branch %s: restart failed (attempt %d, next in %.0f s): %s",
-                              branch_id, n, delay, exc)
+                    retry_at[key] = time.monotonic() + delay
+                    log.error("%s: restart failed (attempt %d, next in %.0f s): %s",
+                              label, n, delay, exc)
 
-    async def _restart(self, branch_id: str, cluster: Cluster, pooler: Pooler | None,
+    async def _restart(self, key: str, label: str, cluster: Cluster, pooler: Pooler | None,
                        db_down: bool, pooler_down: bool) -> None:
-        with self._busy_with(branch_id):
+        with self._busy_with(key):
             started = time.monotonic()
             if db_down:
-                log.warning("branch %s: PostgreSQL exited unexpectedly; restarting it "
-                            "(crash recovery)", branch_id)
+                log.warning("%s: PostgreSQL exited unexpectedly; restarting it "
+                            "(crash recovery)", label)
                 await asyncio.to_thread(cluster.start)
             if pooler is not None and (pooler_down or not pooler.is_running()):
-                log.warning("branch %s: PgBouncer exited unexpectedly; restarting it",
-                            branch_id)
+                log.warning("%s: PgBouncer exited unexpectedly; restarting it", label)
                 await asyncio.to_thread(pooler.start)
-            self.restarts[branch_id] = self.restarts.get(branch_id, 0) + 1
-            log.warning("branch %s: back in %.0f ms", branch_id,
-                        (time.monotonic() - started) * 1000)
+            self.restarts[key] = self.restarts.get(key, 0) + 1
+            log.warning("%s: back in %.0f ms", label, (time.monotonic() - started) * 1000)
 
     def _start(self, row: BranchRow) -> None:
         self.cluster(row).start()
@@ -307,6 +314,7 @@ class BranchManager:
             with contextlib.suppress(Exception):
                 await self._watch
             self._watch = None
+
         def stop_one(branch_id: str) -> None:
             pooler = self._poolers.get(branch_id)
             if pooler is not None:
