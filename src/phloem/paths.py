@@ -35,8 +35,13 @@ class DataPaths:
     def run(self) -> Path:
         return self.root / "run"
 
+    @property
+    def pg_sockets(self) -> Path:
+        """``<cluster>/``: each cluster's Unix socket directory."""
+        return self.run / "pg"
+
     def pg_socket_dir(self, cluster: str) -> Path:
-        return self.run / "pg" / cluster
+        return self.pg_sockets / cluster
 
     @property
     def isolate_sockets(self) -> Path:
@@ -57,8 +62,12 @@ class DataPaths:
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
+    @property
+    def deployments(self) -> Path:
+        return self.root / "deployments"
+
     def deployment_dir(self, deployment_id: str) -> Path:
-        return self.root / "deployments" / deployment_id
+        return self.deployments / deployment_id
 
     @property
     def runtime_tools(self) -> Path:

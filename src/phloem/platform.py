@@ -4,8 +4,9 @@ gateway and control API, with an explicit lifecycle.
     async with running_platform(Settings(data_dir=Path("/tmp/p"))) as platform:
         await platform.wait_stopped()      # until platform.request_stop() (signals do that)
 
-Start order: data dir -> binaries -> system cluster -> migrations -> API key -> branch
-clusters -> network rules -> runtimes' spawners -> supervisor -> gateway + API. Stop is
+Start order: data dir -> what a killed run left (``phloem.leftovers``) -> binaries ->
+system cluster -> migrations -> API key -> branch clusters (then watched: one that dies is
+restarted) -> network rules -> runtimes' spawners -> supervisor -> gateway + API. Stop is
 the reverse: stop accepting, drain in-flight requests with a deadline, stop isolates
 (SIGINT, then SIGKILL after the grace period), remove the network rules, stop clusters.
 """
@@ -18,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import IO, Any
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from phloem import __version__
+from phloem import __version__, leftovers
 from phloem.admission import Admission, AdmissionConfig, fd_limit, plan_connections
 from phloem.artifacts import ArtifactStore
 from phloem.branches.manager import BranchManager
@@ -133,6 +135,12 @@ class Platform:
         _check_port_free("gateway_port", s.gateway_host, s.gateway_port)
         _check_port_free("api_port", s.api_host, s.api_port)
         self._prepare_data_dir()
+        # What a killed run left (its databases and poolers, isolate sockets, half-made
+        # environments) goes before anything of this run starts.
+        swept = await asyncio.to_thread(leftovers.sweep, self.paths)
+        if swept:
+            log.warning("the previous run of %s did not stop cleanly; stopped or removed "
+                        "what it left: %s", self.paths.root, swept.summary())
         self.service = await asyncio.to_thread(Identity.service, s.service_user)
         bins = await asyncio.to_thread(install_binaries, self.paths.pginstall)
         self.secret_box = SecretBox.from_data_dir(self.paths.secrets)
@@ -146,6 +154,9 @@ class Platform:
         await self.branches.recover()
         await self.branches.start_all()
         await self.branches.ensure_main()
+        assert self._system is not None
+        self.branches.watch_also("system database", self._system)
+        self.branches.start_watching()
         await self._start_firewall()
 
         sandbox_off = (await asyncio.to_thread(sandbox_unavailable) if s.sandbox
@@ -188,6 +199,7 @@ class Platform:
         self.deployer.on_function_deployed = self._allow_function
         self.deployer.on_function_deleted = self._forget_function
         await self.deployer.load_routes()
+        await self._remove_unserved_deployments()
 
         router = PlatformRouter(self.deployer, self.supervisor, s.domain)
         # Client connections may not take the descriptors isolates' connections, spawns
@@ -226,6 +238,19 @@ class Platform:
             log.warning("warning: no network rules for isolates and builds (%s); they can "
                         "connect to every local port: the control API, other branches' "
                         "databases", self.firewall.state)
+
+    async def _remove_unserved_deployments(self) -> None:
+        """Deployment directories only an active deployment needs: a build or a retire
+        that a killed run left half-done leaves one behind (no build runs yet here)."""
+        active = {fn.active_deployment_id for fn in await self.store.list_functions()}
+        root = self.paths.deployments
+        stale = [d for d in (root.iterdir() if root.is_dir() else [])
+                 if d.name not in active]
+        for d in stale:
+            await asyncio.to_thread(shutil.rmtree, d, True)
+        if stale:
+            log.warning("removed %d deployment directories of unfinished builds or "
+                        "retired deployments", len(stale))
 
     def _isolate_uid(self, fn: FunctionRow) -> int:
         return Identity.isolate(self.settings.isolate_uid_base, fn.number).uid

@@ -244,9 +244,16 @@ class PlatformProcess:
                              "--branch", branch, *extra)
 
     def cleanup(self) -> None:
-        if self.running:
-            self.stop()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        from phloem.leftovers import stop_processes
+
+        try:
+            if self.running:
+                self.stop()
+        finally:
+            # Whatever a platform that failed to start or stop left (its databases end
+            # with it, but only once their shutdown is done) goes before its files.
+            stop_processes(self.data_dir)
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @contextmanager

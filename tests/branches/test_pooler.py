@@ -426,7 +426,8 @@ from phloem.branches.pooler import Pooler
 from phloem.identity import Identity
 a = json.loads(sys.argv[1])
 p = Pooler(a["binary"], Path(a["run_dir"]), Identity(a["uid"], a["gid"]), a["host"],
-           a["port"], a["host"], a["backend_port"], a["database"], Path(a["log_file"]))
+           a["port"], a["host"], a["backend_port"], a["database"], Path(a["log_file"]),
+           tied=a["tied"])
 p.start()
 print(p._pid(), flush=True)
 time.sleep(600)
@@ -439,9 +440,22 @@ def test_start_after_a_crashed_platform(env: Env, make_pooler: Callable[..., Poo
             "gid": env.owner.gid, "host": HOST, "port": pooler.port,
             "backend_port": pooler.backend_port, "database": pooler.database,
             "log_file": str(pooler.log_file)}
-    # A platform process starts the pooler and is SIGKILLed: its PgBouncer lives on, an
-    # orphan with a pidfile. The next platform's start() replaces it.
-    platform = subprocess.Popen([sys.executable, "-c", CRASHING_PLATFORM, json.dumps(args)],
+    # A platform process starts the pooler and is SIGKILLed: its PgBouncer, tied to it,
+    # shuts down by itself.
+    platform = subprocess.Popen([sys.executable, "-c", CRASHING_PLATFORM,
+                                 json.dumps({**args, "tied": True})],
+                                stdout=subprocess.PIPE, text=True)
+    assert platform.stdout is not None
+    tied = int(platform.stdout.readline())
+    assert [pid for pid, _ in pgbouncers(pooler)] == [tied]
+    platform.kill()
+    platform.wait()
+    wait_for(lambda: not pgbouncers(pooler), 10, "the tied pgbouncer to exit")
+
+    # One that was not tied (as an older platform's) lives on, an orphan with a pidfile.
+    # The next platform's start() replaces it.
+    platform = subprocess.Popen([sys.executable, "-c", CRASHING_PLATFORM,
+                                 json.dumps({**args, "tied": False})],
                                 stdout=subprocess.PIPE, text=True)
     assert platform.stdout is not None
     orphan = int(platform.stdout.readline())

@@ -14,11 +14,13 @@ and parent/child checks simple and race-free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import logging
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +38,13 @@ from phloem.paths import DataPaths
 from phloem.postgres.binaries import PgBinaries
 from phloem.postgres.cluster import SUPERUSER, Cluster, free_port, random_secret
 
+log = logging.getLogger("phloem.branches")
+
 DEFAULT_DATABASE = "phloemdb"
+#: How often the watch looks for a branch's PostgreSQL or PgBouncer that died.
+WATCH_INTERVAL_S = 0.2
+#: Longest wait between restarts of one that keeps failing to start.
+MAX_RESTART_BACKOFF_S = 30.0
 DEFAULT_ROLE = "phloemdb_owner"
 BRANCH_HOST = "127.0.0.1"
 BRANCH_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]{1,64}$")
@@ -83,6 +91,22 @@ class BranchManager:
         self._clusters: dict[str, Cluster] = {}
         self._poolers: dict[str, Pooler] = {}
         self._lock = asyncio.Lock()
+        #: Branches an operation is stopping or starting on purpose: the watch leaves
+        #: them alone.
+        self._busy: set[str] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._others: dict[str, Cluster] = {}
+        #: Restarts done by the watch, per branch id (or watch_also name).
+        self.restarts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def _busy_with(self, *branch_ids: str) -> Iterator[None]:
+        self._busy.update(branch_ids)
+        try:
+            yield
+        finally:
+            self._busy.difference_update(branch_ids)
 
     # -- objects per branch ----------------------------------------------------
     def cluster(self, branch: BranchRow) -> Cluster:
@@ -160,14 +184,15 @@ class BranchManager:
         )
         # Recorded first, so a crash half-way is found and rolled back on the next start.
         await self.store.insert_branch(row)
-        try:
-            await asyncio.to_thread(self._init_root_cluster, row)
-            await asyncio.to_thread(self._open, row)
-        except BaseException:
-            await self._remove_files(row)
-            await self.store.delete_branch(row.id)
-            raise
-        await self.store.set_branch_state(row.id, "ready")
+        with self._busy_with(row.id):
+            try:
+                await asyncio.to_thread(self._init_root_cluster, row)
+                await asyncio.to_thread(self._open, row)
+            except BaseException:
+                await self._remove_files(row)
+                await self.store.delete_branch(row.id)
+                raise
+            await self.store.set_branch_state(row.id, "ready")
         return await self.get(row.id)
 
     def _init_root_cluster(self, row: BranchRow) -> None:
@@ -203,8 +228,78 @@ class BranchManager:
 
     async def start_all(self) -> list[BranchRow]:
         rows = await self.store.list_branches()
+        await asyncio.to_thread(self._remove_stale_sockets, {r.id for r in rows})
         await asyncio.gather(*(asyncio.to_thread(self._start, r) for r in rows))
         return rows
+
+    def _remove_stale_sockets(self, ids: set[str]) -> None:
+        """Socket directories of branches that no longer exist (a run killed while it
+        removed one). Clusters clean their own at a clean shutdown."""
+        with contextlib.suppress(FileNotFoundError):
+            for d in self.paths.pg_sockets.iterdir():
+                if d.name not in ids and d.name != "system":
+                    shutil.rmtree(d, ignore_errors=True)
+
+    # -- crashes -------------------------------------------------------------------
+    def watch_also(self, name: str, cluster: Cluster) -> None:
+        """Restart ``cluster`` too when it dies (the system database); ``name`` labels
+        it in the log. Stopping it stays the caller's, after :meth:`stop_all`."""
+        self._others[name] = cluster
+
+    def start_watching(self) -> None:
+        """Restart a branch's PostgreSQL (crash recovery) or PgBouncer that dies while
+        the platform runs; stopped by :meth:`stop_all`. PgBouncer keeps its clients'
+        connections and opens new server connections once the cluster is back, so
+        functions recover without a redeploy (only transactions in flight fail)."""
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        retry_at: dict[str, float] = {}
+        failures: dict[str, int] = {}
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), WATCH_INTERVAL_S)
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            targets = [*((b, f"branch {b}") for b in self._clusters),
+                       *((name, name) for name in self._others)]
+            for key, label in targets:
+                if key in self._busy or retry_at.get(key, 0) > now:
+                    continue
+                # Looked up again: an earlier restart may have given a delete its turn.
+                cluster = self._clusters.get(key) or self._others.get(key)
+                if cluster is None:
+                    continue
+                pooler = self._poolers.get(key)
+                db_down = not cluster.is_running()
+                pooler_down = pooler is not None and not pooler.is_running()
+                if not (db_down or pooler_down):
+                    failures.pop(key, None)
+                    continue
+                try:
+                    await self._restart(key, label, cluster, pooler, db_down, pooler_down)
+                except Exception as exc:
+                    n = failures[key] = failures.get(key, 0) + 1
+                    delay = min(MAX_RESTART_BACKOFF_S, 0.5 * 2 ** n)
+                    retry_at[key] = time.monotonic() + delay
+                    log.error("%s: restart failed (attempt %d, next in %.0f s): %s",
+                              label, n, delay, exc)
+
+    async def _restart(self, key: str, label: str, cluster: Cluster, pooler: Pooler | None,
+                       db_down: bool, pooler_down: bool) -> None:
+        with self._busy_with(key):
+            started = time.monotonic()
+            if db_down:
+                log.warning("%s: PostgreSQL exited unexpectedly; restarting it "
+                            "(crash recovery)", label)
+                await asyncio.to_thread(cluster.start)
+            if pooler is not None and (pooler_down or not pooler.is_running()):
+                log.warning("%s: PgBouncer exited unexpectedly; restarting it", label)
+                await asyncio.to_thread(pooler.start)
+            self.restarts[key] = self.restarts.get(key, 0) + 1
+            log.warning("%s: back in %.0f ms", label, (time.monotonic() - started) * 1000)
 
     def _start(self, row: BranchRow) -> None:
         self.cluster(row).start()
@@ -213,6 +308,13 @@ class BranchManager:
             pooler.start()
 
     async def stop_all(self) -> None:
+        if self._watch is not None:
+            # Not cancelled: a restart under way finishes first, then the clusters stop.
+            self._stopping.set()
+            with contextlib.suppress(Exception):
+                await self._watch
+            self._watch = None
+
         def stop_one(branch_id: str) -> None:
             pooler = self._poolers.get(branch_id)
             if pooler is not None:
@@ -281,14 +383,16 @@ class BranchManager:
                 created_at=datetime.now(UTC),
             )
             await self.store.insert_branch(row)
-            try:
-                stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
-            except BaseException as exc:
-                await self._remove_files(row)
-                await self.store.delete_branch(row.id)
-                raise _as_branch_error(exc) from exc
-            await self.store.update_branch(row.id, state="ready", copy_method=stats.method,
-                                           copy_bytes=stats.bytes, copy_ms=stats.copy_ms)
+            with self._busy_with(row.id):
+                try:
+                    stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
+                except BaseException as exc:
+                    await self._remove_files(row)
+                    await self.store.delete_branch(row.id)
+                    raise _as_branch_error(exc) from exc
+                await self.store.update_branch(row.id, state="ready",
+                                               copy_method=stats.method,
+                                               copy_bytes=stats.bytes, copy_ms=stats.copy_ms)
             return await self.get(row.id)
 
     def _clone_into(self, parent: BranchRow, child: BranchRow,
@@ -349,28 +453,33 @@ class BranchManager:
                 raise BranchError(409, "no_parent", f"branch {row.name!r} has no parent to "
                                   "reset from")
             parent = await self.get(row.parent_id)
-            await self.store.set_branch_state(row.id, "resetting")
-            await before_swap(row)
-            old = self._old_pgdata(row)
-            try:
-                await asyncio.to_thread(self.cluster(row).stop)
-                await asyncio.to_thread(shutil.rmtree, old, True)
-                self.paths.branch_pgdata(row.id).rename(old)
-                stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
-            except BaseException as exc:
-                # Roll back to the data the branch had.
-                await asyncio.to_thread(self.cluster(row).stop, "immediate")
-                if old.exists():
-                    await asyncio.to_thread(shutil.rmtree, self.paths.branch_pgdata(row.id),
-                                            True)
-                    old.rename(self.paths.branch_pgdata(row.id))
-                    await asyncio.to_thread(self._start, row)
-                await self.store.set_branch_state(row.id, "ready")
-                raise _as_branch_error(exc) from exc
+            with self._busy_with(row.id):
+                return await self._reset(row, parent, before_swap, progress)
+
+    async def _reset(self, row: BranchRow, parent: BranchRow, before_swap: BranchHook,
+                     progress: Callable[[str], None]) -> BranchRow:
+        await self.store.set_branch_state(row.id, "resetting")
+        await before_swap(row)
+        old = self._old_pgdata(row)
+        try:
+            await asyncio.to_thread(self.cluster(row).stop)
             await asyncio.to_thread(shutil.rmtree, old, True)
-            await self.store.update_branch(row.id, state="ready", copy_method=stats.method,
-                                           copy_bytes=stats.bytes, copy_ms=stats.copy_ms)
-            return await self.get(row.id)
+            self.paths.branch_pgdata(row.id).rename(old)
+            stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
+        except BaseException as exc:
+            # Roll back to the data the branch had.
+            await asyncio.to_thread(self.cluster(row).stop, "immediate")
+            if old.exists():
+                await asyncio.to_thread(shutil.rmtree, self.paths.branch_pgdata(row.id),
+                                        True)
+                old.rename(self.paths.branch_pgdata(row.id))
+                await asyncio.to_thread(self._start, row)
+            await self.store.set_branch_state(row.id, "ready")
+            raise _as_branch_error(exc) from exc
+        await asyncio.to_thread(shutil.rmtree, old, True)
+        await self.store.update_branch(row.id, state="ready", copy_method=stats.method,
+                                       copy_bytes=stats.bytes, copy_ms=stats.copy_ms)
+        return await self.get(row.id)
 
     # -- delete ------------------------------------------------------------------
     async def delete(self, ref: str, recursive: bool, before_delete: BranchHook) -> list[str]:
@@ -389,10 +498,11 @@ class BranchManager:
                                   f"branch {row.name!r} has children ({names}); delete them "
                                   "first or pass --recursive")
             for b in order:
-                await self.store.set_branch_state(b.id, "deleting")
-                await before_delete(b)
-                await self._remove_files(b)
-                await self.store.delete_branch(b.id)
+                with self._busy_with(b.id):
+                    await self.store.set_branch_state(b.id, "deleting")
+                    await before_delete(b)
+                    await self._remove_files(b)
+                    await self.store.delete_branch(b.id)
             return [b.id for b in order]
 
     async def _descendants(self, row: BranchRow) -> list[BranchRow]:

@@ -33,8 +33,9 @@ track them; psycopg users pass ``prepare_threshold=None``).
 
 PgBouncer runs as ``owner`` (it refuses root) as our child process, not with ``-d``: we
 then reap it ourselves, which matters where PID 1 does not reap orphans (containers), and
-its pidfile still lets a later phloem find one left behind by a crash. The calls block;
-async code runs them in a thread.
+it is tied to our process (``phloem.lifeline``), so it shuts down when a killed platform
+can no longer. Its pidfile and config path still let a later phloem find one left
+behind. The calls block; async code runs them in a thread.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from phloem.identity import Identity, make_dir
+from phloem.lifeline import spawn_tied
 
 SCRAM_PREFIX = "SCRAM-SHA-256$"
 # PgBouncer reads an unquoted [databases] key only in this alphabet; phloem's database
@@ -147,6 +149,9 @@ class Pooler:
     log_file: Path
     pool_size: int = 20
     max_client_conn: int = 1000
+    #: Tied to this process (``phloem.lifeline``): SIGINT when it dies. Off only to
+    #: reproduce what an untied PgBouncer of a killed platform leaves (tests).
+    tied: bool = True
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False,
                                                   compare=False)
 
@@ -355,6 +360,10 @@ server_login_retry = 1
                               f"{self.auth_file}; call write_config() first")
         self.stop()
         make_dir(self.run_dir, 0o700, self.owner)
+        for partial in self.run_dir.glob(".*.*"):  # a write a killed platform left half-done
+            if partial.name.startswith((f".{self.config_file.name}.",
+                                        f".{self.auth_file.name}.")):
+                partial.unlink(missing_ok=True)
         self._write(self.config_file, self._ini())
         # A pidfile whose process died (perhaps a zombie nobody reaps, which PgBouncer's
         # own check would take for alive) must not block the new one.
@@ -367,12 +376,15 @@ server_login_retry = 1
             # -q: everything goes to the log file, which PgBouncer opens while reading its
             # config. A new session keeps a terminal's Ctrl-C away from it: the platform
             # decides when it stops.
-            self._proc = subprocess.Popen(
-                [self.binary, "-q", str(self.config_file)], cwd="/",
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True,
-                **self.owner.popen_kwargs(),
-            )
+            argv = [self.binary, "-q", str(self.config_file)]
+            kwargs: dict[str, Any] = {
+                "cwd": "/", "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+                "stderr": subprocess.DEVNULL, "start_new_session": True,
+                **self.owner.popen_kwargs()}
+            # Tied: a killed platform's PgBouncer gets SIGINT (its safe shutdown) instead
+            # of serving on unsupervised until the next start.
+            self._proc = (spawn_tied(argv, signal.SIGINT, **kwargs) if self.tied
+                          else subprocess.Popen(argv, **kwargs))
         except OSError as exc:
             raise PoolerError(f"pgbouncer: cannot run {self.binary}: {exc}") from exc
         proc = self._proc

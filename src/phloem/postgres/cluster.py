@@ -2,17 +2,18 @@
 
     cluster = Cluster(bins, pgdata, socket_dir=..., port=25432, owner=ident, log_file=...)
     cluster.initialize(superuser_password="...")     # initdb, scram-sha-256 everywhere
-    cluster.start()                                  # pg_ctl start -w
+    cluster.start()                # our child, tied to this process; waits until ready
     with cluster.connect(password="...") as conn: ...
     cluster.stop()
 
-The calls block (they wait on pg_ctl); async code runs them in a thread.
+The calls block (they wait for the postmaster); async code runs them in a thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -22,7 +23,9 @@ from typing import Any
 
 import psycopg
 
+from phloem import procfs
 from phloem.identity import Identity, make_dir
+from phloem.lifeline import spawn_tied
 from phloem.postgres.binaries import PgBinaries
 
 SUPERUSER = "postgres"
@@ -58,6 +61,8 @@ class Cluster:
     log_file: Path
     listen_addresses: str = ""
     extra_settings: dict[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False,
+                                                  compare=False)
 
     # -- helpers -------------------------------------------------------------
     def _run(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -66,10 +71,13 @@ class Cluster:
             **self.owner.popen_kwargs(),
         )
 
-    def _fail(self, what: str, proc: subprocess.CompletedProcess[str]) -> ClusterError:
+    def _fail(self, what: str,
+              proc: subprocess.CompletedProcess[str] | None = None) -> ClusterError:
         tail = ""
         with contextlib.suppress(OSError):
             tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-15:])
+        if proc is None:
+            return ClusterError(f"{self.pgdata}: {what}\n{tail}".rstrip())
         return ClusterError(
             f"{what} failed for {self.pgdata} (exit {proc.returncode}): "
             f"{(proc.stderr or proc.stdout).strip()}\n{tail}".rstrip()
@@ -103,53 +111,107 @@ class Cluster:
         with open(self.pgdata / "postgresql.conf", "a") as conf:
             conf.write(BASE_CONF)
 
-    def _options(self) -> str:
+    def _argv(self) -> list[str]:
         settings = {
             "port": str(self.port),
             "unix_socket_directories": str(self.socket_dir),
             "listen_addresses": self.listen_addresses,
             **self.extra_settings,
         }
-        return " ".join(f"-c {k}='{v}'" for k, v in settings.items())
+        argv = [self.bins.tool("postgres"), "-D", str(self.pgdata)]
+        for k, v in settings.items():
+            argv += ["-c", f"{k}={v}"]
+        return argv
+
+    def _reap(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+
+    def _is_postmaster(self, pid: int) -> bool:
+        """``pid`` is a live postmaster serving *this* data dir (it works in it), not a
+        process that inherited the pid of one that died."""
+        return (procfs.exe_name(pid) == "postgres"
+                and procfs.cwd_of(pid) == self.pgdata.resolve())
+
+    def postmaster_pid(self) -> int | None:
+        """The live postmaster of this data dir (ours or one a killed platform left), or
+        None."""
+        self._reap()
+        if self._proc is not None:
+            return self._proc.pid
+        pid = self._postmaster_pid()
+        return pid if pid is not None and self._is_postmaster(pid) else None
 
     def is_running(self) -> bool:
-        if not (self.pgdata / "postmaster.pid").exists():
-            return False
-        proc = self._run([self.bins.tool("pg_ctl"), "status", "-D", str(self.pgdata)], 30)
-        return proc.returncode == 0
+        return self.postmaster_pid() is not None
+
+    def _processes(self) -> list[int]:
+        """Every live PostgreSQL process working in this data dir: the postmaster and its
+        children, or the children a killed postmaster left (they exit on their own soon,
+        but keep the shared memory a new postmaster needs meanwhile)."""
+        top = self.pgdata.resolve()
+        return [pid for pid in procfs.pids()
+                if procfs.exe_name(pid) == "postgres" and procfs.cwd_of(pid) == top]
 
     def start(self, timeout: float = 300, standby: bool = False) -> None:
         """Start the postmaster and wait until it accepts connections (``standby``: or
         read-only ones, as a hot standby does once consistent). A postmaster left running
-        by a crashed phloem is stopped first so that our settings apply."""
+        by a crashed phloem is stopped first so that our settings apply. The postmaster
+        is our child, tied to this process (``phloem.lifeline``): if the platform dies,
+        it gets SIGINT (a fast shutdown) instead of running on unsupervised."""
         if self.is_running():
             self.stop()
+        self._clear_stale()
         make_dir(self.socket_dir, 0o755, self.owner)
         if not self.log_file.exists():
             self.log_file.touch()
         self.owner.own(self.log_file, 0o600)
-        # pg_ctl -w checks readiness only every 100 ms; it is started without waiting and
-        # the postmaster's own status line is polled every few ms instead.
-        stale = self._postmaster_pid()  # a crashed postmaster's file, not ours
-        proc = self._run([
-            self.bins.tool("pg_ctl"), "start", "-W",
-            "-D", str(self.pgdata), "-l", str(self.log_file), "-o", self._options(),
-        ], 60)
-        if proc.returncode != 0:
-            raise self._fail("pg_ctl start", proc)
+        # Started without pg_ctl, whose postmaster would be init's child: ours can be tied
+        # to the platform, and its exit is seen at once. Its status line in
+        # postmaster.pid is polled every few ms (pg_ctl -w checks every 100 ms).
+        try:
+            with open(self.log_file, "ab") as log:
+                proc = self._proc = spawn_tied(
+                    self._argv(), signal.SIGINT, cwd="/", stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, start_new_session=True,
+                    **self.owner.popen_kwargs())
+        except OSError as exc:
+            raise ClusterError(f"cannot run postgres for {self.pgdata}: {exc}") from exc
         deadline = time.monotonic() + timeout
         while True:
+            code = proc.poll()
+            if code is not None:
+                self._proc = None
+                raise self._fail(f"the postmaster exited with code {code} during start-up")
             status = self._postmaster_status()
             if (status == "ready" or (standby and status == "standby")) and \
-                    self._postmaster_pid() != stale:
+                    self._postmaster_pid() == proc.pid:
                 return
-            if status == "gone" and time.monotonic() > deadline - timeout + 5:
-                raise self._fail("the postmaster exited during start-up", proc)
             if time.monotonic() > deadline:
-                raise self._fail(f"not ready after {timeout:.0f} s", proc)
+                self.stop("immediate")
+                raise self._fail(f"not ready after {timeout:.0f} s")
             time.sleep(0.003)
 
+    def _clear_stale(self, timeout: float = 10) -> None:
+        """With no postmaster: end what a killed one left (its children, which hold the
+        shared memory) and a pid file naming a pid that is now another process's, which
+        PostgreSQL would take for a running postmaster. Only after an unclean end: a
+        clean shutdown removes postmaster.pid (and the scan of /proc costs ~50 ms)."""
+        if self._postmaster_pid() is None:
+            return
+        leftovers = self._processes()
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while any(procfs.alive(pid) for pid in leftovers) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        named = self._postmaster_pid()
+        if named is not None and not self._is_postmaster(named):
+            (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
+
     def _postmaster_pid(self) -> int | None:
+        """The pid postmaster.pid names (perhaps stale)."""
         try:
             return int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
@@ -158,25 +220,46 @@ class Cluster:
     def _postmaster_status(self) -> str:
         """``ready``/``starting``/``stopping``/``standby`` from postmaster.pid (line 8),
         ``gone`` when there is no live postmaster."""
+        pid = self.postmaster_pid()
         try:
             lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
-            pid = int(lines[0])
-            os.kill(pid, 0)
-        except (OSError, ValueError, IndexError):
+        except OSError:
             return "gone"
+        if pid is None or not lines or lines[0].strip() != str(pid):
+            return "gone" if pid is None else "starting"
         return lines[7].strip() if len(lines) > 7 else "starting"
 
+    #: pg_ctl's shutdown modes and the signals they send.
+    MODES = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
     def stop(self, mode: str = "fast", timeout: float = 120) -> None:
-        if not (self.pgdata / "postmaster.pid").exists():
-            return
-        proc = self._run([
-            self.bins.tool("pg_ctl"), "stop", "-W", "-m", mode, "-D", str(self.pgdata),
-        ], 60)
+        """Shut down (``mode`` as pg_ctl's) and wait until every process of the cluster
+        has exited; a postmaster still there after ``timeout`` gets an immediate
+        shutdown, then SIGKILL. Idempotent; also stops one a killed platform left."""
+        pid = self.postmaster_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, self.MODES[mode])
+            for sig, wait in ((None, timeout), (signal.SIGQUIT, 10.0),
+                              (signal.SIGKILL, 10.0)):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                if self._wait_gone(pid, wait):
+                    break
+            else:
+                raise ClusterError(f"{self.pgdata}: postmaster {pid} survived SIGKILL")
+        self._clear_stale()
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while self._postmaster_status() != "gone" and time.monotonic() < deadline:
+        while True:
+            self._reap()
+            if self.postmaster_pid() != pid:
+                return True
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.003)
-        if proc.returncode != 0 and self.is_running():
-            raise self._fail("pg_ctl stop", proc)
 
     def promote(self, password: str, timeout: float = 60) -> None:
         """End recovery of a hot standby and wait until it takes writes. Unlike the end
