@@ -59,6 +59,11 @@ LINGER_IDLE = 5.0
 LINGER_TOTAL = 30.0
 # Safe to retry on a fresh upstream connection when a pooled one died before answering.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# Replays (see _UpstreamFailed): a request is sent again only when all of it is still in
+# hand, i.e. it went upstream in one write of at most REPLAY_MAX bytes (head plus a body
+# that had fully arrived), and the upstream never read it. At most MAX_ATTEMPTS sends.
+REPLAY_MAX = 64 * 1024
+MAX_ATTEMPTS = 3
 NO_BODY_STATUS = frozenset({204, 304})
 # What the per-connection watchdog timer is watching: nothing (routing, cold start), the
 # keep-alive wait for the next request head, time to first byte, or stream silence.
@@ -121,11 +126,27 @@ class _HeadTooLarge(Exception):
 
 
 class _UpstreamFailed(Exception):
-    """The upstream failed before any byte of a final response reached the client."""
+    """The upstream failed before any byte of a final response reached the client.
 
-    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+    ``retryable``: nothing at all came back. A router's leases may allow replaying such a
+    request when it is idempotent and bodyless (``replay_safe``, true when absent), once;
+    the platform's do not, since the request may be what killed the isolate.
+
+    ``undelivered``: the kernel proves the upstream never read the request: the write was
+    refused (EPIPE: its end was closed before we wrote, e.g. a pooled connection of a
+    process that has just died) or the connection was reset with our bytes unread in its
+    receive queue (ECONNRESET: a process that died, or closed an idle connection, before
+    reading them), as opposed to an end of stream after it read them. Such a request is
+    replayed whatever its method and whatever the lease says, if it is still whole (see
+    REPLAY_MAX), up to MAX_ATTEMPTS sends. (An app reads at least 64 KiB at a time, so a
+    request of at most REPLAY_MAX bytes is read all at once or not at all.)
+    """
+
+    def __init__(self, reason: str, *, retryable: bool = False,
+                 undelivered: bool = False) -> None:
         super().__init__(reason)
         self.retryable = retryable
+        self.undelivered = undelivered
 
 
 class _Request:
@@ -690,6 +711,7 @@ class _Connection(asyncio.Protocol):
         self._upstream = transport
         self._lease = lease
         head = self._upstream_head(req, info, rid)  # never an upgrade here (_try_fast)
+        body = b""
         if has_body:
             parts = [head]
             if req.body:
@@ -698,6 +720,8 @@ class _Connection(asyncio.Protocol):
             if info.chunked:
                 parts.append(http.LAST_CHUNK)
             head = b"".join(parts)
+        if len(head) <= REPLAY_MAX:
+            fx.body = body  # the request is whole in hand: it can be sent again
         relay.sink = self
         transport.write(head)
         if limits is not self._limits_seen:  # the same object for every lease of a route
@@ -843,14 +867,19 @@ class _Connection(asyncio.Protocol):
             ok = resp.keep_alive and not resp.extra_data
             self._fast_end(reusable=ok, keep=ok)
 
-    def _up_closed(self) -> None:
-        """The upstream closed or reset its connection (its _Relay let go of us already)."""
+    def _up_closed(self, exc: BaseException | None) -> None:
+        """The upstream closed (``exc`` None: end of stream) or reset its connection, or
+        refused our write (its _Relay let go of us already)."""
         fx = self._fast
         if fx is None:
             return
         if fx.state == _F_HEAD:
             # Nothing at all came back: maybe a pooled connection the app had closed.
-            self._fast_failed("closed before responding", retryable=not fx.received)
+            self._fast_failed(
+                "closed before responding" if exc is None else f"connection failed: {exc!r}",
+                retryable=not fx.received,
+                undelivered=not fx.received and _undelivered(exc),
+            )
         elif fx.state == _F_UNTIL_EOF:
             self._response_complete = True
             self._fast_end(reusable=False, keep=False)
@@ -858,19 +887,27 @@ class _Connection(asyncio.Protocol):
             logger.warning("upstream closed mid-body")
             self._fast_end(reusable=False, keep=False)
 
-    def _fast_failed(self, reason: str, *, retryable: bool = False) -> None:
+    def _fast_failed(
+        self, reason: str, *, retryable: bool = False, undelivered: bool = False
+    ) -> None:
         """No final response head reached the client: replay on the task path, or 502."""
         fx = self._fast
         assert fx is not None
         req = fx.req
-        if retryable and fx.replayable and bool(getattr(fx.lease, "replay_safe", True)):
-            # Hand the request back to the task for its second (last) attempt, under the
-            # same request id; the exchange is counted and recorded once, there.
+        replay = (undelivered and fx.body is not None) or (
+            retryable and fx.replayable and bool(getattr(fx.lease, "replay_safe", True))
+        )
+        if replay:
+            # Hand the request back to the task for its next attempt, under the same
+            # request id; the exchange is counted and recorded once, there.
             self._fast_release(fx, reusable=False, abort=False)
             self._active = None
             self._gateway._exchange_ended(fx.host, False)
             req.rid = fx.rid
             req.attempts = 1
+            if fx.body:
+                req.body = [fx.body]
+                req.buffered = len(fx.body)
             self._pending.appendleft(req)
             self._update_reading()
             self._wake_handler()
@@ -1085,7 +1122,9 @@ class _Connection(asyncio.Protocol):
         # A request without a body can be replayed if a pooled connection was already dead.
         replayable = req.method in IDEMPOTENT and not info.has_body and not req.upgrade
         # A request handed over by the callback path has had its first attempt.
-        for attempt in (1, 2)[req.attempts :]:
+        attempt = req.attempts
+        while True:
+            attempt += 1
             try:
                 lease = await self._gateway.router.acquire(host)
             except RouteError as exc:
@@ -1144,7 +1183,12 @@ class _Connection(asyncio.Protocol):
             # connection means the upstream process failed, replaying the request (maybe
             # the one that crashed it) would do the work twice.
             allowed = bool(getattr(lease, "replay_safe", True))
-            if not (failure.retryable and replayable and allowed and attempt == 1):
+            # A request the upstream never read is sent again regardless (see
+            # _UpstreamFailed); _proxy put its body back.
+            if not (
+                (failure.undelivered and attempt < MAX_ATTEMPTS)
+                or (failure.retryable and replayable and allowed and attempt == 1)
+            ):
                 break
         logger.warning("upstream for %s failed: %s", host, failure)
         return await self._reply_error(
@@ -1165,6 +1209,7 @@ class _Connection(asyncio.Protocol):
         reusable = False
         pump: asyncio.Task[None] | None = None
         sent = _BodySent()
+        whole: bytes | None = None  # the body, while the request can still be sent again
         ttfb, silence = self._timeouts(limits)
         self._upstream = writer.transport
         self._lease = lease
@@ -1176,21 +1221,34 @@ class _Connection(asyncio.Protocol):
             elif not info.has_body:
                 writer.write(head)
                 sent.done = True
+                whole = b"" if len(head) <= REPLAY_MAX else None
             elif req.complete:
                 # Common case: the whole body came with the head; one write, no task.
                 parts = [head]
+                body = b""
                 if req.body:
                     body = req.take()
                     parts += http.chunk(body) if info.chunked else [body]
                 if info.chunked:
                     parts.append(http.LAST_CHUNK)
-                writer.write(b"".join(parts))
+                data = b"".join(parts)
+                writer.write(data)
                 sent.done = True
+                whole = body if len(data) <= REPLAY_MAX else None
             else:
                 writer.write(head)
                 pump = self._loop.create_task(self._pump_body(req, writer, info.chunked, sent))
             self._watch_ttfb(ttfb, silence)
-            upstream_ok, keep = await self._pump_response(req, lease.reader)
+            try:
+                upstream_ok, keep = await self._pump_response(req, lease.reader)
+            except _UpstreamFailed as exc:
+                if exc.undelivered:
+                    if whole is None:
+                        exc.undelivered = False  # not all of it is in hand any more
+                    elif whole:
+                        req.body = [whole]  # for the next attempt
+                        req.buffered = len(whole)
+                raise
             if req.upgrade:
                 return False  # tunnel over, or upgrade refused: the connection is spent
             # If the app answered before the body was all forwarded, the connection is out of
@@ -1255,10 +1313,15 @@ class _Connection(asyncio.Protocol):
             while end < 0:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise _UpstreamFailed("response head too large")
-                data = await _read(reader)
+                data, error = await _read_or_error(reader)
                 if not data:
                     # Nothing at all came back: maybe a pooled connection the app had closed.
-                    raise _UpstreamFailed("closed before responding", retryable=not received)
+                    raise _UpstreamFailed(
+                        "closed before responding" if error is None
+                        else f"connection failed: {error!r}",
+                        retryable=not received,
+                        undelivered=not received and _undelivered(error),
+                    )
                 received = True
                 buf += data
                 end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
@@ -1481,6 +1544,7 @@ class _Fast:
     """One exchange on the callback path (see ``_Connection._try_fast``)."""
 
     __slots__ = (
+        "body",
         "buf",
         "host",
         "keep",
@@ -1515,6 +1579,8 @@ class _Fast:
         self.lease = lease
         self.transport = transport
         self.replayable = False
+        # The request body while all of the request can be sent again (see REPLAY_MAX).
+        self.body: bytes | None = None
         self.state = _F_HEAD
         self.buf = b""
         self.received = False  # any response byte at all
@@ -1551,7 +1617,7 @@ class _Relay(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             self.sink = None
-            sink._up_closed()
+            sink._up_closed(None)
         return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1559,7 +1625,7 @@ class _Relay(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             self.sink = None
-            sink._up_closed()
+            sink._up_closed(exc)
 
     def pause_writing(self) -> None:
         self.orig.pause_writing()
@@ -1574,6 +1640,21 @@ async def _read(reader: asyncio.StreamReader) -> bytes:
         return await reader.read(READ_SIZE)
     except (ConnectionError, OSError):
         return b""
+
+
+async def _read_or_error(reader: asyncio.StreamReader) -> tuple[bytes, BaseException | None]:
+    """Read from the upstream: (data, None), (b"", None) at the end, (b"", error)."""
+    try:
+        return await reader.read(READ_SIZE), None
+    except (ConnectionError, OSError) as exc:
+        return b"", exc
+
+
+def _undelivered(exc: BaseException | None) -> bool:
+    """Does this connection failure prove the upstream never read what we sent? EPIPE on
+    our write (its end was already closed) or ECONNRESET (it went away with our bytes
+    unread: for Unix sockets and TCP alike a close with unread input resets)."""
+    return isinstance(exc, (BrokenPipeError, ConnectionResetError))
 
 
 def _limits_of(lease: Upstream) -> Limits | None:

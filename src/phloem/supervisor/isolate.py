@@ -344,17 +344,17 @@ class Isolate:
     async def _watch_exit(self) -> None:
         assert self._process is not None
         code = await self._process.wait()
+        # At once, before the output is flushed: no request may be sent to a dead process
+        # (its pooled connections would only fail, see Lease.release).
+        was = self.state
+        self.state = "exited"
+        self.background = False
+        self._drop_idle()
         # Let the pumps flush what the process printed last, for the failure reason.
         await asyncio.gather(*self._tasks[:2], return_exceptions=True)
         self.exit_code = code
         if self._memory is not None:
             self.exit_reason = self._memory.finished()
-        was = self.state
-        self.state = "exited"
-        self.background = False
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
         reason = f": {self.exit_reason}" if self.exit_reason else ""
         exited = "exited" + (f" with code {code}" if code is not None
                              else " (exit status unknown: the zygote is gone)")
@@ -381,6 +381,22 @@ class Isolate:
     @property
     def alive(self) -> bool:
         return self.state in ("starting", "ready")
+
+    def _drop_idle(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+    def connection_broke(self) -> None:
+        """A connection to the process ended without a clean answer. If the process is
+        dying, stop leasing it now and drop its idle connections: its exit may be noticed
+        only later (the exit watch, the launcher's own exit), and every request sent to
+        one of them meanwhile would fail."""
+        pid = self.pid
+        if self.alive and pid is not None and _exiting(pid):
+            self.log(self.id, "phloem", "isolate is exiting: no new requests")
+            self.state = "stopping"
+            self._drop_idle()
 
     def take_idle(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """The most recently used open connection of the idle pool (dead ones on the way
@@ -434,9 +450,7 @@ class Isolate:
         if self.state == "exited":
             return
         self.state = "stopping"
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
+        self._drop_idle()
         self.send_signal(signal.SIGINT)
         try:
             await asyncio.wait_for(self._exited.wait(), grace)
