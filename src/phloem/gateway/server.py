@@ -43,8 +43,10 @@ __all__ = ["Gateway", "GatewayConfig", "RequestRecord"]
 logger = logging.getLogger("phloem.gateway")
 
 READ_SIZE = 64 * 1024
-# Buffered, not yet forwarded request body bytes above which we stop reading the client.
-BODY_HIGH_WATER = 256 * 1024
+# Buffered, not yet forwarded request body (or tunnel) bytes above which we stop reading
+# the client: with the upstream transport's own high-water mark (its writes are drained),
+# what a client sending faster than the function reads costs the gateway.
+BODY_HIGH_WATER = 64 * 1024
 # Request and response heads larger than this are refused.
 MAX_HEAD_BYTES = 64 * 1024
 # After an early error response, at most this much request body is read and thrown away to
@@ -210,8 +212,14 @@ class _Request:
             self.buffered += len(data)
         self.wake()
 
-    def take(self) -> bytes:
+    def take(self, limit: int | None = None) -> bytes:
+        """The buffered body, or its first ``limit`` bytes (the rest stays buffered)."""
         data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        if limit is not None and len(data) > limit:
+            rest = data[limit:]
+            self.body = [rest]
+            self.buffered = len(rest)
+            return data[:limit]
         self.body.clear()
         self.buffered = 0
         return data
@@ -375,9 +383,15 @@ class _Connection(asyncio.Protocol):
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
+    # Backpressure, upstream -> client: while the client's transport holds more than its
+    # high-water mark, the upstream connection is not read at all (on both paths, and in
+    # tunnels), so a client that stops reading costs the socket buffers, the transport's
+    # high-water mark and the last read. (The task path also waits in _drain_client before
+    # each read, and its StreamReader stops reading above 2 * UPSTREAM_BUFFER.)
+
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._fast is not None and self._upstream is not None and not self._up_paused:
+        if self._upstream is not None and not self._up_paused:
             self._up_paused = True
             cast(asyncio.ReadTransport, self._upstream).pause_reading()
 
@@ -385,10 +399,18 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         if self._up_paused:
             self._up_paused = False
-            if self._fast is not None and self._upstream is not None:
-                cast(asyncio.ReadTransport, self._upstream).resume_reading()
+            upstream = self._upstream
+            if upstream is not None and not upstream.is_closing():
+                cast(asyncio.ReadTransport, upstream).resume_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+
+    def _resume_upstream(self, transport: asyncio.WriteTransport) -> None:
+        """An exchange ends: its upstream connection must not go back paused."""
+        if self._up_paused:
+            self._up_paused = False
+            if not transport.is_closing():
+                cast(asyncio.ReadTransport, transport).resume_reading()
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -940,10 +962,9 @@ class _Connection(asyncio.Protocol):
         ):
             relay.resp = resp
         transport = fx.transport
-        if self._up_paused:
-            self._up_paused = False
-            if not abort and not transport.is_closing():
-                cast(asyncio.ReadTransport, transport).resume_reading()
+        if not abort:
+            self._resume_upstream(transport)
+        self._up_paused = False
         self._upstream = None
         self._lease = None
         if abort:
@@ -1257,6 +1278,7 @@ class _Connection(asyncio.Protocol):
             return keep and req.keep_alive
         finally:
             self._unwatch()
+            self._resume_upstream(writer.transport)
             self._upstream = None
             self._lease = None
             if pump is not None and not pump.done():
@@ -1266,13 +1288,19 @@ class _Connection(asyncio.Protocol):
     async def _pump_body(
         self, req: _Request, writer: asyncio.StreamWriter, chunked: bool, sent: _BodySent
     ) -> None:
-        """Client -> upstream request body, as it arrives."""
+        """Client -> upstream request body, as it arrives; at most BODY_HIGH_WATER bytes
+        per write, each after the upstream took the previous one (drain), so that a
+        function that does not read costs the gateway about twice that (plus the last read
+        from the client), not a whole client read more."""
         try:
             while True:
                 if req.body:
-                    data = req.take()
+                    data = req.take(BODY_HIGH_WATER)
                     self._update_reading()
                     writer.writelines(http.chunk(data) if chunked else [data])
+                    if req.body:
+                        await writer.drain()
+                        continue
                 if req.error is not None:
                     # Abort so the app sees the broken request; the response pump reports it.
                     writer.transport.abort()
@@ -1289,11 +1317,12 @@ class _Connection(asyncio.Protocol):
             return  # the upstream went away; the response pump sees it too
 
     async def _pump_raw(self, req: _Request, writer: asyncio.StreamWriter) -> None:
-        """Client -> upstream bytes after an Upgrade request head, until the client closes."""
+        """Client -> upstream bytes after an Upgrade request head, until the client closes
+        (in slices, as _pump_body)."""
         try:
             while req.error is None:
                 if req.body:
-                    writer.write(req.take())
+                    writer.write(req.take(BODY_HIGH_WATER))
                     self._update_reading()
                     await writer.drain()
                 else:

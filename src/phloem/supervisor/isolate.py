@@ -220,6 +220,12 @@ def cgroup_procs(slot: MemorySlot) -> tuple[bool, list[str]]:
 
 PF_EXITING = 0x4  # include/linux/sched.h
 
+#: What an upstream connection's reader holds before it stops reading the isolate (it
+#: pauses above twice this): a client that stops reading a response must cost the
+#: gateway little more than the socket buffers (the gateway only reads from it while the
+#: client keeps up).
+UPSTREAM_BUFFER = 64 * 1024
+
 
 def _exiting(pid: int) -> bool:
     """Has ``pid`` begun to exit? A dying process drops its descriptors first but releases
@@ -427,7 +433,7 @@ class Isolate:
         if pooled is not None:
             return pooled[0], pooled[1], True
         reader, writer = await asyncio.open_unix_connection(str(self.socket_path),
-                                                            limit=2**20)
+                                                            limit=UPSTREAM_BUFFER)
         if self.pid is not None and _exiting(self.pid):
             writer.close()
             raise ConnectionRefusedError(f"isolate {self.id} is exiting")

@@ -3,6 +3,7 @@ that never come (until the isolate dies), large deterministic bodies, and a hand
 never reads the request body it was sent."""
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,14 @@ from urllib.parse import parse_qs
 
 BLOCK = 64 * 1024
 _hanging = 0  # /hang requests being served now
+_release: list[asyncio.Event] = []
+
+
+def _released() -> asyncio.Event:
+    """What /ignore-body requests wait for (made in the loop that serves them)."""
+    if not _release:
+        _release.append(asyncio.Event())
+    return _release[0]
 
 
 def isolate() -> str:
@@ -62,10 +71,17 @@ async def app(scope, receive, send):
             await send({"type": "http.response.body", "body": block(i), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     elif path == "/ignore-body":
-        # Never reads the request body: its sender can only be held back.
-        await asyncio.sleep(float(q.get("s", "3600")))
+        # Never reads the request body: its sender can only be held back. Answers after
+        # ``s`` seconds or when /release is asked.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_released().wait(), float(q.get("s", "3600")))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ignored"})
+    elif path == "/release":
+        _released().set()
+        _release.clear()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"released"})
     elif path == "/echo-size":
         size = 0
         while True:
