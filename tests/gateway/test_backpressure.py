@@ -213,3 +213,64 @@ async def test_unread_upload_costs_little(platform: PlatformProcess,
                f"({held:.1f} MiB each sent into socket buffers)")
     assert sum(sent) < CLIENTS * UPLOAD, "the uploads were never held back"
     assert per_conn < BUDGET_KIB, f"the gateway grew by {grown} KiB for {CLIENTS} uploads"
+
+
+async def read_frames(reader: asyncio.StreamReader) -> tuple[str, int]:
+    """(sha256 of the binary messages' payloads, their count) until the close frame."""
+    digest = hashlib.sha256()
+    count = 0
+    while True:
+        first, second = await asyncio.wait_for(reader.readexactly(2), 30)
+        size = second & 0x7F
+        if size == 126:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await asyncio.wait_for(reader.readexactly(size), 30)  # server: unmasked
+        opcode = first & 0x0F
+        if opcode == 0x8:
+            return digest.hexdigest(), count
+        assert opcode == 0x2 and first & 0x80, f"unexpected frame {first:#x}"
+        digest.update(payload)
+        count += 1
+
+
+async def test_stalled_websocket_reader_costs_little(platform: PlatformProcess,
+                                                     reliability: Reliability) -> None:
+    """CLIENTS WebSocket clients are sent 10 MiB in 64 KiB messages and stop reading: the
+    tunnels hold little in the gateway; read again, every message arrives intact."""
+    host = deploy(platform, "stallws")
+    port = platform.gateway_port
+    pid = platform.proc.pid if platform.proc else 0
+    want = expected_digest()
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /flood?blocks={BLOCKS} HTTP/1.1\r\nHost: {host}\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return reader, writer
+
+    reader, writer = await connect()  # warm up, checked
+    assert await read_frames(reader) == (want, BLOCKS)
+    writer.close()
+    before = await settled(lambda: rss_kib(pid), 30, "the gateway's RSS")
+    conns = [await connect() for _ in range(CLIENTS)]
+    try:
+        stalled = await settled(lambda: rss_kib(pid), 60, "the gateway's RSS")
+        grown = stalled - before
+        received = await asyncio.gather(*(read_frames(r) for r, _ in conns))
+    finally:
+        for _, w in conns:
+            w.close()
+    intact = sum(1 for r in received if r == (want, BLOCKS))
+    per_conn = grown / CLIENTS
+    reliability.record(
+        rounds=CLIENTS, passed=intact if per_conn < BUDGET_KIB else 0,
+        figure=f"{per_conn:.0f} KiB per WebSocket client stalled on 10 MiB of messages "
+               f"({grown} KiB for {CLIENTS})")
+    assert intact == CLIENTS, "messages came back damaged"
+    assert per_conn < BUDGET_KIB, f"the gateway grew by {grown} KiB for {CLIENTS} clients"

@@ -44,6 +44,14 @@ async def app(scope, receive, send):
                 return
     q = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
     path = scope["path"]
+    if scope["type"] == "websocket":
+        # /flood: ``blocks`` binary messages of 64 KiB (as /big's body), then close.
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        for i in range(int(q.get("blocks", "160"))):
+            await send({"type": "websocket.send", "bytes": block(i)})
+        await send({"type": "websocket.close", "code": 1000})
+        return
     if path == "/info":
         body = json.dumps({"isolate": isolate(), "hanging": _hanging}).encode()
         await send({"type": "http.response.start", "status": 200,
