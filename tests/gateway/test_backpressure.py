@@ -27,6 +27,7 @@ BLOCKS = 160  # of 64 KiB: 10 MiB
 BLOCK = 64 * 1024
 BUDGET_KIB = 512  # per stalled connection; main held ~2,600 KiB for a response
 UPLOAD = 20 * 2**20
+PIPELINED = 320
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +275,35 @@ async def test_stalled_websocket_reader_costs_little(platform: PlatformProcess,
                f"({grown} KiB for {CLIENTS})")
     assert intact == CLIENTS, "messages came back damaged"
     assert per_conn < BUDGET_KIB, f"the gateway grew by {grown} KiB for {CLIENTS} clients"
+
+
+async def test_pipelining_client_that_does_not_read_costs_little(
+        platform: PlatformProcess, reliability: Reliability) -> None:
+    """One client sends PIPELINED requests for 62.5 KiB responses at once and reads
+    nothing: a response can come in one read from the isolate, so unless the gateway
+    waits for the client before each exchange, they pile up in its transport once the
+    socket buffers are full (20 MB in all, more than those hold). The budget is twice
+    the others': the parsed requests waiting their turn are held too."""
+    host = deploy(platform, "stallpipe")
+    port = platform.gateway_port
+    pid = platform.proc.pid if platform.proc else 0
+    size = 64000
+    one = hashlib.sha256(
+        (hashlib.sha256((0).to_bytes(8, "big")).digest() * 2000)[:size]).hexdigest()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = f"GET /sized?n={size} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    writer.write(request)
+    assert await read_response(reader) == one  # warm up, checked
+    before = await settled(lambda: rss_kib(pid), 30, "the gateway's RSS")
+    writer.write(request * PIPELINED)
+    try:
+        grown = await settled(lambda: rss_kib(pid), 60, "the gateway's RSS") - before
+        bodies = [await read_response(reader) for _ in range(PIPELINED)]
+    finally:
+        writer.close()
+    intact = sum(1 for b in bodies if b == one)
+    reliability.record(
+        rounds=PIPELINED, passed=intact if grown < 2 * BUDGET_KIB else 0,
+        figure=f"{grown} KiB for {PIPELINED} unread pipelined 62.5 KiB responses")
+    assert intact == PIPELINED
+    assert grown < 2 * BUDGET_KIB, f"the gateway grew by {grown} KiB"

@@ -690,6 +690,7 @@ class _Connection(asyncio.Protocol):
             or req.version not in ("1.1", "1.0")
             or req.method == b"CONNECT"
             or req.received > self._config.max_body_bytes
+            or self._write_paused  # the client is behind: the task waits for it first
         ):
             return False
         info = http.scan_request_headers(req.headers)
@@ -1140,6 +1141,11 @@ class _Connection(asyncio.Protocol):
                 req, info, rid, 413, "body_too_large", f"request body exceeds {limit} bytes"
             )
         host = info.host.decode("latin-1")
+        # A client that sends requests but does not read the responses would otherwise
+        # have each one's first read pile up in its transport.
+        await self._drain_client()
+        if self._disconnected:
+            return False
         # A request without a body can be replayed if a pooled connection was already dead.
         replayable = req.method in IDEMPOTENT and not info.has_body and not req.upgrade
         # A request handed over by the callback path has had its first attempt.

@@ -78,6 +78,12 @@ async def app(scope, receive, send):
         for i in range(n):
             await send({"type": "http.response.body", "body": block(i), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+    elif path == "/sized":
+        # ``n`` bytes of block 0 in one message (Content-Length).
+        body = block(0)[: int(q.get("n", "1024"))]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
     elif path == "/ignore-body":
         # Never reads the request body: its sender can only be held back. Answers after
         # ``s`` seconds or when /release is asked.
