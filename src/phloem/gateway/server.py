@@ -1688,7 +1688,9 @@ async def _read_or_error(reader: asyncio.StreamReader) -> tuple[bytes, BaseExcep
 def _undelivered(exc: BaseException | None) -> bool:
     """Does this connection failure prove the upstream never read what we sent? EPIPE on
     our write (its end was already closed) or ECONNRESET (it went away with our bytes
-    unread: for Unix sockets and TCP alike a close with unread input resets)."""
+    unread: a Unix socket resets its peer only then, and so does a TCP close, dying or
+    not; a TCP app that read a request and then aborted on purpose would look the same,
+    which is why this is for upstreams that do not: the platform's are Unix sockets)."""
     return isinstance(exc, (BrokenPipeError, ConnectionResetError))
 
 
