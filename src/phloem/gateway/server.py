@@ -46,8 +46,10 @@ __all__ = ["Gateway", "GatewayConfig", "RequestRecord"]
 logger = logging.getLogger("phloem.gateway")
 
 READ_SIZE = 64 * 1024
-# Buffered, not yet forwarded request body bytes above which we stop reading the client.
-BODY_HIGH_WATER = 256 * 1024
+# Buffered, not yet forwarded request body (or tunnel) bytes above which we stop reading
+# the client: with the upstream transport's own high-water mark (its writes are drained),
+# what a client sending faster than the function reads costs the gateway.
+BODY_HIGH_WATER = 64 * 1024
 # Request and response heads larger than this are refused.
 MAX_HEAD_BYTES = 64 * 1024
 # After an early error response, at most this much request body is read and thrown away to
@@ -62,6 +64,11 @@ LINGER_IDLE = 5.0
 LINGER_TOTAL = 30.0
 # Safe to retry on a fresh upstream connection when a pooled one died before answering.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# Replays (see _UpstreamFailed): a request is sent again only when all of it is still in
+# hand, i.e. it went upstream in one write of at most REPLAY_MAX bytes (head plus a body
+# that had fully arrived), and the upstream never read it. At most MAX_ATTEMPTS sends.
+REPLAY_MAX = 64 * 1024
+MAX_ATTEMPTS = 3
 NO_BODY_STATUS = frozenset({204, 304})
 # What the per-connection watchdog timer is watching: nothing (routing, cold start), the
 # keep-alive wait for the next request head, time to first byte, or stream silence.
@@ -132,11 +139,27 @@ class _HeadTooLarge(Exception):
 
 
 class _UpstreamFailed(Exception):
-    """The upstream failed before any byte of a final response reached the client."""
+    """The upstream failed before any byte of a final response reached the client.
 
-    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+    ``retryable``: nothing at all came back. A router's leases may allow replaying such a
+    request when it is idempotent and bodyless (``replay_safe``, true when absent), once;
+    the platform's do not, since the request may be what killed the isolate.
+
+    ``undelivered``: the kernel proves the upstream never read the request: the write was
+    refused (EPIPE: its end was closed before we wrote, e.g. a pooled connection of a
+    process that has just died) or the connection was reset with our bytes unread in its
+    receive queue (ECONNRESET: a process that died, or closed an idle connection, before
+    reading them), as opposed to an end of stream after it read them. Such a request is
+    replayed whatever its method and whatever the lease says, if it is still whole (see
+    REPLAY_MAX), up to MAX_ATTEMPTS sends. (An app reads at least 64 KiB at a time, so a
+    request of at most REPLAY_MAX bytes is read all at once or not at all.)
+    """
+
+    def __init__(self, reason: str, *, retryable: bool = False,
+                 undelivered: bool = False) -> None:
         super().__init__(reason)
         self.retryable = retryable
+        self.undelivered = undelivered
 
 
 class _Request:
@@ -200,8 +223,14 @@ class _Request:
             self.buffered += len(data)
         self.wake()
 
-    def take(self) -> bytes:
+    def take(self, limit: int | None = None) -> bytes:
+        """The buffered body, or its first ``limit`` bytes (the rest stays buffered)."""
         data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        if limit is not None and len(data) > limit:
+            rest = data[limit:]
+            self.body = [rest]
+            self.buffered = len(rest)
+            return data[:limit]
         self.body.clear()
         self.buffered = 0
         return data
@@ -374,9 +403,15 @@ class _Connection(asyncio.Protocol):
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
+    # Backpressure, upstream -> client: while the client's transport holds more than its
+    # high-water mark, the upstream connection is not read at all (on both paths, and in
+    # tunnels), so a client that stops reading costs the socket buffers, the transport's
+    # high-water mark and the last read. (The task path also waits in _drain_client before
+    # each read, and its StreamReader stops reading above 2 * UPSTREAM_BUFFER.)
+
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._fast is not None and self._upstream is not None and not self._up_paused:
+        if self._upstream is not None and not self._up_paused:
             self._up_paused = True
             cast(asyncio.ReadTransport, self._upstream).pause_reading()
 
@@ -384,10 +419,18 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         if self._up_paused:
             self._up_paused = False
-            if self._fast is not None and self._upstream is not None:
-                cast(asyncio.ReadTransport, self._upstream).resume_reading()
+            upstream = self._upstream
+            if upstream is not None and not upstream.is_closing():
+                cast(asyncio.ReadTransport, upstream).resume_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+
+    def _resume_upstream(self, transport: asyncio.WriteTransport) -> None:
+        """An exchange ends: its upstream connection must not go back paused."""
+        if self._up_paused:
+            self._up_paused = False
+            if not transport.is_closing():
+                cast(asyncio.ReadTransport, transport).resume_reading()
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -716,6 +759,7 @@ class _Connection(asyncio.Protocol):
             or req.version not in ("1.1", "1.0")
             or req.method == b"CONNECT"
             or req.received > self._config.max_body_bytes
+            or self._write_paused  # the client is behind: the task waits for it first
         ):
             return False
         info = http.scan_request_headers(req.headers)
@@ -759,6 +803,7 @@ class _Connection(asyncio.Protocol):
         self._upstream = transport
         self._lease = lease
         head = self._upstream_head(req, info, rid)  # never an upgrade here (_try_fast)
+        body = b""
         if has_body:
             parts = [head]
             if req.body:
@@ -767,6 +812,8 @@ class _Connection(asyncio.Protocol):
             if info.chunked:
                 parts.append(http.LAST_CHUNK)
             head = b"".join(parts)
+        if len(head) <= REPLAY_MAX:
+            fx.body = body  # the request is whole in hand: it can be sent again
         relay.sink = self
         transport.write(head)
         if limits is not self._limits_seen:  # the same object for every lease of a route
@@ -912,14 +959,19 @@ class _Connection(asyncio.Protocol):
             ok = resp.keep_alive and not resp.extra_data
             self._fast_end(reusable=ok, keep=ok)
 
-    def _up_closed(self) -> None:
-        """The upstream closed or reset its connection (its _Relay let go of us already)."""
+    def _up_closed(self, exc: BaseException | None) -> None:
+        """The upstream closed (``exc`` None: end of stream) or reset its connection, or
+        refused our write (its _Relay let go of us already)."""
         fx = self._fast
         if fx is None:
             return
         if fx.state == _F_HEAD:
             # Nothing at all came back: maybe a pooled connection the app had closed.
-            self._fast_failed("closed before responding", retryable=not fx.received)
+            self._fast_failed(
+                "closed before responding" if exc is None else f"connection failed: {exc!r}",
+                retryable=not fx.received,
+                undelivered=not fx.received and _undelivered(exc),
+            )
         elif fx.state == _F_UNTIL_EOF:
             self._response_complete = True
             self._fast_end(reusable=False, keep=False)
@@ -927,19 +979,27 @@ class _Connection(asyncio.Protocol):
             logger.warning("upstream closed mid-body")
             self._fast_end(reusable=False, keep=False)
 
-    def _fast_failed(self, reason: str, *, retryable: bool = False) -> None:
+    def _fast_failed(
+        self, reason: str, *, retryable: bool = False, undelivered: bool = False
+    ) -> None:
         """No final response head reached the client: replay on the task path, or 502."""
         fx = self._fast
         assert fx is not None
         req = fx.req
-        if retryable and fx.replayable and bool(getattr(fx.lease, "replay_safe", True)):
-            # Hand the request back to the task for its second (last) attempt, under the
-            # same request id; the exchange is counted and recorded once, there.
+        replay = (undelivered and fx.body is not None) or (
+            retryable and fx.replayable and bool(getattr(fx.lease, "replay_safe", True))
+        )
+        if replay:
+            # Hand the request back to the task for its next attempt, under the same
+            # request id; the exchange is counted and recorded once, there.
             self._fast_release(fx, reusable=False, abort=False)
             self._active = None
             self._gateway._exchange_ended(fx.host, False)
             req.rid = fx.rid
             req.attempts = 1
+            if fx.body:
+                req.body = [fx.body]
+                req.buffered = len(fx.body)
             self._pending.appendleft(req)
             self._update_reading()
             self._wake_handler()
@@ -972,10 +1032,9 @@ class _Connection(asyncio.Protocol):
         ):
             relay.resp = resp
         transport = fx.transport
-        if self._up_paused:
-            self._up_paused = False
-            if not abort and not transport.is_closing():
-                cast(asyncio.ReadTransport, transport).resume_reading()
+        if not abort:
+            self._resume_upstream(transport)
+        self._up_paused = False
         self._upstream = None
         self._lease = None
         if abort:
@@ -1152,10 +1211,17 @@ class _Connection(asyncio.Protocol):
                 req, info, rid, 413, "body_too_large", f"request body exceeds {limit} bytes"
             )
         host = info.host.decode("latin-1")
+        # A client that sends requests but does not read the responses would otherwise
+        # have each one's first read pile up in its transport.
+        await self._drain_client()
+        if self._disconnected:
+            return False
         # A request without a body can be replayed if a pooled connection was already dead.
         replayable = req.method in IDEMPOTENT and not info.has_body and not req.upgrade
         # A request handed over by the callback path has had its first attempt.
-        for attempt in (1, 2)[req.attempts :]:
+        attempt = req.attempts
+        while True:
+            attempt += 1
             try:
                 lease = await self._gateway.router.acquire(host)
             except RouteError as exc:
@@ -1214,7 +1280,12 @@ class _Connection(asyncio.Protocol):
             # connection means the upstream process failed, replaying the request (maybe
             # the one that crashed it) would do the work twice.
             allowed = bool(getattr(lease, "replay_safe", True))
-            if not (failure.retryable and replayable and allowed and attempt == 1):
+            # A request the upstream never read is sent again regardless (see
+            # _UpstreamFailed); _proxy put its body back.
+            if not (
+                (failure.undelivered and attempt < MAX_ATTEMPTS)
+                or (failure.retryable and replayable and allowed and attempt == 1)
+            ):
                 break
         logger.warning("upstream for %s failed: %s", host, failure)
         return await self._reply_error(
@@ -1235,6 +1306,7 @@ class _Connection(asyncio.Protocol):
         reusable = False
         pump: asyncio.Task[None] | None = None
         sent = _BodySent()
+        whole: bytes | None = None  # the body, while the request can still be sent again
         ttfb, silence = self._timeouts(limits)
         self._upstream = writer.transport
         self._lease = lease
@@ -1246,21 +1318,34 @@ class _Connection(asyncio.Protocol):
             elif not info.has_body:
                 writer.write(head)
                 sent.done = True
+                whole = b"" if len(head) <= REPLAY_MAX else None
             elif req.complete:
                 # Common case: the whole body came with the head; one write, no task.
                 parts = [head]
+                body = b""
                 if req.body:
                     body = req.take()
                     parts += http.chunk(body) if info.chunked else [body]
                 if info.chunked:
                     parts.append(http.LAST_CHUNK)
-                writer.write(b"".join(parts))
+                data = b"".join(parts)
+                writer.write(data)
                 sent.done = True
+                whole = body if len(data) <= REPLAY_MAX else None
             else:
                 writer.write(head)
                 pump = self._loop.create_task(self._pump_body(req, writer, info.chunked, sent))
             self._watch_ttfb(ttfb, silence)
-            upstream_ok, keep = await self._pump_response(req, lease.reader)
+            try:
+                upstream_ok, keep = await self._pump_response(req, lease.reader)
+            except _UpstreamFailed as exc:
+                if exc.undelivered:
+                    if whole is None:
+                        exc.undelivered = False  # not all of it is in hand any more
+                    elif whole:
+                        req.body = [whole]  # for the next attempt
+                        req.buffered = len(whole)
+                raise
             if req.upgrade:
                 return False  # tunnel over, or upgrade refused: the connection is spent
             # If the app answered before the body was all forwarded, the connection is out of
@@ -1269,6 +1354,7 @@ class _Connection(asyncio.Protocol):
             return keep and req.keep_alive
         finally:
             self._unwatch()
+            self._resume_upstream(writer.transport)
             self._upstream = None
             self._lease = None
             if pump is not None and not pump.done():
@@ -1278,13 +1364,19 @@ class _Connection(asyncio.Protocol):
     async def _pump_body(
         self, req: _Request, writer: asyncio.StreamWriter, chunked: bool, sent: _BodySent
     ) -> None:
-        """Client -> upstream request body, as it arrives."""
+        """Client -> upstream request body, as it arrives; at most BODY_HIGH_WATER bytes
+        per write, each after the upstream took the previous one (drain), so that a
+        function that does not read costs the gateway about twice that (plus the last read
+        from the client), not a whole client read more."""
         try:
             while True:
                 if req.body:
-                    data = req.take()
+                    data = req.take(BODY_HIGH_WATER)
                     self._update_reading()
                     writer.writelines(http.chunk(data) if chunked else [data])
+                    if req.body:
+                        await writer.drain()
+                        continue
                 if req.error is not None:
                     # Abort so the app sees the broken request; the response pump reports it.
                     writer.transport.abort()
@@ -1301,11 +1393,12 @@ class _Connection(asyncio.Protocol):
             return  # the upstream went away; the response pump sees it too
 
     async def _pump_raw(self, req: _Request, writer: asyncio.StreamWriter) -> None:
-        """Client -> upstream bytes after an Upgrade request head, until the client closes."""
+        """Client -> upstream bytes after an Upgrade request head, until the client closes
+        (in slices, as _pump_body)."""
         try:
             while req.error is None:
                 if req.body:
-                    writer.write(req.take())
+                    writer.write(req.take(BODY_HIGH_WATER))
                     self._update_reading()
                     await writer.drain()
                 else:
@@ -1325,10 +1418,15 @@ class _Connection(asyncio.Protocol):
             while end < 0:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise _UpstreamFailed("response head too large")
-                data = await _read(reader)
+                data, error = await _read_or_error(reader)
                 if not data:
                     # Nothing at all came back: maybe a pooled connection the app had closed.
-                    raise _UpstreamFailed("closed before responding", retryable=not received)
+                    raise _UpstreamFailed(
+                        "closed before responding" if error is None
+                        else f"connection failed: {error!r}",
+                        retryable=not received,
+                        undelivered=not received and _undelivered(error),
+                    )
                 received = True
                 buf += data
                 end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
@@ -1551,6 +1649,7 @@ class _Fast:
     """One exchange on the callback path (see ``_Connection._try_fast``)."""
 
     __slots__ = (
+        "body",
         "buf",
         "host",
         "keep",
@@ -1585,6 +1684,8 @@ class _Fast:
         self.lease = lease
         self.transport = transport
         self.replayable = False
+        # The request body while all of the request can be sent again (see REPLAY_MAX).
+        self.body: bytes | None = None
         self.state = _F_HEAD
         self.buf = b""
         self.received = False  # any response byte at all
@@ -1621,7 +1722,7 @@ class _Relay(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             self.sink = None
-            sink._up_closed()
+            sink._up_closed(None)
         return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1629,7 +1730,7 @@ class _Relay(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             self.sink = None
-            sink._up_closed()
+            sink._up_closed(exc)
 
     def pause_writing(self) -> None:
         self.orig.pause_writing()
@@ -1644,6 +1745,23 @@ async def _read(reader: asyncio.StreamReader) -> bytes:
         return await reader.read(READ_SIZE)
     except (ConnectionError, OSError):
         return b""
+
+
+async def _read_or_error(reader: asyncio.StreamReader) -> tuple[bytes, BaseException | None]:
+    """Read from the upstream: (data, None), (b"", None) at the end, (b"", error)."""
+    try:
+        return await reader.read(READ_SIZE), None
+    except (ConnectionError, OSError) as exc:
+        return b"", exc
+
+
+def _undelivered(exc: BaseException | None) -> bool:
+    """Does this connection failure prove the upstream never read what we sent? EPIPE on
+    our write (its end was already closed) or ECONNRESET (it went away with our bytes
+    unread: a Unix socket resets its peer only then, and so does a TCP close, dying or
+    not; a TCP app that read a request and then aborted on purpose would look the same,
+    which is why this is for upstreams that do not: the platform's are Unix sockets)."""
+    return isinstance(exc, (BrokenPipeError, ConnectionResetError))
 
 
 def _limits_of(lease: Upstream) -> Limits | None:

@@ -220,6 +220,12 @@ def cgroup_procs(slot: MemorySlot) -> tuple[bool, list[str]]:
 
 PF_EXITING = 0x4  # include/linux/sched.h
 
+#: What an upstream connection's reader holds before it stops reading the isolate (it
+#: pauses above twice this): a client that stops reading a response must cost the
+#: gateway little more than the socket buffers (the gateway only reads from it while the
+#: client keeps up).
+UPSTREAM_BUFFER = 64 * 1024
+
 
 def _exiting(pid: int) -> bool:
     """Has ``pid`` begun to exit? A dying process drops its descriptors first but releases
@@ -344,17 +350,17 @@ class Isolate:
     async def _watch_exit(self) -> None:
         assert self._process is not None
         code = await self._process.wait()
+        # At once, before the output is flushed: no request may be sent to a dead process
+        # (its pooled connections would only fail, see Lease.release).
+        was = self.state
+        self.state = "exited"
+        self.background = False
+        self._drop_idle()
         # Let the pumps flush what the process printed last, for the failure reason.
         await asyncio.gather(*self._tasks[:2], return_exceptions=True)
         self.exit_code = code
         if self._memory is not None:
             self.exit_reason = self._memory.finished()
-        was = self.state
-        self.state = "exited"
-        self.background = False
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
         reason = f": {self.exit_reason}" if self.exit_reason else ""
         exited = "exited" + (f" with code {code}" if code is not None
                              else " (exit status unknown: the zygote is gone)")
@@ -381,6 +387,22 @@ class Isolate:
     @property
     def alive(self) -> bool:
         return self.state in ("starting", "ready")
+
+    def _drop_idle(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+    def connection_broke(self) -> None:
+        """A connection to the process ended without a clean answer. If the process is
+        dying, stop leasing it now and drop its idle connections: its exit may be noticed
+        only later (the exit watch, the launcher's own exit), and every request sent to
+        one of them meanwhile would fail."""
+        pid = self.pid
+        if self.alive and pid is not None and _exiting(pid):
+            self.log(self.id, "phloem", "isolate is exiting: no new requests")
+            self.state = "stopping"
+            self._drop_idle()
 
     def take_idle(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """The most recently used open connection of the idle pool (dead ones on the way
@@ -411,7 +433,7 @@ class Isolate:
         if pooled is not None:
             return pooled[0], pooled[1], True
         reader, writer = await asyncio.open_unix_connection(str(self.socket_path),
-                                                            limit=2**20)
+                                                            limit=UPSTREAM_BUFFER)
         if self.pid is not None and _exiting(self.pid):
             writer.close()
             raise ConnectionRefusedError(f"isolate {self.id} is exiting")
@@ -438,9 +460,7 @@ class Isolate:
         if self.state == "exited":
             return
         self.state = "stopping"
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
+        self._drop_idle()
         self.send_signal(signal.SIGINT)
         loop = asyncio.get_running_loop()
         budget_end = loop.time() + wait_until_s

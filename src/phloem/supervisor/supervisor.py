@@ -60,9 +60,11 @@ class Lease:
     limits: Limits | None = None
     #: Taken from the idle pool rather than freshly opened.
     reused: bool = False
-    #: Never let the gateway replay a request: isolates keep connections open for an hour
-    #: and the pool drops closed ones, so a connection failing means the isolate failed,
-    #: and the request may be what crashed it.
+    #: Never let the gateway replay a request merely because it is idempotent and got no
+    #: answer: isolates keep connections open for an hour, so a connection failing means
+    #: the isolate failed, and the request may be what crashed it. The gateway still
+    #: replays a request the kernel proves the isolate never read (the connection was
+    #: reset or refused the write before any answer; see gateway.server, "Replays").
     replay_safe: bool = False
     _released: bool = False
     _stream: bool = False
@@ -84,6 +86,10 @@ class Lease:
             isolate.open_streams -= 1
         else:
             isolate.inflight -= 1
+        if not reusable and (self.writer.is_closing() or self.reader.at_eof()
+                             or self.reader.exception() is not None):
+            # The isolate ended the connection: maybe it died (then stop leasing it now).
+            isolate.connection_broke()
         isolate.give_back(self.reader, self.writer, reusable)
 
 
