@@ -16,10 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
-from phloem.testing import free_port  # noqa: F401  (re-exported for the benches)
+from phloem.testing import free_port as free_port  # re-exported for the benches
 
 TOOLS = {
     "wrk": "apt-get install -y wrk",
@@ -294,3 +296,19 @@ def machine() -> str:
             break
     return (f"{os.cpu_count()} cores ({cpu or 'unknown cpu'}), {mem_kib / 2**20:.1f} GiB RAM, "
             f"Linux {os.uname().release}, Python {sys.version.split()[0]}")
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the caller's cleanup
+
+
+@contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so a bench's platforms and servers are
+    stopped (``with exit_on_signals(): ...``)."""
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

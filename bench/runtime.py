@@ -39,11 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import _cold
 import _node
@@ -52,6 +51,7 @@ from _procs import (
     Reaper,
     busiest_descendant,
     cpu_seconds,
+    exit_on_signals,
     fd_count,
     free_port,
     http_get,
@@ -523,20 +523,6 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through every cleanup below
-
-
-@contextmanager
-def _signals() -> Iterator[None]:
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--duration", type=float, default=None,
@@ -573,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     say()
     started = time.monotonic()
     with ExitStack() as stack:
-        stack.enter_context(_signals())
+        stack.enter_context(exit_on_signals())
         # Unwound in reverse: the platform stops, then every server, then the temp dir goes.
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phloem-bench-")))
         reaper = stack.enter_context(Reaper())

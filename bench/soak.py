@@ -55,17 +55,16 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 import websockets
 from _load import percentile
-from _procs import cpu_seconds, descendants, fd_count, machine, rss_kib
+from _procs import cpu_seconds, descendants, exit_on_signals, fd_count, machine, rss_kib
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
@@ -878,20 +877,6 @@ def _write_csv(path: Path, samples: list[Sample]) -> None:
 # -- main ------------------------------------------------------------------------------------
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the platform's cleanup
-
-
-@contextmanager
-def _signals() -> Iterator[None]:
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 def _positive(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
@@ -937,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"load average (1 min) before starting: {os.getloadavg()[0]:.2f}")
     started = time.monotonic()
     with ExitStack() as stack:
-        stack.enter_context(_signals())
+        stack.enter_context(exit_on_signals())
         p = stack.enter_context(platform_process())
         fn = p.deploy("soak", APP, *LIMITS)
         host = host_of(fn["invocation_url"])

@@ -18,6 +18,7 @@ from phloem.testing import (
     new_data_dir,
     platform_process,
     processes_mentioning,
+    refused_start,
     wait_for,
 )
 
@@ -76,15 +77,7 @@ def test_port_in_use_is_a_clear_error() -> None:
      "metrics_token: may contain only letters, digits and -._~+/"),
 ])
 def test_bad_security_settings_are_refused_by_name(env: dict[str, str], message: str) -> None:
-    p = PlatformProcess(new_data_dir(), free_port(), free_port())
-    try:
-        proc = subprocess.run(p.args(), env={**p.env, **env}, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode != 0
-        assert message in " ".join((proc.stderr + proc.stdout).split())
-        assert not (p.data_dir / "system").exists()  # refused before anything started
-    finally:
-        p.cleanup()
+    assert message in refused_start(env)
 
 
 def test_second_platform_on_same_data_dir_is_refused(platform: PlatformProcess) -> None:

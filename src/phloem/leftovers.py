@@ -153,15 +153,19 @@ def _stop_pgbouncers(pids: list[int]) -> list[int]:
 
 # -- files -------------------------------------------------------------------------------
 
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
 def _clear_dir(directory: Path) -> list[Path]:
     """Remove everything in ``directory`` (kept itself)."""
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for entry in directory.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _remove(entry)
             removed.append(entry)
     return removed
 
@@ -192,10 +196,7 @@ def _remove_partial(base: Path) -> list[Path]:
         pid = _pid_suffix(entry.name)
         if pid is not None and pid != os.getpid() and procfs.alive(pid):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        _remove(entry)
         removed.append(entry)
     return removed
 

@@ -267,6 +267,23 @@ def platform_process(extra: list[str] | None = None) -> Iterator[PlatformProcess
         p.cleanup()
 
 
+def refused_start(env: dict[str, str]) -> str:
+    """Run ``phloem up`` with ``env`` added, expecting it to refuse before it makes
+    anything (non-zero exit, no system database); its output, whitespace collapsed.
+
+        assert "head_timeout: must be" in refused_start({"PHLOEM_HEAD_TIMEOUT": "0"})
+    """
+    p = PlatformProcess(new_data_dir(), free_port(), free_port())
+    try:
+        proc = subprocess.run(p.args(), env={**p.env, **env}, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0, proc.stdout + proc.stderr
+        assert not (p.data_dir / "system").exists()
+        return " ".join((proc.stderr + proc.stdout).split())
+    finally:
+        p.cleanup()
+
+
 def host_of(url: str) -> str:
     return url.split("://", 1)[1]
 
