@@ -67,11 +67,22 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class _PipeProtocol(asyncio.StreamReaderProtocol):
+    """A read pipe's protocol that lets its transport close at EOF. uvloop (which
+    ``phloem up`` runs on) keeps a transport open when ``eof_received`` returns true, as
+    ``StreamReaderProtocol``'s does, and nothing else closes these: each exited isolate
+    left its stdout and stderr pipes open in the platform. (asyncio's own pipe transport
+    closes at EOF whatever this returns.)"""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
+
+
 async def _pipe_reader(fd: int) -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**16)  # as asyncio's subprocess pipes
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 os.fdopen(fd, "rb", 0))
+    await loop.connect_read_pipe(lambda: _PipeProtocol(reader), os.fdopen(fd, "rb", 0))
     return reader
 
 
