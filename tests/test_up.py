@@ -1,26 +1,38 @@
 """``phloem up`` as a process: start, stop with SIGINT leaving nothing behind, restart
-with everything back, clear errors."""
+with everything back, clear errors; and the same lifecycle in a test's own loop
+(``running_platform``)."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import socket
 import subprocess
 
+import httpx
 import psycopg
 import pytest
 
+from phloem.client import Client
+from phloem.leftovers import stop_processes
+from phloem.settings import Settings
 from phloem.testing import (
     EXAMPLE,
     PHLOEM,
     PlatformProcess,
+    db_port_base,
     free_port,
     host_of,
     new_data_dir,
+    pick_isolate_uid_base,
     platform_process,
     processes_mentioning,
     refused_start,
+    running_platform,
     wait_for,
+    wait_for_async,
 )
+from tests.supervisor.test_runtime import APP
 
 
 def test_restart_brings_back_branches_and_deployments() -> None:
@@ -106,3 +118,38 @@ def test_sigint_during_requests_stops_cleanly() -> None:
         assert p.stop() == 0
         wait_for(lambda: processes_mentioning(str(p.data_dir)) == [], 10,
                  "every platform process to exit")
+
+
+async def test_running_platform_serves_then_drains_on_stop() -> None:
+    """``Platform.serve`` in this loop, as ``phloem up`` runs it: a deploy answers; a
+    stop lets the request in flight finish, then closes the gateway and ends every
+    process of the platform."""
+    data_dir = new_data_dir()
+    settings = Settings(data_dir=data_dir, api_port=free_port(), gateway_port=free_port(),
+                        pg_port_base=db_port_base(), eviction_grace_s=5.0,
+                        isolate_uid_base=pick_isolate_uid_base())
+    try:
+        async with running_platform(settings) as platform:
+            gateway = platform.running.gateway
+            client = Client.from_environment(data_dir)
+            dep = await asyncio.to_thread(client.deploy, "main", "slow", APP, "main:app")
+            assert dep["status"] == "ready", dep
+            fn = await asyncio.to_thread(client.get_function, "main", "slow")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}",
+                                         headers={"Host": host_of(fn["invocation_url"])},
+                                         timeout=60) as gw:
+                assert (await gw.get("/info")).status_code == 200
+                slow = asyncio.create_task(gw.get("/slow", params={"s": "2"}))
+                await wait_for_async(lambda: gateway.inflight == 1, 30,
+                                     "the slow request to be in flight")
+                platform.request_stop()
+                await wait_for_async(lambda: gateway.draining, 10, "the gateway to drain")
+                assert (await slow).status_code == 200  # drained, not cut
+            await platform.wait_stopped()
+            assert not gateway.serving
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://127.0.0.1:{gateway.port}/", timeout=5)
+        assert processes_mentioning(str(data_dir)) == []
+    finally:
+        stop_processes(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -1,14 +1,22 @@
 """The whole platform in one process: system database, branch clusters, supervisor,
-gateway and control API, with an explicit lifecycle.
+gateway and control API, with one lifecycle in the shape of uvicorn's ``Server``.
 
-    async with running_platform(Settings(data_dir=Path("/tmp/p"))) as platform:
-        await platform.wait_stopped()      # until platform.request_stop() (signals do that)
+    code = Platform(settings).run()        # phloem up: signals, start, serve, stop
+
+    platform = Platform(settings)          # in a loop (phloem.testing.running_platform)
+    serving = asyncio.create_task(platform.serve(on_ready))
+    ...
+    platform.request_stop()                # what the first SIGINT/SIGTERM does
+    await platform.wait_stopped()          # drained and stopped; ``await serving`` -> 0
 
 Start order: data dir -> what a killed run left (``phloem.leftovers``) -> binaries ->
 system cluster -> migrations -> API key -> branch clusters (then watched: one that dies is
-restarted) -> network rules -> runtimes' spawners -> supervisor -> gateway + API. Stop is
-the reverse: stop accepting, drain in-flight requests with a deadline, stop isolates
-(SIGINT, then SIGKILL after the grace period), remove the network rules, stop clusters.
+restarted) -> network rules -> runtimes' spawners -> supervisor -> gateway + API. Each
+component's stop is entered as it starts; stop (or a start-up that fails half-way) runs
+them in reverse: stop accepting, drain in-flight requests with a deadline, stop isolates
+(SIGINT, then SIGKILL after the grace period), the spawners, remove the network rules,
+stop clusters. What exists only once started lives in :class:`phloem.running.Running`,
+built in one place, so a ``Platform`` is never half-built.
 """
 
 from __future__ import annotations
@@ -20,13 +28,16 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, NoReturn
 
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
+from rich.markup import escape
 
 from phloem import __version__, leftovers
 from phloem.admission import Admission, AdmissionConfig, fd_limit, plan_connections
@@ -34,27 +45,43 @@ from phloem.artifacts import ArtifactStore
 from phloem.branches.manager import BranchManager
 from phloem.control import db
 from phloem.control.api import create_api
+from phloem.control.services import ApiServices
 from phloem.control.serving import ApiServer
 from phloem.control.store import BranchRow, FunctionRow, Store
 from phloem.deployer import Deployer
-from phloem.dispatch import PlatformRouter, parse_host
-from phloem.firewall import ACTIVE, Firewall, NoFirewall, choose_firewall
-from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
-from phloem.health import Bounded, Probes
+from phloem.dispatch import PlatformRouter
+from phloem.firewall import ACTIVE, Firewall, choose_firewall
+from phloem.gateway.server import Gateway, GatewayConfig
 from phloem.identity import ISOLATE_UIDS, Identity, make_dir
+from phloem.lifecycle import (
+    FORCED_EXIT_STATUS,
+    capture_signals,
+    err,
+    freeze_startup_heap,
+    install_uvloop,
+    out,
+    raise_fd_limit,
+)
 from phloem.logs import FunctionLogs
-from phloem.metrics import FunctionLoad, ListenerLoad, Metrics
+from phloem.metrics import Metrics
 from phloem.paths import DataPaths
 from phloem.postgres import Cluster, install_binaries
 from phloem.postgres.cluster import random_secret
+from phloem.running import Running, function_load, listener_load, request_observer
 from phloem.runtimes.base import BuildFailed, Toolbox
 from phloem.runtimes.build import DIRECT, SandboxRunner
 from phloem.runtimes.registry import spawners
 from phloem.sandbox import available as sandbox_unavailable
-from phloem.secrets import SecretBox
+from phloem.secrets import SecretBox, SecretError
 from phloem.settings import Settings
 from phloem.supervisor import Supervisor
-from phloem.supervisor.cgroups import choose_limiter, old_roots, parent_name
+from phloem.supervisor.cgroups import (
+    CgroupLimiter,
+    WatchdogLimiter,
+    choose_limiter,
+    old_roots,
+    parent_name,
+)
 from phloem.supervisor.isolate import DirectSpawner, Spawner
 
 log = logging.getLogger("phloem")
@@ -66,6 +93,8 @@ MAX_BODY_CEILING = 1024 * 1024 * 1024  # per-function limits may raise bodies up
 #: by regular accounts (below 65536), and never (uid_t)-1.
 MIN_UID_BASE = 65_537
 MAX_UID_BASE = 2**32 - 1 - ISOLATE_UIDS
+#: Called once the platform serves, before the readiness line (``phloem up --deploy``).
+ReadyHook = Callable[[Running], Awaitable[None]]
 
 
 class PlatformError(RuntimeError):
@@ -98,67 +127,192 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-async def _none() -> None:
-    return None
+async def _flush_logs(logs: FunctionLogs) -> None:
+    while True:
+        await asyncio.sleep(0.25)
+        logs.flush()
+
+
+async def _close_logs(flusher: asyncio.Task[None], logs: FunctionLogs) -> None:
+    flusher.cancel()
+    logs.close()
+
+
+async def _close_gateway(gateway: Gateway, timeout: float) -> None:
+    if not gateway.draining:  # else Running.stop drained it already
+        await gateway.stop_accepting()
+        await gateway.drain(timeout)
+
+
+async def _close_api(server: ApiServer, task: asyncio.Task[None], timeout: float) -> None:
+    server.should_exit = True
+    with contextlib.suppress(Exception):  # done already after Running.stop
+        await asyncio.wait_for(task, timeout)
 
 
 class Platform:
+    """One platform: :meth:`run` in a process of its own, or :meth:`serve` in a loop.
+    Its parts exist only while it runs, as :attr:`running`."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.paths = DataPaths(settings.data_dir)
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._lock_file: IO[str] | None = None
-        self._system: Cluster | None = None
-        self._pool: AsyncConnectionPool | None = None
-        self._api_server: ApiServer | None = None
-        self._api_task: asyncio.Task[None] | None = None
-        self.gateway: Gateway | None = None
-        self.function_logs = FunctionLogs()
-        self.metrics = Metrics(load=self._function_load, connections=self._listener_load)
-        self._admissions: list[Admission] = []
-        self.api_key: str | None = None
-        self.spawner: Spawner | None = None
-        self._flusher: asyncio.Task[None] | None = None
-        self.firewall: Firewall = NoFirewall("not started")
-        # phloem status: bounded probes, and the branches as last listed.
-        self._probes = Probes()
-        self._listing: Bounded[list[BranchRow]] = Bounded()
-        self._last_branches: list[BranchRow] = []
+        self._running: Running | None = None
+        #: What a forced exit does first (SIGKILL the isolates), once there are any.
+        self._on_force: list[Callable[[], None]] = []
 
-    # -- start ---------------------------------------------------------------
-    async def start(self) -> None:
+    @property
+    def running(self) -> Running:
+        """The started platform's parts (from ``on_ready`` on)."""
+        if self._running is None:
+            raise PlatformError("the platform has not started")
+        return self._running
+
+    # -- lifecycle -------------------------------------------------------------
+    def run(self, on_ready: ReadyHook | None = None) -> int:
+        """Serve in this process until SIGINT or SIGTERM; the exit status: 0 once
+        stopped, 1 if start-up failed (said on stderr). A second signal SIGKILLs the
+        isolates and exits 130 at once."""
+        install_uvloop()
+        return asyncio.run(self.serve(on_ready, own_process=True))
+
+    async def serve(self, on_ready: ReadyHook | None = None, *,
+                    own_process: bool = False) -> int:
+        """Start, call ``on_ready``, print the readiness line, serve until
+        :meth:`request_stop`, stop; 0, or 1 if start-up failed. ``own_process``: this
+        process is the platform's (``phloem up``): raise the descriptor limit, take
+        SIGINT/SIGTERM (a second one forces exit), tune the heap once started."""
+        try:
+            if not own_process:
+                return await self._serve(on_ready, own_process=False)
+            raise_fd_limit()
+            with capture_signals(on_stop=self._first_signal, on_force=self.force_exit):
+                return await self._serve(on_ready, own_process=True)
+        finally:
+            self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Stop gracefully: during start-up, undo it; once serving, drain and stop."""
+        self._stop_requested.set()
+
+    async def wait_stopped(self) -> None:
+        """Until :meth:`serve` has returned (stopped, or failed to start)."""
+        await self._stopped.wait()
+
+    def force_exit(self) -> NoReturn:
+        """SIGKILL every isolate and exit the process at once (databases end with it:
+        ``phloem.lifeline``)."""
+        err.print("[red]forced exit[/]")
+        for hook in self._on_force:
+            hook()
+        os._exit(FORCED_EXIT_STATUS)
+
+    def _first_signal(self) -> None:
+        err.print("[yellow]stopping: draining requests, stopping isolates and "
+                  "databases (press Ctrl-C again to force)[/]")
+        self.request_stop()
+
+    async def _serve(self, on_ready: ReadyHook | None, *, own_process: bool) -> int:
+        try:
+            with err.status("starting phloem"):
+                running = await self._start_unless_stopped()
+        except (PlatformError, SecretError) as exc:  # SecretError: a wrong PHLOEM_SECRET_KEY
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            return 1
+        self._running = running
+        try:
+            await self._announce(running)
+            if on_ready is not None:
+                await on_ready(running)
+            if own_process:
+                freeze_startup_heap()
+            out.print("ready. Press Ctrl-C to stop.")
+            await self._stop_requested.wait()
+        finally:
+            await running.stop()
+        out.print("phloem stopped")
+        return 0
+
+    async def _announce(self, running: Running) -> None:
         s = self.settings
+        out.print(f"[bold green]phloem {__version__} is up[/]  data dir {s.data_dir}")
+        out.print(f"  api      {s.api_url}/api/v1   (key in {s.data_dir / 'credentials.json'})")
+        out.print(f"  gateway  {s.gateway_host}:{running.gateway.port}")
+        out.print(f"  firewall {escape(running.firewall.state)}", highlight=False)
+        for b in await running.store.list_branches():
+            out.print(f"  branch   {b.name} ({b.id})  postgres 127.0.0.1:{b.port}")
+
+    async def _start_unless_stopped(self) -> Running:
+        """Start; a stop requested meanwhile cancels start-up, which stops what it
+        started."""
+        start = asyncio.create_task(self._start())
+        stop_wait = asyncio.create_task(self._stop_requested.wait())
+        try:
+            await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        if not start.done():
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
+            raise PlatformError("interrupted during start-up")
+        return start.result()
+
+    # -- start -----------------------------------------------------------------
+    async def _start(self) -> Running:
+        teardown = AsyncExitStack()
+        try:
+            return await self._build(teardown)
+        except BaseException:
+            await teardown.aclose()
+            raise
+
+    async def _build(self, teardown: AsyncExitStack) -> Running:
+        """Start every component in order, entering its stop in ``teardown`` as soon as
+        there is something to stop (so a failure half-way stops exactly that)."""
+        s, paths = self.settings, self.paths
+        push = teardown.push_async_callback
         if not MIN_UID_BASE <= s.isolate_uid_base <= MAX_UID_BASE:
             raise PlatformError(f"isolate_uid_base: must be between {MIN_UID_BASE} and "
                                 f"{MAX_UID_BASE} (got {s.isolate_uid_base})")
         _check_port_free("gateway_port", s.gateway_host, s.gateway_port)
         _check_port_free("api_port", s.api_host, s.api_port)
-        self._prepare_data_dir()
+        self._prepare_data_dir(teardown)
         # What a killed run left (its databases and poolers, isolate sockets, half-made
         # environments) goes before anything of this run starts.
-        swept = await asyncio.to_thread(leftovers.sweep, self.paths)
+        swept = await asyncio.to_thread(leftovers.sweep, paths)
         if swept:
             log.warning("the previous run of %s did not stop cleanly; stopped or removed "
-                        "what it left: %s", self.paths.root, swept.summary())
-        self.service = await asyncio.to_thread(Identity.service, s.service_user)
-        bins = await asyncio.to_thread(install_binaries, self.paths.pginstall)
-        self.secret_box = SecretBox.from_data_dir(self.paths.secrets)
-        await self._start_system_db(bins)
-        assert self._pool is not None
-        self.store = Store(self._pool, self.secret_box)
-        await self._ensure_api_key()
+                        "what it left: %s", paths.root, swept.summary())
+        service = await asyncio.to_thread(Identity.service, s.service_user)
+        bins = await asyncio.to_thread(install_binaries, paths.pginstall)
+        secret_box = SecretBox.from_data_dir(paths.secrets)
+        system = Cluster(bins, paths.system_pgdata, socket_dir=paths.pg_socket_dir("system"),
+                         port=SYSTEM_PORT, owner=service,
+                         log_file=paths.system_pgdata.parent / "postgres.log")
+        push(asyncio.to_thread, system.stop)  # idempotent: also a half-started one
+        pool = await self._start_system_db(system, secret_box)
+        push(pool.close)
+        store = Store(pool, secret_box)
+        api_key = await self._ensure_api_key(store)
 
-        self.branches = BranchManager(self.store, self.paths, bins, self.service,
-                                      s.pg_port_base)
-        await self.branches.recover()
-        await self.branches.start_all()
-        await self.branches.ensure_main()
-        assert self._system is not None
-        self.branches.watch_also("system database", self._system)
-        self.branches.start_watching()
-        await self._start_firewall()
+        branches = BranchManager(store, paths, bins, service, s.pg_port_base)
+        push(branches.stop_all)  # stops watching first: before the system cluster stops
+        await branches.recover()
+        await branches.start_all()
+        await branches.ensure_main()
+        branches.watch_also("system database", system)
+        branches.start_watching()
+        firewall = choose_firewall(s)
+        push(firewall.stop)
+        await self._start_firewall(firewall, store)
 
+        # Isolates write to the logs until they have stopped.
+        function_logs = FunctionLogs()
+        push(_close_logs, asyncio.create_task(_flush_logs(function_logs)), function_logs)
+        metrics = Metrics()
         sandbox_off = (await asyncio.to_thread(sandbox_unavailable) if s.sandbox
                        else "turned off (--no-sandbox)")
         if sandbox_off is not None and s.sandbox and os.geteuid() == 0:
@@ -166,49 +320,72 @@ class Platform:
         # As root, build steps run as the build user through the launcher (in a sandbox
         # unless --no-sandbox); else directly (docs/architecture.md, Builds).
         runner = DIRECT if os.geteuid() != 0 else SandboxRunner(
-            Identity.build(s.isolate_uid_base), self.paths.sandbox_root,
-            self.paths.build_caches, namespaces=sandbox_off is None)
+            Identity.build(s.isolate_uid_base), paths.sandbox_root,
+            paths.build_caches, namespaces=sandbox_off is None)
         try:
-            toolbox = Toolbox.for_platform(self.paths, runner, s.isolate_python)
+            toolbox = Toolbox.for_platform(paths, runner, s.isolate_python)
         except BuildFailed as exc:
             raise PlatformError(str(exc)) from None
-        make_dir(self.paths.isolate_sockets, 0o711)
+        make_dir(paths.isolate_sockets, 0o711)
+        # The isolates' groups go after the spawners stop (removing a group kills what
+        # is still in it), so their stop is entered first; they are chosen below.
+        groups: list[CgroupLimiter | WatchdogLimiter] = []
+
+        async def close_groups() -> None:
+            for limiter in groups:
+                await asyncio.to_thread(limiter.close, paths.run / "cgroups.json")
+
+        push(close_groups)
         # Each runtime's fast spawner (Python: a zygote with uvicorn already imported;
         # Node: standby processes), each spawning directly when its shortcut is down;
-        # started from this thread so they die with the platform.
+        # started from this thread so they die with the platform. Stopped after the
+        # isolates: they die with their zygote.
+        spawner: Spawner | None = None
         if s.zygote:
-            self.spawner = await asyncio.to_thread(spawners, toolbox, DirectSpawner())
-            await self.spawner.start()
+            spawner = await asyncio.to_thread(spawners, toolbox, DirectSpawner())
+            push(spawner.stop)
+            await spawner.start()
         # Isolates' groups go below ours; a killed run's leftovers go first.
-        self.cgroups = choose_limiter(parent_name=parent_name(self.paths.root),
-                                      defaults=s.function_limits)
-        self.cgroups.sweep(self.paths.run / "cgroups.json", old_roots())
-        self.supervisor = Supervisor(
-            self.paths.isolate_sockets, self.function_logs.writer_for,
+        cgroups = choose_limiter(parent_name=parent_name(paths.root),
+                                 defaults=s.function_limits)
+        groups.append(cgroups)
+        cgroups.sweep(paths.run / "cgroups.json", old_roots())
+        supervisor = Supervisor(
+            paths.isolate_sockets, function_logs.writer_for,
             grace_s=s.eviction_grace_s, start_timeout_s=s.isolate_start_timeout_s,
-            memory=self.cgroups, spawner=self.spawner,
-            on_cold_start=lambda spec, secs: self.metrics.observe_cold_start(
+            memory=cgroups, spawner=spawner,
+            on_cold_start=lambda spec, secs: metrics.observe_cold_start(
                 spec.branch_id, spec.slug, secs),
-            on_eviction=lambda spec, reason: self.metrics.observe_eviction(
+            on_eviction=lambda spec, reason: metrics.observe_eviction(
                 spec.branch_id, spec.slug, reason))
-        await self.supervisor.start()
-        self.artifacts = ArtifactStore(self.paths.artifacts)
-        await asyncio.to_thread(self.artifacts.sweep)  # uploads a killed run left
-        self.deployer = Deployer(s, self.paths, self.store, self.artifacts, self.branches,
-                                 self.supervisor, toolbox, self.secret_box, sandbox_off)
-        self.deployer.on_function_deployed = self._allow_function
-        self.deployer.on_function_deleted = self._forget_function
-        await self.deployer.load_routes()
-        await self._remove_unserved_deployments()
+        push(supervisor.stop_all)
+        self._on_force.append(lambda: _kill_isolates(supervisor))
+        await supervisor.start()
+        metrics.load = function_load(supervisor)
+        artifacts = ArtifactStore(paths.artifacts)
+        await asyncio.to_thread(artifacts.sweep)  # uploads a killed run left
+        deployer = Deployer(s, paths, store, artifacts, branches, supervisor, toolbox,
+                            secret_box, sandbox_off)
+        teardown.callback(deployer.close)
 
-        router = PlatformRouter(self.deployer, self.supervisor, s.domain)
+        async def allow(branch: BranchRow, fn: FunctionRow) -> None:
+            await firewall.allow_function(self._isolate_uid(fn), _branch_ports(branch))
+
+        async def forget(fn: FunctionRow) -> None:
+            await firewall.forget_function(self._isolate_uid(fn))
+
+        deployer.on_function_deployed = allow
+        deployer.on_function_deleted = forget
+        await deployer.load_routes()
+        await self._remove_unserved_deployments(store)
+
+        router = PlatformRouter(deployer, supervisor, s.domain)
         # Client connections may not take the descriptors isolates' connections, spawns
         # and databases need (phloem.admission.plan_connections).
         plan = plan_connections(fd_limit(), s.max_connections, s.api_max_connections)
         if plan.warning:
             log.warning("warning: %s", plan.warning)
-        self._connection_plan = plan
-        self.gateway = Gateway(
+        gateway = Gateway(
             router,
             GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
                           trusted_proxies=s.trusted_proxies,
@@ -219,30 +396,62 @@ class Platform:
                           # The gateway's own limit is a ceiling; lower ones come per lease.
                           max_body_bytes=max(s.function_limits.max_body_bytes,
                                              MAX_BODY_CEILING)),
-            on_request=self._observe_request)
-        await self.gateway.start()
-        self._admissions.append(self.gateway.admission)
-        await self._start_api()
-        self._flusher = asyncio.create_task(self._flush_logs())
+            on_request=request_observer(s, deployer, metrics, function_logs))
+        push(_close_gateway, gateway, s.drain_timeout_s)
+        await gateway.start()
+        admissions = [gateway.admission]
+        metrics.connections = listener_load(admissions)
 
-    async def _start_firewall(self) -> None:
+        # The API: its status route reports on `running`, tied below before it serves.
+        running: Running
+
+        async def status() -> dict[str, Any]:
+            return await running.status()
+
+        services = ApiServices(settings=s, paths=paths, api_key=api_key, store=store,
+                               branches=branches, deployer=deployer, artifacts=artifacts,
+                               function_logs=function_logs, metrics=metrics, status=status)
+        # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
+        config = uvicorn.Config(create_api(services), host=s.api_host, port=s.api_port,
+                                log_level="warning", access_log=False, lifespan="off",
+                                ws="none")
+        admission = Admission("api", AdmissionConfig(
+            max_connections=plan.api, max_per_peer=s.max_connections_per_peer,
+            head_timeout_s=s.head_timeout_s))
+        admissions.append(admission)
+        api_server = ApiServer(config, admission)
+        api_task = asyncio.create_task(api_server.serve())
+        push(_close_api, api_server, api_task, s.drain_timeout_s)
+        running = Running(
+            settings=s, paths=paths, api_key=api_key, pool=pool, store=store,
+            branches=branches, firewall=firewall, function_logs=function_logs,
+            metrics=metrics, cgroups=cgroups, supervisor=supervisor, artifacts=artifacts,
+            deployer=deployer, gateway=gateway, api_server=api_server, api_task=api_task,
+            admissions=admissions, teardown=teardown)
+        while not api_server.started:
+            if api_task.done():
+                api_task.result()
+                raise PlatformError(f"api_port: could not serve on {s.api_host}:{s.api_port}")
+            await asyncio.sleep(0.01)
+        return running
+
+    async def _start_firewall(self, firewall: Firewall, store: Store) -> None:
         """Network rules before any isolate or build runs, with every function already
         recorded allowed its branch's ports (docs/architecture.md, "Network rules")."""
         s = self.settings
-        ports = {b.id: _branch_ports(b) for b in await self.store.list_branches()}
+        ports = {b.id: _branch_ports(b) for b in await store.list_branches()}
         functions = {self._isolate_uid(fn): ports[fn.branch_id]
-                     for fn in await self.store.list_functions() if fn.branch_id in ports}
-        self.firewall = choose_firewall(s)
-        await self.firewall.start([s.gateway_port], functions)
-        if self.firewall.state != ACTIVE and s.firewall and os.geteuid() == 0:
+                     for fn in await store.list_functions() if fn.branch_id in ports}
+        await firewall.start([s.gateway_port], functions)
+        if firewall.state != ACTIVE and s.firewall and os.geteuid() == 0:
             log.warning("warning: no network rules for isolates and builds (%s); they can "
                         "connect to every local port: the control API, other branches' "
-                        "databases", self.firewall.state)
+                        "databases", firewall.state)
 
-    async def _remove_unserved_deployments(self) -> None:
+    async def _remove_unserved_deployments(self, store: Store) -> None:
         """Deployment directories only an active deployment needs: a build or a retire
         that a killed run left half-done leaves one behind (no build runs yet here)."""
-        active = {fn.active_deployment_id for fn in await self.store.list_functions()}
+        active = {fn.active_deployment_id for fn in await store.list_functions()}
         root = self.paths.deployments
         stale = [d for d in (root.iterdir() if root.is_dir() else [])
                  if d.name not in active]
@@ -255,13 +464,7 @@ class Platform:
     def _isolate_uid(self, fn: FunctionRow) -> int:
         return Identity.isolate(self.settings.isolate_uid_base, fn.number).uid
 
-    async def _allow_function(self, branch: BranchRow, fn: FunctionRow) -> None:
-        await self.firewall.allow_function(self._isolate_uid(fn), _branch_ports(branch))
-
-    async def _forget_function(self, fn: FunctionRow) -> None:
-        await self.firewall.forget_function(self._isolate_uid(fn))
-
-    def _prepare_data_dir(self) -> None:
+    def _prepare_data_dir(self, teardown: AsyncExitStack) -> None:
         root = self.paths.root
         try:
             make_dir(root, 0o711)
@@ -282,19 +485,16 @@ class Platform:
                         "outside it (e.g. /var/lib/phloem)"
                     )
                 parent = parent.parent
-        self._lock_file = open(self.paths.lock, "w")  # noqa: SIM115
+        lock = open(self.paths.lock, "w")  # noqa: SIM115  (held until the very end)
+        teardown.callback(lock.close)
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PlatformError(f"data_dir: another phloem is running on {root}") from None
 
-    async def _start_system_db(self, bins: Any) -> None:
+    async def _start_system_db(self, cluster: Cluster,
+                               secret_box: SecretBox) -> AsyncConnectionPool:
         secret_file = self.paths.secrets / "system.json"
-        pgdata = self.paths.system_pgdata
-        cluster = self._system = Cluster(
-            bins, pgdata, socket_dir=self.paths.pg_socket_dir("system"), port=SYSTEM_PORT,
-            owner=self.service, log_file=pgdata.parent / "postgres.log",
-        )
         if not cluster.initialized:
             password = random_secret()
             await asyncio.to_thread(cluster.initialize, password)
@@ -307,229 +507,22 @@ class Platform:
             if not exists:
                 conn.execute(f"CREATE DATABASE {SYSTEM_DB}")
         conninfo = cluster.admin_conninfo(password, SYSTEM_DB)
-        await asyncio.to_thread(db.migrate, conninfo, self.secret_box)
-        self._pool = await db.open_pool(conninfo)
+        await asyncio.to_thread(db.migrate, conninfo, secret_box)
+        return await db.open_pool(conninfo)
 
-    async def _ensure_api_key(self) -> None:
+    async def _ensure_api_key(self, store: Store) -> str:
         creds = self.paths.credentials
+        key: str | None = None
         if creds.exists():
-            key = json.loads(creds.read_text()).get("api_key", "")
-            if key and await self.store.api_key_valid(key):
-                self.api_key = key
-        if self.api_key is None:
-            self.api_key = await self.store.create_api_key("created by phloem up")
-        _write_private(creds, {"api_url": self.settings.api_url, "api_key": self.api_key})
-
-    async def _start_api(self) -> None:
-        s = self.settings
-        # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
-        config = uvicorn.Config(create_api(self), host=s.api_host, port=s.api_port,
-                                log_level="warning", access_log=False, lifespan="off",
-                                ws="none")
-        admission = Admission("api", AdmissionConfig(
-            max_connections=self._connection_plan.api,
-            max_per_peer=s.max_connections_per_peer, head_timeout_s=s.head_timeout_s))
-        self._admissions.append(admission)
-        self._api_server = ApiServer(config, admission)
-        self._api_task = asyncio.create_task(self._api_server.serve())
-        while not self._api_server.started:
-            if self._api_task.done():
-                self._api_task.result()
-                raise PlatformError(f"api_port: could not serve on {s.api_host}:{s.api_port}")
-            await asyncio.sleep(0.01)
-
-    async def _flush_logs(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
-            self.function_logs.flush()
-
-    # -- metrics ---------------------------------------------------------------
-    def _observe_request(self, record: RequestRecord) -> None:
-        # Runs for every request on the gateway's path: keep it to lookups and one format.
-        # Only label with routes that exist: any client can send any Host.
-        key = parse_host(record.host, self.settings.domain)
+            key = json.loads(creds.read_text()).get("api_key", "") or None
+            if key is not None and not await store.api_key_valid(key):
+                key = None
         if key is None:
-            return
-        spec = self.deployer.routes.get(key)
-        if spec is None:
-            return
-        self.metrics.observe_request(record, key[0], key[1])
-        line = (f"{record.method} {record.path} {record.status} "
-                f"{record.duration_s * 1000:.1f}ms rid={record.request_id}")
-        if record.error:
-            line = f"{line} {record.error}"
-        self.function_logs.write(spec.log_path, "gateway", "access", line)
-
-    def _listener_load(self) -> dict[str, ListenerLoad]:
-        return {a.name: ListenerLoad(a.open, a.config.max_connections, dict(a.refused))
-                for a in self._admissions}
-
-    def _function_load(self) -> dict[tuple[str, str], FunctionLoad]:
-        load: dict[tuple[str, str], FunctionLoad] = {}
-        if not hasattr(self, "supervisor"):
-            return load
-        for i in self.supervisor.isolates():
-            key = (i.spec.branch_id, i.spec.slug)
-            cur = load.get(key, FunctionLoad())
-            load[key] = FunctionLoad(cur.isolates + 1, cur.inflight + i.inflight,
-                                     cur.open_streams + i.open_streams)
-        return load
-
-    # -- run -----------------------------------------------------------------
-    def request_stop(self) -> None:
-        self._stop_requested.set()
-
-    async def wait_stop_requested(self) -> None:
-        await self._stop_requested.wait()
-
-    async def status(self) -> dict[str, Any]:
-        """Each component's real state, probed now; ``down`` names what is down (the CLI
-        exits non-zero then). A stuck database costs at most the probe timeout."""
-        s = self.settings
-        system, (branch_rows, listed) = await asyncio.gather(self._probe_system_db(),
-                                                             self._known_branches())
-        branch_status = await asyncio.gather(*(self._branch_status(b) for b in branch_rows))
-        isolates = [
-            {"id": i.id, "function": i.spec.slug, "branch_id": i.spec.branch_id,
-             "deployment_id": i.spec.deployment_id, "state": i.state, "pid": i.pid,
-             "inflight": i.inflight, "open_streams": i.open_streams,
-             "background": i.background,
-             "cold_start_ms": round(i.cold_start_s * 1000, 1) if i.cold_start_s else None}
-            for i in self.supervisor.isolates()
-        ] if hasattr(self, "supervisor") else []
-        supervisor: dict[str, Any] = (self.supervisor.health() if hasattr(self, "supervisor")
-                                      else {"state": "down", "isolates": 0})
-        if hasattr(self, "supervisor"):
-            supervisor.update(sandbox=self._sandbox_state(), cgroups=self.cgroups.describe())
-        components: dict[str, Any] = {
-            "system_database": system,
-            "api": {"state": self._api_state(), "url": s.api_url},
-            "gateway": self._gateway_state(),
-            "supervisor": supervisor,
-            "firewall": self.firewall.describe(),
-        }
-        down = [name for name, c in components.items() if c["state"] == "down"]
-        for b in branch_status:  # one being created, reset or deleted is down by design
-            down += [f"branch {b['name']} {part}" for part in ("database", "pooler")
-                     if b[part] == "down" and b["state"] == "ready"]
-        return {
-            "version": __version__,
-            "data_dir": str(self.paths.root),
-            "healthy": not down,
-            "down": down,
-            "components": components,
-            # From the last answer of the system database when it does not answer now.
-            "branches_listed": listed,
-            "branches": branch_status,
-            "isolates": isolates,
-        }
-
-    async def _probe_system_db(self) -> dict[str, Any]:
-        conninfo = self._pool.conninfo if self._pool is not None else None
-        if not isinstance(conninfo, str):  # not started (open_pool passes a string)
-            return {"state": "down", "error": "not started"}
-        result = await self._probes.database("system", conninfo)
-        return result.describe()
-
-    async def _known_branches(self) -> tuple[list[BranchRow], str]:
-        """The branches, and whether they were listed ``now`` or come from the ``cache``
-        of the last listing (when the system database does not answer)."""
-        rows = await self._listing.run("branches", self.store.list_branches,
-                                       self._probes.timeout_s)
-        if rows is None:
-            return self._last_branches, "cache"
-        self._last_branches = rows
-        return rows, "now"
-
-    async def _branch_status(self, b: BranchRow) -> dict[str, Any]:
-        urls = self.branches.connection_strings(b)
-        pooler = self.branches.pooler(b)
-        database, pooled = await asyncio.gather(
-            self._probes.database(f"branch {b.id}", urls.unpooled),
-            self._probes.database(f"pooler {b.id}", urls.pooled) if pooler else _none())
-        out: dict[str, Any] = {
-            "id": b.id, "name": b.name, "port": b.port, "pooler_port": b.pooler_port,
-            "parent_id": b.parent_id, "state": b.state,
-            "database": "running" if database.ok else "down",
-            "database_probe": database.describe()}
-        if pooled is None:
-            out["pooler"] = "unavailable"
-        else:
-            out["pooler"] = "running" if pooled.ok else "down"
-            out["pooler_probe"] = pooled.describe()
-        return out
-
-    def _api_state(self) -> str:
-        """The control API's uvicorn server: ``running`` once it serves, ``stopping``
-        once told to exit, ``down`` if its task ended."""
-        server, task = self._api_server, self._api_task
-        if server is None or task is None or task.done():
-            return "down"
-        if server.should_exit:
-            return "stopping"
-        return "running" if server.started else "starting"
-
-    def _gateway_state(self) -> dict[str, Any]:
-        s, gw = self.settings, self.gateway
-        out: dict[str, Any] = {"address": f"{s.gateway_host}:{s.gateway_port}"}
-        if gw is None:
-            return {"state": "down", **out}
-        if gw.serving:
-            state = "running"
-        elif gw.draining:
-            state = "draining"
-        else:  # never started, or stopped accepting without a drain
-            return {"state": "down", **out}
-        return {"state": state, "address": f"{s.gateway_host}:{gw.port}",
-                "inflight": gw.inflight, "open_streams": gw.open_streams}
-
-    def _sandbox_state(self) -> str:
-        off = self.deployer.sandbox_off if self.deployer is not None else "not started"
-        return "active" if off is None else f"off: {off}"
-
-    # -- stop ----------------------------------------------------------------
-    async def stop(self) -> None:
-        s = self.settings
-        if self.gateway is not None:
-            await self.gateway.stop_accepting()
-        if self._api_server is not None:
-            self._api_server.should_exit = True
-        if self.gateway is not None:
-            await self.gateway.drain(s.drain_timeout_s)
-        if self._api_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._api_task, s.drain_timeout_s)
-        if hasattr(self, "deployer"):
-            self.deployer.close()
-        if hasattr(self, "supervisor"):
-            await self.supervisor.stop_all()
-        if self.spawner is not None:  # after the isolates: they die with their zygote
-            await self.spawner.stop()
-        if hasattr(self, "cgroups"):
-            await asyncio.to_thread(self.cgroups.close, self.paths.run / "cgroups.json")
-        await self.firewall.stop()
-        if self._flusher is not None:
-            self._flusher.cancel()
-        self.function_logs.close()
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-        if hasattr(self, "branches"):
-            await self.branches.stop_all()
-        if self._system is not None:
-            await asyncio.to_thread(self._system.stop)
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
-        self._stopped.set()
+            key = await store.create_api_key("created by phloem up")
+        _write_private(creds, {"api_url": self.settings.api_url, "api_key": key})
+        return key
 
 
-@contextlib.asynccontextmanager
-async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
-    """Start the platform, yield it, stop it (also when start-up fails half-way)."""
-    platform = Platform(settings)
-    try:
-        await platform.start()
-        yield platform
-    finally:
-        await platform.stop()
+def _kill_isolates(supervisor: Supervisor) -> None:
+    for isolate in supervisor.isolates():
+        isolate.send_signal(signal.SIGKILL)

@@ -1,13 +1,18 @@
 """Start real platforms for tests and benchmarks: ``phloem up`` as a subprocess, as a
-user runs it, on free ports and a fresh data dir.
+user runs it, on free ports and a fresh data dir; or in the test's own event loop through
+the same entry point (``Platform.serve``).
 
-    with PlatformProcess.start(data_dir) as p:
+    with platform_process() as p:
         p.cli("functions", "list")
-        p.gateway_get(host, "/")
+        p.gateway(host).get("/")
+
+    async with running_platform(settings) as platform:
+        platform.running.gateway.port
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -20,14 +25,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psycopg
+
+if TYPE_CHECKING:
+    from phloem.platform import Platform
+    from phloem.running import Running
+    from phloem.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PHLOEM = str(Path(sys.executable).parent / "phloem")
@@ -101,6 +111,19 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}"
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+async def wait_for_async(predicate: Any, timeout: float, what: str,
+                         interval: float = 0.01) -> Any:
+    """:func:`wait_for` for a test whose platform serves in its own loop: polls without
+    blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -265,6 +288,38 @@ def platform_process(extra: list[str] | None = None) -> Iterator[PlatformProcess
         yield p
     finally:
         p.cleanup()
+
+
+@asynccontextmanager
+async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
+    """A platform serving in this event loop (``Platform.serve``, as ``phloem up`` runs
+    it, without taking signals): yielded once ready (its parts in ``.running``), then
+    stopped as the first SIGINT would, waiting until it has drained and stopped.
+
+        async with running_platform(Settings(data_dir=new_data_dir(), ...)) as platform:
+            port = platform.running.gateway.port
+    """
+    from phloem.platform import Platform
+
+    platform = Platform(settings)
+    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+
+    async def on_ready(running: Running) -> None:
+        ready.set_result(running)
+
+    serving = asyncio.create_task(platform.serve(on_ready))
+    first: set[asyncio.Future[Any]] = {ready, serving}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        raise AssertionError(f"the platform did not start (serve returned "
+                             f"{serving.result()}; its error is on stderr)")
+    try:
+        yield platform
+    finally:
+        platform.request_stop()
+        code = await serving
+        if code != 0:
+            raise AssertionError(f"the platform's serve returned {code}")
 
 
 def refused_start(env: dict[str, str]) -> str:

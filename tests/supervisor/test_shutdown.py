@@ -1,13 +1,15 @@
-"""Platform shutdown gives ``wait_until`` work its budget, not just the SIGINT grace."""
+"""Platform shutdown gives ``wait_until`` work its budget, not just the SIGINT grace; a
+second signal ends it at once."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import httpx
 import psycopg
 
-from phloem.testing import host_of, platform_process
+from phloem.testing import host_of, platform_process, processes_mentioning, wait_for
 from tests.conftest import Reliability
 from tests.supervisor.test_runtime import APP
 
@@ -48,3 +50,24 @@ def test_shutdown_waits_for_wait_until_work_beyond_the_grace(
     reliability.record(rounds=1, passed=1,
                        figure=f"{WORK_S:g} s of work done at shutdown with a {GRACE_S:g} s "
                               f"grace; stop took {took:.1f} s")
+
+
+def test_second_signal_forces_exit_at_once() -> None:
+    with platform_process() as p:
+        fn = p.deploy("busy", APP)
+        assert fn["status"] == "ready", fn
+        with p.gateway(host_of(fn["invocation_url"])) as gw:  # a minute of work to wait for
+            resp = gw.get("/wait", params={"s": "60", "tag": "forced"})
+        assert resp.status_code == 202
+        assert p.proc is not None
+        p.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("waiting for wait_until work" in line for line in p.output),
+                 60, "the graceful stop to wait for the isolate's work")
+        asked = time.monotonic()
+        p.proc.send_signal(signal.SIGINT)
+        assert p.proc.wait(30) == 130
+        assert time.monotonic() - asked < 10
+        wait_for(lambda: "forced exit" in "\n".join(p.output), 10, "the reader to see EOF")
+        # Isolates were SIGKILLed; databases and poolers end with the process (lifeline).
+        wait_for(lambda: processes_mentioning(str(p.data_dir)) == [], 20,
+                 "every platform process to end")

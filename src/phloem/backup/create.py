@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 
@@ -60,9 +60,24 @@ from phloem.postgres.cluster import SUPERUSER
 from phloem.secrets import KEY_ENV
 
 if TYPE_CHECKING:
-    from phloem.platform import Platform
+    from phloem.branches.manager import BranchManager
+    from phloem.settings import Settings
 
 Progress = Callable[[str], None]
+
+
+class BackupSource(Protocol):
+    """What a backup reads of the running platform (the API's
+    ``phloem.control.services.ApiServices`` has it)."""
+
+    @property
+    def paths(self) -> DataPaths: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def branches(self) -> BranchManager: ...
+    @property
+    def settings(self) -> Settings: ...
 
 #: Top-level entries of the data dir not copied as files: runtime state (run), what
 #: start-up reinstalls (pginstall), download caches, logs, backups themselves, and the
@@ -113,7 +128,7 @@ def _backup_system(paths: DataPaths, data: Path) -> PartStats:
                      round(stats.backup_ms + stats.copy_ms, 1))
 
 
-def _backup_branch(platform: Platform, branch: BranchRow, data: Path) -> PartStats:
+def _backup_branch(platform: BackupSource, branch: BranchRow, data: Path) -> PartStats:
     paths = platform.paths
     src_dir = paths.branch_dir(branch.id)
     dst_dir = data / "branches" / branch.id
@@ -191,7 +206,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-async def take_backup(platform: Platform, backup_id: str, progress: Progress) -> Manifest:
+async def take_backup(platform: BackupSource, backup_id: str, progress: Progress) -> Manifest:
     """Write the backup ``<data>/backups/<backup_id>``; on failure nothing is left."""
     backup_dir = check_backups_dir(platform.paths) / backup_id
     backup_dir.mkdir(mode=0o700)
@@ -203,7 +218,7 @@ async def take_backup(platform: Platform, backup_id: str, progress: Progress) ->
         raise
 
 
-async def _take(platform: Platform, backup_id: str, backup_dir: Path,
+async def _take(platform: BackupSource, backup_id: str, backup_dir: Path,
                 progress: Progress) -> Manifest:
     paths, store = platform.paths, platform.store
     created_at = datetime.now(UTC)

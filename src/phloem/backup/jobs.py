@@ -3,7 +3,7 @@
 One backup runs at a time (a second request gets 409 ``backup_running``); it runs as a
 task of the platform's loop and records progress lines a client polls.
 
-    jobs = BackupJobs(platform)
+    jobs = BackupJobs(services)           # the API's ApiServices
     job = jobs.start()                    # BackupError(409) while another runs
     jobs.describe(job.id).progress
 """
@@ -15,9 +15,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from phloem.backup.create import (
+    BackupSource,
     backups_dir,
     check_backups_dir,
     new_backup_id,
@@ -30,9 +30,6 @@ from phloem.backup.manifest import (
     Manifest,
     read_manifest,
 )
-
-if TYPE_CHECKING:
-    from phloem.platform import Platform
 
 log = logging.getLogger("phloem.backup")
 
@@ -62,7 +59,7 @@ class BackupInfo:
 
 
 class BackupJobs:
-    def __init__(self, platform: Platform) -> None:
+    def __init__(self, platform: BackupSource) -> None:
         self.platform = platform
         self.root = backups_dir(platform.paths)
         self._jobs: dict[str, BackupJob] = {}

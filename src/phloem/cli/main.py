@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,6 +26,9 @@ from phloem.limits import FunctionLimits, check_limits
 from phloem.runtimes.registry import RUNTIMES, choose
 from phloem.settings import Settings, default_data_dir
 from phloem.validation import InvalidInput, check_slug, check_token
+
+if TYPE_CHECKING:
+    from phloem.running import Running
 
 app = typer.Typer(help="phloem: long-running serverless functions that branch with "
                        "their Postgres database.", no_args_is_help=True,
@@ -203,89 +204,14 @@ def up(
         head_timeout_s=head_timeout, max_connections_per_peer=max_connections_per_peer,
         max_connections=max_connections, api_max_connections=api_max_connections,
     )
-    try:
-        import uvloop
+    from phloem.platform import Platform  # the platform's modules load only for `up`
 
-        uvloop.install()
-    except ImportError:
-        pass
-    code = asyncio.run(_serve(settings, [p.absolute() for p in deploy or []]))
-    raise typer.Exit(code)
+    deploy_dirs = [p.absolute() for p in deploy or []]
 
-
-def _raise_fd_limit() -> None:
-    """Every open stream costs the gateway two descriptors: use all we may have."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
-    import gc
-
-    from phloem.platform import Platform, PlatformError
-    from phloem.secrets import SecretError
-
-    _raise_fd_limit()
-
-    platform = Platform(settings)
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            err.print("[yellow]stopping: draining requests, stopping isolates and "
-                      "databases (press Ctrl-C again to force)[/]")
-            platform.request_stop()
-        else:
-            err.print("[red]forced exit[/]")
-            if hasattr(platform, "supervisor"):
-                for isolate in platform.supervisor.isolates():
-                    isolate.send_signal(signal.SIGKILL)
-            os._exit(130)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        with err.status("starting phloem"):
-            start = asyncio.create_task(platform.start())
-            stop_wait = asyncio.create_task(platform.wait_stop_requested())
-            await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if not start.done():
-                start.cancel()
-                raise PlatformError("interrupted during start-up")
-            start.result()
-    except (PlatformError, SecretError) as exc:  # SecretError: a wrong PHLOEM_SECRET_KEY
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        await platform.stop()
-        return 1
-    except BaseException:
-        await platform.stop()
-        raise
-    s = settings
-    out.print(f"[bold green]phloem {__version__} is up[/]  data dir {s.data_dir}")
-    out.print(f"  api      {s.api_url}/api/v1   (key in {s.data_dir / 'credentials.json'})")
-    out.print(f"  gateway  {s.gateway_host}:{platform.gateway.port if platform.gateway else ''}")
-    out.print(f"  firewall {escape(platform.firewall.state)}", highlight=False)
-    for b in await platform.store.list_branches():
-        out.print(f"  branch   {b.name} ({b.id})  postgres 127.0.0.1:{b.port}")
-    if deploy_dirs:
+    async def deploy_once_up(_: Running) -> None:
         await asyncio.to_thread(_deploy_dirs, settings, deploy_dirs)
-    # What start-up built lives for the whole run: keep it out of every collection, and
-    # make full collections rare (with thousands of streams they paused the loop for
-    # hundreds of ms).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(700, 10, 1000)
-    out.print("ready. Press Ctrl-C to stop.")
-    await platform.wait_stop_requested()
-    await platform.stop()
-    out.print("phloem stopped")
-    return 0
+
+    raise typer.Exit(Platform(settings).run(deploy_once_up if deploy_dirs else None))
 
 
 def _deploy_dirs(settings: Settings, dirs: list[Path]) -> None:

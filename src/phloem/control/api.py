@@ -8,7 +8,9 @@ checked by :class:`RequestGuard` before a byte of the body is read, and bodies a
 (:data:`MAX_JSON_BODY_BYTES`, artifacts :data:`~phloem.artifacts.MAX_ARTIFACT_BYTES`):
 anyone who can reach the port can otherwise make the platform buffer what it sends.
 
-    app = create_api(platform)      # served by uvicorn in the platform's event loop
+    app = create_api(services)      # served by uvicorn in the platform's event loop
+
+The routes see the platform only through :class:`~phloem.control.services.ApiServices`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hmac
 import math
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
@@ -42,13 +44,11 @@ from phloem.artifacts import (
 )
 from phloem.branches.manager import BranchError
 from phloem.control.backup_api import router as backup_router
+from phloem.control.services import ApiServices
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
 from phloem.logs import follow_file, tail
 from phloem.validation import InvalidInput
-
-if TYPE_CHECKING:
-    from phloem.platform import Platform
 
 
 class ApiError(Exception):
@@ -356,8 +356,8 @@ class KeepEncodedSlashes:
 
 async def branch_by_ref(ref: str, request: Request) -> BranchRow:
     """The branch named by the ``{ref}`` path parameter: an id or a name."""
-    platform: Platform = request.app.state.platform
-    return await platform.branches.get(ref.replace("%2F", "/"))
+    services: ApiServices = request.app.state.services
+    return await services.branches.get(ref.replace("%2F", "/"))
 
 
 BranchRef = Annotated[BranchRow, Depends(branch_by_ref)]
@@ -377,23 +377,23 @@ ARTIFACT_BODY: dict[str, Any] = {"requestBody": {
 UPLOAD_BATCH_BYTES = 1024 * 1024
 
 
-def create_api(platform: Platform) -> FastAPI:
+def create_api(services: ApiServices) -> FastAPI:
     app = FastAPI(title="phloem", version=__version__, openapi_url="/api/v1/openapi.json",
                   docs_url="/api/v1/docs", redoc_url=None)
-    app.state.platform = platform
+    app.state.services = services
     app.add_middleware(KeepEncodedSlashes)
     # Added last, so outermost: nothing runs for a request it refuses.
     async def key_valid(key: str) -> bool:
         # The platform's own key (credentials.json's) is compared in memory, so status
         # and the rest answer a 401/200 while the system database does not; other keys
         # are looked up.
-        own = platform.api_key
-        if own and hmac.compare_digest(key.encode(), own.encode()):
+        own = services.api_key
+        if hmac.compare_digest(key.encode(), own.encode()):
             return True
-        return await platform.store.api_key_valid(key)
+        return await services.store.api_key_valid(key)
 
     app.add_middleware(RequestGuard, key_valid=key_valid,
-                       metrics_token=platform.settings.metrics_token)
+                       metrics_token=services.settings.metrics_token)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -437,14 +437,14 @@ def create_api(platform: Platform) -> FastAPI:
     app.openapi = lambda: _openapi_document(app)  # type: ignore[method-assign]
 
     async def function_out(branch: BranchRow, fn: FunctionRow) -> FunctionOut:
-        deployments = await platform.store.list_deployments(fn.id)
+        deployments = await services.store.list_deployments(fn.id)
         latest = deployments[0] if deployments else None
         active = next((d for d in deployments if d.id == fn.active_deployment_id), None)
         status = active.status if active else (latest.status if latest else "none")
         return FunctionOut(
             id=fn.id, slug=fn.slug, name=fn.name, branch_id=branch.id,
             branch_name=branch.name, runtime=fn.runtime,
-            invocation_url=platform.deployer.invocation_url(branch.id, fn.slug),
+            invocation_url=services.deployer.invocation_url(branch.id, fn.slug),
             status=status, deployment_id=fn.active_deployment_id,
             latest_deployment=_deployment_out(latest) if latest else None,
             created_at=fn.created_at, updated_at=fn.updated_at,
@@ -458,12 +458,12 @@ def create_api(platform: Platform) -> FastAPI:
     async def metrics(request: Request) -> Response:
         """Prometheus exposition; it names every branch and function, so it needs a key
         (or the metrics token: :class:`RequestGuard`)."""
-        body, content_type = platform.metrics.render(request.headers.get("accept", ""))
+        body, content_type = services.metrics.render(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 
     @app.get("/api/v1/status")
     async def status() -> dict[str, Any]:
-        return await platform.status()
+        return await services.status()
 
     @app.put("/api/v1/artifacts/{sha256}", status_code=201,
              responses=errors(400, 409, 413, 507), openapi_extra=ARTIFACT_BODY)
@@ -472,7 +472,7 @@ def create_api(platform: Platform) -> FastAPI:
         temporary file from a worker thread (the gateway shares this event loop), hashed
         on the way, and is renamed into place only when it hashes to its name."""
         try:
-            return await receive_artifact(platform, sha256, request)
+            return await receive_artifact(services, sha256, request)
         except HashMismatch as exc:
             raise ApiError(409, "sha256_mismatch", str(exc), "sha256") from None
         except ArtifactTooLarge as exc:
@@ -491,15 +491,15 @@ def create_api(platform: Platform) -> FastAPI:
         404: {"description": "no such artifact (no body: this is HEAD)"},
         **errors(400)})
     async def head_artifact(sha256: Sha256) -> Response:
-        found = await asyncio.to_thread(platform.artifacts.exists, sha256)
+        found = await asyncio.to_thread(services.artifacts.exists, sha256)
         return Response(status_code=200 if found else 404)
 
     async def sized(b: BranchRow) -> BranchOut:
-        return _branch_out(b, await asyncio.to_thread(platform.branches.logical_size, b))
+        return _branch_out(b, await asyncio.to_thread(services.branches.logical_size, b))
 
     @app.get("/api/v1/branches")
     async def list_branches() -> list[BranchOut]:
-        return [await sized(b) for b in await platform.store.list_branches()]
+        return [await sized(b) for b in await services.store.list_branches()]
 
     @app.get("/api/v1/branches/{ref}", responses=errors(404))
     async def get_branch(branch: BranchRef) -> BranchOut:
@@ -507,39 +507,39 @@ def create_api(platform: Platform) -> FastAPI:
 
     @app.post("/api/v1/branches", status_code=201, responses=errors(400, 404, 409, 507))
     async def create_branch(body: BranchCreateIn) -> BranchOut:
-        row = await platform.branches.create(body.name, body.parent)
+        row = await services.branches.create(body.name, body.parent)
         out = await sized(row)
         if body.copy_functions and row.parent_id is not None:
-            parent = await platform.branches.get(row.parent_id)
-            deps = await platform.deployer.copy_functions(parent, row)
+            parent = await services.branches.get(row.parent_id)
+            deps = await services.deployer.copy_functions(parent, row)
             out.copied_deployments = [d.id for d in deps]
         return out
 
     @app.post("/api/v1/branches/{ref}/reset", responses=errors(404, 409, 507))
     async def reset_branch(branch: BranchRef) -> BranchOut:
-        row = await platform.branches.reset(branch.id, platform.deployer.restart_branch)
+        row = await services.branches.reset(branch.id, services.deployer.restart_branch)
         return await sized(row)
 
     @app.delete("/api/v1/branches/{ref}", responses=errors(400, 404, 409))
     async def delete_branch(branch: BranchRef, recursive: bool = False) -> BranchDeleteOut:
-        deleted = await platform.branches.delete(branch.id, recursive,
-                                                 platform.deployer.drop_branch)
+        deleted = await services.branches.delete(branch.id, recursive,
+                                                 services.deployer.drop_branch)
         return BranchDeleteOut(deleted=deleted)
 
     @app.get("/api/v1/branches/{ref}/connection", responses=errors(400, 404))
     async def connection_string(branch: BranchRef, pooled: bool = True) -> ConnectionOut:
-        urls = platform.branches.connection_strings(branch)
+        urls = services.branches.connection_strings(branch)
         return ConnectionOut(uri=urls.pooled if pooled else urls.unpooled, pooled=pooled,
                              branch_id=branch.id)
 
     @app.get("/api/v1/branches/{ref}/functions", responses=errors(404))
     async def list_functions(branch: BranchRef) -> list[FunctionOut]:
-        fns = await platform.store.list_functions(branch.id)
+        fns = await services.store.list_functions(branch.id)
         return [await function_out(branch, f) for f in fns]
 
     @app.get("/api/v1/branches/{ref}/functions/{slug}", responses=errors(404))
     async def get_function(branch: BranchRef, slug: str) -> FunctionOut:
-        fn = await platform.store.get_function(branch.id, slug)
+        fn = await services.store.get_function(branch.id, slug)
         if fn is None:
             raise NotFound("function", slug)
         return await function_out(branch, fn)
@@ -547,7 +547,7 @@ def create_api(platform: Platform) -> FastAPI:
     @app.post("/api/v1/branches/{ref}/functions/{slug}/deployments", status_code=202,
               responses=errors(400, 404))
     async def deploy(branch: BranchRef, slug: Slug, body: DeployIn) -> DeploymentOut:
-        dep = await platform.deployer.deploy(branch, DeployRequest(
+        dep = await services.deployer.deploy(branch, DeployRequest(
             slug=slug, artifact_sha256=body.artifact_sha256, entry=body.entry,
             runtime=body.runtime, name=body.name, env=body.env, unset_env=body.unset_env,
             replace_env=body.replace_env, limits=body.limits))
@@ -556,7 +556,7 @@ def create_api(platform: Platform) -> FastAPI:
     @app.delete("/api/v1/branches/{ref}/functions/{slug}", status_code=204,
                 responses=errors(404))
     async def delete_function(branch: BranchRef, slug: str) -> Response:
-        await platform.deployer.delete(branch, slug)
+        await services.deployer.delete(branch, slug)
         return Response(status_code=204)
 
     @app.get("/api/v1/branches/{ref}/functions/{slug}/logs", response_class=PlainTextResponse,
@@ -567,10 +567,10 @@ def create_api(platform: Platform) -> FastAPI:
         """The function's log; ``since`` in seconds; ``follow`` streams new lines."""
         if since is not None and not math.isfinite(since):
             raise InvalidInput("since", f"must be a finite number of seconds (got {since})")
-        if await platform.store.get_function(branch.id, slug) is None:
+        if await services.store.get_function(branch.id, slug) is None:
             raise NotFound("function", slug)
-        path = platform.paths.function_log(branch.id, slug)
-        platform.function_logs.flush()
+        path = services.paths.function_log(branch.id, slug)
+        services.function_logs.flush()
         found = tail(path, max(1, min(lines, 10000)), since)
         text = "".join(line + "\n" for line in found)
         if not follow:
@@ -581,23 +581,23 @@ def create_api(platform: Platform) -> FastAPI:
     async def function_env(branch: BranchRef, slug: str,
                            show_values: bool = False) -> EnvOut:
         """The active deployment's env names (values only with ``show_values``)."""
-        fn = await platform.store.get_function(branch.id, slug)
+        fn = await services.store.get_function(branch.id, slug)
         if fn is None or fn.active_deployment_id is None:
             raise NotFound("function", slug)
-        dep = await platform.store.get_deployment(fn.active_deployment_id)
+        dep = await services.store.get_deployment(fn.active_deployment_id)
         assert dep is not None
-        env = platform.deployer.env_of(dep)
+        env = services.deployer.env_of(dep)
         return EnvOut(keys=sorted(env), values=env if show_values else None)
 
     @app.post("/api/v1/env-digest", responses=errors(400))
     async def env_digest(body: EnvDigestIn) -> DigestOut:
         """Fingerprint an env the way deployments' ``env_digest`` is made, so a client can
         tell whether its env differs without the platform returning any value."""
-        return DigestOut(digest=platform.deployer.secrets.digest(body.env))
+        return DigestOut(digest=services.deployer.secrets.digest(body.env))
 
     @app.get("/api/v1/deployments/{deployment_id}", responses=errors(404))
     async def get_deployment(deployment_id: str) -> DeploymentOut:
-        dep = await platform.store.get_deployment(deployment_id)
+        dep = await services.store.get_deployment(deployment_id)
         if dep is None:
             raise NotFound("deployment", deployment_id)
         return _deployment_out(dep)
@@ -606,8 +606,8 @@ def create_api(platform: Platform) -> FastAPI:
     return app
 
 
-async def receive_artifact(platform: Platform, sha256: str, request: Request) -> ArtifactOut:
-    upload = await asyncio.to_thread(platform.artifacts.begin, sha256)
+async def receive_artifact(services: ApiServices, sha256: str, request: Request) -> ArtifactOut:
+    upload = await asyncio.to_thread(services.artifacts.begin, sha256)
     try:
         batch: list[bytes] = []
         pending = 0

@@ -57,7 +57,7 @@ def _jobs(request: Request) -> BackupJobs:
     state = request.app.state
     jobs: BackupJobs | None = getattr(state, "backup_jobs", None)
     if jobs is None:
-        jobs = state.backup_jobs = BackupJobs(state.platform)
+        jobs = state.backup_jobs = BackupJobs(state.services)
     return jobs
 
 

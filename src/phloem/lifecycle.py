@@ -1,0 +1,80 @@
+"""What running the platform as a process takes, beside the platform itself: the event
+loop, the descriptor limit, the stop signals and the heap once start-up is done.
+``Platform.run`` (and ``Platform.serve(own_process=True)``) use these, in the shape of
+uvicorn's ``Server.run``/``serve``/``capture_signals``.
+
+    install_uvloop()
+    raise_fd_limit()
+    with capture_signals(on_stop=platform.request_stop, on_force=platform.force_exit):
+        ...                     # first SIGINT/SIGTERM: on_stop; any later one: on_force
+    freeze_startup_heap()       # once start-up is done
+
+The messages ``phloem up`` prints go to :data:`out` (the readiness line, which tests and
+scripts wait for) and :data:`err` (progress and errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import resource
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Exit status after a forced exit (a second signal), as a shell reports an interrupt.
+FORCED_EXIT_STATUS = 130
+
+
+def install_uvloop() -> None:
+    """uvloop for the loop ``asyncio.run`` makes next, when installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
+def raise_fd_limit() -> None:
+    """Every open stream costs the gateway two descriptors: use all we may have."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@contextmanager
+def capture_signals(on_stop: Callable[[], None],
+                    on_force: Callable[[], None]) -> Iterator[None]:
+    """Within the block, the first SIGINT or SIGTERM calls ``on_stop`` (a graceful stop)
+    and every later one ``on_force`` (which should not return). Needs a running loop,
+    in the main thread."""
+    loop = asyncio.get_running_loop()
+    received = 0
+
+    def handle() -> None:
+        nonlocal received
+        received += 1
+        (on_stop if received == 1 else on_force)()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, handle)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def freeze_startup_heap() -> None:
+    """What start-up built lives for the whole run: keep it out of every collection, and
+    make full collections rare (with thousands of streams they paused the loop for
+    hundreds of ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(700, 10, 1000)
