@@ -3,7 +3,7 @@ through phloem's gateway, through nginx and on ``@hono/node-server`` directly, o
 Node 24.
 
 * throughput: wrk at 32 and 256 connections, 3 rounds interleaved (bench/_compare.py):
-  phloem (gateway -> one Node isolate on a Unix socket), nginx (1 worker, keepalive 64 ->
+  phloem (gateway -> one Node isolate on a Unix socket), nginx (1 worker, keepalive 1024 ->
   the bundle on @hono/node-server on a Unix socket, keep-alive 3600 s as phloem's host
   sets it) and the bundle on @hono/node-server on TCP, one Node process each;
 * cold start: a new deployment each run (so no isolate is live; the bundle is built at
@@ -93,7 +93,7 @@ def node(b: Bench, conns_list: tuple[int, ...], rounds: int, say: object) -> Nod
     say(f"## 5. node: the minimal Hono app, wrk -t1, {d:g} s per run, {rounds} rounds per "
         "configuration, the order rotating")
     say("   direct = the same bundle on @hono/node-server on TCP; nginx = 1 worker, keepalive "
-        "64 -> the bundle on @hono/node-server on a Unix socket;")
+        "1024 -> the bundle on @hono/node-server on a Unix socket;")
     say("   phloem = gateway -> 1 Node isolate (max_isolates=1); CPU/req = the proxy's")
     fn = b.p.deploy("nodemin", APP, "--limit", "max_isolates=1")
     node_bin, _, _ = ensure_toolchain(tools, lambda _line: None)

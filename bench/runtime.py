@@ -240,8 +240,8 @@ def throughput(b: Bench) -> None:
     d = b.args.duration
     say(f"## 1. throughput: wrk -t1, {d:g} s per run, {ROUNDS} rounds per configuration, the "
         f"order rotating ({load_note()})")
-    say("   direct = the upstream on TCP; nginx = 1 worker, keepalive 64 upstream connections;"
-        " haproxy = 1 process, 1 thread (nbthread 1), http-reuse always;")
+    say("   direct = the upstream on TCP; nginx = 1 worker, keepalive 1024 (idle upstream "
+        "connections kept); haproxy = 1 process, 1 thread (nbthread 1), http-reuse always;")
     say("   phloem = the gateway (1 process) -> 1 isolate (max_isolates=1); nginx and haproxy "
         "-> 1 upstream process on a Unix socket; all keep-alive both sides;")
     say("   CPU/req = the proxy's CPU time over the run / its requests (10 ms clock ticks)")
