@@ -159,7 +159,7 @@ def summary_rows(r: NodeResults, conns_list: tuple[int, ...], rounds: int) -> li
             runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
                              for w in ("phloem", "nginx", "direct"))
             rows.append(f"| Node (Hono) throughput, {conns} connections, median of {rounds} "
-                        f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} / | {di:,.0f} | "
+                        f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} | {di:,.0f} | "
                         f"{t.ratio('phloem', 'nginx'):.2f}x nginx, "
                         f"{t.ratio('phloem', 'direct'):.2f}x @hono/node-server | "
                         f">= {T_NGINX:g}x nginx |")

@@ -75,6 +75,7 @@ from _procs import (
 )
 from _sse import StreamFleet
 
+from phloem.admission import plan_connections
 from phloem.testing import PlatformProcess, host_of, platform_process
 
 HERE = Path(__file__).resolve().parent
@@ -408,15 +409,19 @@ def streams(b: Bench) -> None:
     host = host_of(fn["invocation_url"])
     limit = _nofile_limit(b.gateway_pid)
     base_fds = fd_count(b.gateway_pid)
-    fits = (limit - base_fds - 200) // 2  # the gateway holds 2 fds per stream
+    # The gateway holds 2 fds per stream, and its admission takes at most its planned
+    # share of the limit (phloem.admission.plan_connections) as client connections.
+    fits = min((limit - base_fds - 200) // 2, plan_connections(limit).gateway - 16)
     counts = sorted({min(n, fits) for n in wanted})
     say(f"## 4. streams: SSE through the gateway to one isolate, ': ping' every 1 s; "
         f"{window:g} s measured per level")
     say(f"   RLIMIT_NOFILE {limit} (the hard limit here; the platform inherits it), gateway "
-        f"has {base_fds} fds idle and needs 2 per stream: at most {fits:,} streams fit")
+        f"has {base_fds} fds idle, needs 2 per stream and admits "
+        f"{plan_connections(limit).gateway:,} clients: at most {fits:,} streams fit")
     if counts != wanted:
         b.results.streams_note = (f"capped at {counts[-1]:,} streams by RLIMIT_NOFILE {limit}"
-                                  " (2 fds per stream in the gateway)")
+                                  " (2 fds per stream in the gateway, which admits at most"
+                                  f" {plan_connections(limit).gateway:,} clients)")
         say(f"   counts reduced from {wanted} to {counts}: {b.results.streams_note}")
     # The client's own cyclic GC would pause all 10,000 streams at once and count as lag.
     gc.disable()
