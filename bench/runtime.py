@@ -266,7 +266,7 @@ def latency(b: Bench) -> None:
     d = b.args.duration
     ways = b.ways("python")
     say(f"## 2. added latency: h2load --h1 -t1, {LATENCY_CLIENTS} keep-alive connections at a "
-        f"fixed rate, {d:g} s measured after 2 s, python upstream")
+        f"fixed rate, {d:g} s measured after {1 if b.args.quick else 2} s, python upstream")
     maxima = {}
     for w in ways:  # what each path sustains, from section 1 if it ran
         known = b.results.tables.get(("python", 32))
@@ -327,7 +327,7 @@ def _latency_point(b: Bench, ways: list[Way], maxima: dict[str, float], rate: fl
                 point.saturated = True
             continue
         r = run_h2load(w.url, rate=rate, clients=LATENCY_CLIENTS, duration=b.args.duration,
-                       host=w.host)
+                       host=w.host, warmup=1.0 if b.args.quick else 2.0)
         point.ways[w.name] = (r.p50_ms, r.p99_ms)
         note = f"   ({r.failed} failed)" if r.failed else ""
         note += "   (rate not sustained)" if r.rate < 0.95 * rate else ""
@@ -591,14 +591,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per load run (default 10, 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="1 s load runs, 7 cold starts, streams 1000/2000 only")
+                        help="1 s load runs, 5 cold starts, streams 1000/2000 only")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only this section (repeatable)")
     parser.add_argument("--cold-runs", type=int, default=None,
-                        help="cold starts to take the median of (default 20, 7 with --quick)")
+                        help="cold starts to take the median of (default 20, 5 with --quick)")
     args = parser.parse_args(argv)
     args.duration = args.duration or (1.0 if args.quick else 10.0)
-    args.cold_runs = args.cold_runs or (7 if args.quick else 20)
+    args.cold_runs = args.cold_runs or (5 if args.quick else 20)
     sections = args.only or list(SECTIONS)
 
     tools = sorted({t for s in sections for t in {"throughput": ["wrk", "nginx", "haproxy"],
