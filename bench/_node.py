@@ -1,8 +1,11 @@
 """The Node column of bench/runtime.py: the same minimal Hono app (bench/apps/node-minimal)
-through phloem's gateway and on ``@hono/node-server`` directly, on the same Node 24.
+through phloem's gateway, through nginx and on ``@hono/node-server`` directly, on the same
+Node 24.
 
-* throughput: wrk at 32 and 256 connections, phloem (gateway -> one Node isolate on a Unix
-  socket) vs the app served by @hono/node-server on TCP, one process each;
+* throughput: wrk at 32 and 256 connections, 3 rounds interleaved (bench/_compare.py):
+  phloem (gateway -> one Node isolate on a Unix socket), nginx (1 worker, keepalive 1024 ->
+  the bundle on @hono/node-server on a Unix socket, keep-alive 3600 s as phloem's host
+  sets it) and the bundle on @hono/node-server on TCP, one Node process each;
 * cold start: a new deployment each run (so no isolate is live; the bundle is built at
   deploy time, so this is the start of a cached bundle), request -> full response, on the
   sandboxed platform and on the ``--no-sandbox`` one (bench/_cold.py), vs a bare ``node``
@@ -11,6 +14,7 @@ through phloem's gateway and on ``@hono/node-server`` directly, on the same Node
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
@@ -19,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import _cold
+from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
 from _load import run_wrk
-from _procs import free_port, wait_answering
+from _procs import free_port, start_nginx, wait_answering
 
 from phloem.runtimes.node.provision import NODE_SERVER_VERSION, ensure_toolchain
 from phloem.testing import host_of
@@ -31,17 +36,26 @@ if TYPE_CHECKING:
 APP = Path(__file__).resolve().parent / "apps" / "node-minimal"
 T_COLD_MS = 100.0  # issue 5: Node cold start p50 with the bundle cached
 T_COLD_SANDBOX_MS = 60.0  # issue 10: the same with the sandbox
+T_NGINX = 1.0  # issue 12: through phloem / the same bundle through nginx
 
+# argv: the bundle's URL, then a TCP port or a Unix socket's path (nginx's upstream).
 SERVE = """
-import {{ serve }} from "{server}";
+import {{ createAdaptorServer, serve }} from "{server}";
 const {{ default: app }} = await import(process.argv[2]);
-serve({{ fetch: app.fetch, port: Number(process.argv[3]), hostname: "127.0.0.1" }});
+const where = process.argv[3];
+if (/^[0-9]+$/.test(where)) {{
+  serve({{ fetch: app.fetch, port: Number(where), hostname: "127.0.0.1" }});
+}} else {{
+  const server = createAdaptorServer({{ fetch: app.fetch }});
+  server.keepAliveTimeout = 3600_000;  // as phloem's host: the proxy reuses connections
+  server.listen(where);
+}}
 """
 
 
 @dataclass
 class NodeResults:
-    rps: dict[tuple[str, int], float] = field(default_factory=dict)  # (way, conns)
+    tables: dict[int, Table] = field(default_factory=dict)  # conns -> runs
     cold: _cold.ColdResult | None = None
 
 
@@ -57,45 +71,54 @@ def _direct_script(b: Bench, tools: Path) -> Path:
     return script
 
 
-def _spawn_direct(b: Bench, node: Path, script: Path, bundle: Path,
-                  port: int) -> tuple[subprocess.Popen[bytes], float]:
-    """Start node on the bundle; returns the process and spawn -> first 200 in seconds."""
+def _spawn_direct(b: Bench, node: Path, script: Path, bundle: Path, port: int | None,
+                  uds: str | None = None) -> tuple[subprocess.Popen[bytes], float]:
+    """Start node on the bundle on TCP ``port`` or Unix socket ``uds``; returns the process
+    and spawn -> first 200 in seconds."""
     t0 = time.perf_counter()
-    proc = b.reaper.spawn([str(node), str(script), bundle.as_uri(), str(port)],
+    proc = b.reaper.spawn([str(node), str(script), bundle.as_uri(), uds or str(port)],
                           stdin=subprocess.DEVNULL)
-    status, body = wait_answering(proc, port=port, what="node", poll_s=0.001)
+    status, body = wait_answering(proc, port=port, uds=uds, what="node", poll_s=0.001)
     elapsed = time.perf_counter() - t0
     if status != 200 or body != b"hello world!":
         raise RuntimeError(f"direct node answered {status} {body[:100]!r}")
     return proc, elapsed
 
 
-def node(b: Bench, conns_list: tuple[int, ...], say: object) -> NodeResults:
+def node(b: Bench, conns_list: tuple[int, ...], rounds: int, say: object) -> NodeResults:
     assert callable(say)
     out = NodeResults()
     d = b.args.duration
     tools = b.p.data_dir / "runtime" / "node"
-    say(f"## 5. node: the minimal Hono app, wrk -t1, {d:g} s per run")
-    say("   direct = the same bundle on @hono/node-server on TCP; phloem = gateway -> 1 Node "
-        "isolate (max_isolates=1)")
+    say(f"## 5. node: the minimal Hono app, wrk -t1, {d:g} s per run, {rounds} rounds per "
+        "configuration, the order rotating")
+    say("   direct = the same bundle on @hono/node-server on TCP; nginx = 1 worker, keepalive "
+        "1024 -> the bundle on @hono/node-server on a Unix socket;")
+    say("   phloem = gateway -> 1 Node isolate (max_isolates=1); CPU/req = the proxy's")
     fn = b.p.deploy("nodemin", APP, "--limit", "max_isolates=1")
     node_bin, _, _ = ensure_toolchain(tools, lambda _line: None)
     script = _direct_script(b, tools)
     port = free_port()
-    direct, _ = _spawn_direct(b, node_bin, script, _bundle_of(b, fn), port)
+    bundle = _bundle_of(b, fn)
+    direct, _ = _spawn_direct(b, node_bin, script, bundle, port)
+    sock = str(b.tmp / "node.sock")
+    behind, _ = _spawn_direct(b, node_bin, script, bundle, None, uds=sock)
+    nginx_port = free_port()
+    nginx = start_nginx(b.reaper, b.tmp, nginx_port, sock)
     host = host_of(fn["invocation_url"])
-    targets = [("direct", f"http://127.0.0.1:{port}/", None),
-               ("phloem", f"http://127.0.0.1:{b.p.gateway_port}/", host)]
-    for _way, url, h in targets:
-        run_wrk(url, connections=32, duration=1 if b.args.quick else 2, host=h)
+    ways = [Way("direct", f"http://127.0.0.1:{port}/"),
+            Way("nginx", f"http://127.0.0.1:{nginx_port}/", cpu=tree_cpu(nginx.pid)),
+            Way("phloem", f"http://127.0.0.1:{b.p.gateway_port}/", host,
+                cpu=own_cpu(b.p.proc.pid if b.p.proc else 0))]
+    for w in ways:
+        run_wrk(w.url, connections=256, duration=1 if b.args.quick else 2, host=w.host)
     for conns in conns_list:
-        for way, url, h in targets:
-            r = run_wrk(url, connections=conns, duration=d, host=h)
-            out.rps[(way, conns)] = r.rps
-            say(f"   {conns:>4} conns  {way:<7} {r.rps:>9,.0f} req/s   p50 {r.p50_ms:6.2f} ms"
-                f"   p99 {r.p99_ms:6.2f} ms{f'   ({r.errors})' if r.errors else ''}")
-        ph, di = out.rps[("phloem", conns)], out.rps[("direct", conns)]
-        say(f"   {conns:>4} conns  phloem/direct {ph / di:.2f}x")
+        table = interleaved(ways, connections=conns, duration=d, rounds=rounds, say=say)
+        out.tables[conns] = table
+        report(table, subject="phloem", against={"nginx": T_NGINX, "direct": math.nan},
+               say=say)
+    b.reaper.stop(nginx)
+    b.reaper.stop(behind)
     b.reaper.stop(direct)
     # The cold starts compare two platforms alike: no idle isolate left on one only.
     b.p.cli("functions", "delete", "nodemin")
@@ -127,13 +150,19 @@ def node(b: Bench, conns_list: tuple[int, ...], say: object) -> NodeResults:
     return out
 
 
-def summary_rows(r: NodeResults, conns_list: tuple[int, ...]) -> list[str]:
+def summary_rows(r: NodeResults, conns_list: tuple[int, ...], rounds: int) -> list[str]:
     rows = []
     for conns in conns_list:
-        if ("phloem", conns) in r.rps:
-            ph, di = r.rps[("phloem", conns)], r.rps[("direct", conns)]
-            rows.append(f"| Node (Hono) throughput, {conns} connections (req/s) | {ph:,.0f} | | "
-                        f"{di:,.0f} | {ph / di:.2f}x @hono/node-server | |")
+        if conns in r.tables:
+            t = r.tables[conns]
+            ph, ng, di = (t.median_rps(w) for w in ("phloem", "nginx", "direct"))
+            runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
+                             for w in ("phloem", "nginx", "direct"))
+            rows.append(f"| Node (Hono) throughput, {conns} connections, median of {rounds} "
+                        f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} | {di:,.0f} | "
+                        f"{t.ratio('phloem', 'nginx'):.2f}x nginx, "
+                        f"{t.ratio('phloem', 'direct'):.2f}x @hono/node-server | "
+                        f">= {T_NGINX:g}x nginx |")
     if r.cold:
         rows += _cold.summary_rows(r.cold, "Node ", "bare node",
                                    f"<= {T_COLD_SANDBOX_MS:g} ms; <= {T_COLD_MS:g} ms")

@@ -1,9 +1,10 @@
-"""Process plumbing for the benchmarks: spawn and always reap servers (uvicorn, nginx),
-check for external tools, read a process's RSS / CPU / fds, raw HTTP GETs.
+"""Process plumbing for the benchmarks: spawn and always reap servers (uvicorn, nginx,
+HAProxy), check for external tools, read a process's RSS / CPU / fds, raw HTTP GETs.
 
     with Reaper() as reaper:
         app = spawn_uvicorn(reaper, APP_DIR, port=free_port())
         nginx = start_nginx(reaper, tmp, port, "/tmp/x/app.sock")
+        haproxy = start_haproxy(reaper, tmp, free_port(), "/tmp/x/app.sock")
     # every process spawned through the reaper is gone here, on every path
 """
 
@@ -27,6 +28,7 @@ TOOLS = {
     "wrk": "apt-get install -y wrk",
     "nginx": "apt-get install -y nginx-light",
     "h2load": "apt-get install -y nghttp2-client",
+    "haproxy": "apt-get install -y haproxy",
 }
 
 UVICORN_FLAGS = [
@@ -106,7 +108,10 @@ http {{
     keepalive_timeout 60s;
     upstream app {{
         server unix:{sock};
-        keepalive 64;
+        # Idle upstream connections kept: enough for every client of the 256-connection
+        # runs, as phloem keeps its pooled ones while busy and HAProxy reuses without a cap
+        # (with 64, nginx closed and reopened one for half the requests at 256).
+        keepalive 1024;
         keepalive_requests 1000000;
         keepalive_timeout 3600s;
     }}
@@ -129,18 +134,64 @@ http {{
 
 
 def start_nginx(reaper: Reaper, tmp: Path, port: int, sock: str) -> subprocess.Popen[bytes]:
-    """nginx, one worker, proxying 127.0.0.1:``port`` to the Unix socket ``sock``."""
-    conf = tmp / "nginx.conf"
+    """nginx, one worker, proxying 127.0.0.1:``port`` to the Unix socket ``sock``; its
+    files go in a directory of ``tmp`` named after the port (several may run)."""
+    home = tmp / f"nginx-{port}"
+    home.mkdir()
+    conf = home / "nginx.conf"
     user = "user root root;" if os.geteuid() == 0 else ""  # the socket is in a 0700 dir
-    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, sock=sock, port=port))
-    proc = reaper.spawn(["nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
-                        stdin=subprocess.DEVNULL)
+    conf.write_text(NGINX_CONF.format(user=user, tmp=home, sock=sock, port=port))
+    proc = reaper.spawn(["nginx", "-p", str(home), "-e", str(home / "error.log"), "-c",
+                         str(conf)], stdin=subprocess.DEVNULL)
     try:
         wait_answering(proc, port=port, what="nginx")
     except RuntimeError:
-        log = tmp / "error.log"
+        log = home / "error.log"
         raise RuntimeError("nginx did not start:\n"
                            + (log.read_text() if log.exists() else "(no error.log)")) from None
+    return proc
+
+
+HAPROXY_CONF = """\
+global
+    nbthread 1
+    maxconn 8192  # as nginx's worker_connections (2 fds each within RLIMIT_NOFILE)
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 3600s
+    timeout http-keep-alive 60s
+    option http-keep-alive
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:{port} backlog 1024
+    # The headers phloem's gateway adds (as nginx is set up to), so all do the same work.
+    unique-id-format %[uuid]
+    unique-id-header X-Request-Id
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend app
+backend app
+    server app unix@{sock}
+"""
+
+
+def start_haproxy(reaper: Reaper, tmp: Path, port: int, sock: str) -> subprocess.Popen[bytes]:
+    """HAProxy, one process with one thread, keeping idle upstream connections for reuse
+    (``http-reuse always``), proxying 127.0.0.1:``port`` to the Unix socket ``sock``."""
+    conf = tmp / f"haproxy-{port}.cfg"
+    conf.write_text(HAPROXY_CONF.format(port=port, sock=sock))
+    log = tmp / f"haproxy-{port}.log"
+    # -db: stay in the foreground, no master process (SIGTERM stops it).
+    with log.open("wb") as out:
+        proc = reaper.spawn(["haproxy", "-db", "-f", str(conf)], stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_answering(proc, port=port, what="haproxy")
+    except RuntimeError:
+        raise RuntimeError(f"haproxy did not start:\n{log.read_text()}") from None
     return proc
 
 

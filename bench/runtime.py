@@ -1,29 +1,37 @@
-"""Runtime benchmarks of phloem's request path on one minimal ASGI app (raw ASGI, 12-byte
-body, bench/apps/minimal), each beside its baseline:
+"""Runtime benchmarks of phloem's request path, each beside its baselines, on two
+upstreams: the minimal ASGI app (raw ASGI, 12-byte body, bench/apps/minimal) on uvicorn as
+phloem's isolates run it ("python"), and a server that answers at once (bench/apps/fixed:
+the same 12 bytes written from ``data_received``, in uvicorn's server) so that the proxy
+in front is what is measured ("fixed"):
 
-1. throughput (wrk, 32 and 256 connections): direct to uvicorn, through phloem's gateway,
-   through nginx (one worker, keepalive upstream on a Unix socket);
-2. added latency: p50/p99 through phloem and nginx minus direct, at a fixed rate of half
-   the direct maximum (h2load --rps; again at half phloem's maximum when phloem cannot
-   sustain that), and unloaded (wrk, one connection);
+1. throughput (wrk -t1, 32 and 256 connections), per upstream: direct to it on TCP,
+   through nginx (1 worker, keepalive upstream on a Unix socket), through HAProxy (1
+   process, 1 thread, ``http-reuse always``, same socket) and through phloem's gateway (1
+   isolate on a Unix socket); 3 rounds, the order rotating per round, every run printed
+   with the proxy's CPU per request, then medians and phloem/nginx, phloem/haproxy;
+2. added latency: p50/p99 through each proxy minus direct, at a fixed rate of half the
+   direct maximum (h2load --rps; again at half phloem's maximum when phloem cannot sustain
+   that) on the python upstream, and unloaded (wrk, one connection) on both, 3 rounds;
 3. cold start: request -> full response with no live isolate (a new deployment each run),
    on the default platform (isolates in sandboxes) and, interleaved with equal settings, on
    a second one started with ``--no-sandbox``, beside bare uvicorn spawn -> first response
    on a Unix socket (bench/_cold.py);
 4. streams: 1,000 / 5,000 / 10,000 concurrent SSE clients (bench/apps/sse, a ``: ping``
    every second) through the gateway: gateway RSS per stream and heartbeat lag;
-5. node: the minimal app as a Hono function, through phloem vs on @hono/node-server
-   directly (throughput), and its cold start, sandbox vs ``--no-sandbox`` as in 3, vs a
+5. node: the minimal app as a Hono function, the same bundle through phloem, through
+   nginx (to @hono/node-server on a Unix socket) and on @hono/node-server directly
+   (throughput, 3 rounds), and its cold start, sandbox vs ``--no-sandbox`` as in 3, vs a
    bare node spawn (bench/_node.py).
 
-    .venv/bin/python bench/runtime.py                   # everything, about 5 minutes
-    .venv/bin/python bench/runtime.py --quick           # short runs, streams 1000/2000
+    .venv/bin/python bench/runtime.py                   # everything, about 20 minutes
+    .venv/bin/python bench/runtime.py --quick           # 1 s runs, streams 1000/2000
     .venv/bin/python bench/runtime.py --only throughput --duration 20
     scripts/bench runtime
 
-Needs wrk, nginx and h2load (``apt-get install -y wrk nginx-light nghttp2-client``); it
-checks and says which command installs what is missing. Load generators are bounded for
-small machines (wrk -t1, h2load -t1). It ends with a markdown table for the README.
+Needs wrk, nginx, HAProxy and h2load (``apt-get install -y wrk nginx-light haproxy
+nghttp2-client``, or ``scripts/install --bench``); it checks and says which command
+installs what is missing. Load generators are bounded for small machines (wrk -t1, h2load
+-t1). It ends with a markdown table for the README.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import math
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +55,7 @@ from pathlib import Path
 
 import _cold
 import _node
+from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
 from _load import percentile, run_h2load, run_wrk
 from _procs import (
     Reaper,
@@ -59,23 +69,37 @@ from _procs import (
     missing_tools,
     rss_kib,
     spawn_uvicorn,
+    start_haproxy,
     start_nginx,
     wait_answering,
 )
 from _sse import StreamFleet
 
+from phloem.admission import plan_connections
 from phloem.testing import PlatformProcess, host_of, platform_process
 
 HERE = Path(__file__).resolve().parent
 MINIMAL = HERE / "apps" / "minimal"
+FIXED = HERE / "apps" / "fixed"
 SSE = HERE / "apps" / "sse"
 SECTIONS = ("throughput", "latency", "cold", "streams", "node")
 CONNECTIONS = (32, 256)
 LATENCY_CLIENTS = 32
+ROUNDS = 3  # runs per configuration, interleaved; the median is the figure
+#: upstream -> what it is
+UPSTREAMS = {
+    "python": "the minimal ASGI app on uvicorn (uvloop, httptools), as phloem's isolates",
+    "fixed": "bench/apps/fixed: a fixed response written from data_received, in uvicorn's "
+             "server",
+}
+PROXIES = ("nginx", "haproxy", "phloem")
 
-# Targets (DESIGN.md section 4 and the runtime brief).
-T_THROUGHPUT = 0.8  # phloem / nginx (goal 1.0)
-T_ADDED_P50_MS = 1.0
+# Targets (DESIGN.md section 4, the runtime brief and issue 12, item 6).
+T_NGINX = 1.0  # phloem / nginx, both upstreams, 32 and 256 connections
+T_HAPROXY = 0.85  # phloem / haproxy, likewise
+T_NODE_NGINX = 1.0  # Node through phloem / the same bundle through nginx
+T_ADDED_P50_MS = 1.0  # at a fixed rate
+T_UNLOADED_P50_MS = 0.1  # added by phloem, one connection
 T_COLD_MS = 50.0
 T_COLD_RATIO = 0.4  # phloem / bare uvicorn
 T_COLD_SANDBOX_MS = 30.0  # issue 10: with the sandbox
@@ -99,9 +123,10 @@ def load_note() -> str:
 class Results:
     """What the summary table is built from (only the sections that ran)."""
 
-    rps: dict[tuple[str, int], float] = field(default_factory=dict)  # (way, connections)
+    tables: dict[tuple[str, int], Table] = field(default_factory=dict)  # (upstream, conns)
     latency: list[LatencyPoint] = field(default_factory=list)
-    single: dict[str, tuple[float, float]] = field(default_factory=dict)  # wrk -c1 p50, p99
+    #: upstream -> way -> (p50, p99) ms of wrk -c1, one per round
+    single: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
     cold: _cold.ColdResult | None = None
     streams: list[StreamRow] = field(default_factory=list)
     streams_note: str = ""
@@ -144,42 +169,57 @@ class Bench:
     #: The same platform started with --no-sandbox (for the cold starts).
     unboxed: PlatformProcess | None = None
     results: Results = field(default_factory=Results)
-    _direct_port: int | None = None
-    _nginx_port: int | None = None
-    _minimal_host: str | None = None
+    _ways: dict[str, list[Way]] = field(default_factory=dict)  # upstream -> its ways
 
     @property
     def gateway_pid(self) -> int:
         assert self.p.proc is not None
         return self.p.proc.pid
 
-    def direct_port(self) -> int:
-        """uvicorn on TCP (wrk cannot use Unix sockets), flags as phloem's isolates."""
-        if self._direct_port is None:
-            port = free_port()
-            spawn_uvicorn(self.reaper, MINIMAL, port=port)
-            self._direct_port = port
-        return self._direct_port
+    def spawn_upstream(self, upstream: str, *, port: int | None = None,
+                       uds: str | None = None) -> None:
+        """One process of ``upstream`` on TCP ``port`` or Unix socket ``uds``, answering."""
+        if upstream == "python":
+            spawn_uvicorn(self.reaper, MINIMAL, port=port, uds=uds)
+            return
+        where = ["--uds", uds] if uds else ["--port", str(port)]
+        proc = self.reaper.spawn([sys.executable, "main.py", *where], cwd=FIXED,
+                                 stdin=subprocess.DEVNULL)
+        wait_answering(proc, port=port, uds=uds, what="the fixed-response server")
 
-    def nginx_port(self) -> int:
-        """nginx -> keepalive upstream -> uvicorn on a Unix socket, as phloem's isolates."""
-        if self._nginx_port is None:
-            sock = str(self.tmp / "app.sock")
-            spawn_uvicorn(self.reaper, MINIMAL, uds=sock)
-            port = free_port()
-            start_nginx(self.reaper, self.tmp, port, sock)
-            self._nginx_port = port
-        return self._nginx_port
+    def deploy(self, slug: str, app: Path) -> str:
+        """``app`` deployed on phloem with one isolate (as each baseline has one upstream
+        process); its Host."""
+        fn = self.p.deploy(slug, app, "--limit", "max_isolates=1")
+        host = host_of(fn["invocation_url"])
+        status, body = http_get(port=self.p.gateway_port, host=host)
+        if status != 200 or body != b"hello world\n":
+            raise RuntimeError(f"phloem answered {status} {body[:80]!r} for {slug}")
+        return host
 
-    def minimal_host(self) -> str:
-        """The minimal app deployed on phloem, one isolate (as nginx has one uvicorn)."""
-        if self._minimal_host is None:
-            fn = self.p.deploy("minimal", MINIMAL, "--limit", "max_isolates=1")
-            self._minimal_host = host_of(fn["invocation_url"])
-            status, _ = http_get(port=self.p.gateway_port, host=self._minimal_host)
-            if status != 200:
-                raise RuntimeError(f"phloem answered {status} for the minimal app")
-        return self._minimal_host
+    def ways(self, upstream: str) -> list[Way]:
+        """direct, nginx, haproxy and phloem in front of ``upstream`` (started once): the
+        direct server on TCP (wrk cannot use Unix sockets); nginx and HAProxy (run one at
+        a time) to one more process of it on a Unix socket; phloem to its isolate."""
+        if upstream not in self._ways:
+            direct = free_port()
+            self.spawn_upstream(upstream, port=direct)
+            sock = str(self.tmp / f"{upstream}.sock")
+            self.spawn_upstream(upstream, uds=sock)
+            nginx_port, haproxy_port = free_port(), free_port()
+            nginx = start_nginx(self.reaper, self.tmp, nginx_port, sock)
+            haproxy = start_haproxy(self.reaper, self.tmp, haproxy_port, sock)
+            host = self.deploy({"python": "minimal", "fixed": "fixed"}[upstream],
+                               {"python": MINIMAL, "fixed": FIXED}[upstream])
+            self._ways[upstream] = [
+                Way("direct", f"http://127.0.0.1:{direct}/"),
+                Way("nginx", f"http://127.0.0.1:{nginx_port}/", cpu=tree_cpu(nginx.pid)),
+                Way("haproxy", f"http://127.0.0.1:{haproxy_port}/",
+                    cpu=own_cpu(haproxy.pid)),
+                Way("phloem", f"http://127.0.0.1:{self.p.gateway_port}/", host,
+                    cpu=own_cpu(self.gateway_pid)),
+            ]
+        return self._ways[upstream]
 
     def cold_platforms(self) -> list[_cold.Platform]:
         """The sandboxed platform, then the --no-sandbox one if it runs."""
@@ -188,13 +228,10 @@ class Bench:
             out.append(_cold.Platform(_cold.UNBOXED, self.unboxed))
         return out
 
-    def targets(self) -> list[tuple[str, str, str | None]]:
-        """(way, url, Host header) for direct, nginx and phloem."""
-        return [
-            ("direct", f"http://127.0.0.1:{self.direct_port()}/", None),
-            ("nginx", f"http://127.0.0.1:{self.nginx_port()}/", None),
-            ("phloem", f"http://127.0.0.1:{self.p.gateway_port}/", self.minimal_host()),
-        ]
+
+def _warm(ways: list[Way], quick: bool) -> None:
+    for w in ways:  # every path (and phloem's isolate and pooled connections) first
+        run_wrk(w.url, connections=256, duration=1 if quick else 2, host=w.host)
 
 
 # -- 1. throughput -----------------------------------------------------------------------------
@@ -202,24 +239,23 @@ class Bench:
 
 def throughput(b: Bench) -> None:
     d = b.args.duration
-    say(f"## 1. throughput: wrk -t1, {d:g} s per run, minimal app (12-byte body)")
-    say("   direct = uvicorn on TCP; nginx = 1 worker -> keepalive 64 -> uvicorn on a Unix "
-        "socket;")
-    say("   phloem = gateway -> 1 isolate (uvicorn on a Unix socket, max_isolates=1)")
-    targets = b.targets()
-    for _way, url, host in targets:  # warm every path (and phloem's isolate) first
-        run_wrk(url, connections=32, duration=1 if b.args.quick else 2, host=host)
-    for conns in CONNECTIONS:
-        for way, url, host in targets:
-            r = run_wrk(url, connections=conns, duration=d, host=host)
-            b.results.rps[(way, conns)] = r.rps
-            note = f"   ({r.errors})" if r.errors else ""
-            say(f"   {conns:>4} conns  {way:<7} {r.rps:>9,.0f} req/s   p50 {r.p50_ms:6.2f} ms"
-                f"   p99 {r.p99_ms:6.2f} ms{note}")
-        ph, ng, di = (b.results.rps[(w, conns)] for w in ("phloem", "nginx", "direct"))
-        say(f"   {conns:>4} conns  phloem/nginx {ph / ng:.2f}x   phloem/direct {ph / di:.2f}x"
-            f"   nginx/direct {ng / di:.2f}x   target phloem >= {T_THROUGHPUT}x nginx "
-            f"(goal 1.0x): {verdict(ph / ng >= T_THROUGHPUT)}")
+    say(f"## 1. throughput: wrk -t1, {d:g} s per run, {ROUNDS} rounds per configuration, the "
+        f"order rotating ({load_note()})")
+    say("   direct = the upstream on TCP; nginx = 1 worker, keepalive 1024 (idle upstream "
+        "connections kept); haproxy = 1 process, 1 thread (nbthread 1), http-reuse always;")
+    say("   phloem = the gateway (1 process) -> 1 isolate (max_isolates=1); nginx and haproxy "
+        "-> 1 upstream process on a Unix socket; all keep-alive both sides;")
+    say("   CPU/req = the proxy's CPU time over the run / its requests (10 ms clock ticks)")
+    for upstream, what in UPSTREAMS.items():
+        say(f"   -- {upstream} upstream: {what}")
+        ways = b.ways(upstream)
+        _warm(ways, b.args.quick)
+        for conns in CONNECTIONS:
+            table = interleaved(ways, connections=conns, duration=d, rounds=ROUNDS, say=say)
+            b.results.tables[(upstream, conns)] = table
+            report(table, subject="phloem",
+                   against={"nginx": T_NGINX, "haproxy": T_HAPROXY, "direct": math.nan},
+                   say=say)
     say()
 
 
@@ -228,62 +264,81 @@ def throughput(b: Bench) -> None:
 
 def latency(b: Bench) -> None:
     d = b.args.duration
-    targets = b.targets()
+    ways = b.ways("python")
     say(f"## 2. added latency: h2load --h1 -t1, {LATENCY_CLIENTS} keep-alive connections at a "
-        f"fixed rate, {d:g} s measured after 2 s")
+        f"fixed rate, {d:g} s measured after {1 if b.args.quick else 2} s, python upstream")
     maxima = {}
-    for way, url, host in targets:  # what each path sustains, from section 1 if it ran
-        known = b.results.rps.get((way, 32))
-        maxima[way] = known or run_wrk(url, connections=32, duration=min(d, 3), host=host).rps
+    for w in ways:  # what each path sustains, from section 1 if it ran
+        known = b.results.tables.get(("python", 32))
+        maxima[w.name] = (known.median_rps(w.name) if known else
+                          run_wrk(w.url, connections=32, duration=min(d, 3), host=w.host).rps)
     say("   max req/s at 32 connections: "
         + ", ".join(f"{way} {rps:,.0f}" for way, rps in maxima.items()))
-    point = _latency_point(b, targets, maxima, maxima["direct"] / 2, "half the direct maximum")
+    point = _latency_point(b, ways, maxima, maxima["direct"] / 2, "half the direct maximum")
     if point.saturated:
         say(f"   phloem cannot sustain {point.rate:,.0f} req/s; again at half phloem's own "
             "maximum:")
-        _latency_point(b, targets, maxima, maxima["phloem"] / 2, "half phloem's maximum")
-    # The path alone, without queueing: one connection, one request at a time.
-    say(f"   unloaded: wrk -c1 (one request at a time), {min(d, 5):g} s each:")
-    single: dict[str, tuple[float, float]] = {}
-    for way, url, host in targets:
-        r = run_wrk(url, connections=1, duration=min(d, 5), host=host)
-        single[way] = (r.p50_ms, r.p99_ms)
-        say(f"   {way:<7} p50 {r.p50_ms:6.3f} ms   p99 {r.p99_ms:7.3f} ms   ({r.rps:,.0f} req/s)")
-    d50, d99 = single["direct"]
-    for way in ("nginx", "phloem"):
-        p50, p99 = single[way]
-        say(f"   added by {way:<7} p50 {p50 - d50:+6.3f} ms   p99 {p99 - d99:+7.3f} ms")
-    b.results.single = single
-    added = single["phloem"][0] - d50
-    say(f"   target added p50 <= {T_ADDED_P50_MS:g} ms (unloaded): "
-        f"{verdict(added <= T_ADDED_P50_MS)}")
+        _latency_point(b, ways, maxima, maxima["phloem"] / 2, "half phloem's maximum")
+    unloaded(b)
     say()
 
 
-def _latency_point(b: Bench, targets: list[tuple[str, str, str | None]],
-                   maxima: dict[str, float], rate: float, why: str) -> LatencyPoint:
+def unloaded(b: Bench) -> None:
+    """The path alone, without queueing: one connection, one request at a time."""
+    d = min(b.args.duration, 5)
+    say(f"   unloaded: wrk -c1 (one request at a time), {d:g} s each, {ROUNDS} rounds, the "
+        "order rotating:")
+    for upstream in UPSTREAMS:
+        ways = b.ways(upstream)
+        single: dict[str, list[tuple[float, float]]] = {w.name: [] for w in ways}
+        for i in range(ROUNDS):
+            for w in ways[i % len(ways):] + ways[:i % len(ways)]:
+                r = run_wrk(w.url, connections=1, duration=d, host=w.host)
+                single[w.name].append((r.p50_ms, r.p99_ms))
+                say(f"   run {i + 1}  {upstream:<6} {w.name:<8} p50 {r.p50_ms:6.3f} ms   "
+                    f"p99 {r.p99_ms:7.3f} ms   ({r.rps:,.0f} req/s)")
+        b.results.single[upstream] = single
+        for name in PROXIES:
+            added = _added(single, name)
+            say(f"   {upstream:<6} added by {name:<8} p50 per run "
+                + " / ".join(f"{x:+.3f}" for x in added)
+                + f" ms; median {statistics.median(added):+.3f} ms")
+        added = _added(single, "phloem")
+        hits = sum(x <= T_UNLOADED_P50_MS for x in added)
+        say(f"   {upstream:<6} target added p50 (phloem) <= {T_UNLOADED_P50_MS:g} ms unloaded: "
+            f"{verdict(statistics.median(added) <= T_UNLOADED_P50_MS)} "
+            f"(met in {hits} of {len(added)} runs)")
+
+
+def _added(single: dict[str, list[tuple[float, float]]], way: str) -> list[float]:
+    """p50 through ``way`` minus direct's, per round."""
+    return [x[0] - d[0] for x, d in zip(single[way], single["direct"], strict=True)]
+
+
+def _latency_point(b: Bench, ways: list[Way], maxima: dict[str, float], rate: float,
+                   why: str) -> LatencyPoint:
     say(f"   at {rate:,.0f} req/s ({why}):")
     point = LatencyPoint(rate, why)
-    for way, url, host in targets:
-        if rate > 0.9 * maxima[way]:
-            say(f"   {way:<7} not measured: {rate:,.0f} req/s is beyond 90% of its maximum "
-                f"({maxima[way]:,.0f})")
-            if way == "phloem":
+    for w in ways:
+        if rate > 0.9 * maxima[w.name]:
+            say(f"   {w.name:<7} not measured: {rate:,.0f} req/s is beyond 90% of its maximum "
+                f"({maxima[w.name]:,.0f})")
+            if w.name == "phloem":
                 point.saturated = True
             continue
-        r = run_h2load(url, rate=rate, clients=LATENCY_CLIENTS, duration=b.args.duration,
-                       host=host)
-        point.ways[way] = (r.p50_ms, r.p99_ms)
+        r = run_h2load(w.url, rate=rate, clients=LATENCY_CLIENTS, duration=b.args.duration,
+                       host=w.host, warmup=1.0 if b.args.quick else 2.0)
+        point.ways[w.name] = (r.p50_ms, r.p99_ms)
         note = f"   ({r.failed} failed)" if r.failed else ""
         note += "   (rate not sustained)" if r.rate < 0.95 * rate else ""
-        say(f"   {way:<7} p50 {r.p50_ms:6.3f} ms   p99 {r.p99_ms:7.3f} ms   "
+        say(f"   {w.name:<7} p50 {r.p50_ms:6.3f} ms   p99 {r.p99_ms:7.3f} ms   "
             f"achieved {r.rate:,.0f} req/s over {r.requests:,} requests{note}")
     if "direct" in point.ways:
         d50, d99 = point.ways["direct"]
-        for way in ("nginx", "phloem"):
-            if way in point.ways:
-                p50, p99 = point.ways[way]
-                say(f"   added by {way:<7} p50 {p50 - d50:+6.3f} ms   p99 {p99 - d99:+7.3f} ms")
+        for name in PROXIES:
+            if name in point.ways:
+                p50, p99 = point.ways[name]
+                say(f"   added by {name:<7} p50 {p50 - d50:+6.3f} ms   p99 {p99 - d99:+7.3f} ms")
         if "phloem" in point.ways:
             added = point.ways["phloem"][0] - d50
             say(f"   target added p50 <= {T_ADDED_P50_MS:g} ms: "
@@ -354,15 +409,19 @@ def streams(b: Bench) -> None:
     host = host_of(fn["invocation_url"])
     limit = _nofile_limit(b.gateway_pid)
     base_fds = fd_count(b.gateway_pid)
-    fits = (limit - base_fds - 200) // 2  # the gateway holds 2 fds per stream
+    # The gateway holds 2 fds per stream, and its admission takes at most its planned
+    # share of the limit (phloem.admission.plan_connections) as client connections.
+    fits = min((limit - base_fds - 200) // 2, plan_connections(limit).gateway - 16)
     counts = sorted({min(n, fits) for n in wanted})
     say(f"## 4. streams: SSE through the gateway to one isolate, ': ping' every 1 s; "
         f"{window:g} s measured per level")
     say(f"   RLIMIT_NOFILE {limit} (the hard limit here; the platform inherits it), gateway "
-        f"has {base_fds} fds idle and needs 2 per stream: at most {fits:,} streams fit")
+        f"has {base_fds} fds idle, needs 2 per stream and admits "
+        f"{plan_connections(limit).gateway:,} clients: at most {fits:,} streams fit")
     if counts != wanted:
         b.results.streams_note = (f"capped at {counts[-1]:,} streams by RLIMIT_NOFILE {limit}"
-                                  " (2 fds per stream in the gateway)")
+                                  " (2 fds per stream in the gateway, which admits at most"
+                                  f" {plan_connections(limit).gateway:,} clients)")
         say(f"   counts reduced from {wanted} to {counts}: {b.results.streams_note}")
     # The client's own cyclic GC would pause all 10,000 streams at once and count as lag.
     gc.disable()
@@ -467,29 +526,33 @@ def summary(r: Results, args: argparse.Namespace) -> None:
     say()
     say(f"machine: {machine()}; wrk/h2load -t1 on the same machine, {args.duration:g} s runs")
     say()
-    say("| benchmark | phloem | nginx | direct / bare | phloem ratio | target |")
+    say("| benchmark | phloem | nginx / HAProxy | direct / bare | phloem ratio | target |")
     say("|---|---|---|---|---|---|")
-    for conns in CONNECTIONS:
-        if ("phloem", conns) in r.rps:
-            ph, ng, di = (r.rps[(w, conns)] for w in ("phloem", "nginx", "direct"))
-            say(f"| throughput, {conns} connections (req/s) | {ph:,.0f} | {ng:,.0f} | {di:,.0f}"
-                f" | {ph / ng:.2f}x nginx, {ph / di:.2f}x direct | >= 0.8x nginx (goal 1.0x) |")
+    for (upstream, conns), t in r.tables.items():
+        ph, ng, ha, di = (t.median_rps(w) for w in ("phloem", "nginx", "haproxy", "direct"))
+        runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
+                         for w in ("phloem", "nginx", "haproxy"))
+        say(f"| throughput, {upstream} upstream, {conns} connections, median of {ROUNDS} "
+            f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} / {ha:,.0f} | {di:,.0f} | "
+            f"{t.ratio('phloem', 'nginx'):.2f}x nginx, {t.ratio('phloem', 'haproxy'):.2f}x "
+            f"HAProxy, {t.ratio('phloem', 'direct'):.2f}x direct | >= {T_NGINX:g}x nginx, "
+            f">= {T_HAPROXY:g}x HAProxy |")
     for point in r.latency:
         if "direct" not in point.ways:
             continue
         d50, d99 = point.ways["direct"]
         for q, i, d_q in (("p50", 0, d50), ("p99", 1, d99)):
             cells = [f"{point.ways[w][i] - d_q:+.2f}" if w in point.ways else "saturated"
-                     for w in ("phloem", "nginx")]
-            say(f"| added latency {q} at {point.rate:,.0f} req/s, 32 connections (ms) | "
-                f"{cells[0]} | {cells[1]} | {d_q:.2f} ({q}) | | "
+                     for w in PROXIES]
+            say(f"| added latency {q} at {point.rate:,.0f} req/s, 32 connections, python "
+                f"upstream (ms) | {cells[2]} | {cells[0]} / {cells[1]} | {d_q:.2f} ({q}) | | "
                 f"{'<= 1 ms' if q == 'p50' else ''} |")
-    if r.single:
-        d50, d99 = r.single["direct"]
-        for q, i, d_q in (("p50", 0, d50), ("p99", 1, d99)):
-            ph, ng = r.single["phloem"][i] - d_q, r.single["nginx"][i] - d_q
-            say(f"| added latency {q}, unloaded (1 connection) (ms) | {ph:+.2f} | {ng:+.2f} | "
-                f"{d_q:.2f} ({q}) | | {'<= 1 ms' if q == 'p50' else ''} |")
+    for upstream, single in r.single.items():
+        added = {w: statistics.median(_added(single, w)) for w in PROXIES}
+        d50 = statistics.median(x[0] for x in single["direct"])
+        say(f"| added latency p50, unloaded (1 connection), {upstream} upstream, median of "
+            f"{ROUNDS} (ms) | {added['phloem']:+.3f} | {added['nginx']:+.3f} / "
+            f"{added['haproxy']:+.3f} | {d50:.3f} (p50) | | <= {T_UNLOADED_P50_MS:g} ms |")
     if r.cold:
         for row in _cold.summary_rows(r.cold, "", "bare uvicorn",
                              f"<= {T_COLD_SANDBOX_MS:g} ms; <= {T_COLD_MS:g} ms, "
@@ -505,13 +568,13 @@ def summary(r: Results, args: argparse.Namespace) -> None:
         say(f"| heartbeat lag p99 at {top.count:,} streams (ms){note} | {top.lag_p99_ms:.0f} | "
             f"| | | <= 250 ms at 10,000 |")
     if r.node:
-        for row in _node.summary_rows(r.node, CONNECTIONS):
+        for row in _node.summary_rows(r.node, CONNECTIONS, ROUNDS):
             say(row)
     say()
 
 
 def node(b: Bench) -> None:
-    b.results.node = _node.node(b, CONNECTIONS, say)
+    b.results.node = _node.node(b, CONNECTIONS, ROUNDS, say)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -526,21 +589,22 @@ def _raise_nofile() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--duration", type=float, default=None,
-                        help="seconds per load run (default 10, 3 with --quick)")
+                        help="seconds per load run (default 10, 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="short runs, 7 cold starts, streams 1000/2000 only")
+                        help="1 s load runs, 5 cold starts, streams 1000/2000 only")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only this section (repeatable)")
     parser.add_argument("--cold-runs", type=int, default=None,
-                        help="cold starts to take the median of (default 20, 7 with --quick)")
+                        help="cold starts to take the median of (default 20, 5 with --quick)")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3.0 if args.quick else 10.0)
-    args.cold_runs = args.cold_runs or (7 if args.quick else 20)
+    args.duration = args.duration or (1.0 if args.quick else 10.0)
+    args.cold_runs = args.cold_runs or (5 if args.quick else 20)
     sections = args.only or list(SECTIONS)
 
-    tools = sorted({t for s in sections for t in {"throughput": ["wrk", "nginx"],
-                                                    "node": ["wrk"],
-                                                    "latency": ["wrk", "nginx", "h2load"]
+    tools = sorted({t for s in sections for t in {"throughput": ["wrk", "nginx", "haproxy"],
+                                                    "node": ["wrk", "nginx"],
+                                                    "latency": ["wrk", "nginx", "haproxy",
+                                                                "h2load"]
                                                     }.get(s, [])})
     if missing := missing_tools(tools):
         say("missing tools (run as root, after apt-get update):")
@@ -563,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         # Unwound in reverse: the platform stops, then every server, then the temp dir goes.
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phloem-bench-")))
         reaper = stack.enter_context(Reaper())
-        p = stack.enter_context(platform_process())
+        # Every bench client is one peer (127.0.0.1): the per-peer cap (1024 by default)
+        # would refuse the streams section's thousands; 0 lifts it.
+        p = stack.enter_context(platform_process(["--max-connections-per-peer", "0"]))
         b = Bench(args, reaper, tmp, p)
         if {"cold", "node"} & set(sections):
             # The same bench without sandboxing, beside it with equal settings.
@@ -573,7 +639,10 @@ def main(argv: list[str] | None = None) -> int:
             "node": node}
         for name in SECTIONS:
             if name in sections:
+                t0 = time.monotonic()
                 steps[name](b)
+                say(f"   ({name}: {time.monotonic() - t0:.0f} s)")
+                say()
         results = b.results
     summary(results, args)
     say(f"(whole run: {time.monotonic() - started:.0f} s; {load_note()} at the end)")

@@ -1,0 +1,113 @@
+"""Interleaved wrk comparisons for bench/runtime.py: every way of serving one upstream
+(direct, nginx, HAProxy, phloem, ...) is run once per round, the order rotating each round
+so none always runs first on a noisy machine; every run is printed with the proxy's CPU
+per request, then the medians and the ratios of phloem to each other proxy.
+
+    ways = [Way("nginx", "http://127.0.0.1:8081/", cpu=tree_cpu(nginx_pid)),
+            Way("phloem", "http://127.0.0.1:8080/", host="x", cpu=own_cpu(gateway_pid))]
+    table = interleaved(ways, connections=32, duration=10, rounds=3, say=print)
+    table.median_rps("phloem"), table.ratio("phloem", "nginx")  # median of per-round ratios
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from _load import WrkResult, run_wrk
+from _procs import CLOCK_TICKS, cpu_seconds, tree_cpu_ticks
+
+
+@dataclass
+class Way:
+    name: str
+    url: str
+    host: str | None = None
+    #: CPU seconds so far of the process(es) doing this way's own work (the proxy's); None
+    #: for a direct way.
+    cpu: Callable[[], float] | None = None
+
+
+@dataclass
+class Run:
+    result: WrkResult
+    cpu_us: float  # CPU of the way's processes per request (nan if none)
+
+
+@dataclass
+class Table:
+    """The runs of one configuration, per way, in round order."""
+
+    connections: int
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def rps(self, way: str) -> list[float]:
+        return [r.result.rps for r in self.runs[way]]
+
+    def median_rps(self, way: str) -> float:
+        return statistics.median(self.rps(way))
+
+    def ratios(self, a: str, b: str) -> list[float]:
+        """``a``'s rate over ``b``'s, per round (runs of a round are seconds apart)."""
+        return [x / y for x, y in zip(self.rps(a), self.rps(b), strict=True)]
+
+    def ratio(self, a: str, b: str) -> float:
+        return statistics.median(self.ratios(a, b))
+
+
+def tree_cpu(pid: int) -> Callable[[], float]:
+    """CPU seconds of ``pid`` and its children (nginx's master and worker)."""
+    return lambda: tree_cpu_ticks([pid]) / CLOCK_TICKS
+
+
+def own_cpu(pid: int) -> Callable[[], float]:
+    """CPU seconds of ``pid`` alone (phloem's gateway, not its isolates)."""
+    return lambda: cpu_seconds(pid)
+
+
+def _cpu_seconds(way: Way) -> float:
+    return way.cpu() if way.cpu else math.nan
+
+
+def interleaved(ways: list[Way], *, connections: int, duration: float, rounds: int,
+                say: Callable[[str], None], indent: str = "   ") -> Table:
+    """``rounds`` rounds of one wrk run per way (order rotated each round), each printed."""
+    table = Table(connections, {w.name: [] for w in ways})
+    for i in range(rounds):
+        shift = i % len(ways)
+        for way in ways[shift:] + ways[:shift]:
+            cpu0 = _cpu_seconds(way)
+            r = run_wrk(way.url, connections=connections, duration=duration, host=way.host)
+            cpu_us = (_cpu_seconds(way) - cpu0) / max(r.requests, 1) * 1e6
+            table.runs[way.name].append(Run(r, cpu_us))
+            cpu = f"   {cpu_us:5.1f} us CPU/req" if way.cpu else ""
+            note = f"   ({r.errors})" if r.errors else ""
+            say(f"{indent}run {i + 1}  {connections:>4} conns  {way.name:<14} {r.rps:>9,.0f} req/s"
+                f"   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms{cpu}{note}")
+    return table
+
+
+def report(table: Table, *, subject: str, against: dict[str, float],
+           say: Callable[[str], None], indent: str = "   ") -> dict[str, bool]:
+    """Print the medians and ``subject``'s ratio to each way in ``against`` (way -> the
+    target ratio, nan for none) per round and as the median of the rounds; returns
+    way -> whether the median met its target."""
+    c = table.connections
+    medians = "   ".join(f"{w} {table.median_rps(w):,.0f}" for w in table.runs)
+    say(f"{indent}median {c:>4} conns  {medians}  (req/s)")
+    met = {}
+    for other, target in against.items():
+        per = table.ratios(subject, other)
+        median = table.ratio(subject, other)
+        runs = " / ".join(f"{x:.2f}" for x in per)
+        line = f"{indent}{c:>4} conns  {subject}/{other} per run {runs}; median {median:.2f}x"
+        if not math.isnan(target):
+            ok = median >= target
+            met[other] = ok
+            hits = sum(x >= target for x in per)
+            line += (f"   target >= {target:g}x: {'met' if ok else 'MISSED'} "
+                     f"(met in {hits} of {len(per)} runs)")
+        say(line)
+    return met
