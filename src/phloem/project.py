@@ -52,6 +52,8 @@ class DesiredFunction:
     runtime: str
     env: dict[str, str]
     limits: dict[str, Any]
+    #: ``dev.port`` of a neon.ts function: the port ``phloem dev`` serves it on, exactly.
+    dev_port: int | None = None
 
 
 def _runtime(where: str, source: str, path: Path, requested: Any) -> tuple[Runtime, str]:
@@ -307,7 +309,25 @@ def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, An
     except InvalidInput as exc:
         raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
     return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
-                           limits=limits)
+                           limits=limits, dev_port=_dev_port(where, spec.get("dev")))
+
+
+def _dev_port(where: str, dev: Any) -> int | None:
+    """``dev: { port }`` of a neon.ts function (what ``@neon/config`` declares)."""
+    if dev is None:
+        return None
+    if not isinstance(dev, Mapping):
+        raise ConfigError(f"{where}.dev: must be an object, e.g. dev: {{ port: 8790 }}")
+    unknown = sorted(set(dev) - {"port"})
+    if unknown:
+        raise ConfigError(f"{where}.dev.{unknown[0]}: unknown key (known: port)")
+    port = dev.get("port")
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{where}.dev.port: must be an integer from 1 to 65535 "
+                          f"(got {port!r})")
+    return port
 
 
 # -- links ---------------------------------------------------------------------

@@ -369,19 +369,21 @@ def init(
 def dev(
     data_dir: DataDirOpt, project: ProjectOpt = Path("."), env_file: EnvFileOpt = None,
     branch: BranchOpt = "",
-    port: Annotated[int, typer.Option("--port", envvar="PHLOEM_DEV_PORT",
-                                      help="Port of the dev gateway.")] = 8789,
+    port: Annotated[int, typer.Option(
+        "--port", envvar="PHLOEM_DEV_PORT", min=1, max=65535,
+        help="First port tried for functions without dev.port in neon.ts; a taken port "
+        "is skipped (and said).")] = 8787,
 ) -> None:
     """Serve the project's functions from the working tree with the linked branch's
-    database and env, reloading a function when its files change (requests in flight
-    finish on the old version).
+    database and env, each on its own port of localhost (any Host header), reloading a
+    function when its files change (requests in flight finish on the old version).
 
-    Example: phloem dev --port 8789
+    Example: phloem dev   # then: curl http://localhost:8787/
     """
     import asyncio
 
     from phloem.config import BranchInfo
-    from phloem.dev import DevServer
+    from phloem.dev import DevPortError, DevServer
     from phloem.runtimes.base import BuildFailed
 
     root = project_root(project)
@@ -398,6 +400,8 @@ def dev(
         }
     except (ClientError, ConfigError) as exc:
         fail(str(exc))
+    if not desired:
+        fail(f"{proj.config_file}: declares no functions to serve")
 
     def say(line: str) -> None:
         out.print(escape(line), highlight=False)
@@ -408,11 +412,18 @@ def dev(
         fail(str(exc))
 
     def ready() -> None:
+        for slug, first, got in server.moved:
+            err.print(f"port {first} is in use: {slug} serves on {got}", highlight=False)
+        width = max(len(slug) for slug in desired)
         for slug in desired:
-            out.print(f"[bold]{slug}[/]  {server.url(slug)}")
-        out.print(f"watching {root} (Ctrl-C to stop)")
+            state = "" if server.functions[slug].ok else "  [red](not started: see above)[/]"
+            out.print(f"[bold]{slug:<{width}}[/]  {server.url(slug)}{state}",
+                      highlight=False)
+        out.print(f"watching {escape(str(root))} (Ctrl-C to stop)", highlight=False)
 
     try:
         asyncio.run(server.run(ready))
+    except DevPortError as exc:
+        fail(f"port: {exc.strerror}")
     except OSError as exc:
         fail(f"port: {exc}")
