@@ -268,3 +268,32 @@ def test_dev_default_port_is_8787_when_free(platform: PlatformProcess,
             assert any(ln.startswith("port 8787 is in use: api serves on ") for ln in lines)
             assert int(url.rsplit(":", 1)[1].rstrip("/")) > 8787
         assert httpx.get(url, timeout=30).text == "on the default port"
+
+
+def test_dev_port_is_exact_and_checked(platform: PlatformProcess, tmp_path: Path) -> None:
+    root = tmp_path / "exact"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "index.ts").write_text(
+        "export default { fetch: () => new Response('x') };\n")
+    config = ('import { defineConfig } from "@neon/config/v1";\n'
+              'export default defineConfig({ preview: { functions: { web: { name: "web", '
+              'source: "src/index.ts", dev: DEV } } } });\n')
+    branch = f"xdev-{uuid.uuid4().hex[:6]}"
+    platform.cli("branches", "create", "--name", branch)
+    (root / "neon.ts").write_text(config.replace("DEV", '{ port: "8790" }'))
+    platform.cli("link", "--branch", branch, "--no-env-pull", cwd=root)
+    bad = platform.cli("config", "plan", cwd=root, check=False)
+    assert bad.returncode != 0
+    assert "functions.web.dev.port: must be an integer from 1 to 65535 (got '8790')" \
+        in bad.stderr
+    (root / "neon.ts").write_text(config.replace("DEV", "{ host: 1 }"))
+    bad = platform.cli("config", "plan", cwd=root, check=False)
+    assert "functions.web.dev.host: unknown key (known: port)" in bad.stderr
+
+    held = free_port()
+    (root / "neon.ts").write_text(config.replace("DEV", f"{{ port: {held} }}"))
+    with socket.create_server(("127.0.0.1", held)):  # taken: dev.port never moves
+        proc = platform.cli("dev", cwd=root, check=False, timeout=180)
+    assert proc.returncode != 0
+    assert f"functions.web.dev.port: cannot listen on 127.0.0.1:{held}" in \
+        " ".join((proc.stdout + proc.stderr).split())
