@@ -135,7 +135,8 @@ def start_phloem_dev(stack: ExitStack, p: PlatformProcess, root: Path) -> Server
                                         p.env))
     url = wait_for(lambda: next((ln.split()[1] for ln in lines if ln.startswith("api ")),
                                 None), 60, "phloem dev: " + "".join(lines[-5:]))
-    server = Server("phloem dev", root, port, url.split("://", 1)[1])
+    # Each function has its own port (any Host): the one it printed.
+    server = Server("phloem dev", root, int(url.rsplit(":", 1)[1].rstrip("/")), None)
     wait_for(lambda: server.client.get("/").status_code == 200, 30, "phloem dev's response")
     return server
 

@@ -52,6 +52,8 @@ class DesiredFunction:
     runtime: str
     env: dict[str, str]
     limits: dict[str, Any]
+    #: ``dev.port`` of a neon.ts function: the port ``phloem dev`` serves it on, exactly.
+    dev_port: int | None = None
 
 
 def _runtime(where: str, source: str, path: Path, requested: Any) -> tuple[Runtime, str]:
@@ -145,36 +147,72 @@ def find_root(start: Path) -> Path | None:
     return None
 
 
-def load_dotenv(path: Path) -> dict[str, str]:
+#: Read from the project root, when present, before its config is evaluated (as Neon's
+#: CLI does); later files win over earlier ones, and the environment over all of them.
+PROJECT_DOTENV_FILES = (".env", ".env.local")
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
     """KEY=VALUE lines (``export``, quotes and comments allowed)."""
     out: dict[str, str] = {}
-    if not path.is_file():
-        return out
-    for raw in path.read_text().splitlines():
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.removeprefix("export ").partition("=")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+            quote, value = value[0], value[1:-1]
+            if quote == '"':
+                value = value.replace('\\"', '"').replace("\\\\", "\\")
         out[key.strip()] = value
     return out
 
 
+def load_dotenv(path: Path) -> dict[str, str]:
+    """The variables of an optional dotenv file (``{}`` if there is none)."""
+    if not path.is_file():
+        return {}
+    return parse_dotenv(path.read_text())
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of a dotenv file the user named (``--env``): any readable file,
+    a pipe too (``--env <(echo K=V)``, read once); raises ``ConfigError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:  # not is_file(): a FIFO is not a file
+            text = f.read()
+    except IsADirectoryError:
+        raise ConfigError(f"--env {path}: is a directory, not a dotenv file") from None
+    except FileNotFoundError:
+        raise ConfigError(f"--env {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--env {path}: cannot read it: {exc}") from None
+    return parse_dotenv(text)
+
+
+def project_env(root: Path, env_file: Path | None = None) -> dict[str, str]:
+    """What a config sees besides the process environment: the project's ``.env``, then
+    its ``.env.local``, then ``env_file`` (each overriding the one before)."""
+    values: dict[str, str] = {}
+    for name in PROJECT_DOTENV_FILES:
+        values.update(load_dotenv(root / name))
+    if env_file is not None:
+        values.update(read_env_file(env_file))
+    return values
+
+
 def load_project(root: Path, env_file: Path | None = None,
                  progress: Callable[[str], None] | None = None) -> Project:
-    """Read the project at ``root``: ``phloemfile.py`` if there is one, else ``neon.ts``
-    (after loading ``env_file`` into the environment; both configs may read it)."""
+    """Read the project at ``root``: ``phloemfile.py`` if there is one, else ``neon.ts``,
+    after loading into the environment the project's ``.env`` and ``.env.local`` and
+    ``env_file`` (see :func:`project_env`; a variable already set is kept)."""
     path = root / CONFIG_FILE
     neon_path = find_neon_config(root)
     if not path.is_file() and neon_path is None:
         raise ConfigError(f"{path}: not found, nor a neon.ts (create one with 'phloem init')")
-    if env_file is not None:
-        if not env_file.is_file():
-            raise ConfigError(f"--env {env_file}: file not found")
-        for key, value in load_dotenv(env_file).items():
-            os.environ.setdefault(key, value)
+    for key, value in project_env(root, env_file).items():
+        os.environ.setdefault(key, value)
     if not path.is_file():
         assert neon_path is not None
         return Project(root=root, config_file=neon_path.name,
@@ -271,7 +309,25 @@ def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, An
     except InvalidInput as exc:
         raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
     return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
-                           limits=limits)
+                           limits=limits, dev_port=_dev_port(where, spec.get("dev")))
+
+
+def _dev_port(where: str, dev: Any) -> int | None:
+    """``dev: { port }`` of a neon.ts function (what ``@neon/config`` declares)."""
+    if dev is None:
+        return None
+    if not isinstance(dev, Mapping):
+        raise ConfigError(f"{where}.dev: must be an object, e.g. dev: {{ port: 8790 }}")
+    unknown = sorted(set(dev) - {"port"})
+    if unknown:
+        raise ConfigError(f"{where}.dev.{unknown[0]}: unknown key (known: port)")
+    port = dev.get("port")
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{where}.dev.port: must be an integer from 1 to 65535 "
+                          f"(got {port!r})")
+    return port
 
 
 # -- links ---------------------------------------------------------------------

@@ -293,6 +293,27 @@ def test_plain_object_export(tools: Tools, workdir: Path) -> None:
         assert host.stop() == 0
 
 
+def test_function_default_export_is_the_fetch_handler(tools: Tools, workdir: Path) -> None:
+    # The shape of Neon's bots: `export default async function handler(request)`.
+    app = write_app(workdir / "app", {"index.ts": """\
+export default async function handler(request: Request, env: unknown, ctx: any) {
+  const body = await request.text();
+  const waits = typeof ctx?.waitUntil === "function";
+  return new Response(`bare ${request.method} ${new URL(request.url).pathname} ${body} ${waits}`);
+}
+"""})
+    out = build(tools, app, workdir / "out")
+    assert check(tools, out).returncode == 0
+    host = Host(tools, out, workdir)
+    try:
+        host.wait_event(b"R")
+        with host.client() as c:
+            r = c.post("/hook", content="ping")
+            assert (r.status_code, r.text) == (200, "bare POST /hook ping true")
+    finally:
+        assert host.stop() == 0
+
+
 def test_fetch_errors_are_500_and_logged(tools: Tools, workdir: Path) -> None:
     app = write_app(workdir / "app", {"index.js": """\
 export default {

@@ -195,18 +195,18 @@ async def test_dev_builds_serves_and_reloads_a_registered_runtime(
     lines: list[str] = []
     server = DevServer(root, desired, branch, {}, port=free_port(), say=lines.append)
     await server.start()
-    host = f"{branch}-hi.fn.localhost"
+    host = "any.host.example"  # each function has its own port: the Host does not matter
     try:
-        resp = await _get(server.gateway.port, host)
+        resp = await _get(server.port_of("hi"), host)
         assert (resp.status_code, resp.text) == (200, "first"), lines
         # A failed build keeps the previous generation serving.
         (root / "hello.echo").write_text("syntax error")
         assert not await server.reload("hi")
         assert any("build failed: hello.echo: syntax error" in line for line in lines)
-        assert (await _get(server.gateway.port, host)).text == "first"
+        assert (await _get(server.port_of("hi"), host)).text == "first"
         (root / "hello.echo").write_text("second")
         assert await server.reload("hi"), lines
-        assert (await _get(server.gateway.port, host)).text == "second"
+        assert (await _get(server.port_of("hi"), host)).text == "second"
         assert len(echo.built) == 2 and echo.built[0] != echo.built[1]
     finally:
         await server.stop()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from importlib import resources
@@ -55,7 +56,8 @@ ProjectOpt = Annotated[Path, typer.Option(
     "directory up from here with phloemfile.py or a link]", show_default=False)]
 EnvFileOpt = Annotated[Path | None, typer.Option(
     "--env", envvar="PHLOEM_ENV_FILE", help="Dotenv file loaded before phloemfile.py (or "
-    "neon.ts) is evaluated.")]
+    "neon.ts) is evaluated, after the project's .env and .env.local (it wins over them; "
+    "set variables win over all). Any readable file, a pipe too: --env <(echo K=V).")]
 ACTION_STYLE = {"create": "green", "update": "yellow", "delete": "red", "unchanged": "dim"}
 
 
@@ -175,14 +177,33 @@ def deploy_alias(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
 
 
 # -- link, checkout, env ---------------------------------------------------------
-def _pull_env(client: Client, root: Path, branch: str, file: Path) -> Path:
-    target = file if file.is_absolute() else root / file
+#: Written by ``env pull`` for each function of the branch, as Neon's CLI does: its
+#: invocation URL with a trailing slash, so paths concatenate onto it.
+FUNCTION_URL_RE = re.compile(r"^NEON_FUNCTION_[A-Z0-9]+_BASE_URL$")
+
+
+def function_url_var(slug: str) -> str:
+    return f"NEON_FUNCTION_{slug.upper()}_BASE_URL"
+
+
+def default_env_target(root: Path) -> Path:
+    """Where ``env pull`` writes without ``--file``: the project's ``.env`` if it has one
+    (where its secrets already live), else ``.env.local``."""
+    return root / ".env" if (root / ".env").is_file() else root / ".env.local"
+
+
+def _pull_env(client: Client, root: Path, branch: str, file: Path | None) -> Path:
+    target = default_env_target(root) if file is None else (
+        file if file.is_absolute() else root / file)
     values = {
         "DATABASE_URL": client.connection_string(branch, pooled=True),
         "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
         "PHLOEM_BRANCH": client.get_branch(branch)["name"],
     }
     values["NEON_BRANCH"] = values["PHLOEM_BRANCH"]
+    for fn in client.list_functions(branch):
+        url = fn["invocation_url"]
+        values[function_url_var(fn["slug"])] = url if url.endswith("/") else url + "/"
     lines = target.read_text().splitlines() if target.exists() else []
     seen: set[str] = set()
     merged = []
@@ -191,6 +212,8 @@ def _pull_env(client: Client, root: Path, branch: str, file: Path) -> Path:
         if key in values and "=" in line:
             merged.append(f"{key}={values[key]}")
             seen.add(key)
+        elif "=" in line and FUNCTION_URL_RE.match(key):
+            continue  # a function this branch no longer has (or another branch's)
         else:
             merged.append(line)
     merged += [f"{k}={v}" for k, v in values.items() if k not in seen]
@@ -260,10 +283,15 @@ def checkout(
 
 @env_app.command("pull")
 def env_pull(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOpt = "",
-             file: Annotated[Path, typer.Option("--file", help="Dotenv file to merge "
-                                                "into.")] = Path(".env")) -> None:
-    """Write DATABASE_URL, DATABASE_URL_UNPOOLED, PHLOEM_BRANCH and NEON_BRANCH into a
-    dotenv file, keeping every other line of it."""
+             file: Annotated[Path | None, typer.Option(
+                 "--file", help="Dotenv file to merge into [default: the project's .env "
+                 "if it has one, else .env.local]", show_default=False)] = None) -> None:
+    """Write DATABASE_URL, DATABASE_URL_UNPOOLED, PHLOEM_BRANCH, NEON_BRANCH and
+    NEON_FUNCTION_<SLUG>_BASE_URL for each function of the branch into a dotenv file,
+    keeping every other line of it.
+
+    Example: phloem env pull --file .env.preview
+    """
     try:
         target = _pull_env(client_for(data_dir), project_root(project), branch, file)
     except ClientError as exc:
@@ -341,19 +369,21 @@ def init(
 def dev(
     data_dir: DataDirOpt, project: ProjectOpt = Path("."), env_file: EnvFileOpt = None,
     branch: BranchOpt = "",
-    port: Annotated[int, typer.Option("--port", envvar="PHLOEM_DEV_PORT",
-                                      help="Port of the dev gateway.")] = 8789,
+    port: Annotated[int, typer.Option(
+        "--port", envvar="PHLOEM_DEV_PORT", min=1, max=65535,
+        help="First port tried for functions without dev.port in neon.ts; a taken port "
+        "is skipped (and said).")] = 8787,
 ) -> None:
     """Serve the project's functions from the working tree with the linked branch's
-    database and env, reloading a function when its files change (requests in flight
-    finish on the old version).
+    database and env, each on its own port of localhost (any Host header), reloading a
+    function when its files change (requests in flight finish on the old version).
 
-    Example: phloem dev --port 8789
+    Example: phloem dev   # then: curl http://localhost:8787/
     """
     import asyncio
 
     from phloem.config import BranchInfo
-    from phloem.dev import DevServer
+    from phloem.dev import DevPortError, DevServer
     from phloem.runtimes.base import BuildFailed
 
     root = project_root(project)
@@ -370,6 +400,8 @@ def dev(
         }
     except (ClientError, ConfigError) as exc:
         fail(str(exc))
+    if not desired:
+        fail(f"{proj.config_file}: declares no functions to serve")
 
     def say(line: str) -> None:
         out.print(escape(line), highlight=False)
@@ -380,11 +412,18 @@ def dev(
         fail(str(exc))
 
     def ready() -> None:
+        for slug, first, got in server.moved:
+            err.print(f"port {first} is in use: {slug} serves on {got}", highlight=False)
+        width = max(len(slug) for slug in desired)
         for slug in desired:
-            out.print(f"[bold]{slug}[/]  {server.url(slug)}")
-        out.print(f"watching {root} (Ctrl-C to stop)")
+            state = "" if server.functions[slug].ok else "  [red](not started: see above)[/]"
+            out.print(f"[bold]{slug:<{width}}[/]  {server.url(slug)}{state}",
+                      highlight=False)
+        out.print(f"watching {escape(str(root))} (Ctrl-C to stop)", highlight=False)
 
     try:
         asyncio.run(server.run(ready))
+    except DevPortError as exc:
+        fail(f"port: {exc.strerror}")
     except OSError as exc:
         fail(f"port: {exc}")

@@ -10,7 +10,7 @@
 //
 // The bundle's default export is an object with fetch(request, env, ctx) (WinterTC /
 // Workers style; a Hono app is one) and optionally upgrade(req, socket, head), which gets
-// WebSocket (and other Upgrade) requests. env is @hono/node-server's {incoming, outgoing};
+// WebSocket (and other Upgrade) requests; or a function, which is then fetch itself. env is @hono/node-server's {incoming, outgoing};
 // ctx.waitUntil(promise) keeps the isolate alive after the response for the wait_until
 // budget (PHLOEM_WAIT_UNTIL_S).
 //
@@ -237,10 +237,13 @@ async function loadHandler(bundle) {
   if (handler === undefined || handler === null) {
     return { error: `${NO_FETCH} (the module has no default export)` };
   }
-  if (typeof handler.fetch !== "function") {
-    return { error: NO_FETCH };
+  if (typeof handler.fetch === "function") return { handler };
+  if (typeof handler === "function") {
+    // `export default async function handler(request)`: the function is the fetch handler
+    // (Neon's bots use this shape). Called plainly, with the same arguments as fetch.
+    return { handler: { fetch: (request, env, ctx) => handler(request, env, ctx) } };
   }
-  return { handler };
+  return { error: `${NO_FETCH} (export a fetch function or an object with one)` };
 }
 
 function reply(socket, statusLine, text) {

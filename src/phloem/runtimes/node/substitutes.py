@@ -3,8 +3,8 @@
 Neon's examples import ``@neon/functions`` (``waitUntil``, ``attachDatabasePool``) and the
 older ``@neondatabase/functions/v1``; neither is on the npm registry, so a project listing
 them cannot be installed anywhere but Neon. phloem ships typed implementations in
-``packages/`` (published from this repository as ``@phloem/config``, ``@phloem/env`` and
-``@phloem/functions``) and substitutes them:
+``packages/`` (``@phloem/config``, ``@phloem/env`` and ``@phloem/functions``, not on the npm
+registry: they come with phloem's Python package) and substitutes them:
 
 * at install time, a dependency on a :data:`SUPPLIED` name becomes ``file:`` of ours;
 * at bundle time, imports of those names resolve to ours (esbuild ``--alias``), so code
