@@ -41,6 +41,7 @@ from phloem.artifacts import (
     NoSpace,
 )
 from phloem.branches.manager import BranchError
+from phloem.control import neon_v2
 from phloem.control.backup_api import router as backup_router
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
@@ -603,6 +604,7 @@ def create_api(platform: Platform) -> FastAPI:
         return _deployment_out(dep)
 
     app.include_router(backup_router)
+    app.include_router(neon_v2.router)
     return app
 
 

@@ -1,0 +1,168 @@
+"""Neon's own CLI (the npm package ``neon``, pinned) against a running platform's
+``/api/v2``: projects, branches, connection strings through psql, functions, and the
+error a command phloem cannot serve gets.
+
+The package is installed once into ``~/.cache/phloem-test/neon-<version>`` (reused
+between runs) with the machine's npm; the CLI runs as a subprocess with ``NEON_API_HOST``
+and ``NEON_API_KEY``, analytics and the update check off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from phloem.testing import PlatformProcess
+
+NEON_VERSION = "6.2.3"
+CACHE = Path(os.environ.get("PHLOEM_TEST_CACHE", Path.home() / ".cache" / "phloem-test"))
+
+
+@pytest.fixture(scope="session")
+def neon_cli() -> Path:
+    """The pinned ``neon`` package's cli.js, installed once (a lock-free rename makes a
+    half-finished install invisible to the next run)."""
+    home = CACHE / f"neon-{NEON_VERSION}"
+    cli = home / "node_modules" / "neon" / "dist" / "cli.js"
+    if cli.is_file():
+        return cli
+    npm = shutil.which("npm")
+    assert npm is not None, "npm is needed to install Neon's CLI for these tests"
+    tmp = CACHE / f".tmp-neon-{NEON_VERSION}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    subprocess.run([npm, "install", "--prefix", str(tmp), "--ignore-scripts", "--no-audit",
+                    "--no-fund", f"neon@{NEON_VERSION}"], check=True, capture_output=True,
+                   timeout=600)
+    try:
+        tmp.rename(home)
+    except OSError:  # another run finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert cli.is_file()
+    return cli
+
+
+class Neon:
+    """Runs ``neon`` against one platform."""
+
+    def __init__(self, cli: Path, platform: PlatformProcess, home: Path) -> None:
+        self.cli = cli
+        self.platform = platform
+        creds = platform.credentials
+        node = shutil.which("node")
+        assert node is not None
+        self.node = node
+        self.env = {
+            "PATH": os.environ["PATH"], "HOME": str(home),
+            "NEON_API_HOST": creds["api_url"] + "/api/v2", "NEON_API_KEY": creds["api_key"],
+            "NO_UPDATE_NOTIFIER": "1", "CI": "1", "NO_COLOR": "1",
+            # The deploy command polls the function; the default 2 s only slows tests.
+            "NEON_FUNCTIONS_POLL_INTERVAL_MS": "200",
+        }
+
+    def run(self, *args: str, cwd: Path | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([self.node, str(self.cli), "--no-analytics", *args],
+                              env=self.env, capture_output=True, text=True, timeout=300,
+                              cwd=cwd, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"neon {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def json(self, *args: str, cwd: Path | None = None) -> Any:
+        return json.loads(self.run(*args, "--output", "json", cwd=cwd).stdout)
+
+
+@pytest.fixture
+def neon(neon_cli: Path, platform: PlatformProcess,
+         tmp_path: Path) -> Iterator[Neon]:
+    home = tmp_path / "home"
+    home.mkdir()
+    yield Neon(neon_cli, platform, home)
+
+
+def test_projects_list_and_get_is_this_platform(neon: Neon) -> None:
+    listed = neon.json("projects", "list")
+    assert len(listed["projects"]) == 1 and listed["shared_with_you"] == []
+    project = listed["projects"][0]
+    got = neon.json("projects", "get", project["id"])
+    assert got["id"] == project["id"] and got["name"] == "phloem"
+    # The id is in the system database, so a restart keeps it (test_project_id_survives).
+    with neon.platform.system_db() as conn:
+        row = conn.execute("SELECT id FROM neon_project").fetchone()
+    assert row == (project["id"],)
+    other = neon.run("projects", "get", "not-this-one", check=False)
+    assert other.returncode == 1 and "not found" in other.stderr
+    assert "    at " not in other.stderr  # a message, not a stack trace
+
+
+def _direct_and_pooled(url: str) -> tuple[str | None, str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT inet_client_addr()::text, current_database()").fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_branches_and_connection_strings_through_psql(neon: Neon) -> None:
+    created = neon.json("branches", "create", "--name", "neoncli-br")
+    branch = created["branch"]
+    assert branch["name"] == "neoncli-br" and branch["default"] is False
+    try:
+        # The same branch on both faces.
+        ids = {b["name"]: b["id"] for b in neon.platform.cli_json("branches", "list")}
+        assert ids["neoncli-br"] == branch["id"]
+        listed = neon.json("branches", "list")
+        assert {b["id"] for b in listed} == set(ids.values())
+        assert [b["name"] for b in listed if b["default"]] == ["main"]
+        assert neon.json("branches", "get", "neoncli-br")["id"] == branch["id"]
+        assert [d["name"] for d in neon.json("databases", "list", "--branch",
+                                             "neoncli-br")] == ["phloemdb"]
+
+        direct = neon.run("connection-string", "neoncli-br", "--ssl", "omit").stdout.strip()
+        pooled = neon.run("connection-string", "neoncli-br", "--ssl", "omit",
+                          "--pooled").stdout.strip()
+        assert direct != pooled and "-pooler" in pooled
+        psql = shutil.which("psql")
+        assert psql is not None
+        for url in (direct, pooled):
+            out = subprocess.run([psql, url, "-Atc", "SELECT current_database()"],
+                                 capture_output=True, text=True, timeout=60, check=True)
+            assert out.stdout.strip() == "phloemdb"
+        # Direct is the postmaster's socket; pooled reaches it through PgBouncer (TCP).
+        assert _direct_and_pooled(direct) == (None, "phloemdb")
+        assert _direct_and_pooled(pooled) == ("127.0.0.1/32", "phloemdb")
+        # Neon's default (sslmode=require, channel_binding=require) needs TLS, which
+        # branch databases do not serve: libpq says so.
+        tls = neon.run("connection-string", "neoncli-br").stdout.strip()
+        refused = subprocess.run([psql, tls, "-c", "SELECT 1"], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0 and "SSL" in refused.stderr
+    finally:
+        neon.run("branches", "delete", "neoncli-br")
+    names = [b["name"] for b in neon.platform.cli_json("branches", "list")]
+    assert "neoncli-br" not in names
+
+
+def test_unsupported_command_says_so(neon: Neon) -> None:
+    proc = neon.run("operations", "list", check=False)
+    assert proc.returncode == 1
+    assert "not supported by phloem" in proc.stderr, proc.stderr
+    assert "    at " not in proc.stderr + proc.stdout  # no stack trace
+    creds = neon.platform.credentials
+    r = httpx.get(creds["api_url"] + "/api/v2/no/such/route",
+                  headers={"Authorization": f"Bearer {creds['api_key']}"})
+    assert r.status_code == 501
+    assert r.json() == {"code": "NOT_SUPPORTED", "message": r.json()["message"]}
+    assert "not supported by phloem" in r.json()["message"]
+    assert httpx.get(creds["api_url"] + "/api/v2/projects").status_code == 401
+
