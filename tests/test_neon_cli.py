@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from phloem.testing import PlatformProcess
+from phloem.testing import PlatformProcess, host_of
 
 NEON_VERSION = "6.2.3"
 CACHE = Path(os.environ.get("PHLOEM_TEST_CACHE", Path.home() / ".cache" / "phloem-test"))
@@ -153,6 +153,49 @@ def test_branches_and_connection_strings_through_psql(neon: Neon) -> None:
     assert "neoncli-br" not in names
 
 
+FUNCTION_TS = """\
+export default {
+  async fetch(request: Request): Promise<Response> {
+    const url = new URL(request.url);
+    return Response.json({ greeting: process.env.GREETING ?? null, path: url.pathname,
+                           branch: process.env.NEON_BRANCH });
+  },
+};
+"""
+
+
+def test_functions_deploy_get_list_delete(neon: Neon, tmp_path: Path) -> None:
+    src = tmp_path / "hello"
+    src.mkdir()
+    (src / "index.ts").write_text(FUNCTION_TS)
+    deployed = neon.json("functions", "deploy", "neonhello", "--src", str(src),
+                         "--env", "GREETING=hi")
+    assert deployed["status"] == "completed" and deployed["id"] == 1, deployed
+    try:
+        fn = neon.json("functions", "get", "neonhello")
+        assert fn["active_deployment"]["environment"] == ["GREETING"]
+        with neon.platform.gateway(host_of(fn["invocation_url"])) as gw:
+            assert gw.get("/hi").json() == {"greeting": "hi", "path": "/hi",
+                                            "branch": "main"}
+        # The same function on phloem's face; a second deploy is number 2.
+        mine = neon.platform.cli_json("functions", "get", "neonhello")
+        assert mine["invocation_url"] == fn["invocation_url"]
+        again = neon.json("functions", "deploy", "neonhello", "--src", str(src),
+                          "--env", "GREETING=again")
+        assert again["id"] == 2 and again["status"] == "completed"
+        listed = neon.json("functions", "list")
+        assert [f["slug"] for f in listed] == ["neonhello"]
+        assert listed[0]["current_deployment"]["id"] == 2
+        with neon.platform.gateway(host_of(fn["invocation_url"])) as gw:
+            assert gw.get("/").json()["greeting"] == "again"
+    finally:
+        neon.run("functions", "delete", "neonhello")
+    gone = neon.run("functions", "get", "neonhello", check=False)
+    assert gone.returncode == 1 and "not found" in gone.stderr
+    assert neon.platform.cli_json("functions", "list") == [] or all(
+        f["slug"] != "neonhello" for f in neon.platform.cli_json("functions", "list"))
+
+
 def test_unsupported_command_says_so(neon: Neon) -> None:
     proc = neon.run("operations", "list", check=False)
     assert proc.returncode == 1
@@ -165,4 +208,10 @@ def test_unsupported_command_says_so(neon: Neon) -> None:
     assert r.json() == {"code": "NOT_SUPPORTED", "message": r.json()["message"]}
     assert "not supported by phloem" in r.json()["message"]
     assert httpx.get(creds["api_url"] + "/api/v2/projects").status_code == 401
+    project = neon.json("projects", "list")["projects"][0]["id"]
+    bad = httpx.post(f"{creds['api_url']}/api/v2/projects/{project}/branches/main/functions"
+                     "/x/deployments", json={"zip": "no"},
+                     headers={"Authorization": f"Bearer {creds['api_key']}"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_input"
+    assert "multipart/form-data" in bad.json()["message"]
 

@@ -43,6 +43,7 @@ from phloem.artifacts import (
 from phloem.branches.manager import BranchError
 from phloem.control import neon_v2
 from phloem.control.backup_api import router as backup_router
+from phloem.control.neon_v2 import functions as neon_functions
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
 from phloem.logs import follow_file, tail
@@ -80,6 +81,8 @@ def body_cap(method: str, path: str) -> int:
     """The most bytes of body ``method path`` accepts (413 beyond)."""
     if method == "PUT" and path.startswith(ARTIFACTS_PREFIX):
         return MAX_ARTIFACT_BYTES
+    if neon_functions.is_bundle_upload(method, path):
+        return neon_functions.MAX_BUNDLE_BYTES
     return MAX_JSON_BODY_BYTES
 
 
