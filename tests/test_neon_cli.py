@@ -204,7 +204,7 @@ def test_unsupported_command_says_so(neon: Neon) -> None:
     creds = neon.platform.credentials
     r = httpx.get(creds["api_url"] + "/api/v2/no/such/route",
                   headers={"Authorization": f"Bearer {creds['api_key']}"})
-    assert r.status_code == 501
+    assert r.status_code == 400
     assert r.json() == {"code": "NOT_SUPPORTED", "message": r.json()["message"]}
     assert "not supported by phloem" in r.json()["message"]
     assert httpx.get(creds["api_url"] + "/api/v2/projects").status_code == 401
@@ -215,3 +215,106 @@ def test_unsupported_command_says_so(neon: Neon) -> None:
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_input"
     assert "multipart/form-data" in bad.json()["message"]
 
+
+
+def test_rename_reset_set_default_roles_and_me(neon: Neon) -> None:
+    made = neon.json("branches", "create", "--name", "neoncli-d1")["branch"]
+    try:
+        assert neon.json("branches", "rename", "neoncli-d1", "neoncli-d2")["name"] == \
+            "neoncli-d2"
+        names = {b["name"] for b in neon.platform.cli_json("branches", "list")}
+        assert "neoncli-d2" in names and "neoncli-d1" not in names
+        # Reset to the parent: a table made on the branch is gone, the id stays.
+        url = neon.run("connection-string", "neoncli-d2", "--ssl", "omit").stdout.strip()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE neoncli_reset_probe (id int)")
+        reset = neon.json("branches", "reset", "neoncli-d2", "--parent")
+        assert reset["id"] == made["id"]
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute("SELECT to_regclass('neoncli_reset_probe')").fetchone() == \
+                (None,)
+        point_in_time = neon.run("branches", "restore", "neoncli-d2", "^self@0/1",
+                                 check=False)
+        assert point_in_time.returncode == 1
+        assert "not supported by phloem" in point_in_time.stderr
+        # set-default moves the default; branches made without --parent come from it.
+        neon.run("branches", "set-default", "neoncli-d2")
+        try:
+            listed = neon.json("branches", "list")
+            assert [b["name"] for b in listed if b["default"]] == ["neoncli-d2"]
+            child = neon.json("branches", "create", "--name", "neoncli-d3")["branch"]
+            assert child["parent_id"] == made["id"]
+            neon.run("branches", "delete", "neoncli-d3")
+        finally:
+            neon.run("branches", "set-default", "main")
+        assert [r["name"] for r in neon.json("roles", "list", "--branch", "neoncli-d2")] == \
+            ["phloemdb_owner"]
+        root = neon.run("branches", "rename", "main", "other", check=False)
+        assert root.returncode == 1 and "root branch" in root.stderr
+    finally:
+        neon.run("branches", "delete", made["id"])
+    me = neon.json("me")
+    assert me["id"] == "phloem" and me["login"] == "phloem"
+
+
+NEON_TS = """\
+import { defineConfig } from "@neon/config";
+
+export default defineConfig({
+  functions: {
+    hello: { name: "hello", source: "src/index.ts", env: { GREETING: "from neon.ts" } },
+  },
+});
+"""
+
+
+def _dotenv(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
+def test_link_checkout_deploy_env_pull_with_a_neon_ts(neon: Neon, neon_cli: Path,
+                                                      tmp_path: Path) -> None:
+    """A Neon project (neon.ts declaring a function) driven by Neon's CLI only."""
+    root = tmp_path / "app"
+    (root / "src").mkdir(parents=True)
+    (root / "neon.ts").write_text(NEON_TS)
+    (root / "src" / "index.ts").write_text(FUNCTION_TS)
+    (root / "package.json").write_text('{"name": "app", "private": true, "type": "module"}')
+    # neon.ts imports @neon/config: the one the CLI installed (as `npm install` would).
+    (root / "node_modules" / "@neon").mkdir(parents=True)
+    (root / "node_modules" / "@neon" / "config").symlink_to(
+        neon_cli.parents[2] / "@neon" / "config")
+
+    neon.run("link", "-y", cwd=root)
+    context = json.loads((root / ".neon").read_text())
+    assert context["branch"] == "main"
+    assert context["projectId"] == neon.json("projects", "list")["projects"][0]["id"]
+    pulled = _dotenv(root / ".env.local")
+    with psycopg.connect(pulled["DATABASE_URL_UNPOOLED"]) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    neon.run("branches", "create", "--name", "neoncli-app")
+    try:
+        neon.run("checkout", "neoncli-app", cwd=root)
+        assert json.loads((root / ".neon").read_text())["branch"] == "neoncli-app"
+        neon.run("config", "status", cwd=root)
+        assert "+ function hello" in neon.run("config", "plan", cwd=root).stdout
+        neon.run("deploy", cwd=root)
+        fn = neon.platform.cli_json("functions", "get", "hello", "--branch", "neoncli-app")
+        with neon.platform.gateway(host_of(fn["invocation_url"])) as gw:
+            assert gw.get("/x").json() == {"greeting": "from neon.ts", "path": "/x",
+                                           "branch": "neoncli-app"}
+        (root / ".env.local").unlink()
+        neon.run("env", "pull", cwd=root)
+        pulled = _dotenv(root / ".env.local")
+        assert pulled["NEON_BRANCH"] == "neoncli-app"
+        mine = neon.platform.cli("connection-string", "--branch", "neoncli-app",
+                                 "--unpooled").stdout.strip()
+        assert pulled["DATABASE_URL_UNPOOLED"] == mine
+        live = neon.run("env", "pull", "-s", "functions", "--file", ".env.fn", cwd=root)
+        assert live.returncode == 0
+        assert _dotenv(root / ".env.fn")["NEON_FUNCTION_HELLO_BASE_URL"] == \
+            fn["invocation_url"]
+    finally:
+        neon.platform.cli("branches", "delete", "neoncli-app")

@@ -3,7 +3,8 @@
 A second face of the same control plane: a branch or function made here is the one
 ``phloem branches list`` shows, and the other way round. One module per resource, each
 with pydantic models in Neon's shapes; errors are Neon's ``{"code", "message"}``
-(:mod:`.errors`), and every route phloem does not serve answers 501 saying so
+(:mod:`.errors`), and every route phloem does not serve answers 400 ``NOT_SUPPORTED``
+saying so
 (:mod:`.unsupported`). Auth is the v1 API's: ``Authorization: Bearer <phloem API key>``.
 
     app.include_router(neon_v2.router)      # in create_api
@@ -22,12 +23,14 @@ from phloem.control.neon_v2 import (
     functions,
     project,
     roles,
+    services,
     unsupported,
     users,
 )
 
 router = APIRouter()
-for _module in (users, project, branches, endpoints, databases, roles, functions):
+for _module in (users, project, branches, endpoints, databases, roles, functions,
+                services):
     router.include_router(_module.router)
 router.include_router(unsupported.router)  # last: only what nothing else serves
 

@@ -26,8 +26,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from phloem.branches.manager import BRANCH_HOST
-from phloem.control.neon_v2.errors import NeonRoute
-from phloem.control.neon_v2.project import REGION, iso, project_of
+from phloem.control.neon_v2.errors import NeonError, NeonRoute
+from phloem.control.neon_v2.project import REGION, is_default, iso, project_of
 
 if TYPE_CHECKING:
     from phloem.control.store import BranchRow
@@ -92,8 +92,10 @@ class Endpoint(BaseModel):
     id: str
     project_id: str
     branch_id: str
-    autoscaling_limit_min_cu: float = 0
-    autoscaling_limit_max_cu: float = 0
+    #: Neon's smallest size, which its config schema accepts; a branch's PostgreSQL here
+    #: is not sized in compute units.
+    autoscaling_limit_min_cu: float = 0.25
+    autoscaling_limit_max_cu: float = 0.25
     region_id: str = REGION
     type: str = "read_write"
     current_state: str
@@ -139,3 +141,30 @@ async def list_endpoints(request: Request, project_id: str) -> EndpointsOut:
     prune_socket_dirs(platform, {b.id for b in branches})
     return EndpointsOut(endpoints=[endpoint_model(platform, project.id, b)
                                    for b in branches])
+
+
+class ConnectionUriOut(BaseModel):
+    uri: str
+
+
+@router.get("/api/v2/projects/{project_id}/connection_uri")
+async def connection_uri(request: Request, project_id: str, database_name: str,
+                         role_name: str, branch_id: str | None = None,
+                         endpoint_id: str | None = None,
+                         pooled: bool = False) -> ConnectionUriOut:
+    """What ``neon env pull`` writes as ``DATABASE_URL`` (pooled) and
+    ``DATABASE_URL_UNPOOLED``: phloem's own TCP URLs, as ``phloem env pull`` gives."""
+    platform, project = await project_of(request, project_id)
+    if branch_id is not None:
+        branch = await platform.branches.get(branch_id.replace("%2F", "/"))
+    elif endpoint_id is not None:
+        branch = await platform.branches.get("br-" + endpoint_id.removeprefix("ep-"))
+    else:
+        rows = await platform.store.list_branches()
+        branch = next(b for b in rows if is_default(project, b))
+    if database_name != branch.database or role_name != branch.role:
+        raise NeonError(404, "NOT_FOUND", f"branch {branch.id!r} has database "
+                        f"{branch.database!r} owned by role {branch.role!r} only (asked "
+                        f"for {database_name!r} as {role_name!r})")
+    urls = platform.branches.connection_strings(branch)
+    return ConnectionUriOut(uri=urls.pooled if pooled else urls.unpooled)

@@ -33,10 +33,12 @@ class NeonError(Exception):
 
 
 def unsupported(what: str, why: str = "") -> NeonError:
-    """501 for something the Neon API has and phloem has not: ``<what>: not supported by
-    phloem (<why>)``."""
+    """400 ``NOT_SUPPORTED`` for something the Neon API has and phloem has not: ``<what>:
+    not supported by phloem (<why>)``. Not 501: Neon's clients take any 5xx for a passing
+    outage (``neon functions deploy`` polls on through it, the config runtime calls it
+    transient), and not 404, which they read as "no such object"."""
     reason = f" ({why})" if why else ""
-    return NeonError(501, "NOT_SUPPORTED", f"{what}: {UNSUPPORTED}{reason}")
+    return NeonError(400, "NOT_SUPPORTED", f"{what}: {UNSUPPORTED}{reason}")
 
 
 def neon_body(code: str, message: str) -> dict[str, Any]:
@@ -69,7 +71,12 @@ def _translate(exc: Exception) -> JSONResponse | None:
 
 class NeonRoute(APIRoute):
     """A route whose errors are Neon's shape (validation errors included: FastAPI raises
-    them inside the handler this wraps)."""
+    them inside the handler this wraps), and whose bodies leave out fields that are None,
+    as Neon's do (its clients' schemas take an absent optional field, not null)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["response_model_exclude_none"] = True
+        super().__init__(*args, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel
 
 from phloem.control.neon_v2.errors import NeonError, NeonRoute, unsupported
+from phloem.control.neon_v2.users import ORG_ID
 
 if TYPE_CHECKING:
     from phloem.control.store import BranchRow
@@ -102,7 +103,7 @@ class Project(BaseModel):
     created_at: str
     updated_at: str
     owner_id: str = "phloem"
-    org_id: str | None = None
+    org_id: str = ORG_ID
     settings: dict[str, Any] = {}
 
 

@@ -1,8 +1,8 @@
 """Every other ``/api/v2`` route: Neon's error shape saying phloem does not serve it.
 
-Included last, so it only answers paths (and methods) no resource module serves. 501,
-because the request may be perfectly valid for Neon: the CLI prints the message and
-exits 1, and a caller can tell "phloem has no such thing" from "no such object" (404).
+Included last, so it only answers paths (and methods) no resource module serves: 400
+with code ``NOT_SUPPORTED`` (:func:`~.errors.unsupported` says why not 501 or 404). The
+CLI prints the message and exits 1.
 
     $ neon ip-allow list
     ERROR: GET /projects/phloem-.../...: not supported by phloem (...)

@@ -1,8 +1,9 @@
 """``/users/me``, ``/users/me/organizations`` and ``/auth``: who the API key belongs to.
 
 phloem's API keys belong to the platform, not to a person, so the caller is one fixed
-user ``phloem`` with no organizations (the CLI then lists projects without an
-``org_id``). ``neon me`` prints it; the CLI's start-up asks ``/auth`` for analytics.
+user ``phloem`` in one organization, :data:`ORG_ID`, which owns the project (``neon
+link`` picks the only organization, then the only project in it). ``neon me`` prints the
+user; the CLI's start-up asks ``/auth`` for analytics.
 
     neon me --output json
 """
@@ -14,11 +15,12 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from phloem.control.neon_v2.errors import NeonRoute
+from phloem.control.neon_v2.errors import NeonError, NeonRoute
 
 router = APIRouter(route_class=NeonRoute)
 
 USER_ID = "phloem"
+ORG_ID = "org-phloem"
 
 
 class CurrentUser(BaseModel):
@@ -36,8 +38,18 @@ class CurrentUser(BaseModel):
     auth_accounts: list[dict[str, Any]] = []
 
 
+class Organization(BaseModel):
+    id: str = ORG_ID
+    name: str = "phloem"
+    handle: str = "phloem"
+    plan: str = "phloem"
+    managed_by: str = "phloem"
+    created_at: str = "1970-01-01T00:00:00Z"
+    updated_at: str = "1970-01-01T00:00:00Z"
+
+
 class Organizations(BaseModel):
-    organizations: list[dict[str, Any]] = []
+    organizations: list[Organization] = [Organization()]
 
 
 class AuthDetails(BaseModel):
@@ -53,6 +65,14 @@ async def current_user() -> CurrentUser:
 @router.get("/api/v2/users/me/organizations")
 async def current_user_organizations() -> Organizations:
     return Organizations()
+
+
+@router.get("/api/v2/organizations/{org_id}")
+async def get_organization(org_id: str) -> Organization:
+    if org_id != ORG_ID:
+        raise NeonError(404, "NOT_FOUND", f"organization {org_id!r} not found: phloem's "
+                        f"one organization is {ORG_ID!r}")
+    return Organization()
 
 
 @router.get("/api/v2/auth")
