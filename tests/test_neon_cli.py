@@ -207,7 +207,12 @@ def test_unsupported_command_says_so(neon: Neon) -> None:
     assert r.status_code == 400
     assert r.json() == {"code": "NOT_SUPPORTED", "message": r.json()["message"]}
     assert "not supported by phloem" in r.json()["message"]
-    assert httpx.get(creds["api_url"] + "/api/v2/projects").status_code == 401
+    assert httpx.get(creds["api_url"] + "/api/v2", headers={
+        "Authorization": f"Bearer {creds['api_key']}"}).json()["code"] == "NOT_SUPPORTED"
+    refused = httpx.get(creds["api_url"] + "/api/v2/projects")
+    assert refused.status_code == 401
+    assert refused.json() == {"code": "unauthorized",
+                              "message": "missing 'Authorization: Bearer <api key>'"}
     project = neon.json("projects", "list")["projects"][0]["id"]
     bad = httpx.post(f"{creds['api_url']}/api/v2/projects/{project}/branches/main/functions"
                      "/x/deployments", json={"zip": "no"},

@@ -131,12 +131,12 @@ class RequestGuard:
             refusal = await self._refusal(path, headers.get("authorization", ""))
             if refusal is not None:
                 await _error_response(guarded_send, 401, "unauthorized", refusal,
-                                      {"www-authenticate": "Bearer"})
+                                      {"www-authenticate": "Bearer"}, path)
                 return
         cap = body_cap(method, path)
         if length is not None and length.isdigit() and int(length) > cap:
             await _error_response(guarded_send, 413, "payload_too_large",
-                                  BodyTooLarge(cap).detail)
+                                  BodyTooLarge(cap).detail, path=path)
             return
         received = 0
 
@@ -156,7 +156,8 @@ class RequestGuard:
         except BodyTooLarge as exc:
             if started:
                 raise
-            await _error_response(guarded_send, 413, "payload_too_large", exc.detail)
+            await _error_response(guarded_send, 413, "payload_too_large", exc.detail,
+                                  path=path)
 
     async def _refusal(self, path: str, header: str) -> str | None:
         """Why the request may not go on, or None."""
@@ -174,9 +175,11 @@ class RequestGuard:
 
 
 async def _error_response(send: Send, status: int, code: str, message: str,
-                          headers: dict[str, str] | None = None) -> None:
+                          headers: dict[str, str] | None = None, path: str = "") -> None:
     # What Response.__call__ sends, without a scope or receive it does not use.
-    response = JSONResponse(error_body(code, message), status, headers=headers)
+    body = (neon_v2.neon_body(code, message) if neon_v2.serves(path)
+            else error_body(code, message))
+    response = JSONResponse(body, status, headers=headers)
     await send({"type": "http.response.start", "status": status,
                 "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
@@ -607,7 +610,7 @@ def create_api(platform: Platform) -> FastAPI:
         return _deployment_out(dep)
 
     app.include_router(backup_router)
-    app.include_router(neon_v2.router)
+    app.include_router(neon_v2.router, include_in_schema=False)
     return app
 
 

@@ -7,7 +7,7 @@ with pydantic models in Neon's shapes; errors are Neon's ``{"code", "message"}``
 saying so
 (:mod:`.unsupported`). Auth is the v1 API's: ``Authorization: Bearer <phloem API key>``.
 
-    app.include_router(neon_v2.router)      # in create_api
+    app.include_router(neon_v2.router, include_in_schema=False)   # in create_api
 
     NEON_API_HOST=http://127.0.0.1:8788/api/v2 NEON_API_KEY=phk_... neon branches list
 """
@@ -27,6 +27,16 @@ from phloem.control.neon_v2 import (
     unsupported,
     users,
 )
+from phloem.control.neon_v2.errors import neon_body
+
+PREFIX = "/api/v2"
+
+
+def serves(path: str) -> bool:
+    """Whether ``path`` is this face's, so the API's guard answers its 401/413 in Neon's
+    error shape."""
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
 
 router = APIRouter()
 for _module in (users, project, branches, endpoints, databases, roles, functions,
@@ -34,4 +44,4 @@ for _module in (users, project, branches, endpoints, databases, roles, functions
     router.include_router(_module.router)
 router.include_router(unsupported.router)  # last: only what nothing else serves
 
-__all__ = ["router"]
+__all__ = ["neon_body", "router", "serves"]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from phloem.branches.manager import BRANCH_NAME_RE
 from phloem.control.neon_v2.databases import Database, database_model
-from phloem.control.neon_v2.endpoints import Endpoint, endpoint_model
+from phloem.control.neon_v2.endpoints import Endpoint, endpoint_model, remove_socket_dirs
 from phloem.control.neon_v2.errors import NeonError, NeonRoute, unsupported
 from phloem.control.neon_v2.project import (
     ProjectRow,
@@ -212,6 +212,7 @@ async def delete_branch(request: Request, project_id: str, branch_id: str) -> Br
         raise NeonError(409, "CONFLICT", f"branch {row.name!r} is the project's default "
                         "branch and cannot be deleted")
     await platform.branches.delete(row.id, False, platform.deployer.drop_branch)
+    remove_socket_dirs(platform, row.id)
     return BranchOut(branch=branch_model(project, row))
 
 

@@ -76,8 +76,16 @@ def endpoint_host(platform: Platform, branch: BranchRow) -> str:
     return f"{quote(str(direct_dir), safe='')}:{branch.port}"
 
 
+def remove_socket_dirs(platform: Platform, branch_id: str) -> None:
+    """Remove a deleted branch's directories."""
+    ep = endpoint_id(branch_id)
+    for name in (ep, f"{ep}-pooler"):
+        shutil.rmtree(socket_root(platform) / name, ignore_errors=True)
+
+
 def prune_socket_dirs(platform: Platform, live_branch_ids: set[str]) -> None:
-    """Remove the directories of branches that no longer exist."""
+    """Remove the directories of branches that no longer exist (deleted through
+    ``/api/v1`` or while the platform was down)."""
     root = socket_root(platform)
     if not root.is_dir():
         return
@@ -131,6 +139,7 @@ async def list_branch_endpoints(request: Request, project_id: str,
                                 branch_id: str) -> EndpointsOut:
     platform, project = await project_of(request, project_id)
     branch = await platform.branches.get(branch_id.replace("%2F", "/"))
+    prune_socket_dirs(platform, {b.id for b in await platform.store.list_branches()})
     return EndpointsOut(endpoints=[endpoint_model(platform, project.id, branch)])
 
 

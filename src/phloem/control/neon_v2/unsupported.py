@@ -19,8 +19,9 @@ router = APIRouter(route_class=NeonRoute)
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
+@router.api_route("/api/v2", methods=METHODS, include_in_schema=False)
 @router.api_route("/api/v2/{rest:path}", methods=METHODS, include_in_schema=False)
-async def not_supported(request: Request, rest: str) -> None:
+async def not_supported(request: Request, rest: str = "") -> None:
     raise unsupported(f"{request.method} /{rest}", "phloem serves the part of the Neon "
                       "API that Neon's CLI uses for projects, branches, connection "
                       "strings and functions; see docs/neon-cli.md")
