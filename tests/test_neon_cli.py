@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from phloem.testing import PlatformProcess, host_of
+from phloem.testing import PlatformProcess, host_of, platform_process
 
 NEON_VERSION = "6.2.3"
 CACHE = Path(os.environ.get("PHLOEM_TEST_CACHE", Path.home() / ".cache" / "phloem-test"))
@@ -104,6 +104,25 @@ def test_projects_list_and_get_is_this_platform(neon: Neon) -> None:
     other = neon.run("projects", "get", "not-this-one", check=False)
     assert other.returncode == 1 and "not found" in other.stderr
     assert "    at " not in other.stderr  # a message, not a stack trace
+
+
+def _project_id(p: PlatformProcess) -> str:
+    creds = p.credentials
+    r = httpx.get(creds["api_url"] + "/api/v2/projects", timeout=60,
+                  headers={"Authorization": f"Bearer {creds['api_key']}"})
+    r.raise_for_status()
+    (project,) = r.json()["projects"]
+    return str(project["id"])
+
+
+def test_project_id_survives_a_restart() -> None:
+    """.neon files name the project: its id must not change when the platform restarts."""
+    with platform_process() as p:
+        first = _project_id(p)
+        assert p.stop() == 0
+        p.launch()
+        p.wait_ready()
+        assert _project_id(p) == first
 
 
 def _direct_and_pooled(url: str) -> tuple[str | None, str]:
