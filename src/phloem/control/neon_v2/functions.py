@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from phloem.control.neon_v2.errors import NeonError, NeonRoute, unsupported
+from phloem.control.neon_v2.errors import NeonError, NeonRoute
 from phloem.control.neon_v2.project import iso, project_of
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
+from phloem.runtimes.registry import runtime_for_source
 
 if TYPE_CHECKING:
     from phloem.platform import Platform
@@ -44,8 +45,6 @@ router = APIRouter(route_class=NeonRoute)
 FUNCTIONS = "/api/v2/projects/{project_id}/branches/{branch_id}/functions"
 FUNCTION = FUNCTIONS + "/{slug}"
 NEON_STATUS = {"building": "building", "ready": "completed", "failed": "failed"}
-#: Neon's runtime names phloem runs, and the phloem runtime each is.
-RUNTIMES = {"nodejs24": "nodejs24"}
 #: Where Neon's bundler puts the function (``outfile: "index.mjs"``); else the first
 #: module in the zip.
 BUNDLE_ENTRY = "index.mjs"
@@ -222,18 +221,20 @@ async def create_deployment(request: Request, project_id: str, branch_id: str,
                             slug: str) -> DeploymentOut:
     platform, branch = await _branch(request, project_id, branch_id)
     parts = form_fields(request.headers.get("content-type", ""), await request.body())
-    runtime_name = _text(parts.get("runtime")) or "nodejs24"
-    if runtime_name not in RUNTIMES:
-        raise unsupported(f"runtime {runtime_name!r}", f"phloem runs {', '.join(RUNTIMES)}")
+    # Neon's runtime names are phloem's; the deployer refuses one this machine lacks.
+    runtime_name = _text(parts.get("runtime"))
     env = parse_environment(_text(parts.get("environment")))
     zip_part = parts.get("zip")
     zip_bytes = zip_part.get_payload(decode=True) if zip_part is not None else None
     if not isinstance(zip_bytes, bytes):
         raise NeonError(400, "invalid_input", "zip: the form has no 'zip' file part")
     artifact, entry = await asyncio.to_thread(bundle_to_artifact, zip_bytes)
+    if runtime_name is None:  # the runtime whose modules the bundle's entry is
+        by_source = runtime_for_source(entry)
+        runtime_name = by_source.name if by_source is not None else None
     sha = await asyncio.to_thread(platform.artifacts.put, artifact)
     dep = await platform.deployer.deploy(branch, DeployRequest(
-        slug=slug, artifact_sha256=sha, entry=entry, runtime=RUNTIMES[runtime_name],
+        slug=slug, artifact_sha256=sha, entry=entry, runtime=runtime_name,
         env=env, replace_env=env is not None))
     number = len(await platform.store.list_deployments(dep.function_id))
     return DeploymentOut(deployment=deployment_model(platform, dep, number))
