@@ -43,7 +43,9 @@ from phloem.artifacts import (
     NoSpace,
 )
 from phloem.branches.manager import BranchError
+from phloem.control import neon_v2
 from phloem.control.backup_api import router as backup_router
+from phloem.control.neon_v2 import functions as neon_functions
 from phloem.control.services import ApiServices
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.deployer import DeployRequest, NotFound
@@ -79,6 +81,8 @@ def body_cap(method: str, path: str) -> int:
     """The most bytes of body ``method path`` accepts (413 beyond)."""
     if method == "PUT" and path.startswith(ARTIFACTS_PREFIX):
         return MAX_ARTIFACT_BYTES
+    if neon_functions.is_bundle_upload(method, path):
+        return neon_functions.MAX_BUNDLE_BYTES
     return MAX_JSON_BODY_BYTES
 
 
@@ -127,12 +131,12 @@ class RequestGuard:
             refusal = await self._refusal(path, headers.get("authorization", ""))
             if refusal is not None:
                 await _error_response(guarded_send, 401, "unauthorized", refusal,
-                                      {"www-authenticate": "Bearer"})
+                                      {"www-authenticate": "Bearer"}, path)
                 return
         cap = body_cap(method, path)
         if length is not None and length.isdigit() and int(length) > cap:
             await _error_response(guarded_send, 413, "payload_too_large",
-                                  BodyTooLarge(cap).detail)
+                                  BodyTooLarge(cap).detail, path=path)
             return
         received = 0
 
@@ -152,7 +156,8 @@ class RequestGuard:
         except BodyTooLarge as exc:
             if started:
                 raise
-            await _error_response(guarded_send, 413, "payload_too_large", exc.detail)
+            await _error_response(guarded_send, 413, "payload_too_large", exc.detail,
+                                  path=path)
 
     async def _refusal(self, path: str, header: str) -> str | None:
         """Why the request may not go on, or None."""
@@ -170,9 +175,11 @@ class RequestGuard:
 
 
 async def _error_response(send: Send, status: int, code: str, message: str,
-                          headers: dict[str, str] | None = None) -> None:
+                          headers: dict[str, str] | None = None, path: str = "") -> None:
     # What Response.__call__ sends, without a scope or receive it does not use.
-    response = JSONResponse(error_body(code, message), status, headers=headers)
+    body = (neon_v2.neon_body(code, message) if neon_v2.serves(path)
+            else error_body(code, message))
+    response = JSONResponse(body, status, headers=headers)
     await send({"type": "http.response.start", "status": status,
                 "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
@@ -603,6 +610,7 @@ def create_api(services: ApiServices) -> FastAPI:
         return _deployment_out(dep)
 
     app.include_router(backup_router)
+    app.include_router(neon_v2.router, include_in_schema=False)
     return app
 
 
