@@ -118,7 +118,7 @@ def _confirm(plan: list[PlanItem], yes: bool) -> None:
         fail(f"deploy: the plan would {what}, and stdin is not a terminal to confirm it: "
              "pass --yes to apply it. Nothing was changed.")
     try:
-        answer = err.input(f"the plan would {escape(what)}. Apply it? [y/N] ")
+        answer = err.input(escape(f"the plan would {what}. Apply it? [y/N] "))
     except EOFError:
         answer = ""
     if answer.strip().lower() not in ("y", "yes"):
