@@ -79,6 +79,10 @@ def test_rollback_switches_back_at_once_without_a_rebuild(platform: PlatformProc
         assert nofn.json()["error"]["code"] == "function_not_found"
         listed = api.get("/branches/main/functions/nosuchfn/deployments")
         assert listed.status_code == 404
+        newest = api.get(f"/branches/main/functions/{slug}/deployments", params={"limit": 1})
+        assert [d["id"] for d in newest.json()] == [ids[1]]
+        zero = api.get(f"/branches/main/functions/{slug}/deployments", params={"limit": 0})
+        assert zero.status_code == 400 and zero.json()["error"]["field"] == "limit"
 
         # A failed build is in the history, and no rollback target.
         failed = p.cli("functions", "deploy", slug, "--path", str(APPS / "notasgi"),

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -593,13 +593,19 @@ def create_api(platform: Platform) -> FastAPI:
         return DeploymentStateOut(**_deployment_out(d).model_dump(),
                                   state=platform.deployer.state_of(fn, d))
 
-    @app.get("/api/v1/branches/{ref}/functions/{slug}/deployments", responses=errors(404))
-    async def list_deployments(branch: BranchRef, slug: str) -> list[DeploymentStateOut]:
+    @app.get("/api/v1/branches/{ref}/functions/{slug}/deployments",
+             responses=errors(400, 404))
+    async def list_deployments(
+        branch: BranchRef, slug: str,
+        limit: Annotated[int, Query(ge=1, le=1000, description="at most this many, the "
+                                    "newest")] = 100,
+    ) -> list[DeploymentStateOut]:
         """The function's deployments, newest first, each with its state now."""
         fn = await platform.store.get_function(branch.id, slug)
         if fn is None:
             raise NotFound("function", slug)
-        return [with_state(fn, d) for d in await platform.store.list_deployments(fn.id)]
+        deps = await platform.store.list_deployments(fn.id)
+        return [with_state(fn, d) for d in deps[:limit]]
 
     @app.post("/api/v1/branches/{ref}/functions/{slug}/rollback",
               responses=errors(400, 404, 409))
