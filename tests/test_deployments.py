@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from phloem.testing import PlatformProcess, host_of, wait_for
+from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 from tests.test_deploy_owners import write_app
 
 pytestmark = pytest.mark.usefixtures("platform")
@@ -184,3 +184,28 @@ def test_no_bundle_runs_a_prebuilt_bundle_as_uploaded(platform: PlatformProcess,
             "artifact_sha256": sha, "entry": "main:app", "bundle": False})
         assert refused.status_code == 400
         assert refused.json()["error"]["field"] == "bundle"
+
+
+def test_kept_deployments_survive_a_restart(tmp_path: Path) -> None:
+    """A restart keeps the replaced deployments retention keeps (``up
+    --keep-deployments 1``), and a rollback to one works after it."""
+    with platform_process(["--keep-deployments", "1"]) as p:
+        src = tmp_path / "app"
+        ids = []
+        for version in ("v1", "v2", "v3"):
+            write_app(src, version)
+            ids.append(p.deploy("survivor", src)["deployment_id"])
+        wait_for(lambda: dict(states(p, "survivor")).get(ids[0]) == "pruned", 60,
+                 "the deployment beyond the one kept to be pruned")
+        assert p.stop() == 0
+        p.launch()
+        p.wait_ready()
+        kept = dict(states(p, "survivor"))
+        assert [kept[i] for i in ids] == ["pruned", "ready", "active"]
+        assert sorted(d.name for d in (p.data_dir / "deployments").iterdir()) == sorted(
+            ids[1:])
+        done = p.cli_json("functions", "rollback", "survivor")
+        assert done["deployment"]["id"] == ids[1]
+        host = host_of(p.cli_json("functions", "get", "survivor")["invocation_url"])
+        with p.gateway(host) as gw:
+            assert gw.get("/").text == "v2"
