@@ -366,7 +366,10 @@ class Deployer:
         """Drain a replaced deployment's isolates; its files stay (a rollback target)
         until retention prunes them."""
         try:
-            await self.supervisor.retire(deployment_id)
+            route = self.routes.get((fn.branch_id, fn.slug))
+            # A rollback may have made it active again before this task ran.
+            if route is None or route.deployment_id != deployment_id:
+                await self.supervisor.retire(deployment_id)
         finally:
             self._draining.discard(deployment_id)
         await self.prune(fn)

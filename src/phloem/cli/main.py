@@ -651,8 +651,8 @@ def functions_get(
             out.print(f"{key}={env['values'][key]}" if show_values else key, highlight=False)
         return
     for key in ("slug", "name", "branch_id", "branch_name", "runtime", "invocation_url",
-                "status", "deployment_id", "created_at"):
-        out.print(f"{key:<15} {fn[key]}")
+                "status", "deployment_id", "created_at", "owner"):
+        out.print(f"{key:<15} {fn.get(key) or '-'}")
     latest = fn.get("latest_deployment")
     if latest and latest["status"] == "failed":
         out.print(f"{'last error':<15} {latest['error']}")
