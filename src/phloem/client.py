@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
-from phloem.packing import pack_directory
+from phloem.packing import pack_path
 from phloem.settings import default_data_dir
 
 
@@ -176,6 +176,19 @@ class Client:
         result: dict[str, Any] = self.json("GET", f"/deployments/{deployment_id}")
         return result
 
+    def list_deployments(self, branch: str, slug: str) -> list[dict[str, Any]]:
+        """The function's deployments, newest first, each with its ``state``."""
+        result: list[dict[str, Any]] = self.json(
+            "GET", f"/branches/{_ref(branch)}/functions/{slug}/deployments")
+        return result
+
+    def rollback(self, branch: str, slug: str, to: str | None = None) -> dict[str, Any]:
+        """Switch back to ``to`` (default: the previous deployment); no rebuild."""
+        result: dict[str, Any] = self.json(
+            "POST", f"/branches/{_ref(branch)}/functions/{slug}/rollback",
+            json={"deployment_id": to} if to else {})
+        return result
+
     def upload(self, data: bytes, sha256: str) -> None:
         if self.request("HEAD", f"/artifacts/{sha256}").status_code == 200:
             return
@@ -187,25 +200,29 @@ class Client:
                runtime: str | None = None, limits: dict[str, float] | None = None,
                unset_env: list[str] | None = None, replace_env: bool = False,
                progress: Callable[[str], None] = lambda _: None,
-               timeout: float = 1800.0) -> dict[str, Any]:
+               timeout: float = 1800.0, wait: bool = True,
+               bundle: bool = True) -> dict[str, Any]:
         """Pack, upload, deploy and wait until the deployment is ready or failed; returns
-        the deployment."""
+        the deployment. ``path`` may be a file with ``bundle=False`` (a prebuilt bundle:
+        only that file is uploaded, and it is the entry)."""
         progress(f"packing {path}")
-        data, sha = pack_directory(path)
+        data, sha = pack_path(path)
         progress(f"uploading {len(data) / 1024:.1f} KiB ({sha[:12]})")
         self.upload(data, sha)
         return self.deploy_artifact(branch, slug, sha, entry, env=env, name=name,
                                     runtime=runtime, limits=limits, unset_env=unset_env,
                                     replace_env=replace_env, progress=progress,
-                                    timeout=timeout)
+                                    timeout=timeout, wait=wait, bundle=bundle)
 
     def deploy_artifact(self, branch: str, slug: str, sha: str, entry: str, *,
                         env: dict[str, str] | None = None, name: str | None = None,
                         runtime: str | None = None, limits: dict[str, float] | None = None,
                         unset_env: list[str] | None = None, replace_env: bool = False,
                         progress: Callable[[str], None] = lambda _: None,
-                        timeout: float = 1800.0) -> dict[str, Any]:
-        """Deploy an uploaded artifact and wait until it is ready or failed."""
+                        timeout: float = 1800.0, wait: bool = True,
+                        owner: str | None = None, bundle: bool = True) -> dict[str, Any]:
+        """Deploy an uploaded artifact and wait until it is ready or failed (``wait``
+        False: return the deployment as accepted, still ``building``)."""
         body: dict[str, Any] = {"artifact_sha256": sha, "entry": entry, "env": env or {},
                                 "unset_env": unset_env or [], "replace_env": replace_env,
                                 "limits": limits or {}}
@@ -213,8 +230,14 @@ class Client:
             body["name"] = name
         if runtime is not None:
             body["runtime"] = runtime
+        if owner is not None:
+            body["owner"] = owner
+        if not bundle:
+            body["bundle"] = False
         dep: dict[str, Any] = self.json(
             "POST", f"/branches/{_ref(branch)}/functions/{slug}/deployments", json=body)
+        if not wait:
+            return dep
         deadline = time.monotonic() + timeout
         shown = 0
         while dep["status"] == "building":

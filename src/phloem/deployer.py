@@ -8,6 +8,12 @@ root, unpacking and the runtime's steps (pip, npm, esbuild) run as the build use
 sandboxes (``phloem.runtimes.build``) that show them the function's source and their
 own output, never the data dir, its secrets or other functions. Any failure marks the
 deployment ``failed`` with the reason, and the previous deployment keeps serving.
+
+Deployments stay built after they are replaced: besides the active one, the
+``keep_deployments`` most recent ready ones of each function keep their directories
+(older ones are pruned once their isolates have drained), so :meth:`Deployer.rollback`
+switches back to one in a single step without a rebuild: same artifact, same build,
+same env and limits.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -45,7 +52,7 @@ from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
 from phloem.secrets import SecretBox
 from phloem.settings import Settings
 from phloem.supervisor import IsolateSpec, Supervisor
-from phloem.validation import InvalidInput, check_env, check_name, check_slug
+from phloem.validation import InvalidInput, check_env, check_name, check_owner, check_slug
 
 log = logging.getLogger("phloem")
 
@@ -64,6 +71,24 @@ class NotFound(LookupError):
         self.ref = ref
 
 
+class Conflict(RuntimeError):
+    """The request contradicts the current state (the API answers 409 with ``code``)."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+@dataclass(frozen=True)
+class Rollback:
+    function: FunctionRow
+    deployment: DeploymentRow
+    #: The deployment that was active before (None: none was, or it already was active).
+    previous_id: str | None
+    #: From the request to the route pointing at the old deployment, in ms.
+    switch_ms: float
+
+
 @dataclass(frozen=True)
 class DeployRequest:
     slug: str
@@ -77,6 +102,14 @@ class DeployRequest:
     #: Start from an empty env instead of the previous deployment's (config apply).
     replace_env: bool = False
     limits: dict[str, Any] | None = None
+    #: The deploying project (a project deploy); it becomes the function's owner.
+    owner: str | None = None
+    #: False: ``entry`` is a prebuilt bundle, run as uploaded (runtimes that bundle).
+    bundle: bool = True
+
+
+#: What a deployment is now (:meth:`Deployer.state_of`).
+DEPLOYMENT_STATES = ("building", "failed", "active", "ready", "pruned")
 
 
 class Deployer:
@@ -104,6 +137,10 @@ class Deployer:
         #: (branch_id, slug) -> spec of the active deployment; read by the gateway router.
         self.routes: dict[tuple[str, str], IsolateSpec] = {}
         self._builds: set[asyncio.Task[None]] = set()
+        #: Per function: switching its active deployment and pruning old ones.
+        self._fn_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        #: Replaced deployments whose isolates are still draining (files still needed).
+        self._draining: set[str] = set()
         self._executor = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="phloem-build")
         #: Why isolates run without a sandbox (None: they run in one).
         self.sandbox_off = sandbox_off
@@ -150,6 +187,12 @@ class Deployer:
         limits = check_limits(dict(req.limits or {}))
         if req.name is not None:
             check_name(req.name)
+        if req.owner is not None:
+            check_owner(req.owner)
+        if not req.bundle and not runtime.bundles:
+            raise InvalidInput("bundle", f"{runtime.family} functions are not bundled, so "
+                               "there is no prebuilt bundle to deploy: --no-bundle (bundle: "
+                               "false) applies to runtimes that bundle (node)")
         if not SHA256_RE.fullmatch(req.artifact_sha256):
             raise InvalidInput("artifact_sha256", "must be 64 lowercase hex digits, the "
                                f"sha256 of the uploaded artifact (got {req.artifact_sha256!r})")
@@ -164,14 +207,15 @@ class Deployer:
         env.update(req.env or {})
         check_env(env)
         name = req.name or (existing.name if existing else req.slug)
-        fn = await self.store.upsert_function(branch.id, req.slug, name, runtime.name)
+        fn = await self.store.upsert_function(branch.id, req.slug, name, runtime.name,
+                                              req.owner)
         if self.on_function_deployed is not None:
             await self.on_function_deployed(branch, fn)
         dep_id = new_id("dep")
         dep = await self.store.insert_deployment(
             dep_id, fn.id, req.artifact_sha256, runtime.name, req.entry,
             env_sealed=self.secrets.seal(env, dep_id), env_keys=list(env),
-            env_digest=self.secrets.digest(env), limits=limits)
+            env_digest=self.secrets.digest(env), limits=limits, bundle=req.bundle)
         task = asyncio.create_task(self._build(branch, fn, dep))
         self._builds.add(task)
         task.add_done_callback(self._builds.discard)
@@ -286,7 +330,7 @@ class Deployer:
         log(f"unpacking artifact {dep.artifact_sha256[:12]}")
         self._unpack(dep, dep_dir)
         self.runtime_of(dep).build(BuildContext(self.toolbox, source=app, out=dep_dir,
-                                                entry=dep.entry, log=log))
+                                                entry=dep.entry, log=log, bundle=dep.bundle))
         # What the build wrote (the source, a bundle) is the function's alone; links
         # (to shared dependency environments) stay as they are.
         ident = self.identity(fn)
@@ -300,19 +344,124 @@ class Deployer:
 
     async def activate(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
                        spec: IsolateSpec) -> None:
+        async with self._fn_locks[fn.id]:
+            await self._switch(branch, fn, dep, spec)
+
+    async def _switch(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
+                      spec: IsolateSpec) -> str | None:
+        """Point the function at ``dep`` (its lock held); returns the one replaced."""
         current = await self.store.get_function(branch.id, fn.slug)
         previous = current.active_deployment_id if current else None
         await self.store.set_active_deployment(fn.id, dep.id)
         # New requests go to the new version at once; the old one drains in the background.
         self.routes[(branch.id, fn.slug)] = spec
         if previous and previous != dep.id:
-            retire = asyncio.create_task(self._retire(previous))
+            self._draining.add(previous)
+            retire = asyncio.create_task(self._retire(fn, previous))
             self._builds.add(retire)
             retire.add_done_callback(self._builds.discard)
+        return previous if previous != dep.id else None
 
-    async def _retire(self, deployment_id: str) -> None:
-        await self.supervisor.retire(deployment_id)
-        await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(deployment_id), True)
+    async def _retire(self, fn: FunctionRow, deployment_id: str) -> None:
+        """Drain a replaced deployment's isolates; its files stay (a rollback target)
+        until retention prunes them."""
+        try:
+            route = self.routes.get((fn.branch_id, fn.slug))
+            # A rollback may have made it active again before this task ran.
+            if route is None or route.deployment_id != deployment_id:
+                await self.supervisor.retire(deployment_id)
+        finally:
+            self._draining.discard(deployment_id)
+        await self.prune(fn)
+
+    async def prune(self, fn: FunctionRow) -> list[str]:
+        """Remove the built files of the function's ready deployments beyond the
+        ``keep_deployments`` most recent inactive ones (never the active one, nor one
+        whose isolates still drain); returns their ids."""
+        async with self._fn_locks[fn.id]:
+            current = await self.store.get_function(fn.branch_id, fn.slug)
+            if current is None or current.id != fn.id:
+                return []  # deleted: its files went with it
+            inactive = [d for d in await self.store.list_deployments(fn.id)
+                        if d.id != current.active_deployment_id and d.status == "ready"
+                        and d.pruned_at is None]
+            drop = [d.id for d in inactive[max(0, self.settings.keep_deployments):]
+                    if d.id not in self._draining]
+            # Marked first: from here on a rollback to them is refused.
+            await self.store.mark_pruned(drop)
+        for dep_id in drop:
+            await asyncio.to_thread(shutil.rmtree, self.paths.deployment_dir(dep_id), True)
+        return drop
+
+    def state_of(self, fn: FunctionRow, dep: DeploymentRow) -> str:
+        """One of :data:`DEPLOYMENT_STATES`: ``active`` (serving), ``ready`` (replaced,
+        kept built: a rollback target), ``pruned`` (replaced, files removed), or its
+        build's ``building``/``failed``."""
+        if dep.id == fn.active_deployment_id:
+            return "active"
+        if dep.status != "ready":
+            return dep.status
+        # A backup restores active deployments' files only.
+        if dep.pruned_at is not None or not self.paths.deployment_dir(dep.id).is_dir():
+            return "pruned"
+        return "ready"
+
+    async def rollback(self, branch: BranchRow, slug: str, to: str | None = None) -> Rollback:
+        """Make an earlier deployment of the function active again, without a build:
+        ``to``, or else the newest ready one older than the active one. The route
+        switches at once; the replaced deployment drains and stays kept (``to`` can
+        switch forward to it again)."""
+        started = time.monotonic()
+        fn = await self.store.get_function(branch.id, slug)
+        if fn is None:
+            raise NotFound("function", slug)
+        async with self._fn_locks[fn.id]:
+            fn = await self.store.get_function(branch.id, slug)
+            if fn is None:
+                raise NotFound("function", slug)
+            deps = await self.store.list_deployments(fn.id)  # newest first
+            target = self._rollback_target(fn, deps, to)
+            if target.id == fn.active_deployment_id:  # already serving: nothing to do
+                return Rollback(fn, target, None, (time.monotonic() - started) * 1000)
+            try:
+                spec = self.spec_for(branch, fn, target)
+            except (InvalidInput, BuildFailed) as exc:
+                raise Conflict("deployment_not_ready", f"deployment {target.id} cannot run "
+                               f"any more: {exc}", "deployment_id") from None
+            previous = await self._switch(branch, fn, target, spec)
+        switch_ms = (time.monotonic() - started) * 1000
+        log.info("function %s of branch %s rolled back from %s to %s in %.1f ms", slug,
+                 branch.id, previous, target.id, switch_ms)
+        fn = await self.store.get_function(branch.id, slug) or fn
+        return Rollback(fn, target, previous, switch_ms)
+
+    def _rollback_target(self, fn: FunctionRow, deps: list[DeploymentRow],
+                         to: str | None) -> DeploymentRow:
+        if to is not None:
+            target = next((d for d in deps if d.id == to), None)
+            if target is None:
+                raise NotFound("deployment", to)
+            state = self.state_of(fn, target)
+            if state not in ("active", "ready"):
+                why = {"pruned": "its built files were removed (each function keeps its "
+                                 f"{self.settings.keep_deployments} latest replaced "
+                                 "deployments); deploy that version again",
+                       "failed": "its build failed",
+                       "building": "it is still building: wait for it"}[state]
+                raise Conflict("deployment_not_ready", f"deployment {to} is {state}, not a "
+                               f"rollback target: {why}", "deployment_id")
+            return target
+        active = next((d for d in deps if d.id == fn.active_deployment_id), None)
+        older = [d for d in deps if d is not active
+                 and (active is None or d.created_at < active.created_at)]
+        target = next((d for d in older if self.state_of(fn, d) == "ready"), None)
+        if target is None:
+            pruned = sum(1 for d in older if self.state_of(fn, d) == "pruned")
+            raise Conflict("no_previous_deployment", f"function {fn.slug} has no earlier "
+                           "deployment to roll back to" + (
+                               f" ({pruned} older one(s) were pruned: deploy again)"
+                               if pruned else ""))
+        return target
 
     def _unpack(self, dep: DeploymentRow, dep_dir: Path) -> None:
         """Unpack the artifact into ``dep_dir/app``, readable by the build user until the
@@ -380,6 +529,7 @@ class Deployer:
         fn = await self.store.get_function(branch.id, slug)
         if fn is None:
             raise NotFound("function", slug)
+        self._fn_locks.pop(fn.id, None)
         self.routes.pop((branch.id, slug), None)
         deployments = await self.store.list_deployments(fn.id)
         await self.store.delete_function(fn.id)
@@ -414,7 +564,7 @@ class Deployer:
             out.append(await self.deploy(child, DeployRequest(
                 slug=fn.slug, artifact_sha256=dep.artifact_sha256, entry=dep.entry,
                 runtime=dep.runtime, name=fn.name, env=self.env_of(dep), replace_env=True,
-                limits=dep.limits)))
+                limits=dep.limits, owner=fn.owner, bundle=dep.bundle)))
         return out
 
 

@@ -50,15 +50,27 @@ def list_files(directory: Path, ignore: list[str] | None = None) -> list[str]:
     return sorted(out)
 
 
+def pack_path(path: Path, max_bytes: int = 100 * 1024 * 1024) -> tuple[bytes, str]:
+    """A directory as :func:`pack_directory` packs it, or one file (a prebuilt bundle)
+    alone, under its own name."""
+    if path.is_file():
+        return _pack(path.parent, [path.name], max_bytes)
+    return pack_directory(path, max_bytes)
+
+
 def pack_directory(directory: Path, max_bytes: int = 100 * 1024 * 1024,
                    ignore: list[str] | None = None) -> tuple[bytes, str]:
     """``ignore``: more gitignore-style patterns (e.g. the project's config file)."""
     if not directory.is_dir():
         raise PackError(f"path: {directory} is not a directory")
+    return _pack(directory, list_files(directory, ignore), max_bytes)
+
+
+def _pack(directory: Path, files: list[str], max_bytes: int) -> tuple[bytes, str]:
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in list_files(directory, ignore):
+        for rel in files:
             path = directory / rel
             info = tarfile.TarInfo(rel)
             info.size = path.stat().st_size

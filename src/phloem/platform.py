@@ -449,17 +449,18 @@ class Platform:
                         "databases", firewall.state)
 
     async def _remove_unserved_deployments(self, store: Store) -> None:
-        """Deployment directories only an active deployment needs: a build or a retire
-        that a killed run left half-done leaves one behind (no build runs yet here)."""
-        active = {fn.active_deployment_id for fn in await store.list_functions()}
+        """Deployment directories only active and kept (rollback target) deployments
+        need: a build or a prune that a killed run left half-done leaves one behind (no
+        build runs yet here)."""
+        kept = await store.kept_deployment_ids()
         root = self.paths.deployments
         stale = [d for d in (root.iterdir() if root.is_dir() else [])
-                 if d.name not in active]
+                 if d.name not in kept]
         for d in stale:
             await asyncio.to_thread(shutil.rmtree, d, True)
         if stale:
             log.warning("removed %d deployment directories of unfinished builds or "
-                        "retired deployments", len(stale))
+                        "pruned deployments", len(stale))
 
     def _isolate_uid(self, fn: FunctionRow) -> int:
         return Identity.isolate(self.settings.isolate_uid_base, fn.number).uid

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import secrets
 import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -340,10 +341,33 @@ def read_link(root: Path) -> dict[str, str]:
 
 
 def write_link(root: Path, api_url: str, branch: str) -> Path:
+    """Link the project to ``branch``; its ``project_id`` (made on the first link) stays."""
+    old = read_link(root)
+    return _write_link_data(root, {**old, "api_url": api_url, "branch": branch,
+                                   "project_id": old.get("project_id") or _new_project_id()})
+
+
+def project_id(root: Path) -> str:
+    """The id this project's deploys record as the owner of the functions they create
+    (``project_id`` in the link file); made and written now if the link has none."""
+    link = read_link(root)
+    found = link.get("project_id")
+    if isinstance(found, str) and found:
+        return found
+    made = _new_project_id()
+    _write_link_data(root, {**link, "project_id": made})
+    return made
+
+
+def _new_project_id() -> str:
+    return "prj-" + secrets.token_hex(6)
+
+
+def _write_link_data(root: Path, data: dict[str, str]) -> Path:
     path = root / LINK_FILE
     path.parent.mkdir(exist_ok=True)
     (path.parent / ".gitignore").write_text("*\n")
-    path.write_text(json.dumps({"api_url": api_url, "branch": branch}, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -351,16 +375,31 @@ def write_link(root: Path, api_url: str, branch: str) -> Path:
 @dataclass
 class PlanItem:
     slug: str
-    action: str  # create | update | delete | unchanged
+    #: create | update | delete | unchanged | keep (on the branch, not this project's:
+    #: left alone)
+    action: str
     reasons: list[str] = field(default_factory=list)
     desired: DesiredFunction | None = None
+    #: The live function's owner (a project id; None: no project).
+    owner: str | None = None
+    #: An update of a function another project created: it becomes this project's.
+    takeover: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"slug": self.slug, "action": self.action, "reasons": self.reasons}
+        return {"slug": self.slug, "action": self.action, "reasons": self.reasons,
+                "owner": self.owner, "takeover": self.takeover}
+
+    @property
+    def destructive(self) -> bool:
+        """Removes or replaces what someone else may rely on: asked before applying."""
+        return self.action == "delete" or self.takeover
 
 
 def make_plan(client: Client, project: Project, branch: str,
-              artifact_sha: str) -> list[PlanItem]:
+              artifact_sha: str, owner: str | None = None) -> list[PlanItem]:
+    """``owner``: this project's id. Live functions the config does not declare are
+    deleted only when this project created them (their owner is ``owner``); the others
+    are kept."""
     info = client.get_branch(branch)
     desired = project.desired(BranchInfo(name=info["name"], id=info["id"]))
     live = {f["slug"]: f for f in client.list_functions(branch)}
@@ -370,8 +409,11 @@ def make_plan(client: Client, project: Project, branch: str,
         active = None
         if fn is not None and fn["deployment_id"]:
             active = client.get_deployment(fn["deployment_id"])
+        their = fn.get("owner") if fn is not None else None
+        takeover = their is not None and their != owner
         if active is None:
-            plan.append(PlanItem(slug, "create", ["not deployed"], want))
+            plan.append(PlanItem(slug, "create", ["not deployed", *_taking(fn, owner)],
+                                 want, their, takeover))
             continue
         reasons = []
         if active["artifact_sha256"] != artifact_sha:
@@ -392,10 +434,32 @@ def make_plan(client: Client, project: Project, branch: str,
             reasons.append(f"env removed {', '.join(removed)}")
         if not added and not removed and client.env_digest(want.env) != active["env_digest"]:
             reasons.append("env values changed")
-        plan.append(PlanItem(slug, "update" if reasons else "unchanged", reasons, want))
+        if reasons:
+            reasons += _taking(fn, owner)
+        plan.append(PlanItem(slug, "update" if reasons else "unchanged", reasons, want,
+                             their, takeover and bool(reasons)))
     for slug in sorted(set(live) - set(desired)):
-        plan.append(PlanItem(slug, "delete", [f"not in {project.config_file}"]))
+        their = live[slug].get("owner")
+        if owner is not None and their == owner:
+            plan.append(PlanItem(slug, "delete", [f"not in {project.config_file}"],
+                                 owner=their))
+        elif their is None:
+            plan.append(PlanItem(slug, "keep", ["not created by a project deploy (phloem "
+                                                "functions deploy): never deleted by one"]))
+        else:
+            plan.append(PlanItem(slug, "keep", [f"created by another project ({their})"],
+                                 owner=their))
     return plan
+
+
+def _taking(fn: Mapping[str, Any] | None, owner: str | None) -> list[str]:
+    """Why deploying changes who owns the live function ``fn``, if it does."""
+    their = fn.get("owner") if fn is not None else None
+    if fn is None or owner is None or their == owner:
+        return []
+    if their is None:
+        return ["adopts it (created without a project)"]
+    return [f"takes it over from project {their}"]
 
 
 @dataclass
@@ -404,13 +468,18 @@ class ApplyResult:
     action: str
     ok: bool
     detail: str
+    #: The deployment's status (``building`` when not waited for); "" for a delete.
+    status: str = ""
 
 
 def apply_plan(client: Client, project: Project, plan: list[PlanItem], branch: str,
-               artifact: tuple[bytes, str], progress: Callable[[str], None]) -> list[ApplyResult]:
-    """Make the plan so, functions in parallel; failures are reported, others applied."""
+               artifact: tuple[bytes, str], progress: Callable[[str], None],
+               owner: str | None = None, wait: bool = True) -> list[ApplyResult]:
+    """Make the plan so, functions in parallel; failures are reported, others applied.
+    Deployments record ``owner`` (this project's id); ``wait`` False returns once each
+    is accepted (``building``)."""
     data, sha = artifact
-    work = [i for i in plan if i.action != "unchanged"]
+    work = [i for i in plan if i.action not in ("unchanged", "keep")]
     if any(i.action in ("create", "update") for i in work):
         progress(f"uploading {len(data) / 1024:.1f} KiB ({sha[:12]})")
         client.upload(data, sha)
@@ -425,12 +494,13 @@ def apply_plan(client: Client, project: Project, plan: list[PlanItem], branch: s
             dep = client.deploy_artifact(
                 branch, item.slug, sha, want.entry, env=want.env, name=want.name,
                 runtime=want.runtime, limits=want.limits, replace_env=True,
-                progress=lambda line: progress(f"{item.slug}: {line}"))
+                progress=lambda line: progress(f"{item.slug}: {line}"), wait=wait,
+                owner=owner)
         except ClientError as exc:
             return ApplyResult(item.slug, item.action, False, str(exc))
-        if dep["status"] != "ready":
-            return ApplyResult(item.slug, item.action, False, str(dep["error"]))
-        return ApplyResult(item.slug, item.action, True, dep["id"])
+        if dep["status"] == "failed":
+            return ApplyResult(item.slug, item.action, False, str(dep["error"]), "failed")
+        return ApplyResult(item.slug, item.action, True, dep["id"], dep["status"])
 
     if not work:
         return []

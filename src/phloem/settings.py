@@ -82,6 +82,9 @@ class Settings:
     max_connections: int = 0
     #: Control API client connections open at once (its own share of descriptors).
     api_max_connections: int = 256
+    #: Ready deployments of each function kept built on disk besides the active one:
+    #: what ``phloem functions rollback`` can switch back to without a rebuild.
+    keep_deployments: int = 3
 
     @property
     def url_port(self) -> int:

@@ -17,6 +17,8 @@ MAX_NAME_LEN = 100
 BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
 MIN_TOKEN_LEN = 16
 MAX_TOKEN_LEN = 512
+#: A project id (``phloem link`` writes ``prj-<hex>``), recorded as a function's owner.
+OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class InvalidInput(ValueError):
@@ -37,6 +39,13 @@ def check_entry(entry: str) -> str:
         raise InvalidInput("entry", f"must look like 'module:attr', e.g. 'main:app' "
                                     f"(got {entry!r})")
     return entry
+
+
+def check_owner(owner: str) -> str:
+    if not OWNER_RE.match(owner):
+        raise InvalidInput("owner", f"must match {OWNER_RE.pattern} (a project id, e.g. "
+                                    f"'prj-3f9a1c2b7d4e'; got {owner!r})")
+    return owner
 
 
 def check_name(name: str) -> str:

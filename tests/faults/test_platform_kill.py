@@ -124,12 +124,19 @@ class Killer:
         assert before.sockets.isdisjoint(os.listdir(sockets))
         assert [d for d in before.cgroups if d.exists()] == []
         assert partial_environments(p.data_dir) == []
-        # Only active deployments have a directory, and each has one.
+        # Only active deployments and the replaced ones kept for rollbacks have a
+        # directory (none of a build or prune cut short), and each active one has one.
         with api(p) as client:
-            active = {f["deployment_id"] for b in client.list_branches()
-                      for f in client.list_functions(b["name"])}
+            active: set[str | None] = set()
+            kept = set()
+            for b in client.list_branches():
+                for f in client.list_functions(b["name"]):
+                    active.add(f["deployment_id"])
+                    kept |= {d["id"] for d in client.list_deployments(b["name"], f["slug"])
+                             if d["state"] in ("active", "ready")}
         active.discard(None)
-        assert set(os.listdir(p.data_dir / "deployments")) == active
+        assert active <= kept
+        assert set(os.listdir(p.data_dir / "deployments")) == kept
         return before
 
 

@@ -96,6 +96,7 @@ class EchoRuntime:
     known_names: tuple[str, ...] = ("echo1",)
     source_suffixes: tuple[str, ...] = (".echo",)
     entry_example: str = "hello.echo"
+    bundles: bool = False
 
     def __init__(self, host: Path) -> None:
         self.host = host

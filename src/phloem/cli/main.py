@@ -23,6 +23,7 @@ from phloem import __version__
 from phloem.client import Client, ClientError
 from phloem.gateway.proxies import parse_networks
 from phloem.limits import FunctionLimits, check_limits
+from phloem.packing import PackError
 from phloem.runtimes.registry import RUNTIMES, choose
 from phloem.settings import Settings, default_data_dir
 from phloem.validation import InvalidInput, check_slug, check_token
@@ -177,6 +178,10 @@ def up(
     api_max_connections: Annotated[int, typer.Option(
         envvar="PHLOEM_API_MAX_CONNECTIONS", min=1, help="Control API client connections "
         "open at once (descriptors of its own, apart from the gateway's).")] = 256,
+    keep_deployments: Annotated[int, typer.Option(
+        envvar="PHLOEM_KEEP_DEPLOYMENTS", min=0, help="Replaced deployments of each "
+        "function kept built on disk: what 'phloem functions rollback' can switch back "
+        "to without a rebuild.")] = 3,
 ) -> None:
     """Start the platform in the foreground: system database, branch 'main', API and
     gateway. Ctrl-C stops everything; a second Ctrl-C forces exit.
@@ -203,6 +208,7 @@ def up(
         trusted_proxies=proxies, metrics_token=metrics_token,
         head_timeout_s=head_timeout, max_connections_per_peer=max_connections_per_peer,
         max_connections=max_connections, api_max_connections=api_max_connections,
+        keep_deployments=keep_deployments,
     )
     from phloem.platform import Platform  # the platform's modules load only for `up`
 
@@ -468,6 +474,14 @@ def functions_deploy(
         "idle_timeout_s=60, memory_mb=512, max_isolates=4 (repeatable).")] = None,
     branch: BranchOpt = "",
     output: OutputOpt = OutputFormat.text,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", envvar="PHLOEM_WAIT", help="Wait until the deployment is ready "
+        "or failed; --no-wait returns once it is accepted (state building: see 'phloem "
+        "functions deployments SLUG').")] = True,
+    no_bundle: Annotated[bool, typer.Option(
+        "--no-bundle", help="The entry is a prebuilt bundle (node): it runs as uploaded, "
+        "with no npm install and no esbuild. --path may name the bundle file itself.")]
+    = False,
 ) -> None:
     """Deploy a directory as a function on a branch and wait until it is ready.
 
@@ -475,7 +489,17 @@ def functions_deploy(
     """
     try:
         check_slug(slug)
-        chosen, resolved_entry = choose(path, runtime, entry)
+        if no_bundle and path.is_file():
+            # The file is the bundle: it alone is uploaded, and it is the entry.
+            if entry is not None and entry != path.name:
+                raise InvalidInput("entry", f"with --no-bundle and --path naming a file, "
+                                   f"the file is the entry (got --entry {entry!r})")
+            chosen, resolved_entry = choose(path.parent, runtime, path.name)
+        else:
+            chosen, resolved_entry = choose(path, runtime, entry)
+        if no_bundle and not chosen.bundles:
+            raise InvalidInput("bundle", f"--no-bundle: {chosen.family} functions are not "
+                               "bundled; it applies to node functions")
         runtime = runtime or chosen.family
         env_map = parse_env_pairs(env or [])
         unset = [k for k, v in env_map.items() if v == ""]
@@ -494,15 +518,18 @@ def functions_deploy(
 
             dep = client.deploy(branch, slug, path, resolved_entry, env=env_map, name=name,
                                 runtime=runtime, limits=limits, unset_env=unset,
-                                progress=progress)
+                                progress=progress, wait=wait, bundle=not no_bundle)
         fn = client.get_function(branch, slug)
-    except (ClientError, InvalidInput) as exc:
+    except (ClientError, InvalidInput, PackError) as exc:
         fail(str(exc))
     if quiet:
         print_json({**fn, "deployment": dep})
     elif dep["status"] == "ready":
         out.print(f"[bold green]deployed[/] {slug}  {fn['invocation_url']}  ready")
-    if dep["status"] != "ready":
+    elif dep["status"] == "building":
+        out.print(f"[bold]accepted[/] {slug}  deployment {dep['id']} building  "
+                  f"(phloem functions deployments {slug})", highlight=False)
+    if dep["status"] not in ("ready", "building"):
         fail(f"deployment {dep['id']} of {slug} failed: {dep['error']}")
 
 
@@ -550,8 +577,8 @@ def functions_get(
             out.print(f"{key}={env['values'][key]}" if show_values else key, highlight=False)
         return
     for key in ("slug", "name", "branch_id", "branch_name", "runtime", "invocation_url",
-                "status", "deployment_id", "created_at"):
-        out.print(f"{key:<15} {fn[key]}")
+                "status", "deployment_id", "created_at", "owner"):
+        out.print(f"{key:<15} {fn.get(key) or '-'}")
     latest = fn.get("latest_deployment")
     if latest and latest["status"] == "failed":
         out.print(f"{'last error':<15} {latest['error']}")
@@ -569,6 +596,66 @@ def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "",
         print_json({"deleted": slug, "branch": branch})
     else:
         out.print(f"deleted {slug}")
+
+
+DEPLOYMENT_STYLE = {"active": "bold green", "ready": "green", "building": "yellow",
+                    "failed": "red", "pruned": "dim"}
+
+
+@functions_app.command("deployments")
+def functions_deployments(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "",
+                          output: OutputOpt = OutputFormat.text) -> None:
+    """A function's deployments, newest first, with their state: active, ready (kept
+    built: a rollback target), pruned, building or failed.
+
+    Example: phloem functions deployments todos --output json
+    """
+    try:
+        deps = client_for(data_dir).list_deployments(branch, slug)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(deps)
+        return
+    table = Table("deployment", "state", "created", "activated", "artifact", "entry",
+                  "error")
+    for d in deps:
+        style = DEPLOYMENT_STYLE.get(d["state"], "")
+        table.add_row(d["id"], f"[{style}]{d['state']}[/]", str(d["created_at"])[:19],
+                      str(d["activated_at"] or "-")[:19], d["artifact_sha256"][:12],
+                      d["entry"] + ("" if d["bundle"] else " (prebuilt)"),
+                      escape((d["error"] or "")[:60]))
+    out.print(table)
+
+
+@functions_app.command("rollback")
+def functions_rollback(
+    slug: str, data_dir: DataDirOpt, branch: BranchOpt = "",
+    to: Annotated[str | None, typer.Option("--to", help="Deployment id to switch to "
+                                           "[default: the newest ready one older than the "
+                                           "active one]")] = None,
+    output: OutputOpt = OutputFormat.text,
+) -> None:
+    """Switch a function back to an earlier deployment in one step, without a rebuild:
+    its code, env and limits as they were. The replaced one stays kept (--to switches
+    forward again).
+
+    Example: phloem functions rollback todos --to dep-3f9a1c2b7d4e
+    """
+    try:
+        done = client_for(data_dir).rollback(branch, slug, to)
+    except ClientError as exc:
+        fail(str(exc))
+    if output is OutputFormat.json:
+        print_json(done)
+        return
+    dep = done["deployment"]
+    if done["previous_deployment_id"] is None:
+        out.print(f"{slug}: deployment {dep['id']} is already active", highlight=False)
+        return
+    out.print(f"[bold green]rolled back[/] {slug}: {done['previous_deployment_id']} -> "
+              f"{dep['id']} (created {str(dep['created_at'])[:19]}) in "
+              f"{done['switch_ms']:.1f} ms", highlight=False)
 
 
 def parse_duration(text: str) -> float:

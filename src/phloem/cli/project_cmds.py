@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,12 +35,14 @@ from phloem.neon import find_neon_config
 from phloem.project import (
     CONFIG_FILE,
     ConfigError,
+    PlanItem,
     Project,
     apply_plan,
     find_root,
     load_project,
     make_plan,
     pack_project,
+    project_id,
     read_link,
     write_link,
 )
@@ -58,7 +61,16 @@ EnvFileOpt = Annotated[Path | None, typer.Option(
     "--env", envvar="PHLOEM_ENV_FILE", help="Dotenv file loaded before phloemfile.py (or "
     "neon.ts) is evaluated, after the project's .env and .env.local (it wins over them; "
     "set variables win over all). Any readable file, a pipe too: --env <(echo K=V).")]
-ACTION_STYLE = {"create": "green", "update": "yellow", "delete": "red", "unchanged": "dim"}
+YesOpt = Annotated[bool, typer.Option(
+    "--yes", "-y", envvar="PHLOEM_YES", help="Apply without asking when the plan deletes "
+    "functions this project created, or takes over another project's; without it such a "
+    "plan is asked about on a terminal and refused otherwise (nothing is changed).")]
+WaitOpt = Annotated[bool, typer.Option(
+    "--wait/--no-wait", envvar="PHLOEM_WAIT", help="Wait until each deployment is ready "
+    "or failed; --no-wait returns once they are accepted (state building: see 'phloem "
+    "functions deployments SLUG').")]
+ACTION_STYLE = {"create": "green", "update": "yellow", "delete": "red", "unchanged": "dim",
+                "keep": "dim"}
 
 
 def project_root(given: Path | None) -> Path:
@@ -75,23 +87,44 @@ def _load(root: Path, env_file: Path | None) -> Project:
         fail(str(exc))
 
 
-def _plan(client: Client, project: Project, branch: str) -> tuple[list[Any], tuple[bytes, str]]:
+def _plan(client: Client, project: Project, branch: str,
+          owner: str | None) -> tuple[list[PlanItem], tuple[bytes, str]]:
     try:
         artifact = pack_project(project)
-        return make_plan(client, project, branch, artifact[1]), artifact
+        return make_plan(client, project, branch, artifact[1], owner), artifact
     except (ConfigError, ClientError) as exc:
         fail(str(exc))
 
 
-def _show_plan(plan: list[Any], branch: str) -> None:
+def _show_plan(plan: list[PlanItem], branch: str) -> None:
     out.print(f"plan for branch [bold]{escape(branch)}[/]:")
     for item in plan:
         style = ACTION_STYLE[item.action]
         why = f"  ({'; '.join(item.reasons)})" if item.reasons else ""
         out.print(f"  [{style}]{item.action:<9}[/] {item.slug}{escape(why)}")
     counts = {a: sum(1 for i in plan if i.action == a) for a in ACTION_STYLE}
-    out.print("  " + ", ".join(f"{n} to {a}" if a != "unchanged" else f"{n} unchanged"
+    words = {"unchanged": "{n} unchanged", "keep": "{n} kept (not this project's)"}
+    out.print("  " + ", ".join(words.get(a, "{n} to " + a).format(n=n)
                                for a, n in counts.items()))
+
+
+def _confirm(plan: list[PlanItem], yes: bool) -> None:
+    """Deleting what this project made, or taking over another project's function, is
+    applied only with --yes or a yes on a terminal; refused before anything is changed."""
+    risky = [i for i in plan if i.destructive]
+    if not risky or yes:
+        return
+    what = "; ".join(f"delete {i.slug}" if i.action == "delete"
+                     else f"take over {i.slug} from project {i.owner}" for i in risky)
+    if not sys.stdin.isatty():
+        fail(f"deploy: the plan would {what}, and stdin is not a terminal to confirm it: "
+             "pass --yes to apply it. Nothing was changed.")
+    try:
+        answer = err.input(escape(f"the plan would {what}. Apply it? [y/N] "))
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        fail("deploy: not confirmed. Nothing was changed.")
 
 
 @config_app.command("status")
@@ -119,8 +152,10 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
                 output: OutputOpt = OutputFormat.text) -> None:
     """What apply would change (create / update / delete / unchanged, with reasons);
     changes nothing."""
-    proj = _load(project_root(project), env_file)
-    plan, _ = _plan(client_for(data_dir), proj, branch)
+    root = project_root(project)
+    proj = _load(root, env_file)
+    # Plan changes nothing: a project without an id yet has created nothing.
+    plan, _ = _plan(client_for(data_dir), proj, branch, read_link(root).get("project_id"))
     if output is OutputFormat.json:
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan]})
     else:
@@ -128,13 +163,15 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
 
 
 def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
-             output: OutputFormat) -> None:
+             output: OutputFormat, yes: bool = False, wait: bool = True) -> None:
     proj = _load(root, env_file)
     client = client_for(data_dir)
-    plan, artifact = _plan(client, proj, branch)
+    owner = project_id(root)
+    plan, artifact = _plan(client, proj, branch, owner)
     quiet = output is OutputFormat.json
     if not quiet:
         _show_plan(plan, branch)
+    _confirm(plan, yes)
     try:
         with err.status("applying") as spinner:
             def progress(line: str) -> None:
@@ -142,7 +179,8 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
                 if not quiet:
                     err.print(f"  [dim]{escape(line)}[/]", highlight=False)
 
-            results = apply_plan(client, proj, plan, branch, artifact, progress)
+            results = apply_plan(client, proj, plan, branch, artifact, progress,
+                                 owner=owner, wait=wait)
     except ClientError as exc:
         fail(str(exc))
     failed = [r for r in results if not r.ok]
@@ -152,7 +190,8 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
     else:
         for r in results:
             mark = "[green]ok[/]" if r.ok else "[bold red]failed[/]"
-            out.print(f"  {mark} {r.action} {r.slug}: {escape(r.detail)}")
+            state = f" ({r.status})" if r.status == "building" else ""
+            out.print(f"  {mark} {r.action} {r.slug}: {escape(r.detail)}{state}")
         if not results:
             out.print("nothing to do")
     if failed:
@@ -162,18 +201,26 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
 @config_app.command("apply")
 def config_apply(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
                  env_file: EnvFileOpt = None, branch: BranchOpt = "",
-                 output: OutputOpt = OutputFormat.text) -> None:
+                 output: OutputOpt = OutputFormat.text, yes: YesOpt = False,
+                 wait: WaitOpt = True) -> None:
     """Bundle, upload and deploy what the plan says, in parallel; exit 1 if any function
-    failed (the others stay applied)."""
-    do_apply(data_dir, project_root(project), env_file, branch, output)
+    failed (the others stay applied). Functions the config no longer declares are
+    deleted only if this project created them (asked first: --yes); other projects'
+    and 'phloem functions deploy' ones are kept."""
+    do_apply(data_dir, project_root(project), env_file, branch, output, yes, wait)
 
 
 @app.command("deploy")
 def deploy_alias(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
                  env_file: EnvFileOpt = None, branch: BranchOpt = "",
-                 output: OutputOpt = OutputFormat.text) -> None:
-    """Apply phloemfile.py to the linked branch (same as 'phloem config apply')."""
-    do_apply(data_dir, project_root(project), env_file, branch, output)
+                 output: OutputOpt = OutputFormat.text, yes: YesOpt = False,
+                 wait: WaitOpt = True) -> None:
+    """Apply phloemfile.py (or neon.ts) to the linked branch (same as 'phloem config
+    apply').
+
+    Example: phloem deploy --yes --no-wait
+    """
+    do_apply(data_dir, project_root(project), env_file, branch, output, yes, wait)
 
 
 # -- link, checkout, env ---------------------------------------------------------

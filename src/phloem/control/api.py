@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -48,9 +48,9 @@ from phloem.control.backup_api import router as backup_router
 from phloem.control.neon_v2 import functions as neon_functions
 from phloem.control.services import ApiServices
 from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
-from phloem.deployer import DeployRequest, NotFound
+from phloem.deployer import DEPLOYMENT_STATES, Conflict, DeployRequest, NotFound
 from phloem.logs import follow_file, tail
-from phloem.validation import InvalidInput
+from phloem.validation import OWNER_RE, InvalidInput
 
 
 class ApiError(Exception):
@@ -260,6 +260,32 @@ class DeploymentOut(BaseModel):
     build_log: str
     created_at: datetime
     finished_at: datetime | None
+    bundle: bool = Field(True, description="false: the entry was deployed as a prebuilt "
+                         "bundle (--no-bundle), run as uploaded")
+    activated_at: datetime | None = Field(None, description="when it last became the "
+                                          "active deployment (a deploy or a rollback)")
+
+
+class DeploymentStateOut(DeploymentOut):
+    state: str = Field(description="active (serving), ready (replaced, kept built: a "
+                       "rollback target), pruned (replaced, built files removed), building "
+                       "or failed", json_schema_extra={"enum": list(DEPLOYMENT_STATES)})
+
+
+class RollbackIn(BaseModel):
+    model_config = STRICT_INPUT
+
+    deployment_id: str | None = Field(None, min_length=1, max_length=100, description="the "
+                                      "deployment to switch to [default: the newest ready "
+                                      "one older than the active one]")
+
+
+class RollbackOut(BaseModel):
+    slug: str
+    deployment: DeploymentStateOut = Field(description="now active")
+    previous_deployment_id: str | None = Field(description="the one it replaced (null: "
+                                               "it was already active)")
+    switch_ms: float = Field(description="from the request to the route pointing at it")
 
 
 class FunctionOut(BaseModel):
@@ -276,6 +302,10 @@ class FunctionOut(BaseModel):
     latest_deployment: DeploymentOut | None
     created_at: datetime
     updated_at: datetime
+    owner: str | None = Field(None, description="the project (its link file's project_id) "
+                              "that created it with `phloem deploy`; null: made by "
+                              "`phloem functions deploy`. A project deploy deletes only "
+                              "functions it owns")
 
 
 class DeployIn(BaseModel):
@@ -294,6 +324,11 @@ class DeployIn(BaseModel):
     limits: dict[str, float] = Field(default_factory=dict, description="per-function "
                                      "overrides of the platform's limits, e.g. "
                                      "{\"idle_timeout_s\": 60, \"memory_mb\": 512}")
+    owner: str | None = Field(None, pattern=OWNER_RE.pattern, description="the deploying "
+                              "project's id: it becomes the function's owner (unset: the "
+                              "owner stays as it is)")
+    bundle: bool = Field(True, description="false: `entry` is a prebuilt bundle, run as "
+                         "uploaded (node); nothing is installed or bundled")
 
 
 class EnvDigestIn(BaseModel):
@@ -335,7 +370,7 @@ def _deployment_out(d: DeploymentRow) -> DeploymentOut:
         env_digest=d.env_digest,
         limits=d.limits or {},
         error=d.error, build_log=d.build_log, created_at=d.created_at,
-        finished_at=d.finished_at,
+        finished_at=d.finished_at, bundle=d.bundle, activated_at=d.activated_at,
     )
 
 
@@ -454,7 +489,7 @@ def create_api(services: ApiServices) -> FastAPI:
             invocation_url=services.deployer.invocation_url(branch.id, fn.slug),
             status=status, deployment_id=fn.active_deployment_id,
             latest_deployment=_deployment_out(latest) if latest else None,
-            created_at=fn.created_at, updated_at=fn.updated_at,
+            created_at=fn.created_at, updated_at=fn.updated_at, owner=fn.owner,
         )
 
     @app.get("/api/v1/health")
@@ -557,8 +592,44 @@ def create_api(services: ApiServices) -> FastAPI:
         dep = await services.deployer.deploy(branch, DeployRequest(
             slug=slug, artifact_sha256=body.artifact_sha256, entry=body.entry,
             runtime=body.runtime, name=body.name, env=body.env, unset_env=body.unset_env,
-            replace_env=body.replace_env, limits=body.limits))
+            replace_env=body.replace_env, limits=body.limits, owner=body.owner,
+            bundle=body.bundle))
         return _deployment_out(dep)
+
+    def with_state(fn: FunctionRow, d: DeploymentRow) -> DeploymentStateOut:
+        return DeploymentStateOut(**_deployment_out(d).model_dump(),
+                                  state=services.deployer.state_of(fn, d))
+
+    @app.get("/api/v1/branches/{ref}/functions/{slug}/deployments",
+             responses=errors(400, 404))
+    async def list_deployments(
+        branch: BranchRef, slug: str,
+        limit: Annotated[int, Query(ge=1, le=1000, description="at most this many, the "
+                                    "newest")] = 100,
+    ) -> list[DeploymentStateOut]:
+        """The function's deployments, newest first, each with its state now."""
+        fn = await services.store.get_function(branch.id, slug)
+        if fn is None:
+            raise NotFound("function", slug)
+        deps = await services.store.list_deployments(fn.id)
+        return [with_state(fn, d) for d in deps[:limit]]
+
+    @app.post("/api/v1/branches/{ref}/functions/{slug}/rollback",
+              responses=errors(400, 404, 409))
+    async def rollback(branch: BranchRef, slug: str,
+                       body: RollbackIn | None = None) -> RollbackOut:
+        """Switch the function back to an earlier deployment in one step, without a
+        build (its artifact, build, env and limits as they were). 404: no such function,
+        or no such deployment of it; 409: the target is not ready (building, failed,
+        pruned) or there is no earlier one."""
+        try:
+            done = await services.deployer.rollback(branch, slug,
+                                                    body.deployment_id if body else None)
+        except Conflict as exc:
+            raise ApiError(409, exc.code, exc.message, exc.field) from None
+        return RollbackOut(slug=slug, deployment=with_state(done.function, done.deployment),
+                           previous_deployment_id=done.previous_id,
+                           switch_ms=round(done.switch_ms, 3))
 
     @app.delete("/api/v1/branches/{ref}/functions/{slug}", status_code=204,
                 responses=errors(404))

@@ -57,6 +57,8 @@ class FunctionRow:
     active_deployment_id: str | None
     created_at: datetime
     updated_at: datetime
+    #: The project (link file ``project_id``) that created it; None: no project.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ class DeploymentRow:
     env_sealed: str | None = None
     env_keys: list[str] | None = None
     env_digest: str | None = None
+    #: False: the entry is a prebuilt bundle, run as uploaded.
+    bundle: bool = True
+    activated_at: datetime | None = None
+    #: When retention removed its built files (no rollback to it from then on).
+    pruned_at: datetime | None = None
 
 
 def branch_secret_context(branch_id: str, column: str) -> str:
@@ -203,20 +210,27 @@ class Store:
         return FunctionRow(**row) if row else None
 
     async def upsert_function(self, branch_id: str, slug: str, name: str,
-                              runtime: str) -> FunctionRow:
+                              runtime: str, owner: str | None = None) -> FunctionRow:
+        """``owner``: the deploying project, which takes the function over; None keeps
+        the owner it has (a deploy without a project changes no ownership)."""
         row = await self._one(
-            "INSERT INTO functions (id, branch_id, slug, name, runtime) VALUES (%s,%s,%s,%s,%s)"
+            "INSERT INTO functions (id, branch_id, slug, name, runtime, owner)"
+            " VALUES (%s,%s,%s,%s,%s,%s)"
             " ON CONFLICT (branch_id, slug) DO UPDATE SET name = EXCLUDED.name,"
-            " runtime = EXCLUDED.runtime, updated_at = now() RETURNING *",
-            (new_id("fn"), branch_id, slug, name, runtime),
+            " runtime = EXCLUDED.runtime, owner = COALESCE(EXCLUDED.owner, functions.owner),"
+            " updated_at = now() RETURNING *",
+            (new_id("fn"), branch_id, slug, name, runtime, owner),
         )
         assert row is not None
         return FunctionRow(**row)
 
     async def set_active_deployment(self, function_id: str, deployment_id: str) -> None:
+        """Make the deployment the function's active one (one statement: both rows or
+        neither), stamping its ``activated_at``."""
         await self._exec(
-            "UPDATE functions SET active_deployment_id = %s, updated_at = now() WHERE id = %s",
-            (deployment_id, function_id),
+            "WITH d AS (UPDATE deployments SET activated_at = now() WHERE id = %s)"
+            " UPDATE functions SET active_deployment_id = %s, updated_at = now() WHERE id = %s",
+            (deployment_id, deployment_id, function_id),
         )
 
     async def delete_function(self, function_id: str) -> None:
@@ -226,13 +240,14 @@ class Store:
     async def insert_deployment(self, deployment_id: str, function_id: str,
                                 artifact_sha256: str, runtime: str, entry: str, *,
                                 env_sealed: str, env_keys: list[str], env_digest: str,
-                                limits: dict[str, Any] | None = None) -> DeploymentRow:
+                                limits: dict[str, Any] | None = None,
+                                bundle: bool = True) -> DeploymentRow:
         row = await self._one(
             "INSERT INTO deployments (id, function_id, artifact_sha256, runtime, entry,"
-            " env_sealed, env_keys, env_digest, limits, status)"
-            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,'building') RETURNING *",
+            " env_sealed, env_keys, env_digest, limits, bundle, status)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'building') RETURNING *",
             (deployment_id, function_id, artifact_sha256, runtime, entry, env_sealed,
-             sorted(env_keys), env_digest, Jsonb(limits or {})),
+             sorted(env_keys), env_digest, Jsonb(limits or {}), bundle),
         )
         assert row is not None
         return DeploymentRow(**row)
@@ -257,6 +272,21 @@ class Store:
             (function_id,),
         )
         return [DeploymentRow(**r) for r in rows]
+
+    async def mark_pruned(self, deployment_ids: list[str]) -> None:
+        """Retention is removing these deployments' files: no rollback to them."""
+        if deployment_ids:
+            await self._exec("UPDATE deployments SET pruned_at = now() WHERE id = ANY(%s)",
+                             (deployment_ids,))
+
+    async def kept_deployment_ids(self) -> set[str]:
+        """Deployments whose built files are kept: every active one, and every ready one
+        retention has not removed (rollback targets)."""
+        rows = await self._all(
+            "SELECT active_deployment_id AS id FROM functions"
+            " WHERE active_deployment_id IS NOT NULL UNION"
+            " SELECT id FROM deployments WHERE status = 'ready' AND pruned_at IS NULL")
+        return {r["id"] for r in rows}
 
     async def fail_unfinished_deployments(self) -> int:
         """Builds interrupted by a crash never finish; say so instead of 'building'."""

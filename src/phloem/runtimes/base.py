@@ -135,6 +135,9 @@ class BuildContext:
     #: As deployed (already checked by :meth:`Runtime.check_entry`; may be a default).
     entry: str
     log: Log
+    #: False (``--no-bundle``, runtimes that bundle only): ``entry`` is a prebuilt bundle,
+    #: run as uploaded.
+    bundle: bool = True
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,9 @@ class Runtime(Protocol):
     source_suffixes: tuple[str, ...]
     #: A typical entry, for help and error texts (``main:app``).
     entry_example: str
+    #: Whether builds bundle the source, so that a prebuilt bundle can be deployed
+    #: instead (``BuildContext.bundle`` False).
+    bundles: bool
 
     def check_entry(self, entry: str) -> str:
         """``entry`` if it is well-formed for this runtime, else ``InvalidInput``."""

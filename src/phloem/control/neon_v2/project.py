@@ -1,6 +1,6 @@
 """``/projects``: a phloem platform is one Neon project.
 
-Its id and default branch live in the ``neon_project`` table (migration 6), so the id the
+Its id and default branch live in the ``neon_project`` table (migration 7), so the id the
 Neon CLI writes into a ``.neon`` context file stays valid across restarts. Every route
 with a ``{project_id}`` goes through :func:`project_of`, which refuses other ids with
 Neon's 404.
@@ -58,7 +58,7 @@ async def load_project(platform: ApiServices) -> ProjectRow:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute("SELECT id, name, default_branch_id, created_at FROM neon_project")
         row = await cur.fetchone()
-    if row is None:  # migration 6 inserts it; only a hand-edited database lacks it
+    if row is None:  # migration 7 inserts it; only a hand-edited database lacks it
         raise NeonError(500, "INTERNAL", "the neon_project row is missing")
     return ProjectRow(**row)
 

@@ -12,10 +12,18 @@ shared environment for its key. Deploys and ``phloem dev`` build alike.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
-from phloem.runtimes.base import BuildContext, IsolateContext, IsolatePlan, Log, Toolbox
+from phloem.runtimes.base import (
+    BuildContext,
+    BuildFailed,
+    IsolateContext,
+    IsolatePlan,
+    Log,
+    Toolbox,
+)
 from phloem.runtimes.build import outside_system
 from phloem.runtimes.node.bundle import (
     ENTRY_CANDIDATES,
@@ -31,6 +39,8 @@ from phloem.supervisor.isolate import Spawner
 from phloem.validation import InvalidInput
 
 SOURCE_SUFFIXES = (".ts", ".mts", ".cts", ".tsx", ".js", ".mjs", ".cjs", ".jsx")
+#: What a prebuilt bundle may be: Node runs it without a loader.
+PREBUILT_SUFFIXES = (".js", ".mjs", ".cjs")
 #: Where a build leaves the bundle, relative to the deployment directory.
 BUNDLE = Path("bundle") / "bundle.mjs"
 
@@ -43,6 +53,7 @@ class NodeRuntime:
     known_names: tuple[str, ...] = (NODE_RUNTIME,)
     source_suffixes: tuple[str, ...] = SOURCE_SUFFIXES
     entry_example: str = "src/index.ts"
+    bundles: bool = True
 
     def __init__(self) -> None:
         self._toolchains: dict[Path, Toolchain] = {}
@@ -83,6 +94,9 @@ class NodeRuntime:
         tb = ctx.toolbox
         node, esbuild, _ = self.toolchain(tb, ctx.log)
         entry = ctx.entry or find_entry(ctx.source)
+        if not ctx.bundle:
+            _use_prebuilt(ctx, entry)
+            return
         ctx.log(f"bundling {entry} with esbuild")
         own = ctx.source / "node_modules"
         if own.is_dir():
@@ -123,6 +137,23 @@ class NodeRuntime:
 
     def spawner(self, toolbox: Toolbox, fallback: Spawner) -> Spawner | None:
         return NodeStandbySpawner(fallback)
+
+
+def _use_prebuilt(ctx: BuildContext, entry: str) -> None:
+    """``--no-bundle``: the entry is the bundle, run as uploaded (no npm install, no
+    esbuild). The bundle path links to it, so Node resolves the file's own relative
+    imports (chunks) and its module format (``.mjs``, ``.cjs``, ``package.json`` type)
+    from where it really is."""
+    if not entry.endswith(PREBUILT_SUFFIXES):
+        raise BuildFailed(f"entry: a prebuilt bundle (--no-bundle) runs as it is, so it "
+                          f"must be JavaScript ({', '.join(PREBUILT_SUFFIXES)}); got {entry!r}")
+    target = ctx.source / entry
+    if not target.is_file():
+        raise BuildFailed(f"entry: {entry!r} is not a file of the uploaded source")
+    link = ctx.out / BUNDLE
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent))
+    ctx.log(f"using {entry} as the bundle (--no-bundle: not bundled again)")
 
 
 NODE = NodeRuntime()

@@ -46,6 +46,7 @@ class PythonRuntime:
         ("python3.11", "python3.12", "python3.13", "python3.14", f"python{_VERSION}")))
     source_suffixes: tuple[str, ...] = (".py",)
     entry_example: str = "main:app"
+    bundles: bool = False
 
     def __init__(self) -> None:
         self._runtime_dirs: dict[Path, Path] = {}
