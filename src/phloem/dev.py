@@ -136,6 +136,11 @@ class DevServer:
         except IsolateFailed as exc:
             raise RouteError(502, "isolate_failed", str(exc)) from exc
 
+    def acquire_nowait(self, host: str) -> Upstream | None:
+        """No callback-path leases here (gateway.routing): every request is routed by
+        :meth:`acquire`."""
+        return None
+
     # -- reload -----------------------------------------------------------------
     async def reload(self, slug: str) -> bool:
         """Start the new version, switch to it when ready, drain the old one."""
