@@ -16,15 +16,13 @@ first byte and stream silence.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-import httptools
-
 from phloem.gateway import fastpath, http, upstream
-from phloem.gateway.framing import MAX_HEAD_BYTES, ResponseFramer, error_reply
+from phloem.gateway.framing import ResponseFramer, error_reply
+from phloem.gateway.reader import RequestReader
 from phloem.gateway.record import RequestRecord
 from phloem.gateway.request import BODY_HIGH_WATER, Request, request_id
 from phloem.gateway.routing import Limits, Upstream
@@ -33,25 +31,16 @@ from phloem.gateway.watchdog import KEEP_ALIVE, Watchdog
 if TYPE_CHECKING:
     from phloem.gateway.server import Gateway
 
-__all__ = ["DISCARD_LIMIT", "DISCARD_TIMEOUT", "LINGER_IDLE",
-           "LINGER_TOTAL", "_Connection"]
+__all__ = ["LINGER_IDLE", "LINGER_TOTAL", "_Connection"]
 
 logger = logging.getLogger("phloem.gateway")
 
-# After an early error response, at most this much request body is read and thrown away to
-# keep the connection alive; beyond that (or after DISCARD_TIMEOUT) the connection is closed.
-DISCARD_LIMIT = 1024 * 1024
-DISCARD_TIMEOUT = 5.0
 # Closing a socket with unread input makes the kernel send RST, which can destroy the
 # response we just wrote. So a client that may still be sending (an oversized upload, say)
 # gets a half-close, and its input is dropped until it closes, goes quiet for
 # LINGER_IDLE seconds, or LINGER_TOTAL seconds pass (nginx's lingering close).
 LINGER_IDLE = 5.0
 LINGER_TOTAL = 30.0
-
-
-class _HeadTooLarge(Exception):
-    pass
 
 
 class _Connection(asyncio.Protocol):
@@ -65,24 +54,13 @@ class _Connection(asyncio.Protocol):
         self.config = gateway.config
         self._admission = gateway.admission
         self.loop = loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
         self.trusted = False  # the peer is a trusted proxy
         self.task: asyncio.Task[None] | None = None
 
         # Parser side.
-        self._url = b""
-        self._headers: http.Headers = []
-        self._in_head = False
-        self._head_began_now = False
-        self._head_bytes = 0
-        self._head_trickle = 0
-        self._head_timed = False  # the head deadline covers the head being parsed
-        self._parsing: Request | None = None  # request whose body is being parsed
-        self._upgraded: Request | None = None  # receives raw bytes after an Upgrade head
-        self.pending: collections.deque[Request] = collections.deque()
-        self.bad_request: tuple[int, str, str] | None = None  # unparseable input, in order
-        self._parse_dead = False
+        self.reader = reader = RequestReader(self.config.max_body_bytes, self)
+        self.pending = reader.pending  # parsed requests not yet handled
         self._lingering = False
         self.last_input = 0.0
 
@@ -135,36 +113,10 @@ class _Connection(asyncio.Protocol):
         if self._lingering:
             self.last_input = self.last_io
             return
-        if self._upgraded is not None:
-            self._upgraded.feed(data)
-        elif not self._parse_dead:
-            self._head_began_now = False
-            try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserUpgrade as exc:
-                tail = data[exc.args[0] :]
-                if tail and self._upgraded is not None:
-                    self._upgraded.feed(tail)
-            except httptools.HttpParserError as exc:
-                if isinstance(exc.__context__, _HeadTooLarge):
-                    self._parse_failed(431, "headers_too_large", "request head too large")
-                else:
-                    self._parse_failed(400, "malformed_request", f"malformed request: {exc}")
-            else:
-                if self._in_head:
-                    # httptools buffers a partial header line internally: bound what a
-                    # slowly trickling head can make it hold.
-                    if not self._head_began_now:
-                        self._head_trickle += len(data)
-                        if self._head_trickle > MAX_HEAD_BYTES:
-                            self._parse_failed(431, "headers_too_large",
-                                               "request head too large")
-                    # An unfinished head: from now on it has head_timeout to complete.
-                    # (A head that arrives whole, the common case, never gets here.)
-                    if not self._head_timed:
-                        self._watch_head()
-            if self.pending:
-                self._dispatch()
+        reader = self.reader
+        reader.feed(data)
+        if reader.pending:
+            self._dispatch()
         self.update_reading()
 
     def eof_received(self) -> bool | None:
@@ -173,7 +125,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.disconnected = True
         self._admission.closed(self)
-        for req in (self._parsing, self._upgraded, self.active):
+        for req in (self.reader.parsing, self.reader.upgraded, self.active):
             if req is not None:
                 req.fail("disconnected")
         if self.fast is not None:
@@ -214,94 +166,23 @@ class _Connection(asyncio.Protocol):
             if not transport.is_closing():
                 cast(asyncio.ReadTransport, transport).resume_reading()
 
-    # -- httptools callbacks -----------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-        self._in_head = True
-        self._head_began_now = True
-        self._head_bytes = 0
-        self._head_trickle = 0
-        self._head_timed = False
-
-    # The head's size is counted as it is parsed; _HeadTooLarge surfaces as an
-    # HttpParserError from feed_data.
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # After the head these are chunked-body trailers, which are not forwarded.
-        if self._in_head:
-            self._headers.append((name, value))
-            self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > MAX_HEAD_BYTES:
-                raise _HeadTooLarge
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        p = self._parser
-        req = Request(
-            p.get_method(),
-            self._url,
-            p.get_http_version(),
-            self._headers,
-            p.should_keep_alive(),
-            p.should_upgrade(),
-            self.config.max_body_bytes,
-        )
-        self._parsing = req
-        self.pending.append(req)  # data_received then dispatches it (see _dispatch)
-
-    def on_body(self, body: bytes) -> None:
-        req = self._parsing
-        if req is None or not body:
-            return
-        req.feed(body)
-        # A body being discarded is bounded by DISCARD_LIMIT instead.
-        if req.received > req.max_body and not req.discard:
-            req.fail("too_large")
-
-    def on_message_complete(self) -> None:
-        req = self._parsing
-        self._parsing = None
-        if req is None:
-            return
-        if req.upgrade:
-            self._upgraded = req  # complete only when the client closes
-        else:
-            req.complete = True
-            req.wake()
-
     # -- flow control ------------------------------------------------------------------------
-
-    def _parse_failed(self, status: int, code: str, message: str) -> None:
-        self._parse_dead = True
-        req = self._parsing
-        if req is not None and not req.complete:
-            req.fail("malformed")  # its body is broken; the exchange answers 400 and closes
-        else:
-            self.bad_request = (status, code, message)
-        self.wake_handler()
 
     def update_reading(self) -> None:
         """Stop reading the client while it is ahead of us (body not yet forwarded,
         pipelined requests queued, or nothing more will be parsed)."""
+        reader = self.reader
         if (
             not self._reading_paused
             and not self.pending
-            and self._parsing is None
-            and self._upgraded is None
-            and not self._parse_dead
+            and reader.parsing is None
+            and reader.upgraded is None
+            and not reader.dead
         ):
             return  # reading, and nothing that could pause it (the common case)
-        req = self._parsing or self._upgraded
+        req = reader.parsing or reader.upgraded
         pause = not self._lingering and (
-            self._parse_dead
+            reader.dead
             or (req is not None and req.buffered > BODY_HIGH_WATER)
             or (self.active is not None and bool(self.pending))
         )
@@ -319,7 +200,7 @@ class _Connection(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         """Used by :meth:`Gateway.drain`: wake the handler so an idle connection closes."""
-        if self.active is None and not self.pending and not self._in_head:
+        if self.active is None and not self.pending and not self.reader.in_head:
             self.wake_handler()
 
     def abort(self) -> None:
@@ -359,15 +240,16 @@ class _Connection(asyncio.Protocol):
         timeout)."""
         config = self.config
         timeout = config.keep_alive_timeout
-        if self.last is None or self._in_head:
-            self._head_timed = self._in_head
+        reader = self.reader
+        if self.last is None or reader.in_head:
+            reader.head_timed = reader.in_head
             timeout = min(timeout, config.head_timeout)
         self.watch.keep_alive(timeout)
         self._admission.waiting(self)
 
-    def _watch_head(self) -> None:
+    def head_begun(self) -> None:
         """A request head has begun and is not complete: it must be within head_timeout."""
-        self._head_timed = True
+        self.reader.head_timed = True
         if self.watch.phase == KEEP_ALIVE:  # else a pipelined head: timed when its turn comes
             self.watch.head(self.config.head_timeout)
 
@@ -378,7 +260,7 @@ class _Connection(asyncio.Protocol):
 
     def keep_alive_expired(self) -> None:
         self._idle_expired = True
-        if self._in_head or self.last is None:
+        if self.reader.in_head or self.last is None:
             self._head_timed_out()
         self.wake_handler()
 
@@ -388,7 +270,7 @@ class _Connection(asyncio.Protocol):
         self._admission.limit_hit(
             "head_timeout", self.peer_ip,
             f"no complete request head within {timeout:g} s (head_timeout)")
-        if not self._in_head:
+        if not self.reader.in_head:
             return  # nothing came: nobody to answer
         self._reply_unrouted(
             408, "request_timeout", f"the request head was not complete within {timeout:g} s")
@@ -505,7 +387,7 @@ class _Connection(asyncio.Protocol):
         if not (keep and req.keep_alive and not self.gateway.draining):
             self.close_after = True
             self.wake_handler()
-        elif self.pending or self.bad_request is not None:
+        elif self.pending or self.reader.bad_request is not None:
             self.wake_handler()
         else:
             self.watch_keep_alive()
@@ -519,7 +401,7 @@ class _Connection(asyncio.Protocol):
                     break
             last = self.last
             may_be_sending = (
-                self._parse_dead
+                self.reader.dead
                 or bool(self.pending)
                 or (last is not None and not last.complete and not last.upgrade)
             )
@@ -550,12 +432,12 @@ class _Connection(asyncio.Protocol):
                     self.active = self.last = req
                     self.update_reading()
                     return req
-                if self.bad_request is not None:
-                    self._reply_unrouted(*self.bad_request)
+                if self.reader.bad_request is not None:
+                    self._reply_unrouted(*self.reader.bad_request)
                     return None
                 if self._idle_expired:
                     return None
-                if self.gateway.draining and not self._in_head:
+                if self.gateway.draining and not self.reader.in_head:
                     return None
                 if self.watch.phase != KEEP_ALIVE:
                     self.watch_keep_alive()
@@ -601,31 +483,6 @@ class _Connection(asyncio.Protocol):
 
     # -- gateway-made responses --------------------------------------------------------------
 
-    async def reply_error(
-        self,
-        req: Request,
-        info: http.RequestInfo,
-        rid: bytes,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        close: bool = False,
-    ) -> bool:
-        """Answer ``req`` with a gateway-made error (unless a response began already);
-        return whether the connection stays open (after dropping the rest of the body)."""
-        if self.disconnected:
-            return False
-        if self.final_sent:
-            return False  # too late for a clean error: just close
-        can_keep = self.error_now(
-            req, rid, status, code, message,
-            close=close or (not req.complete and not self._can_discard(req, info)),
-        )
-        if not can_keep:
-            return False
-        return req.complete or await self.discard_body(req, info)
-
     def error_now(
         self, req: Request, rid: bytes, status: int, code: str, message: str, *, close: bool
     ) -> bool:
@@ -637,33 +494,6 @@ class _Connection(asyncio.Protocol):
         self.final_sent = True
         self.response_complete = True
         return keep
-
-    def _can_discard(self, req: Request, info: http.RequestInfo) -> bool:
-        # A client waiting for 100 Continue may never send the body: do not wait for it.
-        if req.error is not None or info.expect_continue:
-            return False
-        return info.content_length is None or info.content_length - req.received <= DISCARD_LIMIT
-
-    async def discard_body(self, req: Request, info: http.RequestInfo) -> bool:
-        """Read and drop the rest of the request body so the connection can be reused."""
-        if not self._can_discard(req, info):
-            return False
-        req.discard = True
-        req.body.clear()
-        req.buffered = 0
-        self.update_reading()
-        start = req.received
-        # asyncio.timeout rather than wait_for: no extra task between the check and the wait,
-        # so a wake-up cannot be lost.
-        try:
-            async with asyncio.timeout(DISCARD_TIMEOUT):
-                while not req.complete:
-                    if req.error is not None or req.received - start > DISCARD_LIMIT:
-                        return False
-                    await req.wait()
-        except TimeoutError:
-            return False
-        return True
 
     def _reply_unrouted(self, status: int, code: str, message: str) -> None:
         """An error for input that is no request (unparseable, or a head not complete in

@@ -97,8 +97,7 @@ def try_fast(conn: _Connection, req: Request) -> bool:
     conn.begin_exchange(host)
     # The relay's parser is in step with the connection; until the exchange ends cleanly
     # it is the framer's alone.
-    framer = ResponseFramer(head_request=req.method == b"HEAD", upgrade=False,
-                            resp=relay.resp)
+    framer = ResponseFramer(req.method == b"HEAD", False, relay.resp)
     relay.resp = None
     fx = conn.fast = FastExchange(conn, req, rid, host, started, lease, transport, relay,
                                   framer)

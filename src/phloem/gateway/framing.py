@@ -117,24 +117,28 @@ class ResponseFramer:
     )
 
     def __init__(
-        self, *, head_request: bool, upgrade: bool, resp: http.ResponseHead | None = None
+        self, head_request: bool, upgrade: bool, resp: http.ResponseHead | None = None
     ) -> None:
         self.head_request = head_request
         self.upgrade = upgrade
         self.resp = resp
         self.state = _HEAD
-        self.out = b""
         self.buf = b""  # an incomplete response head
         self.received = False  # any byte at all
         self.status = 0  # of the final response head, once it arrived
         self.stream = False  # an event stream or a tunnel: a long-lived exchange
-        self.remaining = 0  # of a Content-Length body
-        self.keep = False
-        self.reusable = False
-        self.complete = False
-        self.reason = ""
-        self.retryable = False
-        self.undelivered = False
+        # Set before they are read (one exchange per request: the fewer stores the better):
+        # ``out`` by every feed and closed; ``keep``, ``reusable``, ``complete`` with DONE;
+        # ``reason`` with FAILED or an incomplete DONE, ``retryable`` and ``undelivered``
+        # with FAILED; ``remaining`` with the Content-Length state.
+        self.out: bytes
+        self.keep: bool
+        self.reusable: bool
+        self.complete: bool
+        self.reason: str
+        self.retryable: bool
+        self.undelivered: bool
+        self.remaining: int
 
     def feed(self, data: bytes) -> int:
         """Upstream bytes (not empty)."""

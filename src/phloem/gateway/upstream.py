@@ -40,11 +40,16 @@ from phloem.gateway.routing import Limits, RouteError, Upstream
 if TYPE_CHECKING:
     from phloem.gateway.connection import _Connection
 
-__all__ = ["READ_SIZE", "UpstreamFailed", "exchange", "proxy"]
+__all__ = ["DISCARD_LIMIT", "DISCARD_TIMEOUT", "READ_SIZE", "UpstreamFailed", "discard_body",
+           "exchange", "proxy", "reply_error"]
 
 logger = logging.getLogger("phloem.gateway")
 
 READ_SIZE = 64 * 1024
+# After an early error response, at most this much request body is read and thrown away to
+# keep the connection alive; beyond that (or after DISCARD_TIMEOUT) the connection is closed.
+DISCARD_LIMIT = 1024 * 1024
+DISCARD_TIMEOUT = 5.0
 
 
 class UpstreamFailed(Exception):
@@ -76,26 +81,11 @@ async def exchange(conn: _Connection, req: Request, info: http.RequestInfo,
                    rid: bytes) -> bool:
     """Answer ``req``; return whether the client connection may stay open."""
     limit = conn.config.max_body_bytes
-    reply = conn.reply_error
-    if req.error == "malformed":  # a pipelined request whose body failed to parse
-        return await reply(req, info, rid, 400, "malformed_request", "malformed request body",
-                           close=True)
-    if req.version not in ("1.1", "1.0"):  # llhttp also accepts 0.9 and 2.0 request lines
-        return await reply(req, info, rid, 505, "http_version_not_supported", "use HTTP/1.1",
-                           close=True)
-    if req.method == b"CONNECT":
-        return await reply(req, info, rid, 405, "method_not_allowed",
-                           "CONNECT is not supported", close=True)
-    if info.host_count > 1:
-        return await reply(req, info, rid, 400, "bad_request", "more than one Host header",
-                           close=True)
-    if not info.host:
-        return await reply(req, info, rid, 400, "missing_host", "the request has no Host header")
-    if req.error == "too_large" or (
-        info.content_length is not None and info.content_length > limit
-    ):
-        return await reply(req, info, rid, 413, "body_too_large",
-                           f"request body exceeds {limit} bytes")
+    error = _refusal(req, info, limit)
+    if error is not None:
+        status, code, message, close = error
+        return await reply_error(conn, req, info, rid, status, code, message, close=close)
+    assert info.host is not None  # else refused
     host = info.host.decode("latin-1")
     # A client that sends requests but does not read the responses would otherwise
     # have each one's first read pile up in its transport.
@@ -112,11 +102,11 @@ async def exchange(conn: _Connection, req: Request, info: http.RequestInfo,
             lease = await conn.gateway.router.acquire(host)
         except RouteError as exc:
             status = exc.status if 400 <= exc.status <= 599 else 502
-            return await reply(req, info, rid, status, exc.code, exc.message)
+            return await reply_error(conn, req, info, rid, status, exc.code, exc.message)
         except Exception as exc:
             logger.warning("cannot reach upstream for %s: %r", host, exc)
-            return await reply(req, info, rid, 502, "upstream_failed",
-                               "the function could not be reached")
+            return await reply_error(conn, req, info, rid, 502, "upstream_failed",
+                                     "the function could not be reached")
         if conn.disconnected:
             lease.release(reusable=True)  # untouched: still good
             return False
@@ -129,8 +119,8 @@ async def exchange(conn: _Connection, req: Request, info: http.RequestInfo,
                 if over:
                     req.fail("too_large")  # stop buffering what is still coming
                 lease.release(reusable=True)  # untouched: still good
-                return await reply(req, info, rid, 413, "body_too_large",
-                                   f"request body exceeds {limit} bytes")
+                return await reply_error(conn, req, info, rid, 413, "body_too_large",
+                                         f"request body exceeds {limit} bytes")
         try:
             keep = await proxy(conn, req, info, rid, lease, limits)
         except UpstreamFailed as exc:
@@ -139,24 +129,99 @@ async def exchange(conn: _Connection, req: Request, info: http.RequestInfo,
             if keep and not req.complete:
                 # The app answered before the body was all read: drop the rest, with
                 # the lease already back in the pool.
-                keep = await conn.discard_body(req, info)
+                keep = await discard_body(conn, req, info)
             return keep
         if conn.disconnected:
             return False
         if conn.timed_out == "upstream_timeout":
-            return await reply(req, info, rid, *upstream_timeout(conn.watch.ttfb_s))
+            return await reply_error(conn, req, info, rid, *upstream_timeout(conn.watch.ttfb_s))
         if req.error == "too_large":
-            return await reply(req, info, rid, 413, "body_too_large",
-                               f"request body exceeds {limit} bytes")
+            return await reply_error(conn, req, info, rid, 413, "body_too_large",
+                                     f"request body exceeds {limit} bytes")
         if req.error == "malformed":
-            return await reply(req, info, rid, 400, "malformed_request",
-                               "malformed request body", close=True)
+            return await reply_error(conn, req, info, rid, 400, "malformed_request",
+                                     "malformed request body", close=True)
         if not may_replay(undelivered=failure.undelivered, whole=failure.whole,
                           retryable=failure.retryable, idempotent=idempotent,
                           replay_safe=lease.replay_safe, attempt=attempt):
             break
     logger.warning("upstream for %s failed: %s", host, failure)
-    return await reply(req, info, rid, *UPSTREAM_FAILED)
+    return await reply_error(conn, req, info, rid, *UPSTREAM_FAILED)
+
+
+def _refusal(req: Request, info: http.RequestInfo,
+             limit: int) -> tuple[int, str, str, bool] | None:
+    """What answers a request without routing it (status, code, message, close), if any."""
+    if req.error == "malformed":  # a pipelined request whose body failed to parse
+        return 400, "malformed_request", "malformed request body", True
+    if req.version not in ("1.1", "1.0"):  # llhttp also accepts 0.9 and 2.0 request lines
+        return 505, "http_version_not_supported", "use HTTP/1.1", True
+    if req.method == b"CONNECT":
+        return 405, "method_not_allowed", "CONNECT is not supported", True
+    if info.host_count > 1:
+        return 400, "bad_request", "more than one Host header", True
+    if not info.host:
+        return 400, "missing_host", "the request has no Host header", False
+    if req.error == "too_large" or (
+        info.content_length is not None and info.content_length > limit
+    ):
+        return 413, "body_too_large", f"request body exceeds {limit} bytes", False
+    return None
+
+
+async def reply_error(
+    conn: _Connection,
+    req: Request,
+    info: http.RequestInfo,
+    rid: bytes,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    close: bool = False,
+) -> bool:
+    """Answer ``req`` with a gateway-made error (unless a response began already);
+    return whether the connection stays open (after dropping the rest of the body)."""
+    if conn.disconnected:
+        return False
+    if conn.final_sent:
+        return False  # too late for a clean error: just close
+    can_keep = conn.error_now(
+        req, rid, status, code, message,
+        close=close or (not req.complete and not _can_discard(req, info)),
+    )
+    if not can_keep:
+        return False
+    return req.complete or await discard_body(conn, req, info)
+
+
+def _can_discard(req: Request, info: http.RequestInfo) -> bool:
+    # A client waiting for 100 Continue may never send the body: do not wait for it.
+    if req.error is not None or info.expect_continue:
+        return False
+    return info.content_length is None or info.content_length - req.received <= DISCARD_LIMIT
+
+
+async def discard_body(conn: _Connection, req: Request, info: http.RequestInfo) -> bool:
+    """Read and drop the rest of the request body so the connection can be reused."""
+    if not _can_discard(req, info):
+        return False
+    req.discard = True
+    req.body.clear()
+    req.buffered = 0
+    conn.update_reading()
+    start = req.received
+    # asyncio.timeout rather than wait_for: no extra task between the check and the wait,
+    # so a wake-up cannot be lost.
+    try:
+        async with asyncio.timeout(DISCARD_TIMEOUT):
+            while not req.complete:
+                if req.error is not None or req.received - start > DISCARD_LIMIT:
+                    return False
+                await req.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 async def proxy(
