@@ -62,7 +62,7 @@ class _Connection(asyncio.Protocol):
         self.reader = reader = RequestReader(self.config.max_body_bytes, self)
         self.pending = reader.pending  # parsed requests not yet handled
         self._lingering = False
-        self.last_input = 0.0
+        self._last_input = 0.0
 
         # Handler side.
         self.active: Request | None = None
@@ -111,7 +111,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_io = self.loop.time()  # client activity keeps a stream alive
         if self._lingering:
-            self.last_input = self.last_io
+            self._last_input = self.last_io
             return
         reader = self.reader
         reader.feed(data)
@@ -454,10 +454,10 @@ class _Connection(asyncio.Protocol):
         self.update_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()  # FIN goes out after the queued response
-        now = self.last_input = self.loop.time()
+        now = self._last_input = self.loop.time()
         give_up = now + LINGER_TOTAL
         while not self.disconnected and not self.gateway.draining:
-            timeout = min(self.last_input + LINGER_IDLE, give_up) - self.loop.time()
+            timeout = min(self._last_input + LINGER_IDLE, give_up) - self.loop.time()
             if timeout <= 0:
                 return
             self._waiter = self.loop.create_future()
