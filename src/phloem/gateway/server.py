@@ -9,7 +9,8 @@
 The package, one concept a module:
 
 * ``server`` (this module): :class:`Gateway` and :class:`GatewayConfig`, the public surface;
-* ``connection``: one client connection (parsing, ordering, keep-alive, error replies);
+* ``connection``: one client connection (ordering, keep-alive, flow control, error replies);
+* ``reader``: its request parser (httptools callbacks, head limits, the request queue);
 * ``fastpath``: complete requests proxied from protocol callbacks, without a task switch;
 * ``upstream``: the task path (routing, cold starts, request bodies, replays, tunnels);
 * ``framing``: the I/O-free response framer both paths drive, and the gateway's own errors;
