@@ -140,6 +140,9 @@ class NoRoutes:
     async def acquire(self, host: str) -> Upstream:
         raise RouteError(404, "unknown_host", f"no function serves {host}")
 
+    def acquire_nowait(self, host: str) -> Upstream | None:
+        return None
+
 
 async def test_fed_by_a_real_gateway() -> None:
     """Records from a Gateway's on_request hook, gauges from its counters."""

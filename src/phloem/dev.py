@@ -271,6 +271,11 @@ class DevServer:
         lease.release(reusable=True)
         return True
 
+    def acquire_nowait(self, host: str) -> Upstream | None:
+        """No callback-path leases here (gateway.routing): every request is routed by
+        :meth:`acquire`."""
+        return None
+
     # -- reload -----------------------------------------------------------------
     async def reload(self, slug: str) -> bool:
         """Start the new version, switch to it when ready, drain the old one."""

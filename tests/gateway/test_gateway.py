@@ -267,8 +267,8 @@ class PoolRouter:
     def __init__(self, routes: dict[str, str], pool_size: int = 2) -> None:
         self.routes = routes
         self.pool_size = pool_size
-        # Names listed here get a HookedLease carrying these limits; others a plain Lease
-        # (no ``limits``, no ``mark_stream``), as the platform's leases were at first.
+        # Names listed here get a HookedLease carrying these limits and recording stream
+        # marks; others a plain Lease (no limits, marks not recorded).
         self.limits: dict[str, Limits | None] = {}
         self.stream_marks: list[str] = []
         self.idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
@@ -292,6 +292,9 @@ class PoolRouter:
         self.connects_to[name] = self.connects_to.get(name, 0) + 1
         return self._lease(name, reader, writer)
 
+    def acquire_nowait(self, host: str) -> Upstream | None:
+        return None  # every request takes the task path
+
     def pooled(self, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         pool = self.idle.setdefault(name, [])
         while pool:
@@ -310,8 +313,8 @@ class PoolRouter:
 
 
 class NowaitPoolRouter(PoolRouter):
-    """Also has the optional ``acquire_nowait``, so the gateway proxies requests that are
-    complete on arrival from its callbacks when a pooled connection is idle."""
+    """Leases pooled connections in ``acquire_nowait`` too, so the gateway proxies
+    requests that are complete on arrival from its callbacks when one is idle."""
 
     def __init__(self, routes: dict[str, str], pool_size: int = 2) -> None:
         super().__init__(routes, pool_size)
@@ -330,6 +333,11 @@ class NowaitPoolRouter(PoolRouter):
 
 
 class Lease:
+    """A plain lease: no per-route limits, replays allowed, streams not tracked."""
+
+    limits: Limits | None = None
+    replay_safe = True
+
     def __init__(
         self,
         router: PoolRouter,
@@ -343,6 +351,9 @@ class Lease:
         self.writer = writer
         self.released = False
         router.outstanding += 1
+
+    def mark_stream(self) -> None:
+        pass
 
     def release(self, *, reusable: bool) -> None:
         if self.released:
@@ -359,7 +370,7 @@ class Lease:
 
 
 class HookedLease(Lease):
-    """A lease with the optional members: per-route limits and the stream hook."""
+    """A lease with per-route limits that records the stream hook's calls."""
 
     def __init__(
         self,
@@ -676,7 +687,7 @@ async def test_a_slow_client_holds_the_upstream_back(env: Env) -> None:
     # megabytes, which would take the whole response).
     await wait_until(lambda: len(env.gateway._connections) == 1)
     (conn,) = env.gateway._connections
-    conn._transport.get_extra_info("socket").setsockopt(
+    conn.transport.get_extra_info("socket").setsockopt(
         socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024
     )
     writer.write(b"GET /big HTTP/1.1\r\nHost: app.test\r\n\r\n")
@@ -685,12 +696,12 @@ async def test_a_slow_client_holds_the_upstream_back(env: Env) -> None:
         # The client transport is over its high-water mark, and the upstream is not read
         # meanwhile: paused (callback path) or a pump awaiting the drain (task path).
         return any(
-            c._write_paused and (c._up_paused or c._drain_waiter is not None)
+            c.write_paused and (c.up_paused or c.drain_waiter is not None)
             for c in env.gateway._connections
         )
 
     await wait_until(held_back)
-    assert conn._transport.get_write_buffer_size() < len(BIG) // 2
+    assert conn.transport.get_write_buffer_size() < len(BIG) // 2
     response = await read_response(reader)
     assert (response.status, response.body == BIG) == (200, True)
     await wait_until(lambda: env.router.outstanding == 0)

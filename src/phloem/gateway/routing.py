@@ -12,22 +12,23 @@ exactly once.
     ...
     lease.release(reusable=True)   # connection goes back to the isolate's idle pool
 
-A lease may also carry two optional members, looked up with ``getattr`` so that leases
-without them keep working:
+Every member the gateway uses is declared on the protocols below, so mypy checks each
+implementation (the platform's is :class:`phloem.dispatch.PlatformRouter`):
 
-* ``limits: Limits | None`` — per-route overrides of the gateway's limits;
-* ``mark_stream() -> None`` — called once when the exchange becomes a stream (an SSE
+* ``Upstream.limits`` — per-route overrides of the gateway's limits, or ``None``;
+* ``Upstream.replay_safe`` — whether an idempotent, bodiless request that got no answer at
+  all may be sent again on a fresh connection (see :func:`phloem.gateway.framing.may_replay`);
+* ``Upstream.mark_stream()`` — called once when the exchange becomes a stream (an SSE
   response or a WebSocket tunnel), so the platform can neither scale out on long-lived
   streams nor evict an isolate that still serves one. The stream ends when the lease is
   released.
-
-A router may also have ``acquire_nowait(host) -> Upstream | None``: a lease available at
-once (a live upstream with an idle pooled connection), else ``None`` — never an error, and
-never a new connection or a cold start; :meth:`Router.acquire` then does all of that. The
-gateway uses it to proxy complete requests from its protocol callbacks, without a task
-switch; during such an exchange it swaps the connection's protocol out
-(``transport.set_protocol``) and back, so the lease's ``reader`` must be the
-``StreamReader`` of an :func:`asyncio.open_unix_connection`-style stream (as it is anyway).
+* ``Router.acquire_nowait(host)`` — a lease available at once (a live upstream with an idle
+  pooled connection), else ``None``: never an error, and never a new connection or a cold
+  start; :meth:`Router.acquire` then does all of that. The gateway uses it to proxy complete
+  requests from its protocol callbacks, without a task switch; during such an exchange it
+  swaps the connection's protocol out (``transport.set_protocol``) and back, so the lease's
+  ``reader`` must be the ``StreamReader`` of an :func:`asyncio.open_unix_connection`-style
+  stream (as it is anyway). A router without such a pool returns ``None``.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class Limits:
     max_body_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ttfb_timeout", "silence_timeout"):
-            value = getattr(self, name)
+        for name, value in (("ttfb_timeout", self.ttfb_timeout),
+                            ("silence_timeout", self.silence_timeout)):
             if value is not None and not value > 0:
                 raise ValueError(f"Limits.{name} must be positive, got {value!r}")
         if self.max_body_bytes is not None and self.max_body_bytes < 0:
@@ -79,6 +80,19 @@ class Upstream(Protocol):
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
 
+    @property
+    def limits(self) -> Limits | None:
+        """Per-route limits; ``None``: the gateway's own."""
+        ...
+
+    @property
+    def replay_safe(self) -> bool:
+        """May an idempotent, bodiless request that got no answer be sent again?"""
+        ...
+
+    def mark_stream(self) -> None:
+        """The exchange became a long-lived stream (SSE, WebSocket tunnel)."""
+
     def release(self, *, reusable: bool) -> None:
         """Give the connection back. ``reusable=False`` closes it (broken framing,
         ``Connection: close``, upgraded to a WebSocket, error)."""
@@ -89,4 +103,9 @@ class Router(Protocol):
         """Resolve ``host`` (the raw Host header value, port included) and lease a
         connection to a live isolate, starting one first when none is running (the
         caller's request is held meanwhile). Raises :class:`RouteError`."""
+        ...
+
+    def acquire_nowait(self, host: str) -> Upstream | None:
+        """A lease on an idle pooled connection of a live isolate, else ``None`` (then
+        :meth:`acquire`); never raises :class:`RouteError`, never waits."""
         ...

@@ -64,7 +64,7 @@ class Lease:
     #: answer: isolates keep connections open for an hour, so a connection failing means
     #: the isolate failed, and the request may be what crashed it. The gateway still
     #: replays a request the kernel proves the isolate never read (the connection was
-    #: reset or refused the write before any answer; see gateway.server, "Replays").
+    #: reset or refused the write before any answer; see gateway.framing.may_replay).
     replay_safe: bool = False
     _released: bool = False
     _stream: bool = False

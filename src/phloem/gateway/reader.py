@@ -1,0 +1,180 @@
+"""Client bytes -> requests: the ``httptools.HttpRequestParser`` callbacks of one client
+connection, the request head size limit, and the queue of parsed requests.
+
+    reader = RequestReader(max_body=100 * 2**20, owner=conn)
+    reader.feed(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    req = reader.pending.popleft()      # a Request, complete (no body)
+
+A parsed head is queued at once; its body keeps arriving into the :class:`Request`
+(``reader.parsing``), and after an Upgrade head every further byte is tunnel data for
+``reader.upgraded``. Input that cannot be parsed ends parsing (``dead``): a broken body
+fails its request, else ``bad_request`` holds the error to answer once the requests before
+it are served.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Protocol
+
+import httptools
+
+from phloem.gateway import http
+from phloem.gateway.framing import MAX_HEAD_BYTES
+from phloem.gateway.request import Request
+
+__all__ = ["ReaderOwner", "RequestReader"]
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class ReaderOwner(Protocol):
+    """What a :class:`RequestReader` tells its connection."""
+
+    def head_begun(self) -> None:
+        """A request head is arriving in pieces: time it (head_timeout)."""
+
+    def wake_handler(self) -> None:
+        """Parsing failed: the connection's task answers it."""
+
+
+class RequestReader:
+    __slots__ = (
+        "_head_began_now",
+        "_head_bytes",
+        "_head_trickle",
+        "_headers",
+        "_max_body",
+        "_owner",
+        "_parser",
+        "_url",
+        "bad_request",
+        "dead",
+        "head_timed",
+        "in_head",
+        "parsing",
+        "pending",
+        "upgraded",
+    )
+
+    def __init__(self, max_body: int, owner: ReaderOwner) -> None:
+        self._max_body = max_body
+        self._owner = owner
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: http.Headers = []
+        self._head_began_now = False
+        self._head_bytes = 0
+        self._head_trickle = 0
+        self.in_head = False  # a request head has begun and is not complete
+        self.head_timed = False  # the head deadline covers the head being parsed
+        self.parsing: Request | None = None  # request whose body is being parsed
+        self.upgraded: Request | None = None  # receives raw bytes after an Upgrade head
+        self.pending: collections.deque[Request] = collections.deque()
+        self.bad_request: tuple[int, str, str] | None = None  # unparseable input, in order
+        self.dead = False  # nothing more will be parsed
+
+    def feed(self, data: bytes) -> None:
+        if self.upgraded is not None:
+            self.upgraded.feed(data)
+            return
+        if self.dead:
+            return
+        self._head_began_now = False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            tail = data[exc.args[0] :]
+            if tail and self.upgraded is not None:
+                self.upgraded.feed(tail)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._failed(431, "headers_too_large", "request head too large")
+            else:
+                self._failed(400, "malformed_request", f"malformed request: {exc}")
+        else:
+            if self.in_head:
+                # httptools buffers a partial header line internally: bound what a
+                # slowly trickling head can make it hold.
+                if not self._head_began_now:
+                    self._head_trickle += len(data)
+                    if self._head_trickle > MAX_HEAD_BYTES:
+                        self._failed(431, "headers_too_large", "request head too large")
+                # An unfinished head: from now on it has head_timeout to complete.
+                # (A head that arrives whole, the common case, never gets here.)
+                if not self.head_timed:
+                    self._owner.head_begun()
+
+    def _failed(self, status: int, code: str, message: str) -> None:
+        self.dead = True
+        req = self.parsing
+        if req is not None and not req.complete:
+            req.fail("malformed")  # its body is broken; the exchange answers 400 and closes
+        else:
+            self.bad_request = (status, code, message)
+        self._owner.wake_handler()
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self.in_head = True
+        self._head_began_now = True
+        self._head_bytes = 0
+        self._head_trickle = 0
+        self.head_timed = False
+
+    # The head's size is counted as it is parsed; _HeadTooLarge surfaces as an
+    # HttpParserError from feed_data.
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # After the head these are chunked-body trailers, which are not forwarded.
+        if self.in_head:
+            self._headers.append((name, value))
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise _HeadTooLarge
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        p = self._parser
+        req = Request(
+            p.get_method(),
+            self._url,
+            p.get_http_version(),
+            self._headers,
+            p.should_keep_alive(),
+            p.should_upgrade(),
+            self._max_body,
+        )
+        self.parsing = req
+        self.pending.append(req)  # the connection then dispatches it
+
+    def on_body(self, body: bytes) -> None:
+        req = self.parsing
+        if req is None or not body:
+            return
+        req.feed(body)
+        # A body being discarded is bounded by DISCARD_LIMIT instead.
+        if req.received > req.max_body and not req.discard:
+            req.fail("too_large")
+
+    def on_message_complete(self) -> None:
+        req = self.parsing
+        self.parsing = None
+        if req is None:
+            return
+        if req.upgrade:
+            self.upgraded = req  # complete only when the client closes
+        else:
+            req.complete = True
+            req.wake()
