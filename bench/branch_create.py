@@ -53,8 +53,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from phloem.system.xfs import xfs_available, xfs_reflink_mount
 from phloem.testing import PlatformProcess, free_port
-from phloem.xfs import xfs_available, xfs_reflink_mount
 
 SCALE_PER_GB = 68  # pgbench -i scale factor for about 1 GB of database
 TEMPLATE_DB = "bench_template"
@@ -107,8 +107,8 @@ def find_parent(p: PlatformProcess) -> Parent:
     opened with the platform's secret key."""
     import json
 
-    from phloem.control.store import branch_secret_context
-    from phloem.secrets import SecretBox
+    from phloem.metadata.secrets import SecretBox
+    from phloem.metadata.store import branch_secret_context
 
     secret = json.loads((p.data_dir / "secrets" / "system.json").read_text())
     with psycopg.connect(host=str(p.data_dir / "run" / "pg" / "system"), port=5432,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from phloem.admission import Admission, AdmissionConfig, plan_connections
+from phloem.gateway.admission import Admission, AdmissionConfig, plan_connections
 from phloem.testing import wait_for
 
 
@@ -44,7 +44,7 @@ def test_config_errors_name_the_field(kwargs: dict[str, float], field: str) -> N
 # stdin is answered with the refusal counters and the open count.
 SERVER = """
 import asyncio, json, resource, sys, uvloop
-from phloem.admission import Admission, AdmissionConfig, Listener
+from phloem.gateway.admission import Admission, AdmissionConfig, Listener
 
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from phloem import procfs
-from phloem.identity import Identity
-from phloem.leftovers import database_processes, stop_processes, sweep
-from phloem.paths import DataPaths
 from phloem.postgres import Cluster, install_binaries
+from phloem.server.leftovers import database_processes, stop_processes, sweep
+from phloem.system import procfs
+from phloem.system.identity import Identity
+from phloem.system.paths import DataPaths
 from phloem.testing import free_port, wait_for
 
 PASSWORD = "leftover-pw"
@@ -84,7 +84,7 @@ def test_recycled_pid_and_orphaned_backends(root: Path) -> None:
 TIED = """
 import sys, time
 from pathlib import Path
-from phloem.identity import Identity
+from phloem.system.identity import Identity
 from phloem.postgres import Cluster
 from phloem.postgres.binaries import PgBinaries
 bins, pgdata, port, uid, gid = sys.argv[1:]

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
-from phloem.metrics import REQUEST_BUCKETS, FunctionLoad, Metrics
+from phloem.server.metrics import REQUEST_BUCKETS, FunctionLoad, Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

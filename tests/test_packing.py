@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from phloem.packing import PackError, list_files, pack_directory
+from phloem.project.packing import PackError, list_files, pack_directory
 
 
 def make_tree(root: Path) -> None:

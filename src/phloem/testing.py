@@ -244,7 +244,7 @@ class PlatformProcess:
                              "--branch", branch, *extra)
 
     def cleanup(self) -> None:
-        from phloem.leftovers import stop_processes
+        from phloem.server.leftovers import stop_processes
 
         try:
             if self.running:

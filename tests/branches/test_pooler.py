@@ -24,8 +24,8 @@ import pytest
 from psycopg import sql
 
 from phloem.branches.pooler import Pooler, PoolerError, find_pgbouncer, scram_secrets
-from phloem.identity import Identity
 from phloem.postgres import Cluster, install_binaries
+from phloem.system.identity import Identity
 from phloem.testing import free_port, processes_mentioning, wait_for
 
 PGBOUNCER = find_pgbouncer()
@@ -423,7 +423,7 @@ CRASHING_PLATFORM = """
 import json, sys, time
 from pathlib import Path
 from phloem.branches.pooler import Pooler
-from phloem.identity import Identity
+from phloem.system.identity import Identity
 a = json.loads(sys.argv[1])
 p = Pooler(a["binary"], Path(a["run_dir"]), Identity(a["uid"], a["gid"]), a["host"],
            a["port"], a["host"], a["backend_port"], a["database"], Path(a["log_file"]),

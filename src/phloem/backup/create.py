@@ -53,14 +53,14 @@ from phloem.backup.manifest import (
     write_manifest,
 )
 from phloem.branches.basebackup import clone_running_cluster
-from phloem.control.store import BranchRow, Store
-from phloem.identity import make_dir
-from phloem.paths import DataPaths
+from phloem.metadata.secrets import KEY_ENV
+from phloem.metadata.store import BranchRow, Store
 from phloem.postgres.cluster import SUPERUSER
-from phloem.secrets import KEY_ENV
+from phloem.system.identity import make_dir
+from phloem.system.paths import DataPaths
 
 if TYPE_CHECKING:
-    from phloem.platform import Platform
+    from phloem.server.platform import Platform
 
 Progress = Callable[[str], None]
 
@@ -97,7 +97,7 @@ def check_backups_dir(paths: DataPaths) -> Path:
 
 
 def _system_connection(paths: DataPaths) -> psycopg.Connection[tuple[object, ...]]:
-    from phloem.platform import SYSTEM_PORT  # the platform imports the API, which imports us
+    from phloem.server.platform import SYSTEM_PORT  # the platform imports the API, which imports us
 
     password = json.loads((paths.secrets / "system.json").read_text())["superuser_password"]
     return psycopg.connect(host=str(paths.pg_socket_dir("system")), port=SYSTEM_PORT,

@@ -32,7 +32,7 @@ from phloem.backup.manifest import (
 )
 
 if TYPE_CHECKING:
-    from phloem.platform import Platform
+    from phloem.server.platform import Platform
 
 log = logging.getLogger("phloem.backup")
 

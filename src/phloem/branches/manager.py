@@ -31,12 +31,12 @@ from psycopg import sql
 from phloem.branches.basebackup import BranchCopyError, CloneStats, clone_running_cluster
 from phloem.branches.ids import new_branch_id
 from phloem.branches.pooler import Pooler, find_pgbouncer, scram_secrets
-from phloem.control.store import BranchRow, Store
-from phloem.fsutil import tree_size
-from phloem.identity import Identity
-from phloem.paths import DataPaths
+from phloem.metadata.store import BranchRow, Store
 from phloem.postgres.binaries import PgBinaries
 from phloem.postgres.cluster import SUPERUSER, Cluster, free_port, random_secret
+from phloem.system.fsutil import tree_size
+from phloem.system.identity import Identity
+from phloem.system.paths import DataPaths
 
 log = logging.getLogger("phloem.branches")
 

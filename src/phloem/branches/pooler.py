@@ -58,8 +58,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from phloem.identity import Identity, make_dir
-from phloem.lifeline import spawn_tied
+from phloem.system.identity import Identity, make_dir
+from phloem.system.lifeline import spawn_tied
 
 SCRAM_PREFIX = "SCRAM-SHA-256$"
 # PgBouncer reads an unquoted [databases] key only in this alphabet; phloem's database

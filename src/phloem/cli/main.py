@@ -22,12 +22,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from phloem import __version__
-from phloem.client import Client, ClientError
 from phloem.gateway.proxies import parse_networks
-from phloem.limits import FunctionLimits, check_limits
+from phloem.project.client import Client, ClientError
 from phloem.runtimes.registry import RUNTIMES, choose
-from phloem.settings import Settings, default_data_dir
-from phloem.validation import InvalidInput, check_slug, check_token
+from phloem.system.limits import FunctionLimits, check_limits
+from phloem.system.settings import Settings, default_data_dir
+from phloem.system.validation import InvalidInput, check_slug, check_token
 
 app = typer.Typer(help="phloem: long-running serverless functions that branch with "
                        "their Postgres database.", no_args_is_help=True,
@@ -56,7 +56,7 @@ def linked_branch(value: str) -> str:
     to ('phloem link'), else main."""
     if value:
         return value
-    from phloem.project import find_root, read_link
+    from phloem.project.plan import find_root, read_link
 
     root = find_root(Path.cwd())
     return (read_link(root).get("branch") if root else None) or "main"
@@ -225,8 +225,8 @@ def _raise_fd_limit() -> None:
 async def _serve(settings: Settings, deploy_dirs: list[Path]) -> int:
     import gc
 
-    from phloem.platform import Platform, PlatformError
-    from phloem.secrets import SecretError
+    from phloem.metadata.secrets import SecretError
+    from phloem.server.platform import Platform, PlatformError
 
     _raise_fd_limit()
 

@@ -33,22 +33,22 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phloem import __version__
-from phloem.artifacts import (
+from phloem.branches.manager import BranchError
+from phloem.control.artifacts import (
     MAX_ARTIFACT_BYTES,
     ArtifactError,
     ArtifactTooLarge,
     HashMismatch,
     NoSpace,
 )
-from phloem.branches.manager import BranchError
 from phloem.control.backup_api import router as backup_router
-from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
-from phloem.deployer import DeployRequest, NotFound
-from phloem.logs import follow_file, tail
-from phloem.validation import InvalidInput
+from phloem.control.deployer import DeployRequest, NotFound
+from phloem.control.logs import follow_file, tail
+from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow
+from phloem.system.validation import InvalidInput
 
 if TYPE_CHECKING:
-    from phloem.platform import Platform
+    from phloem.server.platform import Platform
 
 
 class ApiError(Exception):

@@ -28,7 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from phloem.admission import Admission, Listener
+from phloem.gateway.admission import Admission, Listener
 
 __all__ = ["AdmittedHttpToolsProtocol", "ApiServer"]
 

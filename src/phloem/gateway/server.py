@@ -36,8 +36,8 @@ from typing import cast
 
 import httptools
 
-from phloem.admission import Admission, AdmissionConfig, Listener
 from phloem.gateway import http
+from phloem.gateway.admission import Admission, AdmissionConfig, Listener
 from phloem.gateway.proxies import TrustedProxies
 from phloem.gateway.routing import Limits, RouteError, Router, Upstream
 

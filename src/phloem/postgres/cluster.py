@@ -23,10 +23,10 @@ from typing import Any
 
 import psycopg
 
-from phloem import procfs
-from phloem.identity import Identity, make_dir
-from phloem.lifeline import spawn_tied
 from phloem.postgres.binaries import PgBinaries
+from phloem.system import procfs
+from phloem.system.identity import Identity, make_dir
+from phloem.system.lifeline import spawn_tied
 
 SUPERUSER = "postgres"
 

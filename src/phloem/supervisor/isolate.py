@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from phloem.identity import Identity
-from phloem.limits import FunctionLimits
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
 from phloem.supervisor.cgroups import MemoryLimiter, MemorySlot
+from phloem.system.identity import Identity
+from phloem.system.limits import FunctionLimits
 
 log = logging.getLogger("phloem.supervisor")
 

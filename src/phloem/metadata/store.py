@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from phloem.secrets import SecretBox
+from phloem.metadata.secrets import SecretBox
 
 #: BranchRow fields stored sealed, each in a ``<name>_sealed`` column.
 BRANCH_SECRETS = ("role_password", "superuser_password")

@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 import httpx
 
-from phloem.packing import pack_directory
-from phloem.settings import default_data_dir
+from phloem.project.packing import pack_directory
+from phloem.system.settings import default_data_dir
 
 
 def _ref(branch: str) -> str:

@@ -24,12 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from phloem.artifacts import SHA256_RE, ArtifactError, ArtifactStore
 from phloem.branches.manager import BranchManager
-from phloem.control.store import BranchRow, DeploymentRow, FunctionRow, Store, new_id
-from phloem.identity import Identity, make_dir
-from phloem.limits import check_limits
-from phloem.paths import DataPaths
+from phloem.control.artifacts import SHA256_RE, ArtifactError, ArtifactStore
+from phloem.metadata.secrets import SecretBox
+from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow, Store, new_id
 from phloem.runtimes.base import (
     BuildContext,
     BuildFailed,
@@ -42,10 +40,12 @@ from phloem.runtimes.build import UNPACK_SCRIPT, failure, tool_mounts
 from phloem.runtimes.registry import family_of, runtime_for
 from phloem.runtimes.unpack import UnpackError, check_tree
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
-from phloem.secrets import SecretBox
-from phloem.settings import Settings
 from phloem.supervisor import IsolateSpec, Supervisor
-from phloem.validation import InvalidInput, check_env, check_name, check_slug
+from phloem.system.identity import Identity, make_dir
+from phloem.system.limits import check_limits
+from phloem.system.paths import DataPaths
+from phloem.system.settings import Settings
+from phloem.system.validation import InvalidInput, check_env, check_name, check_slug
 
 log = logging.getLogger("phloem")
 

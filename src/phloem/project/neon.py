@@ -42,7 +42,7 @@ from phloem.runtimes.node.provision import (
 from phloem.runtimes.node.substitutes import package_dir
 
 NEON_CONFIG_FILES = ("neon.ts", "neon.mts", "neon.js", "neon.mjs")
-EVALUATOR = Path(__file__).parent / "runtimes" / "node" / "evalconfig.mjs"
+EVALUATOR = Path(__file__).parent.parent / "runtimes" / "node" / "evalconfig.mjs"
 #: Config packages that resolve to phloem's defineConfig while evaluating.
 CONFIG_ALIASES = ("@neon/config", "@neondatabase/config", "@phloem/config")
 

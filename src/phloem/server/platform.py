@@ -28,34 +28,35 @@ from typing import IO, Any
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from phloem import __version__, leftovers
-from phloem.admission import Admission, AdmissionConfig, fd_limit, plan_connections
-from phloem.artifacts import ArtifactStore
+from phloem import __version__
 from phloem.branches.manager import BranchManager
-from phloem.control import db
 from phloem.control.api import create_api
+from phloem.control.artifacts import ArtifactStore
+from phloem.control.deployer import Deployer
+from phloem.control.logs import FunctionLogs
 from phloem.control.serving import ApiServer
-from phloem.control.store import BranchRow, FunctionRow, Store
-from phloem.deployer import Deployer
-from phloem.dispatch import PlatformRouter, parse_host
 from phloem.firewall import ACTIVE, Firewall, NoFirewall, choose_firewall
+from phloem.gateway.admission import Admission, AdmissionConfig, fd_limit, plan_connections
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
-from phloem.health import Bounded, Probes
-from phloem.identity import ISOLATE_UIDS, Identity, make_dir
-from phloem.logs import FunctionLogs
-from phloem.metrics import FunctionLoad, ListenerLoad, Metrics
-from phloem.paths import DataPaths
+from phloem.metadata import db
+from phloem.metadata.secrets import SecretBox
+from phloem.metadata.store import BranchRow, FunctionRow, Store
 from phloem.postgres import Cluster, install_binaries
 from phloem.postgres.cluster import random_secret
 from phloem.runtimes.base import BuildFailed, Toolbox
 from phloem.runtimes.build import DIRECT, SandboxRunner
 from phloem.runtimes.registry import spawners
 from phloem.sandbox import available as sandbox_unavailable
-from phloem.secrets import SecretBox
-from phloem.settings import Settings
+from phloem.server import leftovers
+from phloem.server.dispatch import PlatformRouter, parse_host
+from phloem.server.health import Bounded, Probes
+from phloem.server.metrics import FunctionLoad, ListenerLoad, Metrics
 from phloem.supervisor import Supervisor
 from phloem.supervisor.cgroups import choose_limiter, old_roots, parent_name
 from phloem.supervisor.isolate import DirectSpawner, Spawner
+from phloem.system.identity import ISOLATE_UIDS, Identity, make_dir
+from phloem.system.paths import DataPaths
+from phloem.system.settings import Settings
 
 log = logging.getLogger("phloem")
 

@@ -33,8 +33,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phloem import procfs
-from phloem.paths import DataPaths
+from phloem.system import procfs
+from phloem.system.paths import DataPaths
 
 #: A leftover postmaster's fast shutdown (a checkpoint) before an immediate one.
 POSTMASTER_GRACE_S = 30.0

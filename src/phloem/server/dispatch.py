@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 
-from phloem.deployer import Deployer
+from phloem.control.deployer import Deployer
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.supervisor import IsolateFailed, Supervisor
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import platformdirs
 
-from phloem.limits import FunctionLimits
+from phloem.system.limits import FunctionLimits
 
 
 def default_data_dir() -> Path:

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phloem import neon
-from phloem.client import Client, ClientError
 from phloem.config import BranchInfo, Config, Function
-from phloem.limits import check_limits
-from phloem.neon import find_neon_config
-from phloem.packing import pack_directory
+from phloem.project import neon
+from phloem.project.client import Client, ClientError
+from phloem.project.neon import find_neon_config
+from phloem.project.packing import pack_directory
 from phloem.runtimes.base import Runtime
 from phloem.runtimes.registry import (
     answers_to,
@@ -32,7 +31,8 @@ from phloem.runtimes.registry import (
     satisfies,
     source_suffixes,
 )
-from phloem.validation import InvalidInput, check_env, check_name, check_slug
+from phloem.system.limits import check_limits
+from phloem.system.validation import InvalidInput, check_env, check_name, check_slug
 
 CONFIG_FILE = "phloemfile.py"
 LINK_FILE = Path(".phloem") / "link.json"

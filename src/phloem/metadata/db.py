@@ -28,10 +28,10 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from phloem.secrets import SecretBox
+from phloem.metadata.secrets import SecretBox
 
 _LOCK_ID = 7_343_112
-_PACKAGE = "phloem.control.migrations"
+_PACKAGE = "phloem.metadata.migrations"
 _NAME_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.(sql|py)$")
 
 PythonStep = Callable[["psycopg.Connection[Any]", SecretBox], None]

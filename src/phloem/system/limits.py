@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from phloem.validation import InvalidInput
+from phloem.system.validation import InvalidInput
 
 
 @dataclass(frozen=True)

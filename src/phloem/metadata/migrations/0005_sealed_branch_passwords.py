@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 
-from phloem.control.store import branch_secret_context
-from phloem.secrets import SecretBox
+from phloem.metadata.secrets import SecretBox
+from phloem.metadata.store import branch_secret_context
 
 AFTER_COMMIT = ["VACUUM FULL branches"]
 

@@ -31,18 +31,18 @@ from pathlib import Path
 
 import watchfiles
 
-from phloem.dispatch import parse_host
+from phloem.control.logs import FunctionLogs
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
-from phloem.identity import Identity
-from phloem.limits import FunctionLimits
-from phloem.logs import FunctionLogs
-from phloem.packing import ALWAYS_IGNORED
-from phloem.project import DesiredFunction
+from phloem.project.packing import ALWAYS_IGNORED
+from phloem.project.plan import DesiredFunction
 from phloem.runtimes.base import BuildContext, BuildFailed, IsolateContext, Toolbox
 from phloem.runtimes.registry import family_of
+from phloem.server.dispatch import parse_host
 from phloem.supervisor import IsolateFailed, IsolateSpec, Supervisor
 from phloem.supervisor.cgroups.watchdog import WatchdogLimiter
+from phloem.system.identity import Identity
+from phloem.system.limits import FunctionLimits
 
 
 @dataclass
