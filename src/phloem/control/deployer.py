@@ -26,6 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from phloem.branches.manager import BranchManager
 from phloem.control.artifacts import SHA256_RE, ArtifactError, ArtifactStore
+from phloem.control.routes import RoutingTable
 from phloem.metadata.secrets import SecretBox
 from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow, Store, new_id
 from phloem.runtimes.base import (
@@ -102,7 +103,7 @@ class Deployer:
         self.toolbox = toolbox
         self.runner = toolbox.runner
         #: (branch_id, slug) -> spec of the active deployment; read by the gateway router.
-        self.routes: dict[tuple[str, str], IsolateSpec] = {}
+        self.routes = RoutingTable()
         self._builds: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="phloem-build")
         #: Why isolates run without a sandbox (None: they run in one).
@@ -135,8 +136,8 @@ class Deployer:
             if dep is None or not self.paths.deployment_dir(dep.id).is_dir():
                 continue
             try:
-                self.routes[(fn.branch_id, fn.slug)] = self.spec_for(
-                    branches[fn.branch_id], fn, dep)
+                self.routes.put(fn.branch_id, fn.slug, self.spec_for(
+                    branches[fn.branch_id], fn, dep))
             except (InvalidInput, BuildFailed) as exc:
                 log.error("function %s of branch %s is not served: %s", fn.slug,
                           fn.branch_id, exc)
@@ -304,7 +305,7 @@ class Deployer:
         previous = current.active_deployment_id if current else None
         await self.store.set_active_deployment(fn.id, dep.id)
         # New requests go to the new version at once; the old one drains in the background.
-        self.routes[(branch.id, fn.slug)] = spec
+        self.routes.put(branch.id, fn.slug, spec)
         if previous and previous != dep.id:
             retire = asyncio.create_task(self._retire(previous))
             self._builds.add(retire)
@@ -380,7 +381,7 @@ class Deployer:
         fn = await self.store.get_function(branch.id, slug)
         if fn is None:
             raise NotFound("function", slug)
-        self.routes.pop((branch.id, slug), None)
+        self.routes.remove(branch.id, slug)
         deployments = await self.store.list_deployments(fn.id)
         await self.store.delete_function(fn.id)
         for dep in deployments:
@@ -393,7 +394,7 @@ class Deployer:
     async def restart_branch(self, branch: BranchRow) -> None:
         """Stop the branch's isolates (after their in-flight requests, briefly); the next
         request starts fresh ones, e.g. against reset data."""
-        deps = [spec.deployment_id for (b, _), spec in self.routes.items() if b == branch.id]
+        deps = self.routes.deployments_of(branch.id)
         await asyncio.gather(*(self.supervisor.retire(d, drain_s=5) for d in deps))
 
     async def drop_branch(self, branch: BranchRow) -> None:

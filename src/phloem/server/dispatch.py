@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Protocol
 
-from phloem.control.deployer import Deployer
+from phloem.control.routes import RoutingTable
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.supervisor import IsolateFailed, Supervisor
 
@@ -31,15 +32,22 @@ def parse_host(host: str, domain: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+class HasRoutes(Protocol):
+    """Whoever owns the routing table (the deployer); the router only reads it."""
+
+    @property
+    def routes(self) -> RoutingTable: ...
+
+
 class PlatformRouter:
-    def __init__(self, deployer: Deployer, supervisor: Supervisor, domain: str) -> None:
-        self.deployer = deployer
+    def __init__(self, owner: HasRoutes, supervisor: Supervisor, domain: str) -> None:
+        self.routes = owner.routes
         self.supervisor = supervisor
         self.domain = domain
 
     async def acquire(self, host: str) -> Upstream:
         key = parse_host(host, self.domain)
-        spec = self.deployer.routes.get(key) if key else None
+        spec = self.routes.get(key) if key else None
         if spec is None:
             raise RouteError(404, "unknown_host",
                              f"no function is deployed at host {host!r}")
@@ -52,5 +60,5 @@ class PlatformRouter:
         """The gateway's fast path (see gateway.routing): an idle pooled connection to a
         ready isolate of the host's deployment, or ``None`` (then :meth:`acquire`)."""
         key = parse_host(host, self.domain)
-        spec = self.deployer.routes.get(key) if key is not None else None
+        spec = self.routes.get(key) if key is not None else None
         return self.supervisor.acquire_nowait(spec) if spec is not None else None
