@@ -692,9 +692,6 @@ def functions_logs(
 
 
 def main() -> None:
-    import phloem.cli.backup_cmds  # registers its commands on `app`
-    import phloem.cli.project_cmds  # noqa: F401  (registers its commands on `app`)
-
     app()
 
 
