@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psycopg
 
@@ -53,14 +53,29 @@ from phloem.backup.manifest import (
     write_manifest,
 )
 from phloem.branches.basebackup import clone_running_cluster
+from phloem.branches.manager import BranchManager
 from phloem.metadata.secrets import KEY_ENV
 from phloem.metadata.store import BranchRow, Store
 from phloem.postgres.cluster import SUPERUSER
 from phloem.system.identity import make_dir
 from phloem.system.paths import DataPaths
+from phloem.system.settings import Settings
 
-if TYPE_CHECKING:
-    from phloem.server.platform import Platform
+
+class Platform(Protocol):
+    """What a backup reads of the running platform (a
+    :class:`phloem.server.platform.Platform`); a protocol, so backups sit below the
+    platform that assembles them."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def paths(self) -> DataPaths: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def branches(self) -> BranchManager: ...
+
 
 Progress = Callable[[str], None]
 

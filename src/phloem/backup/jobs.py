@@ -15,9 +15,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from phloem.backup.create import (
+    Platform,
     backups_dir,
     check_backups_dir,
     new_backup_id,
@@ -30,9 +30,6 @@ from phloem.backup.manifest import (
     Manifest,
     read_manifest,
 )
-
-if TYPE_CHECKING:
-    from phloem.server.platform import Platform
 
 log = logging.getLogger("phloem.backup")
 
