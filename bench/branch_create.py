@@ -419,7 +419,6 @@ class SizeResult:
     scale: int
     db_bytes: int
     pgdata_bytes: int
-    load_seconds: float
     creates: list[Create]
     cp: list[float]
     cp_sync: list[float]
@@ -563,7 +562,7 @@ def measure_size(p: PlatformProcess, api: Any, parent: Parent, kind: str, size_g
     method = "clone" if kind == "xfs" else "copy"
     log(f"{kind}: CREATE DATABASE ... STRATEGY FILE_COPY (file_copy_method={method}) x{runs}")
     createdb = create_database_times(parent, runs, method)
-    return SizeResult(size_gb, scale, db_bytes, pgdata_bytes, load_s, creates, cp, cp_sync,
+    return SizeResult(size_gb, scale, db_bytes, pgdata_bytes, creates, cp, cp_sync,
                       cp_reflink, cp_never, createdb, method)
 
 

@@ -396,8 +396,7 @@ class BranchManager:
             return await self.get(row.id)
 
     def _clone_into(self, parent: BranchRow, child: BranchRow,
-                    progress: Callable[[str], None],
-                    keep_passwords_of: BranchRow | None = None) -> CloneStats:
+                    progress: Callable[[str], None]) -> CloneStats:
         """Copy ``parent``'s running cluster into ``child``'s data dir, start it privately,
         give it its own passwords, open it."""
         parent_cluster = self.cluster(parent)

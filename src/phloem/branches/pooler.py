@@ -9,22 +9,20 @@
         pooler.write_config(scram_secrets(conn, ["phloemdb_owner"]))
     pooler.start()                                  # waits until it listens on :55433
     ...                                             # ALTER ROLE ... PASSWORD ...
-    pooler.write_config(scram_secrets(conn, ["phloemdb_owner"]))
-    pooler.reload()                                 # SIGHUP; returns once re-read
     pooler.stop()
+    pooler.write_config(scram_secrets(conn, ["phloemdb_owner"]))
+    pooler.start()                                  # a restart, never a SIGHUP reload
 
 Authentication is SCRAM pass-through (PgBouncer >= 1.14): the auth file holds the roles'
 SCRAM secrets exactly as ``pg_authid.rolpassword`` has them, never a password. PgBouncer
 checks the client's proof against the secret and, from that same exchange, recovers the
 ClientKey it needs to log in to PostgreSQL as that role. That only works while PgBouncer's
 secret is byte-identical to the server's (same salt and iterations), so after every
-password change the secrets are re-read from ``pg_authid`` and the pooler reloaded.
+password change the secrets are re-read from ``pg_authid`` and the pooler restarted.
 
-PgBouncer keeps the key from the *last* client SCRAM login per role for its server logins
-and a reload does not drop it (1.18, tested): after a rotation, new server logins fail
-until a client logs in with the new password, and sessions needing one wait meanwhile.
-Already pooled server connections are unaffected. When the cluster behind is replaced
-(branch reset), restart the pooler instead: its clients' servers are gone anyway.
+A restart, not a reload (SIGHUP): PgBouncer keeps the key from the *last* client SCRAM
+login per role for its server logins and a reload does not drop it (1.18): after a
+rotation new server logins would fail until a client logged in with the new password.
 
 Transaction mode means a client's session state does not survive its transaction, and
 may leak into another client's (nothing resets a server between clients): no session
@@ -68,8 +66,6 @@ DATABASE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
-# Logged by PgBouncer from its SIGHUP handler right before it re-reads the files.
-RELOAD_MARK = b"got SIGHUP, re-reading config"
 # Where distributions put it; sbin is often missing from a non-root PATH.
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 
@@ -415,26 +411,6 @@ server_login_retry = 1
                 return True
         except OSError:
             return False
-
-    def reload(self, timeout: float = 30) -> None:
-        """Re-read the config and auth file (SIGHUP), e.g. after a password rotation.
-        Returns once PgBouncer has re-read them: it logs a mark and re-reads in the same
-        event-loop callback, and it is single-threaded, so any client it serves after the
-        mark is in the log is checked against the new secrets."""
-        pid = self._pid()
-        if pid is None:
-            raise PoolerError(f"pgbouncer on {self.listen_host}:{self.port}: reload: "
-                              "not running")
-        offset = self._log_size()
-        os.kill(pid, signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while RELOAD_MARK not in self._log_since(offset):
-            if not self._is_ours(pid):
-                raise self._fail("exited during reload", offset)
-            if time.monotonic() > deadline:
-                raise self._fail(f"reload not acknowledged in the log after {timeout:g} s",
-                                 offset)
-            time.sleep(0.01)
 
     def stop(self, timeout: float = 30) -> None:
         """SIGINT (PgBouncer's safe shutdown: running transactions finish, idle clients

@@ -112,10 +112,6 @@ class Store:
             return cur.rowcount
 
     # -- API keys ------------------------------------------------------------
-    async def count_api_keys(self) -> int:
-        row = await self._one("SELECT count(*) AS n FROM api_keys")
-        return int(row["n"]) if row else 0
-
     async def create_api_key(self, name: str) -> str:
         key = "phk_" + secrets.token_urlsafe(32)
         await self._exec(

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +89,3 @@ class Settings:
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
-
-
-def python_tag() -> str:
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
