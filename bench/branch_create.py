@@ -7,7 +7,7 @@ effect of creates on a parent under pgbench load. Root only (loop-mounted XFS).
         [--size-gb 5] [--quick] [--fs both|xfs|default]
 
 Two filesystems, one ``phloem up`` each: a loop-mounted XFS image with reflink
-(``phloem.xfs.xfs_reflink_mount``) and the default filesystem (a data dir under /tmp).
+(``phloem.system.xfs.xfs_reflink_mount``) and the default filesystem (a data dir under /tmp).
 Per parent size: the parent is loaded with ``pgbench -i`` through its direct URL,
 checkpointed and synced, then
 

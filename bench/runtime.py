@@ -73,7 +73,7 @@ SECTIONS = ("throughput", "latency", "cold", "streams", "node")
 CONNECTIONS = (32, 256)
 LATENCY_CLIENTS = 32
 
-# Targets (DESIGN.md section 4 and the runtime brief).
+# Targets (the README's benchmark table shows each beside its figure).
 T_THROUGHPUT = 0.8  # phloem / nginx (goal 1.0)
 T_ADDED_P50_MS = 1.0
 T_COLD_MS = 50.0

@@ -1,4 +1,4 @@
-"""phloem.admission: the descriptor plan, config checks, and a Listener out of
+"""phloem.gateway.admission: the descriptor plan, config checks, and a Listener out of
 descriptors (a real process with a real, small RLIMIT_NOFILE)."""
 
 from __future__ import annotations

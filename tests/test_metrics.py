@@ -1,4 +1,4 @@
-"""phloem.metrics: the rendered exposition, parsed back with prometheus_client's parser."""
+"""phloem.server.metrics: the rendered exposition, parsed back with prometheus_client's parser."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ track them; psycopg users pass ``prepare_threshold=None``).
 
 PgBouncer runs as ``owner`` (it refuses root) as our child process, not with ``-d``: we
 then reap it ourselves, which matters where PID 1 does not reap orphans (containers), and
-it is tied to our process (``phloem.lifeline``), so it shuts down when a killed platform
+it is tied to our process (``phloem.system.lifeline``), so it shuts down when a killed platform
 can no longer. Its pidfile and config path still let a later phloem find one left
 behind. The calls block; async code runs them in a thread.
 """
@@ -145,7 +145,7 @@ class Pooler:
     log_file: Path
     pool_size: int = 20
     max_client_conn: int = 1000
-    #: Tied to this process (``phloem.lifeline``): SIGINT when it dies. Off only to
+    #: Tied to this process (``phloem.system.lifeline``): SIGINT when it dies. Off only to
     #: reproduce what an untied PgBouncer of a killed platform leaves (tests).
     tied: bool = True
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False,

@@ -7,7 +7,7 @@ starts from racing. So a migration is applied exactly once, whole or not at all:
 half-way leaves it unrecorded and rolled back, and the next start runs it again.
 
 A Python migration defines ``migrate(conn, box)`` (``conn`` is inside the transaction,
-``box`` the platform's :class:`~phloem.secrets.SecretBox`) and may define ``AFTER_COMMIT``,
+``box`` the platform's :class:`~phloem.metadata.secrets.SecretBox`) and may define ``AFTER_COMMIT``,
 statements run once it committed, outside any transaction (``VACUUM``)::
 
     AFTER_COMMIT = ["VACUUM FULL branches"]

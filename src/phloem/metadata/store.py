@@ -2,7 +2,7 @@
 
 Every method is one short transaction; callers never hold a connection across awaits on
 other services. Branch database passwords are sealed here on the way in and opened on
-the way out (:class:`~phloem.secrets.SecretBox`): a :class:`BranchRow` holds them in the
+the way out (:class:`~phloem.metadata.secrets.SecretBox`): a :class:`BranchRow` holds them in the
 clear, the ``branches`` table never does.
 
     store = Store(pool, SecretBox.from_data_dir(paths.secrets))

@@ -4,7 +4,7 @@
     log.info("removed: %s", found.summary())
 
 A SIGKILLed ``phloem up`` cannot clean up. Its PostgreSQL and PgBouncer processes are
-tied to it (``phloem.lifeline``) and shut down by themselves, but that takes a moment
+tied to it (``phloem.system.lifeline``) and shut down by themselves, but that takes a moment
 and a platform of an older version did not tie them; its isolates die with their
 launchers and zygotes, and their cgroups go in the cgroup sweep
 (``phloem.supervisor.cgroups``). This module does the rest, once, at start:

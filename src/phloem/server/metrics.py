@@ -115,7 +115,7 @@ LoadSource = Callable[[], Mapping[tuple[str, str], FunctionLoad]]
 
 @dataclass(frozen=True, slots=True)
 class ListenerLoad:
-    """One listener's client connections (see phloem.admission)."""
+    """One listener's client connections (see phloem.gateway.admission)."""
 
     open: int = 0
     limit: int = 0

@@ -6,7 +6,7 @@
 A child spawned here gets ``PR_SET_PDEATHSIG``: the kernel sends it ``death_signal``
 when the platform dies, however it dies (SIGKILL, OOM kill, a crash), so a killed
 ``phloem up`` does not leave its databases and poolers running unsupervised until the
-next start. (The next start still sweeps, see ``phloem.leftovers``: the signal asks for a
+next start. (The next start still sweeps, see ``phloem.server.leftovers``: the signal asks for a
 clean shutdown, which can take a moment, and a platform of an older version did not tie
 its children.)
 

@@ -1,5 +1,6 @@
-"""Runtime limits: platform defaults (DESIGN.md section 3), overridable per function at
-deploy time (``phloem functions deploy --limit idle_timeout_s=30``).
+"""Runtime limits: platform defaults (docs/architecture.md, "Limits and metrics"),
+overridable per function at deploy time (``phloem functions deploy --limit
+idle_timeout_s=30``).
 
     defaults = FunctionLimits()                       # the platform's
     effective = defaults.merged({"memory_mb": 256})   # one deployment's

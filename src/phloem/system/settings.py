@@ -56,7 +56,7 @@ class Settings:
     eviction_grace_s: float = 10.0
     #: Seconds a shutdown waits for in-flight requests.
     drain_timeout_s: float = 30.0
-    #: Per-function limits unless a deployment overrides them (DESIGN.md section 3).
+    #: Per-function limits unless a deployment overrides them (see system/limits.py).
     function_limits: FunctionLimits = field(default_factory=FunctionLimits)
     #: Seconds an isolate may take to become ready before its requests get 502.
     isolate_start_timeout_s: float = 900.0
@@ -77,7 +77,7 @@ class Settings:
     #: trusted proxies are exempt on the gateway.
     max_connections_per_peer: int = 1024
     #: Gateway client connections open at once; 0: from the descriptor limit
-    #: (``phloem.admission.plan_connections``).
+    #: (``phloem.gateway.admission.plan_connections``).
     max_connections: int = 0
     #: Control API client connections open at once (its own share of descriptors).
     api_max_connections: int = 256

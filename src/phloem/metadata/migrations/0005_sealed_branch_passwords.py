@@ -3,7 +3,7 @@
 The owner's and the superuser's passwords move from the plaintext columns
 ``role_password``/``superuser_password`` to ``*_sealed`` columns holding AES-256-GCM tokens
 whose associated data is the branch id and the column (see
-:func:`phloem.control.store.branch_secret_context`), so a token copied to another branch
+:func:`phloem.metadata.store.branch_secret_context`), so a token copied to another branch
 or column does not open. Existing rows are sealed here, in the migration's transaction.
 
 The plaintext is cleared in the same UPDATE (``DROP COLUMN`` alone leaves the bytes in
