@@ -33,8 +33,8 @@ from phloem.testing import free_port
 SRC = Path(phloem.__file__).parent
 #: Modules outside runtimes/ allowed to use a runtime's package, and why.
 ALLOWED = {
-    "neon.py": "evaluates neon.ts configs with Node and esbuild: a config format that "
-               "needs those tools, not a choice between runtimes",
+    "project/neon.py": "evaluates neon.ts configs with Node and esbuild: a config format "
+                       "that needs those tools, not a choice between runtimes",
 }
 
 
