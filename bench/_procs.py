@@ -349,7 +349,7 @@ def machine() -> str:
             f"Linux {os.uname().release}, Python {sys.version.split()[0]}")
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the caller's cleanup
 
 

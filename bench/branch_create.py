@@ -7,7 +7,7 @@ effect of creates on a parent under pgbench load. Root only (loop-mounted XFS).
         [--size-gb 5] [--quick] [--fs both|xfs|default]
 
 Two filesystems, one ``phloem up`` each: a loop-mounted XFS image with reflink
-(``phloem.xfs.xfs_reflink_mount``) and the default filesystem (a data dir under /tmp).
+(``phloem.system.xfs.xfs_reflink_mount``) and the default filesystem (a data dir under /tmp).
 Per parent size: the parent is loaded with ``pgbench -i`` through its direct URL,
 checkpointed and synced, then
 
@@ -53,8 +53,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from phloem.system.xfs import xfs_available, xfs_reflink_mount
 from phloem.testing import PlatformProcess, free_port
-from phloem.xfs import xfs_available, xfs_reflink_mount
 
 SCALE_PER_GB = 68  # pgbench -i scale factor for about 1 GB of database
 TEMPLATE_DB = "bench_template"
@@ -107,8 +107,8 @@ def find_parent(p: PlatformProcess) -> Parent:
     opened with the platform's secret key."""
     import json
 
-    from phloem.control.store import branch_secret_context
-    from phloem.secrets import SecretBox
+    from phloem.metadata.secrets import SecretBox
+    from phloem.metadata.store import branch_secret_context
 
     secret = json.loads((p.data_dir / "secrets" / "system.json").read_text())
     with psycopg.connect(host=str(p.data_dir / "run" / "pg" / "system"), port=5432,
@@ -419,7 +419,6 @@ class SizeResult:
     scale: int
     db_bytes: int
     pgdata_bytes: int
-    load_seconds: float
     creates: list[Create]
     cp: list[float]
     cp_sync: list[float]
@@ -563,7 +562,7 @@ def measure_size(p: PlatformProcess, api: Any, parent: Parent, kind: str, size_g
     method = "clone" if kind == "xfs" else "copy"
     log(f"{kind}: CREATE DATABASE ... STRATEGY FILE_COPY (file_copy_method={method}) x{runs}")
     createdb = create_database_times(parent, runs, method)
-    return SizeResult(size_gb, scale, db_bytes, pgdata_bytes, load_s, creates, cp, cp_sync,
+    return SizeResult(size_gb, scale, db_bytes, pgdata_bytes, creates, cp, cp_sync,
                       cp_reflink, cp_never, createdb, method)
 
 

@@ -12,7 +12,7 @@ the time is from the write to the first response carrying it, polled every 2 ms 
 keep-alive HTTP, after 0.3 s of quiet since the previous run.
 
 Both watch with watchfiles and the same settings: ``phloem dev`` calls ``awatch(...,
-debounce=50, step=10)`` (src/phloem/dev.py; this script reads the numbers from there and
+debounce=50, step=10)`` (src/phloem/dev/server.py; this script reads the numbers from there and
 refuses to run if it cannot), and uvicorn's reloader, whose ``watch()`` call takes
 watchfiles' defaults (debounce 1600 ms, step 50 ms) and sleeps ``--reload-delay`` (0.25 s)
 before each, is run with those patched to the same debounce and step and
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import httpx
 
-import phloem.dev
+import phloem.dev.server
 from phloem.testing import PlatformProcess, free_port, platform_process, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -68,11 +68,11 @@ app = Starlette(routes=[Route("/", index)])
 
 def watcher_settings() -> tuple[int, int]:
     """(debounce, step) in ms of ``phloem dev``'s ``watchfiles.awatch`` call."""
-    source = Path(phloem.dev.__file__).read_text()
+    source = Path(phloem.dev.server.__file__).read_text()
     m = re.search(r"awatch\(.{0,300}?debounce=(\d+),\s*step=(\d+)", source, re.S)
     if m is None:
         raise SystemExit(f"cannot find phloem dev's watchfiles settings (awatch(..., "
-                         f"debounce=N, step=M)) in {phloem.dev.__file__}; update this bench")
+                         f"debounce=N, step=M)) in {phloem.dev.server.__file__}; update this bench")
     return int(m.group(1)), int(m.group(2))
 
 

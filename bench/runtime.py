@@ -75,7 +75,7 @@ from _procs import (
 )
 from _sse import StreamFleet
 
-from phloem.admission import plan_connections
+from phloem.gateway.admission import plan_connections
 from phloem.testing import PlatformProcess, host_of, platform_process
 
 HERE = Path(__file__).resolve().parent
@@ -410,7 +410,7 @@ def streams(b: Bench) -> None:
     limit = _nofile_limit(b.gateway_pid)
     base_fds = fd_count(b.gateway_pid)
     # The gateway holds 2 fds per stream, and its admission takes at most its planned
-    # share of the limit (phloem.admission.plan_connections) as client connections.
+    # share of the limit (phloem.gateway.admission.plan_connections) as client connections.
     fits = min((limit - base_fds - 200) // 2, plan_connections(limit).gateway - 16)
     counts = sorted({min(n, fits) for n in wanted})
     say(f"## 4. streams: SSE through the gateway to one isolate, ': ping' every 1 s; "

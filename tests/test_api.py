@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from phloem.artifacts import MAX_ARTIFACT_BYTES
 from phloem.control.api import MAX_JSON_BODY_BYTES
+from phloem.control.artifacts import MAX_ARTIFACT_BYTES
 from phloem.testing import PlatformProcess
 from tests.conftest import Reliability
 

@@ -28,6 +28,7 @@ from phloem.backup.manifest import (
     write_manifest,
 )
 from phloem.backup.restore import _relinker, _uid_mover, restore
+from phloem.system.xfs import xfs_available, xfs_reflink_mount
 from phloem.testing import (
     PHLOEM,
     PlatformProcess,
@@ -36,7 +37,6 @@ from phloem.testing import (
     new_data_dir,
     pick_isolate_uid_base,
 )
-from phloem.xfs import xfs_available, xfs_reflink_mount
 
 APPS = Path(__file__).parent / "apps"
 

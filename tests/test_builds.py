@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from phloem.identity import build_uid
+from phloem.system.identity import build_uid
 from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 
 APPS = Path(__file__).parent / "apps"

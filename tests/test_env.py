@@ -7,8 +7,8 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
-from phloem.control.store import branch_secret_context
-from phloem.secrets import SecretBox
+from phloem.metadata.secrets import SecretBox
+from phloem.metadata.store import branch_secret_context
 from phloem.testing import PlatformProcess, host_of
 
 APPS = Path(__file__).parent / "apps"

@@ -19,7 +19,7 @@ import pytest
 
 from phloem.firewall import ConfinedUids, NftablesFirewall, find_nft, table_name
 from phloem.firewall.nftables import render_table
-from phloem.identity import build_uid
+from phloem.system.identity import build_uid
 from phloem.testing import (
     PlatformProcess,
     free_port,

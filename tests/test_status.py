@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from phloem.health import PROBE_TIMEOUT_S
+from phloem.server.health import PROBE_TIMEOUT_S
 from phloem.testing import PlatformProcess, platform_process, wait_for
 from tests.conftest import Reliability
 

@@ -35,9 +35,9 @@ import httpx
 import psycopg
 
 if TYPE_CHECKING:
-    from phloem.platform import Platform
-    from phloem.running import Running
-    from phloem.settings import Settings
+    from phloem.server.platform import Platform
+    from phloem.server.running import Running
+    from phloem.system.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PHLOEM = str(Path(sys.executable).parent / "phloem")
@@ -267,7 +267,7 @@ class PlatformProcess:
                              "--branch", branch, *extra)
 
     def cleanup(self) -> None:
-        from phloem.leftovers import stop_processes
+        from phloem.server.leftovers import stop_processes
 
         try:
             if self.running:
@@ -299,7 +299,7 @@ async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
         async with running_platform(Settings(data_dir=new_data_dir(), ...)) as platform:
             port = platform.running.gateway.port
     """
-    from phloem.platform import Platform
+    from phloem.server.platform import Platform
 
     platform = Platform(settings)
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()

@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from phloem.control.store import branch_secret_context
-from phloem.secrets import SecretBox
+from phloem.metadata.secrets import SecretBox
+from phloem.metadata.store import branch_secret_context
 from phloem.testing import (
     EXAMPLE,
     PlatformProcess,

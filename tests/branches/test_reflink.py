@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from phloem.branches.clone.reflink import ReflinkCopier, _clone_range
+from phloem.system.xfs import xfs_available, xfs_reflink_mount
 from phloem.testing import PlatformProcess, free_port
-from phloem.xfs import xfs_available, xfs_reflink_mount
 
 pytestmark = pytest.mark.skipif(xfs_available() is not None,
                                 reason=xfs_available() or "")

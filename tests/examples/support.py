@@ -212,16 +212,6 @@ class RawWebSocket:
     def pings(self) -> int:
         return sum(1 for f in self.frames if f.opcode is Opcode.PING)
 
-    def pump_until(self, predicate: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        self.sock.settimeout(0.1)
-        while not predicate():
-            if self.eof:
-                raise AssertionError(f"connection closed while waiting for {what}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            self._pump()
-
     def wait_closed(self, timeout: float) -> float:
         """Pump until the server closes the connection; returns when (monotonic)."""
         deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from phloem import procfs
+from phloem.system import procfs
 from phloem.testing import EXAMPLE, host_of, platform_process, wait_for
 
 ROUNDS = 5

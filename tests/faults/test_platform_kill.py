@@ -22,8 +22,8 @@ import httpx
 import psycopg
 import pytest
 
-from phloem import procfs
-from phloem.client import Client, ClientError
+from phloem.project.client import Client, ClientError
+from phloem.system import procfs
 from phloem.testing import REPO, PlatformProcess, host_of, platform_process, wait_for
 
 #: Per kind. About 6 s a round here (a restart is 2-5 s of it on a shared 2-core

@@ -15,8 +15,8 @@ import pytest
 
 import phloem
 from phloem.config import BranchInfo
-from phloem.dev import DevServer
-from phloem.project import ConfigError, load_project
+from phloem.dev.server import DevServer
+from phloem.project.plan import ConfigError, load_project
 from phloem.runtimes import registry
 from phloem.runtimes.base import (
     BuildContext,
@@ -27,14 +27,14 @@ from phloem.runtimes.base import (
     Toolbox,
 )
 from phloem.supervisor.isolate import Spawner
+from phloem.system.validation import InvalidInput
 from phloem.testing import free_port
-from phloem.validation import InvalidInput
 
 SRC = Path(phloem.__file__).parent
 #: Modules outside runtimes/ allowed to use a runtime's package, and why.
 ALLOWED = {
-    "neon.py": "evaluates neon.ts configs with Node and esbuild: a config format that "
-               "needs those tools, not a choice between runtimes",
+    "project/neon.py": "evaluates neon.ts configs with Node and esbuild: a config format "
+                       "that needs those tools, not a choice between runtimes",
 }
 
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from phloem.limits import FunctionLimits
 from phloem.supervisor.cgroups import choose_limiter, parent_name
 from phloem.supervisor.cgroups.hierarchy import Mount, cgroup_mounts, own_cgroups
 from phloem.supervisor.cgroups.tree import CgroupError
 from phloem.supervisor.cgroups.v2 import CgroupV2Limiter
+from phloem.system.limits import FunctionLimits
+from phloem.system.validation import InvalidInput
 from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
-from phloem.validation import InvalidInput
 
 APP = Path(__file__).parent.parent / "apps" / "cgroups"
 OLD_ROOT = Path("/sys/fs/cgroup/memory/phloem")

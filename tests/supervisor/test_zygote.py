@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from phloem.identity import Identity
 from phloem.runtimes.base import find_isolate_python
 from phloem.runtimes.python import environment as pyenv
 from phloem.runtimes.python.zygote_spawner import ZygoteSpawner, ZygoteStart
 from phloem.supervisor import IsolateSpec, Supervisor
 from phloem.supervisor.cgroups.watchdog import WatchdogLimiter
+from phloem.system.identity import Identity
 from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 
 ZYGOTE_MODULE = "phloem.runtimes.python.zygote"
@@ -338,7 +338,7 @@ def _scratch() -> Path:
 
 def _spec(root: Path, runtime: Path, python: str, ident: Identity, env: dict[str, str],
           limits_mb: int = 512) -> IsolateSpec:
-    from phloem.limits import FunctionLimits
+    from phloem.system.limits import FunctionLimits
 
     app = write_probe(root / "app")
     os.chmod(root / "app", 0o755)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import psycopg
 
@@ -53,15 +53,13 @@ from phloem.backup.manifest import (
     write_manifest,
 )
 from phloem.branches.basebackup import clone_running_cluster
-from phloem.control.store import BranchRow, Store
-from phloem.identity import make_dir
-from phloem.paths import DataPaths
+from phloem.branches.manager import BranchManager
+from phloem.metadata.secrets import KEY_ENV
+from phloem.metadata.store import BranchRow, Store
 from phloem.postgres.cluster import SUPERUSER
-from phloem.secrets import KEY_ENV
-
-if TYPE_CHECKING:
-    from phloem.branches.manager import BranchManager
-    from phloem.settings import Settings
+from phloem.system.identity import make_dir
+from phloem.system.paths import DataPaths
+from phloem.system.settings import Settings
 
 Progress = Callable[[str], None]
 
@@ -112,7 +110,7 @@ def check_backups_dir(paths: DataPaths) -> Path:
 
 
 def _system_connection(paths: DataPaths) -> psycopg.Connection[tuple[object, ...]]:
-    from phloem.platform import SYSTEM_PORT  # the platform imports the API, which imports us
+    from phloem.server.platform import SYSTEM_PORT  # the platform imports the API, which imports us
 
     password = json.loads((paths.secrets / "system.json").read_text())["superuser_password"]
     return psycopg.connect(host=str(paths.pg_socket_dir("system")), port=SYSTEM_PORT,

@@ -35,9 +35,9 @@ from phloem.backup.files import (
     mirror_dir,
 )
 from phloem.backup.manifest import BACKUP_ID_RE, DATA, BackupError, Manifest, read_manifest
-from phloem.identity import ISOLATE_UIDS, Identity, IdentityError
-from phloem.platform import MAX_UID_BASE, MIN_UID_BASE
-from phloem.secrets import KEY_ENV
+from phloem.metadata.secrets import KEY_ENV
+from phloem.server.platform import MAX_UID_BASE, MIN_UID_BASE
+from phloem.system.identity import ISOLATE_UIDS, Identity, IdentityError
 
 Progress = Callable[[str], None]
 

@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 
 from phloem.branches.clone import Copier, choose_backend
-from phloem.fsutil import tree_size
+from phloem.system.fsutil import tree_size
 
 # Directories copied empty (their contents are runtime state).
 EMPTY_DIRS = {"pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 
 _ADJECTIVES = [
@@ -90,8 +89,6 @@ _NOUNS = [
     "root",
     "seed",
 ]
-
-BRANCH_ID_RE = re.compile(r"^br-[a-z]+-[a-z]+-[0-9a-f]{6}$")
 
 
 def new_branch_id() -> str:

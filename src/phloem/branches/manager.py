@@ -31,12 +31,12 @@ from psycopg import sql
 from phloem.branches.basebackup import BranchCopyError, CloneStats, clone_running_cluster
 from phloem.branches.ids import new_branch_id
 from phloem.branches.pooler import Pooler, find_pgbouncer, scram_secrets
-from phloem.control.store import BranchRow, Store
-from phloem.fsutil import tree_size
-from phloem.identity import Identity
-from phloem.paths import DataPaths
+from phloem.metadata.store import BranchRow, Store
 from phloem.postgres.binaries import PgBinaries
 from phloem.postgres.cluster import SUPERUSER, Cluster, free_port, random_secret
+from phloem.system.fsutil import tree_size
+from phloem.system.identity import Identity
+from phloem.system.paths import DataPaths
 
 log = logging.getLogger("phloem.branches")
 
@@ -396,8 +396,7 @@ class BranchManager:
             return await self.get(row.id)
 
     def _clone_into(self, parent: BranchRow, child: BranchRow,
-                    progress: Callable[[str], None],
-                    keep_passwords_of: BranchRow | None = None) -> CloneStats:
+                    progress: Callable[[str], None]) -> CloneStats:
         """Copy ``parent``'s running cluster into ``child``'s data dir, start it privately,
         give it its own passwords, open it."""
         parent_cluster = self.cluster(parent)

@@ -9,22 +9,20 @@
         pooler.write_config(scram_secrets(conn, ["phloemdb_owner"]))
     pooler.start()                                  # waits until it listens on :55433
     ...                                             # ALTER ROLE ... PASSWORD ...
-    pooler.write_config(scram_secrets(conn, ["phloemdb_owner"]))
-    pooler.reload()                                 # SIGHUP; returns once re-read
     pooler.stop()
+    pooler.write_config(scram_secrets(conn, ["phloemdb_owner"]))
+    pooler.start()                                  # a restart, never a SIGHUP reload
 
 Authentication is SCRAM pass-through (PgBouncer >= 1.14): the auth file holds the roles'
 SCRAM secrets exactly as ``pg_authid.rolpassword`` has them, never a password. PgBouncer
 checks the client's proof against the secret and, from that same exchange, recovers the
 ClientKey it needs to log in to PostgreSQL as that role. That only works while PgBouncer's
 secret is byte-identical to the server's (same salt and iterations), so after every
-password change the secrets are re-read from ``pg_authid`` and the pooler reloaded.
+password change the secrets are re-read from ``pg_authid`` and the pooler restarted.
 
-PgBouncer keeps the key from the *last* client SCRAM login per role for its server logins
-and a reload does not drop it (1.18, tested): after a rotation, new server logins fail
-until a client logs in with the new password, and sessions needing one wait meanwhile.
-Already pooled server connections are unaffected. When the cluster behind is replaced
-(branch reset), restart the pooler instead: its clients' servers are gone anyway.
+A restart, not a reload (SIGHUP): PgBouncer keeps the key from the *last* client SCRAM
+login per role for its server logins and a reload does not drop it (1.18): after a
+rotation new server logins would fail until a client logged in with the new password.
 
 Transaction mode means a client's session state does not survive its transaction, and
 may leak into another client's (nothing resets a server between clients): no session
@@ -33,7 +31,7 @@ track them; psycopg users pass ``prepare_threshold=None``).
 
 PgBouncer runs as ``owner`` (it refuses root) as our child process, not with ``-d``: we
 then reap it ourselves, which matters where PID 1 does not reap orphans (containers), and
-it is tied to our process (``phloem.lifeline``), so it shuts down when a killed platform
+it is tied to our process (``phloem.system.lifeline``), so it shuts down when a killed platform
 can no longer. Its pidfile and config path still let a later phloem find one left
 behind. The calls block; async code runs them in a thread.
 """
@@ -58,8 +56,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from phloem.identity import Identity, make_dir
-from phloem.lifeline import spawn_tied
+from phloem.system.identity import Identity, make_dir
+from phloem.system.lifeline import spawn_tied
 
 SCRAM_PREFIX = "SCRAM-SHA-256$"
 # PgBouncer reads an unquoted [databases] key only in this alphabet; phloem's database
@@ -68,8 +66,6 @@ DATABASE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
-# Logged by PgBouncer from its SIGHUP handler right before it re-reads the files.
-RELOAD_MARK = b"got SIGHUP, re-reading config"
 # Where distributions put it; sbin is often missing from a non-root PATH.
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 
@@ -149,7 +145,7 @@ class Pooler:
     log_file: Path
     pool_size: int = 20
     max_client_conn: int = 1000
-    #: Tied to this process (``phloem.lifeline``): SIGINT when it dies. Off only to
+    #: Tied to this process (``phloem.system.lifeline``): SIGINT when it dies. Off only to
     #: reproduce what an untied PgBouncer of a killed platform leaves (tests).
     tied: bool = True
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False,
@@ -415,26 +411,6 @@ server_login_retry = 1
                 return True
         except OSError:
             return False
-
-    def reload(self, timeout: float = 30) -> None:
-        """Re-read the config and auth file (SIGHUP), e.g. after a password rotation.
-        Returns once PgBouncer has re-read them: it logs a mark and re-reads in the same
-        event-loop callback, and it is single-threaded, so any client it serves after the
-        mark is in the log is checked against the new secrets."""
-        pid = self._pid()
-        if pid is None:
-            raise PoolerError(f"pgbouncer on {self.listen_host}:{self.port}: reload: "
-                              "not running")
-        offset = self._log_size()
-        os.kill(pid, signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while RELOAD_MARK not in self._log_since(offset):
-            if not self._is_ours(pid):
-                raise self._fail("exited during reload", offset)
-            if time.monotonic() > deadline:
-                raise self._fail(f"reload not acknowledged in the log after {timeout:g} s",
-                                 offset)
-            time.sleep(0.01)
 
     def stop(self, timeout: float = 30) -> None:
         """SIGINT (PgBouncer's safe shutdown: running transactions finish, idle clients

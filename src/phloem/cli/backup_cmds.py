@@ -27,8 +27,8 @@ from phloem.cli.main import (
     out,
     print_json,
 )
-from phloem.client import ClientError
-from phloem.settings import default_data_dir
+from phloem.project.client import ClientError
+from phloem.system.settings import default_data_dir
 
 backup_app = typer.Typer(help="Back up the whole platform (metadata, every branch, "
                               "deployments, secrets) and restore it into a new data dir.",

@@ -20,16 +20,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from phloem import __version__
-from phloem.client import Client, ClientError
 from phloem.gateway.proxies import parse_networks
-from phloem.limits import FunctionLimits, check_limits
-from phloem.packing import PackError
+from phloem.project.client import Client, ClientError
+from phloem.project.packing import PackError
 from phloem.runtimes.registry import RUNTIMES, choose
-from phloem.settings import Settings, default_data_dir
-from phloem.validation import InvalidInput, check_slug, check_token
+from phloem.system.limits import FunctionLimits, check_limits
+from phloem.system.settings import Settings, default_data_dir
+from phloem.system.validation import InvalidInput, check_slug, check_token
 
 if TYPE_CHECKING:
-    from phloem.running import Running
+    from phloem.server.running import Running
 
 app = typer.Typer(help="phloem: long-running serverless functions that branch with "
                        "their Postgres database.", no_args_is_help=True,
@@ -58,7 +58,7 @@ def linked_branch(value: str) -> str:
     to ('phloem link'), else main."""
     if value:
         return value
-    from phloem.project import find_root, read_link
+    from phloem.project.plan import find_root, read_link
 
     root = find_root(Path.cwd())
     return (read_link(root).get("branch") if root else None) or "main"
@@ -210,7 +210,7 @@ def up(
         max_connections=max_connections, api_max_connections=api_max_connections,
         keep_deployments=keep_deployments,
     )
-    from phloem.platform import Platform  # the platform's modules load only for `up`
+    from phloem.server.platform import Platform  # the platform's modules load only for `up`
 
     deploy_dirs = [p.absolute() for p in deploy or []]
 
@@ -705,9 +705,6 @@ def functions_logs(
 
 
 def main() -> None:
-    import phloem.cli.backup_cmds  # registers its commands on `app`
-    import phloem.cli.project_cmds  # noqa: F401  (registers its commands on `app`)
-
     app()
 
 

@@ -30,9 +30,9 @@ from phloem.cli.main import (
     out,
     print_json,
 )
-from phloem.client import Client, ClientError
-from phloem.neon import find_neon_config
-from phloem.project import (
+from phloem.project.client import Client, ClientError
+from phloem.project.neon import find_neon_config
+from phloem.project.plan import (
     CONFIG_FILE,
     ConfigError,
     PlanItem,
@@ -430,7 +430,7 @@ def dev(
     import asyncio
 
     from phloem.config import BranchInfo
-    from phloem.dev import DevPortError, DevServer
+    from phloem.dev.server import DevPortError, DevServer
     from phloem.runtimes.base import BuildFailed
 
     root = project_root(project)

@@ -1,1 +1,2 @@
-"""The control plane: metadata in the system database, the REST API, API keys."""
+"""The control plane: the deployer and the routing table it writes, artifacts, function
+logs, and the REST API over them. Metadata lives below, in :mod:`phloem.metadata`."""

@@ -5,7 +5,7 @@ stable ``code``, and every status a route can answer is declared in the OpenAPI 
 Every route but ``/health`` and the document itself needs ``Authorization: Bearer <api
 key>``; ``/metrics`` also takes the platform's ``metrics_token`` in its place. The key is
 checked by :class:`RequestGuard` before a byte of the body is read, and bodies are capped
-(:data:`MAX_JSON_BODY_BYTES`, artifacts :data:`~phloem.artifacts.MAX_ARTIFACT_BYTES`):
+(:data:`MAX_JSON_BODY_BYTES`, artifacts :data:`~phloem.control.artifacts.MAX_ARTIFACT_BYTES`):
 anyone who can reach the port can otherwise make the platform buffer what it sends.
 
     app = create_api(services)      # served by uvicorn in the platform's event loop
@@ -35,22 +35,22 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phloem import __version__
-from phloem.artifacts import (
+from phloem.branches.manager import BranchError
+from phloem.control import neon_v2
+from phloem.control.artifacts import (
     MAX_ARTIFACT_BYTES,
     ArtifactError,
     ArtifactTooLarge,
     HashMismatch,
     NoSpace,
 )
-from phloem.branches.manager import BranchError
-from phloem.control import neon_v2
 from phloem.control.backup_api import router as backup_router
+from phloem.control.deployer import DEPLOYMENT_STATES, Conflict, DeployRequest, NotFound
+from phloem.control.logs import follow_file, tail
 from phloem.control.neon_v2 import functions as neon_functions
 from phloem.control.services import ApiServices
-from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
-from phloem.deployer import DEPLOYMENT_STATES, Conflict, DeployRequest, NotFound
-from phloem.logs import follow_file, tail
-from phloem.validation import OWNER_RE, InvalidInput
+from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow
+from phloem.system.validation import OWNER_RE, InvalidInput
 
 
 class ApiError(Exception):

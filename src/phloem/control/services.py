@@ -2,7 +2,7 @@
 
 The API's routes get this object instead of the whole platform: what they touch is
 listed here, the API cannot reach the lifecycle (start, stop, signals), and
-``phloem.control.api`` does not import ``phloem.platform`` (which imports it).
+``phloem.control.api`` does not import ``phloem.server.platform`` (which imports it).
 
     services = ApiServices(settings=s, paths=paths, api_key=key, store=store,
                            branches=branches, deployer=deployer, artifacts=artifacts,
@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from phloem.artifacts import ArtifactStore
 from phloem.branches.manager import BranchManager
-from phloem.control.store import Store
-from phloem.deployer import Deployer
-from phloem.logs import FunctionLogs
-from phloem.metrics import Metrics
-from phloem.paths import DataPaths
-from phloem.settings import Settings
+from phloem.control.artifacts import ArtifactStore
+from phloem.control.deployer import Deployer
+from phloem.control.logs import FunctionLogs
+from phloem.metadata.store import Store
+from phloem.server.metrics import Metrics
+from phloem.system.paths import DataPaths
+from phloem.system.settings import Settings
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,7 @@
 uvicorn's own server would accept through the loop (libuv's accept, which silently
 closes every pending connection when out of descriptors) and has no limit on how long a
 request head may take: a new connection that sends nothing stays open for ever. So
-:class:`ApiServer` accepts through :class:`phloem.admission.Listener` (per-peer cap,
+:class:`ApiServer` accepts through :class:`phloem.gateway.admission.Listener` (per-peer cap,
 listener cap with eviction of the longest-waiting connection, a spare descriptor of its
 own) and serves with :class:`AdmittedHttpToolsProtocol`, uvicorn's httptools protocol
 plus the head deadline (``head_timeout_s``; 408 if part of a head came, then close).
@@ -28,7 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from phloem.admission import Admission, Listener
+from phloem.gateway.admission import Admission, Listener
 
 __all__ = ["AdmittedHttpToolsProtocol", "ApiServer"]
 
@@ -47,7 +47,7 @@ class AdmittedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._waiting = True  # for a request head: evictable
 
-    # -- phloem.admission.Tracked ----------------------------------------------------------
+    # -- phloem.gateway.admission.Tracked -------------------------------------------------
 
     @property
     def evictable(self) -> bool:

@@ -13,7 +13,7 @@ import shutil
 from phloem.firewall.base import ACTIVE, ConfinedUids, Firewall, FirewallError
 from phloem.firewall.nftables import NftablesFirewall, table_name
 from phloem.firewall.none import NoFirewall
-from phloem.settings import Settings
+from phloem.system.settings import Settings
 
 __all__ = ["ACTIVE", "ConfinedUids", "Firewall", "FirewallError", "NftablesFirewall",
            "NoFirewall", "choose_firewall", "find_nft", "table_name"]

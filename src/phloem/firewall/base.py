@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from phloem.identity import ISOLATE_UIDS, build_uid
+from phloem.system.identity import ISOLATE_UIDS, build_uid
 
 ACTIVE = "active"
 

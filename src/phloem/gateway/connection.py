@@ -206,7 +206,7 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
-    # -- admission (phloem.admission.Tracked) ------------------------------------------------
+    # -- admission (phloem.gateway.admission.Tracked) ------------------------------------
 
     @property
     def evictable(self) -> bool:

@@ -13,7 +13,7 @@ exactly once.
     lease.release(reusable=True)   # connection goes back to the isolate's idle pool
 
 Every member the gateway uses is declared on the protocols below, so mypy checks each
-implementation (the platform's is :class:`phloem.dispatch.PlatformRouter`):
+implementation (the platform's is :class:`phloem.server.dispatch.PlatformRouter`):
 
 * ``Upstream.limits`` — per-route overrides of the gateway's limits, or ``None``;
 * ``Upstream.replay_safe`` — whether an idempotent, bodiless request that got no answer at

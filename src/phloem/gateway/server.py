@@ -22,7 +22,7 @@ its final response head (else 504 and the upstream connection is aborted, so the
 client go); from then on the exchange is closed after ``silence_timeout`` seconds without a
 byte in either direction. Both come from :class:`GatewayConfig`, overridable per lease by
 :class:`~phloem.gateway.routing.Limits`. A request head has ``head_timeout`` seconds (408);
-connections are accepted through :class:`phloem.admission.Listener` (per-peer and
+connections are accepted through :class:`phloem.gateway.admission.Listener` (per-peer and
 per-listener caps, descriptors).
 """
 
@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from phloem.admission import Admission, AdmissionConfig, Listener
+from phloem.gateway.admission import Admission, AdmissionConfig, Listener
 from phloem.gateway.connection import _Connection
 from phloem.gateway.framing import REPLAY_MAX
 from phloem.gateway.proxies import TrustedProxies
@@ -63,7 +63,7 @@ class GatewayConfig:
     # of being accepted, and a later head must be complete this long after its first byte:
     # else 408 (or a silent close if nothing came) and the connection is closed.
     head_timeout: float = 10.0
-    # Client connections open at once (see phloem.admission.plan_connections), and from one
+    # Client connections open at once (see phloem.gateway.admission.plan_connections), and from one
     # peer address (0: no cap; trusted proxies are exempt).
     max_connections: int = 10_000
     max_connections_per_peer: int = 1024
@@ -99,7 +99,7 @@ class Gateway:
         self.config = config
         self._on_request = on_request
         trusted = config.trusted
-        #: Connection limits (see phloem.admission); trusted proxies have no per-peer cap.
+        #: Connection limits (see phloem.gateway.admission); trusted proxies have no per-peer cap.
         self.admission = Admission(
             "gateway",
             AdmissionConfig(max_connections=config.max_connections,
@@ -116,7 +116,7 @@ class Gateway:
     async def start(self) -> None:
         try:
             # Our own accept loop: it applies the connection limits and never drops a
-            # connection unanswered when out of descriptors (see phloem.admission).
+            # connection unanswered when out of descriptors (see phloem.gateway.admission).
             self._server = await Listener.open(
                 self.config.host,
                 self.config.port,

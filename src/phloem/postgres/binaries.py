@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from phloem.fsutil import make_world_readable
+from phloem.system.fsutil import make_world_readable
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from typing import Any
 
 import psycopg
 
-from phloem import procfs
-from phloem.identity import Identity, make_dir
-from phloem.lifeline import spawn_tied
 from phloem.postgres.binaries import PgBinaries
+from phloem.system import procfs
+from phloem.system.identity import Identity, make_dir
+from phloem.system.lifeline import spawn_tied
 
 SUPERUSER = "postgres"
 
@@ -157,7 +157,7 @@ class Cluster:
         """Start the postmaster and wait until it accepts connections (``standby``: or
         read-only ones, as a hot standby does once consistent). A postmaster left running
         by a crashed phloem is stopped first so that our settings apply. The postmaster
-        is our child, tied to this process (``phloem.lifeline``): if the platform dies,
+        is our child, tied to this process (``phloem.system.lifeline``): if the platform dies,
         it gets SIGINT (a fast shutdown) instead of running on unsupervised."""
         if self.is_running():
             self.stop()

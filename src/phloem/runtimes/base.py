@@ -33,10 +33,10 @@ from typing import Protocol
 
 import platformdirs
 
-from phloem.limits import FunctionLimits
-from phloem.paths import DataPaths
 from phloem.runtimes.build import DIRECT, BuildFailed, BuildRunner, ensure_build_python
 from phloem.supervisor.isolate import Spawner
+from phloem.system.limits import FunctionLimits
+from phloem.system.paths import DataPaths
 
 Log = Callable[[str], None]
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import IO
 
 from phloem import sandbox
-from phloem.identity import Identity, make_dir
 from phloem.runtimes.distributions import closure, copy_distributions
 from phloem.sandbox.root import SYSTEM_DIRS
+from phloem.system.identity import Identity, make_dir
 
 #: The launcher's /tmp (and /dev/shm) for a build: pip builds wheels there.
 BUILD_TMP_MB = 1024

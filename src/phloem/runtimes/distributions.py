@@ -21,7 +21,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 import phloem
-from phloem.fsutil import make_world_readable
+from phloem.system.fsutil import make_world_readable
 
 
 def closure(names: tuple[str, ...]) -> list[md.Distribution]:

@@ -19,7 +19,7 @@ from phloem.runtimes.base import Runtime, Toolbox
 from phloem.runtimes.node.runtime import NODE
 from phloem.runtimes.python.runtime import PYTHON
 from phloem.supervisor.isolate import Spawner
-from phloem.validation import InvalidInput
+from phloem.system.validation import InvalidInput
 
 #: One line per runtime; the first is the default.
 RUNTIMES: tuple[Runtime, ...] = (

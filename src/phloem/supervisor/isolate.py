@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from phloem.identity import Identity
-from phloem.limits import FunctionLimits
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
 from phloem.supervisor.cgroups import MemoryLimiter, MemorySlot
+from phloem.system.identity import Identity
+from phloem.system.limits import FunctionLimits
 
 log = logging.getLogger("phloem.supervisor")
 
@@ -256,7 +256,6 @@ class Isolate:
     started_at: float = field(default_factory=time.monotonic)
     cold_start_s: float | None = None
     last_active: float = field(default_factory=time.monotonic)
-    exit_code: int | None = None
     exit_reason: str | None = None
     _process: IsolateProcess | None = None
     _memory: MemorySlot | None = None
@@ -358,7 +357,6 @@ class Isolate:
         self._drop_idle()
         # Let the pumps flush what the process printed last, for the failure reason.
         await asyncio.gather(*self._tasks[:2], return_exceptions=True)
-        self.exit_code = code
         if self._memory is not None:
             self.exit_reason = self._memory.finished()
         reason = f": {self.exit_reason}" if self.exit_reason else ""

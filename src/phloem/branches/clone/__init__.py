@@ -3,26 +3,18 @@ blocks, a plain copy otherwise. Which one ran is probed, never guessed, so the A
 report it truthfully.
 
     backend = choose_backend(src_dir, dst_parent, owner=(uid, gid))  # or owner=None
-    stats = CopyStats()
-    backend.copy_file(src, dst, stats)
+    size = backend.copy_file(src, dst)                # bytes copied
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from phloem.branches.clone.copy import PlainCopier
 from phloem.branches.clone.reflink import ReflinkCopier, reflink_supported
-
-
-@dataclass
-class CopyStats:
-    files: int = 0
-    bytes: int = 0
 
 
 class Copier(Protocol):
@@ -52,4 +44,4 @@ def choose_backend(src_dir: Path, dst_dir: Path,
     return PlainCopier(owner=owner)
 
 
-__all__ = ["Copier", "CopyStats", "PlainCopier", "ReflinkCopier", "choose_backend"]
+__all__ = ["Copier", "PlainCopier", "ReflinkCopier", "choose_backend"]

@@ -30,7 +30,7 @@ from phloem.control.neon_v2.project import (
     set_default_branch,
 )
 from phloem.control.neon_v2.roles import Role, role_model
-from phloem.control.store import BranchRow
+from phloem.metadata.store import BranchRow
 
 if TYPE_CHECKING:
     from phloem.control.services import ApiServices

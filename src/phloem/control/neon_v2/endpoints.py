@@ -31,7 +31,7 @@ from phloem.control.neon_v2.project import REGION, is_default, iso, project_of
 
 if TYPE_CHECKING:
     from phloem.control.services import ApiServices
-    from phloem.control.store import BranchRow
+    from phloem.metadata.store import BranchRow
 
 router = APIRouter(route_class=NeonRoute)
 

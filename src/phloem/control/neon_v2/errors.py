@@ -19,8 +19,8 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phloem.branches.manager import BranchError
-from phloem.deployer import NotFound
-from phloem.validation import InvalidInput
+from phloem.control.deployer import NotFound
+from phloem.system.validation import InvalidInput
 
 #: Said by every route phloem does not serve, so a user knows it is not a typo of theirs.
 UNSUPPORTED = "not supported by phloem"

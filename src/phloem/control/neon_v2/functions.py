@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
+from phloem.control.deployer import DeployRequest, NotFound
 from phloem.control.neon_v2.errors import NeonError, NeonRoute
 from phloem.control.neon_v2.project import iso, project_of
-from phloem.control.store import BranchRow, DeploymentRow, FunctionRow
-from phloem.deployer import DeployRequest, NotFound
+from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.runtimes.registry import runtime_for_source
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from phloem.control.neon_v2.users import ORG_ID
 
 if TYPE_CHECKING:
     from phloem.control.services import ApiServices
-    from phloem.control.store import BranchRow
+    from phloem.metadata.store import BranchRow
 
 router = APIRouter(route_class=NeonRoute)
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from phloem.control.neon_v2.errors import NeonError, NeonRoute, unsupported
 from phloem.control.neon_v2.project import iso, project_of
-from phloem.control.store import BranchRow
+from phloem.metadata.store import BranchRow
 
 router = APIRouter(route_class=NeonRoute)
 

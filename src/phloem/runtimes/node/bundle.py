@@ -35,8 +35,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from phloem.fsutil import make_world_readable
-from phloem.identity import make_dir
 from phloem.runtimes.build import (
     DIRECT,
     BuildFailed,
@@ -52,6 +50,8 @@ from phloem.runtimes.node.provision import (
     npm_package_dir,
     run_npm,
 )
+from phloem.system.fsutil import make_world_readable
+from phloem.system.identity import make_dir
 
 ENTRY_CANDIDATES = ("index.ts", "index.mjs", "index.js",
                     "src/index.ts", "src/index.mjs", "src/index.js")

@@ -5,7 +5,7 @@
 // Output: {"functions": {slug: {name, source, env, limits, runtime}}, "tuning": {...} | null,
 //          "unsupported": [[key, what], ...], "ignored": [key, ...]}
 // Exit 2 with a message on stderr when the module cannot be evaluated or is not a config.
-// The checks that name fields and rules for the user live in phloem/neon.py; here we only
+// The checks that name fields and rules for the user live in phloem/project/neon.py; here we only
 // turn JavaScript values into JSON without losing what JSON would drop (undefined env
 // values, closures).
 

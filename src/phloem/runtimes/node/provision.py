@@ -41,8 +41,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from phloem.fsutil import make_world_readable
 from phloem.runtimes.build import BuildFailed
+from phloem.system.fsutil import make_world_readable
 
 NODE_MAJOR = 24
 #: The runtime name deployments, neon.ts and the CLI use for Node functions.

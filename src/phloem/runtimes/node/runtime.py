@@ -36,7 +36,7 @@ from phloem.runtimes.node.provision import NODE_RUNTIME, ensure_toolchain
 from phloem.runtimes.node.standby import NodeStandbySpawner, StandbyStart
 from phloem.runtimes.node.substitutes import bundle_aliases, install_substitutes
 from phloem.supervisor.isolate import Spawner
-from phloem.validation import InvalidInput
+from phloem.system.validation import InvalidInput
 
 SOURCE_SUFFIXES = (".ts", ".mts", ".cts", ".tsx", ".js", ".mjs", ".cjs", ".jsx")
 #: What a prebuilt bundle may be: Node runs it without a loader.

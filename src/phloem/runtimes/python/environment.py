@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import phloem
-from phloem.fsutil import make_world_readable
-from phloem.identity import make_dir
 from phloem.runtimes.build import (
     DIRECT,
     BuildFailed,
@@ -35,6 +33,8 @@ from phloem.runtimes.build import (
     tool_mounts,
 )
 from phloem.runtimes.distributions import closure, copy_distributions
+from phloem.system.fsutil import make_world_readable
+from phloem.system.identity import make_dir
 
 RUNTIME_DISTRIBUTIONS = ("uvicorn", "httptools", "uvloop", "websockets")
 PIP_TIMEOUT_S = 900

@@ -29,7 +29,7 @@ from phloem.runtimes.build import outside_system
 from phloem.runtimes.python import environment as pyenv
 from phloem.runtimes.python.zygote_spawner import ZygoteSpawner, ZygoteStart
 from phloem.supervisor.isolate import Spawner
-from phloem.validation import check_entry
+from phloem.system.validation import check_entry
 
 HOST_MODULE = "phloem.runtimes.python.host"
 #: Default entries: the first of these files in the source, serving its ``app``.

@@ -223,7 +223,7 @@ class Zygote:
         os.set_blocking(wake_w, False)
         # SIGCHLD must have a handler for the wakeup fd to be written; the poll loop reaps.
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
         poller = select.poll()
         poller.register(self.control.fileno(), select.POLLIN)
         poller.register(wake_r, select.POLLIN)

@@ -27,12 +27,12 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from phloem.limits import FunctionLimits
 from phloem.supervisor.cgroups.slot import CgroupSlot
 from phloem.supervisor.cgroups.tree import CgroupError, CgroupLimiter
 from phloem.supervisor.cgroups.v1 import CgroupV1Limiter
 from phloem.supervisor.cgroups.v2 import CgroupV2Limiter
 from phloem.supervisor.cgroups.watchdog import WatchdogLimiter, WatchdogSlot
+from phloem.system.limits import FunctionLimits
 
 
 class MemorySlot(Protocol):

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phloem.limits import FunctionLimits
 from phloem.supervisor.cgroups.hierarchy import is_orphan, remove_tree
 from phloem.supervisor.cgroups.slot import CgroupSlot
+from phloem.system.limits import FunctionLimits
 
 OLD_MIN_AGE_S = 60.0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")

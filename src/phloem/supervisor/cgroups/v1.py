@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phloem.limits import FunctionLimits
 from phloem.supervisor.cgroups.hierarchy import Mount, cgroup_mounts, own_cgroups, writable_dir
 from phloem.supervisor.cgroups.tree import CgroupLimiter
+from phloem.system.limits import FunctionLimits
 
 CONTROLLERS = ("memory", "pids", "cpu")
 CFS_PERIOD_US = 100_000

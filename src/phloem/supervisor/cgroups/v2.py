@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from phloem.limits import FunctionLimits
 from phloem.supervisor.cgroups.hierarchy import (
     Mount,
     cgroup_mounts,
@@ -23,6 +22,7 @@ from phloem.supervisor.cgroups.hierarchy import (
     writable_dir,
 )
 from phloem.supervisor.cgroups.tree import CgroupError, CgroupLimiter, write
+from phloem.system.limits import FunctionLimits
 
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from phloem.limits import FunctionLimits
+from phloem.system.limits import FunctionLimits
 
 
 def rss_bytes(pid: int) -> int:

@@ -1,0 +1,41 @@
+"""The routing table: which deployment's isolates serve each function of each branch.
+
+The deployer writes it (a deploy or rollback activates a version, a delete removes it);
+the gateway's router (:class:`phloem.server.dispatch.PlatformRouter`) reads it on every
+request. Neither knows the other: this table is all they share.
+
+    table = RoutingTable()
+    table.put("br-quiet-moon-3f9a2c", "todos", spec)      # the active deployment's spec
+    table.get(("br-quiet-moon-3f9a2c", "todos"))           # spec, or None: a 404
+    table.deployments_of("br-quiet-moon-3f9a2c")          # ["dep-1a2b", ...]
+    table.remove("br-quiet-moon-3f9a2c", "todos")
+"""
+
+from __future__ import annotations
+
+from phloem.supervisor import IsolateSpec
+
+
+class RoutingTable:
+    """(branch id, function slug) -> the spec of the function's active deployment.
+
+    Lookups take the key as one tuple because that is what the router parses a Host
+    header into (:func:`phloem.server.dispatch.parse_host`)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[tuple[str, str], IsolateSpec] = {}
+
+    def get(self, key: tuple[str, str]) -> IsolateSpec | None:
+        return self._specs.get(key)
+
+    def put(self, branch_id: str, slug: str, spec: IsolateSpec) -> None:
+        """Route the function's new requests to ``spec`` from now on."""
+        self._specs[(branch_id, slug)] = spec
+
+    def remove(self, branch_id: str, slug: str) -> None:
+        """Stop routing the function (absent already is fine)."""
+        self._specs.pop((branch_id, slug), None)
+
+    def deployments_of(self, branch_id: str) -> list[str]:
+        """The active deployment ids of a branch's functions."""
+        return [spec.deployment_id for (b, _), spec in self._specs.items() if b == branch_id]

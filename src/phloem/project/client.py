@@ -1,0 +1,253 @@
+"""A small synchronous client for the phloem API; the CLI's only way to the platform.
+
+    client = Client.from_environment()
+    client.get_function("main", "todos")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from phloem.project.packing import pack_path
+from phloem.system.settings import default_data_dir
+
+
+def _ref(branch: str) -> str:
+    """A branch name or id as one path segment ('preview/login' -> 'preview%2Flogin')."""
+    return quote(branch, safe="")
+
+
+class ClientError(RuntimeError):
+    """An API error (``code`` from the response) or a connection problem."""
+
+    def __init__(self, message: str, code: str = "client_error", status: int | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.field = code, status, field
+
+
+@dataclass(frozen=True)
+class Credentials:
+    api_url: str
+    api_key: str
+
+
+def load_credentials(api_url: str | None = None, api_key: str | None = None,
+                     data_dir: Path | None = None) -> Credentials:
+    """Explicit values, else ``PHLOEM_API_URL``/``PHLOEM_API_KEY``, else the credentials
+    file ``phloem up`` wrote into its data dir."""
+    url = api_url or os.environ.get("PHLOEM_API_URL")
+    key = api_key or os.environ.get("PHLOEM_API_KEY")
+    if not (url and key):
+        path = (data_dir or default_data_dir()) / "credentials.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ClientError(
+                f"no API credentials: {path} is not readable ({exc.__class__.__name__}); "
+                "start the platform with 'phloem up' or set PHLOEM_API_URL and PHLOEM_API_KEY",
+                "no_credentials") from None
+        url = url or saved["api_url"]
+        key = key or saved["api_key"]
+    return Credentials(url.rstrip("/"), key)
+
+
+class Client:
+    def __init__(self, creds: Credentials, timeout: float = 60.0) -> None:
+        self.creds = creds
+        self.http = httpx.Client(base_url=creds.api_url + "/api/v1", timeout=timeout,
+                                 headers={"Authorization": f"Bearer {creds.api_key}"})
+
+    @classmethod
+    def from_environment(cls, data_dir: Path | None = None) -> Client:
+        return cls(load_credentials(data_dir=data_dir))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot reach the phloem API at {self.creds.api_url}: {exc}; "
+                              "is 'phloem up' running?", "unreachable") from None
+        if resp.status_code >= 400 and method != "HEAD":
+            try:
+                err = resp.json()["error"]
+                raise ClientError(err["message"], err["code"], resp.status_code,
+                                  err.get("field"))
+            except (ValueError, KeyError, TypeError):
+                raise ClientError(f"HTTP {resp.status_code}: {resp.text[:500]}", "http_error",
+                                  resp.status_code) from None
+        return resp
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    # -- endpoints -----------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", "/status")
+        return result
+
+    def list_branches(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.json("GET", "/branches")
+        return result
+
+    def get_branch(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(ref)}")
+        return result
+
+    def create_branch(self, name: str | None, parent: str | None,
+                      copy_functions: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("POST", "/branches", json={
+            "name": name, "parent": parent, "copy_functions": copy_functions})
+        return result
+
+    def reset_branch(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("POST", f"/branches/{_ref(ref)}/reset")
+        return result
+
+    def delete_branch(self, ref: str, recursive: bool = False) -> list[str]:
+        result: dict[str, Any] = self.json("DELETE", f"/branches/{_ref(ref)}",
+                                           params={"recursive": recursive})
+        return list(result["deleted"])
+
+    def connection_string(self, branch: str, pooled: bool) -> str:
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/connection",
+                                           params={"pooled": pooled})
+        return str(result["uri"])
+
+    def list_functions(self, branch: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.json("GET", f"/branches/{_ref(branch)}/functions")
+        return result
+
+    def get_function(self, branch: str, slug: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/functions/{slug}")
+        return result
+
+    def env_digest(self, env: dict[str, str]) -> str:
+        """The platform's keyed fingerprint of ``env`` (compare with a deployment's)."""
+        return str(self.json("POST", "/env-digest", json={"env": env})["digest"])
+
+    def function_env(self, branch: str, slug: str, show_values: bool) -> dict[str, Any]:
+        result: dict[str, Any] = self.json(
+            "GET", f"/branches/{_ref(branch)}/functions/{slug}/env",
+            params={"show_values": show_values})
+        return result
+
+    def delete_function(self, branch: str, slug: str) -> None:
+        self.request("DELETE", f"/branches/{_ref(branch)}/functions/{slug}")
+
+    def function_logs(self, branch: str, slug: str, lines: int = 200,
+                      since_s: float | None = None) -> str:
+        params: dict[str, Any] = {"lines": lines}
+        if since_s is not None:
+            params["since"] = since_s
+        return self.request("GET", f"/branches/{_ref(branch)}/functions/{slug}/logs",
+                            params=params).text
+
+    def follow_logs(self, branch: str, slug: str, lines: int = 200,
+                    since_s: float | None = None) -> Iterator[str]:
+        """Yield log lines as they are written, until interrupted."""
+        params: dict[str, Any] = {"lines": lines, "follow": True}
+        if since_s is not None:
+            params["since"] = since_s
+        url = f"/branches/{_ref(branch)}/functions/{slug}/logs"
+        try:
+            with self.http.stream("GET", url, params=params, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise ClientError(resp.json()["error"]["message"], status=resp.status_code)
+                yield from resp.iter_lines()
+        except httpx.TransportError as exc:
+            raise ClientError(f"log stream from {self.creds.api_url} broke: {exc}",
+                              "unreachable") from None
+
+    def get_deployment(self, deployment_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/deployments/{deployment_id}")
+        return result
+
+    def list_deployments(self, branch: str, slug: str) -> list[dict[str, Any]]:
+        """The function's deployments, newest first, each with its ``state``."""
+        result: list[dict[str, Any]] = self.json(
+            "GET", f"/branches/{_ref(branch)}/functions/{slug}/deployments")
+        return result
+
+    def rollback(self, branch: str, slug: str, to: str | None = None) -> dict[str, Any]:
+        """Switch back to ``to`` (default: the previous deployment); no rebuild."""
+        result: dict[str, Any] = self.json(
+            "POST", f"/branches/{_ref(branch)}/functions/{slug}/rollback",
+            json={"deployment_id": to} if to else {})
+        return result
+
+    def upload(self, data: bytes, sha256: str) -> None:
+        if self.request("HEAD", f"/artifacts/{sha256}").status_code == 200:
+            return
+        self.request("PUT", f"/artifacts/{sha256}", content=data,
+                     headers={"Content-Type": "application/gzip"})
+
+    def deploy(self, branch: str, slug: str, path: Path, entry: str, *,
+               env: dict[str, str] | None = None, name: str | None = None,
+               runtime: str | None = None, limits: dict[str, float] | None = None,
+               unset_env: list[str] | None = None, replace_env: bool = False,
+               progress: Callable[[str], None] = lambda _: None,
+               timeout: float = 1800.0, wait: bool = True,
+               bundle: bool = True) -> dict[str, Any]:
+        """Pack, upload, deploy and wait until the deployment is ready or failed; returns
+        the deployment. ``path`` may be a file with ``bundle=False`` (a prebuilt bundle:
+        only that file is uploaded, and it is the entry)."""
+        progress(f"packing {path}")
+        data, sha = pack_path(path)
+        progress(f"uploading {len(data) / 1024:.1f} KiB ({sha[:12]})")
+        self.upload(data, sha)
+        return self.deploy_artifact(branch, slug, sha, entry, env=env, name=name,
+                                    runtime=runtime, limits=limits, unset_env=unset_env,
+                                    replace_env=replace_env, progress=progress,
+                                    timeout=timeout, wait=wait, bundle=bundle)
+
+    def deploy_artifact(self, branch: str, slug: str, sha: str, entry: str, *,
+                        env: dict[str, str] | None = None, name: str | None = None,
+                        runtime: str | None = None, limits: dict[str, float] | None = None,
+                        unset_env: list[str] | None = None, replace_env: bool = False,
+                        progress: Callable[[str], None] = lambda _: None,
+                        timeout: float = 1800.0, wait: bool = True,
+                        owner: str | None = None, bundle: bool = True) -> dict[str, Any]:
+        """Deploy an uploaded artifact and wait until it is ready or failed (``wait``
+        False: return the deployment as accepted, still ``building``)."""
+        body: dict[str, Any] = {"artifact_sha256": sha, "entry": entry, "env": env or {},
+                                "unset_env": unset_env or [], "replace_env": replace_env,
+                                "limits": limits or {}}
+        if name is not None:
+            body["name"] = name
+        if runtime is not None:
+            body["runtime"] = runtime
+        if owner is not None:
+            body["owner"] = owner
+        if not bundle:
+            body["bundle"] = False
+        dep: dict[str, Any] = self.json(
+            "POST", f"/branches/{_ref(branch)}/functions/{slug}/deployments", json=body)
+        if not wait:
+            return dep
+        deadline = time.monotonic() + timeout
+        shown = 0
+        while dep["status"] == "building":
+            if time.monotonic() > deadline:
+                raise ClientError(f"deployment {dep['id']} still building after {timeout} s",
+                                  "timeout")
+            time.sleep(0.2)
+            dep = self.get_deployment(dep["id"])
+            lines = dep["build_log"].splitlines()
+            for line in lines[shown:]:
+                progress(line)
+            shown = len(lines)
+        return dep

@@ -1,0 +1,515 @@
+"""A project on disk: its ``phloemfile.py``, its link to a platform branch, and the plan
+that turns the declared functions into deployments.
+
+    project = load_project(Path("."))
+    plan = make_plan(client, project, branch="main")
+    for item in plan: print(item.slug, item.action, item.reasons)
+    results = apply_plan(client, project, plan, branch="main", progress=print)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import secrets
+import sys
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phloem.config import BranchInfo, Config, Function
+from phloem.project import neon
+from phloem.project.client import Client, ClientError
+from phloem.project.neon import find_neon_config
+from phloem.project.packing import pack_directory
+from phloem.runtimes.base import Runtime
+from phloem.runtimes.registry import (
+    answers_to,
+    runtime_for_source,
+    satisfies,
+    source_suffixes,
+)
+from phloem.system.limits import check_limits
+from phloem.system.validation import InvalidInput, check_env, check_name, check_slug
+
+CONFIG_FILE = "phloemfile.py"
+LINK_FILE = Path(".phloem") / "link.json"
+
+
+class ConfigError(ValueError):
+    """Names the file, the key and the rule."""
+
+
+@dataclass(frozen=True)
+class DesiredFunction:
+    slug: str
+    name: str
+    entry: str
+    #: As the config asks for it: an exact version, or a family (``python``: whichever
+    #: version the platform runs).
+    runtime: str
+    env: dict[str, str]
+    limits: dict[str, Any]
+    #: ``dev.port`` of a neon.ts function: the port ``phloem dev`` serves it on, exactly.
+    dev_port: int | None = None
+
+
+def _runtime(where: str, source: str, path: Path, requested: Any) -> tuple[Runtime, str]:
+    """The runtime of a function whose code is ``path`` and the name to deploy it with
+    (``requested``, else the runtime's family)."""
+    rt = runtime_for_source(path)
+    if rt is None:
+        raise ConfigError(f"{where}.source: {source!r} is not a source file of any runtime "
+                          f"({source_suffixes()})")
+    if requested is not None and (not isinstance(requested, str)
+                                  or not answers_to(rt, requested)):
+        raise ConfigError(f"{where}.runtime: unknown runtime {requested!r} "
+                          f"(known: {', '.join(rt.known_names)})")
+    return rt, requested or rt.family
+
+
+def _entry(where: str, rt: Runtime, source: str, attr: str | None) -> str:
+    entry = rt.entry_for_source(source, attr)
+    try:
+        return rt.check_entry(entry)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}.entry: {exc.message}") from None
+
+
+@dataclass
+class Project:
+    """A project root and how to turn its config into the functions a branch should run.
+
+    ``config_file`` is ``phloemfile.py`` (Python) or ``neon.ts`` (Node, Neon's shape)."""
+
+    root: Path
+    config_file: str
+    resolver: Callable[[BranchInfo], dict[str, DesiredFunction]]
+
+    def desired(self, branch: BranchInfo) -> dict[str, DesiredFunction]:
+        return self.resolver(branch)
+
+
+def _python_desired(root: Path, config: Config, branch: BranchInfo) -> dict[str, DesiredFunction]:
+    overrides: Mapping[str, Any] = {}
+    if config.branch is not None:
+        try:
+            overrides = config.branch(branch) or {}
+        except Exception as exc:
+            raise ConfigError(f"{CONFIG_FILE}: branch: the callback raised {exc!r}") \
+                from None
+    per_fn = overrides.get("functions", {}) if isinstance(overrides, Mapping) else {}
+    out: dict[str, DesiredFunction] = {}
+    for slug, fn in config.functions.items():
+        extra = per_fn.get(slug, {}) if isinstance(per_fn, Mapping) else {}
+        out[slug] = _resolve(root, slug, fn, extra)
+    for slug in per_fn if isinstance(per_fn, Mapping) else ():
+        if slug not in config.functions:
+            raise ConfigError(f"{CONFIG_FILE}: branch: functions.{slug}: no such "
+                              "function is defined")
+    return out
+
+
+def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any]) -> DesiredFunction:
+    where = f"{CONFIG_FILE}: functions.{slug}"
+    try:
+        check_slug(slug)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    unknown = set(extra) - {"name", "env", "runtime", "limits", "entry"}
+    if unknown:
+        raise ConfigError(f"{where}: branch override has unknown keys {sorted(unknown)}")
+    source = root / fn.source
+    if not source.is_file():
+        raise ConfigError(f"{where}.source: file {fn.source!r} does not exist")
+    rt, runtime = _runtime(where, fn.source, source, extra.get("runtime", fn.runtime))
+    entry = _entry(where, rt, source.relative_to(root).as_posix(),
+                   extra.get("entry", fn.entry))
+    env = {**dict(fn.env), **dict(extra.get("env", {}))}
+    try:
+        check_env(env)
+        limits = check_limits({**dict(fn.limits), **dict(extra.get("limits", {}))})
+        name = extra.get("name", fn.name) or slug
+        check_name(name)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
+    return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
+                           limits=limits)
+
+
+def find_root(start: Path) -> Path | None:
+    for d in (start, *start.parents):
+        if ((d / CONFIG_FILE).is_file() or (d / LINK_FILE).is_file()
+                or find_neon_config(d) is not None):
+            return d
+    return None
+
+
+#: Read from the project root, when present, before its config is evaluated (as Neon's
+#: CLI does); later files win over earlier ones, and the environment over all of them.
+PROJECT_DOTENV_FILES = (".env", ".env.local")
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """KEY=VALUE lines (``export``, quotes and comments allowed)."""
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            quote, value = value[0], value[1:-1]
+            if quote == '"':
+                value = value.replace('\\"', '"').replace("\\\\", "\\")
+        out[key.strip()] = value
+    return out
+
+
+def load_dotenv(path: Path) -> dict[str, str]:
+    """The variables of an optional dotenv file (``{}`` if there is none)."""
+    if not path.is_file():
+        return {}
+    return parse_dotenv(path.read_text())
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of a dotenv file the user named (``--env``): any readable file,
+    a pipe too (``--env <(echo K=V)``, read once); raises ``ConfigError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:  # not is_file(): a FIFO is not a file
+            text = f.read()
+    except IsADirectoryError:
+        raise ConfigError(f"--env {path}: is a directory, not a dotenv file") from None
+    except FileNotFoundError:
+        raise ConfigError(f"--env {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--env {path}: cannot read it: {exc}") from None
+    return parse_dotenv(text)
+
+
+def project_env(root: Path, env_file: Path | None = None) -> dict[str, str]:
+    """What a config sees besides the process environment: the project's ``.env``, then
+    its ``.env.local``, then ``env_file`` (each overriding the one before)."""
+    values: dict[str, str] = {}
+    for name in PROJECT_DOTENV_FILES:
+        values.update(load_dotenv(root / name))
+    if env_file is not None:
+        values.update(read_env_file(env_file))
+    return values
+
+
+def load_project(root: Path, env_file: Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> Project:
+    """Read the project at ``root``: ``phloemfile.py`` if there is one, else ``neon.ts``,
+    after loading into the environment the project's ``.env`` and ``.env.local`` and
+    ``env_file`` (see :func:`project_env`; a variable already set is kept)."""
+    path = root / CONFIG_FILE
+    neon_path = find_neon_config(root)
+    if not path.is_file() and neon_path is None:
+        raise ConfigError(f"{path}: not found, nor a neon.ts (create one with 'phloem init')")
+    for key, value in project_env(root, env_file).items():
+        os.environ.setdefault(key, value)
+    if not path.is_file():
+        assert neon_path is not None
+        return Project(root=root, config_file=neon_path.name,
+                       resolver=lambda branch: _neon_desired(root, neon_path, branch,
+                                                             progress))
+    sys.path.insert(0, str(root))
+    try:
+        namespace = runpy.run_path(str(path), run_name="phloemfile")
+    except Exception as exc:
+        raise ConfigError(f"{CONFIG_FILE}: evaluating it raised {exc!r}") from None
+    finally:
+        sys.path.remove(str(root))
+    config = namespace.get("config")
+    if not isinstance(config, Config):
+        raise ConfigError(f"{CONFIG_FILE}: must set config = define_config(...) (from "
+                          "phloem.config)")
+    for slug, fn in config.functions.items():
+        if not isinstance(fn, Function):
+            raise ConfigError(f"{CONFIG_FILE}: functions.{slug}: must be a Function(...)")
+    return Project(root=root, config_file=CONFIG_FILE,
+                   resolver=lambda branch: _python_desired(root, config, branch))
+
+
+# -- neon.ts ---------------------------------------------------------------------
+NEON_FUNCTION_KEYS = {"name", "source", "env", "limits", "runtime", "bundler",
+                      "externalPackages", "dev", "customDomains"}
+NEON_TUNING_KEYS = {"name", "env", "limits", "runtime", "customDomains"}
+
+
+def _neon_desired(root: Path, config_path: Path, branch: BranchInfo,
+                  progress: Callable[[str], None] | None) -> dict[str, DesiredFunction]:
+    name = config_path.name
+    target = {"name": branch.name, "id": branch.id, "exists": True,
+              "isDefault": branch.name == "main"}
+    try:
+        raw = neon.evaluate(config_path, target, progress)
+    except neon.NeonConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    unsupported = raw.get("unsupported") or []
+    if unsupported:
+        what = ", ".join(f"{label} ({key})" for key, label in unsupported)
+        raise ConfigError(
+            f"{name}: enables services phloem does not provide: {what}. Remove them from "
+            f"{name}: parseEnv(config) would demand their variables, which phloem cannot "
+            "inject.")
+    tuning = raw.get("tuning") or {}
+    per_fn: dict[str, Any] = tuning.get("functions") or {}
+    functions: dict[str, Any] = raw.get("functions") or {}
+    out: dict[str, DesiredFunction] = {}
+    for slug, spec in functions.items():
+        out[slug] = _resolve_node(root, name, slug, spec, per_fn.get(slug) or {})
+    for slug in per_fn:
+        if slug not in functions:
+            raise ConfigError(f"{name}: branch: functions.{slug}: no such function is "
+                              "declared")
+    return out
+
+
+def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, Any],
+                  extra: Mapping[str, Any]) -> DesiredFunction:
+    where = f"{config_name}: functions.{slug}"
+    try:
+        check_slug(slug)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    unknown = sorted(set(spec) - NEON_FUNCTION_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: "
+                          f"{', '.join(sorted(NEON_FUNCTION_KEYS))})")
+    unknown = sorted(set(extra) - NEON_TUNING_KEYS)
+    if unknown:
+        raise ConfigError(f"{config_name}: branch: functions.{slug}.{unknown[0]}: unknown "
+                          f"key (known: {', '.join(sorted(NEON_TUNING_KEYS))})")
+    source = spec.get("source")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{where}.source: must be a non-empty string (the entry file)")
+    path = (root / source).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ConfigError(f"{where}.source: {source!r} is outside the project")
+    if not path.is_file():
+        raise ConfigError(f"{where}.source: file {source!r} does not exist")
+    rt, runtime = _runtime(where, source, path,
+                           extra.get("runtime", spec.get("runtime")) or None)
+    entry = _entry(where, rt, path.relative_to(root.resolve()).as_posix(), None)
+    env = {**dict(spec.get("env") or {}), **dict(extra.get("env") or {})}
+    try:
+        check_env(env)
+        limits = check_limits({**dict(spec.get("limits") or {}),
+                               **dict(extra.get("limits") or {})})
+        name = extra.get("name", spec.get("name")) or slug
+        if not isinstance(name, str):
+            raise InvalidInput("name", "must be a string")
+        check_name(name)
+    except InvalidInput as exc:
+        raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
+    return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
+                           limits=limits, dev_port=_dev_port(where, spec.get("dev")))
+
+
+def _dev_port(where: str, dev: Any) -> int | None:
+    """``dev: { port }`` of a neon.ts function (what ``@neon/config`` declares)."""
+    if dev is None:
+        return None
+    if not isinstance(dev, Mapping):
+        raise ConfigError(f"{where}.dev: must be an object, e.g. dev: {{ port: 8790 }}")
+    unknown = sorted(set(dev) - {"port"})
+    if unknown:
+        raise ConfigError(f"{where}.dev.{unknown[0]}: unknown key (known: port)")
+    port = dev.get("port")
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{where}.dev.port: must be an integer from 1 to 65535 "
+                          f"(got {port!r})")
+    return port
+
+
+# -- links ---------------------------------------------------------------------
+def read_link(root: Path) -> dict[str, str]:
+    try:
+        data: dict[str, str] = json.loads((root / LINK_FILE).read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+def write_link(root: Path, api_url: str, branch: str) -> Path:
+    """Link the project to ``branch``; its ``project_id`` (made on the first link) stays."""
+    old = read_link(root)
+    return _write_link_data(root, {**old, "api_url": api_url, "branch": branch,
+                                   "project_id": old.get("project_id") or _new_project_id()})
+
+
+def project_id(root: Path) -> str:
+    """The id this project's deploys record as the owner of the functions they create
+    (``project_id`` in the link file); made and written now if the link has none."""
+    link = read_link(root)
+    found = link.get("project_id")
+    if isinstance(found, str) and found:
+        return found
+    made = _new_project_id()
+    _write_link_data(root, {**link, "project_id": made})
+    return made
+
+
+def _new_project_id() -> str:
+    return "prj-" + secrets.token_hex(6)
+
+
+def _write_link_data(root: Path, data: dict[str, str]) -> Path:
+    path = root / LINK_FILE
+    path.parent.mkdir(exist_ok=True)
+    (path.parent / ".gitignore").write_text("*\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# -- plan and apply ------------------------------------------------------------
+@dataclass
+class PlanItem:
+    slug: str
+    #: create | update | delete | unchanged | keep (on the branch, not this project's:
+    #: left alone)
+    action: str
+    reasons: list[str] = field(default_factory=list)
+    desired: DesiredFunction | None = None
+    #: The live function's owner (a project id; None: no project).
+    owner: str | None = None
+    #: An update of a function another project created: it becomes this project's.
+    takeover: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"slug": self.slug, "action": self.action, "reasons": self.reasons,
+                "owner": self.owner, "takeover": self.takeover}
+
+    @property
+    def destructive(self) -> bool:
+        """Removes or replaces what someone else may rely on: asked before applying."""
+        return self.action == "delete" or self.takeover
+
+
+def make_plan(client: Client, project: Project, branch: str,
+              artifact_sha: str, owner: str | None = None) -> list[PlanItem]:
+    """``owner``: this project's id. Live functions the config does not declare are
+    deleted only when this project created them (their owner is ``owner``); the others
+    are kept."""
+    info = client.get_branch(branch)
+    desired = project.desired(BranchInfo(name=info["name"], id=info["id"]))
+    live = {f["slug"]: f for f in client.list_functions(branch)}
+    plan: list[PlanItem] = []
+    for slug, want in sorted(desired.items()):
+        fn = live.get(slug)
+        active = None
+        if fn is not None and fn["deployment_id"]:
+            active = client.get_deployment(fn["deployment_id"])
+        their = fn.get("owner") if fn is not None else None
+        takeover = their is not None and their != owner
+        if active is None:
+            plan.append(PlanItem(slug, "create", ["not deployed", *_taking(fn, owner)],
+                                 want, their, takeover))
+            continue
+        reasons = []
+        if active["artifact_sha256"] != artifact_sha:
+            reasons.append("source changed")
+        if active["entry"] != want.entry:
+            reasons.append(f"entry {active['entry']} -> {want.entry}")
+        if not satisfies(active["runtime"], want.runtime):
+            reasons.append(f"runtime {active['runtime']} -> {want.runtime}")
+        if fn is not None and fn["name"] != want.name:
+            reasons.append(f"name {fn['name']!r} -> {want.name!r}")
+        if (active.get("limits") or {}) != want.limits:
+            reasons.append("limits changed")
+        keys = set(active["env_keys"])
+        added, removed = sorted(set(want.env) - keys), sorted(keys - set(want.env))
+        if added:
+            reasons.append(f"env added {', '.join(added)}")
+        if removed:
+            reasons.append(f"env removed {', '.join(removed)}")
+        if not added and not removed and client.env_digest(want.env) != active["env_digest"]:
+            reasons.append("env values changed")
+        if reasons:
+            reasons += _taking(fn, owner)
+        plan.append(PlanItem(slug, "update" if reasons else "unchanged", reasons, want,
+                             their, takeover and bool(reasons)))
+    for slug in sorted(set(live) - set(desired)):
+        their = live[slug].get("owner")
+        if owner is not None and their == owner:
+            plan.append(PlanItem(slug, "delete", [f"not in {project.config_file}"],
+                                 owner=their))
+        elif their is None:
+            plan.append(PlanItem(slug, "keep", ["not created by a project deploy (phloem "
+                                                "functions deploy): never deleted by one"]))
+        else:
+            plan.append(PlanItem(slug, "keep", [f"created by another project ({their})"],
+                                 owner=their))
+    return plan
+
+
+def _taking(fn: Mapping[str, Any] | None, owner: str | None) -> list[str]:
+    """Why deploying changes who owns the live function ``fn``, if it does."""
+    their = fn.get("owner") if fn is not None else None
+    if fn is None or owner is None or their == owner:
+        return []
+    if their is None:
+        return ["adopts it (created without a project)"]
+    return [f"takes it over from project {their}"]
+
+
+@dataclass
+class ApplyResult:
+    slug: str
+    action: str
+    ok: bool
+    detail: str
+    #: The deployment's status (``building`` when not waited for); "" for a delete.
+    status: str = ""
+
+
+def apply_plan(client: Client, project: Project, plan: list[PlanItem], branch: str,
+               artifact: tuple[bytes, str], progress: Callable[[str], None],
+               owner: str | None = None, wait: bool = True) -> list[ApplyResult]:
+    """Make the plan so, functions in parallel; failures are reported, others applied.
+    Deployments record ``owner`` (this project's id); ``wait`` False returns once each
+    is accepted (``building``)."""
+    data, sha = artifact
+    work = [i for i in plan if i.action not in ("unchanged", "keep")]
+    if any(i.action in ("create", "update") for i in work):
+        progress(f"uploading {len(data) / 1024:.1f} KiB ({sha[:12]})")
+        client.upload(data, sha)
+
+    def run(item: PlanItem) -> ApplyResult:
+        try:
+            if item.action == "delete":
+                client.delete_function(branch, item.slug)
+                return ApplyResult(item.slug, "delete", True, "deleted")
+            want = item.desired
+            assert want is not None
+            dep = client.deploy_artifact(
+                branch, item.slug, sha, want.entry, env=want.env, name=want.name,
+                runtime=want.runtime, limits=want.limits, replace_env=True,
+                progress=lambda line: progress(f"{item.slug}: {line}"), wait=wait,
+                owner=owner)
+        except ClientError as exc:
+            return ApplyResult(item.slug, item.action, False, str(exc))
+        if dep["status"] == "failed":
+            return ApplyResult(item.slug, item.action, False, str(dep["error"]), "failed")
+        return ApplyResult(item.slug, item.action, True, dep["id"], dep["status"])
+
+    if not work:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(work))) as pool:
+        return list(pool.map(run, work))
+
+
+def pack_project(project: Project) -> tuple[bytes, str]:
+    # The config is not code: editing it changes the plan through env/name/..., not by
+    # changing every function's source hash.
+    # A Node function may import its neon.ts (parseEnv(config)), so that one is packed.
+    return pack_directory(project.root, ignore=[f"/{CONFIG_FILE}"])

@@ -1,0 +1,3 @@
+"""The platform in one process: :class:`~phloem.server.platform.Platform` assembles the
+layers below it and runs their lifecycle; beside it the gateway's router, health probes,
+the start sweep and metrics."""

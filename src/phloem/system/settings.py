@@ -1,0 +1,94 @@
+"""Platform settings: everything `phloem up` can be told, in one object.
+
+    settings = Settings(data_dir=Path("/var/lib/phloem"), gateway_port=8787)
+    async with running_platform(settings) as platform:
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from phloem.system.limits import FunctionLimits
+
+
+def default_data_dir() -> Path:
+    """``$PHLOEM_DATA_DIR``, else ``/var/lib/phloem`` for root (the unprivileged service
+    user cannot traverse ``/root``), else the user's data directory."""
+    env = os.environ.get("PHLOEM_DATA_DIR")
+    if env:
+        return Path(env).absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/phloem")
+    return Path(platformdirs.user_data_dir("phloem"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8788
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8787
+    #: Functions are reached at ``<scheme>://<branch_id>-<slug>.<domain>:<public_port>``.
+    domain: str = "fn.localhost"
+    public_scheme: str = "http"
+    public_port: int | None = None
+    #: The unprivileged user PostgreSQL runs as when phloem runs as root.
+    service_user: str = "phloem"
+    #: Isolates run as ``isolate_uid_base + n`` (one uid per function) when root, builds
+    #: as ``isolate_uid_base - 1``. Two platforms on one machine need different bases.
+    isolate_uid_base: int = 1_500_000
+    #: Interpreter for Python isolates; must be the same major.minor as phloem's own.
+    isolate_python: str | None = None
+    #: First TCP port tried for branch clusters (and their poolers); below the usual
+    #: ephemeral range (32768-60999) so outgoing connections never take ours.
+    pg_port_base: int = 25432
+    #: Fork Python isolates from a pre-imported zygote (else spawn each interpreter).
+    zygote: bool = True
+    #: Run isolates and builds in sandboxes (namespaces, seccomp) when root.
+    sandbox: bool = True
+    #: Seconds an isolate gets between SIGINT and SIGKILL.
+    eviction_grace_s: float = 10.0
+    #: Seconds a shutdown waits for in-flight requests.
+    drain_timeout_s: float = 30.0
+    #: Per-function limits unless a deployment overrides them (see system/limits.py).
+    function_limits: FunctionLimits = field(default_factory=FunctionLimits)
+    #: Seconds an isolate may take to become ready before its requests get 502.
+    isolate_start_timeout_s: float = 900.0
+    #: As root, nftables rules keep isolates and builds off local ports that are not
+    #: theirs (the control API, other branches' databases).
+    firewall: bool = True
+    #: Networks (CIDR) of proxies in front of the gateway whose ``X-Forwarded-*`` headers
+    #: are passed on (``X-Forwarded-For`` appended to); from any other peer they are
+    #: replaced by what the gateway itself sees.
+    trusted_proxies: tuple[str, ...] = ()
+    #: A bearer token that may read ``/metrics`` besides any API key (for a scraper that
+    #: must not hold an API key).
+    metrics_token: str | None = None
+    #: Seconds a client connection (gateway or API) has to send a complete request head:
+    #: the first from accept, a later one from its first byte; then 408 and close.
+    head_timeout_s: float = 10.0
+    #: Client connections open at once from one address, per listener (0: no cap);
+    #: trusted proxies are exempt on the gateway.
+    max_connections_per_peer: int = 1024
+    #: Gateway client connections open at once; 0: from the descriptor limit
+    #: (``phloem.gateway.admission.plan_connections``).
+    max_connections: int = 0
+    #: Control API client connections open at once (its own share of descriptors).
+    api_max_connections: int = 256
+    #: Ready deployments of each function kept built on disk besides the active one:
+    #: what ``phloem functions rollback`` can switch back to without a rebuild.
+    keep_deployments: int = 3
+
+    @property
+    def url_port(self) -> int:
+        return self.public_port if self.public_port is not None else self.gateway_port
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"

@@ -1,0 +1,166 @@
+"""phloem.gateway.admission: the descriptor plan, config checks, and a Listener out of
+descriptors (a real process with a real, small RLIMIT_NOFILE)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from phloem.gateway.admission import Admission, AdmissionConfig, plan_connections
+from phloem.testing import wait_for
+
+
+def test_plan_leaves_descriptors_for_the_rest() -> None:
+    plan = plan_connections(20000)
+    assert (plan.gateway, plan.api) == (9360, 256)
+    # Every gateway client in a request may hold an upstream connection too.
+    assert plan.rest - plan.gateway >= 1024
+    assert plan.warning is None
+    small = plan_connections(1024)
+    assert small.gateway + small.api < 1024 and small.gateway >= 16
+    over = plan_connections(20000, gateway=15000)
+    assert over.gateway == 15000 and over.warning and "max_connections 15000" in over.warning
+    api = plan_connections(20000, api=8000)  # as given, but said to be too many
+    assert api.api == 8000 and api.warning and "api_max_connections 8000" in api.warning
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"max_connections": 0}, "max_connections"),
+    ({"max_connections": 5, "max_per_peer": -1}, "max_connections_per_peer"),
+    ({"max_connections": 5, "head_timeout_s": 0.0}, "head_timeout_s"),
+    ({"max_connections": 5, "head_timeout_s": float("nan")}, "head_timeout_s"),
+])
+def test_config_errors_name_the_field(kwargs: dict[str, float], field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: must"):
+        AdmissionConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# A Listener serving a trivial HTTP protocol with at most LIMIT descriptors; every line on
+# stdin is answered with the refusal counters and the open count.
+SERVER = """
+import asyncio, json, resource, sys, uvloop
+from phloem.gateway.admission import Admission, AdmissionConfig, Listener
+
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+class Http(asyncio.Protocol):
+    def __init__(self, admission):
+        self.admission, self.evictable = admission, True
+    def evict(self):
+        self.transport.abort()
+    def connection_made(self, transport):
+        self.transport = transport
+        self.admission.waiting(self)
+    def data_received(self, data):
+        if b"\\r\\n\\r\\n" in data:
+            self.evictable = False
+            self.transport.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n"
+                                 b"Connection: close\\r\\n\\r\\nok")
+            self.transport.close()
+    def connection_lost(self, exc):
+        self.admission.closed(self)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    admission = Admission("test", AdmissionConfig(max_connections=100000, max_per_peer=0))
+    listener = await Listener.open("127.0.0.1", 0, lambda: Http(admission), admission)
+    print(listener.sockets[0].getsockname()[1], flush=True)
+    while await loop.run_in_executor(None, sys.stdin.readline):
+        print(json.dumps({"open": admission.open, **admission.refused}), flush=True)
+
+uvloop.run(main())
+"""
+LIMIT = 64
+
+
+def test_out_of_descriptors_still_serves() -> None:
+    """With every descriptor taken by silent connections, a new client is still served:
+    the spare descriptor accepts it and the longest-waiting connections make room."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(LIMIT)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+    silent: list[socket.socket] = []
+    try:
+        port = int(proc.stdout.readline())
+
+        def counters() -> dict[str, int]:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            data: dict[str, int] = json.loads(proc.stdout.readline())
+            return data
+
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2 * LIMIT)]
+        wait_for(lambda: counters()["descriptors"] > 0, 10, "accept out of descriptors")
+        assert counters()["open"] < LIMIT
+        for _ in range(5):
+            t0 = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200"), data
+            assert time.monotonic() - t0 < 5
+    finally:
+        for s in silent:
+            s.close()
+        proc.stdin.close()
+        proc.wait(10)
+    log = proc.stderr.read()
+    assert "test: connection limit descriptors" in log
+    # Rate-limited: one line (plus at most a summary), not one per connection.
+    assert log.count("connection limit descriptors") <= 2, log
+
+
+class Conn:
+    """A connection as admission sees it: evictable while waiting for a head."""
+
+    def __init__(self, admission: Admission, ip: str) -> None:
+        self.admission, self.evictable, self.evicted = admission, True, False
+        admission.opened(self, ip)
+        admission.waiting(self)
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def test_caps_and_eviction_order(caplog: pytest.LogCaptureFixture) -> None:
+    a = Admission("gw", AdmissionConfig(max_connections=3, max_per_peer=2),
+                  exempt=lambda ip: ip == "10.0.0.9")
+    first, second = Conn(a, "10.0.0.1"), Conn(a, "10.0.0.2")
+    assert a.check("10.0.0.1") is None
+    busy = Conn(a, "10.0.0.1")
+    busy.evictable = False  # in a request
+    assert a.check("10.0.0.1") == "per_peer"
+    # Full: the one waiting longest goes (first waits again, so second waited longer).
+    a.waiting(first)
+    assert a.check("10.0.0.9") is None
+    assert second.evicted and not first.evicted and not busy.evicted
+    assert a.open == 2 and a.peer_count("10.0.0.2") == 0
+    a.closed(second)  # its connection_lost: already counted out
+    assert a.open == 2
+    proxy = [Conn(a, "10.0.0.9")]
+    first.evictable = False  # now in a request: skipped
+    assert a.check("10.0.0.4") is None
+    assert proxy[0].evicted and not first.evicted
+    Conn(a, "10.0.0.4").evictable = False
+    assert a.check("10.0.0.5") == "capacity"  # all three in requests
+    # The exempt peer (a trusted proxy) has no per-peer cap.
+    b = Admission("gw2", AdmissionConfig(max_connections=10, max_per_peer=1),
+                  exempt=lambda ip: ip == "10.0.0.9")
+    Conn(b, "10.0.0.9")
+    assert b.check("10.0.0.9") is None
+    assert a.refused == {"per_peer": 1, "capacity": 1, "evicted": 2, "head_timeout": 0,
+                         "descriptors": 0}
+    # One line per reason and interval, not one per hit.
+    lines = [r.getMessage() for r in caplog.records if "connection limit" in r.getMessage()]
+    assert sorted(line.split(":")[1] for line in lines) == [
+        " connection limit capacity", " connection limit evicted", " connection limit per_peer"]
