@@ -97,7 +97,6 @@ PROXIES = ("nginx", "haproxy", "phloem")
 # Targets (DESIGN.md section 4, the runtime brief and issue 12, item 6).
 T_NGINX = 1.0  # phloem / nginx, both upstreams, 32 and 256 connections
 T_HAPROXY = 0.85  # phloem / haproxy, likewise
-T_NODE_NGINX = 1.0  # Node through phloem / the same bundle through nginx
 T_ADDED_P50_MS = 1.0  # at a fixed rate
 T_UNLOADED_P50_MS = 0.1  # added by phloem, one connection
 T_COLD_MS = 50.0

@@ -41,4 +41,63 @@ _.pending_count
 
 # Waiting on another branch of issue 12: platform.py's lifecycle rewrite removes it;
 # the lead deletes this line when merging it.
-_.running_platform
+
+# Neon API v2 response fields (control/neon_v2): Neon's CLI reads them from the JSON.
+_.account_id
+_.active_deployment
+_.active_seconds_limit
+_.active_time
+_.active_time_seconds
+_.annotations
+_.applications
+_.archived
+_.auth_accounts
+_.auth_method
+_.authentication_method
+_.autoscaling_limit_max_cu
+_.autoscaling_limit_min_cu
+_.branch_logical_size_limit
+_.branch_logical_size_limit_bytes
+_.branches_limit
+_.compute_time_seconds
+_.connection_parameters
+_.connection_uri
+_.connection_uris
+_.cpu_used_sec
+_.creation_source
+_.current_deployment
+_.current_state
+_.data_transfer_bytes
+_.disabled
+_.email
+_.history_retention_seconds
+_.integrations
+_.last_name
+_.login
+_.managed_by
+_.max_autoscaling_limit
+_.memory_mib
+_.organizations
+_.owner_id
+_.owner_name
+_.pagination
+_.parent_lsn
+_.parent_timestamp
+_.passwordless_access
+_.pg_version
+_.platform_id
+_.pooler_enabled
+_.pooler_mode
+_.primary
+_.projects
+_.projects_limit
+_.provisioner
+_.proxy_host
+_.region_id
+_.state_changed_at
+_.store_passwords
+_.suspend_timeout_seconds
+_.written_data_bytes
+
+# Response field of the rollback route (control/api.py), read by clients.
+_.previous_deployment_id

@@ -54,6 +54,7 @@ from phloem.backup.manifest import (
 )
 from phloem.branches.basebackup import clone_running_cluster
 from phloem.branches.manager import BranchManager
+from phloem.metadata.db import SYSTEM_PORT
 from phloem.metadata.secrets import KEY_ENV
 from phloem.metadata.store import BranchRow, Store
 from phloem.postgres.cluster import SUPERUSER
@@ -110,7 +111,6 @@ def check_backups_dir(paths: DataPaths) -> Path:
 
 
 def _system_connection(paths: DataPaths) -> psycopg.Connection[tuple[object, ...]]:
-    from phloem.server.platform import SYSTEM_PORT  # the platform imports the API, which imports us
 
     password = json.loads((paths.secrets / "system.json").read_text())["superuser_password"]
     return psycopg.connect(host=str(paths.pg_socket_dir("system")), port=SYSTEM_PORT,

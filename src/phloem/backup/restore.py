@@ -36,8 +36,13 @@ from phloem.backup.files import (
 )
 from phloem.backup.manifest import BACKUP_ID_RE, DATA, BackupError, Manifest, read_manifest
 from phloem.metadata.secrets import KEY_ENV
-from phloem.server.platform import MAX_UID_BASE, MIN_UID_BASE
-from phloem.system.identity import ISOLATE_UIDS, Identity, IdentityError
+from phloem.system.identity import (
+    ISOLATE_UIDS,
+    MAX_UID_BASE,
+    MIN_UID_BASE,
+    Identity,
+    IdentityError,
+)
 
 Progress = Callable[[str], None]
 

@@ -2,10 +2,10 @@
 (``up``) or the API (everything else).
 
 ``main.py`` holds the app, its shared options and helpers, and the core commands; the
-project and backup command groups live in their own modules, which import ``main`` and
+functions, project and backup command groups live in their own modules, which import ``main`` and
 add their commands to its app. Importing this package imports them, so every entry point
 (``phloem``, ``python -m phloem``, ``phloem.cli.main.main``) sees every command, and
 ``main`` never imports the modules that import it.
 """
 
-from phloem.cli import backup_cmds, project_cmds  # noqa: F401  (register their commands)
+from phloem.cli import backup_cmds, functions_cmds, project_cmds  # noqa: F401  (register their commands)

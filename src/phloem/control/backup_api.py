@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from phloem.backup.jobs import BackupInfo, BackupJobs
 from phloem.backup.manifest import BackupError
+from phloem.control.errors import ApiError
 
 
 class BackupBranchOut(BaseModel):
@@ -47,9 +48,6 @@ class BackupOut(BaseModel):
 
 
 def _fail(exc: BackupError) -> NoReturn:
-    # Imported here: the API module includes this router at import time.
-    from phloem.control.api import ApiError
-
     raise ApiError(exc.status, exc.code, exc.message, exc.field) from exc
 
 

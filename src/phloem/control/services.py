@@ -14,16 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from phloem.branches.manager import BranchManager
 from phloem.control.artifacts import ArtifactStore
 from phloem.control.deployer import Deployer
 from phloem.control.logs import FunctionLogs
 from phloem.metadata.store import Store
-from phloem.server.metrics import Metrics
 from phloem.system.paths import DataPaths
 from phloem.system.settings import Settings
+
+
+class MetricsPage(Protocol):
+    """The Prometheus page (``phloem.server.metrics.Metrics`` is one)."""
+
+    def render(self, accept: str) -> tuple[bytes, str]: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +48,6 @@ class ApiServices:
     deployer: Deployer
     artifacts: ArtifactStore
     function_logs: FunctionLogs
-    metrics: Metrics
+    metrics: MetricsPage
     #: ``phloem status``: each component probed now.
     status: Callable[[], Awaitable[dict[str, Any]]]

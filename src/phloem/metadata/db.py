@@ -32,6 +32,8 @@ from phloem.metadata.secrets import SecretBox
 
 _LOCK_ID = 7_343_112
 _PACKAGE = "phloem.metadata.migrations"
+#: The system database listens on a Unix socket only; the number just names its file.
+SYSTEM_PORT = 5432
 _NAME_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.(sql|py)$")
 
 PythonStep = Callable[["psycopg.Connection[Any]", SecretBox], None]

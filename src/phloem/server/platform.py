@@ -51,6 +51,7 @@ from phloem.firewall import ACTIVE, Firewall, choose_firewall
 from phloem.gateway.admission import Admission, AdmissionConfig, fd_limit, plan_connections
 from phloem.gateway.server import Gateway, GatewayConfig
 from phloem.metadata import db
+from phloem.metadata.db import SYSTEM_PORT
 from phloem.metadata.secrets import SecretBox, SecretError
 from phloem.metadata.store import BranchRow, FunctionRow, Store
 from phloem.postgres import Cluster, install_binaries
@@ -81,19 +82,14 @@ from phloem.supervisor.cgroups import (
     parent_name,
 )
 from phloem.supervisor.isolate import DirectSpawner, Spawner
-from phloem.system.identity import ISOLATE_UIDS, Identity, make_dir
+from phloem.system.identity import MAX_UID_BASE, MIN_UID_BASE, Identity, make_dir
 from phloem.system.paths import DataPaths
 from phloem.system.settings import Settings
 
 log = logging.getLogger("phloem")
 
 SYSTEM_DB = "phloem"
-SYSTEM_PORT = 5432  # Unix socket only; the number just names the socket file
 MAX_BODY_CEILING = 1024 * 1024 * 1024  # per-function limits may raise bodies up to 1 GiB
-#: Isolate uids run to base + ISOLATE_UIDS - 1, builds use base - 1: all valid, unused
-#: by regular accounts (below 65536), and never (uid_t)-1.
-MIN_UID_BASE = 65_537
-MAX_UID_BASE = 2**32 - 1 - ISOLATE_UIDS
 #: Called once the platform serves, before the readiness line (``phloem up --deploy``).
 ReadyHook = Callable[[Running], Awaitable[None]]
 

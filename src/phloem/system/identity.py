@@ -22,6 +22,10 @@ from typing import Any
 
 #: Isolate uids are ``[base, base + ISOLATE_UIDS)``; network rules confine that range.
 ISOLATE_UIDS = 1 << 20
+#: Isolate uids run to base + ISOLATE_UIDS - 1, builds use base - 1: all valid, unused
+#: by regular accounts (below 65536), and never (uid_t)-1.
+MIN_UID_BASE = 65_537
+MAX_UID_BASE = 2**32 - 1 - ISOLATE_UIDS
 
 
 class IdentityError(RuntimeError):
