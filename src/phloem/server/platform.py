@@ -64,7 +64,9 @@ from phloem.server import leftovers
 from phloem.server.dispatch import PlatformRouter
 from phloem.server.lifecycle import (
     FORCED_EXIT_STATUS,
+    GC_INTERVAL_S,
     capture_signals,
+    collect_garbage_every,
     err,
     freeze_startup_heap,
     install_uvloop,
@@ -219,15 +221,19 @@ class Platform:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             return 1
         self._running = running
+        collector: asyncio.Task[None] | None = None
         try:
             await self._announce(running)
             if on_ready is not None:
                 await on_ready(running)
             if own_process:
                 freeze_startup_heap()
+                collector = asyncio.create_task(collect_garbage_every(GC_INTERVAL_S))
             out.print("ready. Press Ctrl-C to stop.")
             await self._stop_requested.wait()
         finally:
+            if collector is not None:
+                collector.cancel()
             await running.stop()
         out.print("phloem stopped")
         return 0
