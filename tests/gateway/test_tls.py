@@ -20,8 +20,14 @@ import websockets
 from cryptography import x509
 
 from phloem.gateway.tls import CertificateStore, LocalCA
-from phloem.testing import PlatformProcess, free_port, host_of, platform_process, refused_start, \
-    wait_for
+from phloem.testing import (
+    PlatformProcess,
+    free_port,
+    host_of,
+    platform_process,
+    refused_start,
+    wait_for,
+)
 
 APP = Path(__file__).parent.parent / "apps" / "tlsecho"
 
