@@ -292,10 +292,10 @@ class Platform:
         if not MIN_UID_BASE <= s.isolate_uid_base <= MAX_UID_BASE:
             raise PlatformError(f"isolate_uid_base: must be between {MIN_UID_BASE} and "
                                 f"{MAX_UID_BASE} (got {s.isolate_uid_base})")
-        _check_port_free("gateway_port", s.gateway_host, s.gateway_port)
+        # With TLS, --http-port (default: the gateway port) only redirects to https.
+        _check_port_free("http_port" if s.tls_on and s.http_port is not None
+                         else "gateway_port", s.gateway_host, s.plain_port)
         if s.tls_on:
-            if s.plain_port != s.gateway_port:
-                _check_port_free("http_port", s.gateway_host, s.plain_port)
             _check_port_free("https_port", s.gateway_host, s.https_port)
         _check_port_free("api_port", s.api_host, s.api_port)
         self._prepare_data_dir(teardown)
