@@ -234,6 +234,9 @@ def test_bad_tls_options_are_refused(tmp_path: Path) -> None:
     out = refused_start({"PHLOEM_TLS": "files", "PHLOEM_TLS_CERT": str(junk),
                          "PHLOEM_TLS_KEY": str(junk)})
     assert "tls_cert:" in out and "cannot be used" in out
+    same = refused_start({"PHLOEM_TLS": "self-signed", "PHLOEM_HTTPS_PORT": "18443",
+                          "PHLOEM_HTTP_PORT": "18443"})
+    assert "https_port: must differ from the plain HTTP port 18443" in same
 
 
 # -- the store: SNI picks among certificates -------------------------------------------------
