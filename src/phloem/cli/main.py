@@ -47,6 +47,12 @@ class OutputFormat(StrEnum):
     json = "json"
 
 
+class TlsMode(StrEnum):
+    off = "off"
+    self_signed = "self-signed"
+    files = "files"
+
+
 DataDirOpt = Annotated[Path, typer.Option(
     "--data-dir", envvar="PHLOEM_DATA_DIR", help="Where phloem keeps its state.",
     default_factory=default_data_dir, show_default="/var/lib/phloem as root, else the "
@@ -105,12 +111,32 @@ def up(
                                               help="Address functions are served on.")]
     = "127.0.0.1",
     gateway_port: Annotated[int, typer.Option(envvar="PHLOEM_GATEWAY_PORT",
-                                              help="Port functions are served on.")] = 8787,
+                                              help="Port functions are served on (plain "
+                                              "HTTP; with --tls see --https-port).")]
+    = 8787,
+    tls: Annotated[TlsMode, typer.Option(
+        "--tls", envvar="PHLOEM_TLS", help="Serve functions over HTTPS: 'self-signed' makes "
+        "a local CA in the data dir (its path is printed: curl --cacert it), 'files' serves "
+        "--tls-cert/--tls-key (reloaded when they change). TLS 1.2/1.3, HTTP/1.1 only.")]
+    = TlsMode.off,
+    tls_cert: Annotated[Path | None, typer.Option(
+        envvar="PHLOEM_TLS_CERT", help="PEM certificate chain, leaf first (--tls files).",
+        show_default="none")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        envvar="PHLOEM_TLS_KEY", help="PEM private key of --tls-cert (--tls files).",
+        show_default="none")] = None,
+    https_port: Annotated[int, typer.Option(
+        envvar="PHLOEM_HTTPS_PORT", min=1, max=65535, help="Port functions are served on "
+        "with --tls (443 needs root or CAP_NET_BIND_SERVICE).")] = 8443,
+    http_port: Annotated[int | None, typer.Option(
+        envvar="PHLOEM_HTTP_PORT", min=1, max=65535, help="With --tls: plain HTTP port "
+        "that only redirects to https (308 for GET/HEAD, else 400); 80 needs root or "
+        "CAP_NET_BIND_SERVICE.", show_default="the gateway port")] = None,
     domain: Annotated[str, typer.Option(envvar="PHLOEM_DOMAIN",
                                         help="Domain of invocation URLs.")] = "fn.localhost",
     public_port: Annotated[int | None, typer.Option(
         envvar="PHLOEM_PUBLIC_PORT", help="Port shown in invocation URLs "
-        "[default: the gateway port]")] = None,
+        "[default: the gateway port, with --tls the https port]")] = None,
     pg_port_base: Annotated[int, typer.Option(envvar="PHLOEM_PG_PORT_BASE",
                                               help="First TCP port for branch databases.")]
     = 25432,
@@ -196,18 +222,26 @@ def up(
                              f"(got {head_timeout})")
     except (InvalidInput, ValueError) as exc:
         fail(str(exc))
-    settings = Settings(
-        function_limits=limits,
-        data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
-        gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
-        public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
-        isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
-        sandbox=sandbox, isolate_uid_base=isolate_uid_base, firewall=firewall,
-        trusted_proxies=proxies, metrics_token=metrics_token,
-        head_timeout_s=head_timeout, max_connections_per_peer=max_connections_per_peer,
-        max_connections=max_connections, api_max_connections=api_max_connections,
-        keep_deployments=keep_deployments,
-    )
+    try:
+        settings = Settings(
+            tls=tls.value, tls_cert=tls_cert.absolute() if tls_cert else None,
+            tls_key=tls_key.absolute() if tls_key else None, https_port=https_port,
+            http_port=http_port,
+            function_limits=limits,
+            data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
+            gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
+            public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
+            isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
+            sandbox=sandbox, isolate_uid_base=isolate_uid_base, firewall=firewall,
+            trusted_proxies=proxies, metrics_token=metrics_token,
+            head_timeout_s=head_timeout, max_connections_per_peer=max_connections_per_peer,
+            max_connections=max_connections, api_max_connections=api_max_connections,
+            keep_deployments=keep_deployments,
+        )
+        if settings.tls == "files":
+            _check_tls_files(settings)
+    except ValueError as exc:
+        fail(str(exc))
     from phloem.server.platform import Platform  # the platform's modules load only for `up`
 
     deploy_dirs = [p.absolute() for p in deploy or []]
@@ -216,6 +250,15 @@ def up(
         await asyncio.to_thread(_deploy_dirs, settings, deploy_dirs)
 
     raise typer.Exit(Platform(settings).run(deploy_once_up if deploy_dirs else None))
+
+
+def _check_tls_files(settings: Settings) -> None:
+    """--tls files: refuse a certificate or key that does not load before anything
+    starts (TlsError is a ValueError naming the option)."""
+    from phloem.gateway.tls import server_context
+
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    server_context(settings.tls_cert, settings.tls_key)
 
 
 def _deploy_dirs(settings: Settings, dirs: list[Path]) -> None:
@@ -233,15 +276,21 @@ def _deploy_dirs(settings: Settings, dirs: list[Path]) -> None:
         if dep["status"] != "ready":
             err.print(f"[bold red]deploy of {d} failed:[/] {escape(str(dep['error']))}")
             continue
-        _print_invocation(fn, settings.gateway_host, settings.gateway_port)
+        _print_invocation(fn, settings)
 
 
-def _print_invocation(fn: dict[str, Any], gateway_host: str, gateway_port: int) -> None:
+def _print_invocation(fn: dict[str, Any], settings: Settings) -> None:
     url = fn["invocation_url"]
     host = url.split("://", 1)[1]
     out.print(f"  [bold]{fn['slug']}[/]  {url}  {fn['status']}")
-    out.print(f"    curl {url}/        [dim](browsers and curl resolve *.localhost)[/]")
-    out.print(f"    curl -H 'Host: {host}' http://{gateway_host}:{gateway_port}/")
+    if not settings.tls_on:
+        out.print(f"    curl {url}/        [dim](browsers and curl resolve *.localhost)[/]")
+        out.print(f"    curl -H 'Host: {host}' "
+                  f"http://{settings.gateway_host}:{settings.gateway_port}/")
+        return
+    ca = (f"--cacert {settings.data_dir / 'tls' / 'ca.pem'} "
+          if settings.tls == TlsMode.self_signed else "")
+    out.print(f"    curl {ca}{url}/")
 
 
 # -- status --------------------------------------------------------------------

@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -283,11 +284,13 @@ class Listener(asyncio.AbstractServer):
     admitted connections go to ``factory()`` protocols on the running loop."""
 
     def __init__(self, socks: list[socket.socket], factory: Callable[[], asyncio.Protocol],
-                 admission: Admission) -> None:
+                 admission: Admission, tls: ssl.SSLContext | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._socks = socks
         self._factory = factory
         self.admission = admission
+        #: Connections are TLS (the handshake has ``head_timeout_s`` to complete).
+        self.tls = tls
         self._spare: int | None = None
         self._serving = False
         self._tasks: set[asyncio.Task[object]] = set()
@@ -295,8 +298,10 @@ class Listener(asyncio.AbstractServer):
 
     @classmethod
     async def open(cls, host: str, port: int, factory: Callable[[], asyncio.Protocol],
-                   admission: Admission, *, backlog: int = 1024) -> Listener:
-        """Bind and listen on every address of ``host`` (as ``loop.create_server``)."""
+                   admission: Admission, *, backlog: int = 1024,
+                   tls: ssl.SSLContext | None = None) -> Listener:
+        """Bind and listen on every address of ``host`` (as ``loop.create_server``);
+        with ``tls``, each connection's handshake comes before its protocol."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -315,7 +320,7 @@ class Listener(asyncio.AbstractServer):
             for sock in socks:
                 sock.close()
             raise
-        listener = cls(socks, factory, admission)
+        listener = cls(socks, factory, admission, tls)
         listener._take_spare()
         listener._start()
         return listener
@@ -363,7 +368,7 @@ class Listener(asyncio.AbstractServer):
         ip = str(addr[0]) if isinstance(addr, tuple) and addr else ""
         reason = self.admission.check(ip)
         if reason is not None:
-            _refuse(conn, reason)
+            _refuse(conn, reason, http=self.tls is None)
             return
         try:
             conn.setblocking(False)
@@ -383,10 +388,21 @@ class Listener(asyncio.AbstractServer):
     async def _connect(self, protocol: asyncio.Protocol, tracked: Tracked,
                        conn: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(lambda: protocol, conn)
+            if self.tls is None:
+                await self._loop.connect_accepted_socket(lambda: protocol, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self.tls,
+                    ssl_handshake_timeout=self.admission.config.head_timeout_s)
         except Exception as exc:
             self.admission.closed(tracked)
             conn.close()
+            if self.tls is not None and isinstance(exc, (ssl.SSLError, OSError,
+                                                         TimeoutError)):
+                # A client that cannot or will not complete a handshake (an old TLS
+                # version, a scanner, a timeout) is not the platform's problem.
+                logger.debug("%s: TLS handshake failed: %s", self.admission.name, exc)
+                return
             logger.warning("%s: a connection failed to start: %s", self.admission.name, exc)
 
     def _out_of_fds(self, sock: socket.socket, exc: OSError) -> None:
@@ -411,7 +427,7 @@ class Listener(asyncio.AbstractServer):
                     self.admission.limit_hit("descriptors", ip, f"accept failed "
                                              f"({exc.strerror}) and no connection is idle: "
                                              "refused the new one")
-                    _refuse(conn, "descriptors")
+                    _refuse(conn, "descriptors", http=self.tls is None)
                     self._take_spare()
         else:
             self.admission.limit_hit("descriptors", "", f"accept failed ({exc.strerror}) "
@@ -466,12 +482,14 @@ class Listener(asyncio.AbstractServer):
         return None
 
 
-def _refuse(conn: socket.socket, reason: str) -> None:
-    """Answer 503 without waiting (the send buffer of a new socket is empty) and close."""
+def _refuse(conn: socket.socket, reason: str, http: bool = True) -> None:
+    """Answer 503 without waiting (the send buffer of a new socket is empty) and close
+    (only close on a TLS listener: plain bytes would be garbage to a TLS client)."""
     body = _REFUSAL_BODY % reason.replace("_", " ").encode()
     try:
         conn.setblocking(False)
-        conn.send(_REFUSAL % (len(body), body))
+        if http:
+            conn.send(_REFUSAL % (len(body), body))
     except OSError:
         pass
     conn.close()

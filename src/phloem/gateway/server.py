@@ -24,12 +24,18 @@ byte in either direction. Both come from :class:`GatewayConfig`, overridable per
 :class:`~phloem.gateway.routing.Limits`. A request head has ``head_timeout`` seconds (408);
 connections are accepted through :class:`phloem.gateway.admission.Listener` (per-peer and
 per-listener caps, descriptors).
+
+HTTPS: with ``GatewayConfig.tls`` (an ``ssl.SSLContext``, see :mod:`phloem.gateway.tls`)
+the listener on ``port`` speaks TLS, with the same limits (the handshake counts against
+``head_timeout``), and ``http_port``, when set, gets a plain listener that redirects
+to https (:mod:`phloem.gateway.redirect`, where ACME HTTP-01 challenges will be answered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +44,7 @@ from phloem.gateway.connection import _Connection
 from phloem.gateway.framing import REPLAY_MAX
 from phloem.gateway.proxies import TrustedProxies
 from phloem.gateway.record import RequestRecord
+from phloem.gateway.redirect import RedirectProtocol
 from phloem.gateway.routing import Router
 
 __all__ = ["REPLAY_MAX", "Gateway", "GatewayConfig", "RequestRecord"]
@@ -71,6 +78,14 @@ class GatewayConfig:
     ttfb_timeout: float = 900.0
     # Seconds without a byte either way once the response head arrived: both sides closed.
     silence_timeout: float = 900.0
+    #: Serve TLS on ``port`` with this context (None: plain HTTP).
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+    #: With ``tls``: a plain listener here answers 308 to https (None: no plain listener).
+    http_port: int | None = None
+    #: The https port its redirects name (the public one, 443 behind a port mapping).
+    redirect_port: int = 443
+    #: ACME HTTP-01: token -> key authorization, answered on the plain listener.
+    acme_challenge: Callable[[str], str | None] | None = field(default=None, compare=False)
     trusted: TrustedProxies = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +123,14 @@ class Gateway:
             exempt=trusted.__contains__ if trusted else None)
         self._server: Listener | None = None
         self._port: int | None = None
+        #: The plain listener's limits in TLS mode (a small share: it only redirects).
+        self.redirect_admission = Admission(
+            "redirect", AdmissionConfig(max_connections=max(16, config.max_connections // 8),
+                                        max_per_peer=config.max_connections_per_peer,
+                                        head_timeout_s=config.head_timeout),
+            exempt=trusted.__contains__ if trusted else None)
+        self._redirect: Listener | None = None
+        self._http_port: int | None = None
         self._connections: set[_Connection] = set()
         self._draining = False
         self._inflight = 0
@@ -123,6 +146,7 @@ class Gateway:
                 lambda: _Connection(self),
                 self.admission,
                 backlog=1024,
+                tls=self.config.tls,
             )
         except OSError as exc:
             raise OSError(
@@ -131,6 +155,22 @@ class Gateway:
                 f"{exc.strerror or exc}",
             ) from exc
         self._port = int(self._server.sockets[0].getsockname()[1])
+        if self.config.tls is not None and self.config.http_port is not None:
+            await self._open_redirect(self.config.http_port)
+
+    async def _open_redirect(self, port: int) -> None:
+        config = self.config
+        try:
+            self._redirect = await Listener.open(
+                config.host, port,
+                lambda: RedirectProtocol(self.redirect_admission, config.redirect_port,
+                                         config.acme_challenge),
+                self.redirect_admission, backlog=1024)
+        except OSError as exc:
+            await self.stop_accepting()
+            raise OSError(exc.errno, f"gateway cannot listen on {config.host}:{port} "
+                          f"(http_port): {exc.strerror or exc}") from exc
+        self._http_port = int(self._redirect.sockets[0].getsockname()[1])
 
     @property
     def port(self) -> int:
@@ -138,6 +178,11 @@ class Gateway:
         if self._port is None:
             raise RuntimeError("the gateway has not been started")
         return self._port
+
+    @property
+    def http_port(self) -> int | None:
+        """The plain (redirecting) listener's bound port in TLS mode, else None."""
+        return self._http_port
 
     @property
     def draining(self) -> bool:
@@ -164,6 +209,9 @@ class Gateway:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._redirect is not None:
+            self._redirect.close()
+            self._redirect = None
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout`` seconds) until no request is in flight, closing idle

@@ -50,6 +50,7 @@ from phloem.control.serving import ApiServer
 from phloem.firewall import ACTIVE, Firewall, choose_firewall
 from phloem.gateway.admission import Admission, AdmissionConfig, fd_limit, plan_connections
 from phloem.gateway.server import Gateway, GatewayConfig
+from phloem.gateway.tls import TlsError
 from phloem.metadata import db
 from phloem.metadata.db import SYSTEM_PORT
 from phloem.metadata.secrets import SecretBox, SecretError
@@ -62,6 +63,7 @@ from phloem.runtimes.registry import spawners
 from phloem.sandbox import available as sandbox_unavailable
 from phloem.server import leftovers
 from phloem.server.dispatch import PlatformRouter
+from phloem.server.https import GatewayTls, gateway_tls
 from phloem.server.lifecycle import (
     FORCED_EXIT_STATUS,
     GC_INTERVAL_S,
@@ -161,6 +163,8 @@ class Platform:
         self._running: Running | None = None
         #: What a forced exit does first (SIGKILL the isolates), once there are any.
         self._on_force: list[Callable[[], None]] = []
+        #: The gateway's certificates (None: plain HTTP).
+        self._tls: GatewayTls | None = None
 
     @property
     def running(self) -> Running:
@@ -242,7 +246,15 @@ class Platform:
         s = self.settings
         out.print(f"[bold green]phloem {__version__} is up[/]  data dir {s.data_dir}")
         out.print(f"  api      {s.api_url}/api/v1   (key in {s.data_dir / 'credentials.json'})")
-        out.print(f"  gateway  {s.gateway_host}:{running.gateway.port}")
+        gw = running.gateway
+        if self._tls is None:
+            out.print(f"  gateway  {s.gateway_host}:{gw.port}")
+        else:
+            out.print(f"  gateway  https {s.gateway_host}:{gw.port}  (TLS {s.tls}; http "
+                      f"{s.gateway_host}:{gw.http_port} redirects to https)")
+        if self._tls is not None and self._tls.ca is not None:
+            out.print(f"  tls CA   {self._tls.ca}   (curl --cacert {self._tls.ca} "
+                      f"https://...)")
         out.print(f"  firewall {escape(running.firewall.state)}", highlight=False)
         for b in await running.store.list_branches():
             out.print(f"  branch   {b.name} ({b.id})  postgres 127.0.0.1:{b.port}")
@@ -280,9 +292,17 @@ class Platform:
         if not MIN_UID_BASE <= s.isolate_uid_base <= MAX_UID_BASE:
             raise PlatformError(f"isolate_uid_base: must be between {MIN_UID_BASE} and "
                                 f"{MAX_UID_BASE} (got {s.isolate_uid_base})")
-        _check_port_free("gateway_port", s.gateway_host, s.gateway_port)
+        # With TLS, --http-port (default: the gateway port) only redirects to https.
+        _check_port_free("http_port" if s.tls_on and s.http_port is not None
+                         else "gateway_port", s.gateway_host, s.plain_port)
+        if s.tls_on:
+            _check_port_free("https_port", s.gateway_host, s.https_port)
         _check_port_free("api_port", s.api_host, s.api_port)
         self._prepare_data_dir(teardown)
+        try:
+            self._tls = await asyncio.to_thread(gateway_tls, s)
+        except TlsError as exc:
+            raise PlatformError(str(exc)) from None
         # What a killed run left (its databases and poolers, isolate sockets, half-made
         # environments) goes before anything of this run starts.
         swept = await asyncio.to_thread(leftovers.sweep, paths)
@@ -390,7 +410,10 @@ class Platform:
             log.warning("warning: %s", plan.warning)
         gateway = Gateway(
             router,
-            GatewayConfig(host=s.gateway_host, port=s.gateway_port, proto=s.public_scheme,
+            GatewayConfig(host=s.gateway_host, port=s.serving_port, proto=s.public_scheme,
+                          tls=self._tls.context if self._tls else None,
+                          http_port=s.plain_port if s.tls_on else None,
+                          redirect_port=s.url_port,
                           trusted_proxies=s.trusted_proxies,
                           head_timeout=s.head_timeout_s, max_connections=plan.gateway,
                           max_connections_per_peer=s.max_connections_per_peer,
@@ -403,6 +426,8 @@ class Platform:
         push(_close_gateway, gateway, s.drain_timeout_s)
         await gateway.start()
         admissions = [gateway.admission]
+        if s.tls_on:
+            admissions.append(gateway.redirect_admission)
         metrics.connections = listener_load(admissions)
 
         # The API: its status route reports on `running`, tied below before it serves.
@@ -445,7 +470,7 @@ class Platform:
         ports = {b.id: _branch_ports(b) for b in await store.list_branches()}
         functions = {self._isolate_uid(fn): ports[fn.branch_id]
                      for fn in await store.list_functions() if fn.branch_id in ports}
-        await firewall.start([s.gateway_port], functions)
+        await firewall.start(sorted({s.plain_port, s.serving_port}), functions)
         if firewall.state != ACTIVE and s.firewall and os.geteuid() == 0:
             log.warning("warning: no network rules for isolates and builds (%s); they can "
                         "connect to every local port: the control API, other branches' "

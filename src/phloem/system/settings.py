@@ -15,6 +15,9 @@ import platformdirs
 
 from phloem.system.limits import FunctionLimits
 
+#: ``--tls`` values; ``acme`` comes with certificates on demand.
+TLS_MODES = ("off", "self-signed", "files")
+
 
 def default_data_dir() -> Path:
     """``$PHLOEM_DATA_DIR``, else ``/var/lib/phloem`` for root (the unprivileged service
@@ -36,8 +39,17 @@ class Settings:
     gateway_port: int = 8787
     #: Functions are reached at ``<scheme>://<branch_id>-<slug>.<domain>:<public_port>``.
     domain: str = "fn.localhost"
-    public_scheme: str = "http"
     public_port: int | None = None
+    #: HTTPS on the gateway (docs/architecture.md, "Serving HTTPS"): ``off`` (plain HTTP
+    #: on ``gateway_port``), ``self-signed`` (a local CA in the data dir) or ``files``
+    #: (``tls_cert``/``tls_key``, reloaded when they change).
+    tls: str = "off"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: With TLS: functions are served here; ``http_port`` (default: ``gateway_port``)
+    #: only redirects to it.
+    https_port: int = 8443
+    http_port: int | None = None
     #: The unprivileged user PostgreSQL runs as when phloem runs as root.
     service_user: str = "phloem"
     #: Isolates run as ``isolate_uid_base + n`` (one uid per function) when root, builds
@@ -85,9 +97,39 @@ class Settings:
     #: what ``phloem functions rollback`` can switch back to without a rebuild.
     keep_deployments: int = 3
 
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ValueError(f"tls: must be one of {', '.join(TLS_MODES)} (got {self.tls!r})")
+        if self.tls == "files" and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("tls_cert, tls_key: both are required with --tls files")
+        if self.tls != "files" and (self.tls_cert is not None or self.tls_key is not None):
+            raise ValueError("tls_cert, tls_key: only used with --tls files "
+                             f"(tls is {self.tls})")
+        if self.tls != "off" and self.https_port == self.plain_port:
+            raise ValueError(f"https_port: must differ from the plain HTTP port "
+                             f"{self.plain_port} (http_port, default the gateway port)")
+
+    @property
+    def tls_on(self) -> bool:
+        return self.tls != "off"
+
+    @property
+    def public_scheme(self) -> str:
+        return "https" if self.tls_on else "http"
+
+    @property
+    def plain_port(self) -> int:
+        """The port of plain HTTP: the gateway without TLS, its redirects with TLS."""
+        return self.http_port if self.http_port is not None else self.gateway_port
+
+    @property
+    def serving_port(self) -> int:
+        """The port functions are served on: ``https_port`` with TLS."""
+        return self.https_port if self.tls_on else self.gateway_port
+
     @property
     def url_port(self) -> int:
-        return self.public_port if self.public_port is not None else self.gateway_port
+        return self.public_port if self.public_port is not None else self.serving_port
 
     @property
     def api_url(self) -> str:
