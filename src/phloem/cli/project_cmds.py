@@ -38,6 +38,7 @@ from phloem.project.plan import (
     PlanItem,
     Project,
     apply_plan,
+    branch_info,
     find_root,
     load_project,
     make_plan,
@@ -429,7 +430,6 @@ def dev(
     """
     import asyncio
 
-    from phloem.config import BranchInfo
     from phloem.dev.server import DevPortError, DevServer
     from phloem.runtimes.base import BuildFailed
 
@@ -438,7 +438,7 @@ def dev(
     client = client_for(data_dir)
     try:
         info = client.get_branch(branch)
-        desired = proj.desired(BranchInfo(name=info["name"], id=info["id"]))
+        desired = proj.desired(branch_info(info))
         base_env = {
             "DATABASE_URL": client.connection_string(branch, pooled=True),
             "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
