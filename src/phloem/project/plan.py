@@ -2,9 +2,10 @@
 that turns the declared functions into deployments.
 
     project = load_project(Path("."))
-    plan = make_plan(client, project, branch="main")
-    for item in plan: print(item.slug, item.action, item.reasons)
-    results = apply_plan(client, project, plan, branch="main", progress=print)
+    pp = plan_project(client, project, "main", artifact_sha, owner)
+    for item in pp.items: print(item.slug, item.action, item.reasons)
+    results = apply_plan(client, project, pp.items, "main", artifact, print, owner=owner)
+    client.set_branch_lifetime("main", pp.branch_changes())   # ttl / protected, if any
 """
 
 from __future__ import annotations
@@ -118,10 +119,10 @@ class Project:
         return self.resolver(branch)
 
 
-def branch_info(info: Mapping[str, Any]) -> BranchInfo:
+def branch_info(info: Mapping[str, Any], exists: bool = True) -> BranchInfo:
     """The ``BranchInfo`` of a branch as the API describes it (``GET /branches/{ref}``)."""
     expires = info.get("expires_at")
-    return BranchInfo(name=info["name"], id=info["id"], exists=True,
+    return BranchInfo(name=info["name"], id=info["id"], exists=exists,
                       parent_id=info.get("parent_id"),
                       is_default=info["name"] == "main",
                       is_protected=bool(info.get("protected")),
@@ -500,13 +501,43 @@ class PlanItem:
         return self.action == "delete" or self.takeover
 
 
-def make_plan(client: Client, project: Project, branch: str,
-              artifact_sha: str, owner: str | None = None) -> list[PlanItem]:
+@dataclass
+class ProjectPlan:
+    """A plan and what the config asked of the branch itself."""
+
+    items: list[PlanItem]
+    branch: BranchInfo
+    settings: BranchSettings
+    triggers: dict[str, Any] | None = None
+
+    def branch_changes(self) -> dict[str, Any]:
+        """The ``PATCH /branches/{ref}`` body that makes the branch as asked ({}:
+        nothing to change). A ttl is always sent: it counts from the branch's creation,
+        so sending it again changes nothing."""
+        body: dict[str, Any] = {}
+        if self.settings.ttl_s is not None:
+            body["ttl_s"] = self.settings.ttl_s
+        wanted = self.settings.protected
+        if wanted is not None and wanted != self.branch.is_protected:
+            body["protected"] = wanted
+        return body
+
+
+def plan_project(client: Client, project: Project, branch: str, artifact_sha: str,
+                 owner: str | None = None, new_branch: bool = False) -> ProjectPlan:
     """``owner``: this project's id. Live functions the config does not declare are
     deleted only when this project created them (their owner is ``owner``); the others
-    are kept."""
-    info = client.get_branch(branch)
-    desired = project.desired(branch_info(info))
+    are kept. ``new_branch``: the branch was just made for this deploy (a neon.ts
+    closure sees ``exists`` false, as on Neon)."""
+    info = branch_info(client.get_branch(branch), exists=not new_branch)
+    resolved = project.resolve(info)
+    return ProjectPlan(_plan_items(client, project, branch, resolved.functions, owner,
+                                   artifact_sha), info, resolved.branch, resolved.triggers)
+
+
+def _plan_items(client: Client, project: Project, branch: str,
+                desired: dict[str, DesiredFunction], owner: str | None,
+                artifact_sha: str) -> list[PlanItem]:
     live = {f["slug"]: f for f in client.list_functions(branch)}
     plan: list[PlanItem] = []
     for slug, want in sorted(desired.items()):
