@@ -36,6 +36,8 @@ class BranchLifetime:
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        #: Expired branches whose deletion was refused, warned about once each.
+        self._warned: set[str] = set()
 
     async def set(self, ref: str, ttl_s: int | None, protected: bool | None,
                   clear_ttl: bool = False) -> BranchRow:
@@ -86,7 +88,10 @@ class BranchLifetime:
             try:
                 gone = await self.manager.delete(branch_id, True, self.before_delete)
             except BranchError as exc:
-                if exc.code != "branch_not_found":  # deleted by its parent's expiry
+                # Not found: deleted by its parent's expiry. Refused ones are retried each
+                # sweep (a protected child may be unprotected) but warned about once.
+                if exc.code != "branch_not_found" and branch_id not in self._warned:
+                    self._warned.add(branch_id)
                     log.warning("branch %s expired but was not deleted: %s", branch_id,
                                 exc.message)
                 continue

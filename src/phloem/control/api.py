@@ -115,8 +115,8 @@ class BranchCreateIn(BaseModel):
 class BranchLifetimeIn(BaseModel):
     model_config = STRICT_INPUT
 
-    ttl_s: int | None = Field(None, description="expires this many seconds after it was "
-                              "created; null: left as it is")
+    ttl_s: int | None = Field(None, ge=1, le=366 * 86400, description="expires this many "
+                              "seconds after it was created; null: left as it is")
     clear_ttl: bool = Field(False, description="never expires")
     protected: bool | None = Field(None, description="null: left as it is")
 
