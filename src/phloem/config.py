@@ -47,10 +47,18 @@ class Function:
 
 @dataclass(frozen=True)
 class BranchInfo:
-    """What a ``branch=`` callback is given."""
+    """What a ``branch=`` callback is given (a neon.ts ``branch`` closure gets the same,
+    camelCased: ``name``, ``id``, ``exists``, ``parentId``, ``isDefault``,
+    ``isProtected``, ``expiresAt``)."""
 
     name: str
     id: str
+    exists: bool = True
+    parent_id: str | None = None
+    is_default: bool = False
+    is_protected: bool = False
+    #: ISO 8601 (UTC) when the branch is deleted; None: never.
+    expires_at: str | None = None
 
 
 @dataclass(frozen=True)

@@ -451,6 +451,7 @@ class BranchManager:
             if row.parent_id is None:
                 raise BranchError(409, "no_parent", f"branch {row.name!r} has no parent to "
                                   "reset from")
+            _refuse_protected(row, "reset")
             parent = await self.get(row.parent_id)
             with self._busy_with(row.id):
                 return await self._reset(row, parent, before_swap, progress)
@@ -491,6 +492,8 @@ class BranchManager:
                                   f"branch {row.name!r} is the root branch and cannot be "
                                   "deleted")
             order = await self._descendants(row)
+            for b in order:
+                _refuse_protected(b, "deleted")
             if len(order) > 1 and not recursive:
                 names = ", ".join(repr(b.name) for b in order[:-1])
                 raise BranchError(409, "branch_has_children",
@@ -539,6 +542,14 @@ class BranchManager:
             return True
         except psycopg.Error:
             return False
+
+
+def _refuse_protected(row: BranchRow, verb: str) -> None:
+    if row.protected:
+        raise BranchError(409, "branch_protected",
+                          f"branch {row.name!r} is protected and cannot be {verb}; "
+                          "unprotect it first (protected: false in its neon.ts branch "
+                          "settings, then phloem deploy --allow-protected)")
 
 
 def _as_branch_error(exc: BaseException) -> BaseException:

@@ -37,11 +37,13 @@ from phloem.project.plan import (
     ConfigError,
     PlanItem,
     Project,
+    ProjectPlan,
     apply_plan,
+    branch_info,
     find_root,
     load_project,
-    make_plan,
     pack_project,
+    plan_project,
     project_id,
     read_link,
     write_link,
@@ -65,6 +67,9 @@ YesOpt = Annotated[bool, typer.Option(
     "--yes", "-y", envvar="PHLOEM_YES", help="Apply without asking when the plan deletes "
     "functions this project created, or takes over another project's; without it such a "
     "plan is asked about on a terminal and refused otherwise (nothing is changed).")]
+AllowProtectedOpt = Annotated[bool, typer.Option(
+    "--allow-protected", help="Deploy to a protected branch (neon.ts branch setting "
+    "protected: true); refused without it.")]
 WaitOpt = Annotated[bool, typer.Option(
     "--wait/--no-wait", envvar="PHLOEM_WAIT", help="Wait until each deployment is ready "
     "or failed; --no-wait returns once they are accepted (state building: see 'phloem "
@@ -87,13 +92,23 @@ def _load(root: Path, env_file: Path | None) -> Project:
         fail(str(exc))
 
 
-def _plan(client: Client, project: Project, branch: str,
-          owner: str | None) -> tuple[list[PlanItem], tuple[bytes, str]]:
+def _plan(client: Client, project: Project, branch: str, owner: str | None,
+          new_branch: bool = False) -> tuple[ProjectPlan, tuple[bytes, str]]:
     try:
         artifact = pack_project(project)
-        return make_plan(client, project, branch, artifact[1], owner), artifact
+        return plan_project(client, project, branch, artifact[1], owner,
+                            new_branch), artifact
     except (ConfigError, ClientError) as exc:
         fail(str(exc))
+
+
+def _show_branch_changes(pp: ProjectPlan) -> None:
+    changes = pp.branch_changes()
+    if "ttl_s" in changes:
+        out.print(f"  branch expires {changes['ttl_s']} s after its creation (ttl)")
+    if "protected" in changes:
+        out.print(f"  branch {'becomes' if changes['protected'] else 'stops being'} "
+                  "protected")
 
 
 def _show_plan(plan: list[PlanItem], branch: str) -> None:
@@ -155,22 +170,30 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
     root = project_root(project)
     proj = _load(root, env_file)
     # Plan changes nothing: a project without an id yet has created nothing.
-    plan, _ = _plan(client_for(data_dir), proj, branch, read_link(root).get("project_id"))
+    pp, _ = _plan(client_for(data_dir), proj, branch, read_link(root).get("project_id"))
     if output is OutputFormat.json:
-        print_json({"branch": branch, "plan": [i.as_dict() for i in plan]})
+        print_json({"branch": branch, "plan": [i.as_dict() for i in pp.items],
+                    "branch_changes": pp.branch_changes()})
     else:
-        _show_plan(plan, branch)
+        _show_plan(pp.items, branch)
+        _show_branch_changes(pp)
 
 
 def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
-             output: OutputFormat, yes: bool = False, wait: bool = True) -> None:
+             output: OutputFormat, yes: bool = False, wait: bool = True,
+             allow_protected: bool = False, new_branch: bool = False) -> None:
     proj = _load(root, env_file)
     client = client_for(data_dir)
     owner = project_id(root)
-    plan, artifact = _plan(client, proj, branch, owner)
+    pp, artifact = _plan(client, proj, branch, owner, new_branch)
+    plan = pp.items
     quiet = output is OutputFormat.json
     if not quiet:
         _show_plan(plan, branch)
+        _show_branch_changes(pp)
+    if pp.branch.is_protected and not allow_protected:
+        fail(f"branch {pp.branch.name!r} is protected: deploying to it needs "
+             "--allow-protected")
     _confirm(plan, yes)
     try:
         with err.status("applying") as spinner:
@@ -181,12 +204,17 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
 
             results = apply_plan(client, proj, plan, branch, artifact, progress,
                                  owner=owner, wait=wait)
+            changes = pp.branch_changes()
+            lifetime = client.set_branch_lifetime(branch, changes) if changes else None
     except ClientError as exc:
         fail(str(exc))
     failed = [r for r in results if not r.ok]
     if quiet:
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
-                    "results": [r.__dict__ for r in results]})
+                    "results": [r.__dict__ for r in results],
+                    "branch_settings": None if lifetime is None else {
+                        "expires_at": lifetime["expires_at"],
+                        "protected": lifetime["protected"]}})
     else:
         for r in results:
             mark = "[green]ok[/]" if r.ok else "[bold red]failed[/]"
@@ -202,25 +230,29 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
 def config_apply(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
                  env_file: EnvFileOpt = None, branch: BranchOpt = "",
                  output: OutputOpt = OutputFormat.text, yes: YesOpt = False,
-                 wait: WaitOpt = True) -> None:
+                 wait: WaitOpt = True,
+                 allow_protected: AllowProtectedOpt = False) -> None:
     """Bundle, upload and deploy what the plan says, in parallel; exit 1 if any function
     failed (the others stay applied). Functions the config no longer declares are
     deleted only if this project created them (asked first: --yes); other projects'
     and 'phloem functions deploy' ones are kept."""
-    do_apply(data_dir, project_root(project), env_file, branch, output, yes, wait)
+    do_apply(data_dir, project_root(project), env_file, branch, output, yes, wait,
+             allow_protected)
 
 
 @app.command("deploy")
 def deploy_alias(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
                  env_file: EnvFileOpt = None, branch: BranchOpt = "",
                  output: OutputOpt = OutputFormat.text, yes: YesOpt = False,
-                 wait: WaitOpt = True) -> None:
+                 wait: WaitOpt = True,
+                 allow_protected: AllowProtectedOpt = False) -> None:
     """Apply phloemfile.py (or neon.ts) to the linked branch (same as 'phloem config
     apply').
 
     Example: phloem deploy --yes --no-wait
     """
-    do_apply(data_dir, project_root(project), env_file, branch, output, yes, wait)
+    do_apply(data_dir, project_root(project), env_file, branch, output, yes, wait,
+             allow_protected)
 
 
 # -- link, checkout, env ---------------------------------------------------------
@@ -319,7 +351,7 @@ def checkout(
         fail(str(exc))
     out.print(f"{'created and ' if created else ''}switched to branch {name}")
     if created and ((root / CONFIG_FILE).is_file() or find_neon_config(root) is not None):
-        do_apply(data_dir, root, env_file, name, OutputFormat.text)
+        do_apply(data_dir, root, env_file, name, OutputFormat.text, new_branch=True)
     if not no_env_pull:
         try:
             target = _pull_env(client, root, name, Path(".env"))
@@ -429,7 +461,6 @@ def dev(
     """
     import asyncio
 
-    from phloem.config import BranchInfo
     from phloem.dev.server import DevPortError, DevServer
     from phloem.runtimes.base import BuildFailed
 
@@ -438,7 +469,7 @@ def dev(
     client = client_for(data_dir)
     try:
         info = client.get_branch(branch)
-        desired = proj.desired(BranchInfo(name=info["name"], id=info["id"]))
+        desired = proj.desired(branch_info(info))
         base_env = {
             "DATABASE_URL": client.connection_string(branch, pooled=True),
             "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),

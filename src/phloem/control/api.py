@@ -33,6 +33,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phloem import __version__
+from phloem.branches.lifetime import BranchLifetime
 from phloem.branches.manager import BranchError
 from phloem.control import neon_v2
 from phloem.control.artifacts import (
@@ -96,6 +97,9 @@ class BranchOut(BaseModel):
     copy_ms: float | None = None
     logical_size_bytes: int | None = None
     copied_deployments: list[str] | None = None
+    expires_at: datetime | None = Field(None, description="when the platform deletes it "
+                                        "with its functions (a neon.ts ttl); null: never")
+    protected: bool = Field(False, description="delete and reset are refused")
 
 
 class BranchCreateIn(BaseModel):
@@ -106,6 +110,15 @@ class BranchCreateIn(BaseModel):
     parent: str | None = Field(None, description="parent name or id; default: main")
     copy_functions: bool = Field(False, description="deploy the parent's active "
                                  "functions on the new branch")
+
+
+class BranchLifetimeIn(BaseModel):
+    model_config = STRICT_INPUT
+
+    ttl_s: int | None = Field(None, ge=1, le=366 * 86400, description="expires this many "
+                              "seconds after it was created; null: left as it is")
+    clear_ttl: bool = Field(False, description="never expires")
+    protected: bool | None = Field(None, description="null: left as it is")
 
 
 class BranchDeleteOut(BaseModel):
@@ -244,7 +257,8 @@ def _deployment_out(d: DeploymentRow) -> DeploymentOut:
 def _branch_out(b: BranchRow, size: int | None = None) -> BranchOut:
     return BranchOut(id=b.id, name=b.name, parent_id=b.parent_id, state=b.state,
                      created_at=b.created_at, copy_method=b.copy_method,
-                     copy_bytes=b.copy_bytes, copy_ms=b.copy_ms, logical_size_bytes=size)
+                     copy_bytes=b.copy_bytes, copy_ms=b.copy_ms, logical_size_bytes=size,
+                     expires_at=b.expires_at, protected=b.protected)
 
 
 class KeepEncodedSlashes:
@@ -423,6 +437,12 @@ def create_api(services: ApiServices) -> FastAPI:
             deps = await services.deployer.copy_functions(parent, row)
             out.copied_deployments = [d.id for d in deps]
         return out
+
+    @app.patch("/api/v1/branches/{ref}", responses=errors(400, 404, 409))
+    async def set_branch_lifetime(branch: BranchRef, body: BranchLifetimeIn) -> BranchOut:
+        lifetime = BranchLifetime(services.branches, services.deployer.drop_branch)
+        row = await lifetime.set(branch.id, body.ttl_s, body.protected, body.clear_ttl)
+        return await sized(row)
 
     @app.post("/api/v1/branches/{ref}/reset", responses=errors(404, 409, 507))
     async def reset_branch(branch: BranchRef) -> BranchOut:

@@ -140,7 +140,8 @@ class DevServer:
 
         try:
             family_of(want.runtime).build(BuildContext(self.toolbox, source=self.root,
-                                                       out=out, entry=want.entry, log=log))
+                                                       out=out, entry=want.entry, log=log,
+                                                       bundle=want.bundle))
         except BuildFailed as exc:
             self.say(f"[{want.slug}] build failed: {exc}")
             return False

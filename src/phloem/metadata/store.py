@@ -44,6 +44,10 @@ class BranchRow:
     copy_bytes: int | None = None
     copy_ms: float | None = None
     updated_at: datetime | None = None
+    #: When the platform deletes it (a neon.ts ``ttl``); None: never.
+    expires_at: datetime | None = None
+    #: Delete and reset are refused; a project deploy needs --allow-protected.
+    protected: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class Store:
 
     async def update_branch(self, branch_id: str, **fields: Any) -> None:
         allowed = {"state", "pooler_port", "copy_method", "copy_bytes", "copy_ms",
-                   "role_password", "superuser_password"}
+                   "role_password", "superuser_password", "expires_at", "protected"}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
         for column in BRANCH_SECRETS:
@@ -183,6 +187,12 @@ class Store:
         rows = await self._all("SELECT * FROM branches WHERE parent_id = %s ORDER BY "
                                "created_at", (branch_id,))
         return [self._branch(r) for r in rows]
+
+    async def expired_branch_ids(self) -> list[str]:
+        """Branches whose ``expires_at`` has passed, oldest expiry first."""
+        rows = await self._all("SELECT id FROM branches WHERE expires_at <= now() AND "
+                               "state = 'ready' ORDER BY expires_at")
+        return [r["id"] for r in rows]
 
     async def delete_branch(self, branch_id: str) -> None:
         await self._exec("DELETE FROM branches WHERE id = %s", (branch_id,))

@@ -112,6 +112,12 @@ class Client:
             "name": name, "parent": parent, "copy_functions": copy_functions})
         return result
 
+    def set_branch_lifetime(self, ref: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """``changes``: ``ttl_s`` (expires that long after its creation), ``clear_ttl``,
+        ``protected``."""
+        result: dict[str, Any] = self.json("PATCH", f"/branches/{_ref(ref)}", json=changes)
+        return result
+
     def reset_branch(self, ref: str) -> dict[str, Any]:
         result: dict[str, Any] = self.json("POST", f"/branches/{_ref(ref)}/reset")
         return result

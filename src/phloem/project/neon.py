@@ -9,16 +9,19 @@
 
 It is code, so phloem runs it: esbuild bundles it (TypeScript, and whatever it imports)
 and Node evaluates it for the branch being planned, calling the ``branch`` closure with
-that branch. ``@neon/config``, ``@neondatabase/config`` and ``@phloem/config`` resolve to
-phloem's own ``defineConfig`` here, so evaluating needs no ``npm install``. The process
+that branch. ``@neon/config`` and ``@neondatabase/config`` are the project's own when it
+has installed them (``node_modules/@neon/config``), so exactly what that version's
+``defineConfig`` accepts is accepted; when it has not, and for ``@phloem/config`` always,
+they resolve to phloem's own ``defineConfig``, so evaluating needs no ``npm install``. The process
 environment is the CLI's (after ``--env FILE``), so ``process.env.X`` in the config works.
 
-    raw = evaluate(Path("neon.ts"), {"name": "main", "id": "br-…", "exists": True})
-    raw["functions"], raw["tuning"], raw["unsupported"]
+    raw = evaluate(Path("neon.ts"), {"name": "main", "id": "br-…", "exists": True, ...})
+    raw["functions"], raw["tuning"], raw["unsupported"], raw["refused"], raw["triggers"]
 
 A config that enables a service phloem does not have (Neon Auth, the Data API, object
-storage, the AI Gateway, triggers, lifecycle hooks) is refused by the caller with the
-services named: the function's ``parseEnv`` would demand their variables at start-up.
+storage, the AI Gateway) is refused by the caller with the services named: the function's
+``parseEnv`` would demand their variables at start-up; keys phloem does not honour
+(``customDomains``, ``experimental.hooks``) are refused by name with the reason.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ from phloem.runtimes.node.substitutes import package_dir
 
 NEON_CONFIG_FILES = ("neon.ts", "neon.mts", "neon.js", "neon.mjs")
 EVALUATOR = Path(__file__).parent.parent / "runtimes" / "node" / "evalconfig.mjs"
-#: Config packages that resolve to phloem's defineConfig while evaluating.
+#: Config packages that resolve to phloem's defineConfig while evaluating: the first two
+#: only when the project has not installed them.
 CONFIG_ALIASES = ("@neon/config", "@neondatabase/config", "@phloem/config")
+#: Always phloem's: not on the registry.
+OWN_CONFIG = "@phloem/config"
 
 
 class NeonConfigError(ValueError):
@@ -77,10 +83,20 @@ def _node(progress: Any) -> Path:
     return ensure_node(tools_dir(), progress)
 
 
+def config_aliases(root: Path) -> list[str]:
+    """The config package names phloem's ``defineConfig`` stands in for in ``root``: those
+    the project has not installed in a ``node_modules`` of ``root`` or above."""
+    installed = {name for name in CONFIG_ALIASES if name != OWN_CONFIG and any(
+        (d / "node_modules" / name / "package.json").is_file()
+        for d in (root, *root.parents))}
+    return [name for name in CONFIG_ALIASES if name not in installed]
+
+
 def evaluate(config_path: Path, target: dict[str, Any],
              progress: Any = None, timeout: float = 60) -> dict[str, Any]:
     """Bundle and run ``config_path`` for the branch ``target`` (``name``, ``id``,
-    ``exists``, ``isDefault``); returns the evaluator's JSON (see evalconfig.mjs)."""
+    ``exists``, ``parentId``, ``isDefault``, ``isProtected``, ``expiresAt``); returns the
+    evaluator's JSON (see evalconfig.mjs)."""
     say = progress or (lambda _line: None)
     root = config_path.parent
     try:
@@ -93,7 +109,7 @@ def evaluate(config_path: Path, target: dict[str, Any],
         cmd = [str(esbuild), config_path.name, "--bundle", "--platform=node",
                "--format=esm", "--target=node20", f"--outfile={out}", "--log-level=error",
                "--color=false", "--packages=bundle"]
-        cmd += [f"--alias:{name}={package_dir('config')}" for name in CONFIG_ALIASES]
+        cmd += [f"--alias:{name}={package_dir('config')}" for name in config_aliases(root)]
         env = {k: v for k, v in os.environ.items() if k != "NODE_PATH"}
         try:
             built = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,

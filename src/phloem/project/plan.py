@@ -2,9 +2,10 @@
 that turns the declared functions into deployments.
 
     project = load_project(Path("."))
-    plan = make_plan(client, project, branch="main")
-    for item in plan: print(item.slug, item.action, item.reasons)
-    results = apply_plan(client, project, plan, branch="main", progress=print)
+    pp = plan_project(client, project, "main", artifact_sha, owner)
+    for item in pp.items: print(item.slug, item.action, item.reasons)
+    results = apply_plan(client, project, pp.items, "main", artifact, print, owner=owner)
+    client.set_branch_lifetime("main", pp.branch_changes())   # ttl / protected, if any
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from phloem.project.client import Client, ClientError
 from phloem.project.neon import find_neon_config
 from phloem.project.packing import pack_directory
 from phloem.runtimes.base import Runtime
+from phloem.runtimes.node.runtime import PREBUILT_SUFFIXES
 from phloem.runtimes.registry import (
     answers_to,
     runtime_for_source,
@@ -55,6 +57,27 @@ class DesiredFunction:
     limits: dict[str, Any]
     #: ``dev.port`` of a neon.ts function: the port ``phloem dev`` serves it on, exactly.
     dev_port: int | None = None
+    #: False (neon.ts ``bundler: "none"``): the entry is deployed as it is, not bundled.
+    bundle: bool = True
+
+
+@dataclass(frozen=True)
+class BranchSettings:
+    """What a config's ``branch`` closure asks of the branch itself (neon.ts ``ttl``,
+    ``protected``); None: not asked, left as it is."""
+
+    ttl_s: int | None = None
+    protected: bool | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A config evaluated for one branch."""
+
+    functions: dict[str, DesiredFunction]
+    branch: BranchSettings = field(default_factory=BranchSettings)
+    #: neon.ts top-level ``triggers`` as declared (plain JSON), for the triggers code.
+    triggers: dict[str, Any] | None = None
 
 
 def _runtime(where: str, source: str, path: Path, requested: Any) -> tuple[Runtime, str]:
@@ -87,10 +110,23 @@ class Project:
 
     root: Path
     config_file: str
-    resolver: Callable[[BranchInfo], dict[str, DesiredFunction]]
+    resolver: Callable[[BranchInfo], Resolved]
 
     def desired(self, branch: BranchInfo) -> dict[str, DesiredFunction]:
+        return self.resolver(branch).functions
+
+    def resolve(self, branch: BranchInfo) -> Resolved:
         return self.resolver(branch)
+
+
+def branch_info(info: Mapping[str, Any], exists: bool = True) -> BranchInfo:
+    """The ``BranchInfo`` of a branch as the API describes it (``GET /branches/{ref}``)."""
+    expires = info.get("expires_at")
+    return BranchInfo(name=info["name"], id=info["id"], exists=exists,
+                      parent_id=info.get("parent_id"),
+                      is_default=info["name"] == "main",
+                      is_protected=bool(info.get("protected")),
+                      expires_at=str(expires) if expires else None)
 
 
 def _python_desired(root: Path, config: Config, branch: BranchInfo) -> dict[str, DesiredFunction]:
@@ -217,7 +253,7 @@ def load_project(root: Path, env_file: Path | None = None,
     if not path.is_file():
         assert neon_path is not None
         return Project(root=root, config_file=neon_path.name,
-                       resolver=lambda branch: _neon_desired(root, neon_path, branch,
+                       resolver=lambda branch: _neon_resolve(root, neon_path, branch,
                                                              progress))
     sys.path.insert(0, str(root))
     try:
@@ -234,20 +270,32 @@ def load_project(root: Path, env_file: Path | None = None,
         if not isinstance(fn, Function):
             raise ConfigError(f"{CONFIG_FILE}: functions.{slug}: must be a Function(...)")
     return Project(root=root, config_file=CONFIG_FILE,
-                   resolver=lambda branch: _python_desired(root, config, branch))
+                   resolver=lambda branch: Resolved(_python_desired(root, config, branch)))
 
 
 # -- neon.ts ---------------------------------------------------------------------
 NEON_FUNCTION_KEYS = {"name", "source", "env", "limits", "runtime", "bundler",
-                      "externalPackages", "dev", "customDomains"}
-NEON_TUNING_KEYS = {"name", "env", "limits", "runtime", "customDomains"}
+                      "externalPackages", "dev"}
+NEON_TUNING_KEYS = {"name", "env", "limits", "runtime"}
+#: What a neon.ts ``branch`` closure may return besides ``functions``, and why the keys
+#: Neon has that phloem does not honour are refused.
+NEON_BRANCH_KEYS = {"ttl", "protected"}
+NEON_BRANCH_REFUSED = {
+    "postgres": "compute settings size Neon's autoscaling computes; a phloem branch is one "
+                "PostgreSQL server without compute sizes",
+    "auth": "Neon Auth is a service phloem does not provide",
+    "dataApi": "the Data API is a service phloem does not provide",
+}
+NEON_BUNDLERS = ("esbuild", "none")
+TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _neon_desired(root: Path, config_path: Path, branch: BranchInfo,
-                  progress: Callable[[str], None] | None) -> dict[str, DesiredFunction]:
+def _neon_resolve(root: Path, config_path: Path, branch: BranchInfo,
+                  progress: Callable[[str], None] | None) -> Resolved:
     name = config_path.name
-    target = {"name": branch.name, "id": branch.id, "exists": True,
-              "isDefault": branch.name == "main"}
+    target = {"name": branch.name, "id": branch.id, "exists": branch.exists,
+              "parentId": branch.parent_id, "isDefault": branch.is_default,
+              "isProtected": branch.is_protected, "expiresAt": branch.expires_at}
     try:
         raw = neon.evaluate(config_path, target, progress)
     except neon.NeonConfigError as exc:
@@ -259,6 +307,9 @@ def _neon_desired(root: Path, config_path: Path, branch: BranchInfo,
             f"{name}: enables services phloem does not provide: {what}. Remove them from "
             f"{name}: parseEnv(config) would demand their variables, which phloem cannot "
             "inject.")
+    refused = raw.get("refused") or []
+    if refused:
+        raise ConfigError(f"{name}: " + "; ".join(f"{key}: {why}" for key, why in refused))
     tuning = raw.get("tuning") or {}
     per_fn: dict[str, Any] = tuning.get("functions") or {}
     functions: dict[str, Any] = raw.get("functions") or {}
@@ -269,7 +320,47 @@ def _neon_desired(root: Path, config_path: Path, branch: BranchInfo,
         if slug not in functions:
             raise ConfigError(f"{name}: branch: functions.{slug}: no such function is "
                               "declared")
-    return out
+    triggers = raw.get("triggers")
+    return Resolved(out, _branch_settings(name, branch, tuning),
+                    triggers if isinstance(triggers, dict) else None)
+
+
+def _branch_settings(config_name: str, branch: BranchInfo,
+                     tuning: Mapping[str, Any]) -> BranchSettings:
+    where = f"{config_name}: branch"
+    for key in sorted(set(tuning) - NEON_BRANCH_KEYS - {"functions"}):
+        why = NEON_BRANCH_REFUSED.get(key, f"unknown key (known: functions, "
+                                           f"{', '.join(sorted(NEON_BRANCH_KEYS))})")
+        raise ConfigError(f"{where}: {key}: {why}")
+    protected = tuning.get("protected")
+    if protected is not None and not isinstance(protected, bool):
+        raise ConfigError(f"{where}: protected: must be true or false (got {protected!r})")
+    ttl = tuning.get("ttl")
+    ttl_s = None if ttl is None else parse_ttl(f"{where}: ttl", ttl)
+    if ttl_s is not None and branch.is_default:
+        raise ConfigError(f"{where}: ttl: the default branch ({branch.name}) cannot expire")
+    if ttl_s is not None and (protected or (protected is None and branch.is_protected)):
+        raise ConfigError(f"{where}: ttl: a protected branch cannot expire "
+                          f"({branch.name} is protected)")
+    return BranchSettings(ttl_s=ttl_s, protected=protected)
+
+
+def parse_ttl(where: str, ttl: Any) -> int:
+    """A branch's time to live in seconds: ``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``,
+    ``"2w"``, or a number of seconds."""
+    if isinstance(ttl, bool):
+        raise ConfigError(f"{where}: must be a duration such as \"7d\" (got {ttl!r})")
+    if isinstance(ttl, int | float):
+        seconds = int(ttl)
+    elif isinstance(ttl, str) and len(ttl) > 1 and ttl[:-1].strip().isdigit() \
+            and ttl[-1] in TTL_UNITS:
+        seconds = int(ttl[:-1].strip()) * TTL_UNITS[ttl[-1]]
+    else:
+        raise ConfigError(f"{where}: must be a duration such as \"7d\", \"12h\", \"30m\" or "
+                          f"\"90s\" (got {ttl!r})")
+    if seconds < 1:
+        raise ConfigError(f"{where}: must be at least 1 second (got {ttl!r})")
+    return seconds
 
 
 def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, Any],
@@ -309,8 +400,23 @@ def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, An
         check_name(name)
     except InvalidInput as exc:
         raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
+    bundler = spec.get("bundler", "esbuild")
+    if bundler not in NEON_BUNDLERS:
+        raise ConfigError(f"{where}.bundler: must be \"esbuild\" (phloem bundles the source) "
+                          f"or \"none\" (the entry is deployed as it is); got {bundler!r}")
+    if bundler == "none" and not entry.endswith(PREBUILT_SUFFIXES):
+        raise ConfigError(f"{where}.source: with bundler \"none\" the entry runs as it is, "
+                          f"so it must be JavaScript ({', '.join(PREBUILT_SUFFIXES)}); "
+                          f"got {source!r}")
+    external = spec.get("externalPackages")
+    if external is not None and external != []:
+        raise ConfigError(
+            f"{where}.externalPackages: not supported yet: phloem bundles every package "
+            "into the function (native addons are found and kept outside by themselves); "
+            "remove the key")
     return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
-                           limits=limits, dev_port=_dev_port(where, spec.get("dev")))
+                           limits=limits, dev_port=_dev_port(where, spec.get("dev")),
+                           bundle=bundler != "none")
 
 
 def _dev_port(where: str, dev: Any) -> int | None:
@@ -395,13 +501,43 @@ class PlanItem:
         return self.action == "delete" or self.takeover
 
 
-def make_plan(client: Client, project: Project, branch: str,
-              artifact_sha: str, owner: str | None = None) -> list[PlanItem]:
+@dataclass
+class ProjectPlan:
+    """A plan and what the config asked of the branch itself."""
+
+    items: list[PlanItem]
+    branch: BranchInfo
+    settings: BranchSettings
+    triggers: dict[str, Any] | None = None
+
+    def branch_changes(self) -> dict[str, Any]:
+        """The ``PATCH /branches/{ref}`` body that makes the branch as asked ({}:
+        nothing to change). A ttl is always sent: it counts from the branch's creation,
+        so sending it again changes nothing."""
+        body: dict[str, Any] = {}
+        if self.settings.ttl_s is not None:
+            body["ttl_s"] = self.settings.ttl_s
+        wanted = self.settings.protected
+        if wanted is not None and wanted != self.branch.is_protected:
+            body["protected"] = wanted
+        return body
+
+
+def plan_project(client: Client, project: Project, branch: str, artifact_sha: str,
+                 owner: str | None = None, new_branch: bool = False) -> ProjectPlan:
     """``owner``: this project's id. Live functions the config does not declare are
     deleted only when this project created them (their owner is ``owner``); the others
-    are kept."""
-    info = client.get_branch(branch)
-    desired = project.desired(BranchInfo(name=info["name"], id=info["id"]))
+    are kept. ``new_branch``: the branch was just made for this deploy (a neon.ts
+    closure sees ``exists`` false, as on Neon)."""
+    info = branch_info(client.get_branch(branch), exists=not new_branch)
+    resolved = project.resolve(info)
+    return ProjectPlan(_plan_items(client, project, branch, resolved.functions, owner,
+                                   artifact_sha), info, resolved.branch, resolved.triggers)
+
+
+def _plan_items(client: Client, project: Project, branch: str,
+                desired: dict[str, DesiredFunction], owner: str | None,
+                artifact_sha: str) -> list[PlanItem]:
     live = {f["slug"]: f for f in client.list_functions(branch)}
     plan: list[PlanItem] = []
     for slug, want in sorted(desired.items()):
@@ -426,6 +562,9 @@ def make_plan(client: Client, project: Project, branch: str,
             reasons.append(f"name {fn['name']!r} -> {want.name!r}")
         if (active.get("limits") or {}) != want.limits:
             reasons.append("limits changed")
+        if active.get("bundle", True) != want.bundle:
+            reasons.append("bundler esbuild -> none" if want.bundle is False
+                           else "bundler none -> esbuild")
         keys = set(active["env_keys"])
         added, removed = sorted(set(want.env) - keys), sorted(keys - set(want.env))
         if added:
@@ -495,7 +634,7 @@ def apply_plan(client: Client, project: Project, plan: list[PlanItem], branch: s
                 branch, item.slug, sha, want.entry, env=want.env, name=want.name,
                 runtime=want.runtime, limits=want.limits, replace_env=True,
                 progress=lambda line: progress(f"{item.slug}: {line}"), wait=wait,
-                owner=owner)
+                owner=owner, bundle=want.bundle)
         except ClientError as exc:
             return ApplyResult(item.slug, item.action, False, str(exc))
         if dep["status"] == "failed":

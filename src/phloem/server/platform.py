@@ -40,6 +40,7 @@ from psycopg_pool import AsyncConnectionPool
 from rich.markup import escape
 
 from phloem import __version__
+from phloem.branches.lifetime import BranchLifetime
 from phloem.branches.manager import BranchManager
 from phloem.control.api import create_api
 from phloem.control.artifacts import ArtifactStore
@@ -390,6 +391,10 @@ class Platform:
         deployer = Deployer(s, paths, store, artifacts, branches, supervisor, toolbox,
                             secret_box, sandbox_off)
         teardown.callback(deployer.close)
+        # Expired branches (a neon.ts ttl) are deleted with their functions.
+        lifetime = BranchLifetime(branches, deployer.drop_branch)
+        lifetime.start()
+        push(lifetime.stop)
 
         async def allow(branch: BranchRow, fn: FunctionRow) -> None:
             await firewall.allow_function(self._isolate_uid(fn), _branch_ports(branch))

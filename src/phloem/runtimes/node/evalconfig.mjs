@@ -1,9 +1,12 @@
 // Evaluate a project's bundled neon.ts for one branch and print what phloem needs as JSON.
 //
-//   node evalconfig.mjs /tmp/neon.config.mjs '{"name":"main","id":"br-...","exists":true}'
+//   node evalconfig.mjs /tmp/neon.config.mjs '{"name":"main","id":"br-...","exists":true,...}'
 //
-// Output: {"functions": {slug: {name, source, env, limits, runtime}}, "tuning": {...} | null,
-//          "unsupported": [[key, what], ...], "ignored": [key, ...]}
+// Output: {"functions": {slug: {name, source, env, limits, runtime, bundler, ...}},
+//          "tuning": {...} | null, "unsupported": [[key, what], ...],
+//          "refused": [[key, why], ...], "triggers": {...} | null}
+// "unsupported" are services phloem lacks; "refused" are other keys phloem does not honour,
+// each with the reason, so that no key is dropped without a word.
 // Exit 2 with a message on stderr when the module cannot be evaluated or is not a config.
 // The checks that name fields and rules for the user live in phloem/project/neon.py; here we only
 // turn JavaScript values into JSON without losing what JSON would drop (undefined env
@@ -48,12 +51,24 @@ function describeFunctions(functions, where) {
     if (def === null || typeof def !== "object") fail(`${where}.${slug}: must be an object`);
     const { env, ...rest } = def;
     for (const [key, value] of Object.entries(rest)) {
+      if (key === "bundler" && typeof value === "function") {
+        fail(`${where}.${slug}.bundler: a bundler function is not supported: phloem builds on the ` +
+             `platform, where it cannot run a build step of the config; use "esbuild" (phloem ` +
+             `bundles the source) or "none" (deploy the prebuilt entry as it is)`);
+      }
       if (typeof value === "function") fail(`${where}.${slug}.${key}: functions are not supported here`);
+    }
+    if (rest.customDomains !== undefined) {
+      refused.push([`${where}.${slug}.customDomains`, CUSTOM_DOMAINS]);
+      delete rest.customDomains;
     }
     out[slug] = { ...rest, env: plainEnv(env, `${where}.${slug}.env`) };
   }
   return out;
 }
+
+const CUSTOM_DOMAINS = "custom domains come with public HTTPS; not supported yet";
+const refused = [];
 
 const [bundlePath, targetJson] = process.argv.slice(2);
 if (!bundlePath || !targetJson) fail("usage: evalconfig.mjs BUNDLE TARGET_JSON");
@@ -75,8 +90,35 @@ if (enabled(config.auth)) unsupported.push(["auth", "Neon Auth"]);
 if (enabled(config.dataApi)) unsupported.push(["dataApi", "the Data API"]);
 if (enabled(config.aiGateway) || enabled(config.preview?.aiGateway)) unsupported.push(["aiGateway", "the AI Gateway"]);
 if (nonEmpty(config.buckets) || nonEmpty(config.preview?.buckets)) unsupported.push(["buckets", "object storage"]);
-if (nonEmpty(config.triggers)) unsupported.push(["triggers", "scheduled and storage triggers"]);
-if (nonEmpty(config.experimental?.hooks)) unsupported.push(["experimental.hooks", "lifecycle hooks"]);
+if (config.experimental?.hooks !== undefined) {
+  refused.push(["experimental.hooks", "lifecycle hooks are not supported: phloem has no hook points to run them at"]);
+}
+if (config.customDomains !== undefined) refused.push(["customDomains", CUSTOM_DOMAINS]);
+
+// Every other key is refused by name rather than dropped.
+const KNOWN = {
+  "": ["auth", "dataApi", "aiGateway", "buckets", "preview", "functions", "triggers", "branch",
+       "experimental", "customDomains"],
+  "preview.": ["functions", "buckets", "aiGateway"],
+  "experimental.": ["hooks"],
+};
+for (const [prefix, known] of Object.entries(KNOWN)) {
+  const record = prefix === "" ? config : config[prefix.slice(0, -1)];
+  if (record === undefined || record === null || typeof record !== "object") continue;
+  for (const key of Object.keys(record)) {
+    if (!known.includes(key)) refused.push([`${prefix}${key}`, `unknown key (known: ${known.join(", ")})`]);
+  }
+}
+
+// Triggers are read by phloem's triggers code; JSON keeps their plain values.
+let triggers = null;
+if (config.triggers !== undefined) {
+  try {
+    triggers = JSON.parse(JSON.stringify(config.triggers));
+  } catch (err) {
+    fail(`triggers: cannot be read as plain values: ${err?.message ?? err}`);
+  }
+}
 
 const both = config.functions !== undefined && config.preview?.functions !== undefined;
 if (both) fail("functions: declare functions at the top level or under preview, not both");
@@ -96,6 +138,9 @@ if (config.branch !== undefined) {
   const fnTuning = tuning.functions ?? tuning.preview?.functions;
   tuning = { ...tuning, functions: describeFunctions(fnTuning, "branch.functions") };
   delete tuning.preview;
+  for (const [key, value] of Object.entries(tuning)) {
+    if (typeof value === "function") fail(`branch: ${key}: functions are not supported here`);
+  }
 }
 
-process.stdout.write(JSON.stringify({ functions, tuning, unsupported }));
+process.stdout.write(JSON.stringify({ functions, tuning, unsupported, refused, triggers }));
