@@ -13,7 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
+from phloem.gateway.record import RequestRecord
 from phloem.supervisor.isolate import IsolateSpec, LogWriter
+
+# The gateway's access line for one request, formatted in one operation (see
+# FunctionLogs.access): the timestamp's second and milliseconds, then the request.
+_ACCESS = "%s.%03dZ gateway access %s %s %d %.1fms rid=%s\n"
 
 
 class _Log:
@@ -53,13 +58,37 @@ class FunctionLogs:
         return write
 
     def write(self, path: Path, source: str, stream: str, line: str) -> None:
-        log = self._logs.get(path)
-        if log is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(path.parent.parent, 0o700)
-            f = open(path, "a", buffering=2**16)  # noqa: SIM115
-            log = self._logs[path] = _Log(f, path.stat().st_size)
-        entry = f"{self._timestamp()} {source} {stream} {line}\n"
+        log = self._logs.get(path) or self._open(path)
+        self._append(path, log, f"{self._timestamp()} {source} {stream} {line}\n")
+
+    def access(self, path: Path, record: RequestRecord) -> None:
+        """The gateway's line for one finished request (once per request on the gateway's
+        path: one format, no intermediate strings), as
+        ``write(path, "gateway", "access", "GET /x 200 1.2ms rid=...")`` would write it.
+
+            logs.access(spec.log_path, record)
+        """
+        log = self._logs.get(path) or self._open(path)
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        entry = _ACCESS % (self._second_text, int((now - second) * 1000), record.method,
+                           record.path, record.status, record.duration_s * 1000,
+                           record.request_id)
+        if record.error:
+            entry = f"{entry[:-1]} {record.error}\n"
+        self._append(path, log, entry)
+
+    def _open(self, path: Path) -> _Log:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent.parent, 0o700)
+        f = open(path, "a", buffering=2**16)  # noqa: SIM115
+        log = self._logs[path] = _Log(f, path.stat().st_size)
+        return log
+
+    def _append(self, path: Path, log: _Log, entry: str) -> None:
         pending = log.pending
         pending.append(entry)
         log.size += len(entry)

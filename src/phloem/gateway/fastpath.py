@@ -92,8 +92,9 @@ def try_fast(conn: _Connection, req: Request) -> bool:
 
     conn.pending.popleft()  # data_received updates reading after this
     conn.active = conn.last = req
-    started = conn.loop.time()
-    rid = request_id(info)
+    started = conn.last_io  # loop time, stamped by data_received in this same callback
+    # request_id() only when the client sent one (a call less for most requests).
+    rid = request_id(info) if info.request_id is not None else http.new_request_id()
     conn.begin_exchange(host)
     # The relay's parser is in step with the connection; until the exchange ends cleanly
     # it is the framer's alone.
@@ -103,7 +104,9 @@ def try_fast(conn: _Connection, req: Request) -> bool:
                                   framer)
     conn.upstream = transport
     conn.lease = lease
-    head = conn.upstream_head(req, info, rid)  # never an upgrade here
+    head = http.upstream_request_head(  # never an upgrade here
+        req.method, req.target, req.version, req.headers, info, request_id=rid,
+        peer_ip=conn.peer_ip, proto=config.proto, upgrade=False, trusted=conn.trusted)
     body = b""
     if info.chunked or info.content_length:
         if req.body:
@@ -244,7 +247,7 @@ class FastExchange:
         if reusable and not abort:
             relay.resp = self.framer.next_parser()  # serves the connection's next response
         transport = self.transport
-        if not abort:
+        if not abort and conn.up_paused:
             conn.resume_upstream(transport)
         conn.up_paused = False
         conn.upstream = None

@@ -20,7 +20,6 @@ import itertools
 import json
 import re
 import secrets
-from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import httptools
@@ -87,9 +86,12 @@ def _tokens(value: bytes) -> set[bytes]:
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
 
 
-@dataclass(slots=True)
 class RequestInfo:
-    """What the gateway needs to know about a request head, read in one pass."""
+    """What the gateway needs to know about a request head, read in one pass.
+
+    A plain class whose defaults live on the class: building one per request then costs
+    an allocation, and only the fields a head sets are stored (most heads set the host
+    alone). The collection fields are immutable, replaced rather than changed."""
 
     host: bytes | None = None
     host_count: int = 0
@@ -97,8 +99,8 @@ class RequestInfo:
     content_length: int | None = None
     chunked: bool = False
     expect_continue: bool = False
-    upgrade: list[bytes] = field(default_factory=list)
-    connection: set[bytes] = field(default_factory=set)
+    upgrade: tuple[bytes, ...] = ()
+    connection: frozenset[bytes] = frozenset()
 
     @property
     def has_body(self) -> bool:
@@ -123,9 +125,9 @@ def scan_request_headers(headers: Headers) -> RequestInfo:
         elif n == b"expect":
             info.expect_continue = value.strip().lower() == b"100-continue"
         elif n == b"connection":
-            info.connection |= _tokens(value)
+            info.connection = info.connection | _tokens(value)
         elif n == b"upgrade":
-            info.upgrade.append(value.strip())
+            info.upgrade = (*info.upgrade, value.strip())
     return info
 
 
@@ -151,7 +153,8 @@ def upstream_request_head(
     ``peer_ip`` appended to its ``X-Forwarded-For`` and its ``X-Forwarded-Proto`` /
     ``X-Forwarded-Host`` (the first of each) taking the place of ours.
     """
-    parts = [b"%s %s HTTP/%s\r\n" % (method, target, version.encode("ascii"))]
+    parts = [b"%s %s HTTP/%s\r\n"
+             % (method, target, _VERSIONS.get(version) or version.encode("ascii"))]
     forwarded_for: list[bytes] = []
     forwarded_proto = proto.encode("ascii")
     forwarded_host = info.host
@@ -187,13 +190,18 @@ def upstream_request_head(
         parts.append(b"Connection: keep-alive\r\n")
     if peer_ip:
         forwarded_for.append(peer_ip.encode("ascii"))
-    if forwarded_for:
-        parts.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
-    parts.append(b"X-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\n" % (request_id, forwarded_proto))
+    ours = b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for) if forwarded_for else b""
+    # The gateway's own headers and the blank line in one format (this runs per request).
     if forwarded_host is not None:
-        parts.append(b"X-Forwarded-Host: %s\r\n" % forwarded_host)
-    parts.append(b"\r\n")
+        parts.append(_OURS_HOST % (ours, request_id, forwarded_proto, forwarded_host))
+    else:
+        parts.append(_OURS % (ours, request_id, forwarded_proto))
     return b"".join(parts)
+
+
+_OURS = b"%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\n\r\n"
+_OURS_HOST = b"%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 def chunk(data: bytes) -> list[bytes]:

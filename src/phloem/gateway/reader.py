@@ -177,4 +177,5 @@ class RequestReader:
             self.upgraded = req  # complete only when the client closes
         else:
             req.complete = True
-            req.wake()
+            if req.waiter is not None:  # only the task path waits for a body
+                req.wake()

@@ -219,9 +219,5 @@ def request_observer(settings: Settings, deployer: Deployer, metrics: Metrics,
         if spec is None:
             return
         metrics.observe_request(record, key[0], key[1])
-        line = (f"{record.method} {record.path} {record.status} "
-                f"{record.duration_s * 1000:.1f}ms rid={record.request_id}")
-        if record.error:
-            line = f"{line} {record.error}"
-        logs.write(spec.log_path, "gateway", "access", line)
+        logs.access(spec.log_path, record)
     return observe
