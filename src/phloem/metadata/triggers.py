@@ -86,13 +86,16 @@ class TriggerStore:
 
     async def replace(self, branch_id: str, specs: list[TriggerSpec],
                       owner: str | None = None) -> list[TriggerRow]:
-        """Make the branch's triggers exactly ``specs`` in one transaction: new ones are
-        added, changed ones updated (keeping their id and history), the rest deleted."""
+        """Make ``owner``'s triggers on the branch exactly ``specs`` in one transaction:
+        new ones are added, changed ones updated (keeping their id and history), the
+        owner's others deleted; other projects' triggers are kept (as their functions
+        are). A name another owner declared is taken over."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             names = [s.name for s in specs]
             await cur.execute(b"DELETE FROM triggers WHERE branch_id = %s "
-                              b"AND NOT (name = ANY(%s))", (branch_id, names))
+                              b"AND owner IS NOT DISTINCT FROM %s AND NOT (name = ANY(%s))",
+                              (branch_id, owner, names))
             for s in specs:
                 await cur.execute(
                     b"INSERT INTO triggers (id, branch_id, name, function_slug, cron, "

@@ -3,7 +3,8 @@
 //   node evalconfig.mjs /tmp/neon.config.mjs '{"name":"main","id":"br-...","exists":true}'
 //
 // Output: {"functions": {slug: {name, source, env, limits, runtime}}, "tuning": {...} | null,
-//          "unsupported": [[key, what], ...], "ignored": [key, ...]}
+//          "unsupported": [[key, what], ...], "ignored": [key, ...],
+//          "triggers": {name: {function, cron, functionPath?, enabled?}} | null}
 // Exit 2 with a message on stderr when the module cannot be evaluated or is not a config.
 // The checks that name fields and rules for the user live in phloem/project/neon.py; here we only
 // turn JavaScript values into JSON without losing what JSON would drop (undefined env
@@ -75,7 +76,19 @@ if (enabled(config.auth)) unsupported.push(["auth", "Neon Auth"]);
 if (enabled(config.dataApi)) unsupported.push(["dataApi", "the Data API"]);
 if (enabled(config.aiGateway) || enabled(config.preview?.aiGateway)) unsupported.push(["aiGateway", "the AI Gateway"]);
 if (nonEmpty(config.buckets) || nonEmpty(config.preview?.buckets)) unsupported.push(["buckets", "object storage"]);
-if (nonEmpty(config.triggers)) unsupported.push(["triggers", "scheduled and storage triggers"]);
+// Schedule triggers (a cron) are phloem's; others (object-created) need object storage.
+let triggers = null;
+if (config.triggers !== undefined && config.triggers !== null) {
+  if (typeof config.triggers !== "object" || Array.isArray(config.triggers)) fail("triggers: must be a record of name -> { function, cron, functionPath?, enabled? }");
+  triggers = {};
+  for (const [name, spec] of Object.entries(config.triggers)) {
+    if (spec !== null && typeof spec === "object" && spec.cron === undefined) {
+      unsupported.push([`triggers.${name}`, "object storage triggers"]);
+    } else {
+      triggers[name] = spec;
+    }
+  }
+}
 if (nonEmpty(config.experimental?.hooks)) unsupported.push(["experimental.hooks", "lifecycle hooks"]);
 
 const both = config.functions !== undefined && config.preview?.functions !== undefined;
@@ -98,4 +111,4 @@ if (config.branch !== undefined) {
   delete tuning.preview;
 }
 
-process.stdout.write(JSON.stringify({ functions, tuning, unsupported }));
+process.stdout.write(JSON.stringify({ functions, tuning, unsupported, triggers }));
