@@ -17,7 +17,7 @@ environment is the CLI's (after ``--env FILE``), so ``process.env.X`` in the con
     raw["functions"], raw["tuning"], raw["unsupported"]
 
 A config that enables a service phloem does not have (Neon Auth, the Data API, object
-storage, the AI Gateway, triggers, lifecycle hooks) is refused by the caller with the
+storage and its triggers, the AI Gateway, lifecycle hooks) is refused by the caller with the
 services named: the function's ``parseEnv`` would demand their variables at start-up.
 """
 
