@@ -25,6 +25,8 @@ def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0,
     # Both day fields restricted: either matches (the 13th, or a Friday).
     ("0 0 13 * fri", at(2026, 12, 1, 0, 0), at(2026, 12, 4, 0, 0)),
     ("5,10-12/2 * * * *", at(2026, 12, 1, 9, 10), at(2026, 12, 1, 9, 12)),
+    # A day field starting with '*' (a step) does not widen the other: Mondays only.
+    ("0 0 */2 * mon", at(2026, 12, 1, 0, 0), at(2026, 12, 7, 0, 0)),
 ])
 def test_next_after(expr: str, after: datetime, expected: datetime) -> None:
     assert parse_cron(expr).next_after(after) == expected

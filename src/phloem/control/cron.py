@@ -114,4 +114,5 @@ def parse_cron(expression: str) -> Cron:
     return Cron(expression=" ".join(parts), minutes=frozenset(values[0]),
                 hours=frozenset(values[1]), days=frozenset(values[2]),
                 months=frozenset(values[3]), weekdays=frozenset(weekdays),
-                days_any=parts[2] == "*", weekdays_any=parts[4] == "*")
+                # Vixie's rule: a day field starting with '*' does not restrict the other.
+                days_any=parts[2].startswith("*"), weekdays_any=parts[4].startswith("*"))

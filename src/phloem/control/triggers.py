@@ -56,6 +56,8 @@ PAYLOAD_VERSION = 1
 ATTEMPT_TIMEOUT_S = 60.0
 #: Bytes of an answer read (and dropped) before the connection is closed.
 ANSWER_CAP = 1 << 20
+#: Runs kept in each trigger's history.
+HISTORY_KEEP = 1000
 
 
 def _is_name(name: str) -> bool:
@@ -278,6 +280,7 @@ class TriggerScheduler:
             state = "running" if not final else ("succeeded" if error is None else "failed")
             await self.store.record_attempt(run_id, attempt, status, error, state)
             if final:
+                await self.store.prune_runs(row.id, HISTORY_KEEP)
                 return
             await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
 

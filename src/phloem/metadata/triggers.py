@@ -141,6 +141,13 @@ class TriggerStore:
                         "finished_at = CASE WHEN %s THEN now() ELSE NULL END WHERE id = %s",
                         (attempts, http_status, error, status, finished, run_id))
 
+    async def prune_runs(self, trigger_id: str, keep: int) -> None:
+        """Keep the trigger's ``keep`` newest runs (a every-minute trigger makes 1,440 a
+        day)."""
+        await self._all("DELETE FROM trigger_runs WHERE trigger_id = %s AND id NOT IN "
+                        "(SELECT id FROM trigger_runs WHERE trigger_id = %s "
+                        "ORDER BY started_at DESC LIMIT %s)", (trigger_id, trigger_id, keep))
+
     async def get_run(self, run_id: str) -> RunRow | None:
         rows = await self._all("SELECT * FROM trigger_runs WHERE id = %s", (run_id,))
         return RunRow(**rows[0]) if rows else None
