@@ -128,19 +128,24 @@ def test_bad_cron_is_refused_naming_the_field(platform: PlatformProcess) -> None
              "must have 5 fields"),
             ({"function": "tprobe", "cron": "61 * * * *"}, "triggers.bad.cron",
              "minute: 61 is out of range 0-59"),
-            ({"function": "Bad Fn", "cron": "* * * * *"}, "triggers.bad.function", "must"),
+            ({"function": "Bad Fn", "cron": "* * * * *"}, "triggers.bad.function",
+             "must match ^[a-z0-9]{1,20}$"),
             ({"function": "tprobe", "cron": "* * * * *", "functionPath": "hook"},
-             "triggers.bad.functionPath", "starting with '/'"),
+             "triggers.bad.functionPath", "must match ^/"),
             ({"function": "tprobe", "cron": "* * * * *", "enabled": "yes"},
-             "triggers.bad.enabled", "true or false"),
+             "triggers.bad.enabled", "boolean"),
             ({"function": "tprobe", "cron": "* * * * *", "schedule": "x"},
-             "triggers.bad.schedule", "unknown key"),
+             "triggers.bad.schedule", "Extra inputs are not permitted"),
         ]:
             refused = put_triggers(api, {"bad": spec})
             assert refused.status_code == 400, refused.text
             error = refused.json()["error"]
             assert (error["code"], error["field"]) == ("invalid_input", field)
             assert rule in error["message"]
+        bad_name = put_triggers(api, {"no spaces": {"function": "tprobe",
+                                                   "cron": "* * * * *"}})
+        assert bad_name.status_code == 400
+        assert bad_name.json()["error"]["field"] == "triggers.no spaces"
         # Nothing was written.
         assert api.get("/branches/main/triggers").json() == before
 

@@ -22,7 +22,7 @@ from phloem.control.services import ApiServices
 from phloem.control.triggers import check_triggers
 from phloem.metadata.store import BranchRow
 from phloem.metadata.triggers import RUN_STATES, RunRow, TriggerRow
-from phloem.system.validation import OWNER_RE, InvalidInput
+from phloem.system.validation import OWNER_RE
 
 
 class TriggerOut(BaseModel):
@@ -51,11 +51,25 @@ class TriggerRunOut(BaseModel):
     finished_at: datetime | None
 
 
+class TriggerIn(BaseModel):
+    """One schedule trigger, as neon.ts declares it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    function: str = Field(pattern=r"^[a-z0-9]{1,20}$", description="the function's slug")
+    cron: str = Field(max_length=200, description="five fields (minute hour day-of-month "
+                      "month day-of-week), UTC; checked by the server (400 naming the "
+                      "field)")
+    functionPath: str = Field(
+        "/", pattern=r"^/[!-~]*$", max_length=2048, description="the path POSTed to")
+    enabled: bool = True
+
+
 class TriggersIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    triggers: dict[str, Any] = Field(description="name -> {function, cron, functionPath?, "
-                                     "enabled?}, as neon.ts declares them")
-    owner: str | None = Field(None, description="the project deploying them")
+    model_config = ConfigDict(strict=True, extra="forbid")
+    triggers: dict[str, TriggerIn] = Field(description="name (1-63 letters, digits, '-' "
+                                           "or '_') -> trigger; the owner's whole set")
+    owner: str | None = Field(None, pattern=OWNER_RE.pattern,
+                              description="the project deploying them")
 
 
 def _out(t: TriggerRow) -> TriggerOut:
@@ -107,9 +121,7 @@ def make_router(errors: Errors) -> APIRouter:
     @router.put("", responses=errors(400, 404))
     async def replace_triggers(branch: Branch, services: Services,
                                body: TriggersIn) -> list[TriggerOut]:
-        specs = check_triggers(body.triggers)
-        if body.owner is not None and not OWNER_RE.match(body.owner):
-            raise InvalidInput("owner", f"must match {OWNER_RE.pattern}")
+        specs = check_triggers({name: t.model_dump() for name, t in body.triggers.items()})
         rows = await services.triggers.store.replace(branch.id, specs, body.owner)
         return [_out(t) for t in rows]
 
