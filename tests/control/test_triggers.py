@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from phloem.control.triggers import TriggerScheduler
 from phloem.metadata.triggers import TriggerRow, TriggerStore
-from phloem.testing import PlatformProcess, host_of, wait_for
+from phloem.testing import PlatformProcess, host_of, platform_process, wait_for
 
 APP = Path(__file__).parent.parent / "apps" / "triggerprobe"
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")
@@ -222,3 +222,26 @@ async def test_schedule_fires_on_its_minute_and_disable_stops_it(
         now += timedelta(minutes=2)
         assert await tick() == []
         await scheduler.stop()
+
+
+def test_a_run_cut_by_a_stop_is_delivered_at_the_next_start() -> None:
+    """~35 s (a platform of its own, started twice): at least once across a restart."""
+    with platform_process() as p:
+        fn = p.deploy("tprobe", APP, "--entry", "main:app")
+        assert fn["status"] == "ready", fn
+        with p.api() as api:
+            assert put_triggers(api, {"slow": {"function": "tprobe", "cron": NEVER_NOW,
+                                               "functionPath": "/slow"}}).status_code == 200
+            run_id = api.post("/branches/main/triggers/slow/run").json()["id"]
+        # The function answers after 3 s: the stop comes first.
+        assert p.stop() == 0
+        p.launch()
+        p.wait_ready()
+        with p.api() as api:
+            run = finished_run(api, "slow", run_id, timeout=60)
+        assert (run["status"], run["http_status"]) == ("succeeded", 200)
+        lines = [line for line in p.cli("functions", "logs", "tprobe").stdout.splitlines()
+                 if f"invocation={run_id}" in line]
+        # Cut (no status) by the stop, then delivered again and answered.
+        assert [" POST /slow - " in line for line in lines] == [True, False], lines
+        assert " POST /slow 200 " in lines[1]

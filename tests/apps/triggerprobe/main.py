@@ -1,7 +1,9 @@
 """A dependency-free ASGI app that records every POST it gets (path, headers, body) and
 answers them; ``GET /seen`` lists them. ``POST /flaky`` answers 500 to the first attempt
-of each invocation (by its X-Neon-Invocation-Id), 200 after."""
+of each invocation (by its X-Neon-Invocation-Id), 200 after; ``POST /slow`` answers
+after 3 s."""
 
+import asyncio
 import json
 
 SEEN = []
@@ -33,6 +35,8 @@ async def app(scope, receive, send):
         SEEN.append({"method": scope["method"], "path": scope["path"], "headers": headers,
                      "body": body.decode("utf-8", "replace")})
         invocation = headers.get("x-neon-invocation-id", "")
+        if scope["path"] == "/slow":
+            await asyncio.sleep(3)
         if scope["path"] == "/flaky" and invocation not in FAILED:
             FAILED.add(invocation)
             status, out = 500, b"first attempt fails"
