@@ -172,7 +172,7 @@ class Delivery:
             status = int(parts[1])
             # Read the rest (bounded) so the function finishes its answer before we close.
             with contextlib.suppress(TimeoutError, ConnectionError):
-                await asyncio.wait_for(lease.reader.read(ANSWER_CAP), timeout)
+                await asyncio.wait_for(_drain(lease.reader, ANSWER_CAP), timeout)
         except (TimeoutError, ConnectionError, OSError) as exc:
             raise DeliveryFailed(f"no answer: {type(exc).__name__} {exc}".strip()) from exc
         finally:
@@ -182,6 +182,16 @@ class Delivery:
                             f"POST {row.function_path} {status or '-'} {ms:.1f}ms "
                             f"trigger={row.name} invocation={run_id} attempt={attempt}")
         return status
+
+
+async def _drain(reader: asyncio.StreamReader, cap: int) -> None:
+    """Read to EOF (the request said ``Connection: close``) or ``cap`` bytes."""
+    read = 0
+    while read < cap:
+        chunk = await reader.read(65536)
+        if not chunk:
+            return
+        read += len(chunk)
 
 
 def utc_now() -> datetime:
