@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,15 @@ NEVER_NOW = "0 0 1 1 *"
 
 
 @pytest.fixture(scope="module")
-def probe(platform: PlatformProcess) -> dict[str, Any]:
+def probe(platform: PlatformProcess) -> Iterator[dict[str, Any]]:
     # One isolate: the /seen list is the one the trigger's POST landed in.
     fn: dict[str, Any] = platform.deploy("tprobe", APP, "--entry", "main:app",
                                          "--limit", "max_isolates=1")
     assert fn["status"] == "ready", fn
-    return fn
+    yield fn
+    # The session's platform is shared: leave main without these tests' triggers.
+    with platform.api() as api:
+        assert put_triggers(api, {}).status_code == 200
 
 
 def put_triggers(api: httpx.Client, triggers: dict[str, Any],

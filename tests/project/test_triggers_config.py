@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from phloem.project.plan import read_link
 from phloem.testing import PlatformProcess, wait_for
 
 PROBE = Path(__file__).parent.parent / "apps" / "triggerprobe" / "main.py"
@@ -26,6 +27,14 @@ def finished(platform: PlatformProcess, branch: str, name: str, run_id: str) -> 
         run = next((r for r in runs if r["id"] == run_id), None)
         return run if run and run["status"] != "running" else None
     return wait_for(done, 30, f"run {run_id} to finish")
+
+
+def ours(platform: PlatformProcess, branch: str, owner_root: Path) -> list[Any]:
+    """The branch's triggers this project made (a new branch also inherits main's,
+    disabled, whatever other tests left there)."""
+    owner = read_link(owner_root)["project_id"]
+    return [t for t in platform.cli_json("triggers", "list", "--branch", branch)
+            if t["owner"] == owner]
 
 
 def write_phloemfile(root: Path, triggers: str) -> None:
@@ -48,7 +57,7 @@ def test_phloemfile_triggers_deploy_run_disable_and_go(platform: PlatformProcess
     platform.cli("link", "--branch", branch, "--no-env-pull", cwd=root)
     applied = platform.cli_json_in(root, "deploy")
     assert applied["triggers"] == ["nightly"], applied
-    listed = platform.cli_json("triggers", "list", "--branch", branch)
+    listed = ours(platform, branch, root)
     assert [(t["name"], t["function"], t["cron"], t["functionPath"], t["enabled"])
             for t in listed] == [("nightly", "probe", "0 3 * * *", "/nightly", True)]
     run = platform.cli_json("triggers", "run", "nightly", "--branch", branch)
@@ -57,11 +66,11 @@ def test_phloemfile_triggers_deploy_run_disable_and_go(platform: PlatformProcess
                                                                      "manual")
     off = platform.cli_json("triggers", "disable", "nightly", "--branch", branch)
     assert off["enabled"] is False
-    assert platform.cli_json("triggers", "list", "--branch", branch)[0]["enabled"] is False
+    assert ours(platform, branch, root)[0]["enabled"] is False
     # Dropped from the config: the next deploy removes it (this project made it).
     write_phloemfile(root, "")
     assert platform.cli_json_in(root, "deploy")["triggers"] == []
-    assert platform.cli_json("triggers", "list", "--branch", branch) == []
+    assert ours(platform, branch, root) == []
     missing = platform.cli("triggers", "history", "nightly", "--branch", branch,
                            check=False)
     assert missing.returncode != 0 and "trigger" in missing.stderr
@@ -99,7 +108,7 @@ def test_neon_ts_schedule_triggers_deploy(platform: PlatformProcess, tmp_path: P
     applied = platform.cli_json_in(root, "deploy")
     assert [r["ok"] for r in applied["results"]] == [True], applied
     assert applied["triggers"] == ["everyFive"]
-    (t,) = platform.cli_json("triggers", "list", "--branch", branch)
+    (t,) = ours(platform, branch, root)
     assert (t["function"], t["cron"], t["functionPath"], t["enabled"]) == \
         ("hello", "*/5 * * * *", "/tick", False)
     run = platform.cli_json("triggers", "run", "everyFive", "--branch", branch)
