@@ -11,6 +11,8 @@ _.logical_size_bytes
 _.copied_deployments
 _.branch_name
 _.latest_deployment
+_.functionPath  # trigger fields (neon.ts names)
+_.trigger
 
 # httptools calls its protocol's callbacks by name.
 _.on_url

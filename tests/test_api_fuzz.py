@@ -63,6 +63,11 @@ def fuzz_config(p: PlatformProcess, fn: dict[str, Any], seed: int) -> Schemathes
             "include-path": "/api/v1/branches/{ref}/functions/{slug}/deployments",
             "checks": {"positive_data_acceptance": {
                 "expected-statuses": ["2xx", "400", "404", "409"]}},
+        }, {
+            # A cron expression and a trigger's name are checked by the server (named 400).
+            "include-path": "/api/v1/branches/{ref}/triggers",
+            "checks": {"positive_data_acceptance": {
+                "expected-statuses": ["2xx", "400", "404"]}},
         }],
     })
 

@@ -2,13 +2,15 @@
 
     # phloemfile.py
     import os
-    from phloem.config import Function, define_config
+    from phloem.config import Function, Trigger, define_config
 
     config = define_config(
         functions={
             "todos": Function(name="todo api", source="src/app.py", entry="app",
                               env={"OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", "")}),
         },
+        triggers={"nightly": Trigger(function="todos", cron="0 3 * * *",
+                                     function_path="/cleanup")},
         branch=lambda branch: {"functions": {"todos": {"env": {"MODE": branch.name}}}},
     )
 
@@ -46,6 +48,24 @@ class Function:
 
 
 @dataclass(frozen=True)
+class Trigger:
+    """A schedule trigger (``@neon/config``'s ``triggers``): POST to ``function`` at
+    ``function_path`` when ``cron`` (five fields, UTC, at most once a minute) matches.
+    The request carries ``X-Neon-Invocation-Id`` and ``traceparent``; its JSON body is
+    ``{version, invocation_id, trigger, data}``. A child branch gets it disabled."""
+
+    function: str
+    cron: str
+    function_path: str = "/"
+    enabled: bool = True
+
+    def declared(self) -> dict[str, Any]:
+        """As neon.ts declares it (what the API takes)."""
+        return {"function": self.function, "cron": self.cron,
+                "functionPath": self.function_path, "enabled": self.enabled}
+
+
+@dataclass(frozen=True)
 class BranchInfo:
     """What a ``branch=`` callback is given (a neon.ts ``branch`` closure gets the same,
     camelCased: ``name``, ``id``, ``exists``, ``parentId``, ``isDefault``,
@@ -65,11 +85,14 @@ class BranchInfo:
 class Config:
     functions: Mapping[str, Function]
     branch: Callable[[BranchInfo], Mapping[str, Any]] | None = None
+    triggers: Mapping[str, Trigger] = field(default_factory=dict)
 
 
 def define_config(functions: Mapping[str, Function] | None = None,
-                  branch: Callable[[BranchInfo], Mapping[str, Any]] | None = None) -> Config:
-    return Config(functions=dict(functions or {}), branch=branch)
+                  branch: Callable[[BranchInfo], Mapping[str, Any]] | None = None,
+                  triggers: Mapping[str, Trigger] | None = None) -> Config:
+    return Config(functions=dict(functions or {}), branch=branch,
+                  triggers=dict(triggers or {}))
 
 
 class EnvError(RuntimeError):

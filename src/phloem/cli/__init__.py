@@ -8,4 +8,9 @@ add their commands to its app. Importing this package imports them, so every ent
 ``main`` never imports the modules that import it.
 """
 
-from phloem.cli import backup_cmds, functions_cmds, project_cmds  # noqa: F401  (register their commands)
+from phloem.cli import (  # noqa: F401  (register their commands)
+    backup_cmds,
+    functions_cmds,
+    project_cmds,
+    triggers_cmds,
+)

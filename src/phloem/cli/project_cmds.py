@@ -206,12 +206,15 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
                                  owner=owner, wait=wait)
             changes = pp.branch_changes()
             lifetime = client.set_branch_lifetime(branch, changes) if changes else None
+            # This project's schedule triggers (none: its earlier ones go).
+            triggers = client.put_triggers(branch, proj.triggers, owner)
     except ClientError as exc:
         fail(str(exc))
+    ours = [t["name"] for t in triggers if t["owner"] == owner]
     failed = [r for r in results if not r.ok]
     if quiet:
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
-                    "results": [r.__dict__ for r in results],
+                    "results": [r.__dict__ for r in results], "triggers": ours,
                     "branch_settings": None if lifetime is None else {
                         "expires_at": lifetime["expires_at"],
                         "protected": lifetime["protected"]}})
@@ -220,7 +223,9 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
             mark = "[green]ok[/]" if r.ok else "[bold red]failed[/]"
             state = f" ({r.status})" if r.status == "building" else ""
             out.print(f"  {mark} {r.action} {r.slug}: {escape(r.detail)}{state}")
-        if not results:
+        if ours:
+            out.print(f"  [green]ok[/] triggers: {escape(', '.join(ours))}")
+        if not results and not ours:
             out.print("nothing to do")
     if failed:
         fail("apply failed for " + ", ".join(r.slug for r in failed))

@@ -53,6 +53,7 @@ from phloem.control.guard import (
 )
 from phloem.control.logs import follow_file, tail
 from phloem.control.services import ApiServices
+from phloem.control.triggers_api import make_router as make_triggers_router
 from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.system.validation import OWNER_RE, InvalidInput
 
@@ -431,6 +432,8 @@ def create_api(services: ApiServices) -> FastAPI:
     @app.post("/api/v1/branches", status_code=201, responses=errors(400, 404, 409, 507))
     async def create_branch(body: BranchCreateIn) -> BranchOut:
         row = await services.branches.create(body.name, body.parent)
+        if row.parent_id is not None:  # a child inherits its parent's triggers, disabled
+            await services.triggers.store.copy_disabled(row.parent_id, row.id)
         out = await sized(row)
         if body.copy_functions and row.parent_id is not None:
             parent = await services.branches.get(row.parent_id)
@@ -568,6 +571,7 @@ def create_api(services: ApiServices) -> FastAPI:
         return _deployment_out(dep)
 
     app.include_router(backup_router)
+    app.include_router(make_triggers_router(errors))
     app.include_router(neon_v2.router, include_in_schema=False)
     return app
 

@@ -20,6 +20,7 @@ from phloem.branches.manager import BranchManager
 from phloem.control.artifacts import ArtifactStore
 from phloem.control.deployer import Deployer
 from phloem.control.logs import FunctionLogs
+from phloem.control.triggers import TriggerScheduler
 from phloem.metadata.store import Store
 from phloem.system.paths import DataPaths
 from phloem.system.settings import Settings
@@ -51,3 +52,5 @@ class ApiServices:
     metrics: MetricsPage
     #: ``phloem status``: each component probed now.
     status: Callable[[], Awaitable[dict[str, Any]]]
+    #: Schedule triggers: their store, and firing one now.
+    triggers: TriggerScheduler

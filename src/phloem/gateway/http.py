@@ -55,6 +55,9 @@ FORWARDING = frozenset({b"forwarded", b"x-real-ip"})
 _DROP = HOP_BY_HOP | GATEWAY_HEADERS | FORWARDING
 _DROP_TRUSTED = HOP_BY_HOP | {b"x-request-id"}
 _X_FORWARDED = b"x-forwarded-"
+# The platform's own headers to functions (a schedule trigger's X-Neon-Invocation-Id,
+# ...): never from a client, trusted proxy or not, so a function can trust them.
+_X_NEON = b"x-neon-"
 # A client may name extra hop-by-hop fields in Connection; these are never removed that way,
 # since dropping a framing header would desynchronise the upstream connection.
 _PROTECTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
@@ -173,7 +176,7 @@ def upstream_request_head(
                         forwarded_proto, proto_seen = value.strip(), True
                 elif n == b"x-forwarded-host" and not host_seen and value.strip():
                     forwarded_host, host_seen = value.strip(), True
-            elif n not in drop:
+            elif n not in drop and not n.startswith(_X_NEON):
                 parts.append(b"%s: %s\r\n" % (name, value))
     else:
         drop = _DROP | (info.connection - _PROTECTED) if info.connection else _DROP
@@ -181,7 +184,8 @@ def upstream_request_head(
             n = name.lower()
             # n[0] first (llhttp never passes an empty name): a method call per header
             # would cost more than the rest of this loop.
-            if n not in drop and not (n[0] == 0x78 and n.startswith(_X_FORWARDED)):
+            if n not in drop and not (n[0] == 0x78 and (n.startswith(_X_FORWARDED)
+                                                         or n.startswith(_X_NEON))):
                 parts.append(b"%s: %s\r\n" % (name, value))
     if upgrade:
         parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % b", ".join(info.upgrade))

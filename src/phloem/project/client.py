@@ -195,6 +195,31 @@ class Client:
             json={"deployment_id": to} if to else {})
         return result
 
+    # -- schedule triggers -----------------------------------------------------------
+    def list_triggers(self, branch: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.json("GET", f"/branches/{_ref(branch)}/triggers")
+        return result
+
+    def put_triggers(self, branch: str, triggers: dict[str, Any],
+                     owner: str | None = None) -> list[dict[str, Any]]:
+        """Make ``owner``'s triggers on the branch exactly ``triggers`` (neon.ts's shape)."""
+        result: list[dict[str, Any]] = self.json(
+            "PUT", f"/branches/{_ref(branch)}/triggers",
+            json={"triggers": triggers, "owner": owner})
+        return result
+
+    def trigger_action(self, branch: str, name: str, action: str) -> dict[str, Any]:
+        """``enable``, ``disable`` (the trigger) or ``run`` (the run started)."""
+        result: dict[str, Any] = self.json(
+            "POST", f"/branches/{_ref(branch)}/triggers/{quote(name, safe='')}/{action}")
+        return result
+
+    def trigger_history(self, branch: str, name: str, limit: int = 50) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.json(
+            "GET", f"/branches/{_ref(branch)}/triggers/{quote(name, safe='')}/history",
+            params={"limit": limit})
+        return result
+
     def upload(self, data: bytes, sha256: str) -> None:
         if self.request("HEAD", f"/artifacts/{sha256}").status_code == 200:
             return

@@ -19,9 +19,9 @@ environment is the CLI's (after ``--env FILE``), so ``process.env.X`` in the con
     raw["functions"], raw["tuning"], raw["unsupported"], raw["refused"], raw["triggers"]
 
 A config that enables a service phloem does not have (Neon Auth, the Data API, object
-storage, the AI Gateway) is refused by the caller with the services named: the function's
-``parseEnv`` would demand their variables at start-up; keys phloem does not honour
-(``customDomains``, ``experimental.hooks``) are refused by name with the reason.
+storage and its triggers, the AI Gateway) is refused by the caller with the services named:
+the function's ``parseEnv`` would demand their variables at start-up; keys phloem does not
+honour (``customDomains``, ``experimental.hooks``) are refused by name with the reason.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phloem.config import BranchInfo, Config, Function
+from phloem.config import BranchInfo, Config, Function, Trigger
 from phloem.project import neon
 from phloem.project.client import Client, ClientError
 from phloem.project.neon import find_neon_config
@@ -111,6 +111,9 @@ class Project:
     root: Path
     config_file: str
     resolver: Callable[[BranchInfo], Resolved]
+    #: Schedule triggers as neon.ts declares them (name -> {function, cron,
+    #: functionPath?, enabled?}); a neon.ts's are known once :meth:`desired` ran.
+    triggers: dict[str, Any] = field(default_factory=dict)
 
     def desired(self, branch: BranchInfo) -> dict[str, DesiredFunction]:
         return self.resolver(branch).functions
@@ -127,6 +130,17 @@ def branch_info(info: Mapping[str, Any], exists: bool = True) -> BranchInfo:
                       is_default=info["name"] == "main",
                       is_protected=bool(info.get("protected")),
                       expires_at=str(expires) if expires else None)
+
+
+def _check_trigger_functions(config_name: str, triggers: Mapping[str, Any],
+                             functions: Mapping[str, Any]) -> dict[str, Any]:
+    """Each trigger names a function the project declares (the rest is the API's)."""
+    for name, spec in triggers.items():
+        fn = spec.get("function") if isinstance(spec, Mapping) else None
+        if fn not in functions:
+            raise ConfigError(f"{config_name}: triggers.{name}.function: {fn!r} is not a "
+                              f"function of this project ({', '.join(functions) or 'none'})")
+    return dict(triggers)
 
 
 def _python_desired(root: Path, config: Config, branch: BranchInfo) -> dict[str, DesiredFunction]:
@@ -252,9 +266,10 @@ def load_project(root: Path, env_file: Path | None = None,
         os.environ.setdefault(key, value)
     if not path.is_file():
         assert neon_path is not None
-        return Project(root=root, config_file=neon_path.name,
-                       resolver=lambda branch: _neon_resolve(root, neon_path, branch,
-                                                             progress))
+        project = Project(root=root, config_file=neon_path.name,
+                          resolver=lambda branch: _neon_resolve(root, neon_path, branch,
+                                                                progress, project))
+        return project
     sys.path.insert(0, str(root))
     try:
         namespace = runpy.run_path(str(path), run_name="phloemfile")
@@ -269,8 +284,15 @@ def load_project(root: Path, env_file: Path | None = None,
     for slug, fn in config.functions.items():
         if not isinstance(fn, Function):
             raise ConfigError(f"{CONFIG_FILE}: functions.{slug}: must be a Function(...)")
+    for name, trig in config.triggers.items():
+        if not isinstance(trig, Trigger):
+            raise ConfigError(f"{CONFIG_FILE}: triggers.{name}: must be a Trigger(...)")
+    triggers = _check_trigger_functions(
+        CONFIG_FILE, {n: t.declared() for n, t in config.triggers.items()},
+        config.functions)
     return Project(root=root, config_file=CONFIG_FILE,
-                   resolver=lambda branch: Resolved(_python_desired(root, config, branch)))
+                   resolver=lambda branch: Resolved(_python_desired(root, config, branch)),
+                   triggers=triggers)
 
 
 # -- neon.ts ---------------------------------------------------------------------
@@ -291,7 +313,8 @@ TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _neon_resolve(root: Path, config_path: Path, branch: BranchInfo,
-                  progress: Callable[[str], None] | None) -> Resolved:
+                  progress: Callable[[str], None] | None,
+                  project: Project | None = None) -> Resolved:
     name = config_path.name
     target = {"name": branch.name, "id": branch.id, "exists": branch.exists,
               "parentId": branch.parent_id, "isDefault": branch.is_default,
@@ -320,9 +343,10 @@ def _neon_resolve(root: Path, config_path: Path, branch: BranchInfo,
         if slug not in functions:
             raise ConfigError(f"{name}: branch: functions.{slug}: no such function is "
                               "declared")
-    triggers = raw.get("triggers")
-    return Resolved(out, _branch_settings(name, branch, tuning),
-                    triggers if isinstance(triggers, dict) else None)
+    triggers = _check_trigger_functions(name, raw.get("triggers") or {}, functions)
+    if project is not None:
+        project.triggers = triggers
+    return Resolved(out, _branch_settings(name, branch, tuning), triggers or None)
 
 
 def _branch_settings(config_name: str, branch: BranchInfo,

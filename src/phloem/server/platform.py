@@ -77,7 +77,13 @@ from phloem.server.lifecycle import (
     raise_fd_limit,
 )
 from phloem.server.metrics import Metrics
-from phloem.server.running import Running, function_load, listener_load, request_observer
+from phloem.server.running import (
+    Running,
+    function_load,
+    listener_load,
+    request_observer,
+    start_triggers,
+)
 from phloem.supervisor import Supervisor
 from phloem.supervisor.cgroups import (
     CgroupLimiter,
@@ -434,6 +440,9 @@ class Platform:
         if s.tls_on:
             admissions.append(gateway.redirect_admission)
         metrics.connections = listener_load(admissions)
+        # Schedule triggers deliver through the supervisor: stopped before it.
+        triggers = await start_triggers(pool, deployer, supervisor, function_logs)
+        push(triggers.stop)
 
         # The API: its status route reports on `running`, tied below before it serves.
         running: Running
@@ -443,7 +452,8 @@ class Platform:
 
         services = ApiServices(settings=s, paths=paths, api_key=api_key, store=store,
                                branches=branches, deployer=deployer, artifacts=artifacts,
-                               function_logs=function_logs, metrics=metrics, status=status)
+                               function_logs=function_logs, metrics=metrics, status=status,
+                               triggers=triggers)
         # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
         config = uvicorn.Config(create_api(services), host=s.api_host, port=s.api_port,
                                 log_level="warning", access_log=False, lifespan="off",
@@ -460,7 +470,7 @@ class Platform:
             branches=branches, firewall=firewall, function_logs=function_logs,
             metrics=metrics, cgroups=cgroups, supervisor=supervisor, artifacts=artifacts,
             deployer=deployer, gateway=gateway, api_server=api_server, api_task=api_task,
-            admissions=admissions, teardown=teardown)
+            admissions=admissions, teardown=teardown, triggers=triggers)
         while not api_server.started:
             if api_task.done():
                 api_task.result()

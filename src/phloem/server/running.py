@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -25,10 +26,12 @@ from phloem.control.artifacts import ArtifactStore
 from phloem.control.deployer import Deployer
 from phloem.control.logs import FunctionLogs
 from phloem.control.serving import ApiServer
+from phloem.control.triggers import Delivery, TriggerScheduler
 from phloem.firewall import Firewall
 from phloem.gateway.admission import Admission
 from phloem.gateway.server import Gateway, RequestRecord
 from phloem.metadata.store import BranchRow, Store
+from phloem.metadata.triggers import TriggerStore
 from phloem.server.dispatch import parse_host
 from phloem.server.health import Bounded, Probes
 from phloem.server.metrics import FunctionLoad, ListenerLoad, Metrics
@@ -66,6 +69,7 @@ class Running:
     #: The listeners' connection admissions (gateway, api), for /metrics.
     admissions: list[Admission]
     teardown: AsyncExitStack
+    triggers: TriggerScheduler
     # phloem status: bounded probes, and the branches as last listed.
     _probes: Probes = field(default_factory=Probes)
     _listing: Bounded[list[BranchRow]] = field(default_factory=Bounded)
@@ -182,6 +186,21 @@ class Running:
     def _sandbox_state(self) -> str:
         off = self.deployer.sandbox_off
         return "active" if off is None else f"off: {off}"
+
+
+# -- schedule triggers ------------------------------------------------------------
+async def start_triggers(pool: AsyncConnectionPool, deployer: Deployer,
+                         supervisor: Supervisor, logs: FunctionLogs) -> TriggerScheduler:
+    """The trigger scheduler, started: it delivers to isolates leased from
+    ``supervisor`` (as the gateway does) with the function's Host, and logs each attempt
+    in the function's log. Stop it (``stop()``) before the supervisor."""
+    def host_of(branch_id: str, slug: str) -> str:
+        return urlsplit(deployer.invocation_url(branch_id, slug)).netloc
+
+    scheduler = TriggerScheduler(TriggerStore(pool),
+                                 Delivery(deployer.routes, supervisor, logs, host_of))
+    await scheduler.start()
+    return scheduler
 
 
 # -- metrics and the access log, wired in before Running exists -----------------------

@@ -197,6 +197,8 @@ async def create_branch(request: Request, project_id: str,
     if parent is None and project.default_branch_id is not None:
         parent = project.default_branch_id
     row = await platform.branches.create(spec.name, parent)
+    if row.parent_id is not None:  # as /api/v1: its parent's triggers, disabled
+        await platform.triggers.store.copy_disabled(row.parent_id, row.id)
     return BranchCreatedOut(
         branch=branch_model(project, row),
         endpoints=[endpoint_model(platform, project.id, row)],

@@ -4,7 +4,7 @@
 //
 // Output: {"functions": {slug: {name, source, env, limits, runtime, bundler, ...}},
 //          "tuning": {...} | null, "unsupported": [[key, what], ...],
-//          "refused": [[key, why], ...], "triggers": {...} | null}
+//          "refused": [[key, why], ...], "triggers": {name: {function, cron, functionPath?, enabled?}} | null}
 // "unsupported" are services phloem lacks; "refused" are other keys phloem does not honour,
 // each with the reason, so that no key is dropped without a word.
 // Exit 2 with a message on stderr when the module cannot be evaluated or is not a config.
@@ -110,13 +110,17 @@ for (const [prefix, known] of Object.entries(KNOWN)) {
   }
 }
 
-// Triggers are read by phloem's triggers code; JSON keeps their plain values.
+// Schedule triggers (a cron) are phloem's; others (object-created) need object storage.
 let triggers = null;
-if (config.triggers !== undefined) {
-  try {
-    triggers = JSON.parse(JSON.stringify(config.triggers));
-  } catch (err) {
-    fail(`triggers: cannot be read as plain values: ${err?.message ?? err}`);
+if (config.triggers !== undefined && config.triggers !== null) {
+  if (typeof config.triggers !== "object" || Array.isArray(config.triggers)) fail("triggers: must be a record of name -> { function, cron, functionPath?, enabled? }");
+  triggers = {};
+  for (const [name, spec] of Object.entries(config.triggers)) {
+    if (spec !== null && typeof spec === "object" && spec.cron === undefined) {
+      unsupported.push([`triggers.${name}`, "object storage triggers"]);
+    } else {
+      triggers[name] = spec;
+    }
   }
 }
 

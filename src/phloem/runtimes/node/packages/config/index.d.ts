@@ -36,6 +36,15 @@ export interface BranchTuning {
   ttl?: string | number;
 }
 
+/** A schedule trigger: POST to `function` at `functionPath` (default "/") when `cron`
+ * (five fields, UTC, at most once a minute) matches. */
+export interface ScheduleTrigger {
+  function: string;
+  cron: string;
+  functionPath?: string;
+  enabled?: boolean;
+}
+
 export interface Config {
   functions?: Record<string, FunctionDef>;
   preview?: { functions?: Record<string, FunctionDef> };
@@ -45,7 +54,8 @@ export interface Config {
   dataApi?: boolean | Record<string, unknown>;
   aiGateway?: boolean | { enabled?: boolean };
   buckets?: Record<string, unknown>;
-  triggers?: Record<string, unknown>;
+  /** Schedule triggers; object-created triggers need object storage (refused). */
+  triggers?: Record<string, ScheduleTrigger>;
 }
 
 export declare function defineConfig<const C extends Config>(input: C): Readonly<C>;
