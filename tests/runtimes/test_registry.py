@@ -97,6 +97,7 @@ class EchoRuntime:
     source_suffixes: tuple[str, ...] = (".echo",)
     entry_example: str = "hello.echo"
     bundles: bool = False
+    prebuilt_suffixes: tuple[str, ...] = ()
 
     def __init__(self, host: Path) -> None:
         self.host = host

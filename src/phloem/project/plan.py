@@ -27,7 +27,6 @@ from phloem.project.client import Client, ClientError
 from phloem.project.neon import find_neon_config
 from phloem.project.packing import pack_directory
 from phloem.runtimes.base import Runtime
-from phloem.runtimes.node.runtime import PREBUILT_SUFFIXES
 from phloem.runtimes.registry import (
     answers_to,
     runtime_for_source,
@@ -428,9 +427,9 @@ def _resolve_node(root: Path, config_name: str, slug: str, spec: Mapping[str, An
     if bundler not in NEON_BUNDLERS:
         raise ConfigError(f"{where}.bundler: must be \"esbuild\" (phloem bundles the source) "
                           f"or \"none\" (the entry is deployed as it is); got {bundler!r}")
-    if bundler == "none" and not entry.endswith(PREBUILT_SUFFIXES):
+    if bundler == "none" and not entry.endswith(rt.prebuilt_suffixes):
         raise ConfigError(f"{where}.source: with bundler \"none\" the entry runs as it is, "
-                          f"so it must be JavaScript ({', '.join(PREBUILT_SUFFIXES)}); "
+                          f"so it must be JavaScript ({', '.join(rt.prebuilt_suffixes)}); "
                           f"got {source!r}")
     external = spec.get("externalPackages")
     if external is not None and external != []:

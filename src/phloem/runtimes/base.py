@@ -188,6 +188,8 @@ class Runtime(Protocol):
     #: Whether builds bundle the source, so that a prebuilt bundle can be deployed
     #: instead (``BuildContext.bundle`` False).
     bundles: bool
+    #: Entry suffixes deployable as they are, without a build step (``bundler: "none"``).
+    prebuilt_suffixes: tuple[str, ...]
 
     def check_entry(self, entry: str) -> str:
         """``entry`` if it is well-formed for this runtime, else ``InvalidInput``."""

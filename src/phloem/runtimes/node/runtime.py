@@ -54,6 +54,7 @@ class NodeRuntime:
     source_suffixes: tuple[str, ...] = SOURCE_SUFFIXES
     entry_example: str = "src/index.ts"
     bundles: bool = True
+    prebuilt_suffixes: tuple[str, ...] = PREBUILT_SUFFIXES
 
     def __init__(self) -> None:
         self._toolchains: dict[Path, Toolchain] = {}

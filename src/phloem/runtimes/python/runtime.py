@@ -47,6 +47,7 @@ class PythonRuntime:
     source_suffixes: tuple[str, ...] = (".py",)
     entry_example: str = "main:app"
     bundles: bool = False
+    prebuilt_suffixes: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._runtime_dirs: dict[Path, Path] = {}
