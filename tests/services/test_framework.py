@@ -71,3 +71,7 @@ def test_branch_services_api_declares_and_refuses_by_name(platform: PlatformProc
     assert unchanged.status_code == 200 and unchanged.json()["changed"] is False
     wrong_shape = httpx.put(api, headers=headers, json={"services": ["storage"]}, timeout=30)
     assert wrong_shape.status_code == 400
+    # What env pull merges: nothing while the branch has no services.
+    env = httpx.get(f"{api}/env", headers=headers, timeout=30)
+    assert env.status_code == 200 and env.json() == {"env": {}, "hosts": []}
+    assert httpx.get(f"{api}/env", timeout=30).status_code == 401

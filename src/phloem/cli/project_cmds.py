@@ -290,6 +290,14 @@ def default_env_target(root: Path) -> Path:
     return root / ".env" if (root / ".env").is_file() else root / ".env.local"
 
 
+def _hosts_notice(hosts: list[str]) -> None:
+    """Service host names resolve inside isolates only; say what a local process needs."""
+    if hosts:
+        err.print("note: the branch's services answer at names only isolates resolve; for "
+                  "local processes add this line to /etc/hosts:\n  127.0.0.1 "
+                  + " ".join(hosts), highlight=False)
+
+
 def _pull_env(client: Client, root: Path, branch: str, file: Path | None) -> Path:
     target = default_env_target(root) if file is None else (
         file if file.is_absolute() else root / file)
@@ -302,6 +310,9 @@ def _pull_env(client: Client, root: Path, branch: str, file: Path | None) -> Pat
     for fn in client.list_functions(branch):
         url = fn["invocation_url"]
         values[function_url_var(fn["slug"])] = url if url.endswith("/") else url + "/"
+    services = client.service_env(branch)
+    values.update(services["env"])
+    _hosts_notice(services["hosts"])
     lines = target.read_text().splitlines() if target.exists() else []
     seen: set[str] = set()
     merged = []
@@ -410,7 +421,9 @@ def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "") ->
     client = client_for(data_dir)
     try:
         name = client.get_branch(branch)["name"]
-        env = {**os.environ,
+        services = client.service_env(branch)
+        _hosts_notice(services["hosts"])
+        env = {**os.environ, **services["env"],
                "DATABASE_URL": client.connection_string(branch, pooled=True),
                "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
                "PHLOEM_BRANCH": name, "NEON_BRANCH": name}

@@ -39,6 +39,13 @@ class BranchServicesIn(BaseModel):
         description=f"service ({', '.join(SERVICES)}) -> config; the branch's whole set")
 
 
+class BranchServicesEnvOut(BaseModel):
+    env: dict[str, str] = Field(description="the variables the branch's functions get from "
+                                "its services (credentials included)")
+    hosts: list[str] = Field(description="the services' host names; they resolve inside "
+                             "isolates only: a local process needs them in /etc/hosts")
+
+
 def _services(request: Request) -> ApiServices:
     services: ApiServices = request.app.state.services
     return services
@@ -69,6 +76,13 @@ def make_router(errors: Errors) -> APIRouter:
     @router.get("", responses=errors(400, 404))
     async def list_branch_services(branch: Branch, services: Services) -> BranchServicesOut:
         return _out(services, branch)
+
+    @router.get("/env", responses=errors(400, 404))
+    async def branch_services_env(branch: Branch, services: Services) -> BranchServicesEnvOut:
+        """For ``phloem env pull`` and ``env run``: local processes get what the branch's
+        functions get."""
+        registry = services.branch_services
+        return BranchServicesEnvOut(env=registry.env(branch), hosts=registry.hosts(branch.id))
 
     @router.put("", responses=errors(400, 404, 409))
     async def declare_branch_services(branch: Branch, services: Services,

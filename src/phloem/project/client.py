@@ -200,6 +200,11 @@ class Client:
         result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/services")
         return result
 
+    def service_env(self, branch: str) -> dict[str, Any]:
+        """``{"env": {...}, "hosts": [...]}``: the variables of the branch's services."""
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/services/env")
+        return result
+
     def put_services(self, branch: str, services: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Make the branch's services exactly ``services`` (service -> config)."""
         result: dict[str, Any] = self.json("PUT", f"/branches/{_ref(branch)}/services",
