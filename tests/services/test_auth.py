@@ -1,0 +1,200 @@
+"""Neon Auth on a real platform: Better Auth per branch over plain HTTP (as its docs show),
+JWTs verified by a deployed Node function with jose, users copied by a branch create and
+restored by a reset, and each branch its own issuer. One platform for the module."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+import pytest
+
+from phloem.testing import PlatformProcess, host_of, platform_process
+
+APP = Path(__file__).parent / "apps" / "auth-verify"
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def auth_platform() -> Iterator[PlatformProcess]:
+    """A platform whose main branch has auth on and the verifying function deployed."""
+    with platform_process() as p:
+        on = services(p, "main", {"auth": {}})
+        assert on["services"] == {"auth": {}}, on
+        fn = p.deploy("authcheck", APP)
+        assert fn["status"] == "ready", fn
+        yield p
+
+
+def services(p: PlatformProcess, branch: str, wanted: dict[str, Any] | None = None) -> Any:
+    url = f"http://127.0.0.1:{p.api_port}/api/v1/branches/{branch}/services"
+    headers = {"Authorization": f"Bearer {p.credentials['api_key']}"}
+    res = (httpx.get(url, headers=headers, timeout=60) if wanted is None else
+           httpx.put(url, headers=headers, json={"services": wanted}, timeout=600))
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+def function_env(p: PlatformProcess, branch: str = "main") -> dict[str, str]:
+    fn = p.cli_json("functions", "get", "authcheck", "--branch", branch)
+    with p.gateway(host_of(fn["invocation_url"])) as gw:
+        env: dict[str, str] = gw.get("/env").json()
+        return env
+
+
+class Auth:
+    """Plain HTTP to one branch's auth server through the gateway."""
+
+    def __init__(self, p: PlatformProcess, base_url: str) -> None:
+        self.base_url = base_url
+        origin, _, self.path = base_url.partition("://")[2].partition("/")
+        self.client = p.gateway(origin, timeout=60)
+        self.path = "/" + self.path
+
+    def post(self, route: str, body: dict[str, Any], token: str | None = None) -> httpx.Response:
+        return self.client.post(self.path + route, json=body, headers=bearer(token))
+
+    def get(self, route: str, token: str | None = None) -> httpx.Response:
+        return self.client.get(self.path + route, headers=bearer(token))
+
+    def sign_up(self, email: str) -> str:
+        res = self.post("/sign-up/email", {"email": email, "password": PASSWORD,
+                                           "name": email.split("@")[0]})
+        assert res.status_code == 200, res.text
+        user_id: str = res.json()["user"]["id"]
+        return user_id
+
+    def sign_in(self, email: str) -> httpx.Response:
+        return self.post("/sign-in/email", {"email": email, "password": PASSWORD})
+
+    def jwt(self, email: str) -> str:
+        signed_in = self.sign_in(email)
+        assert signed_in.status_code == 200, signed_in.text
+        res = self.get("/token", signed_in.json()["token"])
+        assert res.status_code == 200, res.text
+        token: str = res.json()["token"]
+        return token
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def claims(jwt: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def part(s: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
+        return data
+    header, payload, _ = jwt.split(".")
+    return part(header), part(payload)
+
+
+def verify(p: PlatformProcess, token: str, branch: str = "main") -> httpx.Response:
+    """The deployed function's verdict on ``token`` (jose, the branch's JWKS and issuer)."""
+    fn = p.cli_json("functions", "get", "authcheck", "--branch", branch)
+    with p.gateway(host_of(fn["invocation_url"])) as gw:
+        return gw.get("/", headers=bearer(token))
+
+
+def connection_string(p: PlatformProcess, branch: str) -> str:
+    return p.cli("connection-string", "--branch", branch, "--unpooled").stdout.strip()
+
+
+def sql(p: PlatformProcess, branch: str, query: str,
+        params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(connection_string(p, branch), autocommit=True,
+                         prepare_threshold=None) as conn:
+        return conn.execute(query.encode(), params).fetchall()
+
+
+def email() -> str:
+    return f"u-{uuid.uuid4().hex[:8]}@example.com"
+
+
+def test_sign_up_sign_in_session_and_a_jwt_a_function_verifies(
+        auth_platform: PlatformProcess) -> None:
+    p = auth_platform
+    env = function_env(p)
+    main = p.cli_json("branches", "get", "main")
+    origin = f"http://{main['id']}--auth.fn.localhost:{p.gateway_port}"
+    database = urlsplit(connection_string(p, "main")).path.lstrip("/")
+    assert env["NEON_AUTH_BASE_URL"] == f"{origin}/{database}/auth"
+    assert env["NEON_AUTH_JWKS_URL"] == env["NEON_AUTH_BASE_URL"] + "/.well-known/jwks.json"
+    auth = Auth(p, env["NEON_AUTH_BASE_URL"])
+    alice = email()
+    user_id = auth.sign_up(alice)
+
+    signed_in = auth.sign_in(alice)
+    assert signed_in.status_code == 200, signed_in.text
+    assert "__Secure-neon-auth.session_token=" in signed_in.headers["set-cookie"]
+    session = auth.get("/get-session", signed_in.json()["token"])
+    assert session.json()["user"]["email"] == alice
+    assert auth.sign_in(alice.replace("u-", "nobody-")).status_code == 401
+
+    jwt = auth.jwt(alice)
+    header, payload = claims(jwt)
+    assert payload["sub"] == user_id and payload["iss"] == origin
+    keys = auth.get("/.well-known/jwks.json").json()["keys"]
+    assert header["kid"] in [k["kid"] for k in keys]
+    verdict = verify(p, jwt)
+    assert verdict.status_code == 200, verdict.text
+    assert verdict.json() == {"sub": user_id, "email": alice, "iss": origin}
+    forged = jwt[:-4] + ("AAAA" if not jwt.endswith("AAAA") else "BBBB")
+    assert verify(p, forged).status_code == 401
+
+    # Development mail goes to the branch's log.
+    log = p.data_dir / "branches" / main["id"] / "services" / "auth" / "auth.log"
+    assert f'"email":"{alice}","url":"{env["NEON_AUTH_BASE_URL"]}/verify-email?token=' \
+        in log.read_text()
+    # The tables are the branch's, in neon_auth only.
+    tables = sql(p, "main", "SELECT table_schema, table_name FROM information_schema.tables "
+                 "WHERE table_name IN ('user', 'session', 'account', 'verification', 'jwks')")
+    assert sorted(tables) == [("neon_auth", t) for t in
+                              ("account", "jwks", "session", "user", "verification")]
+    assert sql(p, "main", 'SELECT id FROM neon_auth."user" WHERE email = %s',
+               (alice,)) == [(user_id,)]
+
+
+def test_users_branch_with_the_data_and_each_branch_is_its_own_issuer(
+        auth_platform: PlatformProcess) -> None:
+    p = auth_platform
+    parent = Auth(p, function_env(p)["NEON_AUTH_BASE_URL"])
+    before = email()
+    before_id = parent.sign_up(before)
+
+    name = f"auth-{uuid.uuid4().hex[:6]}"
+    child_row = p.cli_json("branches", "create", "--name", name, "--parent", "main")
+    assert services(p, name)["services"] == {"auth": {}}
+    child_base = parent.base_url.replace(p.cli_json("branches", "get", "main")["id"],
+                                         child_row["id"])
+    child = Auth(p, child_base)
+    # The parent's user, password and keys are on the child: it signs in there.
+    on_child = child.sign_in(before)
+    assert on_child.status_code == 200, on_child.text
+    assert on_child.json()["user"]["id"] == before_id
+    # A user made on the child is not on the parent.
+    later = email()
+    child.sign_up(later)
+    assert parent.sign_in(later).status_code == 401
+    assert sql(p, "main", 'SELECT 1 FROM neon_auth."user" WHERE email = %s', (later,)) == []
+
+    # Same keys (copied with the data), another issuer: the parent's check refuses it.
+    child_jwt = child.jwt(later)
+    header, payload = claims(child_jwt)
+    assert payload["iss"] == child_base.rsplit("/", 2)[0]
+    parent_kids = [k["kid"] for k in parent.get("/.well-known/jwks.json").json()["keys"]]
+    assert header["kid"] in parent_kids
+    refused = verify(p, child_jwt)
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "ERR_JWT_CLAIM_VALIDATION_FAILED"
+
+    # A reset brings the child's users back to the parent's.
+    p.cli("branches", "reset", name)
+    assert child.sign_in(later).status_code == 401
+    assert child.sign_in(before).status_code == 200
