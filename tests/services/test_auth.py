@@ -8,6 +8,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,15 +23,30 @@ APP = Path(__file__).parent / "apps" / "auth-verify"
 PASSWORD = "correct horse battery"
 
 
+@dataclass
+class Setup:
+    p: PlatformProcess
+    main_id: str
+    #: The verifying function's host on main, and main's direct connection string.
+    fn_host: str
+    main_url: str
+    env: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def auth_platform() -> Iterator[PlatformProcess]:
+def auth_platform() -> Iterator[Setup]:
     """A platform whose main branch has auth on and the verifying function deployed."""
     with platform_process() as p:
         on = services(p, "main", {"auth": {}})
         assert on["services"] == {"auth": {}}, on
         fn = p.deploy("authcheck", APP)
         assert fn["status"] == "ready", fn
-        yield p
+        fn_host = host_of(fn["invocation_url"])
+        with p.gateway(fn_host) as gw:
+            env = gw.get("/env").json()
+        main_url = p.cli("connection-string", "--branch", "main", "--unpooled").stdout
+        yield Setup(p, p.cli_json("branches", "get", "main")["id"], fn_host,
+                    main_url.strip(), env)
 
 
 def services(p: PlatformProcess, branch: str, wanted: dict[str, Any] | None = None) -> Any:
@@ -40,13 +56,6 @@ def services(p: PlatformProcess, branch: str, wanted: dict[str, Any] | None = No
            httpx.put(url, headers=headers, json={"services": wanted}, timeout=600))
     assert res.status_code == 200, res.text
     return res.json()
-
-
-def function_env(p: PlatformProcess, branch: str = "main") -> dict[str, str]:
-    fn = p.cli_json("functions", "get", "authcheck", "--branch", branch)
-    with p.gateway(host_of(fn["invocation_url"])) as gw:
-        env: dict[str, str] = gw.get("/env").json()
-        return env
 
 
 class Auth:
@@ -64,20 +73,20 @@ class Auth:
     def get(self, route: str, token: str | None = None) -> httpx.Response:
         return self.client.get(self.path + route, headers=bearer(token))
 
-    def sign_up(self, email: str) -> str:
+    def sign_up(self, email: str) -> tuple[str, str]:
+        """(user id, session token)"""
         res = self.post("/sign-up/email", {"email": email, "password": PASSWORD,
                                            "name": email.split("@")[0]})
         assert res.status_code == 200, res.text
-        user_id: str = res.json()["user"]["id"]
-        return user_id
+        body = res.json()
+        return body["user"]["id"], body["token"]
 
     def sign_in(self, email: str) -> httpx.Response:
         return self.post("/sign-in/email", {"email": email, "password": PASSWORD})
 
-    def jwt(self, email: str) -> str:
-        signed_in = self.sign_in(email)
-        assert signed_in.status_code == 200, signed_in.text
-        res = self.get("/token", signed_in.json()["token"])
+    def jwt(self, session_token: str) -> str:
+        # Few sign-ins: Better Auth allows 3 per 10 s per client and route.
+        res = self.get("/token", session_token)
         assert res.status_code == 200, res.text
         token: str = res.json()["token"]
         return token
@@ -95,21 +104,14 @@ def claims(jwt: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return part(header), part(payload)
 
 
-def verify(p: PlatformProcess, token: str, branch: str = "main") -> httpx.Response:
-    """The deployed function's verdict on ``token`` (jose, the branch's JWKS and issuer)."""
-    fn = p.cli_json("functions", "get", "authcheck", "--branch", branch)
-    with p.gateway(host_of(fn["invocation_url"])) as gw:
+def verify(setup: Setup, token: str) -> httpx.Response:
+    """The deployed function's verdict on ``token`` (jose, main's JWKS and issuer)."""
+    with setup.p.gateway(setup.fn_host) as gw:
         return gw.get("/", headers=bearer(token))
 
 
-def connection_string(p: PlatformProcess, branch: str) -> str:
-    return p.cli("connection-string", "--branch", branch, "--unpooled").stdout.strip()
-
-
-def sql(p: PlatformProcess, branch: str, query: str,
-        params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with psycopg.connect(connection_string(p, branch), autocommit=True,
-                         prepare_threshold=None) as conn:
+def sql(url: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
         return conn.execute(query.encode(), params).fetchall()
 
 
@@ -117,18 +119,15 @@ def email() -> str:
     return f"u-{uuid.uuid4().hex[:8]}@example.com"
 
 
-def test_sign_up_sign_in_session_and_a_jwt_a_function_verifies(
-        auth_platform: PlatformProcess) -> None:
-    p = auth_platform
-    env = function_env(p)
-    main = p.cli_json("branches", "get", "main")
-    origin = f"http://{main['id']}--auth.fn.localhost:{p.gateway_port}"
-    database = urlsplit(connection_string(p, "main")).path.lstrip("/")
+def test_sign_up_sign_in_session_and_a_jwt_a_function_verifies(auth_platform: Setup) -> None:
+    setup, p, env = auth_platform, auth_platform.p, auth_platform.env
+    origin = f"http://{setup.main_id}--auth.fn.localhost:{p.gateway_port}"
+    database = urlsplit(setup.main_url).path.lstrip("/")
     assert env["NEON_AUTH_BASE_URL"] == f"{origin}/{database}/auth"
     assert env["NEON_AUTH_JWKS_URL"] == env["NEON_AUTH_BASE_URL"] + "/.well-known/jwks.json"
     auth = Auth(p, env["NEON_AUTH_BASE_URL"])
     alice = email()
-    user_id = auth.sign_up(alice)
+    user_id, _ = auth.sign_up(alice)
 
     signed_in = auth.sign_in(alice)
     assert signed_in.status_code == 200, signed_in.text
@@ -137,42 +136,42 @@ def test_sign_up_sign_in_session_and_a_jwt_a_function_verifies(
     assert session.json()["user"]["email"] == alice
     assert auth.sign_in(alice.replace("u-", "nobody-")).status_code == 401
 
-    jwt = auth.jwt(alice)
+    jwt = auth.jwt(signed_in.json()["token"])
     header, payload = claims(jwt)
     assert payload["sub"] == user_id and payload["iss"] == origin
     keys = auth.get("/.well-known/jwks.json").json()["keys"]
     assert header["kid"] in [k["kid"] for k in keys]
-    verdict = verify(p, jwt)
+    verdict = verify(setup, jwt)
     assert verdict.status_code == 200, verdict.text
     assert verdict.json() == {"sub": user_id, "email": alice, "iss": origin}
     forged = jwt[:-4] + ("AAAA" if not jwt.endswith("AAAA") else "BBBB")
-    assert verify(p, forged).status_code == 401
+    assert verify(setup, forged).status_code == 401
 
     # Development mail goes to the branch's log.
-    log = p.data_dir / "branches" / main["id"] / "services" / "auth" / "auth.log"
+    log = p.data_dir / "branches" / setup.main_id / "services" / "auth" / "auth.log"
     assert f'"email":"{alice}","url":"{env["NEON_AUTH_BASE_URL"]}/verify-email?token=' \
         in log.read_text()
     # The tables are the branch's, in neon_auth only.
-    tables = sql(p, "main", "SELECT table_schema, table_name FROM information_schema.tables "
-                 "WHERE table_name IN ('user', 'session', 'account', 'verification', 'jwks')")
+    tables = sql(setup.main_url, "SELECT table_schema, table_name FROM "
+                 "information_schema.tables WHERE table_name IN "
+                 "('user', 'session', 'account', 'verification', 'jwks')")
     assert sorted(tables) == [("neon_auth", t) for t in
                               ("account", "jwks", "session", "user", "verification")]
-    assert sql(p, "main", 'SELECT id FROM neon_auth."user" WHERE email = %s',
+    assert sql(setup.main_url, 'SELECT id FROM neon_auth."user" WHERE email = %s',
                (alice,)) == [(user_id,)]
 
 
 def test_users_branch_with_the_data_and_each_branch_is_its_own_issuer(
-        auth_platform: PlatformProcess) -> None:
-    p = auth_platform
-    parent = Auth(p, function_env(p)["NEON_AUTH_BASE_URL"])
+        auth_platform: Setup) -> None:
+    setup, p = auth_platform, auth_platform.p
+    parent = Auth(p, setup.env["NEON_AUTH_BASE_URL"])
     before = email()
-    before_id = parent.sign_up(before)
+    before_id, _ = parent.sign_up(before)
 
     name = f"auth-{uuid.uuid4().hex[:6]}"
-    child_row = p.cli_json("branches", "create", "--name", name, "--parent", "main")
+    child_id = p.cli_json("branches", "create", "--name", name, "--parent", "main")["id"]
     assert services(p, name)["services"] == {"auth": {}}
-    child_base = parent.base_url.replace(p.cli_json("branches", "get", "main")["id"],
-                                         child_row["id"])
+    child_base = parent.base_url.replace(setup.main_id, child_id)
     child = Auth(p, child_base)
     # The parent's user, password and keys are on the child: it signs in there.
     on_child = child.sign_in(before)
@@ -180,17 +179,18 @@ def test_users_branch_with_the_data_and_each_branch_is_its_own_issuer(
     assert on_child.json()["user"]["id"] == before_id
     # A user made on the child is not on the parent.
     later = email()
-    child.sign_up(later)
+    _, later_session = child.sign_up(later)
     assert parent.sign_in(later).status_code == 401
-    assert sql(p, "main", 'SELECT 1 FROM neon_auth."user" WHERE email = %s', (later,)) == []
+    assert sql(setup.main_url, 'SELECT 1 FROM neon_auth."user" WHERE email = %s',
+               (later,)) == []
 
     # Same keys (copied with the data), another issuer: the parent's check refuses it.
-    child_jwt = child.jwt(later)
+    child_jwt = child.jwt(later_session)
     header, payload = claims(child_jwt)
     assert payload["iss"] == child_base.rsplit("/", 2)[0]
     parent_kids = [k["kid"] for k in parent.get("/.well-known/jwks.json").json()["keys"]]
     assert header["kid"] in parent_kids
-    refused = verify(p, child_jwt)
+    refused = verify(setup, child_jwt)
     assert refused.status_code == 401
     assert refused.json()["error"] == "ERR_JWT_CLAIM_VALIDATION_FAILED"
 

@@ -126,7 +126,9 @@ class AuthService:
             for branch_id, server in list(self._servers.items()):
                 if server.running and now - server.last_used > self.idle_timeout:
                     async with self._lock(branch_id):
-                        if now - server.last_used > self.idle_timeout:
+                        # Still this branch's server, still idle (a lease may have come).
+                        if (self._servers.get(branch_id) is server
+                                and now - server.last_used > self.idle_timeout):
                             log.info("auth: stopping the idle server of %s", branch_id)
                             self._pools[branch_id].close()
                             await server.stop()
