@@ -147,6 +147,23 @@ def test_sign_up_sign_in_session_and_a_jwt_a_function_verifies(auth_platform: Se
     forged = jwt[:-4] + ("AAAA" if not jwt.endswith("AAAA") else "BBBB")
     assert verify(setup, forged).status_code == 401
 
+    # What @neondatabase/auth's proxy sends (with-realtime-chat's /api/auth/token): the
+    # session cookie and the web app's origin, trusted for local development; a foreign
+    # origin is refused, and a browser on a trusted one gets CORS with credentials.
+    cookie = {"Cookie": signed_in.headers["set-cookie"].split(";")[0]}
+    app = {"Origin": "http://localhost:3000"}
+    by_cookie = auth.client.get(auth.path + "/token", headers={**cookie, **app})
+    assert by_cookie.status_code == 200 and claims(by_cookie.json()["token"])[1]["sub"] == user_id
+    foreign = auth.client.post(auth.path + "/sign-out",
+                               headers={**cookie, "Origin": "http://evil.example"})
+    assert foreign.status_code == 403, foreign.text
+    preflight = auth.client.options(auth.path + "/sign-in/email", headers={
+        **app, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == app["Origin"]
+    assert preflight.headers["access-control-allow-credentials"] == "true"
+
     # Development mail goes to the branch's log.
     log = p.data_dir / "branches" / setup.main_id / "services" / "auth" / "auth.log"
     assert f'"email":"{alice}","url":"{env["NEON_AUTH_BASE_URL"]}/verify-email?token=' \

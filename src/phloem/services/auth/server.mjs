@@ -101,6 +101,28 @@ function options(secret) {
   };
 }
 
+// Browsers on a trusted origin (an SPA calling createAuthClient(NEON_AUTH_BASE_URL)
+// directly) need CORS with credentials; Better Auth leaves CORS to its host.
+const patterns = [origin, ...trusted].map((p) => new RegExp(
+  "^" + p.split("*").map((part) => part.replace(/[.+?^${}()|[\]\\/]/g, "\\$&")).join("[^/]*") + "$"));
+
+function cors(req, res) {
+  const from = req.headers.origin;
+  if (!from || !patterns.some((p) => p.test(from))) return false;
+  res.setHeader("access-control-allow-origin", from);
+  res.setHeader("access-control-allow-credentials", "true");
+  res.setHeader("vary", "Origin");
+  res.setHeader("access-control-expose-headers", "set-auth-jwt, set-auth-token");
+  if (req.method !== "OPTIONS") return false;
+  res.setHeader("access-control-allow-methods", "GET, POST, OPTIONS");
+  res.setHeader("access-control-allow-headers",
+                req.headers["access-control-request-headers"] || "content-type, authorization");
+  res.setHeader("access-control-max-age", "600");
+  res.writeHead(204);
+  res.end();
+  return true;
+}
+
 async function migrate(opts) {
   const { runMigrations } = await getMigrations(opts);
   await runMigrations();
@@ -116,6 +138,7 @@ async function main() {
   const auth = betterAuth(opts);
   const handler = toNodeHandler(auth);
   const server = http.createServer((req, res) => {
+    if (cors(req, res)) return;
     handler(req, res).catch((err) => {
       console.error(`[neon-auth] ${req.method} ${req.url}: ${err?.stack ?? err}`);
       if (!res.headersSent) res.writeHead(500, { "content-type": "application/json" });
