@@ -215,3 +215,19 @@ def test_users_branch_with_the_data_and_each_branch_is_its_own_issuer(
     p.cli("branches", "reset", name)
     assert child.sign_in(later).status_code == 401
     assert child.sign_in(before).status_code == 200
+
+
+def test_a_bad_config_is_refused_naming_the_field(auth_platform: Setup) -> None:
+    p = auth_platform.p
+    url = f"http://127.0.0.1:{p.api_port}/api/v1/branches/main/services"
+    headers = {"Authorization": f"Bearer {p.credentials['api_key']}"}
+    for config, field in (({"trusted_origins": ["ftp://x.example"]},
+                           "services.auth.trusted_origins[0]"),
+                          ({"trusted_origins": "https://x.example"},
+                           "services.auth.trusted_origins"),
+                          ({"providers": ["github"]}, "services.auth.providers")):
+        res = httpx.put(url, headers=headers, json={"services": {"auth": config}}, timeout=60)
+        assert res.status_code == 400, res.text
+        assert res.json()["error"]["field"] == field
+    # Nothing changed: main still has auth on as before.
+    assert services(p, "main")["services"] == {"auth": {}}

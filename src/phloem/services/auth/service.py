@@ -51,6 +51,7 @@ from phloem.services.auth.process import AuthServer, AuthServerError, ServerSpec
 from phloem.services.base import ServiceContext, ServiceHost
 from phloem.services.upstream import SocketPool
 from phloem.system.identity import Identity
+from phloem.system.validation import InvalidInput
 
 log = logging.getLogger("phloem.services.auth")
 
@@ -68,19 +69,23 @@ def base_path(branch: BranchRow) -> str:
 
 
 def check_config(config: dict[str, Any]) -> list[str]:
-    """The trusted origins of a valid config; ``ValueError`` naming the field otherwise."""
+    """The trusted origins of a valid config; :class:`InvalidInput` naming the field
+    otherwise (the API answers it with a 400)."""
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
-        raise ValueError(f"auth.{unknown[0]}: unknown setting (allowed: trusted_origins)")
+        raise InvalidInput(f"services.auth.{unknown[0]}",
+                           "unknown setting (allowed: trusted_origins)")
     origins = config.get("trusted_origins", [])
     if not isinstance(origins, list):
-        raise ValueError("auth.trusted_origins: must be a list of origins")
+        raise InvalidInput("services.auth.trusted_origins", "must be a list of origins")
     for i, origin in enumerate(origins):
         parts = urlsplit(origin) if isinstance(origin, str) else None
-        if (parts is None or parts.scheme not in ("http", "https") or not parts.netloc
-                or parts.path not in ("", "/") or parts.query or parts.fragment):
-            raise ValueError(f"auth.trusted_origins[{i}]: must be an origin such as "
-                             f"https://app.example.com, got {origin!r}")
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.path not in ("", "/") or parts.query or parts.fragment
+                or parts.username is not None):
+            raise InvalidInput(f"services.auth.trusted_origins[{i}]",
+                               f"must be an origin such as https://app.example.com, "
+                               f"got {origin!r}")
     return [o.rstrip("/") for o in origins]
 
 
