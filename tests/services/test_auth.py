@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from phloem.testing import PlatformProcess, host_of, platform_process
+from phloem.testing import PlatformProcess, host_of, platform_process, processes_mentioning
 
 APP = Path(__file__).parent / "apps" / "auth-verify"
 PASSWORD = "correct horse battery"
@@ -215,6 +215,15 @@ def test_users_branch_with_the_data_and_each_branch_is_its_own_issuer(
     p.cli("branches", "reset", name)
     assert child.sign_in(later).status_code == 401
     assert child.sign_in(before).status_code == 200
+
+    # Its server runs as the unprivileged auth user, and goes with the branch.
+    [(pid, _)] = processes_mentioning(f"{child_id}--auth")
+    ids = {line.split(":")[0]: line.split()[1:] for line in
+           Path(f"/proc/{pid}/status").read_text().splitlines()
+           if line.startswith(("Uid:", "Gid:"))}
+    assert "0" not in ids["Uid"] + ids["Gid"], ids
+    p.cli("branches", "delete", name)
+    assert processes_mentioning(f"{child_id}--auth") == []
 
 
 def test_a_bad_config_is_refused_naming_the_field(auth_platform: Setup) -> None:
