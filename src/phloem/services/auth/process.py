@@ -75,10 +75,6 @@ class AuthServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
-
     def _bind(self) -> socket.socket:
         path = self.spec.socket
         path.unlink(missing_ok=True)

@@ -150,12 +150,13 @@ class AuthService:
     # -- the gateway -----------------------------------------------------------------
     async def acquire(self, host: ServiceHost) -> Upstream:
         server = self._servers.get(host.branch_id)
-        if server is None or not server.running:
-            server = await self._ensure_running(host.branch_id)
+        pool = self._pools.get(host.branch_id)
+        if server is None or pool is None or not server.running:
+            server, pool = await self._ensure_running(host.branch_id)
         server.last_used = time.monotonic()
-        return await self._pools[host.branch_id].acquire()
+        return await pool.acquire()
 
-    async def _ensure_running(self, branch_id: str) -> AuthServer:
+    async def _ensure_running(self, branch_id: str) -> tuple[AuthServer, SocketPool]:
         async with self._lock(branch_id):
             server = self._servers.get(branch_id)
             if server is None:
@@ -175,7 +176,7 @@ class AuthService:
                     raise RouteError(502, "auth_unavailable",
                                      f"the auth server of {branch_id} did not start; "
                                      f"see {server.spec.log_file}") from exc
-            return server
+            return server, self._pools[branch_id]
 
     async def _tools(self) -> tuple[Path, Path, Identity]:
         """(node, the installed server, its user): provisioned at the first need."""
