@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,13 +34,27 @@ class Setup:
     env: dict[str, str]
 
 
+NEON_TS = """
+import { defineConfig } from "@neondatabase/config/v1";
+export default defineConfig({
+  auth: true,
+  preview: { functions: { authcheck: { name: "auth check", source: "index.mjs" } } },
+});
+"""
+
+
 @pytest.fixture(scope="module")
-def auth_platform() -> Iterator[Setup]:
-    """A platform whose main branch has auth on and the verifying function deployed."""
+def auth_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """A platform whose main branch has auth on and the verifying function deployed, by
+    a project whose neon.ts says ``auth: true`` (as with-realtime-chat's does)."""
+    root = tmp_path_factory.mktemp("authproj") / "proj"
+    shutil.copytree(APP, root)
+    (root / "neon.ts").write_text(NEON_TS)
     with platform_process() as p:
-        on = services(p, "main", {"auth": {}})
-        assert on["services"] == {"auth": {}}, on
-        fn = p.deploy("authcheck", APP)
+        p.cli("link", "--branch", "main", cwd=root)
+        p.cli_json_in(root, "deploy")
+        assert services(p, "main")["services"] == {"auth": {}}
+        fn = p.cli_json("functions", "get", "authcheck")
         assert fn["status"] == "ready", fn
         fn_host = host_of(fn["invocation_url"])
         with p.gateway(fn_host) as gw:
