@@ -21,6 +21,7 @@ from typing import Any
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.metadata.services import ServiceStore
 from phloem.metadata.store import BranchRow
+from phloem.services.auth import AuthService
 from phloem.services.base import (
     SERVICES,
     BranchService,
@@ -32,7 +33,7 @@ from phloem.services.base import (
 log = logging.getLogger("phloem.services")
 
 #: The services this build of phloem provides: name -> factory.
-BUILTIN: dict[str, Callable[[], BranchService]] = {}
+BUILTIN: dict[str, Callable[[], BranchService]] = {"auth": AuthService}
 
 #: What neon.ts calls each service, for messages.
 LABELS = {"auth": "Neon Auth (auth)", "ai": "the AI Gateway (aiGateway)",
