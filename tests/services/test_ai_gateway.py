@@ -1,0 +1,134 @@
+"""The AI Gateway (issue 15, item 2) against a local OpenAI-compatible upstream started
+here (the only fake; it records what it received).
+
+The app's tests serve :class:`GatewayApp` with uvicorn on a real socket: the operator's
+key goes upstream and the branch token does not, streamed chunks arrive one by one,
+usage is counted per function, another branch's token gets 401.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from phloem.services.ai_gateway.app import GatewayApp, ProviderConn, UsageEvent
+from phloem.services.ai_gateway.tokens import make_token, new_secret
+from phloem.testing import free_port, wait_for
+from tests.services.ai_upstream import CHAT_USAGE, RESPONSES_USAGE, Upstream
+
+OPERATOR_KEY = "sk-operator-" + "k" * 24
+BRANCH, OTHER = "br-aaaa-bbbb-111111", "br-cccc-dddd-222222"
+
+
+class Served:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.secrets = {BRANCH: new_secret(), OTHER: new_secret()}
+        self.usage: list[UsageEvent] = []
+
+        async def record(event: UsageEvent) -> None:
+            self.usage.append(event)
+
+        app = GatewayApp({"openai": ProviderConn("openai", upstream.url, OPERATOR_KEY)},
+                         self.secrets, record)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    lifespan="off", log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def client(self, branch: str = BRANCH, token: str | None = None) -> httpx.Client:
+        headers = {"Host": f"{branch}--ai.fn.localhost:8787"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers,
+                            timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    with Upstream() as upstream:
+        s = Served(upstream)
+        s.thread.start()
+        wait_for(lambda: s.server.started, 30, "the gateway app's uvicorn to listen")
+        try:
+            yield s
+        finally:
+            s.server.should_exit = True
+            s.thread.join(30)
+
+
+def test_forwards_with_the_operators_key_and_counts_usage(served: Served) -> None:
+    token = make_token(served.secrets[BRANCH], "chat")
+    before = len(served.upstream.received)
+    with served.client(token=token) as c:
+        r = c.post("/v1/chat/completions", json={"model": "gpt-test", "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "Hello"
+        r = c.post("/openai/v1/responses", json={"model": "gpt-test", "input": "hi"})
+        assert r.status_code == 200, r.text
+        assert c.get("/v1/models").json()["data"][0]["id"] == "gpt-test"
+    got = served.upstream.received[before:]
+    assert [(g.method, g.path) for g in got] == [
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"), ("GET", "/v1/models")]
+    for g in got:
+        headers = {k.lower(): v for k, v in g.headers.items()}
+        assert headers["authorization"] == f"Bearer {OPERATOR_KEY}"
+        assert token not in json.dumps(g.headers)
+    wait_for(lambda: len(served.usage) >= 3, 10, "three usage records")
+    chat, responses, models = served.usage[-3:]
+    assert (chat.function_slug, chat.model, chat.input_tokens, chat.output_tokens) == (
+        "chat", "gpt-test", CHAT_USAGE["prompt_tokens"], CHAT_USAGE["completion_tokens"])
+    assert (responses.input_tokens, responses.output_tokens) == (
+        RESPONSES_USAGE["input_tokens"], RESPONSES_USAGE["output_tokens"])
+    assert not chat.error and not responses.error and models.input_tokens == 0
+
+
+def test_streams_chunk_by_chunk_and_reads_the_final_usage(served: Served) -> None:
+    token = make_token(served.secrets[BRANCH], "chat")
+    served.upstream.release.clear()
+    served.upstream.sent_last.clear()
+    events: list[str] = []
+    with served.client(token=token) as c, c.stream("POST", "/v1/chat/completions", json={
+            "model": "gpt-test", "stream": True, "user": "gated",
+            "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first = next(line for line in lines if line)
+        # The upstream holds its last chunk until released: the first one got here alone.
+        assert not served.upstream.sent_last.is_set()
+        assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "Hel"
+        served.upstream.release.set()
+        events = [line for line in lines if line]
+    assert served.upstream.sent_last.is_set()
+    # The client did not ask for usage: the chunk the gateway asked for is not passed on.
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:])["choices"] for e in events[:-1])
+    sent = served.upstream.received[-1].body
+    assert sent["stream_options"] == {"include_usage": True}
+    wait_for(lambda: served.usage and served.usage[-1].output_tokens == 2, 10,
+             "the stream's usage recorded")
+    assert served.usage[-1].input_tokens == CHAT_USAGE["prompt_tokens"]
+
+
+def test_refuses_tokens_of_another_branch(served: Served) -> None:
+    before = len(served.upstream.received)
+    other = make_token(served.secrets[OTHER], "chat")
+    for token in (other, None, "nai.chat." + "0" * 64):
+        with served.client(token=token) as c:
+            r = c.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "invalid_token"
+    with served.client(OTHER, token=other) as c:
+        assert c.get("/v1/models").status_code == 200  # on its own branch it works
+        r = c.post("/anthropic/v1/messages", json={"model": "claude", "messages": []})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "provider_not_configured"
+        assert c.get("/v1/embeddings").status_code == 404
+    assert len(served.upstream.received) == before + 1
