@@ -64,10 +64,12 @@ class AiGatewayStore:
                         "VALUES (%s, %s) ON CONFLICT (branch_id) DO UPDATE SET "
                         "secret_sealed = excluded.secret_sealed", (branch_id, sealed))
 
-    async def remove(self, branch_id: str) -> None:
-        """The gateway is off on the branch: its secret and its usage go."""
+    async def remove(self, branch_id: str, *, usage: bool) -> None:
+        """The branch's secret goes (its tokens stop working), and with ``usage`` its
+        counters (they go with the branch row anyway)."""
         await self._all("DELETE FROM ai_gateway_branches WHERE branch_id = %s", (branch_id,))
-        await self._all("DELETE FROM ai_usage WHERE branch_id = %s", (branch_id,))
+        if usage:
+            await self._all("DELETE FROM ai_usage WHERE branch_id = %s", (branch_id,))
 
     def _open(self, branch_id: str, sealed: str) -> bytes:
         return base64.urlsafe_b64decode(self.box.open_text(sealed, secret_context(branch_id)))

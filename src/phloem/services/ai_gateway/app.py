@@ -143,6 +143,9 @@ class GatewayApp:
         await self.client.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
@@ -283,6 +286,16 @@ class _Exchange:
         if "json" in ctype and size <= MAX_METERED_BYTES:
             with contextlib.suppress(ValueError):
                 self.meter.feed_json(json.loads(b"".join(kept)))
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 async def _read_body(receive: Receive) -> bytes:
