@@ -9,8 +9,11 @@ usage is counted per function, another branch's token gets 401.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +21,7 @@ import uvicorn
 
 from phloem.services.ai_gateway.app import GatewayApp, ProviderConn, UsageEvent
 from phloem.services.ai_gateway.tokens import make_token, new_secret
-from phloem.testing import free_port, wait_for
+from phloem.testing import PlatformProcess, free_port, host_of, platform_process, wait_for
 from tests.services.ai_upstream import CHAT_USAGE, RESPONSES_USAGE, Upstream
 
 OPERATOR_KEY = "sk-operator-" + "k" * 24
@@ -70,9 +73,9 @@ def test_forwards_with_the_operators_key_and_counts_usage(served: Served) -> Non
             {"role": "user", "content": "hi"}]})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == "Hello"
-        r = c.post("/openai/v1/responses", json={"model": "gpt-test", "input": "hi"})
+        r = c.post("/ai-gateway/openai/v1/responses", json={"model": "gpt-test", "input": "hi"})
         assert r.status_code == 200, r.text
-        assert c.get("/v1/models").json()["data"][0]["id"] == "gpt-test"
+        assert c.get("/openai/v1/models").json()["data"][0]["id"] == "gpt-test"
     got = served.upstream.received[before:]
     assert [(g.method, g.path) for g in got] == [
         ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"), ("GET", "/v1/models")]
@@ -132,3 +135,87 @@ def test_refuses_tokens_of_another_branch(served: Served) -> None:
         assert r.json()["error"]["code"] == "provider_not_configured"
         assert c.get("/v1/embeddings").status_code == 404
     assert len(served.upstream.received) == before + 1
+
+
+# -- on a platform: the service behind the gateway, called from a sandboxed function ----
+
+NODE_APP = Path(__file__).parent.parent / "apps" / "node-ai"
+KEY_ENV = "PHLOEM_TEST_AI_UPSTREAM_KEY"
+
+
+@dataclass
+class OnPlatform:
+    p: PlatformProcess
+    upstream: Upstream
+    main_id: str
+    fn_host: str
+
+
+@pytest.fixture(scope="module")
+def on_platform() -> Iterator[OnPlatform]:
+    os.environ[KEY_ENV] = OPERATOR_KEY  # phloem up reads the key from its own env
+    try:
+        with Upstream() as upstream, platform_process(
+                ["--ai-provider", f"openai={upstream.url},key-env={KEY_ENV}"]) as p:
+            with p.api() as api:
+                r = api.put("/branches/main/services", json={"services": {"ai": {}}})
+                assert r.status_code == 200, r.text
+                main_id = r.json()["branch_id"]
+            fn = p.deploy("aicall", NODE_APP)
+            yield OnPlatform(p, upstream, main_id, host_of(fn["url"]))
+    finally:
+        os.environ.pop(KEY_ENV, None)
+
+
+def test_a_sandboxed_function_calls_the_gateway_and_usage_is_counted(
+        on_platform: OnPlatform) -> None:
+    o = on_platform
+    with o.p.gateway(o.fn_host) as c:
+        r = c.get("/")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["status"] == 200, got
+    assert got["body"]["choices"][0]["message"]["content"] == "Hello"
+    assert got["base"] == f"http://{o.main_id}--ai.fn.localhost:{o.p.gateway_port}"
+    sent = o.upstream.received[-1]
+    headers = {k.lower(): v for k, v in sent.headers.items()}
+    assert headers["authorization"] == f"Bearer {OPERATOR_KEY}"
+    assert "nai." not in json.dumps(sent.headers)
+    rows = wait_for(lambda: [u for u in o.p.cli_json("ai", "usage", "--branch", "main")
+                             if u["requests"] >= 1] or None, 30, "usage shown by the CLI")
+    assert [(u["function"], u["provider"], u["model"]) for u in rows] == [
+        ("aicall", "openai", "gpt-test")]
+    assert rows[0]["input_tokens"] >= CHAT_USAGE["prompt_tokens"]
+    assert rows[0]["output_tokens"] >= CHAT_USAGE["completion_tokens"]
+    text = o.p.cli("ai", "usage").stdout
+    assert "aicall" in text and "gpt-test" in text
+
+
+def test_a_stream_passes_the_platform_chunk_by_chunk(on_platform: OnPlatform) -> None:
+    o = on_platform
+    o.upstream.release.clear()
+    o.upstream.sent_last.clear()
+    with o.p.gateway(o.fn_host) as c, c.stream("GET", "/stream") as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line)
+        assert not o.upstream.sent_last.is_set()
+        assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "Hel"
+        o.upstream.release.set()
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+
+
+def test_a_token_works_only_on_its_own_branch(on_platform: OnPlatform) -> None:
+    o = on_platform
+    with o.p.gateway(o.fn_host) as c:
+        token = c.get("/token").json()["token"]
+    child = o.p.cli_json("branches", "create", "aichild")
+    try:
+        for branch_id, status in ((o.main_id, 200), (child["id"], 401)):
+            with o.p.gateway(f"{branch_id}--ai.fn.localhost") as c:
+                r = c.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == status, r.text
+        assert o.p.cli_json("ai", "usage", "--branch", "aichild") == []
+    finally:
+        o.p.cli("branches", "delete", "aichild")

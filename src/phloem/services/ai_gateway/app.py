@@ -93,7 +93,12 @@ def branch_of_host(host: str) -> str | None:
 
 
 def route(method: str, path: str) -> tuple[str, str]:
-    """(provider kind, path below the upstream's base) of a request, or GatewayError."""
+    """(provider kind, path below the upstream's base) of a request, or GatewayError.
+    Neon's own paths (``/ai-gateway/{mlflow,openai,anthropic}/v1/...``) are the same."""
+    if path.startswith("/ai-gateway/"):
+        path = path[len("/ai-gateway"):]
+        if path.startswith("/mlflow/v1/"):
+            path = path[len("/mlflow"):]
     for prefix in ("/openai/v1/", "/v1/"):
         if path.startswith(prefix):
             rest = path[len(prefix):]
