@@ -109,3 +109,6 @@ _.do_GET
 _.do_POST
 _.protocol_version
 _.daemon_threads
+
+# Branch services call it to serve their ASGI apps (phloem.services.upstream).
+_.serve_asgi
