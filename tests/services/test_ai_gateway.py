@@ -21,6 +21,8 @@ import uvicorn
 
 from phloem.services.ai_gateway.app import GatewayApp, ProviderConn, UsageEvent
 from phloem.services.ai_gateway.tokens import make_token, new_secret
+from phloem.system.ai_providers import parse_ai_providers
+from phloem.system.validation import InvalidInput
 from phloem.testing import PlatformProcess, free_port, host_of, platform_process, wait_for
 from tests.services.ai_upstream import CHAT_USAGE, RESPONSES_USAGE, Upstream
 
@@ -162,7 +164,7 @@ def on_platform() -> Iterator[OnPlatform]:
                 assert r.status_code == 200, r.text
                 main_id = r.json()["branch_id"]
             fn = p.deploy("aicall", NODE_APP)
-            yield OnPlatform(p, upstream, main_id, host_of(fn["url"]))
+            yield OnPlatform(p, upstream, main_id, host_of(fn["invocation_url"]))
     finally:
         os.environ.pop(KEY_ENV, None)
 
@@ -210,12 +212,39 @@ def test_a_token_works_only_on_its_own_branch(on_platform: OnPlatform) -> None:
     o = on_platform
     with o.p.gateway(o.fn_host) as c:
         token = c.get("/token").json()["token"]
-    child = o.p.cli_json("branches", "create", "aichild")
-    try:
-        for branch_id, status in ((o.main_id, 200), (child["id"], 401)):
+    child = o.p.cli_json("branches", "create", "--name", "aichild")["id"]
+    query = "SELECT secret_sealed FROM ai_gateway_branches WHERE branch_id = %s"
+    with o.p.system_db() as db:
+        # The child has the service (copied) with a secret of its own, sealed.
+        sealed = db.execute(query, (child,)).fetchall()
+        assert len(sealed) == 1 and sealed[0][0].startswith("v1:")
+        for branch_id, status in ((o.main_id, 200), (child, 401)):
             with o.p.gateway(f"{branch_id}--ai.fn.localhost") as c:
                 r = c.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == status, r.text
         assert o.p.cli_json("ai", "usage", "--branch", "aichild") == []
-    finally:
         o.p.cli("branches", "delete", "aichild")
+        assert db.execute(query, (child,)).fetchall() == []
+
+
+@pytest.mark.parametrize(("text", "rule"), [
+    ("openai", "expected KIND=URL"),
+    ("gemini=https://x/v1", "KIND one of openai, anthropic"),
+    ("openai=ftp://x/v1", "http(s)://host"),
+    ("openai=https://user:pw@x/v1", "without credentials"),
+    ("openai=https://x/v1,key=SECRET", "unknown option"),
+    ("openai=https://x/v1,key-env=1BAD", "key-env must be a variable name"),
+    ("openai=https://x/v1,key-env=PHLOEM_TEST_UNSET_KEY_VAR", "is not set"),
+])
+def test_the_provider_option_names_the_rule_it_breaks(text: str, rule: str) -> None:
+    with pytest.raises(InvalidInput, match="ai_provider") as info:
+        parse_ai_providers([text])
+    assert rule in str(info.value)
+
+
+def test_the_provider_option_parses_and_refuses_two_of_a_kind() -> None:
+    (p,) = parse_ai_providers(["anthropic=https://api.anthropic.com/v1/"])
+    assert (p.kind, p.url, p.key_env, p.key()) == (
+        "anthropic", "https://api.anthropic.com/v1", None, None)
+    with pytest.raises(InvalidInput, match="given 2 times"):
+        parse_ai_providers(["openai=http://a/v1", "openai=http://b/v1"])

@@ -39,7 +39,7 @@ def ai_usage(
     """Requests, errors and input/output tokens the AI Gateway counted, per branch,
     calling function ('-' for the branch-wide token), provider and model."""
     try:
-        rows = client_for(data_dir).json("GET", "/api/v1/ai/usage",
+        rows = client_for(data_dir).json("GET", "/ai/usage",
                                          params={"branch": branch} if branch else {})
     except ClientError as exc:
         fail(str(exc))

@@ -59,8 +59,8 @@ class AiGatewayService:
         self._ctx = ctx
         self._store = AiGatewayStore(ctx.pool, ctx.secret_box)
         self._secrets.update(await self._store.secrets())
-        providers = {p.kind: ProviderConn(p.kind, p.url, p.key())
-                     for p in ctx.settings.ai_providers}
+        configured = ctx.settings.ai_providers if ctx.settings is not None else ()
+        providers = {p.kind: ProviderConn(p.kind, p.url, p.key()) for p in configured}
         self._app = GatewayApp(providers, self._secrets, self._record)
         path = ctx.paths.run / SOCKET_NAME
         self._server = await serve_asgi(self._app, path)
@@ -96,6 +96,7 @@ class AiGatewayService:
                 "NEON_AI_GATEWAY_TOKEN": make_token(secret, function_slug)}
 
     async def acquire(self, host: ServiceHost) -> Upstream:
+        """A connection to the one socket every branch shares (the app reads Host)."""
         if host.branch_id not in self._secrets or self._sockets is None:
             raise RouteError(404, "unknown_host",
                              f"branch {host.branch_id} has no AI Gateway")
