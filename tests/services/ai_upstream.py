@@ -22,7 +22,9 @@ from typing import Any
 from phloem.testing import free_port
 
 CHAT_USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
-RESPONSES_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15}
+RESPONSES_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15,
+                   "input_tokens_details": {"cached_tokens": 0},
+                   "output_tokens_details": {"reasoning_tokens": 0}}
 #: Seconds a gated stream waits for its release before giving up (a failing test).
 GATE_TIMEOUT_S = 30
 
@@ -60,8 +62,14 @@ class Upstream:
                 body = json.loads(self.rfile.read(length) or b"null")
                 owner.received.append(Received("POST", self.path, dict(self.headers), body))
                 if self.path.endswith("/responses"):
-                    self._json(200, {"id": "resp_1", "object": "response", "output": [],
-                                     "usage": RESPONSES_USAGE})
+                    self._json(200, {
+                        "id": "resp_1", "object": "response", "created_at": 1767225600,
+                        "status": "completed", "model": body.get("model"),
+                        "incomplete_details": None, "usage": RESPONSES_USAGE,
+                        "output": [{"type": "message", "id": "msg_1", "status": "completed",
+                                    "role": "assistant", "content": [{
+                                        "type": "output_text", "text": "Hello",
+                                        "annotations": []}]}]})
                 elif body.get("stream"):
                     self._stream(body)
                 else:

@@ -142,6 +142,7 @@ def test_refuses_tokens_of_another_branch(served: Served) -> None:
 # -- on a platform: the service behind the gateway, called from a sandboxed function ----
 
 NODE_APP = Path(__file__).parent.parent / "apps" / "node-ai"
+NODE_SDK_APP = Path(__file__).parent.parent / "apps" / "node-ai-sdk"
 KEY_ENV = "PHLOEM_TEST_AI_UPSTREAM_KEY"
 
 
@@ -248,3 +249,19 @@ def test_the_provider_option_parses_and_refuses_two_of_a_kind() -> None:
         "anthropic", "https://api.anthropic.com/v1", None, None)
     with pytest.raises(InvalidInput, match="given 2 times"):
         parse_ai_providers(["openai=http://a/v1", "openai=http://b/v1"])
+
+
+def test_the_ai_sdk_provider_reaches_the_gateway(on_platform: OnPlatform) -> None:
+    """with-ai-sdk's ``neon(modelId)`` and ``neon.tools.imageGeneration``, from phloem's
+    ``@neon/ai-sdk-provider`` (npm installs ``ai`` and ``@ai-sdk/openai``)."""
+    o = on_platform
+    fn = o.p.deploy("aisdk", NODE_SDK_APP)
+    with o.p.gateway(host_of(fn["invocation_url"])) as c:
+        r = c.get("/")
+    assert r.status_code == 200, o.p.cli("functions", "logs", "aisdk").stdout[-3000:]
+    got = r.json()
+    assert got["text"] == "Hello"
+    assert got["usage"]["inputTokens"] == RESPONSES_USAGE["input_tokens"]
+    assert "image_generation" in (got["tool"] or "")
+    sent = o.upstream.received[-1]
+    assert (sent.method, sent.path, sent.body["model"]) == ("POST", "/v1/responses", "gpt-test")
