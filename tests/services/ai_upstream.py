@@ -1,6 +1,6 @@
 """A local OpenAI-compatible server for the AI Gateway's tests (the only fake: the real
 providers are out of reach). It records every request it receives and answers Chat
-Completions (whole or streamed), Responses and Models with fixed usage counts.
+Completions (whole or streamed), Responses, Models and Anthropic Messages with fixed usage counts.
 
 A streamed answer whose request has ``"user": "gated"`` sends its first content chunk,
 then waits for :attr:`Upstream.release` before the rest: a test that reads that first
@@ -25,6 +25,7 @@ CHAT_USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
 RESPONSES_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15,
                    "input_tokens_details": {"cached_tokens": 0},
                    "output_tokens_details": {"reasoning_tokens": 0}}
+ANTHROPIC_USAGE = {"input_tokens": 13, "output_tokens": 6}
 #: Seconds a gated stream waits for its release before giving up (a failing test).
 GATE_TIMEOUT_S = 30
 
@@ -61,7 +62,12 @@ class Upstream:
                 length = int(self.headers.get("content-length", "0"))
                 body = json.loads(self.rfile.read(length) or b"null")
                 owner.received.append(Received("POST", self.path, dict(self.headers), body))
-                if self.path.endswith("/responses"):
+                if self.path.endswith("/messages"):  # Anthropic's Messages API
+                    self._json(200, {"id": "msg_1", "type": "message", "role": "assistant",
+                                     "content": [{"type": "text", "text": "Hello"}],
+                                     "model": body.get("model"), "stop_reason": "end_turn",
+                                     "usage": ANTHROPIC_USAGE})
+                elif self.path.endswith("/responses"):
                     self._json(200, {
                         "id": "resp_1", "object": "response", "created_at": 1767225600,
                         "status": "completed", "model": body.get("model"),
@@ -122,6 +128,10 @@ class Upstream:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def anthropic_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/anthropic/v1"
 
     def __enter__(self) -> Upstream:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -24,10 +24,10 @@ from phloem.services.ai_gateway.tokens import make_token, new_secret
 from phloem.system.ai_providers import parse_ai_providers
 from phloem.system.validation import InvalidInput
 from phloem.testing import PlatformProcess, free_port, host_of, platform_process, wait_for
-from tests.services.ai_upstream import CHAT_USAGE, RESPONSES_USAGE, Upstream
+from tests.services.ai_upstream import ANTHROPIC_USAGE, CHAT_USAGE, RESPONSES_USAGE, Upstream
 
 OPERATOR_KEY = "sk-operator-" + "k" * 24
-BRANCH, OTHER = "br-aaaa-bbbb-111111", "br-cccc-dddd-222222"
+BRANCH, OTHER = "br-quiet-moon-3f9a2c", "br-loud-sun-1b2c3d"
 
 
 class Served:
@@ -39,8 +39,10 @@ class Served:
         async def record(event: UsageEvent) -> None:
             self.usage.append(event)
 
-        app = GatewayApp({"openai": ProviderConn("openai", upstream.url, OPERATOR_KEY)},
-                         self.secrets, record)
+        app = GatewayApp({"openai": ProviderConn("openai", upstream.url, OPERATOR_KEY),
+                          "anthropic": ProviderConn("anthropic", upstream.anthropic_url,
+                                                    OPERATOR_KEY)},
+                         self.secrets, record, "fn.localhost")
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     lifespan="off", log_level="warning"))
@@ -132,11 +134,27 @@ def test_refuses_tokens_of_another_branch(served: Served) -> None:
         assert r.json()["error"]["code"] == "invalid_token"
     with served.client(OTHER, token=other) as c:
         assert c.get("/v1/models").status_code == 200  # on its own branch it works
-        r = c.post("/anthropic/v1/messages", json={"model": "claude", "messages": []})
-        assert r.status_code == 404
-        assert r.json()["error"]["code"] == "provider_not_configured"
-        assert c.get("/v1/embeddings").status_code == 404
+        assert c.get("/v1/embeddings").json()["error"]["code"] == "not_found"
+        assert c.get("/v1/chat/completions").status_code == 405
     assert len(served.upstream.received) == before + 1
+
+
+def test_anthropic_messages_carry_the_operators_key_as_x_api_key(served: Served) -> None:
+    token = make_token(served.secrets[OTHER], "claude")
+    with served.client(OTHER) as c:  # the Anthropic SDK sends its key as x-api-key
+        r = c.post("/anthropic/v1/messages", headers={"x-api-key": token}, json={
+            "model": "claude-test", "max_tokens": 16, "messages": [
+                {"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    sent = served.upstream.received[-1]
+    headers = {k.lower(): v for k, v in sent.headers.items()}
+    assert (sent.path, headers["x-api-key"]) == ("/anthropic/v1/messages", OPERATOR_KEY)
+    assert headers["anthropic-version"] == "2023-06-01" and "authorization" not in headers
+    wait_for(lambda: served.usage and served.usage[-1].function_slug == "claude", 10,
+             "the Messages call's usage")
+    event = served.usage[-1]
+    assert (event.provider, event.input_tokens, event.output_tokens) == (
+        "anthropic", ANTHROPIC_USAGE["input_tokens"], ANTHROPIC_USAGE["output_tokens"])
 
 
 # -- on a platform: the service behind the gateway, called from a sandboxed function ----
@@ -224,6 +242,10 @@ def test_a_token_works_only_on_its_own_branch(on_platform: OnPlatform) -> None:
                 r = c.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == status, r.text
         assert o.p.cli_json("ai", "usage", "--branch", "aichild") == []
+        with o.p.gateway(f"{o.main_id}--ai.fn.localhost") as c:
+            r = c.post("/anthropic/v1/messages", headers={"x-api-key": token}, json={})
+        assert r.status_code == 404  # no anthropic upstream on this platform
+        assert r.json()["error"]["code"] == "provider_not_configured"
         o.p.cli("branches", "delete", "aichild")
         assert db.execute(query, (child,)).fetchall() == []
 

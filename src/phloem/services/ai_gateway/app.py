@@ -3,7 +3,7 @@ Host (``<branch_id>--ai.<domain>``), checking the caller's token, forwarding to 
 operator's upstream with the operator's key, and counting the usage the answer reports.
 
     app = GatewayApp(providers={"openai": ProviderConn("openai", url, key)},
-                     secrets={"br-x": secret}, record=store_usage)
+                     secrets={"br-x": secret}, record=store_usage, domain="fn.localhost")
     # served by uvicorn (on a Unix socket behind the platform's gateway)
 
 Routes (anything else is a JSON 404): ``POST /v1/chat/completions``, ``POST
@@ -24,13 +24,14 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from phloem.services.ai_gateway.tokens import check_token
 from phloem.services.ai_gateway.usage import Meter, SseSplitter, is_usage_only
+from phloem.services.base import parse_service_host
 
 logger = logging.getLogger("phloem.ai_gateway")
 
@@ -58,7 +59,7 @@ class ProviderConn:
 
     kind: str
     url: str
-    key: str | None
+    key: str | None = field(repr=False)
 
     def auth_headers(self) -> list[tuple[str, str]]:
         if self.key is None:
@@ -85,11 +86,10 @@ class GatewayError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def branch_of_host(host: str) -> str | None:
-    """``br-x--ai.fn.localhost:8787`` -> ``br-x``."""
-    label = host.split(":", 1)[0].split(".", 1)[0].lower()
-    branch, sep, service = label.rpartition("--")
-    return branch if sep and service == "ai" and branch else None
+def branch_of_host(host: str, domain: str) -> str | None:
+    """``br-quiet-moon-3f9a2c--ai.fn.localhost:8787`` -> ``br-quiet-moon-3f9a2c``."""
+    parsed = parse_service_host(host, domain)
+    return parsed.branch_id if parsed is not None and parsed.service == "ai" else None
 
 
 def route(method: str, path: str) -> tuple[str, str]:
@@ -133,9 +133,10 @@ def _token(headers: dict[str, str]) -> str:
 
 class GatewayApp:
     def __init__(self, providers: dict[str, ProviderConn], secrets: dict[str, bytes],
-                 record: Callable[[UsageEvent], Awaitable[None]],
+                 record: Callable[[UsageEvent], Awaitable[None]], domain: str,
                  client: httpx.AsyncClient | None = None) -> None:
         self.providers = providers
+        self.domain = domain
         #: branch id -> its secret; the service keeps it current (provision, delete).
         self.secrets = secrets
         self.record = record
@@ -156,7 +157,7 @@ class GatewayApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope["headers"]}
         try:
-            branch = branch_of_host(headers.get("host", ""))
+            branch = branch_of_host(headers.get("host", ""), self.domain)
             if branch is None:
                 raise GatewayError(404, "unknown_host", "the AI Gateway answers at "
                                    "<branch_id>--ai.<domain>")

@@ -61,7 +61,7 @@ class AiGatewayService:
         self._secrets.update(await self._store.secrets())
         configured = ctx.settings.ai_providers if ctx.settings is not None else ()
         providers = {p.kind: ProviderConn(p.kind, p.url, p.key()) for p in configured}
-        self._app = GatewayApp(providers, self._secrets, self._record)
+        self._app = GatewayApp(providers, self._secrets, self._record, ctx.domain)
         path = ctx.paths.run / SOCKET_NAME
         self._server = await serve_asgi(self._app, path)
         self._sockets = SocketPool(path)
