@@ -21,6 +21,7 @@ import uvicorn
 
 from phloem.services.ai_gateway.app import GatewayApp, ProviderConn, UsageEvent
 from phloem.services.ai_gateway.tokens import make_token, new_secret
+from phloem.services.ai_gateway.usage import Meter, SseSplitter
 from phloem.system.ai_providers import parse_ai_providers
 from phloem.system.validation import InvalidInput
 from phloem.testing import PlatformProcess, free_port, host_of, platform_process, wait_for
@@ -287,3 +288,25 @@ def test_the_ai_sdk_provider_reaches_the_gateway(on_platform: OnPlatform) -> Non
     assert "image_generation" in (got["tool"] or "")
     sent = o.upstream.received[-1]
     assert (sent.method, sent.path, sent.body["model"]) == ("POST", "/v1/responses", "gpt-test")
+
+
+def test_usage_is_read_from_every_stream_shape() -> None:
+    def sse(*events: dict[str, object]) -> bytes:
+        return b"".join(b"event: x\r\ndata: " + json.dumps(e).encode() + b"\r\n\r\n"
+                        for e in events)
+
+    anthropic = sse({"type": "message_start", "message": {"usage": {
+                        "input_tokens": 21, "output_tokens": 1}}},
+                    {"type": "content_block_delta", "delta": {"text": "Hi"}},
+                    {"type": "message_delta", "usage": {"output_tokens": 9}})
+    responses = sse({"type": "response.output_text.delta", "delta": "Hi"},
+                    {"type": "response.completed", "response": {"usage": {
+                        "input_tokens": 5, "output_tokens": 3}}})
+    for stream, expected in ((anthropic, (21, 9)), (responses, (5, 3))):
+        meter, splitter, events = Meter(), SseSplitter(), []
+        for i in range(0, len(stream), 7):  # cut anywhere: events come out whole
+            events += splitter.feed(stream[i:i + 7])
+        for event in events:
+            meter.feed_event(event)
+        assert b"".join(events) == stream and splitter.rest() == b""
+        assert (meter.input_tokens, meter.output_tokens) == expected
