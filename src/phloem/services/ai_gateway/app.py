@@ -41,6 +41,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_METERED_BYTES = 8 * 1024 * 1024
 #: Upstream timeouts: a model may think a long while before its first byte.
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=10.0)
+#: Streams hold their upstream connection for minutes: room for many at once.
+UPSTREAM_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 # Never sent upstream: hop-by-hop, the caller's credentials and addresses, framing the
 # client chose (httpx frames the body itself), and compression (usage must be readable).
 _REQUEST_DROP = frozenset({
@@ -140,7 +142,8 @@ class GatewayApp:
         #: branch id -> its secret; the service keeps it current (provision, delete).
         self.secrets = secrets
         self.record = record
-        self.client = client or httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT)
+        self.client = client or httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT,
+                                                 limits=UPSTREAM_LIMITS)
         self._pending: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
