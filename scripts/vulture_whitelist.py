@@ -104,5 +104,11 @@ _.written_data_bytes
 # Response field of the rollback route (control/api.py), read by clients.
 _.previous_deployment_id
 
+# http.server's hooks, called by its request loop (tests/services/ai_upstream.py).
+_.do_GET
+_.do_POST
+_.protocol_version
+_.daemon_threads
+
 # Branch services call it to serve their ASGI apps (phloem.services.upstream).
 _.serve_asgi

@@ -9,6 +9,7 @@ add their commands to its app. Importing this package imports them, so every ent
 """
 
 from phloem.cli import (  # noqa: F401  (register their commands)
+    ai_cmds,
     backup_cmds,
     functions_cmds,
     project_cmds,

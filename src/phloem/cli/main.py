@@ -22,6 +22,7 @@ from phloem import __version__
 from phloem.gateway.proxies import parse_networks
 from phloem.project.client import Client, ClientError
 from phloem.runtimes.registry import choose
+from phloem.system.ai_providers import parse_ai_providers
 from phloem.system.limits import FunctionLimits
 from phloem.system.settings import Settings, default_data_dir
 from phloem.system.validation import InvalidInput, check_token
@@ -206,6 +207,12 @@ def up(
         envvar="PHLOEM_KEEP_DEPLOYMENTS", min=0, help="Replaced deployments of each "
         "function kept built on disk: what 'phloem functions rollback' can switch back "
         "to without a rebuild.")] = 3,
+    ai_provider: Annotated[list[str] | None, typer.Option(
+        "--ai-provider", envvar="PHLOEM_AI_PROVIDERS", help="An upstream of the AI Gateway: "
+        "KIND=URL[,key-env=VAR], KIND 'openai' (any OpenAI-compatible server) or "
+        "'anthropic', URL its versioned base (https://api.openai.com/v1), VAR the variable "
+        "of this process holding its key, which functions never see (repeatable; "
+        "space-separated in the variable).", show_default="none")] = None,
 ) -> None:
     """Start the platform in the foreground: system database, branch 'main', API and
     gateway. Ctrl-C stops everything; a second Ctrl-C forces exit.
@@ -217,6 +224,7 @@ def up(
         if metrics_token is not None:
             check_token("metrics_token", metrics_token)
         proxies = tuple(str(n) for n in parse_networks(trusted_proxy or []))
+        ai_providers = parse_ai_providers(ai_provider or [])
         if not 0 < head_timeout < float("inf"):
             raise ValueError(f"head_timeout: must be a positive number of seconds "
                              f"(got {head_timeout})")
@@ -236,7 +244,7 @@ def up(
             trusted_proxies=proxies, metrics_token=metrics_token,
             head_timeout_s=head_timeout, max_connections_per_peer=max_connections_per_peer,
             max_connections=max_connections, api_max_connections=api_max_connections,
-            keep_deployments=keep_deployments,
+            keep_deployments=keep_deployments, ai_providers=ai_providers,
         )
         if settings.tls == "files":
             _check_tls_files(settings)

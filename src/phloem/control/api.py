@@ -36,6 +36,7 @@ from phloem import __version__
 from phloem.branches.lifetime import BranchLifetime
 from phloem.branches.manager import BranchError
 from phloem.control import neon_v2
+from phloem.control.ai_api import make_router as make_ai_router
 from phloem.control.artifacts import (
     MAX_ARTIFACT_BYTES,
     ArtifactError,
@@ -587,6 +588,7 @@ def create_api(services: ApiServices) -> FastAPI:
 
     app.include_router(backup_router)
     app.include_router(make_triggers_router(errors))
+    app.include_router(make_ai_router(errors))
     app.include_router(make_services_router(errors))
     app.include_router(neon_v2.router, include_in_schema=False)
     return app

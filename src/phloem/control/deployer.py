@@ -293,7 +293,7 @@ class Deployer:
             **plan.env,
             **self.env_of(dep),
             # Declared in neon.ts, so they win over the deployment's env, as DATABASE_URL.
-            **(self.services.env(branch) if self.services is not None else {}),
+            **(self.services.env(branch, fn.slug) if self.services is not None else {}),
             "DATABASE_URL": urls.pooled,
             "DATABASE_URL_UNPOOLED": urls.unpooled,
             "PHLOEM_BRANCH": branch.name,

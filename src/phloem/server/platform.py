@@ -419,7 +419,7 @@ class Platform:
         await branch_services.start(ServiceContext(
             paths=paths, pool=pool, store=store, domain=s.domain, scheme=s.public_scheme,
             port=s.url_port, secret_box=secret_box,
-            connection_strings=branches.connection_strings))
+            connection_strings=branches.connection_strings, settings=s))
         push(branch_services.stop)
         branches.state_hooks = branch_services
         deployer.services = branch_services

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from phloem.gateway.routing import Upstream
 from phloem.metadata.store import BranchRow
 from phloem.system.paths import DataPaths
+from phloem.system.settings import Settings
 
 #: The services phloem provides, by the name neon.ts's keys map to.
 SERVICES = ("auth", "ai", "storage")
@@ -77,6 +78,8 @@ class ServiceContext:
     secret_box: Any
     #: The branch's database URLs (``phloem.branches.manager.ConnectionStrings``).
     connection_strings: Callable[[BranchRow], Any]
+    #: The platform's settings (the AI Gateway's upstreams); None in a bare context.
+    settings: Settings | None = None
 
     def base_url(self, branch_id: str, service: str) -> str:
         """``scheme://<branch_id>--<service>.<domain>[:port]``: where functions (and, in

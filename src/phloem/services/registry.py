@@ -21,6 +21,7 @@ from typing import Any
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.metadata.services import ServiceStore
 from phloem.metadata.store import BranchRow
+from phloem.services.ai_gateway.service import AiGatewayService
 from phloem.services.auth import AuthService
 from phloem.services.base import (
     SERVICES,
@@ -33,7 +34,10 @@ from phloem.services.base import (
 log = logging.getLogger("phloem.services")
 
 #: The services this build of phloem provides: name -> factory.
-BUILTIN: dict[str, Callable[[], BranchService]] = {"auth": AuthService}
+BUILTIN: dict[str, Callable[[], BranchService]] = {
+    "ai": AiGatewayService,
+    "auth": AuthService,
+}
 
 #: What neon.ts calls each service, for messages.
 LABELS = {"auth": "Neon Auth (auth)", "ai": "the AI Gateway (aiGateway)",
@@ -85,13 +89,18 @@ class ServiceRegistry:
         """service -> config for the branch (a copy)."""
         return {k: dict(v) for k, v in self._on.get(branch_id, {}).items()}
 
-    def env(self, branch: BranchRow) -> dict[str, str]:
-        """The variables of every service the branch has on, for its functions."""
+    def env(self, branch: BranchRow, function: str = "") -> dict[str, str]:
+        """The variables of every service the branch has on, for its functions; a
+        service with a ``function_env(branch, config, slug)`` (the AI Gateway: a token
+        per function) gives ``function``'s own."""
         out: dict[str, str] = {}
         for name, config in self._on.get(branch.id, {}).items():
             service = self.services.get(name)
-            if service is not None:
-                out.update(service.env(branch, config))
+            if service is None:
+                continue
+            per_function = getattr(service, "function_env", None)
+            out.update(per_function(branch, config, function) if function and per_function
+                       else service.env(branch, config))
         return out
 
     def hosts(self, branch_id: str) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import platformdirs
 
+from phloem.system.ai_providers import AiProvider
 from phloem.system.limits import FunctionLimits
 
 #: ``--tls`` values; ``acme`` comes with certificates on demand.
@@ -96,6 +97,8 @@ class Settings:
     #: Ready deployments of each function kept built on disk besides the active one:
     #: what ``phloem functions rollback`` can switch back to without a rebuild.
     keep_deployments: int = 3
+    #: The AI Gateway's upstreams (``--ai-provider``); their keys stay in phloem's env.
+    ai_providers: tuple[AiProvider, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:

@@ -28,6 +28,9 @@ SUPPLIED: dict[str, str] = {
     "@phloem/functions": "functions",
     "@neon/functions": "functions",
     "@neondatabase/functions": "functions",
+    "@phloem/ai-sdk-provider": "ai-sdk-provider",
+    "@neon/ai-sdk-provider": "ai-sdk-provider",
+    "@neondatabase/ai-sdk-provider": "ai-sdk-provider",
 }
 
 #: On the registry; ours stand in only when the project has not installed them.
