@@ -82,8 +82,11 @@ class FunctionLogs:
         self._append(path, log, entry)
 
     def _open(self, path: Path) -> _Log:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent.parent, 0o700)
+        # The log's own directory is private; never a mode change above it: `phloem dev`
+        # keeps its logs in a temporary directory, and changing the mode of that
+        # directory's parent (/tmp) locked every other user out of /tmp.
+        if not path.parent.is_dir():
+            path.parent.mkdir(mode=0o700, parents=True)
         f = open(path, "a", buffering=2**16)  # noqa: SIM115
         log = self._logs[path] = _Log(f, path.stat().st_size)
         return log
