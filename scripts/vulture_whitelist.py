@@ -103,3 +103,7 @@ _.written_data_bytes
 
 # Response field of the rollback route (control/api.py), read by clients.
 _.previous_deployment_id
+
+# acme.client.ClientNetwork attributes read by the acme library (gateway/acme/client.py).
+_.verify_ssl
+_.account
