@@ -22,17 +22,20 @@ import httpx
 import pytest
 from cryptography import x509
 
-from phloem.gateway.acme import AcmeConfig, CertificateManager
+from phloem.gateway.acme import AcmeConfig, CertificateManager, StaticCertificates
 from phloem.gateway.tls import CertificateStore, LocalCA
-from phloem.testing import PlatformProcess, free_port, host_of, platform_process, wait_for
+from phloem.testing import (
+    PlatformProcess,
+    free_port,
+    host_of,
+    platform_process,
+    refused_start,
+    wait_for,
+)
 
 APP = Path(__file__).parent.parent / "apps" / "tlsecho"
 DOMAIN = "fn.acme.test"
 LIFETIME_S = 60
-
-pytestmark = pytest.mark.skipif(shutil.which("pebble") is None,
-                                reason="Debian's pebble is not installed (scripts/install)")
-
 
 class Output:
     """A process's output lines, read by a thread as they come."""
@@ -82,6 +85,8 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 @pytest.fixture(scope="module")
 def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Acme]:
+    if shutil.which("pebble") is None:
+        pytest.skip("Debian's pebble is not installed (scripts/install installs it)")
     work = tmp_path_factory.mktemp("pebble")
     ca = LocalCA.ensure(work / "ca")
     cert, key = ca.issue(work, ["localhost", "127.0.0.1"], stem="pebble")
@@ -254,9 +259,29 @@ async def test_stored_certificates_are_served_at_start_without_an_order(
         assert got.serial_number == stored.serial_number
         assert manager.status("other.example.org") == (
             False, "not requested: the name is not served here", None)
+        # --tls self-signed|files answer the same protocol from what they serve.
+        static = StaticCertificates(store, "files")
+        static.ensure(acme.host)
+        assert static.status(DOMAIN).issued
+        assert static.status(f"x.{DOMAIN}") == (
+            False, "tls is files: the served certificate is not for this name", None)
     finally:
         server.close()
         await manager.stop()
     # Pebble saw no order but the platform's own (renewals go on meanwhile).
     assert manager.orders == 0
     assert acme.orders_match() >= before
+
+
+def test_bad_acme_options_are_refused() -> None:
+    acme_on = {"PHLOEM_TLS": "acme", "PHLOEM_HTTPS_PORT": str(free_port())}
+    for env, said in (
+            ({"PHLOEM_ACME_EMAIL": "nobody"}, "acme_email: must be an e-mail address"),
+            ({"PHLOEM_ACME_RENEW_FRACTION": "1.5"},
+             "acme_renew_fraction: must be between 0 and 1"),
+            ({"PHLOEM_ACME_DIRECTORY": "ftp://ca.test/dir"},
+             "acme_directory: must be an http(s):// URL"),
+            ({"PHLOEM_ACME_CA_BUNDLE": "/nonexistent/ca.pem"},
+             "acme_ca_bundle: no such file: /nonexistent/ca.pem"),
+            ({"PHLOEM_DOMAIN": "localhost:80"}, "domain: --tls acme needs a DNS name")):
+        assert said in refused_start({**acme_on, **env}), said

@@ -146,7 +146,8 @@ def up(
         "with --tls (443 needs root or CAP_NET_BIND_SERVICE).")] = 8443,
     http_port: Annotated[int | None, typer.Option(
         envvar="PHLOEM_HTTP_PORT", min=1, max=65535, help="With --tls: plain HTTP port "
-        "that only redirects to https (308 for GET/HEAD, else 400); 80 needs root or "
+        "that only redirects to https (308 for GET/HEAD, else 400) and answers ACME "
+        "HTTP-01 challenges (--tls acme); 80 needs root or "
         "CAP_NET_BIND_SERVICE.", show_default="the gateway port")] = None,
     domain: Annotated[str, typer.Option(envvar="PHLOEM_DOMAIN",
                                         help="Domain of invocation URLs.")] = "fn.localhost",
