@@ -1,14 +1,15 @@
 """`phloem up --tls acme` against a real ACME server: Debian's pebble, validating HTTP-01
 for real (its validation is never switched off) through pebble-challtestsrv resolving
 the test names to 127.0.0.1. One pebble and one platform for the module; pebble issues
-60-second certificates and the platform renews at half their lifetime, so one renewal
-happens within the module."""
+60-second certificates and the platform renews at a quarter of their lifetime, so
+renewals happen within the module."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -17,13 +18,17 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from cryptography import x509
 
 from phloem.gateway.acme import AcmeConfig, CertificateManager, StaticCertificates
-from phloem.gateway.tls import CertificateStore, LocalCA
+from phloem.gateway.acme.manager import RETRY_FIRST_S, OrderBucket
+from phloem.gateway.tls import CertificateStore, LocalCA, TlsError
+from phloem.server.https import gateway_tls
+from phloem.system.settings import Settings
 from phloem.testing import (
     PlatformProcess,
     free_port,
@@ -31,6 +36,7 @@ from phloem.testing import (
     platform_process,
     refused_start,
     wait_for,
+    wait_for_async,
 )
 
 APP = Path(__file__).parent.parent / "apps" / "tlsecho"
@@ -72,7 +78,8 @@ class Acme:
         """The orders pebble saw, once they are exactly those the platform made (an order
         being made is logged by the platform first)."""
         n = len(self.orders_by_platform())
-        return wait_for(lambda: self.orders_at_pebble() == n and n, 60, "pebble's orders")
+        wait_for(lambda: self.orders_at_pebble() == n, 60, "pebble's orders")
+        return n
 
     def trusting(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.root))
@@ -118,7 +125,7 @@ def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Acme]:
                 "--tls", "acme", "--domain", DOMAIN, "--https-port", str(https),
                 "--http-port", str(plain), "--acme-directory", directory,
                 "--acme-ca-bundle", str(ca.cert_path), "--acme-email", "ops@acme.test",
-                "--acme-renew-fraction", "0.5"]) as p:
+                "--acme-renew-fraction", "0.25"]) as p:
             fn = p.deploy("echo", APP)
             assert fn["status"] == "ready", fn
             host = host_of(fn["invocation_url"]).split(":")[0]
@@ -273,15 +280,52 @@ async def test_stored_certificates_are_served_at_start_without_an_order(
     assert acme.orders_match() >= before
 
 
-def test_bad_acme_options_are_refused() -> None:
-    acme_on = {"PHLOEM_TLS": "acme", "PHLOEM_HTTPS_PORT": str(free_port())}
-    for env, said in (
-            ({"PHLOEM_ACME_EMAIL": "nobody"}, "acme_email: must be an e-mail address"),
-            ({"PHLOEM_ACME_RENEW_FRACTION": "1.5"},
-             "acme_renew_fraction: must be between 0 and 1"),
-            ({"PHLOEM_ACME_DIRECTORY": "ftp://ca.test/dir"},
-             "acme_directory: must be an http(s):// URL"),
-            ({"PHLOEM_ACME_CA_BUNDLE": "/nonexistent/ca.pem"},
-             "acme_ca_bundle: no such file: /nonexistent/ca.pem"),
-            ({"PHLOEM_DOMAIN": "localhost:80"}, "domain: --tls acme needs a DNS name")):
-        assert said in refused_start({**acme_on, **env}), said
+def test_bad_acme_options_are_refused(tmp_path: Path) -> None:
+    # Through phloem up's variables once; the rules themselves in-process.
+    out = refused_start({"PHLOEM_TLS": "acme", "PHLOEM_HTTPS_PORT": str(free_port()),
+                         "PHLOEM_ACME_EMAIL": "nobody"})
+    assert "acme_email: must be an e-mail address (got 'nobody')" in out
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"acme_renew_fraction": 1.5}, "acme_renew_fraction: must be between 0 and 1"),
+        ({"acme_directory": "ftp://ca.test/dir"}, "acme_directory: must be an http(s):// URL")]
+    for fields, said in refused:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            Settings(data_dir=tmp_path, tls="acme", **fields)
+    unusable: list[tuple[dict[str, Any], str]] = [
+        ({"acme_ca_bundle": tmp_path / "none.pem"},
+         f"acme_ca_bundle: no such file: {tmp_path / 'none.pem'}"),
+        ({"domain": "localhost:80"}, "domain: --tls acme needs a DNS name")]
+    for fields, said in unusable:
+        with pytest.raises(TlsError, match=re.escape(said)):
+            gateway_tls(Settings(data_dir=tmp_path, tls="acme", **fields))
+
+
+async def test_a_failed_order_is_retried_with_backoff(tmp_path: Path) -> None:
+    # A directory nobody serves: the order fails at once; the reason and the retry show.
+    local = LocalCA.ensure(tmp_path / "ca")
+    store = CertificateStore()
+    store.add_files(*local.issue(tmp_path, [DOMAIN], "fallback"))
+    manager = CertificateManager(store, tmp_path / "acme", AcmeConfig(
+        f"https://127.0.0.1:{free_port()}/dir"))
+    await manager.start()
+    try:
+        manager.ensure(f"a.{DOMAIN}")
+        with pytest.raises(ValueError, match="not a DNS name"):
+            manager.ensure("*.example.org")
+        status = await wait_for_async(
+            lambda: (s := manager.status(f"a.{DOMAIN}")).reason
+            and "retried" in s.reason and s, 30, "the failed order")
+    finally:
+        await manager.stop()
+    assert not status.issued and "acme_directory:" in status.reason
+    retry = re.search(r"\(retried in (\d+) s\)", status.reason)
+    assert retry is not None and 0 < int(retry.group(1)) <= RETRY_FIRST_S, status.reason
+    assert manager.orders == 1
+
+
+def test_orders_are_rate_limited() -> None:
+    bucket = OrderBucket(per_hour=2)  # a burst of 2, then one every 30 minutes
+    assert [bucket.wait_s(), bucket.wait_s()] == [0.0, 0.0]
+    assert 1790 < bucket.wait_s() <= 1800
+    bucket.at -= 1800  # half an hour later
+    assert bucket.wait_s() == 0.0

@@ -35,7 +35,7 @@ from typing import NamedTuple, Protocol
 
 from cryptography import x509
 
-from phloem.gateway.acme.client import AcmeAccount, AcmeError, write_private
+from phloem.gateway.acme.client import AcmeAccount, write_private
 from phloem.gateway.tls import CertificateStore, TlsError, cert_names
 
 __all__ = ["AcmeConfig", "CertStatus", "CertificateManager", "Certificates",
@@ -92,7 +92,9 @@ class _Name:
 
 
 @dataclass
-class _Bucket:
+class OrderBucket:
+    """The rate limit of orders: a token bucket of ``per_hour``, bursts of up to 10."""
+
     per_hour: float
     tokens: float = 0.0
     at: float = field(default_factory=time.monotonic)
@@ -139,7 +141,7 @@ class CertificateManager:
         self._names: dict[str, _Name] = {}
         #: HTTP-01 tokens of orders in progress -> key authorization.
         self._pending: dict[str, str] = {}
-        self._bucket = _Bucket(config.orders_per_hour)
+        self._bucket = OrderBucket(config.orders_per_hour)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._account: AcmeAccount | None = None
@@ -260,7 +262,7 @@ class CertificateManager:
             await asyncio.to_thread(write_private, key_path, key)
             await asyncio.to_thread(write_private, cert_path, chain)
             self._install(name, cert_path, key_path)
-        except (AcmeError, TlsError, ValueError, OSError) as exc:
+        except Exception as exc:  # one failed order (whatever the CA sent) stops no other
             entry.failures += 1
             backoff = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (entry.failures - 1))
             entry.error, entry.due = str(exc), time.time() + backoff
