@@ -66,6 +66,11 @@ class Acme:
     https_port: int
     plain_port: int
     host: str
+    extra: list[str]  # phloem up's arguments
+    dns_admin: int  # pebble-challtestsrv's management port (TXT records)
+    work: Path
+    #: Orders of earlier runs of the platform (its output starts anew at a restart).
+    earlier_orders: int = 0
 
     def orders_at_pebble(self) -> int:
         return sum("Added order" in line for line in self.pebble.lines)
@@ -77,7 +82,7 @@ class Acme:
     def orders_match(self) -> int:
         """The orders pebble saw, once they are exactly those the platform made (an order
         being made is logged by the platform first)."""
-        n = len(self.orders_by_platform())
+        n = len(self.orders_by_platform()) + self.earlier_orders
         wait_for(lambda: self.orders_at_pebble() == n, 60, "pebble's orders")
         return n
 
@@ -97,7 +102,7 @@ def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Acme]:
     work = tmp_path_factory.mktemp("pebble")
     ca = LocalCA.ensure(work / "ca")
     cert, key = ca.issue(work, ["localhost", "127.0.0.1"], stem="pebble")
-    plain, https, api, mgmt, dns = (free_port() for _ in range(5))
+    plain, https, api, mgmt, dns, dns_admin = (free_port() for _ in range(6))
     (work / "config.json").write_text(json.dumps({"pebble": {
         "listenAddress": f"127.0.0.1:{api}", "managementListenAddress": f"127.0.0.1:{mgmt}",
         "certificate": str(cert), "privateKey": str(key),
@@ -110,7 +115,7 @@ def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Acme]:
     env["PEBBLE_VA_NOSLEEP"] = "1"
     procs = [_spawn(["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
                      "-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "",
-                     "-tlsalpn01", "", "-management", f"127.0.0.1:{free_port()}"], env)]
+                     "-tlsalpn01", "", "-management", f"127.0.0.1:{dns_admin}"], env)]
     try:
         procs.append(_spawn(["pebble", "-config", str(work / "config.json"),
                              "-dnsserver", f"127.0.0.1:{dns}"], env))
@@ -121,16 +126,17 @@ def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Acme]:
             wait_for(lambda: _answers(client, directory), 30, "pebble's directory")
             root = work / "root.pem"
             root.write_text(client.get(f"https://127.0.0.1:{mgmt}/roots/0").text)
-        with platform_process([
-                "--tls", "acme", "--domain", DOMAIN, "--https-port", str(https),
-                "--http-port", str(plain), "--acme-directory", directory,
-                "--acme-ca-bundle", str(ca.cert_path), "--acme-email", "ops@acme.test",
-                "--acme-renew-fraction", "0.25"]) as p:
+        extra = ["--tls", "acme", "--domain", DOMAIN, "--https-port", str(https),
+                 "--http-port", str(plain), "--acme-directory", directory,
+                 "--acme-ca-bundle", str(ca.cert_path), "--acme-email", "ops@acme.test",
+                 "--acme-renew-fraction", "0.25"]
+        with platform_process(extra) as p:
             fn = p.deploy("echo", APP)
             assert fn["status"] == "ready", fn
             host = host_of(fn["invocation_url"]).split(":")[0]
             assert fn["invocation_url"] == f"https://{host}:{https}"
-            yield Acme(p, directory, ca.cert_path, root, pebble, https, plain, host)
+            yield Acme(p, directory, ca.cert_path, root, pebble, https, plain, host, extra,
+                       dns_admin, work)
     finally:
         for proc in procs:
             proc.terminate()
@@ -329,3 +335,49 @@ def test_orders_are_rate_limited() -> None:
     assert 1790 < bucket.wait_s() <= 1800
     bucket.at -= 1800  # half an hour later
     assert bucket.wait_s() == 0.0
+
+
+HOOK = """#!/bin/sh
+# A DNS-01 hook: TXT records in pebble-challtestsrv, which answers pebble's DNS.
+echo "$1 $2" >> "{log}"
+case "$1" in
+  present) exec curl -sSf -X POST -d "{{\\"host\\":\\"$2.\\",\\"value\\":\\"$3\\"}}" \\
+             http://127.0.0.1:{port}/set-txt ;;
+  cleanup) exec curl -sSf -X POST -d "{{\\"host\\":\\"$2.\\"}}" \\
+             http://127.0.0.1:{port}/clear-txt ;;
+esac
+exit 2
+"""
+
+
+def test_restart_with_a_dns_hook_serves_one_wildcard(acme: Acme) -> None:
+    # Last in the module: it restarts the platform, now with a DNS-01 hook.
+    acme.earlier_orders = acme.orders_match()
+    log, hook = acme.work / "hook.log", acme.work / "hook.sh"
+    hook.write_text(HOOK.format(log=log, port=acme.dns_admin))
+    hook.chmod(0o700)
+    acme.p.stop()
+    acme.p.launch([*acme.extra, "--acme-dns-hook", str(hook)])
+    acme.p.wait_ready()
+    wildcard = f"*.{DOMAIN}"
+    cert = wait_for(lambda: (c := served(acme.https_port, f"any-name.{DOMAIN}"))
+                    and "Pebble" in issuer(c) and c, 60, "the wildcard certificate")
+    assert [n.value for n in cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value] == [wildcard]
+    # It serves the function's host too (its own certificate of before is dropped), and
+    # verifies with pebble's root.
+    assert served(acme.https_port, acme.host, acme.trusting()).serial_number == \
+        cert.serial_number
+    with httpx.Client(verify=acme.trusting(), timeout=60) as client:
+        got = client.get(f"https://127.0.0.1:{acme.https_port}/w",
+                         headers={"Host": acme.host}, extensions={"sni_hostname": acme.host})
+        assert got.status_code == 200 and got.json()["path"] == "/w"
+    # One order in this run, the wildcard's, validated through the hook's TXT record.
+    orders = acme.orders_by_platform()
+    assert orders and set(orders) == {wildcard}, orders
+    calls = log.read_text().splitlines()
+    assert calls[:2] == [f"present _acme-challenge.{DOMAIN}",
+                         f"cleanup _acme-challenge.{DOMAIN}"], calls
+    stored = acme.p.data_dir / "secrets" / "acme" / "certs" / f"_.{DOMAIN}.pem"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    acme.orders_match()

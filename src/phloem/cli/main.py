@@ -141,6 +141,12 @@ def up(
     acme_renew_fraction: Annotated[float, typer.Option(
         envvar="PHLOEM_ACME_RENEW_FRACTION", help="--tls acme: renew a certificate once "
         "this fraction of its lifetime has passed.", show_default="2/3")] = 2 / 3,
+    acme_dns_hook: Annotated[str | None, typer.Option(
+        envvar="PHLOEM_ACME_DNS_HOOK", help="--tls acme: a command run as 'CMD present|"
+        "cleanup <record> <value>' that publishes (and removes) a DNS TXT record and "
+        "returns once it is visible; with it one wildcard *.<domain> certificate is "
+        "obtained by DNS-01 instead of one per function host.", show_default="none")]
+    = None,
     https_port: Annotated[int, typer.Option(
         envvar="PHLOEM_HTTPS_PORT", min=1, max=65535, help="Port functions are served on "
         "with --tls (443 needs root or CAP_NET_BIND_SERVICE).")] = 8443,
@@ -245,7 +251,7 @@ def up(
             tls_key=tls_key.absolute() if tls_key else None, https_port=https_port,
             http_port=http_port, acme_directory=acme_directory, acme_email=acme_email,
             acme_ca_bundle=acme_ca_bundle.absolute() if acme_ca_bundle else None,
-            acme_renew_fraction=acme_renew_fraction,
+            acme_renew_fraction=acme_renew_fraction, acme_dns_hook=acme_dns_hook,
             function_limits=limits,
             data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
             gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,

@@ -158,6 +158,17 @@ class CertificateStore:
         self._pairs.append(pair)
         self._install(pair)
 
+    def discard(self, name: str) -> None:
+        """Stop serving a certificate of its own for ``name`` (a wildcard or the default
+        serves it); a pair left without names goes, the default stays."""
+        n = name.lower()
+        self._by_name.pop(n, None)
+        for pair in list(self._pairs):
+            if n in pair.names:
+                pair.names.remove(n)
+                if not pair.names and pair is not self._pairs[0]:
+                    self._pairs.remove(pair)
+
     def covers(self, server_name: str) -> datetime.datetime | None:
         """The expiry of the certificate served for ``server_name`` when one is for
         that name (exact or wildcard; not the default for unknown names), else None."""

@@ -97,6 +97,7 @@ def gateway_tls(settings: Settings) -> GatewayTls | None:
         raise TlsError(f"acme_ca_bundle: no such file: {bundle}")
     manager = CertificateManager(store, acme_dir(settings.data_dir), AcmeConfig(
         settings.acme_directory, settings.acme_email, bundle,
-        settings.acme_renew_fraction))
+        settings.acme_renew_fraction, dns_hook=settings.acme_dns_hook,
+        wildcard_for=settings.domain))
     # The local CA's certificate is only the fallback: not announced as the one to trust.
     return GatewayTls(store, context, None, cert, manager, manager)

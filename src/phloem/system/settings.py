@@ -59,6 +59,9 @@ class Settings:
     acme_email: str | None = None
     acme_ca_bundle: Path | None = None
     acme_renew_fraction: float = 2 / 3
+    #: A command publishing DNS-01 TXT records (``CMD present|cleanup <record> <value>``):
+    #: with it, ``*.<domain>`` is one wildcard certificate instead of one per host.
+    acme_dns_hook: str | None = None
     #: The unprivileged user PostgreSQL runs as when phloem runs as root.
     service_user: str = "phloem"
     #: Isolates run as ``isolate_uid_base + n`` (one uid per function) when root, builds

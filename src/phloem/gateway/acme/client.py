@@ -4,9 +4,12 @@ Blocking (``requests`` underneath): the manager runs it in a worker thread.
     account = AcmeAccount.load_or_create(directory_url, secrets / "account.json",
                                          email="ops@example.com", ca_bundle=None)
     chain_pem, key_pem = account.issue(["a.fn.example.com"], challenges)
+    chain_pem, key_pem = account.issue(["*.fn.example.com"], challenges, dns_hook=hook)
 
 ``challenges`` is a dict the plain-HTTP listener reads (token -> key authorization):
-an order's tokens are in it exactly while the CA may fetch them. A ``badNonce`` answer
+an order's tokens are in it exactly while the CA may fetch them. A wildcard needs
+DNS-01: ``dns_hook(action, record, value)`` publishes (``present``) and removes
+(``cleanup``) the TXT record ``record`` (``_acme-challenge.<domain>``). A ``badNonce`` answer
 (the server refused a nonce; pebble refuses 5% on purpose) is retried with backoff
 by the network layer, so one order does not fail on it.
 """
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +33,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
-__all__ = ["AcmeAccount", "AcmeError", "write_private"]
+__all__ = ["AcmeAccount", "AcmeError", "DnsHook", "write_private"]
+
+#: ``hook(action, record, value)``: ``present`` or ``cleanup`` a TXT record (DNS-01).
+DnsHook = Callable[[str, str, str], None]
 
 logger = logging.getLogger("phloem.gateway.acme")
 
@@ -126,30 +133,42 @@ class AcmeAccount:
             raise AcmeError(f"acme_directory: {directory_url}: {_describe(exc)}") from None
         return cls(client, key)
 
-    def issue(self, names: list[str], pending: dict[str, str]) -> tuple[bytes, bytes]:
-        """A new key and the certificate chain (PEM, leaf first) for ``names``, through
-        HTTP-01: each token is put in ``pending`` (token -> key authorization) while the
-        CA validates. Raises :class:`AcmeError`."""
+    def issue(self, names: list[str], pending: dict[str, str],
+              dns_hook: DnsHook | None = None) -> tuple[bytes, bytes]:
+        """A new key and the certificate chain (PEM, leaf first) for ``names``: HTTP-01,
+        each token put in ``pending`` (token -> key authorization) while the CA
+        validates; DNS-01 through ``dns_hook`` for a wildcard. Raises :class:`AcmeError`."""
         leaf_key = ec.generate_private_key(ec.SECP256R1())
         key_pem = leaf_key.private_bytes(serialization.Encoding.PEM,
                                          serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
         csr = crypto_util.make_csr(key_pem, names)
         tokens: list[str] = []
+        records: list[tuple[str, str]] = []
         try:
             order = self._client.new_order(csr)
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
                     continue  # validated recently: the CA reuses it
+                domain = authz.body.identifier.value
+                kind: type[acme_challenges.KeyAuthorizationChallenge] = (
+                    acme_challenges.DNS01 if authz.body.wildcard else acme_challenges.HTTP01)
                 challb = next((c for c in authz.body.challenges
-                               if isinstance(c.chall, acme_challenges.HTTP01)), None)
+                               if isinstance(c.chall, kind)), None)
                 if challb is None:
-                    raise AcmeError(f"{authz.body.identifier.value}: the CA offers no "
-                                    "http-01 challenge")
+                    raise AcmeError(f"{domain}: the CA offers no {kind.typ} challenge")
                 response, validation = challb.response_and_validation(self._key)
-                token = challb.chall.encode("token")
-                pending[token] = validation
-                tokens.append(token)
+                if kind is acme_challenges.DNS01:
+                    if dns_hook is None:
+                        raise AcmeError(f"*.{domain}: a wildcard needs DNS-01: "
+                                        "set acme_dns_hook")
+                    record = challb.chall.validation_domain_name(domain)
+                    dns_hook("present", record, validation)
+                    records.append((record, validation))
+                else:
+                    token = challb.chall.encode("token")
+                    pending[token] = validation
+                    tokens.append(token)
                 self._client.answer_challenge(challb, response)
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT_S)
             done = self._client.poll_and_finalize(order, deadline)
@@ -160,4 +179,10 @@ class AcmeAccount:
         finally:
             for token in tokens:
                 pending.pop(token, None)
+            for record, value in records:
+                try:
+                    if dns_hook is not None:
+                        dns_hook("cleanup", record, value)
+                except AcmeError as exc:
+                    logger.error("acme: %s", exc)
         return done.fullchain_pem.encode(), key_pem

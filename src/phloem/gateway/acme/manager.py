@@ -13,6 +13,11 @@ finishes; a handshake for a name nobody ensured never starts an order.
     manager.challenge(token)                  # what the plain listener answers (HTTP-01)
     await manager.stop()
 
+With a DNS hook (``AcmeConfig.dns_hook``, a command run as ``hook present|cleanup
+<record> <value>`` that publishes a TXT record), one wildcard ``*.<domain>`` is ordered
+by DNS-01 at start and covers every name one label below the domain: those get no
+order of their own.
+
 Orders run one at a time in a worker thread. A certificate is renewed once
 ``renew_fraction`` (2/3) of its lifetime has passed; a failed order is retried with
 exponential backoff; orders are rate-limited (a token bucket, ``orders_per_hour``).
@@ -28,6 +33,8 @@ import contextlib
 import datetime
 import logging
 import os
+import shlex
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +42,7 @@ from typing import NamedTuple, Protocol
 
 from cryptography import x509
 
-from phloem.gateway.acme.client import AcmeAccount, write_private
+from phloem.gateway.acme.client import AcmeAccount, AcmeError, write_private
 from phloem.gateway.tls import CertificateStore, TlsError, cert_names
 
 __all__ = ["AcmeConfig", "CertStatus", "CertificateManager", "Certificates",
@@ -45,6 +52,8 @@ logger = logging.getLogger("phloem.gateway.acme")
 
 RETRY_FIRST_S = 15.0
 RETRY_MAX_S = 6 * 3600.0
+#: Seconds a DNS hook may take (publishing and waiting until the record is visible).
+HOOK_TIMEOUT_S = 300.0
 #: A name is at most this long (RFC 1035), in labels of letters, digits and hyphens.
 MAX_NAME = 253
 
@@ -77,6 +86,9 @@ class AcmeConfig:
     ca_bundle: Path | None = None
     renew_fraction: float = 2 / 3
     orders_per_hour: float = 60.0
+    #: With ``dns_hook`` (a command line), ``*.<wildcard_for>`` is ordered by DNS-01.
+    dns_hook: str | None = None
+    wildcard_for: str | None = None
 
 
 @dataclass
@@ -127,7 +139,12 @@ def check_name(name: str) -> str:
 
 
 def _file_stem(name: str) -> str:
-    return name  # check_name allows only [a-z0-9.-]: safe as a file name
+    # check_name allows only [a-z0-9.-]: safe as a file name; "_" marks the wildcard.
+    return "_" + name[1:] if name.startswith("*.") else name
+
+
+def _name_of(stem: str) -> str:
+    return "*" + stem[1:] if stem.startswith("_.") else stem
 
 
 class CertificateManager:
@@ -138,6 +155,9 @@ class CertificateManager:
         self._dir = directory
         self._certs = directory / "certs"
         self._config = config
+        #: The domain whose one-label names the wildcard covers (DNS-01), else None.
+        self._covered = (config.wildcard_for.lower().rstrip(".")
+                         if config.dns_hook and config.wildcard_for else None)
         self._names: dict[str, _Name] = {}
         #: HTTP-01 tokens of orders in progress -> key authorization.
         self._pending: dict[str, str] = {}
@@ -156,6 +176,9 @@ class CertificateManager:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         await asyncio.to_thread(self._load_stored)
+        if self._covered is not None:
+            wildcard = f"*.{self._covered}"
+            self._names.setdefault(wildcard, _Name(wildcard)).wanted = True
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -169,6 +192,8 @@ class CertificateManager:
         """Have a certificate for ``name`` (issued now if there is no good one stored,
         then renewed). Raises ValueError for a name that cannot be validated."""
         n = check_name(name)
+        if self._wildcard_of(n) is not None:
+            return  # the wildcard covers it
         entry = self._names.get(n)
         if entry is None:
             self._names[n] = _Name(n)
@@ -185,7 +210,10 @@ class CertificateManager:
             entry.wanted = False
 
     def status(self, name: str) -> CertStatus:
-        entry = self._names.get(name.lower().rstrip("."))
+        n = name.lower().rstrip(".")
+        entry = self._names.get(n)
+        if entry is None or not entry.wanted:
+            entry = self._wildcard_of(n) or entry
         if entry is None:
             return CertStatus(False, "not requested: the name is not served here", None)
         now = datetime.datetime.now(datetime.UTC)
@@ -203,6 +231,12 @@ class CertificateManager:
         return self._pending.get(token)
 
     # -- inside ----------------------------------------------------------------------
+    def _wildcard_of(self, name: str) -> _Name | None:
+        """The wildcard's entry when it covers ``name`` (one label below its domain)."""
+        if self._covered is None or name.partition(".")[2] != self._covered:
+            return None
+        return self._names.get(f"*.{self._covered}")
+
     def _paths(self, name: str) -> tuple[Path, Path]:
         stem = _file_stem(name)
         return self._certs / f"{stem}.pem", self._certs / f"{stem}-key.pem"
@@ -211,14 +245,24 @@ class CertificateManager:
         for cert in sorted(self._certs.glob("*.pem")):
             if cert.name.endswith("-key.pem"):
                 continue
-            name = cert.name[:-len(".pem")]
-            key = cert.with_name(f"{name}-key.pem")
+            stem = cert.name[:-len(".pem")]
+            name, key = _name_of(stem), cert.with_name(f"{stem}-key.pem")
             try:
                 self._install(name, cert, key)
             except (TlsError, ValueError, OSError) as exc:
                 logger.error("acme: stored certificate %s not served: %s", cert, exc)
                 continue
             self._names[name].wanted = False  # until ensured again in this run
+        wildcard = f"*.{self._covered}"
+        if self._covered is not None and wildcard in self._names:
+            self._drop_covered(wildcard)
+
+    def _drop_covered(self, wildcard: str) -> None:
+        """Names the wildcard covers are served by it, not by certificates of their own
+        (those of per-name orders before the DNS hook was set; no longer renewed)."""
+        for other in self._names:
+            if other != wildcard and other.partition(".")[2] == wildcard[2:]:
+                self._store.discard(other)
 
     def _install(self, name: str, cert: Path, key: Path) -> None:
         """Serve ``cert`` for ``name`` from the next handshake on, and schedule its
@@ -227,6 +271,8 @@ class CertificateManager:
         if name not in cert_names(cert):
             raise ValueError(f"{cert} is not for {name}")
         self._store.put_files(cert, key, [name])
+        if name.startswith("*."):
+            self._drop_covered(name)
         entry = self._names.setdefault(name, _Name(name))
         entry.not_before, entry.not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         lifetime = (entry.not_after - entry.not_before).total_seconds()
@@ -278,7 +324,21 @@ class CertificateManager:
             self._account = AcmeAccount.load_or_create(
                 c.directory_url, self._dir / "account.json", email=c.email,
                 ca_bundle=c.ca_bundle)
-        return self._account.issue([name], self._pending)
+        hook = self._run_hook if name.startswith("*.") else None
+        return self._account.issue([name], self._pending, dns_hook=hook)
+
+    def _run_hook(self, action: str, record: str, value: str) -> None:
+        assert self._config.dns_hook is not None
+        argv = [*shlex.split(self._config.dns_hook), action, record, value]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=HOOK_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise AcmeError(f"acme_dns_hook: {action} {record}: {exc}") from None
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip()[-500:]
+            raise AcmeError(f"acme_dns_hook: {action} {record} exited "
+                            f"{done.returncode}: {said}")
 
 
 class StaticCertificates:
