@@ -59,7 +59,8 @@ MAX_NAME = 253
 
 
 class CertStatus(NamedTuple):
-    """Whether a name has a certificate of its own, why not, and until when."""
+    """Whether a name has a certificate (of its own or a covering wildcard), why not
+    (or why its renewal is failing), and until when it is valid."""
 
     issued: bool
     reason: str | None
@@ -218,11 +219,13 @@ class CertificateManager:
             return CertStatus(False, "not requested: the name is not served here", None)
         now = datetime.datetime.now(datetime.UTC)
         issued = entry.not_after is not None and entry.not_after > now
+        if entry.error is not None:  # a failed first order, or a renewal failing
+            wait = max(0, round(entry.due - time.time()))
+            failed = "renewal failed: " if issued else ""
+            return CertStatus(issued, f"{failed}{entry.error} (retried in {wait} s)",
+                              entry.not_after)
         if issued:
             return CertStatus(True, None, entry.not_after)
-        if entry.error is not None:
-            wait = max(0, round(entry.due - time.time()))
-            return CertStatus(False, f"{entry.error} (retried in {wait} s)", entry.not_after)
         return CertStatus(False, "pending: the order is queued or in progress",
                           entry.not_after)
 
