@@ -112,3 +112,7 @@ _.daemon_threads
 
 # Branch services call it to serve their ASGI apps (phloem.services.upstream).
 _.serve_asgi
+
+# acme.client.ClientNetwork attributes read by the acme library (gateway/acme/client.py).
+_.verify_ssl
+_.account

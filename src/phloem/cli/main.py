@@ -24,7 +24,7 @@ from phloem.project.client import Client, ClientError
 from phloem.runtimes.registry import choose
 from phloem.system.ai_providers import parse_ai_providers
 from phloem.system.limits import FunctionLimits
-from phloem.system.settings import Settings, default_data_dir
+from phloem.system.settings import ACME_DIRECTORY, Settings, default_data_dir
 from phloem.system.validation import InvalidInput, check_token
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class TlsMode(StrEnum):
     off = "off"
     self_signed = "self-signed"
     files = "files"
+    acme = "acme"
 
 
 DataDirOpt = Annotated[Path, typer.Option(
@@ -118,7 +119,9 @@ def up(
     tls: Annotated[TlsMode, typer.Option(
         "--tls", envvar="PHLOEM_TLS", help="Serve functions over HTTPS: 'self-signed' makes "
         "a local CA in the data dir (its path is printed: curl --cacert it), 'files' serves "
-        "--tls-cert/--tls-key (reloaded when they change). TLS 1.2/1.3, HTTP/1.1 only.")]
+        "--tls-cert/--tls-key (reloaded when they change), 'acme' obtains a certificate "
+        "per function host by ACME HTTP-01 when it is deployed (the local CA's is served "
+        "until then). TLS 1.2/1.3, HTTP/1.1 only.")]
     = TlsMode.off,
     tls_cert: Annotated[Path | None, typer.Option(
         envvar="PHLOEM_TLS_CERT", help="PEM certificate chain, leaf first (--tls files).",
@@ -126,12 +129,32 @@ def up(
     tls_key: Annotated[Path | None, typer.Option(
         envvar="PHLOEM_TLS_KEY", help="PEM private key of --tls-cert (--tls files).",
         show_default="none")] = None,
+    acme_directory: Annotated[str, typer.Option(
+        envvar="PHLOEM_ACME_DIRECTORY", help="--tls acme: directory URL of the ACME CA "
+        "(its HTTP-01 validation reaches the plain HTTP port as port 80).")]
+    = ACME_DIRECTORY,
+    acme_email: Annotated[str | None, typer.Option(
+        envvar="PHLOEM_ACME_EMAIL", help="--tls acme: contact e-mail of the ACME account.",
+        show_default="none")] = None,
+    acme_ca_bundle: Annotated[Path | None, typer.Option(
+        envvar="PHLOEM_ACME_CA_BUNDLE", help="--tls acme: PEM CA certificates trusted for "
+        "the directory's HTTPS (a test CA's).", show_default="the system's CAs")] = None,
+    acme_renew_fraction: Annotated[float, typer.Option(
+        envvar="PHLOEM_ACME_RENEW_FRACTION", help="--tls acme: renew a certificate once "
+        "this fraction of its lifetime has passed.", show_default="2/3")] = 2 / 3,
+    acme_dns_hook: Annotated[str | None, typer.Option(
+        envvar="PHLOEM_ACME_DNS_HOOK", help="--tls acme: a command run as 'CMD present|"
+        "cleanup <record> <value>' that publishes (and removes) a DNS TXT record and "
+        "returns once it is visible; with it one wildcard *.<domain> certificate is "
+        "obtained by DNS-01 instead of one per function host.", show_default="none")]
+    = None,
     https_port: Annotated[int, typer.Option(
         envvar="PHLOEM_HTTPS_PORT", min=1, max=65535, help="Port functions are served on "
         "with --tls (443 needs root or CAP_NET_BIND_SERVICE).")] = 8443,
     http_port: Annotated[int | None, typer.Option(
         envvar="PHLOEM_HTTP_PORT", min=1, max=65535, help="With --tls: plain HTTP port "
-        "that only redirects to https (308 for GET/HEAD, else 400); 80 needs root or "
+        "that only redirects to https (308 for GET/HEAD, else 400) and answers ACME "
+        "HTTP-01 challenges (--tls acme); 80 needs root or "
         "CAP_NET_BIND_SERVICE.", show_default="the gateway port")] = None,
     domain: Annotated[str, typer.Option(envvar="PHLOEM_DOMAIN",
                                         help="Domain of invocation URLs.")] = "fn.localhost",
@@ -234,7 +257,9 @@ def up(
         settings = Settings(
             tls=tls.value, tls_cert=tls_cert.absolute() if tls_cert else None,
             tls_key=tls_key.absolute() if tls_key else None, https_port=https_port,
-            http_port=http_port,
+            http_port=http_port, acme_directory=acme_directory, acme_email=acme_email,
+            acme_ca_bundle=acme_ca_bundle.absolute() if acme_ca_bundle else None,
+            acme_renew_fraction=acme_renew_fraction, acme_dns_hook=acme_dns_hook,
             function_limits=limits,
             data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
             gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,

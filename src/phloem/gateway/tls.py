@@ -15,8 +15,9 @@ keys of the context the listener holds (OpenSSL's session context), whichever
 certificate's context SNI switched to, so resumption works across certificates.
 
 The SNI callback is synchronous and runs inside the handshake: it only looks names up in
-memory (exact name, then ``*.`` + the parent). Certificates are added ahead of time: a
-later ACME issuer adds what it obtained with :meth:`CertificateStore.add_files`.
+memory (exact name, then ``*.`` + the parent). Certificates are added ahead of time: the
+ACME manager (:mod:`phloem.gateway.acme`) puts what it obtained with
+:meth:`CertificateStore.put_files`; a name without one gets the default (the fallback).
 A pair added from files is checked again (stat, at most once a second, on a handshake)
 and reloaded when either file changed; a new pair that does not load keeps the old one
 and is logged once.
@@ -104,6 +105,8 @@ class _FilesPair:
     context: ssl.SSLContext
     seen: tuple[object, ...]
     failed: tuple[object, ...] | None = None  # a signature that did not load (logged)
+    #: False: its owner replaces it (put_files); handshakes do not check the files.
+    watch: bool = True
 
 
 def _signature(*paths: Path) -> tuple[object, ...]:
@@ -138,6 +141,57 @@ class CertificateStore:
         self._pairs.append(pair)
         self._install(pair)
         return chosen
+
+    def put_files(self, cert: Path, key: Path, names: Sequence[str]) -> None:
+        """Serve ``cert``/``key`` for ``names`` from the next handshake on, replacing
+        what was served from ``cert`` before (an ACME renewal); not checked on
+        handshakes. Raises :class:`TlsError` if they do not load."""
+        ctx = server_context(cert, key)
+        chosen = [n.lower() for n in names]
+        for pair in self._pairs:
+            if pair.cert == cert:
+                self._replace(pair, ctx, _signature(cert, key))
+                pair.names = chosen
+                self._install(pair)
+                return
+        pair = _FilesPair(cert, key, chosen, ctx, _signature(cert, key), watch=False)
+        self._pairs.append(pair)
+        self._install(pair)
+
+    def discard(self, name: str) -> None:
+        """Stop serving a certificate of its own for ``name`` (a wildcard or the default
+        serves it); a pair left without names goes, the default stays."""
+        n = name.lower()
+        self._by_name.pop(n, None)
+        for pair in list(self._pairs):
+            if n in pair.names:
+                pair.names.remove(n)
+                if not pair.names and pair is not self._pairs[0]:
+                    self._pairs.remove(pair)
+
+    def covers(self, server_name: str) -> datetime.datetime | None:
+        """The expiry of the certificate served for ``server_name`` when one is for
+        that name (exact or wildcard; not the default for unknown names), else None."""
+        name = server_name.lower().rstrip(".")
+        ctx = self._by_name.get(name) or self._by_name.get("*." + name.partition(".")[2])
+        pair = next((p for p in self._pairs if p.context is ctx), None)
+        if pair is None:
+            return None
+        try:
+            leaf = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return leaf.not_valid_after_utc
+
+    def _replace(self, pair: _FilesPair, ctx: ssl.SSLContext,
+                 sig: tuple[object, ...]) -> None:
+        """Drop ``pair``'s names (their new context comes with _install)."""
+        for name in pair.names:
+            if self._by_name.get(name) is pair.context:
+                del self._by_name[name]
+        if self._default is pair.context:
+            self._default = ctx
+        pair.context, pair.seen, pair.failed = ctx, sig, None
 
     def _install(self, pair: _FilesPair) -> None:
         first = self._default is None or (self._pairs and self._pairs[0] is pair)
@@ -189,6 +243,8 @@ class CertificateStore:
         A pair that does not load keeps serving the previous one (logged once)."""
         reloaded: list[Path] = []
         for pair in self._pairs:
+            if not pair.watch:
+                continue
             sig = _signature(pair.cert, pair.key)
             if sig == pair.seen or sig == pair.failed:
                 continue
@@ -198,12 +254,7 @@ class CertificateStore:
                 pair.failed = sig
                 logger.error("tls: kept the certificate loaded before: %s", exc)
                 continue
-            for name in pair.names:
-                if self._by_name.get(name) is pair.context:
-                    del self._by_name[name]
-            if self._default is pair.context:
-                self._default = ctx
-            pair.context, pair.seen, pair.failed = ctx, sig, None
+            self._replace(pair, ctx, sig)
             with contextlib.suppress(ValueError, OSError):  # else keep the names it had
                 pair.names = cert_names(pair.cert)
             self._install(pair)

@@ -5,8 +5,10 @@ gateway, and what ``phloem up`` tells the user.
     GatewayConfig(..., tls=setup.context)
     print(setup.ca)                 # self-signed: curl --cacert <this>
 
-An ACME issuer (a later part) adds the certificates it obtains to ``setup.store`` and
-answers HTTP-01 challenges through ``GatewayConfig.acme_challenge``.
+With ``--tls acme``, ``setup.acme`` obtains a certificate per name the platform ensures
+(``setup.certificates.ensure(host)`` when a function is deployed), puts it in
+``setup.store`` and answers HTTP-01 challenges through ``GatewayConfig.acme_challenge``;
+the local CA's certificate is served meanwhile (and for any other name).
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from phloem.gateway.tls import CertificateStore, LocalCA
+from phloem.gateway.acme import (
+    AcmeConfig,
+    CertificateManager,
+    Certificates,
+    StaticCertificates,
+)
+from phloem.gateway.acme.manager import check_name
+from phloem.gateway.tls import CertificateStore, LocalCA, TlsError
+from phloem.system.paths import DataPaths
 from phloem.system.settings import Settings
 
-__all__ = ["GatewayTls", "gateway_tls", "tls_dir"]
+__all__ = ["GatewayTls", "acme_dir", "gateway_tls", "tls_dir"]
 
 
 @dataclass(frozen=True)
@@ -30,11 +40,20 @@ class GatewayTls:
     ca: Path | None
     #: The certificate files served by default.
     cert: Path
+    #: What other features ask for certificates (ensure, forget, status).
+    certificates: Certificates
+    #: ``--tls acme``: the manager (started once the plain listener is up), else None.
+    acme: CertificateManager | None = None
 
 
 def tls_dir(data_dir: Path) -> Path:
     """Where the gateway's own keys and certificates live (0700, keys 0600)."""
     return data_dir / "tls"
+
+
+def acme_dir(data_dir: Path) -> Path:
+    """The ACME account key and certificates: in the secrets area (root's, 0700)."""
+    return DataPaths(data_dir).secrets / "acme"
 
 
 def self_signed_names(settings: Settings) -> list[str]:
@@ -65,4 +84,20 @@ def gateway_tls(settings: Settings) -> GatewayTls | None:
         cert, key = local.issue(directory, self_signed_names(settings))
         ca = local.cert_path
     store.add_files(cert, key)
-    return GatewayTls(store, store.server_context(), ca, cert)
+    context = store.server_context()
+    if settings.tls != "acme":
+        return GatewayTls(store, context, ca, cert, StaticCertificates(store, settings.tls))
+    try:  # every function host is <branch_id>-<slug>.<domain>: a name ACME can validate
+        check_name(f"x.{settings.domain}")
+    except ValueError:
+        raise TlsError(f"domain: --tls acme needs a DNS name of one or more labels "
+                       f"(got {settings.domain!r})") from None
+    bundle = settings.acme_ca_bundle
+    if bundle is not None and not bundle.is_file():
+        raise TlsError(f"acme_ca_bundle: no such file: {bundle}")
+    manager = CertificateManager(store, acme_dir(settings.data_dir), AcmeConfig(
+        settings.acme_directory, settings.acme_email, bundle,
+        settings.acme_renew_fraction, dns_hook=settings.acme_dns_hook,
+        wildcard_for=settings.domain))
+    # The local CA's certificate is only the fallback: not announced as the one to trust.
+    return GatewayTls(store, context, None, cert, manager, manager)

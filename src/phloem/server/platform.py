@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
@@ -405,11 +406,18 @@ class Platform:
         lifetime.start()
         push(lifetime.stop)
 
+        def host(fn: FunctionRow) -> str:
+            return urlsplit(deployer.invocation_url(fn.branch_id, fn.slug)).hostname or ""
+
         async def allow(branch: BranchRow, fn: FunctionRow) -> None:
             await firewall.allow_function(self._isolate_uid(fn), _branch_ports(branch))
+            if self._tls is not None:  # --tls acme: its certificate is ordered now
+                self._tls.certificates.ensure(host(fn))  # a valid name (gateway_tls)
 
         async def forget(fn: FunctionRow) -> None:
             await firewall.forget_function(self._isolate_uid(fn))
+            if self._tls is not None:
+                self._tls.certificates.forget(host(fn))
 
         deployer.on_function_deployed = allow
         deployer.on_function_deleted = forget
@@ -438,6 +446,8 @@ class Platform:
                           tls=self._tls.context if self._tls else None,
                           http_port=s.plain_port if s.tls_on else None,
                           redirect_port=s.url_port,
+                          acme_challenge=self._tls.acme.challenge
+                          if self._tls and self._tls.acme else None,
                           trusted_proxies=s.trusted_proxies,
                           head_timeout=s.head_timeout_s, max_connections=plan.gateway,
                           max_connections_per_peer=s.max_connections_per_peer,
@@ -449,6 +459,13 @@ class Platform:
             on_request=request_observer(s, deployer, metrics, function_logs))
         push(_close_gateway, gateway, s.drain_timeout_s)
         await gateway.start()
+        if self._tls is not None and self._tls.acme is not None:
+            # HTTP-01 needs the plain listener; live functions' names are ensured (a
+            # stored certificate that is still good is kept: no new order).
+            push(self._tls.acme.stop)
+            await self._tls.acme.start()
+            for fn in await store.list_functions():
+                self._tls.certificates.ensure(host(fn))
         admissions = [gateway.admission]
         if s.tls_on:
             admissions.append(gateway.redirect_admission)

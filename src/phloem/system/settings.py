@@ -16,8 +16,10 @@ import platformdirs
 from phloem.system.ai_providers import AiProvider
 from phloem.system.limits import FunctionLimits
 
-#: ``--tls`` values; ``acme`` comes with certificates on demand.
-TLS_MODES = ("off", "self-signed", "files")
+#: ``--tls`` values.
+TLS_MODES = ("off", "self-signed", "files", "acme")
+#: Let's Encrypt's production directory: ``--acme-directory`` by default.
+ACME_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 def default_data_dir() -> Path:
@@ -51,6 +53,16 @@ class Settings:
     #: only redirects to it.
     https_port: int = 8443
     http_port: int | None = None
+    #: ``--tls acme``: the CA's directory URL, the account's contact e-mail, a CA bundle
+    #: trusted for the directory's HTTPS (None: the system's), and the fraction of a
+    #: certificate's lifetime after which it is renewed.
+    acme_directory: str = ACME_DIRECTORY
+    acme_email: str | None = None
+    acme_ca_bundle: Path | None = None
+    acme_renew_fraction: float = 2 / 3
+    #: A command publishing DNS-01 TXT records (``CMD present|cleanup <record> <value>``):
+    #: with it, ``*.<domain>`` is one wildcard certificate instead of one per host.
+    acme_dns_hook: str | None = None
     #: The unprivileged user PostgreSQL runs as when phloem runs as root.
     service_user: str = "phloem"
     #: Isolates run as ``isolate_uid_base + n`` (one uid per function) when root, builds
@@ -108,6 +120,14 @@ class Settings:
         if self.tls != "files" and (self.tls_cert is not None or self.tls_key is not None):
             raise ValueError("tls_cert, tls_key: only used with --tls files "
                              f"(tls is {self.tls})")
+        if not self.acme_directory.startswith(("https://", "http://")):
+            raise ValueError("acme_directory: must be an http(s):// URL "
+                             f"(got {self.acme_directory!r})")
+        if self.acme_email is not None and "@" not in self.acme_email.strip("@"):
+            raise ValueError(f"acme_email: must be an e-mail address (got {self.acme_email!r})")
+        if not 0 < self.acme_renew_fraction < 1:
+            raise ValueError("acme_renew_fraction: must be between 0 and 1, exclusive "
+                             f"(got {self.acme_renew_fraction})")
         if self.tls != "off" and self.https_port == self.plain_port:
             raise ValueError(f"https_port: must differ from the plain HTTP port "
                              f"{self.plain_port} (http_port, default the gateway port)")
