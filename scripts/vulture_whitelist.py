@@ -103,3 +103,6 @@ _.written_data_bytes
 
 # Response field of the rollback route (control/api.py), read by clients.
 _.previous_deployment_id
+
+# Response field of the custom domain routes (control/domains_api.py), read by clients.
+_.certificate

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from phloem.branches.manager import BranchManager
 from phloem.control.artifacts import ArtifactStore
 from phloem.control.deployer import Deployer
+from phloem.control.domains import Domains
 from phloem.control.logs import FunctionLogs
 from phloem.control.triggers import TriggerScheduler
 from phloem.metadata.store import Store
@@ -54,3 +55,5 @@ class ApiServices:
     status: Callable[[], Awaitable[dict[str, Any]]]
     #: Schedule triggers: their store, and firing one now.
     triggers: TriggerScheduler
+    #: Custom domains: registered, routed, checked.
+    domains: Domains

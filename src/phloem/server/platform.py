@@ -82,6 +82,7 @@ from phloem.server.running import (
     function_load,
     listener_load,
     request_observer,
+    start_domains,
     start_triggers,
 )
 from phloem.supervisor import Supervisor
@@ -413,7 +414,8 @@ class Platform:
         await deployer.load_routes()
         await self._remove_unserved_deployments(store)
 
-        router = PlatformRouter(deployer, supervisor, s.domain)
+        domains = await start_domains(pool, store, deployer.routes, s, self._tls)
+        router = PlatformRouter(deployer, supervisor, s.domain, hsts=s.tls_on)
         # Client connections may not take the descriptors isolates' connections, spawns
         # and databases need (phloem.gateway.admission.plan_connections).
         plan = plan_connections(fd_limit(), s.max_connections, s.api_max_connections)
@@ -426,6 +428,7 @@ class Platform:
                           http_port=s.plain_port if s.tls_on else None,
                           redirect_port=s.url_port,
                           trusted_proxies=s.trusted_proxies,
+                          proxy_protocol=s.proxy_protocol,
                           head_timeout=s.head_timeout_s, max_connections=plan.gateway,
                           max_connections_per_peer=s.max_connections_per_peer,
                           ttfb_timeout=s.function_limits.ttfb_timeout_s,
@@ -453,7 +456,7 @@ class Platform:
         services = ApiServices(settings=s, paths=paths, api_key=api_key, store=store,
                                branches=branches, deployer=deployer, artifacts=artifacts,
                                function_logs=function_logs, metrics=metrics, status=status,
-                               triggers=triggers)
+                               triggers=triggers, domains=domains)
         # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
         config = uvicorn.Config(create_api(services), host=s.api_host, port=s.api_port,
                                 log_level="warning", access_log=False, lifespan="off",
