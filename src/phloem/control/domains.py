@@ -66,14 +66,15 @@ class Domains:
     async def add(self, hostname: str, branch: BranchRow, slug: str, *, hsts: bool = False,
                   owner: str | None = None) -> DomainRow:
         name = self.check(hostname)
+        held = await self.domains.get(name)
+        if held is not None:
+            raise self._exists(name, await self._branch_name(held.branch_id))
         if await self.store.get_function(branch.id, slug) is None:
             raise NotFound("function", f"{slug} (branch {branch.name})")
         try:
             row = await self.domains.add(name, branch.id, slug, hsts=hsts, owner=owner)
-        except DomainExists as exc:
-            raise ApiError(409, "domain_exists", f"hostname: {name} is registered already, "
-                           f"on branch {await self._branch_name(exc.branch_id)}; a name "
-                           "serves one branch (remove it there first)", "hostname") from None
+        except DomainExists as exc:  # added meanwhile
+            raise self._exists(name, await self._branch_name(exc.branch_id)) from None
         self.routes.put_domain(name, _route(row))
         await self._certificate(name)
         return row
@@ -139,6 +140,12 @@ class Domains:
         dns = await dns_status(row.hostname)
         issued, why = self.certificates.status(row.hostname)
         return {"dns": asdict(dns), "certificate": {"issued": issued, "reason": why}}
+
+    @staticmethod
+    def _exists(name: str, branch: str) -> ApiError:
+        return ApiError(409, "domain_exists", f"hostname: {name} is registered already, on "
+                        f"branch {branch}; a name serves one branch (remove it there first)",
+                        "hostname")
 
     async def _branch_name(self, branch_id: str) -> str:
         branch = await self.store.get_branch(branch_id)
