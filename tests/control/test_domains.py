@@ -148,6 +148,9 @@ def test_routing_and_hsts_only_when_asked_and_over_tls(dp: DomainsPlatform) -> N
         assert seen["headers"]["x-forwarded-proto"] == "https"
         assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
         assert secure.headers["strict-transport-security"] == "max-age=31536000"
+        # Again, now that an idle upstream connection is pooled (the callback path).
+        assert dp.https("secure.example.com").headers["strict-transport-security"] == \
+            "max-age=31536000"
         lax = dp.https("lax.example.com")
         assert lax.status_code == 200 and "strict-transport-security" not in lax.headers
         # The function's own name: no HSTS either.
