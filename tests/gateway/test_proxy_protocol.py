@@ -21,7 +21,13 @@ from phloem.gateway.proxy_protocol import (
     header_length,
     parse_header,
 )
-from phloem.testing import PlatformProcess, free_port, host_of, platform_process
+from phloem.testing import (
+    PlatformProcess,
+    free_port,
+    host_of,
+    platform_process,
+    refused_start,
+)
 
 APP = Path(__file__).parent.parent / "apps" / "tlsecho"
 BALANCER = "127.0.0.2"
@@ -129,6 +135,12 @@ def test_others_and_headerless_connections_are_refused(pp: ProxiedPlatform) -> N
     # Straight into TLS, no header: the ClientHello is no PROXY header.
     with pytest.raises((ssl.SSLError, OSError)):
         pp.request(pp.connect(BALANCER))
+
+
+def test_proxy_protocol_without_trusted_proxies_is_refused_at_start() -> None:
+    """~2 s: nobody could send the headers, so up refuses before making anything."""
+    assert "proxy_protocol: needs --trusted-proxy" in refused_start(
+        {"PHLOEM_PROXY_PROTOCOL": "1"})
 
 
 @pytest.mark.parametrize(("data", "rule"), [
