@@ -16,7 +16,7 @@ on the branch before and no longer does are removed; others' are left alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -47,9 +47,9 @@ def function_domains(where: str, declared: Any, tuning: Mapping[str, Any], key: 
 
 
 def _check(where: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list | tuple):
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise ConfigError(f"{where}: must be a list of host names "
-                                f"(got {type(value).__name__})")
+                          f"(got {type(value).__name__})")
     out: list[str] = []
     for i, item in enumerate(value):
         if not isinstance(item, str):

@@ -188,7 +188,7 @@ def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any],
         check_name(name)
     except InvalidInput as exc:
         raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
-    domains, _ = function_domains(where, list(fn.custom_domains), extra, "custom_domains",
+    domains, _ = function_domains(where, fn.custom_domains, extra, "custom_domains",
                                   is_default)
     return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
                            limits=limits, custom_domains=domains)
