@@ -116,3 +116,6 @@ _.serve_asgi
 # acme.client.ClientNetwork attributes read by the acme library (gateway/acme/client.py).
 _.verify_ssl
 _.account
+
+# Response field of the custom domain routes (control/domains_api.py), read by clients.
+_.certificate

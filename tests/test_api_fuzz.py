@@ -74,6 +74,13 @@ def fuzz_config(p: PlatformProcess, fn: dict[str, Any], seed: int) -> Schemathes
             "include-path": "/api/v1/branches/{ref}/services",
             "checks": {"positive_data_acceptance": {
                 "expected-statuses": ["2xx", "400", "404", "409"]}},
+        }, {
+            # A custom domain's host name is checked by the server (a DNS name outside the
+            # platform's domain: named 400s), the function must exist (404) and the name
+            # be free (409).
+            "include-path-regex": "^/api/v1/(domains|branches/\\{ref\\}/domains)$",
+            "checks": {"positive_data_acceptance": {
+                "expected-statuses": ["2xx", "400", "404", "409"]}},
         }],
     })
 

@@ -68,9 +68,11 @@ def fn(extra: str = "") -> str:
 
 @pytest.mark.parametrize(("body", "message"), [
     (f'{fn()}, customDomains: ["api.example.com"]',
-     "customDomains: custom domains come with public HTTPS; not supported yet"),
-    (fn(', customDomains: ["api.example.com"]'),
-     "functions.api.customDomains: custom domains come with public HTTPS; not supported yet"),
+     "customDomains: customDomains belongs on a function: functions.<slug>.customDomains"),
+    (fn(', customDomains: ["not a host"]'),
+     "functions.api.customDomains[0]: 'not a host' is not a DNS name"),
+    (fn(', customDomains: ["a.example.com", "A.example.com."]'),
+     "functions.api.customDomains[1]: a.example.com is listed more than once"),
     (f'{fn()}, experimental: {{ hooks: {{ postDeploy: "x" }} }}',
      "experimental.hooks: lifecycle hooks are not supported"),
     (fn(', bundler: () => "x"'), "functions.api.bundler: a bundler function is not "

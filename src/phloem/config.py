@@ -37,7 +37,10 @@ INJECTED = ("DATABASE_URL", "DATABASE_URL_UNPOOLED", "PHLOEM_BRANCH", "NEON_BRAN
 @dataclass(frozen=True)
 class Function:
     """One function: ``source`` is its Python file (relative to the project root),
-    ``entry`` the ASGI attribute in it (default ``app``)."""
+    ``entry`` the ASGI attribute in it (default ``app``). ``custom_domains``: host names
+    it is served at too (``phloem domains``), on the default branch only, as neon.ts's
+    ``customDomains``; a ``branch=`` callback's ``{"functions": {slug:
+    {"custom_domains": [...]}}}`` sets another branch's (``[]``: none)."""
 
     source: str
     entry: str = "app"
@@ -45,6 +48,7 @@ class Function:
     env: Mapping[str, str] = field(default_factory=dict)
     runtime: str | None = None
     limits: Mapping[str, float] = field(default_factory=dict)
+    custom_domains: Iterable[str] = ()
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,24 @@ def test_interim_heads_are_passed_on_before_the_final_one() -> None:
     assert f.out == cont + early + OK + b"hello"
 
 
+def test_extra_headers_go_into_the_final_head_only() -> None:
+    """A route's response_headers (a custom domain's HSTS): after the final head's last
+    line, not in interim heads nor a 101's; framing and reuse unchanged."""
+    hsts = b"Strict-Transport-Security: max-age=1\r\n"
+    cont = b"HTTP/1.1 100 Continue\r\n\r\n"
+    f = ResponseFramer(False, False, extra=hsts)
+    assert f.feed(cont + OK + b"hel") == HEAD
+    assert f.out == cont + OK[:-2] + hsts + b"\r\nhel"
+    assert f.feed(b"lo") == DONE and f.reusable
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    f = ResponseFramer(False, False, extra=hsts)
+    assert f.feed(head + b"5\r\nhello\r\n0\r\n\r\n") == DONE
+    assert f.out == head[:-2] + hsts + b"\r\n5\r\nhello\r\n0\r\n\r\n" and f.reusable
+    f = ResponseFramer(False, True, extra=hsts)
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n"
+    assert f.feed(switch) == TUNNEL and f.out == switch
+
+
 def test_chunked_body_goes_out_as_it_comes() -> None:
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     f = framer()

@@ -11,6 +11,7 @@ add their commands to its app. Importing this package imports them, so every ent
 from phloem.cli import (  # noqa: F401  (register their commands)
     ai_cmds,
     backup_cmds,
+    domains_cmds,
     functions_cmds,
     project_cmds,
     triggers_cmds,

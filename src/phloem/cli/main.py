@@ -204,6 +204,10 @@ def up(
         "(X-Forwarded-For appended to); every other client's are replaced (repeatable; "
         "space- or comma-separated in the variable).",
         show_default="none")] = None,
+    proxy_protocol: Annotated[bool, typer.Option(
+        envvar="PHLOEM_PROXY_PROTOCOL", help="Gateway connections start with a PROXY "
+        "protocol header (v1 or v2, read before TLS) naming the client; only --trusted-proxy "
+        "peers may then connect.")] = False,
     metrics_token: Annotated[str | None, typer.Option(
         envvar="PHLOEM_METRICS_TOKEN", help="Bearer token that may read /metrics besides "
         "any API key, for a scraper (16-512 characters).",
@@ -266,7 +270,8 @@ def up(
             public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
             isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
             sandbox=sandbox, isolate_uid_base=isolate_uid_base, firewall=firewall,
-            trusted_proxies=proxies, metrics_token=metrics_token,
+            trusted_proxies=proxies, proxy_protocol=proxy_protocol,
+            metrics_token=metrics_token,
             head_timeout_s=head_timeout, max_connections_per_peer=max_connections_per_peer,
             max_connections=max_connections, api_max_connections=api_max_connections,
             keep_deployments=keep_deployments, ai_providers=ai_providers,

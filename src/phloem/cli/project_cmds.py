@@ -31,6 +31,7 @@ from phloem.cli.main import (
     print_json,
 )
 from phloem.project.client import Client, ClientError
+from phloem.project.domains import apply_domains
 from phloem.project.neon import find_neon_config
 from phloem.project.plan import (
     CONFIG_FILE,
@@ -46,9 +47,9 @@ from phloem.project.plan import (
     plan_project,
     project_id,
     read_link,
-    service_changes,
     write_link,
 )
+from phloem.project.service_plan import service_changes
 
 config_app = typer.Typer(help="Config as code: compare phloemfile.py with a branch and "
                               "make it so.", no_args_is_help=True)
@@ -104,6 +105,8 @@ def _plan(client: Client, project: Project, branch: str, owner: str | None,
 
 
 def _show_branch_changes(pp: ProjectPlan) -> None:
+    for line in pp.domains.lines() if pp.domains is not None else ():
+        out.print(f"  domain {escape(line)}", highlight=False)
     changes = pp.branch_changes()
     if "ttl_s" in changes:
         out.print(f"  branch expires {changes['ttl_s']} s after its creation (ttl)")
@@ -179,7 +182,8 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
         fail(str(exc))
     if output is OutputFormat.json:
         print_json({"branch": branch, "plan": [i.as_dict() for i in pp.items],
-                    "branch_changes": pp.branch_changes(), "services": services})
+                    "branch_changes": pp.branch_changes(), "services": services,
+                    "domains": pp.domains.as_dict() if pp.domains else None})
     else:
         _show_plan(pp.items, branch)
         _show_branch_changes(pp)
@@ -219,6 +223,8 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
             lifetime = client.set_branch_lifetime(branch, changes) if changes else None
             # This project's schedule triggers (none: its earlier ones go).
             triggers = client.put_triggers(branch, proj.triggers, owner)
+            # This project's custom domains (names another branch holds are skipped).
+            domains = apply_domains(client, branch, pp.domains, owner) if pp.domains else None
     except ClientError as exc:
         fail(str(exc))
     ours = [t["name"] for t in triggers if t["owner"] == owner]
@@ -227,6 +233,7 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
                     "results": [r.__dict__ for r in results], "triggers": ours,
                     "services": None if services is None else services["urls"],
+                    "domains": domains,
                     "branch_settings": None if lifetime is None else {
                         "expires_at": lifetime["expires_at"],
                         "protected": lifetime["protected"]}})
@@ -239,7 +246,13 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
             out.print(f"  [green]ok[/] triggers: {escape(', '.join(ours))}")
         for name, url in (services or {}).get("urls", {}).items():
             out.print(f"  [green]ok[/] service {name}: {escape(url)}", highlight=False)
-        if not results and not ours and not (services or {}).get("urls"):
+        for d in (domains or {}).get("domains", []):
+            if d["owner"] == owner:
+                out.print(f"  [green]ok[/] domain {escape(d['hostname'])} -> {d['function']}")
+        for d in (domains or {}).get("skipped", []):
+            out.print(f"  [yellow]skipped[/] domain {escape(d['hostname'])}: "
+                      f"{escape(d['reason'])}")
+        if not results and not ours and not domains and not (services or {}).get("urls"):
             out.print("nothing to do")
     if failed:
         fail("apply failed for " + ", ".join(r.slug for r in failed))

@@ -47,6 +47,7 @@ from phloem.control.artifacts import (
 from phloem.control.backup_api import router as backup_router
 from phloem.control.branch_services_api import make_router as make_services_router
 from phloem.control.deployer import DEPLOYMENT_STATES, Conflict, DeployRequest, NotFound
+from phloem.control.domains_api import make_router as make_domains_router
 from phloem.control.errors import ApiError, error_body
 from phloem.control.guard import (
     MAX_JSON_BODY_BYTES,
@@ -590,6 +591,7 @@ def create_api(services: ApiServices) -> FastAPI:
     app.include_router(make_triggers_router(errors))
     app.include_router(make_ai_router(errors))
     app.include_router(make_services_router(errors))
+    app.include_router(make_domains_router(errors))
     app.include_router(neon_v2.router, include_in_schema=False)
     return app
 

@@ -9,11 +9,28 @@ request. Neither knows the other: this table is all they share.
     table.get(("br-quiet-moon-3f9a2c", "todos"))           # spec, or None: a 404
     table.deployments_of("br-quiet-moon-3f9a2c")          # ["dep-1a2b", ...]
     table.remove("br-quiet-moon-3f9a2c", "todos")
+
+Custom domains (``phloem domains``) are routes too: a host name that stands for one
+branch's function, kept here by :class:`phloem.control.domains.Domains`.
+
+    table.put_domain("api.example.com", DomainRoute("br-quiet-moon-3f9a2c", "todos", hsts=True))
+    table.domain("api.example.com")                        # DomainRoute, or None
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from phloem.supervisor import IsolateSpec
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRoute:
+    """What a custom domain serves: a function of one branch (and whether with HSTS)."""
+
+    branch_id: str
+    slug: str
+    hsts: bool = False
 
 
 class RoutingTable:
@@ -24,6 +41,7 @@ class RoutingTable:
 
     def __init__(self) -> None:
         self._specs: dict[tuple[str, str], IsolateSpec] = {}
+        self._domains: dict[str, DomainRoute] = {}
 
     def get(self, key: tuple[str, str]) -> IsolateSpec | None:
         return self._specs.get(key)
@@ -39,3 +57,19 @@ class RoutingTable:
     def deployments_of(self, branch_id: str) -> list[str]:
         """The active deployment ids of a branch's functions."""
         return [spec.deployment_id for (b, _), spec in self._specs.items() if b == branch_id]
+
+    # -- custom domains ----------------------------------------------------------------
+
+    def domain(self, hostname: str) -> DomainRoute | None:
+        """The route of a custom domain (lowercase, no port, no trailing dot)."""
+        return self._domains.get(hostname)
+
+    def put_domain(self, hostname: str, route: DomainRoute) -> None:
+        self._domains[hostname] = route
+
+    def remove_domain(self, hostname: str) -> None:
+        self._domains.pop(hostname, None)
+
+    def set_domains(self, routes: dict[str, DomainRoute]) -> None:
+        """Replace every custom domain route (at start, from the system database)."""
+        self._domains = dict(routes)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from phloem.branches.manager import BranchManager
 from phloem.control.artifacts import ArtifactStore
 from phloem.control.deployer import Deployer
+from phloem.control.domains import Domains
 from phloem.control.logs import FunctionLogs
 from phloem.control.triggers import TriggerScheduler
 from phloem.metadata.store import Store
@@ -57,3 +58,5 @@ class ApiServices:
     triggers: TriggerScheduler
     #: Branch services (Neon Auth, AI Gateway, object storage) each branch has on.
     branch_services: ServiceRegistry
+    #: Custom domains: registered, routed, checked.
+    domains: Domains

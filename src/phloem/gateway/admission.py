@@ -47,7 +47,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -279,18 +279,26 @@ def plan_connections(limit: int, gateway: int = 0, api: int = 256) -> Connection
     return ConnectionPlan(gw, api, limit - gw - api, warning)
 
 
+#: ``preamble(sock, protocol) -> keep``: see :attr:`Listener.preamble`.
+Preamble = Callable[[socket.socket, asyncio.Protocol], Awaitable[bool]]
+
+
 class Listener(asyncio.AbstractServer):
     """A listening TCP socket whose accept loop asks an :class:`Admission` first; the
     admitted connections go to ``factory()`` protocols on the running loop."""
 
     def __init__(self, socks: list[socket.socket], factory: Callable[[], asyncio.Protocol],
-                 admission: Admission, tls: ssl.SSLContext | None = None) -> None:
+                 admission: Admission, tls: ssl.SSLContext | None = None,
+                 preamble: Preamble | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._socks = socks
         self._factory = factory
         self.admission = admission
         #: Connections are TLS (the handshake has ``head_timeout_s`` to complete).
         self.tls = tls
+        #: Run on each admitted socket before TLS and the protocol (the PROXY protocol);
+        #: False closes the connection.
+        self.preamble = preamble
         self._spare: int | None = None
         self._serving = False
         self._tasks: set[asyncio.Task[object]] = set()
@@ -299,7 +307,8 @@ class Listener(asyncio.AbstractServer):
     @classmethod
     async def open(cls, host: str, port: int, factory: Callable[[], asyncio.Protocol],
                    admission: Admission, *, backlog: int = 1024,
-                   tls: ssl.SSLContext | None = None) -> Listener:
+                   tls: ssl.SSLContext | None = None,
+                   preamble: Preamble | None = None) -> Listener:
         """Bind and listen on every address of ``host`` (as ``loop.create_server``);
         with ``tls``, each connection's handshake comes before its protocol."""
         loop = asyncio.get_running_loop()
@@ -320,7 +329,7 @@ class Listener(asyncio.AbstractServer):
             for sock in socks:
                 sock.close()
             raise
-        listener = cls(socks, factory, admission, tls)
+        listener = cls(socks, factory, admission, tls, preamble)
         listener._take_spare()
         listener._start()
         return listener
@@ -388,6 +397,10 @@ class Listener(asyncio.AbstractServer):
     async def _connect(self, protocol: asyncio.Protocol, tracked: Tracked,
                        conn: socket.socket) -> None:
         try:
+            if self.preamble is not None and not await self.preamble(conn, protocol):
+                self.admission.closed(tracked)
+                conn.close()
+                return
             if self.tls is None:
                 await self._loop.connect_accepted_socket(lambda: protocol, conn)
             else:

@@ -55,6 +55,9 @@ class _Connection(asyncio.Protocol):
         self._admission = gateway.admission
         self.loop = loop = asyncio.get_running_loop()
         self.peer_ip = ""
+        #: The client's address from a PROXY header (see phloem.gateway.proxy_protocol),
+        #: set before the connection is made; it stands for the socket's peer.
+        self.proxied_ip: str | None = None
         self.trusted = False  # the peer is a trusted proxy
         self.task: asyncio.Task[None] | None = None
 
@@ -101,7 +104,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.peer_ip = str(peer[0])
+            self.peer_ip = str(peer[0]) if self.proxied_ip is None else self.proxied_ip
             trusted = self.config.trusted
             if trusted:  # once per connection, and only when proxies are configured
                 self.trusted = self.peer_ip in trusted

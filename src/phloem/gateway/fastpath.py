@@ -98,7 +98,8 @@ def try_fast(conn: _Connection, req: Request) -> bool:
     conn.begin_exchange(host)
     # The relay's parser is in step with the connection; until the exchange ends cleanly
     # it is the framer's alone.
-    framer = ResponseFramer(req.method == b"HEAD", False, relay.resp)
+    framer = ResponseFramer(req.method == b"HEAD", False, relay.resp,
+                            limits.response_headers if limits is not None else b"")
     relay.resp = None
     fx = conn.fast = FastExchange(conn, req, rid, host, started, lease, transport, relay,
                                   framer)

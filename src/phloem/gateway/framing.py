@@ -90,7 +90,8 @@ class ResponseFramer:
     ``head_request``: the request was HEAD (no body follows the response head, whatever it
     says). ``upgrade``: the request asked for an Upgrade (a 101 starts a tunnel, else it is
     an error). ``resp``: a parser in step with the upstream connection (its previous
-    response ended cleanly), to reuse instead of creating one.
+    response ended cleanly), to reuse instead of creating one. ``extra``: header lines
+    (CRLF-terminated) added at the end of the final response head (not of a 101).
 
     Call :meth:`feed` with every upstream read and :meth:`closed` when the upstream ends;
     each returns an event (:data:`MORE`, :data:`FAILED`, :data:`HEAD`, :data:`TUNNEL`,
@@ -100,6 +101,7 @@ class ResponseFramer:
     __slots__ = (
         "buf",
         "complete",
+        "extra",
         "head_request",
         "keep",
         "out",
@@ -117,9 +119,11 @@ class ResponseFramer:
     )
 
     def __init__(
-        self, head_request: bool, upgrade: bool, resp: http.ResponseHead | None = None
+        self, head_request: bool, upgrade: bool, resp: http.ResponseHead | None = None,
+        extra: bytes = b"",
     ) -> None:
         self.head_request = head_request
+        self.extra = extra
         self.upgrade = upgrade
         self.resp = resp
         self.state = _HEAD
@@ -259,6 +263,9 @@ class ResponseFramer:
                 break
             start = head_len
             end = buf.find(b"\r\n\r\n", start)
+        if self.extra:  # after the head's last line, before its blank line
+            buf = buf[: end + 2] + self.extra + buf[end + 2 :]
+            head_len += len(self.extra)
         self.buf = b""
         self.status = status
         keep = self.keep = resp.keep_alive

@@ -59,11 +59,14 @@ class Limits:
     direction once the response head arrived (else both connections are closed).
     ``max_body_bytes``: request body limit (413); it can only lower the gateway's own
     ``max_body_bytes``, which is checked before routing and so acts as a ceiling.
+    ``response_headers``: header lines (each ending in CRLF) added to every final response
+    head of the route, e.g. a custom domain's ``Strict-Transport-Security``.
     """
 
     ttfb_timeout: float | None = None
     silence_timeout: float | None = None
     max_body_bytes: int | None = None
+    response_headers: bytes = b""
 
     def __post_init__(self) -> None:
         for name, value in (("ttfb_timeout", self.ttfb_timeout),
@@ -72,6 +75,8 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be positive, got {value!r}")
         if self.max_body_bytes is not None and self.max_body_bytes < 0:
             raise ValueError(f"Limits.max_body_bytes must be >= 0, got {self.max_body_bytes!r}")
+        if self.response_headers and not self.response_headers.endswith(b"\r\n"):
+            raise ValueError("Limits.response_headers must be header lines ending in CRLF")
 
 
 class Upstream(Protocol):

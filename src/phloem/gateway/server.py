@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from phloem.gateway.admission import Admission, AdmissionConfig, Listener
 from phloem.gateway.connection import _Connection
 from phloem.gateway.framing import REPLAY_MAX
 from phloem.gateway.proxies import TrustedProxies
+from phloem.gateway.proxy_protocol import ProxyProtocolError, read_header
 from phloem.gateway.record import RequestRecord
 from phloem.gateway.redirect import RedirectProtocol
 from phloem.gateway.routing import Router
@@ -64,6 +66,9 @@ class GatewayConfig:
     # Peers (CIDR networks) whose X-Forwarded-* headers are passed on; every other
     # client's are replaced (see http.upstream_request_head). Parsed once into ``trusted``.
     trusted_proxies: tuple[str, ...] = ()
+    #: Every connection starts with a PROXY protocol header (v1 or v2) naming the client,
+    #: read before TLS; only trusted proxies may connect at all (the others are closed).
+    proxy_protocol: bool = False
     # An idle client connection must send a complete request head within this many seconds.
     keep_alive_timeout: float = 60.0
     # A new connection must send its first request head, complete, within this many seconds
@@ -97,6 +102,9 @@ class GatewayConfig:
                 raise ValueError(f"GatewayConfig.{name} must be positive")
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
         object.__setattr__(self, "trusted", TrustedProxies(self.trusted_proxies))
+        if self.proxy_protocol and not self.trusted:
+            raise ValueError("GatewayConfig.proxy_protocol: needs trusted_proxies (the "
+                             "balancers' addresses): only they may send PROXY headers")
 
 
 class Gateway:
@@ -147,6 +155,7 @@ class Gateway:
                 self.admission,
                 backlog=1024,
                 tls=self.config.tls,
+                preamble=self._proxy_header if self.config.proxy_protocol else None,
             )
         except OSError as exc:
             raise OSError(
@@ -165,12 +174,34 @@ class Gateway:
                 config.host, port,
                 lambda: RedirectProtocol(self.redirect_admission, config.redirect_port,
                                          config.acme_challenge),
-                self.redirect_admission, backlog=1024)
+                self.redirect_admission, backlog=1024,
+                preamble=self._proxy_header if config.proxy_protocol else None)
         except OSError as exc:
             await self.stop_accepting()
             raise OSError(exc.errno, f"gateway cannot listen on {config.host}:{port} "
                           f"(http_port): {exc.strerror or exc}") from exc
         self._http_port = int(self._redirect.sockets[0].getsockname()[1])
+
+    async def _proxy_header(self, sock: socket.socket, protocol: asyncio.Protocol) -> bool:
+        """With ``proxy_protocol``: a trusted proxy's connection starts with a PROXY
+        header, whose client address the connection takes as its peer; any other peer's
+        connection, or one without a valid header in time, is closed."""
+        peer = sock.getpeername()
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if ip not in self.config.trusted:
+            logger.info("refused a connection from %s: not a trusted proxy "
+                        "(--proxy-protocol accepts only --trusted-proxy peers)", ip)
+            return False
+        try:
+            header = await asyncio.wait_for(read_header(sock), self.config.head_timeout)
+        except (ProxyProtocolError, TimeoutError, OSError) as exc:
+            logger.info("closed a connection from %s: %s", ip,
+                        exc if not isinstance(exc, TimeoutError)
+                        else f"no PROXY header within {self.config.head_timeout:g} s")
+            return False
+        if header.source is not None and isinstance(protocol, _Connection):
+            protocol.proxied_ip = header.source
+        return True
 
     @property
     def port(self) -> int:

@@ -263,7 +263,8 @@ async def proxy(
             pump = conn.loop.create_task(_pump_body(conn, req, writer, info.chunked, sent))
         conn.watch.ttfb(ttfb, silence)
         try:
-            upstream_ok, keep = await _pump_response(conn, req, lease.reader)
+            upstream_ok, keep = await _pump_response(
+                conn, req, lease.reader, limits.response_headers if limits is not None else b"")
         except UpstreamFailed as exc:
             if exc.undelivered and whole is not None:
                 exc.whole = True
@@ -334,10 +335,11 @@ async def _pump_raw(conn: _Connection, req: Request, writer: asyncio.StreamWrite
 
 
 async def _pump_response(
-    conn: _Connection, req: Request, reader: asyncio.StreamReader
+    conn: _Connection, req: Request, reader: asyncio.StreamReader, extra: bytes = b""
 ) -> tuple[bool, bool]:
     """Upstream -> client. Returns (upstream connection reusable, client keep-alive)."""
-    framer = ResponseFramer(head_request=req.method == b"HEAD", upgrade=req.upgrade)
+    framer = ResponseFramer(head_request=req.method == b"HEAD", upgrade=req.upgrade,
+                            extra=extra)
     while True:
         try:
             data = await reader.read(READ_SIZE)

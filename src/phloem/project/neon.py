@@ -21,7 +21,9 @@ environment is the CLI's (after ``--env FILE``), so ``process.env.X`` in the con
 A config that enables a service phloem does not have (Neon Auth, the Data API, object
 storage and its triggers, the AI Gateway) is refused by the caller with the services named:
 the function's ``parseEnv`` would demand their variables at start-up; keys phloem does not
-honour (``customDomains``, ``experimental.hooks``) are refused by name with the reason.
+honour (``experimental.hooks``, a top-level ``customDomains``) are refused by name with the
+reason. A function's ``customDomains`` (and the branch closure's) are custom domains
+(``phloem.project.domains``).
 """
 
 from __future__ import annotations

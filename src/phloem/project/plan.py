@@ -17,13 +17,15 @@ import secrets
 import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from phloem.config import BranchInfo, Config, Function, Trigger
 from phloem.project import neon
 from phloem.project.client import Client, ClientError
+from phloem.project.domains import DomainPlan, check_unique, function_domains, plan_domains
+from phloem.project.errors import ConfigError as ConfigError
 from phloem.project.neon import find_neon_config
 from phloem.project.packing import pack_directory
 from phloem.runtimes.base import Runtime
@@ -40,10 +42,6 @@ CONFIG_FILE = "phloemfile.py"
 LINK_FILE = Path(".phloem") / "link.json"
 
 
-class ConfigError(ValueError):
-    """Names the file, the key and the rule."""
-
-
 @dataclass(frozen=True)
 class DesiredFunction:
     slug: str
@@ -58,6 +56,8 @@ class DesiredFunction:
     dev_port: int | None = None
     #: False (neon.ts ``bundler: "none"``): the entry is deployed as it is, not bundled.
     bundle: bool = True
+    #: Its custom domains on this branch; None: no list applies (see project/domains.py).
+    custom_domains: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class Resolved:
     branch: BranchSettings = field(default_factory=BranchSettings)
     #: neon.ts top-level ``triggers`` as declared (plain JSON), for the triggers code.
     triggers: dict[str, Any] | None = None
+    #: Why declared custom domains do not apply to this branch.
+    domain_notes: list[str] = field(default_factory=list)
     #: The branch services a neon.ts declares (service -> config; ``{}``: none, so those
     #: the branch has go); None: the config cannot declare them (phloemfile.py).
     services: dict[str, dict[str, Any]] | None = None
@@ -157,7 +159,7 @@ def _python_desired(root: Path, config: Config, branch: BranchInfo) -> dict[str,
     out: dict[str, DesiredFunction] = {}
     for slug, fn in config.functions.items():
         extra = per_fn.get(slug, {}) if isinstance(per_fn, Mapping) else {}
-        out[slug] = _resolve(root, slug, fn, extra)
+        out[slug] = _resolve(root, slug, fn, extra, branch.is_default)
     for slug in per_fn if isinstance(per_fn, Mapping) else ():
         if slug not in config.functions:
             raise ConfigError(f"{CONFIG_FILE}: branch: functions.{slug}: no such "
@@ -165,13 +167,14 @@ def _python_desired(root: Path, config: Config, branch: BranchInfo) -> dict[str,
     return out
 
 
-def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any]) -> DesiredFunction:
+def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any],
+             is_default: bool = True) -> DesiredFunction:
     where = f"{CONFIG_FILE}: functions.{slug}"
     try:
         check_slug(slug)
     except InvalidInput as exc:
         raise ConfigError(f"{where}: {exc.message}") from None
-    unknown = set(extra) - {"name", "env", "runtime", "limits", "entry"}
+    unknown = set(extra) - {"name", "env", "runtime", "limits", "entry", "custom_domains"}
     if unknown:
         raise ConfigError(f"{where}: branch override has unknown keys {sorted(unknown)}")
     source = root / fn.source
@@ -188,8 +191,10 @@ def _resolve(root: Path, slug: str, fn: Function, extra: Mapping[str, Any]) -> D
         check_name(name)
     except InvalidInput as exc:
         raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
+    domains, _ = function_domains(where, fn.custom_domains, extra, "custom_domains",
+                                  is_default)
     return DesiredFunction(slug=slug, name=name, entry=entry, runtime=runtime, env=env,
-                           limits=limits)
+                           limits=limits, custom_domains=domains)
 
 
 def find_root(start: Path) -> Path | None:
@@ -299,8 +304,8 @@ def load_project(root: Path, env_file: Path | None = None,
 
 # -- neon.ts ---------------------------------------------------------------------
 NEON_FUNCTION_KEYS = {"name", "source", "env", "limits", "runtime", "bundler",
-                      "externalPackages", "dev"}
-NEON_TUNING_KEYS = {"name", "env", "limits", "runtime"}
+                      "externalPackages", "dev", "customDomains"}
+NEON_TUNING_KEYS = {"name", "env", "limits", "runtime", "customDomains"}
 #: What a neon.ts ``branch`` closure may return besides ``functions``, and why the keys
 #: Neon has that phloem does not honour are refused.
 NEON_BRANCH_KEYS = {"ttl", "protected"}
@@ -339,8 +344,14 @@ def _neon_resolve(root: Path, config_path: Path, branch: BranchInfo,
     per_fn: dict[str, Any] = tuning.get("functions") or {}
     functions: dict[str, Any] = raw.get("functions") or {}
     out: dict[str, DesiredFunction] = {}
+    notes: list[str] = []
     for slug, spec in functions.items():
         out[slug] = _resolve_node(root, name, slug, spec, per_fn.get(slug) or {})
+        domains, note = function_domains(f"{name}: functions.{slug}",
+                                         spec.get("customDomains"), per_fn.get(slug) or {},
+                                         "customDomains", branch.is_default)
+        out[slug] = replace(out[slug], custom_domains=domains)
+        notes += [note] if note else []
     for slug in per_fn:
         if slug not in functions:
             raise ConfigError(f"{name}: branch: functions.{slug}: no such function is "
@@ -349,7 +360,8 @@ def _neon_resolve(root: Path, config_path: Path, branch: BranchInfo,
     if project is not None:
         project.triggers = triggers
     services: dict[str, dict[str, Any]] = raw.get("services") or {}
-    return Resolved(out, _branch_settings(name, branch, tuning), triggers or None, services)
+    return Resolved(out, _branch_settings(name, branch, tuning), triggers or None, notes,
+                    services)
 
 
 def _branch_settings(config_name: str, branch: BranchInfo,
@@ -536,6 +548,7 @@ class ProjectPlan:
     branch: BranchInfo
     settings: BranchSettings
     triggers: dict[str, Any] | None = None
+    domains: DomainPlan | None = None
     #: What the branch's services should be (``Resolved.services``).
     services: dict[str, dict[str, Any]] | None = None
 
@@ -552,18 +565,6 @@ class ProjectPlan:
         return body
 
 
-def service_changes(current: Mapping[str, Any],
-                    wanted: Mapping[str, Any] | None) -> dict[str, str]:
-    """service -> ``add`` / ``change`` / ``remove`` between what a branch has and what its
-    config declares (``wanted`` None: the config cannot declare services; no change)."""
-    if wanted is None:
-        return {}
-    out = {name: "add" if name not in current else "change"
-           for name, config in wanted.items() if current.get(name) != config}
-    out.update({name: "remove" for name in current if name not in wanted})
-    return dict(sorted(out.items()))
-
-
 def plan_project(client: Client, project: Project, branch: str, artifact_sha: str,
                  owner: str | None = None, new_branch: bool = False) -> ProjectPlan:
     """``owner``: this project's id. Live functions the config does not declare are
@@ -572,8 +573,11 @@ def plan_project(client: Client, project: Project, branch: str, artifact_sha: st
     closure sees ``exists`` false, as on Neon)."""
     info = branch_info(client.get_branch(branch), exists=not new_branch)
     resolved = project.resolve(info)
+    declared = check_unique(project.config_file, {
+        s: f.custom_domains for s, f in resolved.functions.items()})
     return ProjectPlan(_plan_items(client, project, branch, resolved.functions, owner,
                                    artifact_sha), info, resolved.branch, resolved.triggers,
+                       plan_domains(client, info.id, declared, owner, resolved.domain_notes),
                        resolved.services)
 
 

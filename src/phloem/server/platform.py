@@ -84,6 +84,7 @@ from phloem.server.running import (
     function_load,
     listener_load,
     request_observer,
+    start_domains,
     start_triggers,
 )
 from phloem.services.base import ServiceContext
@@ -434,7 +435,9 @@ class Platform:
         await deployer.load_routes()
         await self._remove_unserved_deployments(store)
 
-        router = PlatformRouter(deployer, supervisor, s.domain, branch_services)
+        domains = await start_domains(pool, store, deployer.routes, s, self._tls)
+        router = PlatformRouter(deployer, supervisor, s.domain, hsts=s.tls_on,
+                                services=branch_services)
         # Client connections may not take the descriptors isolates' connections, spawns
         # and databases need (phloem.gateway.admission.plan_connections).
         plan = plan_connections(fd_limit(), s.max_connections, s.api_max_connections)
@@ -449,6 +452,7 @@ class Platform:
                           acme_challenge=self._tls.acme.challenge
                           if self._tls and self._tls.acme else None,
                           trusted_proxies=s.trusted_proxies,
+                          proxy_protocol=s.proxy_protocol,
                           head_timeout=s.head_timeout_s, max_connections=plan.gateway,
                           max_connections_per_peer=s.max_connections_per_peer,
                           ttfb_timeout=s.function_limits.ttfb_timeout_s,
@@ -483,7 +487,8 @@ class Platform:
         services = ApiServices(settings=s, paths=paths, api_key=api_key, store=store,
                                branches=branches, deployer=deployer, artifacts=artifacts,
                                function_logs=function_logs, metrics=metrics, status=status,
-                               triggers=triggers, branch_services=branch_services)
+                               triggers=triggers, branch_services=branch_services,
+                               domains=domains)
         # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
         config = uvicorn.Config(create_api(services), host=s.api_host, port=s.api_port,
                                 log_level="warning", access_log=False, lifespan="off",

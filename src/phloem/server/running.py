@@ -24,16 +24,21 @@ from phloem import __version__
 from phloem.branches.manager import BranchManager
 from phloem.control.artifacts import ArtifactStore
 from phloem.control.deployer import Deployer
+from phloem.control.domains import Domains
+from phloem.control.domains_status import TlsModeCertificates
 from phloem.control.logs import FunctionLogs
+from phloem.control.routes import RoutingTable
 from phloem.control.serving import ApiServer
 from phloem.control.triggers import Delivery, TriggerScheduler
 from phloem.firewall import Firewall
 from phloem.gateway.admission import Admission
 from phloem.gateway.server import Gateway, RequestRecord
+from phloem.metadata.domains import DomainStore
 from phloem.metadata.store import BranchRow, Store
 from phloem.metadata.triggers import TriggerStore
-from phloem.server.dispatch import parse_host
+from phloem.server.dispatch import route_of
 from phloem.server.health import Bounded, Probes
+from phloem.server.https import GatewayTls, tls_dir
 from phloem.server.metrics import FunctionLoad, ListenerLoad, Metrics
 from phloem.supervisor import Supervisor
 from phloem.supervisor.cgroups import CgroupLimiter, WatchdogLimiter
@@ -188,6 +193,19 @@ class Running:
         return "active" if off is None else f"off: {off}"
 
 
+# -- custom domains ---------------------------------------------------------------
+async def start_domains(pool: AsyncConnectionPool, store: Store, routes: RoutingTable,
+                        settings: Settings, tls: GatewayTls | None) -> Domains:
+    """Custom domains, routed from the start; their certificates as ``--tls`` gives
+    them (an ACME CertificateManager takes TlsModeCertificates' place when wired)."""
+    certificates = TlsModeCertificates(
+        settings.tls, tls_dir(settings.data_dir) if tls is not None else None,
+        tls.store if tls is not None else None, tls.cert if tls is not None else None)
+    domains = Domains(DomainStore(pool), store, routes, settings, certificates)
+    await domains.load()
+    return domains
+
+
 # -- schedule triggers ------------------------------------------------------------
 async def start_triggers(pool: AsyncConnectionPool, deployer: Deployer,
                          supervisor: Supervisor, logs: FunctionLogs) -> TriggerScheduler:
@@ -231,7 +249,7 @@ def request_observer(settings: Settings, deployer: Deployer, metrics: Metrics,
     def observe(record: RequestRecord) -> None:
         # Runs for every request on the gateway's path: keep it to lookups and one format.
         # Only label with routes that exist: any client can send any Host.
-        key = parse_host(record.host, settings.domain)
+        key = route_of(record.host, settings.domain, deployer.routes)
         if key is None:
             return
         spec = deployer.routes.get(key)

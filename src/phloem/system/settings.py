@@ -92,6 +92,9 @@ class Settings:
     #: are passed on (``X-Forwarded-For`` appended to); from any other peer they are
     #: replaced by what the gateway itself sees.
     trusted_proxies: tuple[str, ...] = ()
+    #: Gateway connections start with a PROXY protocol header (v1/v2) naming the client;
+    #: only ``trusted_proxies`` may connect then (``phloem.gateway.proxy_protocol``).
+    proxy_protocol: bool = False
     #: A bearer token that may read ``/metrics`` besides any API key (for a scraper that
     #: must not hold an API key).
     metrics_token: str | None = None
@@ -128,6 +131,9 @@ class Settings:
         if not 0 < self.acme_renew_fraction < 1:
             raise ValueError("acme_renew_fraction: must be between 0 and 1, exclusive "
                              f"(got {self.acme_renew_fraction})")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol: needs --trusted-proxy (the balancers' "
+                             "addresses): only they may send PROXY headers")
         if self.tls != "off" and self.https_port == self.plain_port:
             raise ValueError(f"https_port: must differ from the plain HTTP port "
                              f"{self.plain_port} (http_port, default the gateway port)")

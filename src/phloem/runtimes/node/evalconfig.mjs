@@ -59,16 +59,14 @@ function describeFunctions(functions, where) {
       }
       if (typeof value === "function") fail(`${where}.${slug}.${key}: functions are not supported here`);
     }
-    if (rest.customDomains !== undefined) {
-      refused.push([`${where}.${slug}.customDomains`, CUSTOM_DOMAINS]);
-      delete rest.customDomains;
-    }
     out[slug] = { ...rest, env: plainEnv(env, `${where}.${slug}.env`) };
   }
   return out;
 }
 
-const CUSTOM_DOMAINS = "custom domains come with public HTTPS; not supported yet";
+// @neon/config 1.8 declares customDomains on a function (and in the branch closure's
+// function tuning), not at the top level.
+const CUSTOM_DOMAINS = "customDomains belongs on a function: functions.<slug>.customDomains";
 const refused = [];
 
 const [bundlePath, targetJson] = process.argv.slice(2);
