@@ -11,6 +11,7 @@ add their commands to its app. Importing this package imports them, so every ent
 from phloem.cli import (  # noqa: F401  (register their commands)
     backup_cmds,
     functions_cmds,
+    keys_cmds,
     project_cmds,
     triggers_cmds,
 )

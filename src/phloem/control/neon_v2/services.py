@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from phloem.control.neon_v2.errors import NeonError, NeonRoute
 from phloem.control.neon_v2.project import project_of
+from phloem.control.scopes import needs
 
 router = APIRouter(route_class=NeonRoute)
 
@@ -61,7 +62,7 @@ for _resource in OFF:
     _add_off(_resource)
 
 
-@router.get(BRANCH + "/data-api/{database_name}")
+@router.get(BRANCH + "/data-api/{database_name}", openapi_extra=needs("read"))
 async def get_data_api(request: Request, project_id: str, branch_id: str,
                        database_name: str) -> None:
     await _check(request, project_id, branch_id)
