@@ -64,6 +64,7 @@ from phloem.control.scopes import (
     grant_of,
     needs,
     requirement,
+    route_table,
 )
 from phloem.control.services import ApiServices
 from phloem.control.triggers_api import make_router as make_triggers_router
@@ -328,7 +329,7 @@ def create_api(services: ApiServices) -> FastAPI:
                                   services.store)
     # Nothing runs for a request the guard refuses; it sees paths as the routes do.
     app.add_middleware(RequestGuard, authority=app.state.keys,
-                       requirement=lambda scope: requirement(app.router.routes, scope),
+                       requirement=lambda scope: requirement(app.state.route_table, scope),
                        metrics_token=services.settings.metrics_token)
     app.add_middleware(KeepEncodedSlashes)
 
@@ -605,7 +606,8 @@ def create_api(services: ApiServices) -> FastAPI:
     app.include_router(make_triggers_router(errors))
     app.include_router(make_keys_router(errors))
     app.include_router(neon_v2.router, include_in_schema=False)
-    check_declared(app.router.routes)
+    app.state.route_table = route_table(app.router.routes)
+    check_declared(app.state.route_table)
     return app
 
 

@@ -100,6 +100,24 @@ class Requirement:
     branch_ref: str | None
 
 
+def route_table(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """The app's routes in the order it matches them, with included routers' routes in
+    their place (FastAPI keeps an included router as one route that dispatches itself).
+    Our routers are included without a prefix, so each route's own path is the one it
+    serves; one included with a prefix is refused rather than matched wrongly."""
+    table: list[BaseRoute] = []
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if contexts is None:
+            table.append(route)
+            continue
+        if route.include_context.prefix:  # type: ignore[attr-defined]
+            raise RuntimeError("include_router(prefix=...): put the prefix on the "
+                               "APIRouter itself (the scope table matches route paths)")
+        table.extend(c.original_route for c in contexts())
+    return table
+
+
 def requirement(routes: Sequence[BaseRoute], scope: Scope) -> Requirement | None:
     """What the route ``scope`` goes to needs; None when no route takes it (a 404/405
     follows) or it is not one of the API's own (the docs)."""
@@ -124,7 +142,8 @@ def undeclared(routes: Sequence[BaseRoute]) -> list[str]:
 
 
 def check_declared(routes: Sequence[BaseRoute]) -> None:
-    """Refuse an app with a route that does not say which scope it needs."""
+    """Refuse an app with a route that does not say which scope it needs (``routes``:
+    a :func:`route_table`)."""
     missing = undeclared(routes)
     if missing:
         raise RuntimeError(f"routes without a scope (openapi_extra=needs(...)): {missing}")

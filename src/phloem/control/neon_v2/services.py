@@ -42,7 +42,7 @@ def _add_list(resource: str) -> None:
         return JSONResponse(body)
 
     router.add_api_route(f"{BRANCH}/{resource}", empty, methods=["GET"],
-                         name=f"list_{resource}")
+                         name=f"list_{resource}", openapi_extra=needs("read"))
 
 
 def _add_off(resource: str) -> None:
@@ -53,7 +53,8 @@ def _add_off(resource: str) -> None:
         raise NeonError(404, "NOT_FOUND", f"{what} is not enabled on this branch: phloem "
                         "does not have it")
 
-    router.add_api_route(f"{BRANCH}/{resource}", off, methods=["GET"], name=f"get_{resource}")
+    router.add_api_route(f"{BRANCH}/{resource}", off, methods=["GET"], name=f"get_{resource}",
+                         openapi_extra=needs("read"))
 
 
 for _resource in EMPTY_LISTS:
