@@ -23,16 +23,23 @@ from phloem.control.scopes import ADMIN, KeyAuthority, grant_of, needs
 from phloem.metadata.keys import SCOPES, KeyRow
 from phloem.metadata.store import BranchRow
 
+#: Branch names (as ``POST /branches`` takes them) and ids.
+BRANCH_REF = r"^[A-Za-z0-9._/-]{1,64}$"
+
 
 class KeyIn(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # An admin key manages the whole platform: it cannot be limited to branches (400).
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"not": {
+        "required": ["scopes", "branches"], "properties": {
+            "scopes": {"contains": {"const": "admin"}}, "branches": {"type": "array"}}}})
 
     name: str = Field(pattern=r"^[A-Za-z0-9 ._:@/-]{1,64}$", description="what it is for")
     scopes: list[str] = Field(min_length=1, max_length=len(SCOPES), description=" / ".join(
         SCOPES), json_schema_extra={"items": {"enum": list(SCOPES)}})
-    branches: list[str] | None = Field(None, min_length=1, max_length=100, description=(
-        "branch names or ids the key is limited to; null: every branch"))
-    expires_in_s: int | None = Field(None, ge=1, le=10 * 366 * 86400, description=(
+    branches: list[Annotated[str, Field(pattern=BRANCH_REF)]] | None = Field(
+        None, min_length=1, max_length=100, description="branch names or ids the key is "
+        "limited to (not with admin); null: every branch")
+    expires_in_s: float | None = Field(None, ge=1, le=10 * 366 * 86400, description=(
         "it stops working this many seconds from now; null: never"))
 
 
@@ -77,7 +84,8 @@ def make_router(errors: Errors) -> APIRouter:
     router.get("", openapi_extra=ADMIN)(list_keys)
     router.get("/me", responses=errors(404),
                openapi_extra=needs("key", any_branch=True))(my_key)
-    router.delete("/{key_id}", responses=errors(404, 409), openapi_extra=ADMIN)(revoke_key)
+    router.delete("/{key_id}", responses=errors(400, 404, 409),
+                  openapi_extra=ADMIN)(revoke_key)
     return router
 
 
