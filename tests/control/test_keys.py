@@ -6,6 +6,7 @@ key."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -194,6 +195,21 @@ def test_cli_against_the_tls_listener(remote: tuple[PlatformProcess, int],
     deploy = run_cli(env, "functions", "deploy", "hello", "--path", str(HELLO),
                      "--entry", "main:app")
     assert deploy.returncode == 1 and "scope 'deploy'" in deploy.stderr, deploy.stderr
+    refused = run_cli(env, "keys", "list")
+    assert refused.returncode == 1 and "scope 'admin'" in refused.stderr, refused.stderr
+    # The variables win over the profile: the admin key through them.
+    admin = {**env, "PHLOEM_API_URL": p.credentials["api_url"],
+             "PHLOEM_API_KEY": p.credentials["api_key"]}
+    made = run_cli(admin, "keys", "create", "--name", "cli", "--scope", "read", "--scope",
+                   "deploy", "--branch", "main", "--expires-in", "30d", "--output", "json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    secrets_made.append(created["secret"])
+    listed = run_cli(admin, "keys", "list", "--output", "json")
+    assert listed.returncode == 0 and created["secret"] not in listed.stdout
+    row = next(k for k in json.loads(listed.stdout) if k["id"] == created["id"])
+    assert row["scopes"] == ["deploy", "read"] and len(row["branches"]) == 1
+    assert row["expires_at"] is not None and "secret" not in row
     out = run_cli(env, "logout")
     assert out.returncode == 0 and "remote" in out.stdout
     gone = run_cli(env, "branches", "list")
