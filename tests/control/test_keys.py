@@ -137,6 +137,9 @@ def test_branch_limited_key_sees_only_its_branches(remote: tuple[PlatformProcess
             assert r.status_code == 403 and error(r)["code"] == "forbidden_branch", r.text
         r = api.get(f"/api/v2/projects/p/branches/{main['id']}/functions")
         assert r.status_code == 403, r.text
+        project = api.get("/api/v2/projects").json()["projects"][0]["id"]  # Neon's face
+        listed = api.get(f"/api/v2/projects/{project}/branches").json()["branches"]
+        assert [b["id"] for b in listed] == [kb["id"]]
         r = api.get("/api/v1/status")  # platform-wide
         assert r.status_code == 403 and error(r)["code"] == "forbidden_branch"
         assert api.get("/api/v1/keys/me").json()["id"] == key["id"]

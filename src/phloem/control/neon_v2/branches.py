@@ -30,7 +30,7 @@ from phloem.control.neon_v2.project import (
     set_default_branch,
 )
 from phloem.control.neon_v2.roles import Role, role_model
-from phloem.control.scopes import needs
+from phloem.control.scopes import grant_of, needs
 from phloem.metadata.store import BranchRow
 
 if TYPE_CHECKING:
@@ -161,12 +161,13 @@ async def branch_of(platform: ApiServices, ref: str) -> BranchRow:
     return await platform.branches.get(ref.replace("%2F", "/"))
 
 
-@router.get(BRANCHES, openapi_extra=needs("read"))
+@router.get(BRANCHES, openapi_extra=needs("read", any_branch=True))
 async def list_branches(request: Request, project_id: str) -> BranchesOut:
-    """Every branch in one page (no ``pagination.next``)."""
+    """Every branch (a branch-limited key's only) in one page (no ``pagination.next``)."""
     platform, project = await project_of(request, project_id)
     rows = await platform.store.list_branches()
-    return BranchesOut(branches=[branch_model(project, b) for b in rows])
+    grant = grant_of(request)
+    return BranchesOut(branches=[branch_model(project, b) for b in rows if grant.sees(b.id)])
 
 
 @router.get(BRANCH, openapi_extra=needs("read"))

@@ -125,7 +125,7 @@ def project_model(platform: ApiServices, project: ProjectRow) -> Project:
                    created_at=created, updated_at=created)
 
 
-@router.get("/api/v2/projects", openapi_extra=needs("read"))
+@router.get("/api/v2/projects", openapi_extra=needs("read", any_branch=True))
 async def list_projects(request: Request, cursor: str | None = None,
                         recoverable: bool = False) -> ProjectsOut:
     """The one project; a second page (``cursor`` set) and deleted projects are empty."""
@@ -137,12 +137,12 @@ async def list_projects(request: Request, cursor: str | None = None,
                        pagination={"cursor": project.id})
 
 
-@router.get("/api/v2/projects/shared", openapi_extra=needs("read"))
+@router.get("/api/v2/projects/shared", openapi_extra=needs("read", any_branch=True))
 async def list_shared_projects() -> ProjectsOut:
     return ProjectsOut(projects=[])
 
 
-@router.get("/api/v2/projects/{project_id}", openapi_extra=needs("read"))
+@router.get("/api/v2/projects/{project_id}", openapi_extra=needs("read", any_branch=True))
 async def get_project(request: Request, project_id: str) -> ProjectOut:
     platform, project = await project_of(request, project_id)
     return ProjectOut(project=project_model(platform, project))
