@@ -134,8 +134,10 @@ class BranchCreateIn(BaseModel):
 class BranchLifetimeIn(BaseModel):
     model_config = STRICT_INPUT
 
-    ttl_s: int | None = Field(None, ge=1, le=366 * 86400, description="expires this many "
-                              "seconds after it was created; null: left as it is")
+    # A number (JSON's 5.0 is an integer too) that must be whole.
+    ttl_s: float | None = Field(None, ge=1, le=366 * 86400, multiple_of=1,
+                                description="expires this many seconds after it was "
+                                "created; null: left as it is")
     clear_ttl: bool = Field(False, description="never expires")
     protected: bool | None = Field(None, description="null: left as it is")
 
@@ -463,7 +465,8 @@ def create_api(services: ApiServices) -> FastAPI:
                openapi_extra=BRANCHES)
     async def set_branch_lifetime(branch: BranchRef, body: BranchLifetimeIn) -> BranchOut:
         lifetime = BranchLifetime(services.branches, services.deployer.drop_branch)
-        row = await lifetime.set(branch.id, body.ttl_s, body.protected, body.clear_ttl)
+        ttl_s = int(body.ttl_s) if body.ttl_s is not None else None
+        row = await lifetime.set(branch.id, ttl_s, body.protected, body.clear_ttl)
         return await sized(row)
 
     @app.post("/api/v1/branches/{ref}/reset", responses=errors(404, 409, 507),
