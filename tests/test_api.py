@@ -31,7 +31,7 @@ def test_errors_are_declared_and_405_names_the_methods(platform: PlatformProcess
     deploy = doc["paths"]["/api/v1/branches/{ref}/functions/{slug}/deployments"]["post"]
     assert {"400", "401", "404", "413"} <= set(deploy["responses"])
     assert "422" not in deploy["responses"]  # validation errors are 400s
-    assert deploy["security"] == [{"apiKey": []}]
+    assert deploy["security"] == [{"apiKey": ["deploy"]}]  # the scope it needs
     assert "security" not in doc["paths"]["/api/v1/health"]["get"]
     with platform.api() as api:
         resp = api.request("TRACE", "/branches/main")

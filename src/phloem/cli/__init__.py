@@ -13,6 +13,7 @@ from phloem.cli import (  # noqa: F401  (register their commands)
     backup_cmds,
     domains_cmds,
     functions_cmds,
+    keys_cmds,
     project_cmds,
     triggers_cmds,
 )

@@ -109,6 +109,10 @@ def up(
                                           help="Address of the control API.")] = "127.0.0.1",
     api_port: Annotated[int, typer.Option(envvar="PHLOEM_API_PORT",
                                           help="Port of the control API.")] = 8788,
+    api_listen: Annotated[str | None, typer.Option(
+        envvar="PHLOEM_API_LISTEN", help="ADDR:PORT where the control API is also served "
+        "for remote clients (phloem login; scoped keys from phloem keys create), over TLS "
+        "with the gateway's certificate unless --tls off.", show_default="none")] = None,
     gateway_host: Annotated[str, typer.Option(envvar="PHLOEM_GATEWAY_HOST",
                                               help="Address functions are served on.")]
     = "127.0.0.1",
@@ -266,6 +270,7 @@ def up(
             acme_renew_fraction=acme_renew_fraction, acme_dns_hook=acme_dns_hook,
             function_limits=limits,
             data_dir=data_dir.absolute(), api_host=api_host, api_port=api_port,
+            api_listen=api_listen,
             gateway_host=gateway_host, gateway_port=gateway_port, domain=domain,
             public_port=public_port, pg_port_base=pg_port_base, service_user=service_user,
             isolate_python=isolate_python, eviction_grace_s=grace, zygote=zygote,
@@ -300,7 +305,7 @@ def _check_tls_files(settings: Settings) -> None:
 
 
 def _deploy_dirs(settings: Settings, dirs: list[Path]) -> None:
-    client = Client.from_environment(settings.data_dir)
+    client = Client.local(settings.data_dir)  # this platform, not a profile's
     for d in dirs:
         slug = "".join(c for c in d.name.lower() if c.isalnum())[:20] or "fn"
         try:

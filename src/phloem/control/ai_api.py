@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
+from phloem.control.scopes import READ
 from phloem.control.services import ApiServices
 from phloem.metadata.ai_gateway import AiGatewayStore
 
@@ -38,7 +39,7 @@ def make_router(errors: Errors) -> APIRouter:
     """The route; ``errors`` is the API's ``responses=`` helper (its error model)."""
     router = APIRouter(prefix="/api/v1/ai", tags=["ai"])
 
-    @router.get("/usage", responses=errors(400, 404))
+    @router.get("/usage", responses=errors(400, 404), openapi_extra=READ)
     async def ai_usage(request: Request, branch: Annotated[str | None, Query(
             max_length=200, description="a branch's name or id; all branches if "
             "left out")] = None) -> list[UsageOut]:

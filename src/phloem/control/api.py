@@ -16,7 +16,6 @@ The routes see the platform only through :class:`~phloem.control.services.ApiSer
 from __future__ import annotations
 
 import asyncio
-import hmac
 import math
 from datetime import datetime
 from typing import Annotated, Any
@@ -54,9 +53,25 @@ from phloem.control.guard import (
     PUBLIC_PATHS,
     RequestGuard,
 )
+from phloem.control.keys_api import make_router as make_keys_router
 from phloem.control.logs import follow_file, tail
+from phloem.control.scopes import (
+    BRANCHES,
+    DEPLOY,
+    METRICS,
+    PUBLIC_ROUTE,
+    READ,
+    KeyAuthority,
+    check_declared,
+    document_scopes,
+    grant_of,
+    needs,
+    requirement,
+    route_table,
+)
 from phloem.control.services import ApiServices
 from phloem.control.triggers_api import make_router as make_triggers_router
+from phloem.metadata.keys import ApiKeys
 from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.system.validation import OWNER_RE, InvalidInput
 
@@ -71,8 +86,7 @@ def _integral_number(value: object) -> object:
     return value
 
 
-#: Put after an ``int``'s constraints (so they still reach the OpenAPI schema):
-#: ``Annotated[int, Field(ge=1), INTEGRAL]``.
+#: Goes after an int's bounds, so they reach the schema: Annotated[int, Field(ge=1), INTEGRAL]
 INTEGRAL = BeforeValidator(_integral_number)
 
 
@@ -89,7 +103,10 @@ class ErrorOut(BaseModel):
 #: What each error status means on this API (the OpenAPI document's descriptions).
 ERROR_MEANINGS = {
     400: "invalid input (`invalid_input`, `field` names it and the message the rule)",
-    401: "no valid API key (`unauthorized`); checked before the body is read",
+    401: "no valid API key (`unauthorized`: missing, unknown, expired or revoked); "
+         "checked before the body is read",
+    403: "the key lacks the scope this route needs (`forbidden_scope`, named in the "
+         "message) or is limited to other branches (`forbidden_branch`)",
     404: "what the path names does not exist (`<what>_not_found`)",
     409: "conflicts with the current state (e.g. `branch_exists`, `sha256_mismatch`)",
     413: "the body is over this route's cap (`payload_too_large`)",
@@ -322,19 +339,15 @@ def create_api(services: ApiServices) -> FastAPI:
     app = FastAPI(title="phloem", version=__version__, openapi_url="/api/v1/openapi.json",
                   docs_url="/api/v1/docs", redoc_url=None)
     app.state.services = services
-    app.add_middleware(KeepEncodedSlashes)
-    # Added last, so outermost: nothing runs for a request it refuses.
-    async def key_valid(key: str) -> bool:
-        # The platform's own key (credentials.json's) is compared in memory, so status
-        # and the rest answer a 401/200 while the system database does not; other keys
-        # are looked up.
-        own = services.api_key
-        if hmac.compare_digest(key.encode(), own.encode()):
-            return True
-        return await services.store.api_key_valid(key)
-
-    app.add_middleware(RequestGuard, key_valid=key_valid,
+    # The platform's own key (credentials.json's) is compared in memory, so status and
+    # the rest answer a 401/200 while the system database does not; others are looked up.
+    app.state.keys = KeyAuthority(services.api_key, ApiKeys(services.store.pool),
+                                  services.store)
+    # Nothing runs for a request the guard refuses; it sees paths as the routes do.
+    app.add_middleware(RequestGuard, authority=app.state.keys,
+                       requirement=lambda scope: requirement(app.state.route_table, scope),
                        metrics_token=services.settings.metrics_token)
+    app.add_middleware(KeepEncodedSlashes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -391,23 +404,24 @@ def create_api(services: ApiServices) -> FastAPI:
             created_at=fn.created_at, updated_at=fn.updated_at, owner=fn.owner,
         )
 
-    @app.get("/api/v1/health")
+    @app.get("/api/v1/health", openapi_extra=PUBLIC_ROUTE)
     async def health() -> HealthOut:
         return HealthOut(status="ok", version=__version__)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, openapi_extra=METRICS)
     async def metrics(request: Request) -> Response:
         """Prometheus exposition; it names every branch and function, so it needs a key
         (or the metrics token: :class:`RequestGuard`)."""
         body, content_type = services.metrics.render(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 
-    @app.get("/api/v1/status")
+    @app.get("/api/v1/status", openapi_extra=READ)
     async def status() -> dict[str, Any]:
         return await services.status()
 
     @app.put("/api/v1/artifacts/{sha256}", status_code=201,
-             responses=errors(400, 409, 413, 507), openapi_extra=ARTIFACT_BODY)
+             responses=errors(400, 409, 413, 507),
+             openapi_extra={**ARTIFACT_BODY, **needs("deploy", any_branch=True)})
     async def put_artifact(sha256: Sha256, request: Request) -> ArtifactOut:
         """Upload an artifact (a packed project) named by its sha256. It streams to a
         temporary file from a worker thread (the gateway shares this event loop), hashed
@@ -430,7 +444,7 @@ def create_api(services: ApiServices) -> FastAPI:
     @app.head("/api/v1/artifacts/{sha256}", responses={
         200: {"description": "the artifact is stored"},
         404: {"description": "no such artifact (no body: this is HEAD)"},
-        **errors(400)})
+        **errors(400)}, openapi_extra=needs("read", any_branch=True))
     async def head_artifact(sha256: Sha256) -> Response:
         found = await asyncio.to_thread(services.artifacts.exists, sha256)
         return Response(status_code=200 if found else 404)
@@ -438,15 +452,18 @@ def create_api(services: ApiServices) -> FastAPI:
     async def sized(b: BranchRow) -> BranchOut:
         return _branch_out(b, await asyncio.to_thread(services.branches.logical_size, b))
 
-    @app.get("/api/v1/branches")
-    async def list_branches() -> list[BranchOut]:
-        return [await sized(b) for b in await services.store.list_branches()]
+    @app.get("/api/v1/branches", openapi_extra=needs("read", any_branch=True))
+    async def list_branches(request: Request) -> list[BranchOut]:
+        grant = grant_of(request)  # a key limited to some branches sees only those
+        return [await sized(b) for b in await services.store.list_branches()
+                if grant.sees(b.id)]
 
-    @app.get("/api/v1/branches/{ref}", responses=errors(404))
+    @app.get("/api/v1/branches/{ref}", responses=errors(404), openapi_extra=READ)
     async def get_branch(branch: BranchRef) -> BranchOut:
         return await sized(branch)
 
-    @app.post("/api/v1/branches", status_code=201, responses=errors(400, 404, 409, 507))
+    @app.post("/api/v1/branches", status_code=201, responses=errors(400, 404, 409, 507),
+              openapi_extra=BRANCHES)
     async def create_branch(body: BranchCreateIn) -> BranchOut:
         row = await services.branches.create(body.name, body.parent)
         if row.parent_id is not None:  # a child inherits its parent's triggers, disabled
@@ -458,35 +475,42 @@ def create_api(services: ApiServices) -> FastAPI:
             out.copied_deployments = [d.id for d in deps]
         return out
 
-    @app.patch("/api/v1/branches/{ref}", responses=errors(400, 404, 409))
+    @app.patch("/api/v1/branches/{ref}", responses=errors(400, 404, 409),
+               openapi_extra=BRANCHES)
     async def set_branch_lifetime(branch: BranchRef, body: BranchLifetimeIn) -> BranchOut:
         lifetime = BranchLifetime(services.branches, services.deployer.drop_branch)
-        row = await lifetime.set(branch.id, body.ttl_s, body.protected, body.clear_ttl)
+        ttl_s = int(body.ttl_s) if body.ttl_s is not None else None
+        row = await lifetime.set(branch.id, ttl_s, body.protected, body.clear_ttl)
         return await sized(row)
 
-    @app.post("/api/v1/branches/{ref}/reset", responses=errors(404, 409, 507))
+    @app.post("/api/v1/branches/{ref}/reset", responses=errors(404, 409, 507),
+              openapi_extra=BRANCHES)
     async def reset_branch(branch: BranchRef) -> BranchOut:
         row = await services.branches.reset(branch.id, services.deployer.restart_branch)
         return await sized(row)
 
-    @app.delete("/api/v1/branches/{ref}", responses=errors(400, 404, 409))
+    @app.delete("/api/v1/branches/{ref}", responses=errors(400, 404, 409),
+                openapi_extra=BRANCHES)
     async def delete_branch(branch: BranchRef, recursive: bool = False) -> BranchDeleteOut:
         deleted = await services.branches.delete(branch.id, recursive,
                                                  services.deployer.drop_branch)
         return BranchDeleteOut(deleted=deleted)
 
-    @app.get("/api/v1/branches/{ref}/connection", responses=errors(400, 404))
+    # A database password writes as much as a deploy does.
+    @app.get("/api/v1/branches/{ref}/connection", responses=errors(400, 404),
+             openapi_extra=DEPLOY)
     async def connection_string(branch: BranchRef, pooled: bool = True) -> ConnectionOut:
         urls = services.branches.connection_strings(branch)
         return ConnectionOut(uri=urls.pooled if pooled else urls.unpooled, pooled=pooled,
                              branch_id=branch.id)
 
-    @app.get("/api/v1/branches/{ref}/functions", responses=errors(404))
+    @app.get("/api/v1/branches/{ref}/functions", responses=errors(404), openapi_extra=READ)
     async def list_functions(branch: BranchRef) -> list[FunctionOut]:
         fns = await services.store.list_functions(branch.id)
         return [await function_out(branch, f) for f in fns]
 
-    @app.get("/api/v1/branches/{ref}/functions/{slug}", responses=errors(404))
+    @app.get("/api/v1/branches/{ref}/functions/{slug}", responses=errors(404),
+             openapi_extra=READ)
     async def get_function(branch: BranchRef, slug: str) -> FunctionOut:
         fn = await services.store.get_function(branch.id, slug)
         if fn is None:
@@ -494,7 +518,7 @@ def create_api(services: ApiServices) -> FastAPI:
         return await function_out(branch, fn)
 
     @app.post("/api/v1/branches/{ref}/functions/{slug}/deployments", status_code=202,
-              responses=errors(400, 404))
+              responses=errors(400, 404), openapi_extra=DEPLOY)
     async def deploy(branch: BranchRef, slug: Slug, body: DeployIn) -> DeploymentOut:
         dep = await services.deployer.deploy(branch, DeployRequest(
             slug=slug, artifact_sha256=body.artifact_sha256, entry=body.entry,
@@ -508,7 +532,7 @@ def create_api(services: ApiServices) -> FastAPI:
                                   state=services.deployer.state_of(fn, d))
 
     @app.get("/api/v1/branches/{ref}/functions/{slug}/deployments",
-             responses=errors(400, 404))
+             responses=errors(400, 404), openapi_extra=READ)
     async def list_deployments(
         branch: BranchRef, slug: str,
         limit: Annotated[int, Query(ge=1, le=1000, description="at most this many, the "
@@ -522,7 +546,7 @@ def create_api(services: ApiServices) -> FastAPI:
         return [with_state(fn, d) for d in deps[:limit]]
 
     @app.post("/api/v1/branches/{ref}/functions/{slug}/rollback",
-              responses=errors(400, 404, 409))
+              responses=errors(400, 404, 409), openapi_extra=DEPLOY)
     async def rollback(branch: BranchRef, slug: str,
                        body: RollbackIn | None = None) -> RollbackOut:
         """Switch the function back to an earlier deployment in one step, without a
@@ -539,14 +563,14 @@ def create_api(services: ApiServices) -> FastAPI:
                            switch_ms=round(done.switch_ms, 3))
 
     @app.delete("/api/v1/branches/{ref}/functions/{slug}", status_code=204,
-                responses=errors(404))
+                responses=errors(404), openapi_extra=DEPLOY)
     async def delete_function(branch: BranchRef, slug: str) -> Response:
         await services.deployer.delete(branch, slug)
         return Response(status_code=204)
 
     @app.get("/api/v1/branches/{ref}/functions/{slug}/logs", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-                        **errors(400, 404)})
+                        **errors(400, 404)}, openapi_extra=READ)
     async def function_logs(branch: BranchRef, slug: str, lines: int = 200,
                             since: float | None = None, follow: bool = False) -> Response:
         """The function's log; ``since`` in seconds; ``follow`` streams new lines."""
@@ -562,10 +586,15 @@ def create_api(services: ApiServices) -> FastAPI:
             return PlainTextResponse(text)
         return StreamingResponse(follow_file(path, text), media_type="text/plain")
 
-    @app.get("/api/v1/branches/{ref}/functions/{slug}/env", responses=errors(400, 404))
-    async def function_env(branch: BranchRef, slug: str,
+    @app.get("/api/v1/branches/{ref}/functions/{slug}/env", responses=errors(400, 404),
+             openapi_extra=READ)
+    async def function_env(branch: BranchRef, slug: str, request: Request,
                            show_values: bool = False) -> EnvOut:
-        """The active deployment's env names (values only with ``show_values``)."""
+        """The active deployment's env names (values only with ``show_values``, which
+        needs the ``deploy`` scope: values are secrets)."""
+        if show_values and not grant_of(request).allows("deploy"):
+            raise ApiError(403, "forbidden_scope", "show_values=true needs an api key "
+                           "with scope 'deploy'", "show_values")
         fn = await services.store.get_function(branch.id, slug)
         if fn is None or fn.active_deployment_id is None:
             raise NotFound("function", slug)
@@ -574,16 +603,19 @@ def create_api(services: ApiServices) -> FastAPI:
         env = services.deployer.env_of(dep)
         return EnvOut(keys=sorted(env), values=env if show_values else None)
 
-    @app.post("/api/v1/env-digest", responses=errors(400))
+    @app.post("/api/v1/env-digest", responses=errors(400),
+              openapi_extra=needs("read", any_branch=True))
     async def env_digest(body: EnvDigestIn) -> DigestOut:
         """Fingerprint an env the way deployments' ``env_digest`` is made, so a client can
         tell whether its env differs without the platform returning any value."""
         return DigestOut(digest=services.deployer.secrets.digest(body.env))
 
-    @app.get("/api/v1/deployments/{deployment_id}", responses=errors(404))
-    async def get_deployment(deployment_id: str) -> DeploymentOut:
+    @app.get("/api/v1/deployments/{deployment_id}", responses=errors(404),
+             openapi_extra=needs("read", any_branch=True))
+    async def get_deployment(deployment_id: str, request: Request) -> DeploymentOut:
         dep = await services.store.get_deployment(deployment_id)
-        if dep is None:
+        branch_id = await services.store.function_branch_id(dep.function_id) if dep else None
+        if dep is None or branch_id is None or not grant_of(request).sees(branch_id):
             raise NotFound("deployment", deployment_id)
         return _deployment_out(dep)
 
@@ -592,7 +624,10 @@ def create_api(services: ApiServices) -> FastAPI:
     app.include_router(make_ai_router(errors))
     app.include_router(make_services_router(errors))
     app.include_router(make_domains_router(errors))
+    app.include_router(make_keys_router(errors))
     app.include_router(neon_v2.router, include_in_schema=False)
+    app.state.route_table = route_table(app.router.routes)
+    check_declared(app.state.route_table)
     return app
 
 
@@ -655,9 +690,11 @@ def _openapi_document(app: FastAPI) -> dict[str, Any]:
             if path not in PUBLIC_PATHS:
                 op["security"] = [{"apiKey": []}]
                 responses["401"] = {"description": ERROR_MEANINGS[401], **error_ref}
+                responses["403"] = {"description": ERROR_MEANINGS[403], **error_ref}
             if "requestBody" in op:
                 responses["413"] = {"description": ERROR_MEANINGS[413], **error_ref}
                 op["requestBody"].setdefault(
                     "description", f"JSON, at most {MAX_JSON_BODY_BYTES} bytes (413 beyond)")
+    document_scopes(doc)
     app.openapi_schema = doc
     return doc

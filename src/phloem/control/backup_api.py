@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from phloem.backup.jobs import BackupInfo, BackupJobs
 from phloem.backup.manifest import BackupError
 from phloem.control.errors import ApiError
+from phloem.control.scopes import ADMIN
 
 
 class BackupBranchOut(BaseModel):
@@ -83,7 +84,7 @@ BackupId = Annotated[str, Path(pattern=r"^bk-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{4}$",
                                description="bk-<UTC time>-<4 hex>")]
 
 
-@router.post("", status_code=202,
+@router.post("", status_code=202, openapi_extra=ADMIN,
              responses={409: {"description": "another backup is running"}})
 async def create_backup(request: Request) -> BackupOut:
     """Start a backup of the metadata, every branch and the files they need; poll
@@ -96,14 +97,15 @@ async def create_backup(request: Request) -> BackupOut:
         _fail(exc)
 
 
-@router.get("")
+@router.get("", openapi_extra=ADMIN)
 async def list_backups(request: Request) -> list[BackupOut]:
     """Backups in ``<data dir>/backups``, oldest first, and the one running."""
     return [_out(i) for i in _jobs(request).list()]
 
 
-@router.get("/{backup_id}", responses={400: {"description": "not a backup id"},
-                                       404: {"description": "no such backup"}})
+@router.get("/{backup_id}", openapi_extra=ADMIN,
+            responses={400: {"description": "not a backup id"},
+                       404: {"description": "no such backup"}})
 async def get_backup(backup_id: BackupId, request: Request) -> BackupOut:
     try:
         return _out(_jobs(request).describe(backup_id))

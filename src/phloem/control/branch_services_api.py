@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from phloem.control.errors import ApiError
+from phloem.control.scopes import DEPLOY, READ
 from phloem.control.services import ApiServices
 from phloem.metadata.store import BranchRow
 from phloem.services.base import SERVICES
@@ -73,18 +74,18 @@ def make_router(errors: Errors) -> APIRouter:
     """The routes; ``errors`` is the API's ``responses=`` helper (its error model)."""
     router = APIRouter(prefix="/api/v1/branches/{ref}/services", tags=["services"])
 
-    @router.get("", responses=errors(400, 404))
+    @router.get("", responses=errors(400, 404), openapi_extra=READ)
     async def list_branch_services(branch: Branch, services: Services) -> BranchServicesOut:
         return _out(services, branch)
 
-    @router.get("/env", responses=errors(400, 404))
+    @router.get("/env", responses=errors(400, 404), openapi_extra=DEPLOY)
     async def branch_services_env(branch: Branch, services: Services) -> BranchServicesEnvOut:
         """For ``phloem env pull`` and ``env run``: local processes get what the branch's
         functions get."""
         registry = services.branch_services
         return BranchServicesEnvOut(env=registry.env(branch), hosts=registry.hosts(branch.id))
 
-    @router.put("", responses=errors(400, 404, 409))
+    @router.put("", responses=errors(400, 404, 409), openapi_extra=DEPLOY)
     async def declare_branch_services(branch: Branch, services: Services,
                                       body: BranchServicesIn) -> BranchServicesOut:
         if branch.state != "ready":

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from phloem.control.scopes import DEPLOY, READ
 from phloem.control.services import ApiServices
 from phloem.metadata.domains import DomainRow
 from phloem.metadata.store import BranchRow
@@ -131,7 +132,7 @@ def make_router(errors: Errors) -> APIRouter:
     """The routes; ``errors`` is the API's ``responses=`` helper (its error model)."""
     router = APIRouter(prefix="/api/v1", tags=["domains"])
 
-    @router.get("/domains", responses=errors(400, 404))
+    @router.get("/domains", responses=errors(400, 404), openapi_extra=READ)
     async def list_domains(services: Services,
                            branch: Annotated[str | None, Query(max_length=200)] = None,
                            status: bool = False) -> list[DomainOut]:
@@ -139,25 +140,28 @@ def make_router(errors: Errors) -> APIRouter:
         branch_id = (await services.branches.get(branch)).id if branch else None
         return await _outs(services, await services.domains.list_domains(branch_id), status)
 
-    @router.post("/domains", status_code=201, responses=errors(400, 404, 409))
+    @router.post("/domains", status_code=201, responses=errors(400, 404, 409),
+                 openapi_extra=DEPLOY)
     async def add_domain(services: Services, body: DomainIn) -> DomainOut:
         branch = await services.branches.get(body.branch or "main")
         row = await services.domains.add(body.hostname, branch, body.function,
                                          hsts=body.hsts)
         return await _out(services, row, {branch.id: branch.name}, True)
 
-    @router.get("/domains/{hostname}", responses=errors(400, 404))
+    @router.get("/domains/{hostname}", responses=errors(400, 404), openapi_extra=READ)
     async def get_domain(services: Services, hostname: Hostname) -> DomainOut:
         row = await services.domains.get(hostname)
         return await _out(services, row, await _names(services), True)
 
-    @router.delete("/domains/{hostname}", responses=errors(400, 404))
+    @router.delete("/domains/{hostname}", responses=errors(400, 404),
+                   openapi_extra=DEPLOY)
     async def remove_domain(services: Services, hostname: Hostname) -> DomainOut:
         """Stop serving it; answers what was removed."""
         row = await services.domains.remove(hostname)
         return await _out(services, row, await _names(services), False)
 
-    @router.put("/branches/{ref}/domains", responses=errors(400, 404))
+    @router.put("/branches/{ref}/domains", responses=errors(400, 404),
+                openapi_extra=DEPLOY)
     async def replace_domains(services: Services,
                               branch: Annotated[BranchRow, Depends(_branch)],
                               body: DomainsIn) -> DomainsAppliedOut:

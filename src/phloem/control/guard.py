@@ -1,14 +1,22 @@
-"""The control API's front door, as ASGI middleware: the key (or the metrics token) is
-checked before a byte of a body is read, and bodies are capped (413), so anyone who can
-reach the port cannot make the platform buffer what it sends.
+"""The control API's front door, as ASGI middleware: the key (or the metrics token) and
+the scope the route needs (:mod:`phloem.control.scopes`) are checked before a byte of a
+body is read, and bodies are capped (413), so anyone who can reach the port cannot make
+the platform buffer what it sends.
 
-    app = RequestGuard(fastapi_app, key_valid, metrics_token=token)
+    app = RequestGuard(fastapi_app, authority, lambda scope: requirement(routes, scope),
+                       metrics_token=token)
+
+401 ``unauthorized``: no key, an unknown one, an expired or revoked one (the message
+says which, never the secret). 403 ``forbidden_scope``: the key lacks the scope the route
+needs (named in the message); 403 ``forbidden_branch``: the key is limited to other
+branches.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Protocol
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
@@ -19,6 +27,7 @@ from phloem.control import neon_v2
 from phloem.control.artifacts import MAX_ARTIFACT_BYTES
 from phloem.control.errors import error_body
 from phloem.control.neon_v2 import functions as neon_functions
+from phloem.control.scopes import ANY_KEY, GRANT_KEY, METRICS_GRANT, Grant, Requirement
 
 #: Cap of every JSON body (and of any body sent to a route that takes none). The largest
 #: valid one is a deploy: env values up to 64 KiB in all (``MAX_ENV_BYTES``), which JSON
@@ -48,16 +57,26 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body: larger than this route's cap of {cap} bytes")
 
 
+class Authority(Protocol):
+    """Checks keys (``phloem.control.scopes.KeyAuthority`` is one)."""
+
+    async def authenticate(self, secret: str) -> Grant | str: ...
+
+    async def branch_id(self, ref: str) -> str | None: ...
+
+
 class RequestGuard:
     """In front of the whole app: refuse a request without a valid key, or with a body
     over its cap, before any of the body is read; count a body without Content-Length
     (chunked) as it streams. A response sent while the body is still unread closes the
     connection (``Connection: close``), so the rest is never read either."""
 
-    def __init__(self, app: ASGIApp, key_valid: Callable[[str], Awaitable[bool]],
+    def __init__(self, app: ASGIApp, authority: Authority,
+                 requirement: Callable[[Scope], Requirement | None],
                  metrics_token: str | None) -> None:
         self.app = app
-        self.key_valid = key_valid
+        self.authority = authority
+        self.requirement = requirement
         self.metrics_token = metrics_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,11 +101,16 @@ class RequestGuard:
 
         path, method = scope["path"], scope["method"]
         if path not in PUBLIC_PATHS:
-            refusal = await self._refusal(path, headers.get("authorization", ""))
-            if refusal is not None:
-                await _error_response(guarded_send, 401, "unauthorized", refusal,
+            grant = await self._grant(path, headers.get("authorization", ""))
+            if isinstance(grant, str):
+                await _error_response(guarded_send, 401, "unauthorized", grant,
                                       {"www-authenticate": "Bearer"}, path)
                 return
+            forbidden = await self._forbidden(grant, scope)
+            if forbidden is not None:
+                await _error_response(guarded_send, 403, *forbidden, path=path)
+                return
+            scope[GRANT_KEY] = grant
         cap = body_cap(method, path)
         if length is not None and length.isdigit() and int(length) > cap:
             await _error_response(guarded_send, 413, "payload_too_large",
@@ -113,8 +137,8 @@ class RequestGuard:
             await _error_response(guarded_send, 413, "payload_too_large", exc.detail,
                                   path=path)
 
-    async def _refusal(self, path: str, header: str) -> str | None:
-        """Why the request may not go on, or None."""
+    async def _grant(self, path: str, header: str) -> Grant | str:
+        """What the request's key may do, or why it is refused (401)."""
         what = "api key or metrics token" if path == "/metrics" else "api key"
         scheme, _, key = header.partition(" ")
         key = key.strip()
@@ -122,10 +146,33 @@ class RequestGuard:
             return f"missing 'Authorization: Bearer <{what}>'"
         if path == "/metrics" and self.metrics_token and hmac.compare_digest(
                 key.encode(), self.metrics_token.encode()):
-            return None
-        if not await self.key_valid(key):
+            return METRICS_GRANT
+        grant = await self.authority.authenticate(key)
+        if grant == "invalid api key":
             return f"invalid {what}"
-        return None
+        return grant
+
+    async def _forbidden(self, grant: Grant, scope: Scope) -> tuple[str, str] | None:
+        """(code, message) of a 403, or None: the key may make this request."""
+        need = self.requirement(scope)
+        if need is None:
+            return None  # no such route: its 404/405 follows
+        route = f"{scope['method']} {scope['path']}"
+        if not grant.allows(need.scope):
+            have = ", ".join(sorted(grant.scopes))
+            return ("forbidden_scope", f"{route} needs an api key with scope "
+                    f"'{need.scope}' (this key has: {have})")
+        if grant.branch_ids is None or need.scope == ANY_KEY:
+            return None
+        limited = f"this api key is limited to branches {', '.join(sorted(grant.branch_ids))}"
+        if need.branch_ref is not None:
+            branch_id = await self.authority.branch_id(need.branch_ref)
+            if branch_id is None or grant.sees(branch_id):
+                return None  # a branch that does not exist gets the route's 404
+            return ("forbidden_branch", f"branch {need.branch_ref}: {limited}")
+        if need.any_branch:
+            return None
+        return ("forbidden_branch", f"{route} is platform-wide: {limited}")
 
 
 async def _error_response(send: Send, status: int, code: str, message: str,

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,9 +120,12 @@ class AdmittedHttpToolsProtocol(HttpToolsProtocol):
 class ApiServer(uvicorn.Server):
     """uvicorn's server accepting through a :class:`Listener` (module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
+    def __init__(self, config: uvicorn.Config, admission: Admission,
+                 tls: ssl.SSLContext | None = None) -> None:
         super().__init__(config)
         self.admission = admission
+        #: Serve HTTPS with this context (``--api-listen`` with ``--tls``).
+        self.tls = tls
 
     # The platform owns signals; uvicorn must not install its own handlers.
     @contextlib.contextmanager
@@ -142,7 +146,7 @@ class ApiServer(uvicorn.Server):
         try:
             listener = await Listener.open(config.host or "127.0.0.1", config.port,
                                            create_protocol, self.admission,
-                                           backlog=config.backlog)
+                                           backlog=config.backlog, tls=self.tls)
         except OSError as exc:
             await self.lifespan.shutdown()
             raise OSError(exc.errno, f"the API cannot listen on {config.host}:{config.port}: "

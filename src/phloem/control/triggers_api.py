@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from phloem.control.deployer import NotFound
+from phloem.control.scopes import DEPLOY, READ
 from phloem.control.services import ApiServices
 from phloem.control.triggers import check_triggers
 from phloem.metadata.store import BranchRow
@@ -113,12 +114,12 @@ def make_router(errors: Errors) -> APIRouter:
     """The routes; ``errors`` is the API's ``responses=`` helper (its error model)."""
     router = APIRouter(prefix="/api/v1/branches/{ref}/triggers", tags=["triggers"])
 
-    @router.get("", responses=errors(400, 404))
+    @router.get("", responses=errors(400, 404), openapi_extra=READ)
     async def list_triggers(branch: Branch, services: Services) -> list[TriggerOut]:
         return [_out(t) for t in await services.triggers.store.list_triggers(branch.id)]
 
 
-    @router.put("", responses=errors(400, 404))
+    @router.put("", responses=errors(400, 404), openapi_extra=DEPLOY)
     async def replace_triggers(branch: Branch, services: Services,
                                body: TriggersIn) -> list[TriggerOut]:
         specs = check_triggers({name: t.model_dump() for name, t in body.triggers.items()})
@@ -126,14 +127,14 @@ def make_router(errors: Errors) -> APIRouter:
         return [_out(t) for t in rows]
 
 
-    @router.post("/{name}/enable", responses=errors(400, 404))
+    @router.post("/{name}/enable", responses=errors(400, 404), openapi_extra=DEPLOY)
     async def enable_trigger(branch: Branch, services: Services, name: Name) -> TriggerOut:
         row = await _trigger(services, branch, name)
         await services.triggers.store.set_enabled(row.id, True)
         return _out(await _trigger(services, branch, name))
 
 
-    @router.post("/{name}/disable", responses=errors(400, 404))
+    @router.post("/{name}/disable", responses=errors(400, 404), openapi_extra=DEPLOY)
     async def disable_trigger(branch: Branch, services: Services, name: Name) -> TriggerOut:
         row = await _trigger(services, branch, name)
         await services.triggers.store.set_enabled(row.id, False)
@@ -141,7 +142,7 @@ def make_router(errors: Errors) -> APIRouter:
 
 
     @router.post("/{name}/run", status_code=202,
-                 responses=errors(400, 404))
+                 responses=errors(400, 404), openapi_extra=DEPLOY)
     async def run_trigger(branch: Branch, services: Services, name: Name) -> TriggerRunOut:
         """Fire it now, enabled or not (its history shows the run as ``manual``)."""
         row = await _trigger(services, branch, name)
@@ -151,7 +152,7 @@ def make_router(errors: Errors) -> APIRouter:
         return _run_out(run, row.name)
 
 
-    @router.get("/{name}/history", responses=errors(400, 404))
+    @router.get("/{name}/history", responses=errors(400, 404), openapi_extra=READ)
     async def trigger_history(branch: Branch, services: Services, name: Name,
                               limit: Annotated[int, Query(ge=1, le=1000)] = 50,
                               ) -> list[TriggerRunOut]:

@@ -132,8 +132,10 @@ class Store:
         return key
 
     async def api_key_valid(self, key: str) -> bool:
+        """Whether the key exists and is neither revoked nor expired."""
         return await self._one(
-            "SELECT 1 AS ok FROM api_keys WHERE key_hash = %s", (hash_key(key),)
+            "SELECT 1 AS ok FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > now())", (hash_key(key),)
         ) is not None
 
     # -- branches ------------------------------------------------------------
@@ -214,6 +216,12 @@ class Store:
             "SELECT * FROM functions WHERE branch_id = %s AND slug = %s", (branch_id, slug)
         )
         return FunctionRow(**row) if row else None
+
+    async def function_branch_id(self, function_id: str) -> str | None:
+        """The branch the function (by id) is on; None: no such function."""
+        row = await self._one("SELECT branch_id FROM functions WHERE id = %s",
+                              (function_id,))
+        return str(row["branch_id"]) if row else None
 
     async def upsert_function(self, branch_id: str, slug: str, name: str,
                               runtime: str, owner: str | None = None) -> FunctionRow:

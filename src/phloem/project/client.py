@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -38,38 +39,118 @@ class ClientError(RuntimeError):
 @dataclass(frozen=True)
 class Credentials:
     api_url: str
-    api_key: str
+    api_key: str = field(repr=False)
+    #: A CA certificate (PEM) to verify an https API with, besides the system's.
+    ca_cert: Path | None = None
+
+
+def profiles_path() -> Path:
+    """``$XDG_CONFIG_HOME/phloem/profiles.json`` (``~/.config`` by default): where
+    ``phloem login`` keeps remote platforms' URLs and keys (0600)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "phloem" / "profiles.json"
+
+
+def read_profiles() -> dict[str, Any]:
+    """``{"current": name, "profiles": {name: {api_url, api_key, ca_cert}}}``; empty
+    when there is no file."""
+    path = profiles_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"current": None, "profiles": {}}
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"{path}: not readable ({exc}); fix or remove it ('phloem "
+                          "logout --all')", "bad_profiles") from None
+    if not isinstance(data, dict) or not isinstance(data.get("profiles"), dict):
+        raise ClientError(f"{path}: not a phloem profiles file", "bad_profiles")
+    return data
+
+
+def write_profiles(data: dict[str, Any]) -> Path:
+    """Write the profiles file 0600 (its directory 0700), atomically: it holds keys."""
+    path = profiles_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def _profile(name: str | None) -> dict[str, Any] | None:
+    """The named profile (else ``PHLOEM_PROFILE``, else the current one), or None."""
+    data = read_profiles()
+    wanted = name or os.environ.get("PHLOEM_PROFILE") or data.get("current")
+    if not wanted:
+        return None
+    found = data["profiles"].get(wanted)
+    if found is None and (name or os.environ.get("PHLOEM_PROFILE")):
+        raise ClientError(f"profile: no profile {wanted!r} in {profiles_path()} "
+                          "('phloem login --profile NAME' makes one)", "no_profile")
+    return found if isinstance(found, dict) else None
 
 
 def load_credentials(api_url: str | None = None, api_key: str | None = None,
-                     data_dir: Path | None = None) -> Credentials:
-    """Explicit values, else ``PHLOEM_API_URL``/``PHLOEM_API_KEY``, else the credentials
-    file ``phloem up`` wrote into its data dir."""
+                     data_dir: Path | None = None, profile: str | None = None,
+                     ca_cert: Path | None = None) -> Credentials:
+    """Explicit values, else ``PHLOEM_API_URL``/``PHLOEM_API_KEY`` (``PHLOEM_CA_CERT``),
+    else the profile (``profile``, ``PHLOEM_PROFILE``, else the one ``phloem login`` made
+    current), else the credentials file ``phloem up`` wrote into its data dir."""
     url = api_url or os.environ.get("PHLOEM_API_URL")
     key = api_key or os.environ.get("PHLOEM_API_KEY")
+    env_ca = os.environ.get("PHLOEM_CA_CERT")
+    ca = ca_cert or (Path(env_ca) if env_ca else None)
     if not (url and key):
-        path = (data_dir or default_data_dir()) / "credentials.json"
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ClientError(
-                f"no API credentials: {path} is not readable ({exc.__class__.__name__}); "
-                "start the platform with 'phloem up' or set PHLOEM_API_URL and PHLOEM_API_KEY",
-                "no_credentials") from None
+        saved = _profile(profile)
+        if saved is not None:
+            if ca is None and saved.get("ca_cert"):
+                ca = Path(saved["ca_cert"])
+        else:
+            saved = _data_dir_credentials(data_dir)
         url = url or saved["api_url"]
         key = key or saved["api_key"]
-    return Credentials(url.rstrip("/"), key)
+    return Credentials(url.rstrip("/"), key, ca)
+
+
+def _data_dir_credentials(data_dir: Path | None) -> dict[str, Any]:
+    path = (data_dir or default_data_dir()) / "credentials.json"
+    try:
+        saved: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ClientError(
+            f"no API credentials: {path} is not readable ({exc.__class__.__name__}); "
+            "start the platform with 'phloem up', 'phloem login' to a remote one, or set "
+            "PHLOEM_API_URL and PHLOEM_API_KEY", "no_credentials") from None
+    return saved
 
 
 class Client:
     def __init__(self, creds: Credentials, timeout: float = 60.0) -> None:
         self.creds = creds
+        verify: ssl.SSLContext | bool = True
+        if creds.ca_cert is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(creds.ca_cert))
+            except (OSError, ssl.SSLError) as exc:
+                raise ClientError(f"ca_cert: {creds.ca_cert}: not a readable PEM CA "
+                                  f"certificate ({exc})", "bad_ca_cert", field="ca_cert") from None
         self.http = httpx.Client(base_url=creds.api_url + "/api/v1", timeout=timeout,
-                                 headers={"Authorization": f"Bearer {creds.api_key}"})
+                                 headers={"Authorization": f"Bearer {creds.api_key}"},
+                                 verify=verify)
 
     @classmethod
     def from_environment(cls, data_dir: Path | None = None) -> Client:
         return cls(load_credentials(data_dir=data_dir))
+
+    @classmethod
+    def local(cls, data_dir: Path) -> Client:
+        """The platform of this data dir, whatever profile or variables say."""
+        saved = _data_dir_credentials(data_dir)
+        return cls(Credentials(saved["api_url"].rstrip("/"), saved["api_key"]))
 
     def close(self) -> None:
         self.http.close()
@@ -209,6 +290,27 @@ class Client:
         """Make the branch's services exactly ``services`` (service -> config)."""
         result: dict[str, Any] = self.json("PUT", f"/branches/{_ref(branch)}/services",
                                            json={"services": services})
+        return result
+
+    # -- API keys ----------------------------------------------------------------------
+    def create_key(self, name: str, scopes: list[str], branches: list[str] | None,
+                   expires_in_s: int | None) -> dict[str, Any]:
+        """A new key; its ``secret`` is in this answer only."""
+        result: dict[str, Any] = self.json("POST", "/keys", json={
+            "name": name, "scopes": scopes, "branches": branches,
+            "expires_in_s": expires_in_s})
+        return result
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.json("GET", "/keys")
+        return result
+
+    def my_key(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", "/keys/me")
+        return result
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("DELETE", f"/keys/{quote(key_id, safe='')}")
         return result
 
     # -- schedule triggers -----------------------------------------------------------

@@ -258,6 +258,11 @@ class Platform:
         s = self.settings
         out.print(f"[bold green]phloem {__version__} is up[/]  data dir {s.data_dir}")
         out.print(f"  api      {s.api_url}/api/v1   (key in {s.data_dir / 'credentials.json'})")
+        if s.api_listen is not None:
+            out.print(f"  api      {'https' if self._tls else 'http'}://{s.api_listen}/api/v1   "
+                      "(remote: phloem keys create, then phloem login)"
+                      + ("" if self._tls else "  [yellow]plain HTTP: keys cross the network "
+                         "in clear; use --tls[/]"))
         gw = running.gateway
         if self._tls is None:
             out.print(f"  gateway  {s.gateway_host}:{gw.port}")
@@ -310,6 +315,8 @@ class Platform:
         if s.tls_on:
             _check_port_free("https_port", s.gateway_host, s.https_port)
         _check_port_free("api_port", s.api_host, s.api_port)
+        if s.api_listen_address is not None and ":" not in s.api_listen_address[0]:
+            _check_port_free("api_listen", *s.api_listen_address)
         self._prepare_data_dir(teardown)
         try:
             self._tls = await asyncio.to_thread(gateway_tls, s)
@@ -511,7 +518,27 @@ class Platform:
                 api_task.result()
                 raise PlatformError(f"api_port: could not serve on {s.api_host}:{s.api_port}")
             await asyncio.sleep(0.01)
+        if s.api_listen_address is not None:
+            await self._serve_remote_api(config.app, admission, push)
         return running
+
+    async def _serve_remote_api(self, app: Any, admission: Admission,
+                                push: Callable[..., Any]) -> None:
+        """``--api-listen``: the same API (same keys, scopes, admission) on a second
+        address, over TLS with the gateway's certificates unless ``--tls off``."""
+        s = self.settings
+        assert s.api_listen_address is not None
+        host, port = s.api_listen_address
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                access_log=False, lifespan="off", ws="none")
+        server = ApiServer(config, admission, self._tls.context if self._tls else None)
+        task = asyncio.create_task(server.serve())
+        push(_close_api, server, task, s.drain_timeout_s)
+        while not server.started:
+            if task.done():
+                task.result()
+                raise PlatformError(f"api_listen: could not serve on {host}:{port}")
+            await asyncio.sleep(0.01)
 
     async def _start_firewall(self, firewall: Firewall, store: Store) -> None:
         """Network rules before any isolate or build runs, with every function already

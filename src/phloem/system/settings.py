@@ -38,6 +38,10 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     api_host: str = "127.0.0.1"
     api_port: int = 8788
+    #: ``ADDR:PORT`` (``[v6]:PORT``) where the control API is also served, for remote
+    #: clients with scoped keys: over TLS (the gateway's certificate) unless ``tls`` is
+    #: off. None: only on ``api_host:api_port``.
+    api_listen: str | None = None
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8787
     #: Functions are reached at ``<scheme>://<branch_id>-<slug>.<domain>:<public_port>``.
@@ -116,6 +120,8 @@ class Settings:
     ai_providers: tuple[AiProvider, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.api_listen is not None:
+            self.api_listen_address  # noqa: B018  (raises naming the field)
         if self.tls not in TLS_MODES:
             raise ValueError(f"tls: must be one of {', '.join(TLS_MODES)} (got {self.tls!r})")
         if self.tls == "files" and (self.tls_cert is None or self.tls_key is None):
@@ -137,6 +143,18 @@ class Settings:
         if self.tls != "off" and self.https_port == self.plain_port:
             raise ValueError(f"https_port: must differ from the plain HTTP port "
                              f"{self.plain_port} (http_port, default the gateway port)")
+
+    @property
+    def api_listen_address(self) -> tuple[str, int] | None:
+        """``api_listen`` as (host, port)."""
+        if self.api_listen is None:
+            return None
+        host, sep, port = self.api_listen.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"api_listen: must be ADDR:PORT, e.g. 0.0.0.0:8789 or "
+                             f"[::]:8789 (got {self.api_listen!r})")
+        return host, int(port)
 
     @property
     def tls_on(self) -> bool:

@@ -30,6 +30,7 @@ from phloem.control.neon_v2.project import (
     set_default_branch,
 )
 from phloem.control.neon_v2.roles import Role, role_model
+from phloem.control.scopes import grant_of, needs
 from phloem.metadata.store import BranchRow
 
 if TYPE_CHECKING:
@@ -160,21 +161,22 @@ async def branch_of(platform: ApiServices, ref: str) -> BranchRow:
     return await platform.branches.get(ref.replace("%2F", "/"))
 
 
-@router.get(BRANCHES)
+@router.get(BRANCHES, openapi_extra=needs("read", any_branch=True))
 async def list_branches(request: Request, project_id: str) -> BranchesOut:
-    """Every branch in one page (no ``pagination.next``)."""
+    """Every branch (a branch-limited key's only) in one page (no ``pagination.next``)."""
     platform, project = await project_of(request, project_id)
     rows = await platform.store.list_branches()
-    return BranchesOut(branches=[branch_model(project, b) for b in rows])
+    grant = grant_of(request)
+    return BranchesOut(branches=[branch_model(project, b) for b in rows if grant.sees(b.id)])
 
 
-@router.get(BRANCH)
+@router.get(BRANCH, openapi_extra=needs("read"))
 async def get_branch(request: Request, project_id: str, branch_id: str) -> BranchOut:
     platform, project = await project_of(request, project_id)
     return BranchOut(branch=branch_model(project, await branch_of(platform, branch_id)))
 
 
-@router.post(BRANCHES, status_code=201)
+@router.post(BRANCHES, status_code=201, openapi_extra=needs("branches"))
 async def create_branch(request: Request, project_id: str,
                         body: BranchCreateIn | None = None) -> BranchCreatedOut:
     platform, project = await project_of(request, project_id)
@@ -206,7 +208,7 @@ async def create_branch(request: Request, project_id: str,
         connection_uris=connection_details(platform, row))
 
 
-@router.delete(BRANCH)
+@router.delete(BRANCH, openapi_extra=needs("branches"))
 async def delete_branch(request: Request, project_id: str, branch_id: str) -> BranchOut:
     platform, project = await project_of(request, project_id)
     row = await branch_of(platform, branch_id)
@@ -218,7 +220,7 @@ async def delete_branch(request: Request, project_id: str, branch_id: str) -> Br
     return BranchOut(branch=branch_model(project, row))
 
 
-@router.patch(BRANCH)
+@router.patch(BRANCH, openapi_extra=needs("branches"))
 async def update_branch(request: Request, project_id: str, branch_id: str,
                         body: BranchUpdateIn) -> BranchOut:
     """Rename (the only change phloem's branches take)."""
@@ -246,7 +248,7 @@ async def update_branch(request: Request, project_id: str, branch_id: str,
     return BranchOut(branch=branch_model(project, await branch_of(platform, row.id)))
 
 
-@router.post(BRANCH + "/restore")
+@router.post(BRANCH + "/restore", openapi_extra=needs("branches"))
 async def restore_branch(request: Request, project_id: str, branch_id: str,
                          body: BranchRestoreIn) -> BranchOut:
     """``neon branches reset --parent``: a reset from the parent, the only restore
@@ -262,7 +264,7 @@ async def restore_branch(request: Request, project_id: str, branch_id: str,
     return BranchOut(branch=branch_model(project, reset))
 
 
-@router.post(BRANCH + "/set_as_default")
+@router.post(BRANCH + "/set_as_default", openapi_extra=needs("branches"))
 async def set_default(request: Request, project_id: str, branch_id: str) -> BranchOut:
     platform, _ = await project_of(request, project_id)
     row = await branch_of(platform, branch_id)

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from phloem.control.neon_v2.errors import NeonRoute, unsupported
 from phloem.control.neon_v2.project import iso, project_of
+from phloem.control.scopes import needs
 from phloem.metadata.store import BranchRow
 
 router = APIRouter(route_class=NeonRoute)
@@ -36,7 +37,7 @@ def database_model(branch: BranchRow) -> Database:
                     created_at=created, updated_at=iso(branch.updated_at) or created)
 
 
-@router.get(BRANCH_DATABASES)
+@router.get(BRANCH_DATABASES, openapi_extra=needs("read"))
 async def list_databases(request: Request, project_id: str,
                          branch_id: str) -> DatabasesOut:
     platform, _ = await project_of(request, project_id)
@@ -44,7 +45,7 @@ async def list_databases(request: Request, project_id: str,
     return DatabasesOut(databases=[database_model(branch)])
 
 
-@router.post(BRANCH_DATABASES)
+@router.post(BRANCH_DATABASES, openapi_extra=needs("branches"))
 async def create_database() -> None:
     raise unsupported("creating databases", "a phloem branch has one database, the one "
                       "its functions' DATABASE_URL names; create more with SQL")

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from phloem.branches.manager import BRANCH_HOST
 from phloem.control.neon_v2.errors import NeonError, NeonRoute
 from phloem.control.neon_v2.project import REGION, is_default, iso, project_of
+from phloem.control.scopes import needs
 
 if TYPE_CHECKING:
     from phloem.control.services import ApiServices
@@ -134,7 +135,8 @@ def endpoint_model(platform: ApiServices, project_id: str, branch: BranchRow) ->
         updated_at=iso(branch.updated_at) or created, proxy_host=BRANCH_HOST)
 
 
-@router.get("/api/v2/projects/{project_id}/branches/{branch_id}/endpoints")
+@router.get("/api/v2/projects/{project_id}/branches/{branch_id}/endpoints",
+            openapi_extra=needs("read"))
 async def list_branch_endpoints(request: Request, project_id: str,
                                 branch_id: str) -> EndpointsOut:
     platform, project = await project_of(request, project_id)
@@ -143,7 +145,7 @@ async def list_branch_endpoints(request: Request, project_id: str,
     return EndpointsOut(endpoints=[endpoint_model(platform, project.id, branch)])
 
 
-@router.get("/api/v2/projects/{project_id}/endpoints")
+@router.get("/api/v2/projects/{project_id}/endpoints", openapi_extra=needs("read"))
 async def list_endpoints(request: Request, project_id: str) -> EndpointsOut:
     platform, project = await project_of(request, project_id)
     branches = await platform.store.list_branches()
@@ -156,7 +158,7 @@ class ConnectionUriOut(BaseModel):
     uri: str
 
 
-@router.get("/api/v2/projects/{project_id}/connection_uri")
+@router.get("/api/v2/projects/{project_id}/connection_uri", openapi_extra=needs("deploy"))
 async def connection_uri(request: Request, project_id: str, database_name: str,
                          role_name: str, branch_id: str | None = None,
                          endpoint_id: str | None = None,

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from phloem.control.deployer import DeployRequest, NotFound
 from phloem.control.neon_v2.errors import NeonError, NeonRoute
 from phloem.control.neon_v2.project import iso, project_of
+from phloem.control.scopes import needs
 from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.runtimes.registry import runtime_for_source
 
@@ -125,7 +126,7 @@ async def _branch(request: Request, project_id: str,
     return platform, await platform.branches.get(branch_id.replace("%2F", "/"))
 
 
-@router.get(FUNCTIONS)
+@router.get(FUNCTIONS, openapi_extra=needs("read"))
 async def list_functions(request: Request, project_id: str, branch_id: str) -> FunctionsOut:
     """Every function of the branch in one page (no ``pagination.next``)."""
     platform, branch = await _branch(request, project_id, branch_id)
@@ -133,7 +134,7 @@ async def list_functions(request: Request, project_id: str, branch_id: str) -> F
     return FunctionsOut(functions=[await function_model(platform, branch, f) for f in fns])
 
 
-@router.get(FUNCTION)
+@router.get(FUNCTION, openapi_extra=needs("read"))
 async def get_function(request: Request, project_id: str, branch_id: str,
                        slug: str) -> FunctionOut:
     platform, branch = await _branch(request, project_id, branch_id)
@@ -143,7 +144,7 @@ async def get_function(request: Request, project_id: str, branch_id: str,
     return FunctionOut(function=await function_model(platform, branch, fn))
 
 
-@router.delete(FUNCTION, status_code=204)
+@router.delete(FUNCTION, status_code=204, openapi_extra=needs("deploy"))
 async def delete_function(request: Request, project_id: str, branch_id: str,
                           slug: str) -> Response:
     platform, branch = await _branch(request, project_id, branch_id)
@@ -216,7 +217,7 @@ def parse_environment(text: str | None) -> dict[str, str] | None:
     return env
 
 
-@router.post(FUNCTION + "/deployments", status_code=201)
+@router.post(FUNCTION + "/deployments", status_code=201, openapi_extra=needs("deploy"))
 async def create_deployment(request: Request, project_id: str, branch_id: str,
                             slug: str) -> DeploymentOut:
     platform, branch = await _branch(request, project_id, branch_id)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from phloem.control.neon_v2.errors import NeonError, NeonRoute, unsupported
 from phloem.control.neon_v2.users import ORG_ID
+from phloem.control.scopes import needs
 
 if TYPE_CHECKING:
     from phloem.control.services import ApiServices
@@ -124,7 +125,7 @@ def project_model(platform: ApiServices, project: ProjectRow) -> Project:
                    created_at=created, updated_at=created)
 
 
-@router.get("/api/v2/projects")
+@router.get("/api/v2/projects", openapi_extra=needs("read", any_branch=True))
 async def list_projects(request: Request, cursor: str | None = None,
                         recoverable: bool = False) -> ProjectsOut:
     """The one project; a second page (``cursor`` set) and deleted projects are empty."""
@@ -136,23 +137,23 @@ async def list_projects(request: Request, cursor: str | None = None,
                        pagination={"cursor": project.id})
 
 
-@router.get("/api/v2/projects/shared")
+@router.get("/api/v2/projects/shared", openapi_extra=needs("read", any_branch=True))
 async def list_shared_projects() -> ProjectsOut:
     return ProjectsOut(projects=[])
 
 
-@router.get("/api/v2/projects/{project_id}")
+@router.get("/api/v2/projects/{project_id}", openapi_extra=needs("read", any_branch=True))
 async def get_project(request: Request, project_id: str) -> ProjectOut:
     platform, project = await project_of(request, project_id)
     return ProjectOut(project=project_model(platform, project))
 
 
-@router.post("/api/v2/projects")
+@router.post("/api/v2/projects", openapi_extra=needs("admin"))
 async def create_project() -> None:
     raise unsupported("creating a project", "a phloem platform is one project; start "
                       "another `phloem up` with its own data dir for another")
 
 
-@router.delete("/api/v2/projects/{project_id}")
+@router.delete("/api/v2/projects/{project_id}", openapi_extra=needs("admin"))
 async def delete_project() -> None:
     raise unsupported("deleting a project", "stop the platform and remove its data dir")

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from phloem.control.neon_v2.errors import NeonError, NeonRoute, unsupported
 from phloem.control.neon_v2.project import iso, project_of
+from phloem.control.scopes import needs
 from phloem.metadata.store import BranchRow
 
 router = APIRouter(route_class=NeonRoute)
@@ -58,28 +59,28 @@ async def _branch_role(request: Request, project_id: str, branch_id: str,
     return branch
 
 
-@router.get(BRANCH_ROLES)
+@router.get(BRANCH_ROLES, openapi_extra=needs("read"))
 async def list_roles(request: Request, project_id: str, branch_id: str) -> RolesOut:
     platform, _ = await project_of(request, project_id)
     branch = await platform.branches.get(branch_id.replace("%2F", "/"))
     return RolesOut(roles=[role_model(branch)])
 
 
-@router.get(BRANCH_ROLES + "/{role_name}")
+@router.get(BRANCH_ROLES + "/{role_name}", openapi_extra=needs("read"))
 async def get_role(request: Request, project_id: str, branch_id: str,
                    role_name: str) -> RoleOut:
     return RoleOut(role=role_model(await _branch_role(request, project_id, branch_id,
                                                       role_name)))
 
 
-@router.get(BRANCH_ROLES + "/{role_name}/reveal_password")
+@router.get(BRANCH_ROLES + "/{role_name}/reveal_password", openapi_extra=needs("deploy"))
 async def reveal_password(request: Request, project_id: str, branch_id: str,
                           role_name: str) -> PasswordOut:
     branch = await _branch_role(request, project_id, branch_id, role_name)
     return PasswordOut(password=branch.role_password)
 
 
-@router.post(BRANCH_ROLES)
+@router.post(BRANCH_ROLES, openapi_extra=needs("branches"))
 async def create_role() -> None:
     raise unsupported("creating roles", "a phloem branch has one application role; "
                       "create more with SQL (CREATE ROLE) through its connection string")

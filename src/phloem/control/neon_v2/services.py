@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from phloem.control.neon_v2.errors import NeonError, NeonRoute
 from phloem.control.neon_v2.project import project_of
+from phloem.control.scopes import needs
 
 router = APIRouter(route_class=NeonRoute)
 
@@ -41,7 +42,7 @@ def _add_list(resource: str) -> None:
         return JSONResponse(body)
 
     router.add_api_route(f"{BRANCH}/{resource}", empty, methods=["GET"],
-                         name=f"list_{resource}")
+                         name=f"list_{resource}", openapi_extra=needs("read"))
 
 
 def _add_off(resource: str) -> None:
@@ -52,7 +53,8 @@ def _add_off(resource: str) -> None:
         raise NeonError(404, "NOT_FOUND", f"{what} is not enabled on this branch: phloem "
                         "does not have it")
 
-    router.add_api_route(f"{BRANCH}/{resource}", off, methods=["GET"], name=f"get_{resource}")
+    router.add_api_route(f"{BRANCH}/{resource}", off, methods=["GET"], name=f"get_{resource}",
+                         openapi_extra=needs("read"))
 
 
 for _resource in EMPTY_LISTS:
@@ -61,7 +63,7 @@ for _resource in OFF:
     _add_off(_resource)
 
 
-@router.get(BRANCH + "/data-api/{database_name}")
+@router.get(BRANCH + "/data-api/{database_name}", openapi_extra=needs("read"))
 async def get_data_api(request: Request, project_id: str, branch_id: str,
                        database_name: str) -> None:
     await _check(request, project_id, branch_id)

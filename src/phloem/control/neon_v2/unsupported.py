@@ -13,14 +13,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from phloem.control.neon_v2.errors import NeonRoute, unsupported
+from phloem.control.scopes import needs
 
 router = APIRouter(route_class=NeonRoute)
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-@router.api_route("/api/v2", methods=METHODS, include_in_schema=False)
-@router.api_route("/api/v2/{rest:path}", methods=METHODS, include_in_schema=False)
+@router.api_route("/api/v2", methods=METHODS, include_in_schema=False, openapi_extra=needs("read"))
+@router.api_route("/api/v2/{rest:path}", methods=METHODS, include_in_schema=False,
+                  openapi_extra=needs("read"))
 async def not_supported(request: Request, rest: str = "") -> None:
     raise unsupported(f"{request.method} /{rest}", "phloem serves the part of the Neon "
                       "API that Neon's CLI uses for projects, branches, connection "

@@ -16,6 +16,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from phloem.control.neon_v2.errors import NeonError, NeonRoute
+from phloem.control.scopes import needs
 
 router = APIRouter(route_class=NeonRoute)
 
@@ -57,17 +58,17 @@ class AuthDetails(BaseModel):
     auth_method: str = "api_key_user"
 
 
-@router.get("/api/v2/users/me")
+@router.get("/api/v2/users/me", openapi_extra=needs("read", any_branch=True))
 async def current_user() -> CurrentUser:
     return CurrentUser()
 
 
-@router.get("/api/v2/users/me/organizations")
+@router.get("/api/v2/users/me/organizations", openapi_extra=needs("read", any_branch=True))
 async def current_user_organizations() -> Organizations:
     return Organizations()
 
 
-@router.get("/api/v2/organizations/{org_id}")
+@router.get("/api/v2/organizations/{org_id}", openapi_extra=needs("read", any_branch=True))
 async def get_organization(org_id: str) -> Organization:
     if org_id != ORG_ID:
         raise NeonError(404, "NOT_FOUND", f"organization {org_id!r} not found: phloem's "
@@ -75,6 +76,6 @@ async def get_organization(org_id: str) -> Organization:
     return Organization()
 
 
-@router.get("/api/v2/auth")
+@router.get("/api/v2/auth", openapi_extra=needs("read", any_branch=True))
 async def auth_details() -> AuthDetails:
     return AuthDetails()
