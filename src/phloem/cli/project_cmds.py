@@ -31,7 +31,11 @@ from phloem.cli.main import (
     print_json,
 )
 from phloem.project.client import Client, ClientError
+from phloem.project.clientbuild import ClientBuild
+from phloem.project.clientbuild import prepare as prepare_build
 from phloem.project.neon import find_neon_config
+from phloem.project.npmrc import is_node_project, write_npmrc
+from phloem.project.packing import PackError
 from phloem.project.plan import (
     CONFIG_FILE,
     ConfigError,
@@ -93,13 +97,24 @@ def _load(root: Path, env_file: Path | None) -> Project:
 
 
 def _plan(client: Client, project: Project, branch: str, owner: str | None,
-          new_branch: bool = False) -> tuple[ProjectPlan, tuple[bytes, str]]:
+          new_branch: bool = False) -> tuple[ProjectPlan, tuple[bytes, str], ClientBuild]:
     try:
-        artifact = pack_project(project)
+        built = prepare_build(client, project, branch, new_branch,
+                              lambda line: err.print(f"  [dim]{escape(line)}[/]",
+                                                     highlight=False))
+        artifact = built.artifact or pack_project(project)
         return plan_project(client, project, branch, artifact[1], owner,
-                            new_branch), artifact
-    except (ConfigError, ClientError) as exc:
+                            new_branch), artifact, built
+    except (ConfigError, ClientError, PackError) as exc:
         fail(str(exc))
+
+
+def _show_build(built: ClientBuild) -> None:
+    """Which bundling ran: here from node_modules, or on the platform (and why)."""
+    if built.where == "client":
+        out.print(f"  bundled here: {escape(built.why)}", highlight=False)
+    else:
+        out.print(f"  bundling on the platform: {escape(built.why)}", highlight=False)
 
 
 def _show_branch_changes(pp: ProjectPlan) -> None:
@@ -170,7 +185,8 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
     root = project_root(project)
     proj = _load(root, env_file)
     # Plan changes nothing: a project without an id yet has created nothing.
-    pp, _ = _plan(client_for(data_dir), proj, branch, read_link(root).get("project_id"))
+    pp, _, _ = _plan(client_for(data_dir), proj, branch,
+                     read_link(root).get("project_id"))
     if output is OutputFormat.json:
         print_json({"branch": branch, "plan": [i.as_dict() for i in pp.items],
                     "branch_changes": pp.branch_changes()})
@@ -185,12 +201,13 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
     proj = _load(root, env_file)
     client = client_for(data_dir)
     owner = project_id(root)
-    pp, artifact = _plan(client, proj, branch, owner, new_branch)
+    pp, artifact, built = _plan(client, proj, branch, owner, new_branch)
     plan = pp.items
     quiet = output is OutputFormat.json
     if not quiet:
         _show_plan(plan, branch)
         _show_branch_changes(pp)
+        _show_build(built)
     if pp.branch.is_protected and not allow_protected:
         fail(f"branch {pp.branch.name!r} is protected: deploying to it needs "
              "--allow-protected")
@@ -215,6 +232,7 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
     if quiet:
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
                     "results": [r.__dict__ for r in results], "triggers": ours,
+                    "bundled": {"where": built.where, "why": built.why},
                     "branch_settings": None if lifetime is None else {
                         "expires_at": lifetime["expires_at"],
                         "protected": lifetime["protected"]}})
@@ -311,7 +329,10 @@ def _pull_env(client: Client, root: Path, branch: str, file: Path | None) -> Pat
 def link(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOpt = "",
          no_env_pull: Annotated[bool, typer.Option("--no-env-pull", help="Do not write "
                                                    ".env.")] = False) -> None:
-    """Link this project to a branch (.phloem/link.json); later commands use it."""
+    """Link this project to a branch (.phloem/link.json); later commands use it. A Node
+    project (package.json or neon.ts) also gets two .npmrc lines pointing the @neon and
+    @neondatabase scopes at the platform's registry, so 'npm install' finds
+    @neon/functions (its other lines are kept)."""
     root = project_root(project)
     client = client_for(data_dir)
     try:
@@ -322,6 +343,10 @@ def link(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOp
     except ClientError as exc:
         fail(str(exc))
     out.print(f"linked {root} to branch {b['name']} ({b['id']}) in {path}")
+    if is_node_project(root):
+        npmrc, changed = write_npmrc(root, client.creds.api_url)
+        out.print(f"{'wrote' if changed else 'unchanged:'} {npmrc} (@neon and "
+                  "@neondatabase from the platform's registry)", highlight=False)
 
 
 @app.command("checkout")

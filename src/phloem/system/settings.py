@@ -96,6 +96,10 @@ class Settings:
     #: Ready deployments of each function kept built on disk besides the active one:
     #: what ``phloem functions rollback`` can switch back to without a rebuild.
     keep_deployments: int = 3
+    #: The npm registry that ``/npm/`` passes other ``@neon``/``@neondatabase`` packages
+    #: through to (``PHLOEM_NPM_UPSTREAM``); None: what ``npm config get registry`` says.
+    npm_upstream: str | None = field(
+        default_factory=lambda: os.environ.get("PHLOEM_NPM_UPSTREAM") or None)
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
