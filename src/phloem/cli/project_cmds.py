@@ -491,8 +491,10 @@ def dev(
     """
     import asyncio
 
+    from phloem.control.triggers import check_triggers
     from phloem.dev.server import DevPortError, DevServer
     from phloem.runtimes.base import BuildFailed
+    from phloem.system.validation import InvalidInput
 
     root = project_root(project)
     proj = _load(root, env_file)
@@ -510,12 +512,17 @@ def dev(
         fail(str(exc))
     if not desired:
         fail(f"{proj.config_file}: declares no functions to serve")
+    try:
+        triggers = check_triggers(proj.triggers)
+    except InvalidInput as exc:
+        fail(f"{proj.config_file}: {exc.field}: {exc.message}")
 
     def say(line: str) -> None:
         out.print(escape(line), highlight=False)
 
     try:
-        server = DevServer(root, desired, info["id"], base_env, port=port, say=say)
+        server = DevServer(root, desired, info["id"], base_env, port=port, say=say,
+                           triggers=triggers)
     except BuildFailed as exc:  # a runtime's tools (Node, esbuild) could not be provisioned
         fail(str(exc))
 
@@ -527,6 +534,10 @@ def dev(
             state = "" if server.functions[slug].ok else "  [red](not started: see above)[/]"
             out.print(f"[bold]{slug:<{width}}[/]  {server.url(slug)}{state}",
                       highlight=False)
+        for t in server.triggers.specs:
+            due = server.triggers.next_due[t.name].strftime("%H:%M")
+            out.print(f"trigger {t.name} -> {t.function}{t.function_path}: {t.cron} "
+                      f"(UTC; next {due})", highlight=False)
         out.print(f"watching {escape(str(root))} (Ctrl-C to stop)", highlight=False)
 
     try:
