@@ -52,6 +52,7 @@ from phloem.project.plan import (
     read_link,
     write_link,
 )
+from phloem.project.trigger_plan import TriggerChange, plan_triggers
 
 config_app = typer.Typer(help="Config as code: compare phloemfile.py with a branch and "
                               "make it so.", no_args_is_help=True)
@@ -138,6 +139,20 @@ def _show_plan(plan: list[PlanItem], branch: str) -> None:
                                for a, n in counts.items()))
 
 
+TRIGGER_STYLE = {"add": "green", "change": "yellow", "remove": "red", "unchanged": "dim",
+                 "keep": "dim"}
+
+
+def _show_trigger_plan(changes: list[TriggerChange]) -> None:
+    if not changes:
+        return
+    out.print("  triggers:")
+    for c in changes:
+        why = f"  ({'; '.join(c.reasons)})" if c.reasons else ""
+        out.print(f"    [{TRIGGER_STYLE[c.action]}]{c.action:<9}[/] {escape(c.name)}"
+                  f"{escape(why)}", highlight=False)
+
+
 def _confirm(plan: list[PlanItem], yes: bool) -> None:
     """Deleting what this project made, or taking over another project's function, is
     applied only with --yes or a yes on a terminal; refused before anything is changed."""
@@ -160,20 +175,32 @@ def _confirm(plan: list[PlanItem], yes: bool) -> None:
 @config_app.command("status")
 def config_status(data_dir: DataDirOpt, branch: BranchOpt = "",
                   output: OutputOpt = OutputFormat.text) -> None:
-    """The linked branch's live functions and their active deployments."""
+    """The linked branch's live functions and their active deployments, and its schedule
+    triggers."""
+    client = client_for(data_dir)
     try:
-        fns = client_for(data_dir).list_functions(branch)
+        fns = client.list_functions(branch)
+        live = client.list_triggers(branch)
     except ClientError as exc:
         fail(str(exc))
     rows = [{"slug": f["slug"], "status": f["status"], "deployment_id": f["deployment_id"],
              "invocation_url": f["invocation_url"]} for f in fns]
+    triggers = [{"name": t["name"], "function": t["function"], "cron": t["cron"],
+                 "functionPath": t["functionPath"], "enabled": t["enabled"],
+                 "owner": t["owner"]} for t in live]
     if output is OutputFormat.json:
-        print_json({"branch": branch, "functions": rows})
+        print_json({"branch": branch, "functions": rows, "triggers": triggers})
         return
     out.print(f"branch [bold]{escape(branch)}[/]: {len(rows)} function(s)")
     for r in rows:
         out.print(f"  {r['slug']:<20} {r['status']:<9} {r['deployment_id'] or '-'}  "
                   f"{r['invocation_url']}", highlight=False)
+    if triggers:
+        out.print(f"{len(triggers)} trigger(s):")
+    for t in triggers:
+        state = "enabled" if t["enabled"] else "disabled"
+        out.print(f"  {escape(t['name']):<20} {state:<9} {t['cron']:<16} -> "
+                  f"{t['function']}{escape(t['functionPath'])}", highlight=False)
 
 
 @config_app.command("plan")
@@ -184,15 +211,22 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
     changes nothing."""
     root = project_root(project)
     proj = _load(root, env_file)
+    client = client_for(data_dir)
     # Plan changes nothing: a project without an id yet has created nothing.
-    pp, _, _ = _plan(client_for(data_dir), proj, branch,
-                     read_link(root).get("project_id"))
+    owner = read_link(root).get("project_id")
+    pp, _, _ = _plan(client, proj, branch, owner)
+    try:
+        triggers = plan_triggers(proj.triggers, client.list_triggers(branch), owner)
+    except ClientError as exc:
+        fail(str(exc))
     if output is OutputFormat.json:
         print_json({"branch": branch, "plan": [i.as_dict() for i in pp.items],
-                    "branch_changes": pp.branch_changes()})
+                    "branch_changes": pp.branch_changes(),
+                    "triggers": [t.as_dict() for t in triggers]})
     else:
         _show_plan(pp.items, branch)
         _show_branch_changes(pp)
+        _show_trigger_plan(triggers)
 
 
 def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
