@@ -32,6 +32,7 @@ from phloem.cli.main import (
 )
 from phloem.project.client import Client, ClientError
 from phloem.project.clientbuild import ClientBuild
+from phloem.project.clientbuild import explain as explain_build
 from phloem.project.clientbuild import prepare as prepare_build
 from phloem.project.neon import find_neon_config
 from phloem.project.npmrc import is_node_project, write_npmrc
@@ -104,8 +105,9 @@ def _plan(client: Client, project: Project, branch: str, owner: str | None,
                               lambda line: err.print(f"  [dim]{escape(line)}[/]",
                                                      highlight=False))
         artifact = built.artifact or pack_project(project)
-        return plan_project(client, project, branch, artifact[1], owner,
-                            new_branch), artifact, built
+        pp = plan_project(client, project, branch, artifact[1], owner, new_branch)
+        explain_build(pp.items, built)
+        return pp, artifact, built
     except (ConfigError, ClientError, PackError) as exc:
         fail(str(exc))
 

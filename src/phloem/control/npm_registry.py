@@ -205,9 +205,15 @@ class NpmRegistry:
             return JSONResponse({"error": str(exc)}, 502)
         accept = request.headers.get("accept", "application/json")
         try:
-            async with httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT_S) as client:
-                got = await client.get(upstream + name.replace("/", "%2f"),
-                                       headers={"Accept": accept})
+            async with httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT_S) as client, \
+                    client.stream("GET", upstream + name.replace("/", "%2f"),
+                                  headers={"Accept": accept}) as got:
+                content = bytearray()
+                async for chunk in got.aiter_bytes():
+                    content += chunk
+                    if len(content) > MAX_PACKUMENT_BYTES:
+                        return JSONResponse({"error": f"{name}: upstream packument is over "
+                                                      f"{MAX_PACKUMENT_BYTES} bytes"}, 502)
         except httpx.HTTPError as exc:
             return JSONResponse({"error": f"{name}: upstream registry unreachable: {exc}"},
                                 502)
@@ -215,13 +221,12 @@ class NpmRegistry:
             return JSONResponse({"error": f"{name}: upstream registry answered "
                                           f"{got.status_code}"},
                                 got.status_code if got.status_code < 500 else 502)
-        if len(got.content) > MAX_PACKUMENT_BYTES:
-            return JSONResponse({"error": f"{name}: upstream packument is over "
-                                          f"{MAX_PACKUMENT_BYTES} bytes"}, 502)
         try:
-            doc = got.json()
+            doc = json.loads(content)
         except ValueError:
             return JSONResponse({"error": f"{name}: upstream sent no JSON"}, 502)
+        if not isinstance(doc, dict):
+            return JSONResponse({"error": f"{name}: upstream sent no packument"}, 502)
         for version in (doc.get("versions") or {}).values():
             dist = version.get("dist") if isinstance(version, dict) else None
             tarball = dist.get("tarball") if isinstance(dist, dict) else None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from phloem.config import BranchInfo
 from phloem.project.client import Client
 from phloem.project.packing import bundle_entry, bundle_on_client, client_bundle_blocker
-from phloem.project.plan import Project, Resolved, branch_info
+from phloem.project.plan import PlanItem, Project, Resolved, branch_info
 from phloem.runtimes.node.runtime import NODE
 from phloem.runtimes.registry import answers_to
 
@@ -59,3 +59,17 @@ def prepare(client: Client, project: Project, branch: str, new_branch: bool = Fa
     project.resolver = resolver
     return ClientBuild("client", f"esbuild from node_modules, {len(functions)} "
                                  "function(s)", artifact)
+
+
+#: What the plan says of a bundle flag that changed only because of where it was built.
+_BUNDLE_REASONS = {"bundler esbuild -> none": "bundled here now (was on the platform)",
+                   "bundler none -> esbuild": "bundled on the platform now (was here)"}
+
+
+def explain(items: list[PlanItem], built: ClientBuild) -> None:
+    """Word the plan's bundle-flag change as the move between client and platform that it
+    is (the flag is how a client bundle is deployed, not a neon.ts ``bundler``)."""
+    if built.where != "client":
+        return
+    for item in items:
+        item.reasons = [_BUNDLE_REASONS.get(r, r) for r in item.reasons]
