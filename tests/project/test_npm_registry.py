@@ -25,7 +25,7 @@ from phloem.control.npm_registry import pack_supplied
 from phloem.project.npmrc import npmrc_text
 from phloem.runtimes.node.substitutes import package_dir
 from phloem.testing import PlatformProcess, host_of
-from tests.test_neon import write
+from tests.test_neon import new_branch, write
 
 NPM = shutil.which("npm")
 pytestmark = pytest.mark.skipif(NPM is None, reason="npm is not installed")
@@ -91,12 +91,13 @@ def test_link_npm_install_and_client_bundled_deploy(platform: PlatformProcess,
                                                                "@phloem/config"),
     })
     api_url = platform.credentials["api_url"]
+    branch = new_branch(platform, "npm")
 
-    platform.cli("link", "--no-env-pull", cwd=root)
+    platform.cli("link", "--branch", branch, "--no-env-pull", cwd=root)
     npmrc = (root / ".npmrc").read_text()
     assert npmrc.splitlines() == ["fund=false", f"@neon:registry={api_url}/npm/",
                                   f"@neondatabase:registry={api_url}/npm/"]
-    again = platform.cli("link", "--no-env-pull", cwd=root)
+    again = platform.cli("link", "--branch", branch, "--no-env-pull", cwd=root)
     assert "unchanged:" in again.stdout and (root / ".npmrc").read_text() == npmrc
 
     # A fresh npm cache: every package comes through the registry now, none from before.
@@ -129,12 +130,12 @@ def test_link_npm_install_and_client_bundled_deploy(platform: PlatformProcess,
 
     out = platform.cli("deploy", "--yes", cwd=root)
     assert "bundled here: esbuild from node_modules, 1 function(s)" in out.stdout, out.stdout
-    fn = platform.cli_json("functions", "get", "npmfn")
-    dep = platform.cli_json("functions", "deployments", "npmfn")[0]
+    fn = platform.cli_json("functions", "get", "npmfn", "--branch", branch)
+    dep = platform.cli_json("functions", "deployments", "npmfn", "--branch", branch)[0]
     assert dep["entry"] == "npmfn/index.mjs" and dep["bundle"] is False
     with platform.gateway(host_of(fn["invocation_url"])) as gw:
         got = gw.get("/")
     assert (got.status_code, got.text) == (200, "npm-ok function")
     plan = platform.cli_json_in(root, "config", "plan")
-    assert [(i["slug"], i["action"]) for i in plan["plan"]] == [("npmfn", "unchanged")]
-    platform.cli("functions", "delete", "npmfn")
+    assert [(i["slug"], i["action"]) for i in plan["plan"]
+            if i["action"] != "keep"] == [("npmfn", "unchanged")]
