@@ -3,28 +3,36 @@ platform's ``/npm/`` registry serves ``@neon/functions`` (phloem's package, pack
 reproducibly) and passes ``@neon/config`` through to the machine's upstream registry;
 ``phloem deploy`` then bundles on this machine from ``node_modules``.
 
-The passthrough needs the upstream the machine's npm uses (``npm config get registry``);
-where it cannot be reached the project declares ``@neon/functions`` alone and the
-passthrough assertions are skipped (said in the test's output)."""
+The platform test's passthrough needs the upstream the machine's npm uses (``npm config
+get registry``); where it cannot be reached that project declares ``@neon/functions``
+alone (said in the test's output). The passthrough is also tested without a network,
+against a local upstream serving a package made by ``npm pack``."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
 
-from phloem.control.npm_registry import pack_supplied
+from phloem.control.npm_registry import NpmRegistry, pack_supplied, with_npm_registry
 from phloem.project.npmrc import npmrc_text
 from phloem.runtimes.node.substitutes import package_dir
-from phloem.testing import PlatformProcess, host_of
+from phloem.testing import PlatformProcess, free_port, host_of, wait_for
 from tests.test_neon import new_branch, write
 
 NPM = shutil.which("npm")
@@ -71,6 +79,104 @@ def test_supplied_tarball_is_reproducible() -> None:
         names = tar.getnames()
         manifest = json.loads(tar.extractfile("package/package.json").read())  # type: ignore[union-attr]
     assert "package/index.js" in names and manifest["name"] == "@neon/functions"
+
+
+def integrity(data: bytes) -> str:
+    return "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+@contextmanager
+def local_upstream(tgz: bytes, name: str, version: str) -> Iterator[tuple[str, list[str]]]:
+    """A registry of one package on 127.0.0.1: its packument and its tarball; yields its
+    URL and the paths requested."""
+    port, seen = free_port(), []
+    base = f"http://127.0.0.1:{port}/"
+    tarball = f"{name}/-/{name.split('/')[1]}-{version}.tgz"
+    doc = {"name": name, "dist-tags": {"latest": version}, "versions": {version: {
+        "name": name, "version": version,
+        "dist": {"tarball": base + tarball, "integrity": integrity(tgz),
+                 "shasum": hashlib.sha1(tgz, usedforsecurity=False).hexdigest()}}}}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            found = {f"/{name.replace('/', '%2f')}": (json.dumps(doc).encode(),
+                                                      "application/json"),
+                     f"/{tarball}": (tgz, "application/octet-stream")}.get(self.path)
+            body, kind = found or (b'{"error":"not found"}', "application/json")
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield base, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def registry_alone(upstream: str) -> Iterator[str]:
+    """The platform's /npm/ registry served alone (in front of an app answering 418);
+    yields its API URL."""
+    async def teapot(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        with_npm_registry(teapot, NpmRegistry(upstream)), host="127.0.0.1", port=port,
+        log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "the registry to serve")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_passthrough_against_a_local_upstream(tmp_path: Path) -> None:
+    """No network: @neon/localdep (made by npm pack) comes from a local upstream through
+    the registry, byte for byte; @neon/functions from phloem. ~5 s."""
+    assert NPM is not None
+    pkg = write(tmp_path / "localdep", {
+        "package.json": json.dumps({"name": "@neon/localdep", "version": "1.2.3",
+                                    "type": "module", "main": "index.js"}),
+        "index.js": "export const where = 'local upstream';\n"})
+    packed = subprocess.run([NPM, "pack", "--json", "--pack-destination", str(tmp_path)],
+                            cwd=pkg, capture_output=True, text=True, timeout=120, check=True)
+    tgz = (tmp_path / json.loads(packed.stdout)[0]["filename"]).read_bytes()
+    root = write(tmp_path / "proj", {"package.json": json.dumps({
+        "name": "p", "version": "1.0.0", "private": True,
+        "dependencies": {"@neon/localdep": "^1.2.0", "@neon/functions": "^0.1.0"}})})
+    with local_upstream(tgz, "@neon/localdep", "1.2.3") as (upstream, seen), \
+            registry_alone(upstream) as api_url:
+        (root / ".npmrc").write_text(npmrc_text("", api_url))
+        doc = httpx.get(f"{api_url}/npm/@neon%2flocaldep", timeout=30).json()
+        assert doc["versions"]["1.2.3"]["dist"]["tarball"] == \
+            f"{api_url}/npm/@neon/localdep/-/localdep-1.2.3.tgz"
+        installed = subprocess.run(
+            [NPM, "install", "--no-audit", "--no-fund", "--ignore-scripts"],
+            cwd=root, capture_output=True, text=True, timeout=300, check=False,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "npm_config_cache": str(tmp_path / "cache")})
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert "/@neon/localdep/-/localdep-1.2.3.tgz" in seen
+    lock = json.loads((root / "package-lock.json").read_text())["packages"]
+    assert lock["node_modules/@neon/localdep"]["integrity"] == integrity(tgz)
+    assert (root / "node_modules/@neon/localdep/index.js").read_text() == \
+        "export const where = 'local upstream';\n"
+    assert lock["node_modules/@neon/functions"]["integrity"] == \
+        pack_supplied("@neon/functions", "functions").integrity
 
 
 def test_link_npm_install_and_client_bundled_deploy(platform: PlatformProcess,
