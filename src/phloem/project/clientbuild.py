@@ -45,20 +45,26 @@ def prepare(client: Client, project: Project, branch: str, new_branch: bool = Fa
     others = sorted(slug for slug, fn in functions.items()
                     if not fn.bundle or not answers_to(NODE, fn.runtime))
     if not functions or others:
+        _answer(project, info, resolved)  # the plan evaluates the config once, not twice
         return ClientBuild("platform", "not all functions are Node functions esbuild "
                                        f"bundles ({', '.join(others) or 'none declared'})")
     artifact = bundle_on_client(project.root, {s: f.entry for s, f in functions.items()},
                                 progress)
-    built = Resolved({slug: replace(fn, entry=bundle_entry(slug), bundle=False)
-                      for slug, fn in functions.items()}, resolved.branch, resolved.triggers)
+    _answer(project, info, Resolved(
+        {slug: replace(fn, entry=bundle_entry(slug), bundle=False)
+         for slug, fn in functions.items()}, resolved.branch, resolved.triggers))
+    return ClientBuild("client", f"esbuild from node_modules, {len(functions)} "
+                                 "function(s)", artifact)
+
+
+def _answer(project: Project, info: BranchInfo, resolved: Resolved) -> None:
+    """Make ``project`` resolve ``info`` to ``resolved`` from now on."""
     original = project.resolver
 
     def resolver(b: BranchInfo) -> Resolved:
-        return built if b == info else original(b)
+        return resolved if b == info else original(b)
 
     project.resolver = resolver
-    return ClientBuild("client", f"esbuild from node_modules, {len(functions)} "
-                                 "function(s)", artifact)
 
 
 #: What the plan says of a bundle flag that changed only because of where it was built.
