@@ -29,6 +29,7 @@ _.capture_signals
 
 # http.server.BaseHTTPRequestHandler hook (tests/examples).
 _.log_message
+_.do_GET  # tests/project/test_npm_registry.py: the local upstream's GET
 
 # The interpreter reads it (sys.dont_write_bytecode in the zygote's children).
 _.dont_write_bytecode

@@ -31,8 +31,13 @@ from phloem.cli.main import (
     print_json,
 )
 from phloem.project.client import Client, ClientError
+from phloem.project.clientbuild import ClientBuild
+from phloem.project.clientbuild import explain as explain_build
+from phloem.project.clientbuild import prepare as prepare_build
 from phloem.project.domains import apply_domains
 from phloem.project.neon import find_neon_config
+from phloem.project.npmrc import is_node_project, write_npmrc
+from phloem.project.packing import PackError
 from phloem.project.plan import (
     CONFIG_FILE,
     ConfigError,
@@ -50,6 +55,7 @@ from phloem.project.plan import (
     write_link,
 )
 from phloem.project.service_plan import service_changes
+from phloem.project.trigger_plan import TriggerChange, plan_triggers
 
 config_app = typer.Typer(help="Config as code: compare phloemfile.py with a branch and "
                               "make it so.", no_args_is_help=True)
@@ -95,13 +101,25 @@ def _load(root: Path, env_file: Path | None) -> Project:
 
 
 def _plan(client: Client, project: Project, branch: str, owner: str | None,
-          new_branch: bool = False) -> tuple[ProjectPlan, tuple[bytes, str]]:
+          new_branch: bool = False) -> tuple[ProjectPlan, tuple[bytes, str], ClientBuild]:
     try:
-        artifact = pack_project(project)
-        return plan_project(client, project, branch, artifact[1], owner,
-                            new_branch), artifact
-    except (ConfigError, ClientError) as exc:
+        built = prepare_build(client, project, branch, new_branch,
+                              lambda line: err.print(f"  [dim]{escape(line)}[/]",
+                                                     highlight=False))
+        artifact = built.artifact or pack_project(project)
+        pp = plan_project(client, project, branch, artifact[1], owner, new_branch)
+        explain_build(pp.items, built)
+        return pp, artifact, built
+    except (ConfigError, ClientError, PackError) as exc:
         fail(str(exc))
+
+
+def _show_build(built: ClientBuild) -> None:
+    """Which bundling ran: here from node_modules, or on the platform (and why)."""
+    if built.where == "client":
+        out.print(f"  bundled here: {escape(built.why)}", highlight=False)
+    else:
+        out.print(f"  bundling on the platform: {escape(built.why)}", highlight=False)
 
 
 def _show_branch_changes(pp: ProjectPlan) -> None:
@@ -127,6 +145,20 @@ def _show_plan(plan: list[PlanItem], branch: str) -> None:
                                for a, n in counts.items()))
 
 
+TRIGGER_STYLE = {"add": "green", "change": "yellow", "remove": "red", "unchanged": "dim",
+                 "keep": "dim"}
+
+
+def _show_trigger_plan(changes: list[TriggerChange]) -> None:
+    if not changes:
+        return
+    out.print("  triggers:")
+    for c in changes:
+        why = f"  ({'; '.join(c.reasons)})" if c.reasons else ""
+        out.print(f"    [{TRIGGER_STYLE[c.action]}]{c.action:<9}[/] {escape(c.name)}"
+                  f"{escape(why)}", highlight=False)
+
+
 def _confirm(plan: list[PlanItem], yes: bool) -> None:
     """Deleting what this project made, or taking over another project's function, is
     applied only with --yes or a yes on a terminal; refused before anything is changed."""
@@ -149,20 +181,32 @@ def _confirm(plan: list[PlanItem], yes: bool) -> None:
 @config_app.command("status")
 def config_status(data_dir: DataDirOpt, branch: BranchOpt = "",
                   output: OutputOpt = OutputFormat.text) -> None:
-    """The linked branch's live functions and their active deployments."""
+    """The linked branch's live functions and their active deployments, and its schedule
+    triggers."""
+    client = client_for(data_dir)
     try:
-        fns = client_for(data_dir).list_functions(branch)
+        fns = client.list_functions(branch)
+        live = client.list_triggers(branch)
     except ClientError as exc:
         fail(str(exc))
     rows = [{"slug": f["slug"], "status": f["status"], "deployment_id": f["deployment_id"],
              "invocation_url": f["invocation_url"]} for f in fns]
+    triggers = [{"name": t["name"], "function": t["function"], "cron": t["cron"],
+                 "functionPath": t["functionPath"], "enabled": t["enabled"],
+                 "owner": t["owner"]} for t in live]
     if output is OutputFormat.json:
-        print_json({"branch": branch, "functions": rows})
+        print_json({"branch": branch, "functions": rows, "triggers": triggers})
         return
     out.print(f"branch [bold]{escape(branch)}[/]: {len(rows)} function(s)")
     for r in rows:
         out.print(f"  {r['slug']:<20} {r['status']:<9} {r['deployment_id'] or '-'}  "
                   f"{r['invocation_url']}", highlight=False)
+    if triggers:
+        out.print(f"{len(triggers)} trigger(s):")
+    for t in triggers:
+        state = "enabled" if t["enabled"] else "disabled"
+        out.print(f"  {escape(t['name']):<20} {state:<9} {t['cron']:<16} -> "
+                  f"{t['function']}{escape(t['functionPath'])}", highlight=False)
 
 
 @config_app.command("plan")
@@ -173,20 +217,24 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
     changes nothing."""
     root = project_root(project)
     proj = _load(root, env_file)
-    # Plan changes nothing: a project without an id yet has created nothing.
     client = client_for(data_dir)
-    pp, _ = _plan(client, proj, branch, read_link(root).get("project_id"))
+    # Plan changes nothing: a project without an id yet has created nothing.
+    owner = read_link(root).get("project_id")
+    pp, _, _ = _plan(client, proj, branch, owner)
     try:
+        triggers = plan_triggers(proj.triggers, client.list_triggers(branch), owner)
         services = service_changes(client.get_services(branch)["services"], pp.services)
     except ClientError as exc:
         fail(str(exc))
     if output is OutputFormat.json:
         print_json({"branch": branch, "plan": [i.as_dict() for i in pp.items],
                     "branch_changes": pp.branch_changes(), "services": services,
-                    "domains": pp.domains.as_dict() if pp.domains else None})
+                    "domains": pp.domains.as_dict() if pp.domains else None,
+                    "triggers": [t.as_dict() for t in triggers]})
     else:
         _show_plan(pp.items, branch)
         _show_branch_changes(pp)
+        _show_trigger_plan(triggers)
         for name, change in services.items():
             out.print(f"  service {name}: {change}")
 
@@ -197,12 +245,13 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
     proj = _load(root, env_file)
     client = client_for(data_dir)
     owner = project_id(root)
-    pp, artifact = _plan(client, proj, branch, owner, new_branch)
+    pp, artifact, built = _plan(client, proj, branch, owner, new_branch)
     plan = pp.items
     quiet = output is OutputFormat.json
     if not quiet:
         _show_plan(plan, branch)
         _show_branch_changes(pp)
+        _show_build(built)
     if pp.branch.is_protected and not allow_protected:
         fail(f"branch {pp.branch.name!r} is protected: deploying to it needs "
              "--allow-protected")
@@ -234,6 +283,7 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
                     "results": [r.__dict__ for r in results], "triggers": ours,
                     "services": None if services is None else services["urls"],
                     "domains": domains,
+                    "bundled": {"where": built.where, "why": built.why},
                     "branch_settings": None if lifetime is None else {
                         "expires_at": lifetime["expires_at"],
                         "protected": lifetime["protected"]}})
@@ -349,7 +399,10 @@ def _pull_env(client: Client, root: Path, branch: str, file: Path | None) -> Pat
 def link(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOpt = "",
          no_env_pull: Annotated[bool, typer.Option("--no-env-pull", help="Do not write "
                                                    ".env.")] = False) -> None:
-    """Link this project to a branch (.phloem/link.json); later commands use it."""
+    """Link this project to a branch (.phloem/link.json); later commands use it. A Node
+    project (package.json or neon.ts) also gets two .npmrc lines pointing the @neon and
+    @neondatabase scopes at the platform's registry, so 'npm install' finds
+    @neon/functions (its other lines are kept)."""
     root = project_root(project)
     client = client_for(data_dir)
     try:
@@ -360,6 +413,10 @@ def link(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOp
     except ClientError as exc:
         fail(str(exc))
     out.print(f"linked {root} to branch {b['name']} ({b['id']}) in {path}")
+    if is_node_project(root):
+        npmrc, changed = write_npmrc(root, client.creds.api_url)
+        out.print(f"{'wrote' if changed else 'unchanged:'} {npmrc} (@neon and "
+                  "@neondatabase from the platform's registry)", highlight=False)
 
 
 @app.command("checkout")
@@ -506,8 +563,10 @@ def dev(
     """
     import asyncio
 
+    from phloem.control.triggers import check_triggers
     from phloem.dev.server import DevPortError, DevServer
     from phloem.runtimes.base import BuildFailed
+    from phloem.system.validation import InvalidInput
 
     root = project_root(project)
     proj = _load(root, env_file)
@@ -525,12 +584,17 @@ def dev(
         fail(str(exc))
     if not desired:
         fail(f"{proj.config_file}: declares no functions to serve")
+    try:
+        triggers = check_triggers(proj.triggers)
+    except InvalidInput as exc:
+        fail(f"{proj.config_file}: {exc.field}: {exc.message}")
 
     def say(line: str) -> None:
         out.print(escape(line), highlight=False)
 
     try:
-        server = DevServer(root, desired, info["id"], base_env, port=port, say=say)
+        server = DevServer(root, desired, info["id"], base_env, port=port, say=say,
+                           triggers=triggers)
     except BuildFailed as exc:  # a runtime's tools (Node, esbuild) could not be provisioned
         fail(str(exc))
 
@@ -542,6 +606,10 @@ def dev(
             state = "" if server.functions[slug].ok else "  [red](not started: see above)[/]"
             out.print(f"[bold]{slug:<{width}}[/]  {server.url(slug)}{state}",
                       highlight=False)
+        for t in server.triggers.specs:
+            due = server.triggers.next_due[t.name].strftime("%H:%M")
+            out.print(f"trigger {t.name} -> {t.function}{t.function_path}: {t.cron} "
+                      f"(UTC; next {due})", highlight=False)
         out.print(f"watching {escape(str(root))} (Ctrl-C to stop)", highlight=False)
 
     try:

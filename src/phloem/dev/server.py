@@ -22,7 +22,8 @@ is blue-green per function: the new generation is built and started from the edi
 once it is ready the function's port switches to it and the old isolate drains (requests
 already in flight finish) and gets SIGINT. If the build or the start fails (a syntax error,
 a failing start-up), the error and the function's own output are printed and the old one
-keeps serving.
+keeps serving. Schedule triggers of the served functions fire on their cron as on the
+platform (``dev/triggers.py``).
 """
 
 from __future__ import annotations
@@ -36,15 +37,19 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import watchfiles
 
 from phloem.control.logs import FunctionLogs
+from phloem.control.routes import RoutingTable
+from phloem.control.triggers import Delivery
+from phloem.dev.triggers import DevTriggers
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
+from phloem.metadata.triggers import TriggerSpec
 from phloem.project.packing import ALWAYS_IGNORED
 from phloem.project.plan import DesiredFunction
 from phloem.runtimes.base import BuildContext, BuildFailed, IsolateContext, Toolbox
@@ -101,7 +106,8 @@ class DevServer:
 
     def __init__(self, root: Path, functions: dict[str, DesiredFunction], branch_id: str,
                  base_env: dict[str, str], *, host: str = "127.0.0.1",
-                 port: int = DEFAULT_PORT, say: Callable[[str], None] = print) -> None:
+                 port: int = DEFAULT_PORT, say: Callable[[str], None] = print,
+                 triggers: Sequence[TriggerSpec] = ()) -> None:
         self.root = root
         self.branch_id = branch_id
         self.host = host
@@ -120,6 +126,13 @@ class DevServer:
         self.functions: dict[str, DevFunction] = {}
         for slug, want in functions.items():
             self.functions[slug] = DevFunction(want, built=self._build(want, 0))
+        #: The served generation of each function, where triggers deliver.
+        self.routes = RoutingTable()
+        self.triggers = DevTriggers(
+            [t for t in triggers if t.function in functions],
+            Delivery(self.routes, self.supervisor, self.logs,
+                     lambda _branch, slug: f"localhost:{self.port_of(slug)}"),
+            branch_id, say)
 
     def port_of(self, slug: str) -> int:
         return self.functions[slug].port
@@ -294,6 +307,7 @@ class DevServer:
             return False
         old = fn.spec
         fn.spec, fn.generation, fn.built, fn.ok = spec, gen, True, True
+        self.routes.put(self.branch_id, slug, spec)
         self.say(f"[{slug}] reloaded in {(time.monotonic() - started) * 1000:.0f} ms")
         if old is not None:
             asyncio.get_running_loop().create_task(
@@ -323,8 +337,9 @@ class DevServer:
         except BaseException:
             await self.stop()
             raise
-        for fn in self.functions.values():
+        for slug, fn in self.functions.items():
             fn.spec = self._spec(fn.desired, 0)
+            self.routes.put(self.branch_id, slug, fn.spec)
 
         async def warm(slug: str, fn: DevFunction) -> None:
             assert fn.spec is not None
@@ -349,11 +364,14 @@ class DevServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(self._watch(stop))
+        firing = asyncio.create_task(self.triggers.run(stop))
         ready()
         try:
             await stop.wait()
         finally:
             self.say("stopping")
+            stop.set()
+            await firing
             await self.stop()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

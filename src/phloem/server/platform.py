@@ -47,6 +47,7 @@ from phloem.control.api import create_api
 from phloem.control.artifacts import ArtifactStore
 from phloem.control.deployer import Deployer
 from phloem.control.logs import FunctionLogs
+from phloem.control.npm_registry import NpmRegistry, with_npm_registry
 from phloem.control.services import ApiServices
 from phloem.control.serving import ApiServer
 from phloem.firewall import ACTIVE, Firewall, choose_firewall
@@ -497,7 +498,9 @@ class Platform:
                                triggers=triggers, branch_services=branch_services,
                                domains=domains)
         # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
-        config = uvicorn.Config(create_api(services), host=s.api_host, port=s.api_port,
+        # /npm/ (the @neon and @neondatabase scopes for npm) is in front of the key check.
+        app = with_npm_registry(create_api(services), NpmRegistry(s.npm_upstream))
+        config = uvicorn.Config(app, host=s.api_host, port=s.api_port,
                                 log_level="warning", access_log=False, lifespan="off",
                                 ws="none")
         admission = Admission("api", AdmissionConfig(

@@ -118,6 +118,10 @@ class Settings:
     keep_deployments: int = 3
     #: The AI Gateway's upstreams (``--ai-provider``); their keys stay in phloem's env.
     ai_providers: tuple[AiProvider, ...] = ()
+    #: The npm registry that ``/npm/`` passes other ``@neon``/``@neondatabase`` packages
+    #: through to (``PHLOEM_NPM_UPSTREAM``); None: what ``npm config get registry`` says.
+    npm_upstream: str | None = field(
+        default_factory=lambda: os.environ.get("PHLOEM_NPM_UPSTREAM") or None)
 
     def __post_init__(self) -> None:
         if self.api_listen is not None:
