@@ -129,6 +129,18 @@ class StorageApp:
         origin = _first(headers, "origin")
         resource = scope.get("path", "/")
         method = scope["method"]
+        body_left = [_first(headers, "content-length") not in (None, "0")
+                     or "transfer-encoding" in headers]
+
+        raw_receive = receive
+
+        async def tracked() -> dict[str, Any]:
+            msg = await raw_receive()
+            if msg["type"] != "http.request" or not msg.get("more_body"):
+                body_left[0] = False
+            return msg
+
+        receive = tracked
         try:
             if method == "OPTIONS":
                 response = self._preflight(headers)
@@ -139,6 +151,9 @@ class StorageApp:
         except S3Error as exc:
             body = b"" if method == "HEAD" else exc.to_xml(resource, request_id)
             response = Response(exc.status, [("content-type", "application/xml")], body)
+        if body_left[0]:
+            # Refused before its body was read: close rather than read it to the end.
+            response.headers = [*(response.headers or []), ("connection", "close")]
         await _send(send, response, request_id, origin, method == "HEAD")
 
     def _preflight(self, headers: dict[str, list[str]]) -> Response:

@@ -95,6 +95,11 @@ async def receive_into(req: Request, tmp: Path, limit: int) -> tuple[int, str, d
         raise S3Error("MissingContentLength", "You must provide the Content-Length HTTP "
                       "header.")
     free = room(req)
+    if announced is not None and announced.isdigit() and int(announced) > min(limit, free):
+        # Refused before reading: a client that sent Expect: 100-continue sends nothing.
+        raise (_quota_error(req) if free < limit else S3Error(
+            "EntityTooLarge", f"Your proposed upload exceeds the maximum allowed size "
+            f"({limit} bytes)"))
     too_large = (_quota_error(req) if free < limit
                  else S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum "
                               f"allowed size ({limit} bytes)"))

@@ -77,7 +77,6 @@ class RequestAuth:
     date: str            # YYYYMMDD of the credential scope
     region: str
     amz_date: str        # the request's timestamp
-    signed_headers: tuple[str, ...]
     signature: str
     payload_hash: str    # hex digest, UNSIGNED-PAYLOAD or a STREAMING-* marker
     presigned: bool
@@ -236,5 +235,5 @@ def parse_request_auth(method: str, raw_path: bytes, query: list[tuple[str, str]
     canonical = "\n".join([
         method, canonical_uri(raw_path), canonical_query(pairs),
         _canonical_headers(headers, signed), ";".join(signed), payload])
-    return RequestAuth(key_id, date, region, amz_date, signed, signature, payload,
+    return RequestAuth(key_id, date, region, amz_date, signature, payload,
                        presigned, expires, canonical)

@@ -80,7 +80,7 @@ class StorageBranches:
     def __init__(self, box: SecretBox, root_of: Callable[[str], Path],
                  config_of: Callable[[str], Awaitable[dict[str, Any] | None]],
                  quota_bytes: int) -> None:
-        self._box, self._root_of, self._config_of = box, root_of, config_of
+        self._box, self.root_of, self._config_of = box, root_of, config_of
         self.quota_bytes = quota_bytes
         self._open: dict[str, BranchAccess] = {}
         self._opening = asyncio.Lock()
@@ -108,7 +108,7 @@ class StorageBranches:
 
     def _load(self, branch_id: str, buckets: dict[str, str],
               key: tuple[str, str]) -> BranchAccess:
-        store = BranchStorage(self._root_of(branch_id), buckets, self.quota_bytes)
+        store = BranchStorage(self.root_of(branch_id), buckets, self.quota_bytes)
         store.copier = choose_backend(store.root, store.root / ".uploads")
         access = BranchAccess(branch_id, store, key[0], key[1])
         self._open[branch_id] = access
@@ -124,7 +124,7 @@ class StorageBranches:
             config = await self._config_of(branch_id)
             if config is None:
                 return None
-            root = self._root_of(branch_id)
+            root = self.root_of(branch_id)
             key = self._read_key(branch_id, root)
             if key is None:
                 return None   # not provisioned (yet)
@@ -132,7 +132,7 @@ class StorageBranches:
 
     def credentials(self, branch_id: str) -> tuple[str, str] | None:
         """(access key id, secret) of a provisioned branch."""
-        return self._read_key(branch_id, self._root_of(branch_id))
+        return self._read_key(branch_id, self.root_of(branch_id))
 
     async def provision(self, branch_id: str, config: dict[str, Any]) -> None:
         buckets = parse_buckets(config)
@@ -141,7 +141,7 @@ class StorageBranches:
             if access is not None:
                 access.store.configure(buckets)
                 return
-            root = self._root_of(branch_id)
+            root = self.root_of(branch_id)
             key = self._read_key(branch_id, root) or self._write_key(branch_id, root)
             self._load(branch_id, buckets, key)
 
@@ -154,14 +154,14 @@ class StorageBranches:
         """Remove the branch's objects, uploads and key (unprovision, branch delete)."""
         async with self._opening:
             self._close(branch_id)
-            shutil.rmtree(self._root_of(branch_id), ignore_errors=True)
+            shutil.rmtree(self.root_of(branch_id), ignore_errors=True)
 
     async def copy(self, parent_id: str, child_id: str) -> None:
         """Branch create: the child gets the parent's objects (cloned) and a key of its own."""
         parent = await self.storage(parent_id)
         if parent is None:
             return
-        root = self._root_of(child_id)
+        root = self.root_of(child_id)
         async with parent.store.lock:
             await asyncio.to_thread(self._copy_files, parent.store, root)
         key = self._write_key(child_id, root)
