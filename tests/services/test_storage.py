@@ -8,7 +8,9 @@ host name in the Host header.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
 import io
 import os
 import subprocess
@@ -16,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -26,11 +29,17 @@ import httpx
 import pytest
 import uvicorn
 from boto3.s3.transfer import TransferConfig
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import Credentials
 
 from phloem.metadata.secrets import SecretBox
 from phloem.services.storage.app import StorageApp
+from phloem.services.storage.checksums import new_checksum
 from phloem.services.storage.dispatch import dispatch
+from phloem.services.storage.errors import S3Error
+from phloem.services.storage.sigv4 import parse_request_auth
 from phloem.services.storage.state import StorageBranches, parse_buckets
 from phloem.system.xfs import xfs_available, xfs_reflink_mount
 from phloem.testing import free_port, wait_for
@@ -304,3 +313,110 @@ def test_branch_copy_shares_extents_on_xfs() -> None:
             out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True,
                                  text=True, check=True).stdout
             assert sum("shared" in line for line in out.splitlines()) > 0, out
+
+
+def test_chunk_signatures_match_the_aws_spec_example() -> None:
+    """The worked example of AWS's "chunked upload" page: its seed and chunk signatures."""
+    headers = {
+        "host": ["s3.amazonaws.com"], "x-amz-date": ["20130524T000000Z"],
+        "x-amz-storage-class": ["REDUCED_REDUNDANCY"], "content-encoding": ["aws-chunked"],
+        "x-amz-content-sha256": ["STREAMING-AWS4-HMAC-SHA256-PAYLOAD"],
+        "x-amz-decoded-content-length": ["66560"], "content-length": ["66824"],
+        "authorization": [
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/"
+            "aws4_request,SignedHeaders=content-encoding;content-length;host;"
+            "x-amz-content-sha256;x-amz-date;x-amz-decoded-content-length;"
+            "x-amz-storage-class,Signature="
+            "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9"]}
+    auth = parse_request_auth("PUT", b"/examplebucket/chunkObject.txt", [], headers)
+    assert auth is not None
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    auth.verify(secret, datetime(2013, 5, 24, 0, 1, tzinfo=UTC))
+    with pytest.raises(S3Error, match="does not match"):
+        auth.verify(secret[:-1] + "X", datetime(2013, 5, 24, 0, 1, tzinfo=UTC))
+    chunks = auth.chunk_signer(secret)
+    assert [chunks.chunk(hashlib.sha256(data).hexdigest())
+            for data in (b"a" * 65536, b"a" * 1024, b"")] == [
+        "ad80c730a21e5b8d04586a2213dd63b9a0e99e0e2307b0ade35a65485a288648",
+        "0055627c9e194cb4542bae2aa5492e3c1575bbb81b612b7d234b86a503ef5497",
+        "b6c6ea8a5354eaf15b3cb7646744f4275b71ea724fed81ceb9323e279d449df9"]
+
+
+def test_checksums_match_their_check_values() -> None:
+    # The catalogue's check value of each CRC: the digest of b"123456789".
+    for algo, check in (("crc32", 0xCBF43926), ("crc32c", 0xE3069283),
+                        ("crc64nvme", 0xAE8B14860A799888)):
+        c = new_checksum(algo)
+        c.update(b"1234")
+        c.update(b"56789")
+        size = 8 if algo == "crc64nvme" else 4
+        assert c.b64() == base64.b64encode(check.to_bytes(size, "big")).decode(), algo
+
+
+def _signed_streaming_request(endpoint: Endpoint, key: str, chunks: list[bytes],
+                              payload: str, trailer: str | None = None,
+                              corrupt: bool = False) -> httpx.Response:
+    """A PUT whose head botocore signs, with an aws-chunked body: signed chunks
+    (``payload`` STREAMING-AWS4-HMAC-SHA256-PAYLOAD, chained per AWS's spec) or unsigned
+    ones with a checksum trailer (STREAMING-UNSIGNED-PAYLOAD-TRAILER)."""
+    creds = endpoint.branches.credentials("br-main")
+    assert creds is not None
+    decoded = sum(len(c) for c in chunks)
+    headers = {"Content-Encoding": "aws-chunked", "X-Amz-Content-SHA256": payload,
+               "X-Amz-Decoded-Content-Length": str(decoded)}
+    if trailer:
+        headers["X-Amz-Trailer"] = trailer.split(":")[0]
+    request = AWSRequest("PUT", f"http://{endpoint.host('br-main')}/images/{key}",
+                         headers=headers)
+    # SigV4Auth (not S3SigV4Auth) signs the x-amz-content-sha256 given, as SDKs that
+    # stream chunks do.
+    SigV4Auth(Credentials(*creds), "s3", "us-east-1").add_auth(request)
+    body = bytearray()
+    if payload == "STREAMING-AWS4-HMAC-SHA256-PAYLOAD":
+        sig_header = request.headers["Authorization"]
+        previous = sig_header.rsplit("Signature=", 1)[1]
+        amz_date = request.headers["X-Amz-Date"]
+        scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
+        k = ("AWS4" + creds[1]).encode()
+        for part in (amz_date[:8], "us-east-1", "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+        for data in [*chunks, b""]:
+            sts = "\n".join(["AWS4-HMAC-SHA256-PAYLOAD", amz_date, scope, previous,
+                             hashlib.sha256(b"").hexdigest(),
+                             hashlib.sha256(data).hexdigest()])
+            previous = hmac.new(k, sts.encode(), hashlib.sha256).hexdigest()
+            if corrupt and data:
+                data = b"!" + data[1:]   # after signing: the server must notice
+            body += f"{len(data):x};chunk-signature={previous}\r\n".encode() + data + b"\r\n"
+    else:
+        for data in [*chunks, b""]:
+            body += f"{len(data):x}\r\n".encode() + data + (b"\r\n" if data else b"")
+        body += f"{trailer}\r\n\r\n".encode()
+    return endpoint.http(request.url, "PUT", content=bytes(body),
+                         headers={k: v for k, v in request.headers.items() if k != "Host"})
+
+
+def test_aws_chunked_uploads(endpoint: Endpoint) -> None:
+    s3 = endpoint.client("br-main")
+    chunks = [os.urandom(65536), os.urandom(1000)]
+    r = _signed_streaming_request(endpoint, "signed", chunks,
+                                  "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
+    assert r.status_code == 200, r.text
+    assert s3.get_object(Bucket="images", Key="signed")["Body"].read() == b"".join(chunks)
+    r = _signed_streaming_request(endpoint, "signed", chunks,
+                                  "STREAMING-AWS4-HMAC-SHA256-PAYLOAD", corrupt=True)
+    assert (r.status_code, "<Code>SignatureDoesNotMatch</Code>" in r.text) == (403, True)
+    assert s3.get_object(Bucket="images", Key="signed")["Body"].read() == b"".join(chunks)
+    crc = new_checksum("crc64nvme")
+    for c in chunks:
+        crc.update(c)
+    r = _signed_streaming_request(endpoint, "trailer", chunks,
+                                  "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                                  trailer=f"x-amz-checksum-crc64nvme:{crc.b64()}")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-amz-checksum-crc64nvme"] == crc.b64()
+    assert s3.get_object(Bucket="images", Key="trailer")["Body"].read() == b"".join(chunks)
+    r = _signed_streaming_request(endpoint, "trailer", chunks,
+                                  "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                                  trailer="x-amz-checksum-crc64nvme:AAAAAAAAAAA=")
+    assert (r.status_code, "<Code>BadDigest</Code>" in r.text) == (400, True)
