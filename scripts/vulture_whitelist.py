@@ -103,3 +103,6 @@ _.written_data_bytes
 
 # Response field of the rollback route (control/api.py), read by clients.
 _.previous_deployment_id
+
+# Branch services call it to serve their ASGI apps (phloem.services.upstream).
+_.serve_asgi

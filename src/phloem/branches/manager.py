@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -79,6 +80,20 @@ class ConnectionStrings:
 BranchHook = Callable[[BranchRow], Awaitable[None]]
 
 
+class BranchStateHooks(Protocol):
+    """State a branch carries besides its database (the branch services of
+    ``phloem.services``), copied, reset and deleted with it."""
+
+    async def copy(self, parent: BranchRow, child: BranchRow) -> None:
+        """After the database copy, before the child is ready; raising undoes the create."""
+
+    async def reset(self, branch: BranchRow, parent: BranchRow) -> None:
+        """After the database re-clone, before the branch is ready again."""
+
+    async def delete(self, branch: BranchRow) -> None:
+        """Before the branch's files go."""
+
+
 class BranchManager:
     def __init__(self, store: Store, paths: DataPaths, bins: PgBinaries, owner: Identity,
                  port_base: int) -> None:
@@ -99,6 +114,8 @@ class BranchManager:
         self._others: dict[str, Cluster] = {}
         #: Restarts done by the watch, per branch id (or watch_also name).
         self.restarts: dict[str, int] = {}
+        #: Set by the platform: the branch services' part of create, reset and delete.
+        self.state_hooks: BranchStateHooks | None = None
 
     @contextlib.contextmanager
     def _busy_with(self, *branch_ids: str) -> Iterator[None]:
@@ -386,6 +403,8 @@ class BranchManager:
             with self._busy_with(row.id):
                 try:
                     stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
+                    if self.state_hooks is not None:
+                        await self.state_hooks.copy(parent, row)
                 except BaseException as exc:
                     await self._remove_files(row)
                     await self.store.delete_branch(row.id)
@@ -466,6 +485,8 @@ class BranchManager:
             await asyncio.to_thread(shutil.rmtree, old, True)
             self.paths.branch_pgdata(row.id).rename(old)
             stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
+            if self.state_hooks is not None:
+                await self.state_hooks.reset(row, parent)
         except BaseException as exc:
             # Roll back to the data the branch had.
             await asyncio.to_thread(self.cluster(row).stop, "immediate")
@@ -503,6 +524,8 @@ class BranchManager:
                 with self._busy_with(b.id):
                     await self.store.set_branch_state(b.id, "deleting")
                     await before_delete(b)
+                    if self.state_hooks is not None:
+                        await self.state_hooks.delete(b)
                     await self._remove_files(b)
                     await self.store.delete_branch(b.id)
             return [b.id for b in order]

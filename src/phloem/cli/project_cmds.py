@@ -46,6 +46,7 @@ from phloem.project.plan import (
     plan_project,
     project_id,
     read_link,
+    service_changes,
     write_link,
 )
 
@@ -170,13 +171,20 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
     root = project_root(project)
     proj = _load(root, env_file)
     # Plan changes nothing: a project without an id yet has created nothing.
-    pp, _ = _plan(client_for(data_dir), proj, branch, read_link(root).get("project_id"))
+    client = client_for(data_dir)
+    pp, _ = _plan(client, proj, branch, read_link(root).get("project_id"))
+    try:
+        services = service_changes(client.get_services(branch)["services"], pp.services)
+    except ClientError as exc:
+        fail(str(exc))
     if output is OutputFormat.json:
         print_json({"branch": branch, "plan": [i.as_dict() for i in pp.items],
-                    "branch_changes": pp.branch_changes()})
+                    "branch_changes": pp.branch_changes(), "services": services})
     else:
         _show_plan(pp.items, branch)
         _show_branch_changes(pp)
+        for name, change in services.items():
+            out.print(f"  service {name}: {change}")
 
 
 def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
@@ -202,6 +210,9 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
                 if not quiet:
                     err.print(f"  [dim]{escape(line)}[/]", highlight=False)
 
+            # Services first: the functions' variables come from them.
+            services = (client.put_services(branch, pp.services)
+                        if pp.services is not None else None)
             results = apply_plan(client, proj, plan, branch, artifact, progress,
                                  owner=owner, wait=wait)
             changes = pp.branch_changes()
@@ -215,6 +226,7 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
     if quiet:
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
                     "results": [r.__dict__ for r in results], "triggers": ours,
+                    "services": None if services is None else services["urls"],
                     "branch_settings": None if lifetime is None else {
                         "expires_at": lifetime["expires_at"],
                         "protected": lifetime["protected"]}})
@@ -225,7 +237,9 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
             out.print(f"  {mark} {r.action} {r.slug}: {escape(r.detail)}{state}")
         if ours:
             out.print(f"  [green]ok[/] triggers: {escape(', '.join(ours))}")
-        if not results and not ours:
+        for name, url in (services or {}).get("urls", {}).items():
+            out.print(f"  [green]ok[/] service {name}: {escape(url)}", highlight=False)
+        if not results and not ours and not (services or {}).get("urls"):
             out.print("nothing to do")
     if failed:
         fail("apply failed for " + ", ".join(r.slug for r in failed))

@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -44,6 +44,7 @@ from phloem.control.artifacts import (
     NoSpace,
 )
 from phloem.control.backup_api import router as backup_router
+from phloem.control.branch_services_api import make_router as make_services_router
 from phloem.control.deployer import DEPLOYMENT_STATES, Conflict, DeployRequest, NotFound
 from phloem.control.errors import ApiError, error_body
 from phloem.control.guard import (
@@ -58,6 +59,19 @@ from phloem.metadata.store import BranchRow, DeploymentRow, FunctionRow
 from phloem.system.validation import OWNER_RE, InvalidInput
 
 STRICT_INPUT = ConfigDict(strict=True, extra="forbid")
+
+
+def _integral_number(value: object) -> object:
+    """JSON has one number type: ``1594.0`` is the integer 1594 (JSON Schema agrees), so
+    strict mode must not refuse it; ``1594.5``, ``"1594"`` and ``true`` stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: Put after an ``int``'s constraints (so they still reach the OpenAPI schema):
+#: ``Annotated[int, Field(ge=1), INTEGRAL]``.
+INTEGRAL = BeforeValidator(_integral_number)
 
 
 class ErrorDetail(BaseModel):
@@ -116,8 +130,9 @@ class BranchCreateIn(BaseModel):
 class BranchLifetimeIn(BaseModel):
     model_config = STRICT_INPUT
 
-    ttl_s: int | None = Field(None, ge=1, le=366 * 86400, description="expires this many "
-                              "seconds after it was created; null: left as it is")
+    ttl_s: Annotated[int, Field(ge=1, le=366 * 86400), INTEGRAL] | None = Field(
+        None, description="expires this many seconds after it was created; null: left as "
+        "it is")
     clear_ttl: bool = Field(False, description="never expires")
     protected: bool | None = Field(None, description="null: left as it is")
 
@@ -572,6 +587,7 @@ def create_api(services: ApiServices) -> FastAPI:
 
     app.include_router(backup_router)
     app.include_router(make_triggers_router(errors))
+    app.include_router(make_services_router(errors))
     app.include_router(neon_v2.router, include_in_schema=False)
     return app
 

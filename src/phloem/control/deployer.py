@@ -48,6 +48,7 @@ from phloem.runtimes.build import UNPACK_SCRIPT, failure, tool_mounts
 from phloem.runtimes.registry import family_of, runtime_for
 from phloem.runtimes.unpack import UnpackError, check_tree
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
+from phloem.services.registry import ServiceRegistry
 from phloem.supervisor import IsolateSpec, Supervisor
 from phloem.system.identity import Identity, make_dir
 from phloem.system.limits import check_limits
@@ -125,6 +126,8 @@ class Deployer:
     #: the platform's network rules follow them.
     on_function_deployed: Callable[[BranchRow, FunctionRow], Awaitable[None]] | None = None
     on_function_deleted: Callable[[FunctionRow], Awaitable[None]] | None = None
+    #: The branch services (set by the platform): their variables and host names.
+    services: ServiceRegistry | None = None
 
     def __init__(self, settings: Settings, paths: DataPaths, store: Store,
                  artifacts: ArtifactStore, branches: BranchManager, supervisor: Supervisor,
@@ -277,7 +280,8 @@ class Deployer:
             # its runtime runs it with (interpreter, host, dependencies); nothing else.
             sandbox = SandboxSpec(root_dir=str(self.paths.sandbox_root),
                                   ro=[str(dep_dir), *plan.ro],
-                                  tmp_mb=limits.tmp_mb, cwd=str(app_dir))
+                                  tmp_mb=limits.tmp_mb, cwd=str(app_dir),
+                                  hosts=self._service_hosts(branch))
             home = Path("/tmp")  # the isolate's own, private
         else:
             home = self._home(ident)
@@ -288,6 +292,8 @@ class Deployer:
             "LANG": "C.UTF-8",
             **plan.env,
             **self.env_of(dep),
+            # Declared in neon.ts, so they win over the deployment's env, as DATABASE_URL.
+            **(self.services.env(branch) if self.services is not None else {}),
             "DATABASE_URL": urls.pooled,
             "DATABASE_URL_UNPOOLED": urls.unpooled,
             "PHLOEM_BRANCH": branch.name,
@@ -304,6 +310,14 @@ class Deployer:
             start=plan.start,
         )
         return spec, plan
+
+    def _service_hosts(self, branch: BranchRow) -> dict[str, str]:
+        """The branch's service names, resolved in the sandbox to the gateway's address."""
+        if self.services is None:
+            return {}
+        host = self.settings.gateway_host
+        address = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
+        return dict.fromkeys(self.services.hosts(branch.id), address)
 
     async def _build(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow) -> None:
         lines: list[str] = []
@@ -552,6 +566,16 @@ class Deployer:
         request starts fresh ones, e.g. against reset data."""
         deps = self.routes.deployments_of(branch.id)
         await asyncio.gather(*(self.supervisor.retire(d, drain_s=5) for d in deps))
+
+    async def refresh_branch(self, branch: BranchRow) -> None:
+        """The branch's variables changed (a branch service came or went): route its
+        functions to specs made anew, then restart their isolates with them."""
+        for fn in await self.store.list_functions(branch.id):
+            dep = (await self.store.get_deployment(fn.active_deployment_id)
+                   if fn.active_deployment_id else None)
+            if dep is not None and self.routes.get((branch.id, fn.slug)) is not None:
+                self.routes.put(branch.id, fn.slug, self.spec_for(branch, fn, dep))
+        await self.restart_branch(branch)
 
     async def drop_branch(self, branch: BranchRow) -> None:
         """Everything of a branch being deleted: routes, isolates, deployment files."""

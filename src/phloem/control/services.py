@@ -22,6 +22,7 @@ from phloem.control.deployer import Deployer
 from phloem.control.logs import FunctionLogs
 from phloem.control.triggers import TriggerScheduler
 from phloem.metadata.store import Store
+from phloem.services.registry import ServiceRegistry
 from phloem.system.paths import DataPaths
 from phloem.system.settings import Settings
 
@@ -54,3 +55,5 @@ class ApiServices:
     status: Callable[[], Awaitable[dict[str, Any]]]
     #: Schedule triggers: their store, and firing one now.
     triggers: TriggerScheduler
+    #: Branch services (Neon Auth, AI Gateway, object storage) each branch has on.
+    branch_services: ServiceRegistry

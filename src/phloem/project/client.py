@@ -195,6 +195,17 @@ class Client:
             json={"deployment_id": to} if to else {})
         return result
 
+    # -- branch services -------------------------------------------------------------
+    def get_services(self, branch: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("GET", f"/branches/{_ref(branch)}/services")
+        return result
+
+    def put_services(self, branch: str, services: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Make the branch's services exactly ``services`` (service -> config)."""
+        result: dict[str, Any] = self.json("PUT", f"/branches/{_ref(branch)}/services",
+                                           json={"services": services})
+        return result
+
     # -- schedule triggers -----------------------------------------------------------
     def list_triggers(self, branch: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.json("GET", f"/branches/{_ref(branch)}/triggers")

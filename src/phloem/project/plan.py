@@ -77,6 +77,9 @@ class Resolved:
     branch: BranchSettings = field(default_factory=BranchSettings)
     #: neon.ts top-level ``triggers`` as declared (plain JSON), for the triggers code.
     triggers: dict[str, Any] | None = None
+    #: The branch services a neon.ts declares (service -> config; ``{}``: none, so those
+    #: the branch has go); None: the config cannot declare them (phloemfile.py).
+    services: dict[str, dict[str, Any]] | None = None
 
 
 def _runtime(where: str, source: str, path: Path, requested: Any) -> tuple[Runtime, str]:
@@ -326,7 +329,7 @@ def _neon_resolve(root: Path, config_path: Path, branch: BranchInfo,
     if unsupported:
         what = ", ".join(f"{label} ({key})" for key, label in unsupported)
         raise ConfigError(
-            f"{name}: enables services phloem does not provide: {what}. Remove them from "
+            f"{name}: enables a service phloem does not provide: {what}. Remove it from "
             f"{name}: parseEnv(config) would demand their variables, which phloem cannot "
             "inject.")
     refused = raw.get("refused") or []
@@ -345,7 +348,8 @@ def _neon_resolve(root: Path, config_path: Path, branch: BranchInfo,
     triggers = _check_trigger_functions(name, raw.get("triggers") or {}, functions)
     if project is not None:
         project.triggers = triggers
-    return Resolved(out, _branch_settings(name, branch, tuning), triggers or None)
+    services: dict[str, dict[str, Any]] = raw.get("services") or {}
+    return Resolved(out, _branch_settings(name, branch, tuning), triggers or None, services)
 
 
 def _branch_settings(config_name: str, branch: BranchInfo,
@@ -532,6 +536,8 @@ class ProjectPlan:
     branch: BranchInfo
     settings: BranchSettings
     triggers: dict[str, Any] | None = None
+    #: What the branch's services should be (``Resolved.services``).
+    services: dict[str, dict[str, Any]] | None = None
 
     def branch_changes(self) -> dict[str, Any]:
         """The ``PATCH /branches/{ref}`` body that makes the branch as asked ({}:
@@ -546,6 +552,18 @@ class ProjectPlan:
         return body
 
 
+def service_changes(current: Mapping[str, Any],
+                    wanted: Mapping[str, Any] | None) -> dict[str, str]:
+    """service -> ``add`` / ``change`` / ``remove`` between what a branch has and what its
+    config declares (``wanted`` None: the config cannot declare services; no change)."""
+    if wanted is None:
+        return {}
+    out = {name: "add" if name not in current else "change"
+           for name, config in wanted.items() if current.get(name) != config}
+    out.update({name: "remove" for name in current if name not in wanted})
+    return dict(sorted(out.items()))
+
+
 def plan_project(client: Client, project: Project, branch: str, artifact_sha: str,
                  owner: str | None = None, new_branch: bool = False) -> ProjectPlan:
     """``owner``: this project's id. Live functions the config does not declare are
@@ -555,7 +573,8 @@ def plan_project(client: Client, project: Project, branch: str, artifact_sha: st
     info = branch_info(client.get_branch(branch), exists=not new_branch)
     resolved = project.resolve(info)
     return ProjectPlan(_plan_items(client, project, branch, resolved.functions, owner,
-                                   artifact_sha), info, resolved.branch, resolved.triggers)
+                                   artifact_sha), info, resolved.branch, resolved.triggers,
+                       resolved.services)
 
 
 def _plan_items(client: Client, project: Project, branch: str,

@@ -35,6 +35,9 @@ class SandboxSpec:
     #: Size of the private /tmp and /dev/shm, each.
     tmp_mb: int = 256
     cwd: str = "/"
+    #: Extra ``/etc/hosts`` entries, name -> address (a branch's service host names,
+    #: which no resolver knows, point at the gateway).
+    hosts: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,7 +46,8 @@ class SandboxSpec:
     def from_json(cls, data: dict[str, Any]) -> SandboxSpec:
         return cls(root_dir=str(data["root_dir"]), ro=[str(p) for p in data.get("ro", [])],
                    rw=[str(p) for p in data.get("rw", [])], tmp_mb=int(data["tmp_mb"]),
-                   cwd=str(data.get("cwd", "/")))
+                   cwd=str(data.get("cwd", "/")),
+                   hosts={str(k): str(v) for k, v in (data.get("hosts") or {}).items()})
 
 
 def _inside(root: str, path: str) -> str:
@@ -89,6 +93,24 @@ def _resolv_conf() -> list[str]:
     return []
 
 
+def _hosts_file(root: str, extra: dict[str, str]) -> None:
+    """Show the host's /etc/hosts plus ``extra``, read-only, at /etc/hosts."""
+    try:
+        with open("/etc/hosts") as f:
+            base = f.read()
+    except OSError:
+        base = "127.0.0.1\tlocalhost\n"
+    lines = [base.rstrip("\n"), "# phloem: this branch's services"]
+    lines += [f"{address}\t{name}" for name, address in sorted(extra.items())]
+    source = _inside(root, "/.hosts")
+    with open(source, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    target = _make_mountpoint(_inside(root, "/etc/hosts"), False)
+    k.mount(source, target, None, k.MS_BIND)
+    k.mount(None, target, None, k.MS_REMOUNT | k.MS_BIND | k.MS_RDONLY | k.MS_NOSUID
+            | k.MS_NODEV)
+
+
 def enter(spec: SandboxSpec) -> None:
     root = spec.root_dir
     # Nothing mounted from here on may propagate back to the host.
@@ -109,6 +131,8 @@ def enter(spec: SandboxSpec) -> None:
             _bind(root, path, read_only=True)
     for path in spec.rw:
         _bind(root, path, read_only=False)
+    if spec.hosts:
+        _hosts_file(root, spec.hosts)
     dev = _inside(root, "/dev")
     _tmpfs(dev, "mode=0755,size=64k", k.MS_NOSUID)
     for name in DEVICES:

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from phloem.control.routes import RoutingTable
 from phloem.gateway.routing import RouteError, Upstream
+from phloem.services.registry import ServiceRegistry
 from phloem.supervisor import IsolateFailed, Supervisor
 
 _LABEL_RE = re.compile(r"^(br-[a-z]+-[a-z]+-[0-9a-f]{6})-([a-z0-9]{1,20})$")
@@ -40,14 +41,21 @@ class HasRoutes(Protocol):
 
 
 class PlatformRouter:
-    def __init__(self, owner: HasRoutes, supervisor: Supervisor, domain: str) -> None:
+    def __init__(self, owner: HasRoutes, supervisor: Supervisor, domain: str,
+                 services: ServiceRegistry | None = None) -> None:
         self.routes = owner.routes
         self.supervisor = supervisor
         self.domain = domain
+        #: Branch services answer at ``<branch_id>--<service>.<domain>``.
+        self.services = services
 
     async def acquire(self, host: str) -> Upstream:
         key = parse_host(host, self.domain)
         spec = self.routes.get(key) if key else None
+        if spec is None and key is None and self.services is not None:
+            lease = await self.services.acquire(host)
+            if lease is not None:
+                return lease
         if spec is None:
             raise RouteError(404, "unknown_host",
                              f"no function is deployed at host {host!r}")

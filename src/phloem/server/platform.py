@@ -55,6 +55,7 @@ from phloem.gateway.tls import TlsError
 from phloem.metadata import db
 from phloem.metadata.db import SYSTEM_PORT
 from phloem.metadata.secrets import SecretBox, SecretError
+from phloem.metadata.services import ServiceStore
 from phloem.metadata.store import BranchRow, FunctionRow, Store
 from phloem.postgres import Cluster, install_binaries
 from phloem.postgres.cluster import random_secret
@@ -84,6 +85,8 @@ from phloem.server.running import (
     request_observer,
     start_triggers,
 )
+from phloem.services.base import ServiceContext
+from phloem.services.registry import ServiceRegistry
 from phloem.supervisor import Supervisor
 from phloem.supervisor.cgroups import (
     CgroupLimiter,
@@ -410,10 +413,20 @@ class Platform:
 
         deployer.on_function_deployed = allow
         deployer.on_function_deleted = forget
+        # Branch services: before the routes load (their variables are in the specs),
+        # stopped after the gateway.
+        branch_services = ServiceRegistry.builtin(ServiceStore(pool))
+        await branch_services.start(ServiceContext(
+            paths=paths, pool=pool, store=store, domain=s.domain, scheme=s.public_scheme,
+            port=s.url_port, secret_box=secret_box,
+            connection_strings=branches.connection_strings))
+        push(branch_services.stop)
+        branches.state_hooks = branch_services
+        deployer.services = branch_services
         await deployer.load_routes()
         await self._remove_unserved_deployments(store)
 
-        router = PlatformRouter(deployer, supervisor, s.domain)
+        router = PlatformRouter(deployer, supervisor, s.domain, branch_services)
         # Client connections may not take the descriptors isolates' connections, spawns
         # and databases need (phloem.gateway.admission.plan_connections).
         plan = plan_connections(fd_limit(), s.max_connections, s.api_max_connections)
@@ -453,7 +466,7 @@ class Platform:
         services = ApiServices(settings=s, paths=paths, api_key=api_key, store=store,
                                branches=branches, deployer=deployer, artifacts=artifacts,
                                function_logs=function_logs, metrics=metrics, status=status,
-                               triggers=triggers)
+                               triggers=triggers, branch_services=branch_services)
         # No WebSocket routes: an upgrade is served as plain HTTP (and stays counted).
         config = uvicorn.Config(create_api(services), host=s.api_host, port=s.api_port,
                                 log_level="warning", access_log=False, lifespan="off",

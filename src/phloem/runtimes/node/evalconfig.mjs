@@ -4,7 +4,8 @@
 //
 // Output: {"functions": {slug: {name, source, env, limits, runtime, bundler, ...}},
 //          "tuning": {...} | null, "unsupported": [[key, what], ...],
-//          "refused": [[key, why], ...], "triggers": {name: {function, cron, functionPath?, enabled?}} | null}
+//          "refused": [[key, why], ...], "triggers": {name: {function, cron, functionPath?, enabled?}} | null,
+//          "services": {"auth"?: {}, "ai"?: {}, "storage"?: {"buckets": {...}}}}
 // "unsupported" are services phloem lacks; "refused" are other keys phloem does not honour,
 // each with the reason, so that no key is dropped without a word.
 // Exit 2 with a message on stderr when the module cannot be evaluated or is not a config.
@@ -86,10 +87,13 @@ if (config === null || typeof config !== "object") {
 }
 
 const unsupported = [];
-if (enabled(config.auth)) unsupported.push(["auth", "Neon Auth"]);
 if (enabled(config.dataApi)) unsupported.push(["dataApi", "the Data API"]);
-if (enabled(config.aiGateway) || enabled(config.preview?.aiGateway)) unsupported.push(["aiGateway", "the AI Gateway"]);
-if (nonEmpty(config.buckets) || nonEmpty(config.preview?.buckets)) unsupported.push(["buckets", "object storage"]);
+// Branch services phloem provides: service name -> its config (plain JSON).
+const services = {};
+if (enabled(config.auth)) services.auth = {};
+if (enabled(config.aiGateway) || enabled(config.preview?.aiGateway)) services.ai = {};
+const buckets = nonEmpty(config.preview?.buckets) ? config.preview.buckets : config.buckets;
+if (nonEmpty(buckets)) services.storage = { buckets: JSON.parse(JSON.stringify(buckets)) };
 if (config.experimental?.hooks !== undefined) {
   refused.push(["experimental.hooks", "lifecycle hooks are not supported: phloem has no hook points to run them at"]);
 }
@@ -147,4 +151,4 @@ if (config.branch !== undefined) {
   }
 }
 
-process.stdout.write(JSON.stringify({ functions, tuning, unsupported, refused, triggers }));
+process.stdout.write(JSON.stringify({ functions, tuning, unsupported, refused, triggers, services }));

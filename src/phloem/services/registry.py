@@ -1,0 +1,171 @@
+"""The platform's branch services: which branches have which on, routing to them, their
+variables, and their part of branch create, reset and delete.
+
+    registry = ServiceRegistry.builtin(ServiceStore(pool))
+    await registry.start(ctx)
+    await registry.declare(branch, {"storage": {"buckets": {"images": {}}}})
+    registry.env(branch)            # {"AWS_ACCESS_KEY_ID": ..., ...}
+    await registry.acquire("br-quiet-moon-3f9a2c--storage.fn.localhost:8787")
+    await registry.copy(parent, child)     # the branch manager calls these three
+    await registry.reset(branch, parent)
+    await registry.delete(branch)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from phloem.gateway.routing import RouteError, Upstream
+from phloem.metadata.services import ServiceStore
+from phloem.metadata.store import BranchRow
+from phloem.services.base import (
+    SERVICES,
+    BranchService,
+    ServiceContext,
+    parse_service_host,
+    service_host,
+)
+
+log = logging.getLogger("phloem.services")
+
+#: The services this build of phloem provides: name -> factory.
+BUILTIN: dict[str, Callable[[], BranchService]] = {}
+
+#: What neon.ts calls each service, for messages.
+LABELS = {"auth": "Neon Auth (auth)", "ai": "the AI Gateway (aiGateway)",
+          "storage": "object storage (buckets)"}
+
+
+class ServiceError(Exception):
+    """A refused service change; ``status``/``code`` go to the API as they are."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class ServiceRegistry:
+    def __init__(self, services: dict[str, BranchService], store: ServiceStore) -> None:
+        self.services = services
+        self.store = store
+        self._on: dict[str, dict[str, dict[str, Any]]] = {}
+        self._ctx: ServiceContext | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def builtin(cls, store: ServiceStore) -> ServiceRegistry:
+        return cls({name: make() for name, make in BUILTIN.items()}, store)
+
+    @property
+    def ctx(self) -> ServiceContext:
+        if self._ctx is None:
+            raise RuntimeError("the service registry has not started")
+        return self._ctx
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        self._on = await self.store.all()
+        for service in self.services.values():
+            await service.start(ctx)
+
+    async def stop(self) -> None:
+        for service in self.services.values():
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("stopping the %s service failed", service.name)
+
+    # -- what a branch has -----------------------------------------------------
+    def enabled(self, branch_id: str) -> dict[str, dict[str, Any]]:
+        """service -> config for the branch (a copy)."""
+        return {k: dict(v) for k, v in self._on.get(branch_id, {}).items()}
+
+    def env(self, branch: BranchRow) -> dict[str, str]:
+        """The variables of every service the branch has on, for its functions."""
+        out: dict[str, str] = {}
+        for name, config in self._on.get(branch.id, {}).items():
+            service = self.services.get(name)
+            if service is not None:
+                out.update(service.env(branch, config))
+        return out
+
+    def hosts(self, branch_id: str) -> list[str]:
+        """The host names of the branch's services (isolates resolve them to the gateway)."""
+        return [service_host(branch_id, name, self.ctx.domain)
+                for name in self._on.get(branch_id, {}) if name in self.services]
+
+    def _lock(self, branch_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(branch_id, asyncio.Lock())
+
+    async def declare(self, branch: BranchRow, wanted: dict[str, dict[str, Any]]) -> bool:
+        """Make the branch's services exactly ``wanted`` (what its neon.ts declares):
+        provision new or changed ones, unprovision the others. All are checked before
+        any changes; returns whether anything changed."""
+        for name in wanted:
+            if name not in SERVICES:
+                raise ServiceError(400, "invalid_input", f"services: unknown service "
+                                   f"{name!r} (known: {', '.join(SERVICES)})")
+            if name not in self.services:
+                raise ServiceError(400, "service_unavailable",
+                                   f"{LABELS.get(name, name)} is not available on this "
+                                   "platform")
+        async with self._lock(branch.id):
+            current = self._on.get(branch.id, {})
+            changed = False
+            for name, config in wanted.items():
+                if current.get(name) != config:
+                    await self.services[name].provision(branch, config)
+                    await self.store.put(branch.id, name, config)
+                    self._on.setdefault(branch.id, {})[name] = dict(config)
+                    changed = True
+            for name in [n for n in current if n not in wanted]:
+                service = self.services.get(name)
+                if service is not None:
+                    await service.unprovision(branch)
+                await self.store.remove(branch.id, name)
+                self._on.get(branch.id, {}).pop(name, None)
+                changed = True
+            return changed
+
+    # -- routing ---------------------------------------------------------------
+    async def acquire(self, host: str) -> Upstream | None:
+        """A lease to the service ``host`` names; ``None`` if it names no service."""
+        parsed = parse_service_host(host, self.ctx.domain)
+        if parsed is None:
+            return None
+        service = self.services.get(parsed.service)
+        if service is None or parsed.service not in self._on.get(parsed.branch_id, {}):
+            raise RouteError(404, "unknown_host",
+                             f"branch {parsed.branch_id} has no {parsed.service} service")
+        return await service.acquire(parsed)
+
+    # -- branch operations (called by the branch manager) ----------------------
+    async def copy(self, parent: BranchRow, child: BranchRow) -> None:
+        await self.store.copy(parent.id, child.id)
+        on = self.enabled(parent.id)
+        if on:
+            self._on[child.id] = on
+        for name in on:
+            service = self.services.get(name)
+            if service is not None:
+                await service.copy(parent, child)
+
+    async def reset(self, branch: BranchRow, parent: BranchRow) -> None:
+        async with self._lock(branch.id):
+            for name in self._on.get(branch.id, {}):
+                service = self.services.get(name)
+                if service is not None:
+                    await service.reset(branch, parent)
+
+    async def delete(self, branch: BranchRow) -> None:
+        async with self._lock(branch.id):
+            for name in self._on.get(branch.id, {}):
+                service = self.services.get(name)
+                if service is not None:
+                    await service.delete(branch)
+            self._on.pop(branch.id, None)
+        self._locks.pop(branch.id, None)
