@@ -42,17 +42,23 @@ from phloem.services.storage.errors import S3Error
 from phloem.services.storage.sigv4 import parse_request_auth
 from phloem.services.storage.state import StorageBranches, parse_buckets
 from phloem.system.xfs import xfs_available, xfs_reflink_mount
-from phloem.testing import free_port, wait_for
+from phloem.testing import PlatformProcess, free_port, wait_for
 
 DOMAIN = "fn.localhost"
+MAIN, OTHER, CHILD = "br-main-one-aaaaaa", "br-other-two-bbbbbb", "br-child-three-cccccc"
 BUCKETS = {"buckets": {"images": {}, "site": {"access": "public_read"}}}
 
 
 @dataclass
 class Endpoint:
+    """Where branches' S3 endpoints listen and how to get a branch's key pair."""
+
     port: int
     branches: StorageBranches
     loop: asyncio.AbstractEventLoop
+
+    def credentials(self, branch_id: str) -> tuple[str, str] | None:
+        return self.branches.credentials(branch_id)
 
     def host(self, branch_id: str) -> str:
         return f"{branch_id}--storage.{DOMAIN}:{self.port}"
@@ -62,7 +68,7 @@ class Endpoint:
 
     def client(self, branch_id: str, key: tuple[str, str] | None = None,
                style: str = "path") -> Any:
-        key = key or self.branches.credentials(branch_id)
+        key = key or self.credentials(branch_id)
         assert key is not None
         s3 = boto3.client(
             "s3", endpoint_url=f"http://{self.host(branch_id)}", region_name="us-east-1",
@@ -105,7 +111,7 @@ def endpoint() -> Iterator[Endpoint]:
     try:
         wait_for(lambda: server.started, 30, "the S3 server to listen")
         ep = Endpoint(port, branches, loop)
-        for b in ("br-main", "br-other"):
+        for b in (MAIN, OTHER):
             configs[b] = BUCKETS
             ep.run(branches.provision(b, BUCKETS))
         yield ep
@@ -122,7 +128,7 @@ def error_code(exc: pytest.ExceptionInfo[botocore.exceptions.ClientError]) -> tu
 
 
 def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
-    s3 = endpoint.client("br-main")
+    s3 = endpoint.client(MAIN)
     assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["images", "site"]
     put = s3.put_object(Bucket="images", Key="docs/a.txt", Body=b"hello world",
                         ContentType="text/plain", Metadata={"owner": "ann"})
@@ -157,12 +163,12 @@ def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
     with pytest.raises(botocore.exceptions.ClientError) as exc:
         s3.get_object(Bucket="images", Key="docs/a.txt", Range="bytes=50-60")
     assert error_code(exc) == ("InvalidRange", 416)
-    virtual = endpoint.client("br-main", style="virtual")
+    virtual = endpoint.client(MAIN, style="virtual")
     assert virtual.get_object(Bucket="images", Key="readme")["Body"].read() == b"readme"
 
 
 def test_multipart_upload(endpoint: Endpoint) -> None:
-    s3 = endpoint.client("br-main")
+    s3 = endpoint.client(MAIN)
     data = os.urandom(11 << 20)
     s3.upload_fileobj(io.BytesIO(data), "images", "big.bin",
                       Config=TransferConfig(multipart_threshold=5 << 20,
@@ -192,7 +198,7 @@ def test_multipart_upload(endpoint: Endpoint) -> None:
 
 
 def test_presigned_urls_and_cors(endpoint: Endpoint) -> None:
-    s3 = endpoint.client("br-main")
+    s3 = endpoint.client(MAIN)
     put_url = s3.generate_presigned_url("put_object", ExpiresIn=60,
                                         Params={"Bucket": "images", "Key": "up.txt"})
     origin = {"Origin": "http://app.example"}
@@ -214,21 +220,21 @@ def test_presigned_urls_and_cors(endpoint: Endpoint) -> None:
 
 
 def test_signatures_keys_and_public_buckets(endpoint: Endpoint) -> None:
-    main_key = endpoint.branches.credentials("br-main")
+    main_key = endpoint.branches.credentials(MAIN)
     assert main_key is not None
-    wrong = endpoint.client("br-main", key=(main_key[0], "x" * 40))
+    wrong = endpoint.client(MAIN, key=(main_key[0], "x" * 40))
     with pytest.raises(botocore.exceptions.ClientError) as exc:
         wrong.list_objects_v2(Bucket="images")
     assert error_code(exc) == ("SignatureDoesNotMatch", 403)
     # The main branch's key on the other branch's endpoint.
-    foreign = endpoint.client("br-other", key=main_key)
+    foreign = endpoint.client(OTHER, key=main_key)
     with pytest.raises(botocore.exceptions.ClientError) as exc:
         foreign.list_objects_v2(Bucket="images")
     assert error_code(exc) == ("InvalidAccessKeyId", 403)
-    s3 = endpoint.client("br-main")
+    s3 = endpoint.client(MAIN)
     s3.put_object(Bucket="site", Key="index.html", Body=b"<h1>hi</h1>")
     s3.put_object(Bucket="images", Key="secret", Body=b"no")
-    base = f"http://{endpoint.host('br-main')}"
+    base = f"http://{endpoint.host(MAIN)}"
     assert endpoint.http(f"{base}/site/index.html").content == b"<h1>hi</h1>"
     r = endpoint.http(f"{base}/images/secret")
     assert (r.status_code, "<Code>AccessDenied</Code>" in r.text) == (403, True)
@@ -240,7 +246,7 @@ def test_signatures_keys_and_public_buckets(endpoint: Endpoint) -> None:
 
 
 def test_quota(endpoint: Endpoint) -> None:
-    s3 = endpoint.client("br-other")
+    s3 = endpoint.client(OTHER)
     with pytest.raises(botocore.exceptions.ClientError) as exc:
         s3.put_object(Bucket="images", Key="huge", Body=b"\0" * (65 << 20))
     assert error_code(exc) == ("QuotaExceeded", 507)
@@ -248,26 +254,26 @@ def test_quota(endpoint: Endpoint) -> None:
 
 
 def test_branch_copy_reset_delete(endpoint: Endpoint) -> None:
-    parent = endpoint.client("br-main")
+    parent = endpoint.client(MAIN)
     parent.put_object(Bucket="images", Key="family.txt", Body=b"from the parent")
-    endpoint.run(endpoint.branches.copy("br-main", "br-child"))
-    child_key = endpoint.branches.credentials("br-child")
-    assert child_key is not None and child_key != endpoint.branches.credentials("br-main")
-    child = endpoint.client("br-child")
+    endpoint.run(endpoint.branches.copy(MAIN, CHILD))
+    child_key = endpoint.branches.credentials(CHILD)
+    assert child_key is not None and child_key != endpoint.branches.credentials(MAIN)
+    child = endpoint.client(CHILD)
     assert child.get_object(Bucket="images", Key="family.txt")["Body"].read() == \
         b"from the parent"
     child.put_object(Bucket="images", Key="family.txt", Body=b"the child's")
     child.put_object(Bucket="images", Key="only-child", Body=b"c")
     assert parent.get_object(Bucket="images", Key="family.txt")["Body"].read() == \
         b"from the parent"
-    endpoint.run(endpoint.branches.reset("br-child", "br-main"))
+    endpoint.run(endpoint.branches.reset(CHILD, MAIN))
     assert child.get_object(Bucket="images", Key="family.txt")["Body"].read() == \
         b"from the parent"
     with pytest.raises(botocore.exceptions.ClientError):
         child.head_object(Bucket="images", Key="only-child")
-    root = endpoint.branches.root_of("br-child")
+    root = endpoint.branches.root_of(CHILD)
     assert root.exists()
-    endpoint.run(endpoint.branches.delete("br-child"))
+    endpoint.run(endpoint.branches.delete(CHILD))
     assert not root.exists()
 
 
@@ -289,8 +295,8 @@ def test_branch_copy_shares_extents_on_xfs() -> None:
         async def scenario() -> tuple[Path, Path]:
             branches = StorageBranches(SecretBox(os.urandom(32)),
                                        lambda b: mnt / b / "storage", config_of, 1 << 30)
-            await branches.provision("br-p", BUCKETS)
-            parent = await branches.storage("br-p")
+            await branches.provision("br-pa-rent-aaaaaa", BUCKETS)
+            parent = await branches.storage("br-pa-rent-aaaaaa")
             assert parent is not None
             bucket = parent.store.buckets["images"]
             tmp = bucket.new_tmp()
@@ -298,8 +304,8 @@ def test_branch_copy_shares_extents_on_xfs() -> None:
             from phloem.services.storage.objects import ObjectMeta
             async with parent.store.lock:
                 bucket.commit("blob", tmp, ObjectMeta(4 << 20, '"x"', "binary/octet-stream"))
-            await branches.copy("br-p", "br-c")
-            child = await branches.storage("br-c")
+            await branches.copy("br-pa-rent-aaaaaa", "br-ch-ild-bbbbbb")
+            child = await branches.storage("br-ch-ild-bbbbbb")
             assert child is not None
             src = bucket.blob_path(bucket.get("blob").blob)  # type: ignore[union-attr]
             dst = child.store.buckets["images"].blob_path(
@@ -359,14 +365,14 @@ def _signed_streaming_request(endpoint: Endpoint, key: str, chunks: list[bytes],
     """A PUT whose head botocore signs, with an aws-chunked body: signed chunks
     (``payload`` STREAMING-AWS4-HMAC-SHA256-PAYLOAD, chained per AWS's spec) or unsigned
     ones with a checksum trailer (STREAMING-UNSIGNED-PAYLOAD-TRAILER)."""
-    creds = endpoint.branches.credentials("br-main")
+    creds = endpoint.branches.credentials(MAIN)
     assert creds is not None
     decoded = sum(len(c) for c in chunks)
     headers = {"Content-Encoding": "aws-chunked", "X-Amz-Content-SHA256": payload,
                "X-Amz-Decoded-Content-Length": str(decoded)}
     if trailer:
         headers["X-Amz-Trailer"] = trailer.split(":")[0]
-    request = AWSRequest("PUT", f"http://{endpoint.host('br-main')}/images/{key}",
+    request = AWSRequest("PUT", f"http://{endpoint.host(MAIN)}/images/{key}",
                          headers=headers)
     # SigV4Auth (not S3SigV4Auth) signs the x-amz-content-sha256 given, as SDKs that
     # stream chunks do.
@@ -397,7 +403,7 @@ def _signed_streaming_request(endpoint: Endpoint, key: str, chunks: list[bytes],
 
 
 def test_aws_chunked_uploads(endpoint: Endpoint) -> None:
-    s3 = endpoint.client("br-main")
+    s3 = endpoint.client(MAIN)
     chunks = [os.urandom(65536), os.urandom(1000)]
     r = _signed_streaming_request(endpoint, "signed", chunks,
                                   "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
@@ -420,3 +426,70 @@ def test_aws_chunked_uploads(endpoint: Endpoint) -> None:
                                   "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
                                   trailer="x-amz-checksum-crc64nvme:AAAAAAAAAAA=")
     assert (r.status_code, "<Code>BadDigest</Code>" in r.text) == (400, True)
+
+
+class PlatformEndpoint(Endpoint):
+    """The branches' S3 endpoints of a running platform, through its gateway."""
+
+    def __init__(self, platform: PlatformProcess) -> None:
+        self.port = platform.gateway_port
+        self.platform = platform
+        self.box = SecretBox.from_data_dir(platform.data_dir / "secrets")
+
+    def credentials(self, branch_id: str) -> tuple[str, str] | None:
+        # What env() injects into the branch's functions, read as root from its sealed file.
+        path = (self.platform.data_dir / "branches" / branch_id / "services" / "storage"
+                / ".credentials")
+        if not path.exists():
+            return None
+        pair = self.box.open(path.read_text(), context=f"branch:{branch_id}:storage_key")
+        return pair["access_key_id"], pair["secret_access_key"]
+
+
+def test_storage_branches_with_the_platform(platform: PlatformProcess) -> None:
+    """Through the gateway: objects are copied by branch create, stay apart, come back with
+    a reset and go with a delete; a key works only on its branch."""
+    ep = PlatformEndpoint(platform)
+    parent = platform.cli_json("branches", "create", "--name", "s3-parent")["id"]
+    api = platform.api()
+    r = api.put(f"/branches/{parent}/services", json={"services": {"storage": BUCKETS}})
+    assert r.status_code == 200, r.text
+    assert r.json()["urls"]["storage"] == \
+        f"http://{parent}--storage.{DOMAIN}:{platform.gateway_port}"
+    bad = api.put(f"/branches/{parent}/services",
+                  json={"services": {"storage": {"buckets": {"Bad_Name": {}}}}})
+    assert bad.status_code == 400 and "preview.buckets.Bad_Name" in bad.text, bad.text
+    s3 = ep.client(parent)
+    s3.put_object(Bucket="images", Key="family.txt", Body=b"from the parent")
+    data = os.urandom(6 << 20)
+    s3.upload_fileobj(io.BytesIO(data), "images", "big.bin", Config=TransferConfig(
+        multipart_threshold=5 << 20, multipart_chunksize=5 << 20, use_threads=False))
+    url = s3.generate_presigned_url("get_object", ExpiresIn=60,
+                                    Params={"Bucket": "images", "Key": "big.bin"})
+    assert ep.http(url).content == data
+
+    child = platform.cli_json("branches", "create", "--name", "s3-child",
+                              "--parent", "s3-parent")["id"]
+    child_key = ep.credentials(child)
+    assert child_key is not None and child_key != ep.credentials(parent)
+    c3 = ep.client(child)
+    assert c3.get_object(Bucket="images", Key="family.txt")["Body"].read() == \
+        b"from the parent"
+    with pytest.raises(botocore.exceptions.ClientError) as exc:
+        ep.client(parent, key=child_key).head_object(Bucket="images", Key="family.txt")
+    assert error_code(exc) == ("403", 403)   # HEAD: S3 errors have no body
+    c3.put_object(Bucket="images", Key="family.txt", Body=b"the child's")
+    c3.delete_object(Bucket="images", Key="big.bin")
+    assert s3.get_object(Bucket="images", Key="family.txt")["Body"].read() == \
+        b"from the parent"
+    assert s3.head_object(Bucket="images", Key="big.bin")["ContentLength"] == len(data)
+
+    platform.cli("branches", "reset", "s3-child")
+    assert c3.get_object(Bucket="images", Key="family.txt")["Body"].read() == \
+        b"from the parent"
+    assert ep.credentials(child) == child_key   # a reset keeps the branch's key
+    objects = platform.data_dir / "branches" / child / "services" / "storage"
+    assert (objects / "images" / "index.sqlite").exists()
+    platform.cli("branches", "delete", "s3-child")
+    assert not objects.exists()
+    platform.cli("branches", "delete", "s3-parent")

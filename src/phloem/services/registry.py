@@ -28,11 +28,12 @@ from phloem.services.base import (
     parse_service_host,
     service_host,
 )
+from phloem.services.storage.service import StorageService
 
 log = logging.getLogger("phloem.services")
 
 #: The services this build of phloem provides: name -> factory.
-BUILTIN: dict[str, Callable[[], BranchService]] = {}
+BUILTIN: dict[str, Callable[[], BranchService]] = {"storage": StorageService}
 
 #: What neon.ts calls each service, for messages.
 LABELS = {"auth": "Neon Auth (auth)", "ai": "the AI Gateway (aiGateway)",
@@ -118,7 +119,10 @@ class ServiceRegistry:
             changed = False
             for name, config in wanted.items():
                 if current.get(name) != config:
-                    await self.services[name].provision(branch, config)
+                    try:
+                        await self.services[name].provision(branch, config)
+                    except ValueError as exc:   # the service's config rules
+                        raise ServiceError(400, "invalid_input", str(exc)) from None
                     await self.store.put(branch.id, name, config)
                     self._on.setdefault(branch.id, {})[name] = dict(config)
                     changed = True

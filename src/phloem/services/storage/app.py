@@ -17,17 +17,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import parse_qsl, unquote
 
+from starlette.types import Message, Receive, Scope, Send
+
+from phloem.services.base import parse_service_host
 from phloem.services.storage.errors import S3Error
 from phloem.services.storage.objects import BranchStorage
 from phloem.services.storage.sigv4 import UNSIGNED, RequestAuth, parse_request_auth
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-SERVICE_SUFFIX = "--storage"
 _CORS_METHODS = "GET, PUT, POST, DELETE, HEAD"
 _CORS_EXPOSE = ("ETag, x-amz-request-id, x-amz-version-id, x-amz-checksum-crc32, "
                 "x-amz-checksum-crc64nvme, Content-Length, Content-Range, Accept-Ranges")
@@ -47,24 +46,6 @@ class Branches(Protocol):
     async def storage(self, branch_id: str) -> BranchAccess | None:
         """The branch's storage, or None when it has no storage service."""
         ...
-
-
-def split_host(host: str, domain: str) -> tuple[str, str] | None:
-    """(branch id, bucket from the host name or "") for a storage host name, else None.
-
-    >>> split_host("img.br-a-b-1f2e3d--storage.fn.localhost:8787", "fn.localhost")
-    ('br-a-b-1f2e3d', 'img')
-    """
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.lower().rstrip(".")
-    suffix = "." + domain.lower()
-    if not name.endswith(suffix):
-        return None
-    labels = name[: -len(suffix)]
-    bucket, _, last = labels.rpartition(".")
-    if not last.endswith(SERVICE_SUFFIX):
-        return None
-    return last[: -len(SERVICE_SUFFIX)], bucket
 
 
 @dataclass
@@ -134,7 +115,7 @@ class StorageApp:
 
         raw_receive = receive
 
-        async def tracked() -> dict[str, Any]:
+        async def tracked() -> Message:
             msg = await raw_receive()
             if msg["type"] != "http.request" or not msg.get("more_body"):
                 body_left[0] = False
@@ -176,11 +157,11 @@ class StorageApp:
     async def _request(self, scope: Scope, receive: Receive, headers: dict[str, list[str]],
                        request_id: str) -> Request:
         host = (headers.get("host") or [""])[0]
-        where = split_host(host, self.domain)
-        if where is None:
+        where = parse_service_host(host, self.domain)
+        if where is None or where.service != "storage":
             raise S3Error("InvalidRequest", f"Host {host!r} is not a storage endpoint "
-                          f"(<branch>{SERVICE_SUFFIX}.{self.domain})")
-        branch_id, host_bucket = where
+                          f"(<branch>--storage.{self.domain})")
+        branch_id, host_bucket = where.branch_id, where.prefix
         access = await self.branches.storage(branch_id)
         if access is None:
             raise S3Error("NoSuchBucket", f"branch {branch_id} has no object storage")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
+
+from starlette.types import Receive
 
 from phloem.services.storage.checksums import ALGORITHMS, Checksum, new_checksum
 from phloem.services.storage.errors import S3Error
@@ -29,7 +31,6 @@ from phloem.services.storage.sigv4 import (
     ChunkSigner,
 )
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 _MAX_LINE = 4096
 _MAX_TRAILER = 16 * 1024
 
