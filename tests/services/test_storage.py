@@ -42,9 +42,10 @@ from phloem.services.storage.errors import S3Error
 from phloem.services.storage.sigv4 import parse_request_auth
 from phloem.services.storage.state import StorageBranches, parse_buckets
 from phloem.system.xfs import xfs_available, xfs_reflink_mount
-from phloem.testing import PlatformProcess, free_port, wait_for
+from phloem.testing import PlatformProcess, free_port, host_of, wait_for
 
 DOMAIN = "fn.localhost"
+APPS = Path(__file__).parent.parent / "apps"
 MAIN, OTHER, CHILD = "br-main-one-aaaaaa", "br-other-two-bbbbbb", "br-child-three-cccccc"
 BUCKETS = {"buckets": {"images": {}, "site": {"access": "public_read"}}}
 
@@ -468,6 +469,18 @@ def test_storage_branches_with_the_platform(platform: PlatformProcess) -> None:
                                     Params={"Bucket": "images", "Key": "big.bin"})
     assert ep.http(url).content == data
 
+    # A function of the branch sees the variables and reaches the endpoint from its sandbox.
+    s3.put_object(Bucket="site", Key="hello.txt", Body=b"public hello")
+    fn = platform.deploy("sthree", APPS / "s3probe", branch="s3-parent")
+    with platform.gateway(host_of(fn["invocation_url"])) as gw:
+        seen = gw.get("/", params={"key": "hello.txt"}).json()
+    assert seen["env"] == {
+        "AWS_ACCESS_KEY_ID": ep.credentials(parent)[0],  # type: ignore[index]
+        "AWS_SECRET_ACCESS_KEY": ep.credentials(parent)[1],  # type: ignore[index]
+        "AWS_ENDPOINT_URL_S3": f"http://{parent}--storage.{DOMAIN}:{platform.gateway_port}",
+        "AWS_REGION": "us-east-1", "NEON_STORAGE_FORCE_PATH_STYLE": "true"}
+    assert (seen["status"], seen["body"]) == (200, "public hello")
+
     child = platform.cli_json("branches", "create", "--name", "s3-child",
                               "--parent", "s3-parent")["id"]
     child_key = ep.credentials(child)
@@ -492,4 +505,5 @@ def test_storage_branches_with_the_platform(platform: PlatformProcess) -> None:
     assert (objects / "images" / "index.sqlite").exists()
     platform.cli("branches", "delete", "s3-child")
     assert not objects.exists()
+    platform.cli("functions", "delete", "sthree", "--branch", "s3-parent")
     platform.cli("branches", "delete", "s3-parent")
