@@ -68,13 +68,13 @@ class Endpoint:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     def client(self, branch_id: str, key: tuple[str, str] | None = None,
-               style: str = "path") -> Any:
+               style: str = "path", signature_version: str | None = "s3v4") -> Any:
         key = key or self.credentials(branch_id)
         assert key is not None
         s3 = boto3.client(
             "s3", endpoint_url=f"http://{self.host(branch_id)}", region_name="us-east-1",
             aws_access_key_id=key[0], aws_secret_access_key=key[1],
-            config=Config(signature_version="s3v4", s3={"addressing_style": style},
+            config=Config(signature_version=signature_version, s3={"addressing_style": style},
                           retries={"max_attempts": 1}))
         port = self.port
 
@@ -217,6 +217,19 @@ def test_presigned_urls_and_cors(endpoint: Endpoint) -> None:
     assert endpoint.http(get_url).content == b"from a browser"
     forged = get_url.replace("X-Amz-Expires=60", "X-Amz-Expires=61")
     r = endpoint.http(forged)
+    assert (r.status_code, "<Code>SignatureDoesNotMatch</Code>" in r.text) == (403, True)
+    # boto3's own default for us-east-1: Signature Version 2 presigned URLs.
+    v2 = endpoint.client(MAIN, signature_version=None)
+    v2_put = v2.generate_presigned_url("put_object", ExpiresIn=60, Params={
+        "Bucket": "images", "Key": "v2.txt", "ContentType": "text/plain"})
+    assert "AWSAccessKeyId=" in v2_put
+    r = endpoint.http(v2_put, "PUT", content=b"v2 body", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200, r.text
+    v2_get = v2.generate_presigned_url("get_object", ExpiresIn=60, Params={
+        "Bucket": "images", "Key": "v2.txt", "ResponseContentDisposition": "attachment"})
+    r = endpoint.http(v2_get)
+    assert (r.content, r.headers["content-disposition"]) == (b"v2 body", "attachment")
+    r = endpoint.http(v2_get.replace("v2.txt", "up.txt"))
     assert (r.status_code, "<Code>SignatureDoesNotMatch</Code>" in r.text) == (403, True)
 
 

@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 from phloem.services.base import parse_service_host
 from phloem.services.storage.errors import S3Error
 from phloem.services.storage.objects import BranchStorage
+from phloem.services.storage.sigv2 import PresignedV2, parse_presigned_v2
 from phloem.services.storage.sigv4 import UNSIGNED, RequestAuth, parse_request_auth
 
 _CORS_METHODS = "GET, PUT, POST, DELETE, HEAD"
@@ -60,7 +61,7 @@ class Request:
     access: BranchAccess
     bucket: str
     key: str
-    auth: RequestAuth | None
+    auth: RequestAuth | PresignedV2 | None
     request_id: str
 
     def header(self, name: str) -> str | None:
@@ -174,7 +175,10 @@ class StorageApp:
             bucket, _, key = path[1:].partition("/")
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                           keep_blank_values=True)
-        auth = parse_request_auth(scope["method"], raw_path, query, headers)
+        auth: RequestAuth | PresignedV2 | None = parse_request_auth(
+            scope["method"], raw_path, query, headers)
+        if auth is None:
+            auth = parse_presigned_v2(scope["method"], raw_path, host_bucket, query, headers)
         if auth is not None:
             if auth.access_key_id != access.access_key_id:
                 raise S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does "

@@ -22,6 +22,7 @@ from phloem.services.storage.body import read_body
 from phloem.services.storage.common import bucket_of, iso, xml_response
 from phloem.services.storage.errors import S3Error
 from phloem.services.storage.objects import Bucket, ObjectMeta
+from phloem.services.storage.sigv4 import RequestAuth
 
 #: The largest single PUT, as S3's.
 MAX_OBJECT_BYTES = 5 * 1024**3
@@ -104,7 +105,8 @@ async def receive_into(req: Request, tmp: Path, limit: int) -> tuple[int, str, d
                  else S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum "
                               f"allowed size ({limit} bytes)"))
     signer = (req.auth.chunk_signer(req.access.secret)
-              if req.auth is not None and req.payload.startswith("STREAMING-AWS4") else None)
+              if isinstance(req.auth, RequestAuth) and req.payload.startswith("STREAMING-AWS4")
+              else None)
     try:
         with open(tmp, "xb") as f:
             body = await read_body(req.receive, f, req.headers, req.payload, signer,
