@@ -12,7 +12,9 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -520,3 +522,31 @@ def test_storage_branches_with_the_platform(platform: PlatformProcess) -> None:
     assert not objects.exists()
     platform.cli("functions", "delete", "sthree", "--branch", "s3-parent")
     platform.cli("branches", "delete", "s3-parent")
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="needs Node and npm")
+def test_aws_sdk_for_javascript(endpoint: Endpoint, tmp_path: Path) -> None:
+    """@aws-sdk/client-s3 with its default checksums (CRC32 headers, aws-chunked trailers
+    for streams) and @aws-sdk/s3-request-presigner."""
+    (tmp_path / "package.json").write_text('{"name": "s3-sdk-check", "private": true}')
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts",
+                    "@aws-sdk/client-s3@3", "@aws-sdk/s3-request-presigner@3",
+                    "@smithy/node-http-handler"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=300)
+    shutil.copy(Path(__file__).parent / "storage_sdk.mjs", tmp_path / "check.mjs")
+    key = endpoint.credentials(MAIN)
+    assert key is not None
+    proc = subprocess.run(
+        ["node", "check.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "S3_ENDPOINT": f"http://{endpoint.host(MAIN)}",
+             "AWS_ACCESS_KEY_ID": key[0], "AWS_SECRET_ACCESS_KEY": key[1]})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["range"] == "node" and out["metadata"] == {"lang": "js"}
+    assert out["streamedLength"] == 200000
+    assert out["keys"] == ["js/buffer.txt", "js/copy.txt", "js/stream.bin"]
+    assert out["multipartETag"].endswith('-2"')
+    assert (out["presignedPut"], out["presignedGet"], out["tampered"]) == \
+        (200, "presigned from node", 403)
+    s3 = endpoint.client(MAIN)
+    assert s3.get_object(Bucket="images", Key="js/stream.bin")["Body"].read() == b"s" * 200000
