@@ -107,7 +107,8 @@ def endpoint() -> Iterator[Endpoint]:
                                config_of, quota_bytes=64 << 20)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(StorageApp(branches, DOMAIN, dispatch),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+                                           host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),))
     thread.start()
@@ -166,6 +167,12 @@ def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
     with pytest.raises(botocore.exceptions.ClientError) as exc:
         s3.get_object(Bucket="images", Key="docs/a.txt", Range="bytes=50-60")
     assert error_code(exc) == ("InvalidRange", 416)
+    odd = ["sp ace/ü+%25?#.txt", "/leading//double", "..", "a=b&c;d~*'()!$,@"]
+    for key in odd:
+        s3.put_object(Bucket="site", Key=key, Body=key.encode())
+        assert s3.get_object(Bucket="site", Key=key)["Body"].read() == key.encode()
+    listed = s3.list_objects_v2(Bucket="site")["Contents"]
+    assert [c["Key"] for c in listed] == sorted(odd, key=lambda k: k.encode())
     virtual = endpoint.client(MAIN, style="virtual")
     assert virtual.get_object(Bucket="images", Key="readme")["Body"].read() == b"readme"
 
@@ -477,6 +484,9 @@ def test_storage_branches_with_the_platform(platform: PlatformProcess) -> None:
     assert bad.status_code == 400 and "preview.buckets.Bad_Name" in bad.text, bad.text
     s3 = ep.client(parent)
     s3.put_object(Bucket="images", Key="family.txt", Body=b"from the parent")
+    for key in ("sp ace/ü+%25?#.txt", "/leading//double", ".."):   # the gateway keeps paths
+        s3.put_object(Bucket="site", Key=key, Body=key.encode())
+        assert s3.get_object(Bucket="site", Key=key)["Body"].read() == key.encode()
     data = os.urandom(6 << 20)
     s3.upload_fileobj(io.BytesIO(data), "images", "big.bin", Config=TransferConfig(
         multipart_threshold=5 << 20, multipart_chunksize=5 << 20, use_threads=False))
