@@ -41,6 +41,7 @@ from phloem.services.storage.app import StorageApp
 from phloem.services.storage.checksums import new_checksum
 from phloem.services.storage.dispatch import dispatch
 from phloem.services.storage.errors import S3Error
+from phloem.services.storage.objects import ObjectMeta
 from phloem.services.storage.sigv4 import parse_request_auth
 from phloem.services.storage.state import StorageBranches, parse_buckets
 from phloem.system.xfs import xfs_available, xfs_reflink_mount
@@ -324,7 +325,6 @@ def test_branch_copy_shares_extents_on_xfs() -> None:
             bucket = parent.store.buckets["images"]
             tmp = bucket.new_tmp()
             tmp.write_bytes(os.urandom(4 << 20))
-            from phloem.services.storage.objects import ObjectMeta
             async with parent.store.lock:
                 bucket.commit("blob", tmp, ObjectMeta(4 << 20, '"x"', "binary/octet-stream"))
             await branches.copy("br-pa-rent-aaaaaa", "br-ch-ild-bbbbbb")
@@ -560,3 +560,35 @@ def test_aws_sdk_for_javascript(endpoint: Endpoint, tmp_path: Path) -> None:
         (200, "presigned from node", 403)
     s3 = endpoint.client(MAIN)
     assert s3.get_object(Bucket="images", Key="js/stream.bin")["Body"].read() == b"s" * 200000
+
+
+def test_leftovers_of_a_killed_platform_are_swept(tmp_path: Path) -> None:
+    async def config_of(branch_id: str) -> dict[str, Any] | None:
+        return BUCKETS
+
+    def open_branches() -> StorageBranches:
+        return StorageBranches(SecretBox(b"k" * 32), lambda b: tmp_path / b, config_of, 1 << 20)
+
+    async def scenario() -> None:
+        first = open_branches()
+        await first.provision(MAIN, BUCKETS)
+        access = await first.storage(MAIN)
+        assert access is not None
+        bucket = access.store.buckets["images"]
+        tmp = bucket.new_tmp()
+        tmp.write_bytes(b"kept")
+        async with access.store.lock:
+            bucket.commit("kept", tmp, ObjectMeta(4, '"k"', "text/plain"))
+        bucket.new_tmp().write_bytes(b"half received")
+        (bucket.blobs / ("0" * 32)).write_bytes(b"renamed, never indexed")
+        first.close()
+        again = await open_branches().storage(MAIN)
+        assert again is not None
+        reopened = again.store.buckets["images"]
+        assert list(reopened.tmp.iterdir()) == []
+        meta = reopened.get("kept")
+        assert meta is not None
+        assert [p.name for p in reopened.blobs.iterdir()] == [meta.blob]
+        assert again.access_key_id == access.access_key_id
+
+    asyncio.run(scenario())

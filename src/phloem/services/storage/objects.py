@@ -75,10 +75,21 @@ class Bucket:
         self.tmp = path / "tmp"
         for d in (path, self.blobs, self.tmp):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Autocommit, default (FULL) synchronous: a 200 means the row is on disk.
         self.db = sqlite3.connect(path / "index.sqlite", isolation_level=None,
                                   check_same_thread=False)
-        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(_SCHEMA)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove what a killed platform left: bodies half received, and blobs written
+        whose row never pointed at them (killed between the rename and the insert)."""
+        for leftover in self.tmp.iterdir():
+            leftover.unlink()
+        known = {row[0] for row in self.db.execute("SELECT blob FROM objects")}
+        for blob in self.blobs.iterdir():
+            if blob.name not in known:
+                blob.unlink()
 
     def close(self) -> None:
         self.db.close()
@@ -163,6 +174,8 @@ class BranchStorage:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.uploads = root / ".uploads"
         self.uploads.mkdir(mode=0o700, exist_ok=True)
+        for leftover in self.uploads.glob("*/tmp-*"):   # parts half received
+            leftover.unlink()
         self._buckets: dict[str, Bucket] = {}
         self.configure(buckets)
 

@@ -111,6 +111,8 @@ async def receive_into(req: Request, tmp: Path, limit: int) -> tuple[int, str, d
         with open(tmp, "xb") as f:
             body = await read_body(req.receive, f, req.headers, req.payload, signer,
                                    max_bytes=min(limit, free), too_large=too_large)
+            f.flush()
+            os.fsync(f.fileno())   # a 200 means the bytes are on disk
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
