@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -141,6 +142,10 @@ def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
     got = s3.get_object(Bucket="images", Key="docs/a.txt", Range="bytes=6-")
     assert got["Body"].read() == b"world"
     assert got["ContentRange"] == "bytes 6-10/11"
+    whole = s3.get_object(Bucket="images", Key="docs/a.txt", ChecksumMode="ENABLED")
+    assert whole["ChecksumCRC32"] == base64.b64encode(
+        zlib.crc32(b"hello world").to_bytes(4, "big")).decode()
+    assert whole["Body"].read() == b"hello world"   # botocore checks it against the CRC
     head = s3.head_object(Bucket="images", Key="docs/a.txt")
     assert (head["ContentType"], head["Metadata"], head["ContentLength"]) == \
         ("text/plain", {"owner": "ann"}, 11)
@@ -174,6 +179,8 @@ def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
         assert s3.get_object(Bucket="site", Key=key)["Body"].read() == key.encode()
     listed = s3.list_objects_v2(Bucket="site")["Contents"]
     assert [c["Key"] for c in listed] == sorted(odd, key=lambda k: k.encode())
+    bad_utf8 = endpoint.http(f"http://{endpoint.host(MAIN)}/images/%ff")
+    assert (bad_utf8.status_code, "<Code>InvalidURI</Code>" in bad_utf8.text) == (400, True)
     virtual = endpoint.client(MAIN, style="virtual")
     assert virtual.get_object(Bucket="images", Key="readme")["Body"].read() == b"readme"
 

@@ -168,7 +168,11 @@ class StorageApp:
             raise S3Error("NoSuchBucket", f"branch {branch_id} has no object storage")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
-        path = unquote(raw_path.decode("latin-1"), encoding="utf-8", errors="strict")
+        try:
+            path = unquote(raw_path.decode("latin-1"), encoding="utf-8", errors="strict")
+        except UnicodeDecodeError:
+            raise S3Error("InvalidURI", "Couldn't parse the specified URI: the path's "
+                          "percent-escapes are not UTF-8") from None
         if host_bucket:
             bucket, key = host_bucket, path[1:]
         else:

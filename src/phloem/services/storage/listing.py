@@ -50,7 +50,7 @@ def list_page(bucket: Bucket, prefix: str, delimiter: str, start: str, max_keys:
             if i >= 0:
                 entry = meta.key[: i + len(delimiter)]
         if len(page.contents) + len(page.prefixes) >= max_keys:
-            page.truncated = True
+            page.truncated = max_keys > 0   # max-keys=0 asks for nothing, as S3 answers
             break
         if isinstance(entry, str):
             page.prefixes.append(entry)

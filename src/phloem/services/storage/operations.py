@@ -213,6 +213,9 @@ async def get_object(req: Request) -> Response:
         spec = req.header("range")
         span = _range(spec, meta.size) if spec else None
         if span is None:
+            if (req.header("x-amz-checksum-mode") or "").upper() == "ENABLED":
+                # What the upload sent and was verified; SDKs check the body against it.
+                headers += [(f"x-amz-checksum-{a}", v) for a, v in meta.checksums.items()]
             return Response(200, headers, file=(fd, 0, meta.size))
         start, length = span
         headers.append(("content-range", f"bytes {start}-{start + length - 1}/{meta.size}"))
