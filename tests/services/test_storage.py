@@ -136,6 +136,14 @@ def error_code(exc: pytest.ExceptionInfo[botocore.exceptions.ClientError]) -> tu
 def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
     s3 = endpoint.client(MAIN)
     assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["images", "site"]
+    s3.create_bucket(Bucket="images")   # declared: already there, as S3 answers its owner
+    s3.head_bucket(Bucket="site")
+    with pytest.raises(botocore.exceptions.ClientError) as exc:
+        s3.create_bucket(Bucket="other")   # buckets are declared in neon.ts
+    assert error_code(exc) == ("AccessDenied", 403)
+    with pytest.raises(botocore.exceptions.ClientError) as exc:
+        s3.head_bucket(Bucket="other")
+    assert error_code(exc) == ("404", 404)
     put = s3.put_object(Bucket="images", Key="docs/a.txt", Body=b"hello world",
                         ContentType="text/plain", Metadata={"owner": "ann"})
     assert put["ETag"] == '"' + hashlib.md5(b"hello world").hexdigest() + '"'
@@ -538,6 +546,11 @@ def test_storage_branches_with_the_platform(platform: PlatformProcess) -> None:
     platform.cli("branches", "delete", "s3-child")
     assert not objects.exists()
     platform.cli("functions", "delete", "sthree", "--branch", "s3-parent")
+    # Dropping buckets from neon.ts removes the service and its objects.
+    assert api.put(f"/branches/{parent}/services", json={"services": {}}).status_code == 200
+    assert not (platform.data_dir / "branches" / parent / "services" / "storage").exists()
+    with platform.gateway(ep.host(parent)) as gw:
+        assert gw.get("/images/family.txt").status_code == 404
     platform.cli("branches", "delete", "s3-parent")
 
 
