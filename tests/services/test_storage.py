@@ -484,11 +484,19 @@ class PlatformEndpoint(Endpoint):
         return pair["access_key_id"], pair["secret_access_key"]
 
 
-def test_storage_branches_with_the_platform(platform: PlatformProcess) -> None:
+@pytest.fixture
+def s3_parent(platform: PlatformProcess) -> Iterator[str]:
+    """A branch of the shared platform for these tests, removed (with its children) even
+    when a test fails half-way."""
+    yield platform.cli_json("branches", "create", "--name", "s3-parent")["id"]
+    platform.cli("branches", "delete", "s3-parent", "--recursive", check=False)
+
+
+def test_storage_branches_with_the_platform(platform: PlatformProcess, s3_parent: str) -> None:
     """Through the gateway: objects are copied by branch create, stay apart, come back with
     a reset and go with a delete; a key works only on its branch."""
     ep = PlatformEndpoint(platform)
-    parent = platform.cli_json("branches", "create", "--name", "s3-parent")["id"]
+    parent = s3_parent
     api = platform.api()
     r = api.put(f"/branches/{parent}/services", json={"services": {"storage": BUCKETS}})
     assert r.status_code == 200, r.text
