@@ -12,6 +12,7 @@ branch is refused on any other (``InvalidAccessKeyId``, 403).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from phloem.services.storage.objects import BranchStorage
 from phloem.services.storage.sigv2 import PresignedV2, parse_presigned_v2
 from phloem.services.storage.sigv4 import UNSIGNED, RequestAuth, parse_request_auth
 
+log = logging.getLogger("phloem.services.storage")
 _CORS_METHODS = "GET, PUT, POST, DELETE, HEAD"
 _CORS_EXPOSE = ("ETag, x-amz-request-id, x-amz-version-id, x-amz-checksum-crc32, "
                 "x-amz-checksum-crc64nvme, Content-Length, Content-Range, Accept-Ranges")
@@ -86,9 +88,6 @@ class Response:
     file: tuple[int, int, int] | None = None
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-
-
 class StorageApp:
     def __init__(self, branches: Branches, domain: str,
                  dispatch: Callable[[Request], Awaitable[Response]]) -> None:
@@ -130,7 +129,11 @@ class StorageApp:
                 request = await self._request(scope, receive, headers, request_id)
                 resource = request.resource
                 response = await self.dispatch(request)
-        except S3Error as exc:
+        except Exception as exc:
+            if not isinstance(exc, S3Error):
+                log.exception("storage: %s %s failed", method, resource)
+                exc = S3Error("InternalError", "We encountered an internal error. Please "
+                              "try again.")
             body = b"" if method == "HEAD" else exc.to_xml(resource, request_id)
             response = Response(exc.status, [("content-type", "application/xml")], body)
         if body_left[0]:
@@ -211,9 +214,7 @@ def _first(headers: dict[str, list[str]], name: str) -> str | None:
 async def _send(send: Send, response: Response, request_id: str, origin: str | None,
                 head: bool) -> None:
     headers = [(b"x-amz-request-id", request_id.encode()), (b"server", b"phloem")]
-    length = len(response.body)
-    if response.file is not None:
-        length = response.file[2]
+    length = response.file[2] if response.file is not None else len(response.body)
     headers.append((b"content-length", str(length).encode()))
     for k, v in response.headers or []:
         headers.append((k.encode("latin-1"), v.encode("utf-8")))
@@ -221,21 +222,22 @@ async def _send(send: Send, response: Response, request_id: str, origin: str | N
         headers += [(b"access-control-allow-origin", origin.encode("latin-1")),
                     (b"access-control-expose-headers", _CORS_EXPOSE.encode()),
                     (b"vary", b"Origin")]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    if response.file is None or head:
-        if response.file is not None:
-            os.close(response.file[0])
-        await send({"type": "http.response.body", "body": b"" if head else response.body})
-        return
-    fd, offset, remaining = response.file
+    fd = response.file[0] if response.file is not None else None
     try:
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": headers})
+        if response.file is None or head:
+            await send({"type": "http.response.body", "body": b"" if head else response.body})
+            return
+        _, offset, remaining = response.file
         while remaining > 0:
-            data = os.pread(fd, min(remaining, 256 * 1024), offset)
+            data = os.pread(response.file[0], min(remaining, 256 * 1024), offset)
             if not data:
-                break
+                break   # the blob is shorter than its row says: the client sees a short body
             offset += len(data)
             remaining -= len(data)
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
