@@ -187,6 +187,9 @@ def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
         assert s3.get_object(Bucket="site", Key=key)["Body"].read() == key.encode()
     listed = s3.list_objects_v2(Bucket="site")["Contents"]
     assert [c["Key"] for c in listed] == sorted(odd, key=lambda k: k.encode())
+    assert s3.put_object(Bucket="images", Key="empty", Body=b"")["ETag"] == \
+        '"d41d8cd98f00b204e9800998ecf8427e"'
+    assert s3.get_object(Bucket="images", Key="empty")["Body"].read() == b""
     bad_utf8 = endpoint.http(f"http://{endpoint.host(MAIN)}/images/%ff")
     assert (bad_utf8.status_code, "<Code>InvalidURI</Code>" in bad_utf8.text) == (400, True)
     virtual = endpoint.client(MAIN, style="virtual")
@@ -196,9 +199,10 @@ def test_put_get_range_head_list_copy_delete(endpoint: Endpoint) -> None:
 def test_multipart_upload(endpoint: Endpoint) -> None:
     s3 = endpoint.client(MAIN)
     data = os.urandom(11 << 20)
+    # boto3's default: the parts go up concurrently.
     s3.upload_fileobj(io.BytesIO(data), "images", "big.bin",
                       Config=TransferConfig(multipart_threshold=5 << 20,
-                                            multipart_chunksize=5 << 20, use_threads=False))
+                                            multipart_chunksize=5 << 20))
     head = s3.head_object(Bucket="images", Key="big.bin")
     md5s = b"".join(hashlib.md5(data[i:i + (5 << 20)]).digest()
                     for i in range(0, len(data), 5 << 20))
