@@ -37,6 +37,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
+from phloem.control.triggers import check_triggers
 from phloem.metadata.secrets import SecretBox
 from phloem.services.storage.app import StorageApp
 from phloem.services.storage.checksums import new_checksum
@@ -45,6 +46,7 @@ from phloem.services.storage.errors import S3Error
 from phloem.services.storage.objects import ObjectMeta
 from phloem.services.storage.sigv4 import parse_request_auth
 from phloem.services.storage.state import StorageBranches, parse_buckets
+from phloem.system.validation import InvalidInput
 from phloem.system.xfs import xfs_available, xfs_reflink_mount
 from phloem.testing import PlatformProcess, free_port, host_of, wait_for
 
@@ -320,6 +322,26 @@ def test_branch_copy_reset_delete(endpoint: Endpoint) -> None:
     assert not root.exists()
 
 
+def test_storage_triggers_are_checked() -> None:
+    (spec,) = check_triggers({"up": {"type": "storage_object_created", "function": "ingest",
+                                     "bucket": "assets", "prefix": "logos/"}})
+    assert (spec.kind, spec.bucket, spec.prefix, spec.cron) == \
+        ("storage_object_created", "assets", "logos/", "")
+    (cron,) = check_triggers({"tick": {"type": "schedule", "function": "cron",
+                                       "cron": "* * * * *"}})
+    assert (cron.kind, cron.bucket) == ("schedule", None)
+    for spec_in, field in (({"bucket": "Assets"}, "triggers.up.bucket"),
+                           ({"bucket": "assets", "cron": "* * * * *"}, "triggers.up.cron"),
+                           ({"bucket": "assets", "prefix": 7}, "triggers.up.prefix")):
+        with pytest.raises(InvalidInput) as exc:
+            check_triggers({"up": {"type": "storage_object_created", "function": "ingest",
+                                   **spec_in}})
+        assert exc.value.field == field
+    with pytest.raises(InvalidInput) as exc:
+        check_triggers({"up": {"type": "on_upload", "function": "ingest"}})
+    assert exc.value.field == "triggers.up.type"
+
+
 def test_bucket_options_are_checked() -> None:
     assert parse_buckets({"buckets": {"a-b.c": {"access": "public_read"}}}) == \
         {"a-b.c": "public_read"}
@@ -532,6 +554,31 @@ def test_storage_branches_with_the_platform(platform: PlatformProcess, s3_parent
         "AWS_ENDPOINT_URL_S3": f"http://{parent}--storage.{DOMAIN}:{platform.gateway_port}",
         "AWS_REGION": "us-east-1", "NEON_STORAGE_FORCE_PATH_STYLE": "true"}
     assert (seen["status"], seen["body"]) == (200, "public hello")
+
+    # storage_object_created: an object under the prefix POSTs to the function, once.
+    r = api.put(f"/branches/{parent}/triggers", json={"triggers": {"on-upload": {
+        "type": "storage_object_created", "function": "sthree", "bucket": "images",
+        "prefix": "in/", "functionPath": "/object"}}})
+    assert r.status_code == 200, r.text
+    assert (r.json()[0]["type"], r.json()[0]["bucket"], r.json()[0]["prefix"]) == \
+        ("storage_object_created", "images", "in/")
+    s3.put_object(Bucket="images", Key="out/skipped.txt", Body=b"no")
+    s3.put_object(Bucket="images", Key="in/photo.png", Body=b"png", ContentType="image/png")
+    with platform.gateway(host_of(fn["invocation_url"])) as gw:
+        posts = wait_for(lambda: gw.get("/seen").json(), 60, "the trigger's POST")
+    (post,) = posts
+    event = json.loads(post["body"])
+    assert (post["path"], post["headers"]["x-neon-trigger"]) == ("/object", "on-upload")
+    assert event["trigger"] == {"name": "on-upload", "type": "storage_object_created",
+                                "bucket": "images", "prefix": "in/"}
+    assert {k: event["data"][k] for k in ("bucket", "key", "size", "content_type", "etag")} \
+        == {"bucket": "images", "key": "in/photo.png", "size": 3, "content_type": "image/png",
+            "etag": '"' + hashlib.md5(b"png").hexdigest() + '"'}
+    runs = wait_for(lambda: [h for h in api.get(
+        f"/branches/{parent}/triggers/on-upload/history").json()
+        if h["status"] == "succeeded"], 30, "the run's history")
+    assert [(h["reason"], h["id"]) for h in runs] == \
+        [("object_created", post["headers"]["x-neon-invocation-id"])]
 
     child = platform.cli_json("branches", "create", "--name", "s3-child",
                               "--parent", "s3-parent")["id"]

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote
 
 from starlette.types import Message, Receive, Scope, Send
@@ -33,6 +33,11 @@ log = logging.getLogger("phloem.services.storage")
 _CORS_METHODS = "GET, PUT, POST, DELETE, HEAD"
 _CORS_EXPOSE = ("ETag, x-amz-request-id, x-amz-version-id, x-amz-checksum-crc32, "
                 "x-amz-checksum-crc64nvme, Content-Length, Content-Range, Accept-Ranges")
+
+
+#: Told of every object created (PUT, copy, completed multipart): branch id, bucket, key,
+#: {size, etag, content_type}. The platform's storage_object_created triggers.
+ObjectListener = Callable[[str, str, str, dict[str, Any]], Awaitable[object]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Request:
     key: str
     auth: RequestAuth | PresignedV2 | None
     request_id: str
+    listener: ObjectListener | None = None
 
     def header(self, name: str) -> str | None:
         values = self.headers.get(name)
@@ -92,6 +98,7 @@ class StorageApp:
     def __init__(self, branches: Branches, domain: str,
                  dispatch: Callable[[Request], Awaitable[Response]]) -> None:
         self.branches, self.domain, self.dispatch = branches, domain, dispatch
+        self.listener: ObjectListener | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -193,7 +200,7 @@ class StorageApp:
                               a_w_s_access_key_id=auth.access_key_id)
             auth.verify(access.secret, datetime.now(UTC))
         request = Request(scope["method"], raw_path, path, query, dict(query), headers,
-                          receive, access, bucket, key, auth, request_id)
+                          receive, access, bucket, key, auth, request_id, self.listener)
         if auth is None:
             b = access.store.bucket(bucket)
             if not (b is not None and b.access == "public_read" and key

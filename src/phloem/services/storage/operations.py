@@ -9,9 +9,12 @@ request goes where in ``dispatch.py``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import re
+from collections.abc import Awaitable
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote
@@ -24,6 +27,7 @@ from phloem.services.storage.errors import S3Error
 from phloem.services.storage.objects import Bucket, ObjectMeta
 from phloem.services.storage.sigv4 import RequestAuth
 
+log = logging.getLogger("phloem.services.storage")
 #: The largest single PUT, as S3's.
 MAX_OBJECT_BYTES = 5 * 1024**3
 MAX_KEY_BYTES = 1024
@@ -146,6 +150,23 @@ async def commit(req: Request, b: Bucket, tmp: Path, meta: ObjectMeta,
             os.unlink(tmp)
             raise _quota_error(req)
         b.commit(req.key, tmp, meta)
+    if req.listener is not None:
+        # Off the request's path: the answer does not wait for the triggers' database.
+        info = {"size": meta.size, "etag": meta.etag, "content_type": meta.content_type}
+        task = asyncio.create_task(_tell(req.listener(req.access.branch_id, b.name, req.key,
+                                                      info)))
+        _telling.add(task)
+        task.add_done_callback(_telling.discard)
+
+
+_telling: set[asyncio.Task[None]] = set()
+
+
+async def _tell(call: Awaitable[object]) -> None:
+    try:
+        await call
+    except Exception:
+        log.exception("storage: telling the triggers of a new object failed")
 
 
 def _conditions(req: Request, meta: ObjectMeta) -> int | None:

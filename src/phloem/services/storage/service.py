@@ -18,7 +18,7 @@ from phloem.gateway.routing import RouteError, Upstream
 from phloem.metadata.services import ServiceStore
 from phloem.metadata.store import BranchRow
 from phloem.services.base import ServiceContext, ServiceHost
-from phloem.services.storage.app import StorageApp
+from phloem.services.storage.app import ObjectListener, StorageApp
 from phloem.services.storage.dispatch import dispatch
 from phloem.services.storage.state import StorageBranches, parse_buckets
 from phloem.services.upstream import AsgiServer, SocketPool, serve_asgi
@@ -43,6 +43,7 @@ class StorageService:
         self._branches: StorageBranches | None = None
         self._server: AsgiServer | None = None
         self._pool: SocketPool | None = None
+        self._app: StorageApp | None = None
         #: branch id -> the service's config (neon.ts's buckets), as provisioned.
         self._configs: dict[str, dict[str, Any]] = {}
 
@@ -63,9 +64,16 @@ class StorageService:
                                          lambda b: ctx.branch_dir(b, self.name),
                                          self._config_of, quota_from_env())
         socket = ctx.paths.run / "storage.sock"
-        self._server = await serve_asgi(StorageApp(self._branches, ctx.domain, dispatch),
-                                        socket)
+        self._app = StorageApp(self._branches, ctx.domain, dispatch)
+        self._server = await serve_asgi(self._app, socket)
         self._pool = SocketPool(socket)
+
+    def set_object_listener(self, listener: ObjectListener) -> None:
+        """Tell ``listener`` of every object created from now on (the platform's
+        storage_object_created triggers)."""
+        if self._app is None:
+            raise RuntimeError("the storage service has not started")
+        self._app.listener = listener
 
     async def stop(self) -> None:
         if self._pool is not None:
