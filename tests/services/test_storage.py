@@ -562,6 +562,8 @@ def test_storage_branches_with_the_platform(platform: PlatformProcess, s3_parent
     assert r.status_code == 200, r.text
     assert (r.json()[0]["type"], r.json()[0]["bucket"], r.json()[0]["prefix"]) == \
         ("storage_object_created", "images", "in/")
+    listed = platform.cli("triggers", "list", "--branch", "s3-parent").stdout
+    assert "object created in images/in/" in listed, listed
     s3.put_object(Bucket="images", Key="out/skipped.txt", Body=b"no")
     s3.put_object(Bucket="images", Key="in/photo.png", Body=b"png", ContentType="image/png")
     with platform.gateway(host_of(fn["invocation_url"])) as gw:
