@@ -328,6 +328,7 @@ class TriggerScheduler:
             status: int | None = None
             error: str | None = None
             try:
+                # A schedule run calls with four arguments, as before storage triggers.
                 status = await (self.deliver(row, run_id, when, attempt, event) if event
                                 else self.deliver(row, run_id, when, attempt))
                 if not 200 <= status < 300:
