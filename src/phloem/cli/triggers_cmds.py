@@ -37,16 +37,23 @@ NameArg = Annotated[str, typer.Argument(help="The trigger's name (its key in neo
 RUN_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow"}
 
 
+def _when(trigger: dict[str, Any]) -> str:
+    """``0 3 * * * (UTC)``, or ``object created in images/in/`` for a storage trigger."""
+    if trigger.get("type", "schedule") == "schedule":
+        return f"{trigger['cron']} (UTC)"
+    return escape(f"object created in {trigger['bucket']}/{trigger['prefix']}")
+
+
 def _show(trigger: dict[str, Any]) -> None:
     state = "[green]enabled[/]" if trigger["enabled"] else "[dim]disabled[/]"
-    out.print(f"{escape(trigger['name'])} {state}: {trigger['cron']} (UTC) -> "
+    out.print(f"{escape(trigger['name'])} {state}: {_when(trigger)} -> "
               f"{trigger['function']} {escape(trigger['functionPath'])}")
 
 
 @triggers_app.command("list")
 def triggers_list(data_dir: DataDirOpt, branch: BranchOpt = "",
                   output: OutputOpt = OutputFormat.text) -> None:
-    """The branch's triggers: schedule (UTC), function and path, enabled or not."""
+    """The branch's triggers: schedule (UTC) or bucket, function and path, enabled or not."""
     try:
         rows = client_for(data_dir).list_triggers(branch)
     except ClientError as exc:
@@ -54,9 +61,9 @@ def triggers_list(data_dir: DataDirOpt, branch: BranchOpt = "",
     if output is OutputFormat.json:
         print_json(rows)
         return
-    table = Table("name", "cron (UTC)", "function", "path", "enabled", "owner")
+    table = Table("name", "when", "function", "path", "enabled", "owner")
     for t in rows:
-        table.add_row(escape(t["name"]), t["cron"], t["function"], escape(t["functionPath"]),
+        table.add_row(escape(t["name"]), _when(t), t["function"], escape(t["functionPath"]),
                       "yes" if t["enabled"] else "[dim]no[/]", t["owner"] or "-")
     out.print(table if rows else "no triggers")
 

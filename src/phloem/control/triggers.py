@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -46,11 +47,18 @@ from phloem.metadata.triggers import TriggerRow, TriggerSpec, TriggerStore
 from phloem.supervisor import IsolateFailed, Supervisor
 from phloem.system.validation import SLUG_RE, InvalidInput
 
+#: Bucket names (as services/storage/state.py checks them for neon.ts's buckets).
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
 logger = logging.getLogger(__name__)
 
 #: Trigger names: what a neon.ts record key may be here (it ends up in a header).
 NAME_MAX = 63
-TRIGGER_KEYS = {"function", "cron", "functionPath", "enabled"}
+TRIGGER_KEYS = {"type", "function", "cron", "functionPath", "enabled"}
+#: What a ``type: "storage_object_created"`` trigger has: it fires when an object is created
+#: in ``bucket`` (of its branch) under the key ``prefix``.
+STORAGE_KEYS = {"type", "function", "bucket", "prefix", "functionPath", "enabled"}
+TRIGGER_TYPES = ("schedule", "storage_object_created")
 PAYLOAD_VERSION = 1
 #: Seconds an attempt may take to get its answer when the function sets no ttfb limit.
 ATTEMPT_TIMEOUT_S = 60.0
@@ -81,22 +89,37 @@ def check_triggers(raw: Any, field: str = "triggers") -> list[TriggerSpec]:
                                       "'-' or '_', starting with a letter or digit")
         if not isinstance(spec, Mapping):
             raise InvalidInput(where, "must be { function, cron, functionPath?, enabled? }")
-        unknown = sorted(set(spec) - TRIGGER_KEYS)
+        kind = spec.get("type", "schedule")
+        if kind not in TRIGGER_TYPES:
+            raise InvalidInput(f"{where}.type", f"must be one of {', '.join(TRIGGER_TYPES)}, "
+                               f"got {kind!r}")
+        keys = TRIGGER_KEYS if kind == "schedule" else STORAGE_KEYS
+        unknown = sorted(set(spec) - keys)
         if unknown:
-            raise InvalidInput(f"{where}.{unknown[0]}", "unknown key (a schedule trigger "
-                               f"has {', '.join(sorted(TRIGGER_KEYS))})")
+            raise InvalidInput(f"{where}.{unknown[0]}", f"unknown key (a {kind} trigger "
+                               f"has {', '.join(sorted(keys))})")
         fn = spec.get("function")
         if not isinstance(fn, str) or not SLUG_RE.match(fn):
             raise InvalidInput(f"{where}.function", "must name a function of the project "
                                f"(^[a-z0-9]{{1,20}}$, got {fn!r})")
-        cron = spec.get("cron")
-        if not isinstance(cron, str):
-            raise InvalidInput(f"{where}.cron", "must be a string of five fields (minute "
-                               f"hour day-of-month month day-of-week, UTC), got {cron!r}")
-        try:
-            parsed = parse_cron(cron)
-        except CronError as exc:
-            raise InvalidInput(f"{where}.cron", str(exc)) from None
+        if kind == "schedule":
+            cron = spec.get("cron")
+            if not isinstance(cron, str):
+                raise InvalidInput(f"{where}.cron", "must be a string of five fields (minute "
+                                   f"hour day-of-month month day-of-week, UTC), got {cron!r}")
+            try:
+                expression = parse_cron(cron).expression
+            except CronError as exc:
+                raise InvalidInput(f"{where}.cron", str(exc)) from None
+            bucket, prefix = None, ""
+        else:
+            expression, bucket, prefix = "", spec.get("bucket"), spec.get("prefix", "")
+            if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
+                raise InvalidInput(f"{where}.bucket", "must name a bucket of the project "
+                                   f"(3-63 of a-z, 0-9, '.', '-'), got {bucket!r}")
+            if not isinstance(prefix, str) or len(prefix.encode()) > 1024:
+                raise InvalidInput(f"{where}.prefix", "must be a key prefix (a string of at "
+                                   f"most 1024 bytes), got {prefix!r}")
         path = spec.get("functionPath", "/")
         if (not isinstance(path, str) or not path.startswith("/") or len(path) > 2048
                 or any(ord(c) <= 0x20 or ord(c) >= 0x7f for c in path)):
@@ -105,17 +128,26 @@ def check_triggers(raw: Any, field: str = "triggers") -> list[TriggerSpec]:
         enabled = spec.get("enabled", True)
         if not isinstance(enabled, bool):
             raise InvalidInput(f"{where}.enabled", f"must be true or false, got {enabled!r}")
-        out.append(TriggerSpec(name, fn, parsed.expression, path, enabled))
+        out.append(TriggerSpec(name, fn, expression, path, enabled, kind, bucket, prefix))
     return out
 
 
-def payload(row: TriggerRow, run_id: str, scheduled_for: datetime, attempt: int) -> bytes:
-    return json.dumps({
-        "version": PAYLOAD_VERSION, "invocation_id": run_id,
-        "trigger": {"name": row.name, "type": "schedule", "cron": row.cron},
-        "data": {"scheduled_time": scheduled_for.astimezone(UTC).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"), "attempt": attempt},
-    }, separators=(",", ":")).encode()
+def payload(row: TriggerRow, run_id: str, scheduled_for: datetime, attempt: int,
+            event: Mapping[str, Any] | None = None) -> bytes:
+    """The body POSTed to the function. A storage run's ``data`` is its object (``bucket``,
+    ``key``, ``size``, ``etag``, ``content_type``, ``event_time``); a manual run of a
+    storage trigger has none."""
+    if row.kind == "schedule":
+        trigger: dict[str, Any] = {"name": row.name, "type": "schedule", "cron": row.cron}
+        data: dict[str, Any] = {"scheduled_time": scheduled_for.astimezone(UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")}
+    else:
+        trigger = {"name": row.name, "type": row.kind, "bucket": row.bucket,
+                   "prefix": row.key_prefix}
+        data = dict(event or {})
+    return json.dumps({"version": PAYLOAD_VERSION, "invocation_id": run_id,
+                       "trigger": trigger, "data": {**data, "attempt": attempt}},
+                      separators=(",", ":")).encode()
 
 
 class DeliveryFailed(Exception):
@@ -124,7 +156,7 @@ class DeliveryFailed(Exception):
 
 class Deliver(Protocol):
     async def __call__(self, row: TriggerRow, run_id: str, scheduled_for: datetime,
-                       attempt: int) -> int:
+                       attempt: int, event: Mapping[str, Any] | None = None) -> int:
         """Send one attempt; the answer's status, or raise :class:`DeliveryFailed`."""
         ...
 
@@ -140,7 +172,7 @@ class Delivery:
         self.host_of = host_of
 
     async def __call__(self, row: TriggerRow, run_id: str, scheduled_for: datetime,
-                       attempt: int) -> int:
+                       attempt: int, event: Mapping[str, Any] | None = None) -> int:
         spec = self.routes.get((row.branch_id, row.function_slug))
         if spec is None:
             raise DeliveryFailed(f"function {row.function_slug!r} has no active deployment "
@@ -150,7 +182,7 @@ class Delivery:
             lease = await self.supervisor.acquire(spec)
         except IsolateFailed as exc:
             raise DeliveryFailed(f"no isolate: {exc}") from exc
-        body = payload(row, run_id, scheduled_for, attempt)
+        body = payload(row, run_id, scheduled_for, attempt, event)
         trace = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
         head = (f"POST {row.function_path} HTTP/1.1\r\n"
                 f"Host: {self.host_of(row.branch_id, row.function_slug)}\r\n"
@@ -219,7 +251,7 @@ class TriggerScheduler:
 
     async def start(self) -> None:
         for run, row in await self.store.unfinished_runs():
-            self._spawn(row, run.id, run.scheduled_for, run.attempts)
+            self._spawn(row, run.id, run.scheduled_for, run.attempts, run.event)
         self._loop = asyncio.create_task(self._run_loop(), name="trigger-scheduler")
 
     async def stop(self) -> None:
@@ -247,6 +279,8 @@ class TriggerScheduler:
         rows = await self.store.list_triggers()
         self._seen = {k: v for k, v in self._seen.items() if k in {r.id for r in rows}}
         for row in rows:
+            if row.kind != "schedule":
+                continue   # fired by object_created
             seen = self._seen.get(row.id)
             if not row.enabled or seen is None or seen[0] != row.cron:
                 self._seen[row.id] = (row.cron, now)
@@ -258,27 +292,45 @@ class TriggerScheduler:
         return fired
 
     async def fire(self, row: TriggerRow, reason: str,
-                   scheduled_for: datetime | None = None) -> str:
-        """Start a run of ``row`` now (``reason``: schedule or manual); its id."""
+                   scheduled_for: datetime | None = None,
+                   event: dict[str, Any] | None = None) -> str:
+        """Start a run of ``row`` now (``reason``: schedule, manual or object_created);
+        its id."""
         run_id = new_id("inv", 8)
         when = scheduled_for or self.clock()
-        await self.store.start_run(run_id, row.id, when, reason)
-        self._spawn(row, run_id, when, 0)
+        await self.store.start_run(run_id, row.id, when, reason, event)
+        self._spawn(row, run_id, when, 0, event)
         return run_id
 
-    def _spawn(self, row: TriggerRow, run_id: str, when: datetime, done: int) -> None:
-        task = asyncio.create_task(self._deliver(row, run_id, when, done),
+    async def object_created(self, branch_id: str, bucket: str, key: str,
+                             object_info: dict[str, Any]) -> list[str]:
+        """Fire the branch's enabled storage triggers on ``bucket`` whose prefix ``key``
+        starts with; the run ids. ``object_info``: size, etag, content_type."""
+        fired = []
+        for row in await self.store.list_triggers(branch_id):
+            if (row.kind == "storage_object_created" and row.enabled and row.bucket == bucket
+                    and key.startswith(row.key_prefix)):
+                event = {"bucket": bucket, "key": key, **object_info,
+                         "event_time": self.clock().strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+                fired.append(await self.fire(row, "object_created", event=event))
+        return fired
+
+    def _spawn(self, row: TriggerRow, run_id: str, when: datetime, done: int,
+               event: dict[str, Any] | None = None) -> None:
+        task = asyncio.create_task(self._deliver(row, run_id, when, done, event),
                                    name=f"trigger-{row.name}")
         self._runs.add(task)
         task.add_done_callback(self._runs.discard)
 
     async def _deliver(self, row: TriggerRow, run_id: str, when: datetime,
-                       done: int) -> None:
+                       done: int, event: dict[str, Any] | None) -> None:
         for attempt in range(done + 1, self.attempts + 1):
             status: int | None = None
             error: str | None = None
             try:
-                status = await self.deliver(row, run_id, when, attempt)
+                # A schedule run calls with four arguments, as before storage triggers.
+                status = await (self.deliver(row, run_id, when, attempt, event) if event
+                                else self.deliver(row, run_id, when, attempt))
                 if not 200 <= status < 300:
                     error = f"the function answered {status}"
             except DeliveryFailed as exc:

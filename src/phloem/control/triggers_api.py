@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,7 +31,10 @@ class TriggerOut(BaseModel):
     name: str
     branch_id: str
     function: str
-    cron: str = Field(description="five fields, UTC")
+    type: str = Field(description="schedule or storage_object_created")
+    cron: str = Field(description="five fields, UTC (a schedule trigger; else empty)")
+    bucket: str | None = Field(description="a storage trigger's bucket")
+    prefix: str = Field(description="a storage trigger's key prefix")
     functionPath: str
     enabled: bool
     owner: str | None
@@ -43,7 +46,7 @@ class TriggerRunOut(BaseModel):
     id: str = Field(description="the invocation id (X-Neon-Invocation-Id)")
     trigger: str
     scheduled_for: datetime
-    reason: str = Field(description="schedule or manual")
+    reason: str = Field(description="schedule, manual or object_created")
     status: str = Field(description=" or ".join(RUN_STATES))
     attempts: int
     http_status: int | None
@@ -53,13 +56,19 @@ class TriggerRunOut(BaseModel):
 
 
 class TriggerIn(BaseModel):
-    """One schedule trigger, as neon.ts declares it."""
+    """One trigger, as neon.ts declares it: a schedule (``cron``) or, with ``type:
+    "storage_object_created"``, an object created in ``bucket`` under ``prefix``."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["schedule", "storage_object_created"] = "schedule"
     function: str = Field(pattern=r"^[a-z0-9]{1,20}$", description="the function's slug")
-    cron: str = Field(max_length=200, description="five fields (minute hour day-of-month "
-                      "month day-of-week), UTC; checked by the server (400 naming the "
-                      "field)")
+    cron: str | None = Field(None, max_length=200, description="five fields (minute hour "
+                             "day-of-month month day-of-week), UTC; checked by the server "
+                             "(400 naming the field)")
+    bucket: str | None = Field(None, max_length=63, description="storage_object_created: "
+                               "the branch's bucket")
+    prefix: str | None = Field(None, max_length=1024, description="storage_object_created: "
+                               "only keys starting with it")
     functionPath: str = Field(
         "/", pattern=r"^/[!-~]*$", max_length=2048, description="the path POSTed to")
     enabled: bool = True
@@ -75,7 +84,8 @@ class TriggersIn(BaseModel):
 
 def _out(t: TriggerRow) -> TriggerOut:
     return TriggerOut(id=t.id, name=t.name, branch_id=t.branch_id, function=t.function_slug,
-                      cron=t.cron, functionPath=t.function_path, enabled=t.enabled,
+                      type=t.kind, cron=t.cron, bucket=t.bucket, prefix=t.key_prefix,
+                      functionPath=t.function_path, enabled=t.enabled,
                       owner=t.owner, created_at=t.created_at, updated_at=t.updated_at)
 
 
@@ -122,7 +132,8 @@ def make_router(errors: Errors) -> APIRouter:
     @router.put("", responses=errors(400, 404), openapi_extra=DEPLOY)
     async def replace_triggers(branch: Branch, services: Services,
                                body: TriggersIn) -> list[TriggerOut]:
-        specs = check_triggers({name: t.model_dump() for name, t in body.triggers.items()})
+        specs = check_triggers({name: t.model_dump(exclude_none=True)
+                                for name, t in body.triggers.items()})
         rows = await services.triggers.store.replace(branch.id, specs, body.owner)
         return [_out(t) for t in rows]
 

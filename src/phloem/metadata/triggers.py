@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from phloem.metadata.store import new_id
@@ -32,6 +33,10 @@ class TriggerSpec:
     cron: str
     function_path: str = "/"
     enabled: bool = True
+    #: ``schedule`` (``cron``) or ``storage_object_created`` (``bucket``, ``prefix``).
+    kind: str = "schedule"
+    bucket: str | None = None
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class TriggerRow:
     owner: str | None
     created_at: datetime
     updated_at: datetime
+    kind: str = "schedule"
+    bucket: str | None = None
+    key_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class RunRow:
     error: str | None
     started_at: datetime
     finished_at: datetime | None
+    #: A storage run's object (bucket, key, size, etag, content_type, event_time).
+    event: dict[str, Any] | None = None
 
 
 class TriggerStore:
@@ -99,13 +109,16 @@ class TriggerStore:
             for s in specs:
                 await cur.execute(
                     b"INSERT INTO triggers (id, branch_id, name, function_slug, cron, "
-                    b"function_path, enabled, owner) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                    b"function_path, enabled, owner, kind, bucket, key_prefix) "
+                    b"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     b"ON CONFLICT (branch_id, name) DO UPDATE SET "
                     b"function_slug = excluded.function_slug, cron = excluded.cron, "
                     b"function_path = excluded.function_path, enabled = excluded.enabled, "
-                    b"owner = excluded.owner, updated_at = now()",
+                    b"owner = excluded.owner, kind = excluded.kind, "
+                    b"bucket = excluded.bucket, key_prefix = excluded.key_prefix, "
+                    b"updated_at = now()",
                     (new_id("trg"), branch_id, s.name, s.function, s.cron, s.function_path,
-                     s.enabled, owner))
+                     s.enabled, owner, s.kind, s.bucket, s.prefix))
         return await self.list_triggers(branch_id)
 
     async def copy_disabled(self, parent_id: str, child_id: str) -> list[TriggerRow]:
@@ -116,10 +129,11 @@ class TriggerStore:
             for t in parent:
                 await conn.execute(
                     b"INSERT INTO triggers (id, branch_id, name, function_slug, cron, "
-                    b"function_path, enabled, owner) VALUES (%s, %s, %s, %s, %s, %s, false, %s) "
+                    b"function_path, enabled, owner, kind, bucket, key_prefix) "
+                    b"VALUES (%s, %s, %s, %s, %s, %s, false, %s, %s, %s, %s) "
                     b"ON CONFLICT (branch_id, name) DO NOTHING",
                     (new_id("trg"), child_id, t.name, t.function_slug, t.cron,
-                     t.function_path, t.owner))
+                     t.function_path, t.owner, t.kind, t.bucket, t.key_prefix))
         return await self.list_triggers(child_id)
 
     async def set_enabled(self, trigger_id: str, enabled: bool) -> None:
@@ -128,10 +142,11 @@ class TriggerStore:
 
     # -- runs ---------------------------------------------------------------------
     async def start_run(self, run_id: str, trigger_id: str, scheduled_for: datetime,
-                        reason: str) -> None:
+                        reason: str, event: dict[str, Any] | None = None) -> None:
         await self._all("INSERT INTO trigger_runs (id, trigger_id, scheduled_for, reason, "
-                        "status) VALUES (%s, %s, %s, %s, 'running')",
-                        (run_id, trigger_id, scheduled_for, reason))
+                        "status, event) VALUES (%s, %s, %s, %s, 'running', %s)",
+                        (run_id, trigger_id, scheduled_for, reason,
+                         Jsonb(event) if event is not None else None))
 
     async def record_attempt(self, run_id: str, attempts: int, http_status: int | None,
                              error: str | None, status: str) -> None:
@@ -162,7 +177,8 @@ class TriggerStore:
         (at-least-once)."""
         rows = await self._all(
             "SELECT r.*, t.branch_id, t.name, t.function_slug, t.cron, t.function_path, "
-            "t.enabled, t.owner, t.created_at AS t_created, t.updated_at AS t_updated "
+            "t.enabled, t.owner, t.created_at AS t_created, t.updated_at AS t_updated, "
+            "t.kind, t.bucket, t.key_prefix "
             "FROM trigger_runs r JOIN triggers t ON t.id = r.trigger_id "
             "WHERE r.status = 'running' ORDER BY r.started_at")
         out = []
@@ -171,6 +187,8 @@ class TriggerStore:
                               name=r.pop("name"), function_slug=r.pop("function_slug"),
                               cron=r.pop("cron"), function_path=r.pop("function_path"),
                               enabled=r.pop("enabled"), owner=r.pop("owner"),
-                              created_at=r.pop("t_created"), updated_at=r.pop("t_updated"))
+                              created_at=r.pop("t_created"), updated_at=r.pop("t_updated"),
+                              kind=r.pop("kind"), bucket=r.pop("bucket"),
+                              key_prefix=r.pop("key_prefix"))
             out.append((RunRow(**r), trig))
         return out

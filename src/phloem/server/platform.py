@@ -90,6 +90,7 @@ from phloem.server.running import (
 )
 from phloem.services.base import ServiceContext
 from phloem.services.registry import ServiceRegistry
+from phloem.services.storage.service import StorageService
 from phloem.supervisor import Supervisor
 from phloem.supervisor.cgroups import (
     CgroupLimiter,
@@ -485,6 +486,9 @@ class Platform:
         # Schedule triggers deliver through the supervisor: stopped before it.
         triggers = await start_triggers(pool, deployer, supervisor, function_logs)
         push(triggers.stop)
+        storage = branch_services.services.get("storage")
+        if isinstance(storage, StorageService):   # storage_object_created triggers
+            storage.set_object_listener(triggers.object_created)
 
         # The API: its status route reports on `running`, tied below before it serves.
         running: Running

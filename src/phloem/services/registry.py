@@ -30,6 +30,7 @@ from phloem.services.base import (
     parse_service_host,
     service_host,
 )
+from phloem.services.storage.service import StorageService
 
 log = logging.getLogger("phloem.services")
 
@@ -37,6 +38,7 @@ log = logging.getLogger("phloem.services")
 BUILTIN: dict[str, Callable[[], BranchService]] = {
     "ai": AiGatewayService,
     "auth": AuthService,
+    "storage": StorageService,
 }
 
 #: What neon.ts calls each service, for messages.
@@ -128,7 +130,10 @@ class ServiceRegistry:
             changed = False
             for name, config in wanted.items():
                 if current.get(name) != config:
-                    await self.services[name].provision(branch, config)
+                    try:
+                        await self.services[name].provision(branch, config)
+                    except ValueError as exc:   # the service's config rules
+                        raise ServiceError(400, "invalid_input", str(exc)) from None
                     await self.store.put(branch.id, name, config)
                     self._on.setdefault(branch.id, {})[name] = dict(config)
                     changed = True

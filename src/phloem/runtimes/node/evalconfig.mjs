@@ -112,13 +112,15 @@ for (const [prefix, known] of Object.entries(KNOWN)) {
   }
 }
 
-// Schedule triggers (a cron) are phloem's; others (object-created) need object storage.
+// Schedule triggers (a cron) and storage_object_created triggers (a bucket) are phloem's;
+// a trigger with neither is refused by name.
 let triggers = null;
 if (config.triggers !== undefined && config.triggers !== null) {
   if (typeof config.triggers !== "object" || Array.isArray(config.triggers)) fail("triggers: must be a record of name -> { function, cron, functionPath?, enabled? }");
   triggers = {};
   for (const [name, spec] of Object.entries(config.triggers)) {
-    if (spec !== null && typeof spec === "object" && spec.cron === undefined) {
+    if (spec !== null && typeof spec === "object" && spec.cron === undefined
+        && spec.type !== "storage_object_created") {
       unsupported.push([`triggers.${name}`, "object storage triggers"]);
     } else {
       triggers[name] = spec;

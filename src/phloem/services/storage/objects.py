@@ -1,0 +1,252 @@
+"""A branch's objects on disk, and copying them with the branch.
+
+Layout of ``<branch_dir>/storage`` (one tree per branch, 0700):
+
+    .credentials              the branch's access key id and secret, sealed (never copied)
+    .uploads/<upload id>/     multipart uploads in progress (never copied)
+    <bucket>/index.sqlite     one row per object: key, blob name, size, ETag, content
+                              type, user metadata, stored headers, checksums, mtime
+    <bucket>/blobs/<uuid>     the objects' bytes, one file each, never rewritten in place
+    <bucket>/tmp/             bodies being received
+
+Why a per-bucket SQLite index and not sidecar files: keys are up to 1024 bytes (longer
+than a file name) and may be both ``a`` and ``a/b``, and ListObjectsV2 wants them in
+byte order from any start: a ``WITHOUT ROWID`` table keyed by the key answers that from
+its b-tree. A write stores its bytes as a new blob, then (under the branch's lock) points
+the row at it and unlinks the old blob, so a reader that already opened the old blob
+keeps reading it, and the index and the blobs agree whenever the lock is free.
+
+    store = BranchStorage(root, buckets={"images": "private"}, quota_bytes=1 << 30)
+    bucket = store.bucket("images")
+    async with store.lock:
+        bucket.commit("a.png", tmp_path, ObjectMeta(...))
+    copy_storage(parent_store, child_root, copier)   # with parent_store.lock held
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phloem.branches.clone import Copier
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY,
+    blob TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    checksums TEXT NOT NULL,
+    modified REAL NOT NULL
+) WITHOUT ROWID
+"""
+ACCESS_MODES = ("private", "public_read")
+#: Blobs cloned at once by a branch copy.
+COPY_THREADS = 8
+
+
+@dataclass
+class ObjectMeta:
+    size: int
+    etag: str                     # quoted, as sent in the ETag header
+    content_type: str
+    metadata: dict[str, str] = field(default_factory=dict)   # x-amz-meta-* without prefix
+    headers: dict[str, str] = field(default_factory=dict)    # cache-control, ...
+    checksums: dict[str, str] = field(default_factory=dict)
+    modified: float = 0.0
+    key: str = ""
+    blob: str = ""
+
+
+class Bucket:
+    def __init__(self, path: Path, name: str, access: str) -> None:
+        self.path, self.name, self.access = path, name, access
+        self.blobs = path / "blobs"
+        self.tmp = path / "tmp"
+        for d in (path, self.blobs, self.tmp):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Autocommit, default (FULL) synchronous: a 200 means the row is on disk.
+        self.db = sqlite3.connect(path / "index.sqlite", isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute(_SCHEMA)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove what a killed platform left: bodies half received, and blobs written
+        whose row never pointed at them (killed between the rename and the insert)."""
+        for leftover in self.tmp.iterdir():
+            leftover.unlink()
+        known = {row[0] for row in self.db.execute("SELECT blob FROM objects")}
+        for blob in self.blobs.iterdir():
+            if blob.name not in known:
+                blob.unlink()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def new_tmp(self) -> Path:
+        return self.tmp / uuid.uuid4().hex
+
+    def blob_path(self, blob: str) -> Path:
+        return self.blobs / blob
+
+    def _row(self, row: tuple[object, ...]) -> ObjectMeta:
+        key, blob, size, etag, ctype, meta, headers, sums, modified = row
+        return ObjectMeta(int(str(size)), str(etag), str(ctype), json.loads(str(meta)),
+                          json.loads(str(headers)), json.loads(str(sums)),
+                          float(str(modified)), str(key), str(blob))
+
+    def get(self, key: str) -> ObjectMeta | None:
+        row = self.db.execute("SELECT * FROM objects WHERE key = ?", (key,)).fetchone()
+        return self._row(row) if row else None
+
+    def open(self, key: str) -> tuple[ObjectMeta, int] | None:
+        """The object's metadata and an open descriptor on its bytes (retried when a
+        concurrent write replaced the blob between the lookup and the open)."""
+        for _ in range(5):
+            meta = self.get(key)
+            if meta is None:
+                return None
+            try:
+                return meta, os.open(self.blob_path(meta.blob), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        return None
+
+    def commit(self, key: str, src: Path, meta: ObjectMeta) -> None:
+        """Make ``src`` (a file on this filesystem) the object ``key``; caller holds the
+        branch's lock."""
+        blob = uuid.uuid4().hex
+        os.rename(src, self.blob_path(blob))
+        old = self.get(key)
+        meta.key, meta.blob = key, blob
+        meta.modified = meta.modified or time.time()
+        self.db.execute(
+            "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, blob, meta.size, meta.etag, meta.content_type, json.dumps(meta.metadata),
+             json.dumps(meta.headers), json.dumps(meta.checksums), meta.modified))
+        if old is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.blob_path(old.blob))
+
+    def delete(self, key: str) -> None:
+        old = self.get(key)
+        if old is not None:
+            self.db.execute("DELETE FROM objects WHERE key = ?", (key,))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.blob_path(old.blob))
+
+    def keys_from(self, start: str, prefix: str) -> Iterator[ObjectMeta]:
+        """Objects whose key starts with ``prefix`` and sorts after ``start``, in byte
+        order (SQLite compares TEXT with memcmp over UTF-8)."""
+        lower = max(start, prefix)
+        op = ">" if start >= prefix and start else ">="
+        cur = self.db.execute(f"SELECT * FROM objects WHERE key {op} ? ORDER BY key", (lower,))
+        for row in cur:
+            meta = self._row(row)
+            if not meta.key.startswith(prefix):
+                return
+            yield meta
+
+    def total_bytes(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(SUM(size), 0) FROM objects").fetchone()[0])
+
+
+class BranchStorage:
+    """One branch's buckets; ``lock`` serialises writes to the index with copies."""
+
+    def __init__(self, root: Path, buckets: dict[str, str], quota_bytes: int) -> None:
+        self.root = root
+        self.quota_bytes = quota_bytes
+        self.lock = asyncio.Lock()
+        #: How CopyObject and branch copies clone blobs (probed by the service).
+        self.copier: Copier | None = None
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.uploads = root / ".uploads"
+        self.uploads.mkdir(mode=0o700, exist_ok=True)
+        for leftover in self.uploads.glob("*/tmp-*"):   # parts half received
+            leftover.unlink()
+        self._buckets: dict[str, Bucket] = {}
+        self.configure(buckets)
+
+    def configure(self, buckets: dict[str, str]) -> None:
+        """Declare the buckets (name -> access); a bucket no longer declared is closed
+        but its objects stay until the service is removed from the branch."""
+        for name in list(self._buckets):
+            if name not in buckets:
+                self._buckets.pop(name).close()
+        for name, access in buckets.items():
+            if name in self._buckets:
+                self._buckets[name].access = access
+            else:
+                self._buckets[name] = Bucket(self.root / name, name, access)
+
+    @property
+    def buckets(self) -> dict[str, Bucket]:
+        return self._buckets
+
+    def bucket(self, name: str) -> Bucket | None:
+        return self._buckets.get(name)
+
+    def used_bytes(self) -> int:
+        """Bytes held by objects and by uploaded parts of unfinished multipart uploads."""
+        used = sum(b.total_bytes() for b in self._buckets.values())
+        for part in self.uploads.glob("*/part-*"):
+            with contextlib.suppress(FileNotFoundError):
+                used += part.stat().st_size
+        return used
+
+    def close(self) -> None:
+        for b in self._buckets.values():
+            b.close()
+        self._buckets.clear()
+
+
+def copy_storage(src: BranchStorage, dst_root: Path, copier: Copier) -> int:
+    """Copy every declared bucket of ``src`` (index and blobs) into ``dst_root``, which must
+    not hold buckets yet; the caller holds ``src.lock`` so index and blobs agree. Blobs are
+    cloned by ``copier`` (reflinks share their blocks). Returns the bytes copied."""
+    copied = 0
+    dst_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, bucket in src.buckets.items():
+        dst = dst_root / name
+        (dst / "blobs").mkdir(mode=0o700, parents=True)
+        (dst / "tmp").mkdir(mode=0o700)
+        target = sqlite3.connect(dst / "index.sqlite")
+        try:
+            bucket.db.backup(target)
+        finally:
+            target.close()
+        pairs = [(bucket.blob_path(row[0]), dst / "blobs" / row[0])
+                 for row in bucket.db.execute("SELECT blob FROM objects")]
+        # A clone is a few syscalls that mostly wait on the filesystem's log: several at
+        # once overlap those waits (the ioctl releases the GIL).
+        with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+            copied += sum(pool.map(lambda pair: copier.copy_file(*pair), pairs))
+    return copied
+
+
+def remove_buckets(root: Path) -> None:
+    """Remove every bucket and upload under ``root``, keeping its credentials."""
+    if not root.exists():
+        return
+    for entry in root.iterdir():
+        if entry.name == ".credentials":
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
