@@ -93,7 +93,7 @@ def make_router(errors: Errors) -> APIRouter:
         try:
             changed = await services.branch_services.declare(branch, body.services)
         except ServiceError as exc:
-            raise ApiError(exc.status, exc.code, exc.message, "services") from None
+            raise ApiError(exc.status, exc.code, exc.message, exc.field) from None
         if changed:
             await services.deployer.refresh_branch(branch)
         return _out(services, branch, changed)

@@ -31,6 +31,7 @@ from phloem.services.base import (
     service_host,
 )
 from phloem.services.storage.service import StorageService
+from phloem.system.validation import InvalidInput
 
 log = logging.getLogger("phloem.services")
 
@@ -49,9 +50,9 @@ LABELS = {"auth": "Neon Auth (auth)", "ai": "the AI Gateway (aiGateway)",
 class ServiceError(Exception):
     """A refused service change; ``status``/``code`` go to the API as they are."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str = "services") -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.field = status, code, message, field
 
 
 class ServiceRegistry:
@@ -132,8 +133,12 @@ class ServiceRegistry:
                 if current.get(name) != config:
                     try:
                         await self.services[name].provision(branch, config)
-                    except ValueError as exc:   # the service's config rules
-                        raise ServiceError(400, "invalid_input", str(exc)) from None
+                    except InvalidInput as exc:  # the service's config rules, by field
+                        raise ServiceError(400, "invalid_input", exc.message,
+                                           exc.field) from None
+                    except ValueError as exc:
+                        raise ServiceError(400, "invalid_input", str(exc),
+                                           f"services.{name}") from None
                     await self.store.put(branch.id, name, config)
                     self._on.setdefault(branch.id, {})[name] = dict(config)
                     changed = True
