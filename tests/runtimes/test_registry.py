@@ -35,6 +35,11 @@ SRC = Path(phloem.__file__).parent
 ALLOWED = {
     "project/neon.py": "evaluates neon.ts configs with Node and esbuild: a config format "
                        "that needs those tools, not a choice between runtimes",
+    "control/npm_registry.py": "serves the npm packages phloem supplies: npm's format, "
+                               "not a choice between runtimes",
+    "services/auth/install.py": "Neon Auth is Better Auth, a Node program the platform "
+                                "runs for a branch, not a function's runtime",
+    "services/auth/service.py": "runs that program on the Node phloem provisions",
 }
 
 

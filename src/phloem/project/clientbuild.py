@@ -19,10 +19,9 @@ from dataclasses import dataclass, replace
 
 from phloem.config import BranchInfo
 from phloem.project.client import Client
-from phloem.project.packing import bundle_entry, bundle_on_client, client_bundle_blocker
+from phloem.project.packing import bundle_on_client
 from phloem.project.plan import PlanItem, Project, Resolved, branch_info
-from phloem.runtimes.node.runtime import NODE
-from phloem.runtimes.registry import answers_to
+from phloem.runtimes.registry import bundles_here, client_bundle_blocker, client_entry
 
 
 @dataclass(frozen=True)
@@ -43,16 +42,17 @@ def prepare(client: Client, project: Project, branch: str, new_branch: bool = Fa
     resolved = project.resolve(info)
     functions = resolved.functions
     others = sorted(slug for slug, fn in functions.items()
-                    if not fn.bundle or not answers_to(NODE, fn.runtime))
+                    if not bundles_here(fn.runtime, fn.bundle))
     if not functions or others:
         _answer(project, info, resolved)  # the plan evaluates the config once, not twice
         return ClientBuild("platform", "not all functions are Node functions esbuild "
                                        f"bundles ({', '.join(others) or 'none declared'})")
     artifact = bundle_on_client(project.root, {s: f.entry for s, f in functions.items()},
                                 progress)
-    _answer(project, info, Resolved(
-        {slug: replace(fn, entry=bundle_entry(slug), bundle=False)
-         for slug, fn in functions.items()}, resolved.branch, resolved.triggers))
+    # Everything else the config resolved to (triggers, domains, services) stays.
+    _answer(project, info, replace(resolved, functions={
+        slug: replace(fn, entry=client_entry(slug), bundle=False)
+        for slug, fn in functions.items()}))
     return ClientBuild("client", f"esbuild from node_modules, {len(functions)} "
                                  "function(s)", artifact)
 

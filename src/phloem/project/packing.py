@@ -11,7 +11,7 @@ each function's entry with phloem's esbuild (the same command, aliases and pinne
 as a build on the platform) into ``<slug>/index.mjs``, and only those bundles are packed
 and deployed as prebuilt. The platform then needs no registry to install anything.
 
-    why_not = client_bundle_blocker(root)        # None: bundle here
+    why_not = registry.client_bundle_blocker(root)   # None: bundle here
     data, sha256 = bundle_on_client(root, {"api": "src/index.ts"}, print)
 """
 
@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import io
 import os
-import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping
@@ -31,14 +30,7 @@ from typing import Any
 import pathspec
 
 from phloem.project.neon import tools_dir
-from phloem.runtimes.node.bundle import BundleError, bundle, native_packages
-from phloem.runtimes.node.provision import (
-    ProvisionError,
-    ensure_esbuild,
-    ensure_node,
-    node_version,
-)
-from phloem.runtimes.node.substitutes import bundle_aliases
+from phloem.runtimes.registry import ClientBundleError, bundle_here, client_entry
 
 ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".venv/", "venv/", ".mypy_cache/",
                   ".pytest_cache/", ".ruff_cache/", ".DS_Store", ".env", ".env.*",
@@ -105,50 +97,15 @@ def _pack(directory: Path, files: list[str], max_bytes: int) -> tuple[bytes, str
     return data, hashlib.sha256(data).hexdigest()
 
 
-def bundle_entry(slug: str) -> str:
-    """Where a function's client-side bundle is in the artifact: its deployed entry."""
-    return f"{slug}/index.mjs"
-
-
-def client_bundle_blocker(root: Path) -> str | None:
-    """Why ``root`` is not bundled on this machine (None: it is): it has no
-    ``node_modules``, or one with native addons (the platform keeps those next to the
-    bundle, which a prebuilt upload cannot)."""
-    modules = root / "node_modules"
-    if not modules.is_dir():
-        return "no node_modules here"
-    natives = native_packages(modules)
-    if natives:
-        return f"node_modules has native addons ({', '.join(natives[:3])})"
-    return None
-
-
-def _client_node(progress: Callable[[str], None]) -> Path:
-    system = shutil.which("node")
-    version = node_version(system) if system else None
-    if system and version and int(version.split(".")[0]) >= 20:
-        return Path(system)
-    return ensure_node(tools_dir(), progress)
-
-
 def bundle_on_client(root: Path, entries: Mapping[str, str],
                      progress: Callable[[str], None],
                      max_bytes: int = 100 * 1024 * 1024) -> tuple[bytes, str]:
-    """Bundle each ``slug -> entry`` of ``root`` against ``root/node_modules`` into
-    ``<slug>/index.mjs`` (:func:`bundle_entry`) and pack the bundles alone; raises
-    :class:`PackError` with esbuild's messages."""
-    modules = root / "node_modules"
-    try:
-        esbuild = ensure_esbuild(tools_dir(), _client_node(progress), progress)
-    except ProvisionError as exc:
-        raise PackError(f"bundling: cannot get esbuild: {exc}") from None
+    """Bundle each ``slug -> entry`` of ``root`` here (``registry.bundle_here``) and pack
+    the bundles alone; raises :class:`PackError` with esbuild's messages."""
     with tempfile.TemporaryDirectory(prefix="phloem-bundle-") as tmp:
         out = Path(tmp)
-        for slug, entry in sorted(entries.items()):
-            try:
-                bundle(esbuild, root, entry, out / bundle_entry(slug), [modules],
-                       alias=bundle_aliases([modules]), log=progress)
-            except BundleError as exc:
-                raise PackError(f"functions.{slug}: bundling {entry} failed:\n{exc}") \
-                    from None
-        return _pack(out, [bundle_entry(slug) for slug in sorted(entries)], max_bytes)
+        try:
+            bundle_here(root, entries, out, tools_dir(), progress)
+        except ClientBundleError as exc:
+            raise PackError(str(exc)) from None
+        return _pack(out, [client_entry(slug) for slug in sorted(entries)], max_bytes)

@@ -13,9 +13,11 @@ Functions that name no runtime get the first one listed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from phloem.runtimes.base import Runtime, Toolbox
+from phloem.runtimes.node import clientside
 from phloem.runtimes.node.runtime import NODE
 from phloem.runtimes.python.runtime import PYTHON
 from phloem.supervisor.isolate import Spawner
@@ -120,3 +122,28 @@ def spawners(toolbox: Toolbox, fallback: Spawner) -> Spawner:
     for rt in reversed(RUNTIMES):
         spawner = rt.spawner(toolbox, spawner) or spawner
     return spawner
+
+
+# -- bundling on the developer's machine (Node's esbuild bundles are the only ones) ------
+ClientBundleError = clientside.ClientBundleError
+
+
+def bundles_here(runtime: str, bundled: bool) -> bool:
+    """Whether a function of ``runtime`` can be bundled on the developer's machine."""
+    return clientside.bundles_here(runtime, bundled)
+
+
+def client_bundle_blocker(root: Path) -> str | None:
+    """Why ``root``'s functions are not bundled here (None: they are)."""
+    return clientside.blocker(root)
+
+
+def client_entry(slug: str) -> str:
+    """A client-side bundle's entry in the artifact."""
+    return clientside.entry_of(slug)
+
+
+def bundle_here(root: Path, entries: Mapping[str, str], out: Path, tools: Path,
+                progress: Callable[[str], None]) -> None:
+    """Bundle ``slug -> entry`` of ``root`` into ``out/<slug>/index.mjs``."""
+    clientside.bundle_here(root, entries, out, tools, progress)
