@@ -370,7 +370,8 @@ def _print_invocation(fn: dict[str, Any], settings: Settings) -> None:
 @app.command()
 def status(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """Report each component of a running platform, probed now: system database, API,
-    gateway, supervisor, firewall, every branch's database and pooler, and the isolates.
+    gateway, supervisor, firewall, TLS (with acme: certificates issued, pending, failed),
+    every branch's database and pooler, and the isolates.
 
     Exit status: 0 when nothing is down; 1 when a component, a branch's database or its
     pooler is down (they are named on stderr), or the platform cannot be reached.
