@@ -75,13 +75,14 @@ def test_lifecycle_over_api_and_cli(dp: DomainsPlatform) -> None:
         # The test machine's resolver does not know the name: not ok, and it says why.
         assert status["dns"]["ok"] is False and status["dns"]["reason"]
         assert status["certificate"]["issued"] is True
-        assert status["certificate"]["reason"].startswith("self-signed")
+        assert status["certificate"]["reason"] is None
+        assert status["certificate"]["not_after"] is not None  # the local CA's leaf
         listed = api.get("/domains").json()
         assert [d["hostname"] for d in listed] == ["shop.example.com"]
         assert listed[0]["status"] is None
         assert api.get("/domains", params={"status": "true"}).json()[0]["status"] is not None
     text = p.cli("domains", "get", "shop.example.com").stdout
-    assert "certificate  issued: self-signed" in text, text
+    assert "certificate  issued until 20" in text, text
     added = p.cli_json("domains", "add", "cli.example.com", "--function", "echo", "--hsts")
     assert (added["hostname"], added["hsts"]) == ("cli.example.com", True)
     assert [d["hostname"] for d in p.cli_json("domains", "list")] == \
@@ -169,8 +170,10 @@ def test_routing_and_hsts_only_when_asked_and_over_tls(dp: DomainsPlatform) -> N
     finally:
         p.cli("domains", "remove", "secure.example.com")
         p.cli("domains", "remove", "lax.example.com")
-    # Removed: no route (its certificate stays served until the next start).
-    assert dp.https("secure.example.com").status_code == 404
+    # Removed: its own certificate is no longer served (the default is), and no route.
+    with pytest.raises(httpx.ConnectError, match="not valid for 'secure.example.com'"):
+        dp.https("secure.example.com")
+    assert dp.https("secure.example.com", sni="localhost").status_code == 404
 
 
 def test_not_inherited_by_a_child_branch(dp: DomainsPlatform, kid: str) -> None:
