@@ -171,7 +171,7 @@ def test_routing_and_hsts_only_when_asked_and_over_tls(dp: DomainsPlatform) -> N
         p.cli("domains", "remove", "secure.example.com")
         p.cli("domains", "remove", "lax.example.com")
     # Removed: its own certificate is no longer served (the default is), and no route.
-    with pytest.raises(httpx.ConnectError, match="not valid for 'secure.example.com'"):
+    with pytest.raises(httpx.ConnectError, match=r"not valid for 'secure\.example\.com'"):
         dp.https("secure.example.com")
     assert dp.https("secure.example.com", sni="localhost").status_code == 404
 
