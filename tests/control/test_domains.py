@@ -198,7 +198,7 @@ def test_neon_ts_custom_domains_deploy_and_child_skip(dp: DomainsPlatform, kid: 
                                                       tmp_path: Path) -> None:
     """~25 s: a function's customDomains are added by deploy on the default branch; on a
     child the closure's list applies, skipping (and saying so) main's name; a name no
-    longer declared is removed."""
+    longer declared is removed; deleting the child takes its domain and certificate."""
     p = dp.p
     root = write(tmp_path / "proj", {
         "neon.ts": """import { defineConfig } from "@neon/config/v1";
@@ -231,9 +231,17 @@ export default defineConfig({
     plan = p.cli_json_in(root, "config", "plan")
     assert plan["domains"]["remove"] == ["neon.example.com"]
     p.cli("deploy", "--yes", cwd=root)
+    assert dp.https("kid.example.com").status_code == 200
+    leaf = p.data_dir / "tls" / "domains" / "kid.example.com.pem"
+    assert leaf.exists()
     with p.api() as api:
         assert api.get("/domains/neon.example.com").status_code == 404
-        assert api.delete("/domains/kid.example.com").status_code == 200
+        # Deleting the branch takes its domains: routes, rows, served certificates.
+        assert api.delete(f"/branches/{kid}").status_code == 200
+        assert api.get("/domains/kid.example.com").status_code == 404
+    with pytest.raises(httpx.ConnectError, match=r"not valid for 'kid\.example\.com'"):
+        dp.https("kid.example.com")
+    assert not leaf.exists()
 
 
 def test_dns_status_uses_the_system_resolver() -> None:

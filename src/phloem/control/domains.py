@@ -106,6 +106,15 @@ class Domains:
             self._forget(row.hostname)
         return row
 
+    async def drop_branch(self, branch: BranchRow) -> None:
+        """The branch is being deleted: its domains stop being routed and their
+        certificates served (the rows go with the branch by cascade)."""
+        for name in self.routes.domains():
+            route = self.routes.domain(name)
+            if route is not None and route.branch_id == branch.id:
+                self.routes.remove_domain(name)
+                self._forget(name)
+
     async def list_domains(self, branch_id: str | None = None) -> list[DomainRow]:
         rows = await self.domains.list_domains(branch_id)
         if branch_id is None:
