@@ -338,6 +338,10 @@ def test_custom_domains_and_branch_services_get_acme_certificates(acme: Acme) ->
         _verified(acme, child_ai)
         tls = api.get("/status").json()["components"]["tls"]
         assert tls["state"] == "acme" and tls["issued"] >= 4 and tls["failed"] == 0, tls
+        text = acme.p.cli("status").stdout
+        assert re.search(r"tls +acme +issued=\d+ +pending=0 +failed=0", text), text
+        got = acme.p.cli("domains", "get", name).stdout
+        assert "certificate  issued until 20" in got, got
         # Removed: its certificate is no longer served (the fallback is), nor stored.
         assert api.delete("/branches/acme-child").status_code == 200
         assert _fallback(acme.https_port, child_ai)
