@@ -75,13 +75,14 @@ def test_lifecycle_over_api_and_cli(dp: DomainsPlatform) -> None:
         # The test machine's resolver does not know the name: not ok, and it says why.
         assert status["dns"]["ok"] is False and status["dns"]["reason"]
         assert status["certificate"]["issued"] is True
-        assert status["certificate"]["reason"].startswith("self-signed")
+        assert status["certificate"]["reason"] is None
+        assert status["certificate"]["not_after"] is not None  # the local CA's leaf
         listed = api.get("/domains").json()
         assert [d["hostname"] for d in listed] == ["shop.example.com"]
         assert listed[0]["status"] is None
         assert api.get("/domains", params={"status": "true"}).json()[0]["status"] is not None
     text = p.cli("domains", "get", "shop.example.com").stdout
-    assert "certificate  issued: self-signed" in text, text
+    assert "certificate  issued until 20" in text, text
     added = p.cli_json("domains", "add", "cli.example.com", "--function", "echo", "--hsts")
     assert (added["hostname"], added["hsts"]) == ("cli.example.com", True)
     assert [d["hostname"] for d in p.cli_json("domains", "list")] == \
@@ -169,8 +170,10 @@ def test_routing_and_hsts_only_when_asked_and_over_tls(dp: DomainsPlatform) -> N
     finally:
         p.cli("domains", "remove", "secure.example.com")
         p.cli("domains", "remove", "lax.example.com")
-    # Removed: no route (its certificate stays served until the next start).
-    assert dp.https("secure.example.com").status_code == 404
+    # Removed: its own certificate is no longer served (the default is), and no route.
+    with pytest.raises(httpx.ConnectError, match=r"not valid for 'secure\.example\.com'"):
+        dp.https("secure.example.com")
+    assert dp.https("secure.example.com", sni="localhost").status_code == 404
 
 
 def test_not_inherited_by_a_child_branch(dp: DomainsPlatform, kid: str) -> None:
@@ -195,7 +198,7 @@ def test_neon_ts_custom_domains_deploy_and_child_skip(dp: DomainsPlatform, kid: 
                                                       tmp_path: Path) -> None:
     """~25 s: a function's customDomains are added by deploy on the default branch; on a
     child the closure's list applies, skipping (and saying so) main's name; a name no
-    longer declared is removed."""
+    longer declared is removed; deleting the child takes its domain and certificate."""
     p = dp.p
     root = write(tmp_path / "proj", {
         "neon.ts": """import { defineConfig } from "@neon/config/v1";
@@ -228,9 +231,17 @@ export default defineConfig({
     plan = p.cli_json_in(root, "config", "plan")
     assert plan["domains"]["remove"] == ["neon.example.com"]
     p.cli("deploy", "--yes", cwd=root)
+    assert dp.https("kid.example.com").status_code == 200
+    leaf = p.data_dir / "tls" / "domains" / "kid.example.com.pem"
+    assert leaf.exists()
     with p.api() as api:
         assert api.get("/domains/neon.example.com").status_code == 404
-        assert api.delete("/domains/kid.example.com").status_code == 200
+        # Deleting the branch takes its domains: routes, rows, served certificates.
+        assert api.delete(f"/branches/{kid}").status_code == 200
+        assert api.get("/domains/kid.example.com").status_code == 404
+    with pytest.raises(httpx.ConnectError, match=r"not valid for 'kid\.example\.com'"):
+        dp.https("kid.example.com")
+    assert not leaf.exists()
 
 
 def test_dns_status_uses_the_system_resolver() -> None:

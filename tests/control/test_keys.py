@@ -219,6 +219,49 @@ def test_cli_against_the_tls_listener(remote: tuple[PlatformProcess, int],
     assert gone.returncode == 1 and "no API credentials" in gone.stderr
 
 
+def test_global_flags_choose_the_platform(remote: tuple[PlatformProcess, int],
+                                         secrets_made: list[str], tmp_path: Path) -> None:
+    """--api/--key/--profile on the root, before any verb: flags > PHLOEM_API_URL/KEY >
+    the profile > the data dir's credentials."""
+    p, port = remote
+    read = make_key(p, secrets_made, scopes=["read"])
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PHLOEM_API", "PHLOEM_PROFILE", "PHLOEM_CA"))}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), PHLOEM_DATA_DIR=str(tmp_path),
+               NO_COLOR="1", COLUMNS="200")
+    helped = run_cli(env, "--help")
+    for flag, var in (("--api", "PHLOEM_API_URL"), ("--key", "PHLOEM_API_KEY"),
+                      ("--profile", "PHLOEM_PROFILE")):
+        assert flag in helped.stdout and var in helped.stdout, helped.stdout
+    assert "[default: (the current profile, else none)]" in helped.stdout, helped.stdout
+    admin_url, admin_key = p.credentials["api_url"], p.credentials["api_key"]
+    # The flags alone reach the platform (no variables, no profile, an empty data dir).
+    alone = run_cli(env, "--api", admin_url, "--key", admin_key, "keys", "list",
+                    "--output", "json")
+    assert alone.returncode == 0, alone.stderr
+    assert read["id"] in {k["id"] for k in json.loads(alone.stdout)}
+    # A flag wins over its variable: the read key given by --key cannot list keys.
+    as_admin = {**env, "PHLOEM_API_URL": admin_url, "PHLOEM_API_KEY": admin_key}
+    flagged = run_cli(as_admin, "--key", read["secret"], "keys", "list")
+    assert flagged.returncode == 1 and "scope 'admin'" in flagged.stderr, flagged.stderr
+    # --profile picks a saved profile; the variables win over it.
+    ca = str(p.data_dir / "tls" / "ca.pem")
+    saved = run_cli(env, "login", "--api", f"https://127.0.0.1:{port}", "--key",
+                    read["secret"], "--ca-cert", ca, "--profile", "reader")
+    assert saved.returncode == 0, saved.stderr
+    saved = run_cli(env, "login", "--api", admin_url, "--key", admin_key,
+                    "--profile", "admin")
+    assert saved.returncode == 0, saved.stderr
+    assert run_cli(env, "keys", "list").returncode == 0  # the current profile: admin
+    chosen = run_cli(env, "--profile", "reader", "keys", "list")
+    assert chosen.returncode == 1 and "scope 'admin'" in chosen.stderr, chosen.stderr
+    as_reader = {**env, "PHLOEM_API_URL": admin_url, "PHLOEM_API_KEY": read["secret"]}
+    over = run_cli(as_reader, "--profile", "admin", "keys", "list")
+    assert over.returncode == 1 and "scope 'admin'" in over.stderr, over.stderr
+    missing = run_cli(env, "--profile", "nosuch", "branches", "list")
+    assert missing.returncode == 1 and "no profile 'nosuch'" in missing.stderr
+
+
 def test_no_secret_in_any_log(remote: tuple[PlatformProcess, int],
                               secrets_made: list[str]) -> None:
     """Runs last: every secret made above, used, refused and revoked, is in no log file

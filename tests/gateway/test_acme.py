@@ -262,11 +262,13 @@ async def test_stored_certificates_are_served_at_start_without_an_order(
     store.add_files(*local.issue(tmp_path, [DOMAIN], "fallback"))
     manager = CertificateManager(store, tmp_path / "acme", AcmeConfig(
         acme.directory, ca_bundle=acme.pebble_ca, renew_fraction=0.99))
+    # Ensured before start, as the platform does with custom domains: it stays wanted.
+    manager.ensure(acme.host)
     await manager.start()
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0,
                                         ssl=store.server_context())
     try:
-        manager.ensure(acme.host)
+        assert manager.counts() == {"issued": 1, "pending": 0, "failed": 0}
         status = manager.status(acme.host)
         assert status.issued and status.reason is None
         assert status.not_after == stored.not_valid_after_utc
@@ -287,6 +289,74 @@ async def test_stored_certificates_are_served_at_start_without_an_order(
     # Pebble saw no order but the platform's own (renewals go on meanwhile).
     assert manager.orders == 0
     assert acme.orders_match() >= before
+
+
+def _fallback(port: int, name: str) -> bool:
+    return "phloem local CA" in issuer(served(port, name))
+
+
+def _verified(acme: Acme, name: str) -> x509.Certificate:
+    """Wait (60 s) until ``name``'s certificate verifies with pebble's root alone."""
+    def issued() -> x509.Certificate | None:
+        cert = served(acme.https_port, name)
+        return cert if "Pebble" in issuer(cert) else None
+
+    try:
+        cert = wait_for(issued, 60, f"the ACME certificate of {name}")
+    except AssertionError as exc:
+        raise AssertionError("\n".join([str(exc), *acme.p.output[-40:]])) from None
+    verified = served(acme.https_port, name, acme.trusting())
+    assert names_in(verified) == [name] and verified.serial_number == cert.serial_number
+    return verified
+
+
+def test_custom_domains_and_branch_services_get_acme_certificates(acme: Acme) -> None:
+    # After the renewal test (it wants the function's orders alone) and before the DNS
+    # hook's restart (which wants no other name stored): everything added is removed.
+    certs = acme.p.data_dir / "secrets" / "acme" / "certs"
+    name = "shop.custom.test"
+    with acme.p.api() as api:
+        added = api.post("/domains", json={"hostname": name, "function": "echo"})
+        assert added.status_code == 201, added.text
+        cert = _verified(acme, name)
+        # The function answers the custom name over HTTPS, verified by httpx.
+        with httpx.Client(verify=acme.trusting(), timeout=60) as client:
+            got = client.get(f"https://127.0.0.1:{acme.https_port}/d",
+                             headers={"Host": name}, extensions={"sni_hostname": name})
+        assert got.status_code == 200 and got.json()["path"] == "/d"
+        status = api.get(f"/domains/{name}").json()["status"]["certificate"]
+        assert status["issued"] is True and status["reason"] is None, status
+        assert status["not_after"] is not None
+        # A branch service's host: ensured when it is provisioned (declare) ...
+        main = api.get("/branches/main").json()["id"]
+        ai = f"{main}--ai.{DOMAIN}"
+        put = api.put("/branches/main/services", json={"services": {"ai": {}}})
+        assert put.status_code == 200, put.text
+        _verified(acme, ai)
+        # ... and on a child, when branch create copies it.
+        child = api.post("/branches", json={"name": "acme-child", "parent": "main"})
+        assert child.status_code in (200, 201), child.text
+        child_ai = f"{child.json()['id']}--ai.{DOMAIN}"
+        _verified(acme, child_ai)
+        tls = api.get("/status").json()["components"]["tls"]
+        assert tls["state"] == "acme" and tls["issued"] >= 4 and tls["failed"] == 0, tls
+        text = acme.p.cli("status").stdout
+        assert re.search(r"tls +acme +issued=\d+ +pending=0 +failed=0", text), text
+        got = acme.p.cli("domains", "get", name).stdout
+        assert "certificate  issued until 20" in got, got
+        # Removed: its certificate is no longer served (the fallback is), nor stored.
+        assert api.delete("/branches/acme-child").status_code == 200
+        assert _fallback(acme.https_port, child_ai)
+        assert api.put("/branches/main/services",
+                       json={"services": {}}).status_code == 200
+        assert _fallback(acme.https_port, ai)
+        assert api.delete(f"/domains/{name}").status_code == 200
+        assert _fallback(acme.https_port, name)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            served(acme.https_port, name, acme.trusting())
+        assert not (certs / f"{name}.pem").exists()
+        assert not (certs / f"{ai}-key.pem").exists()
+    assert cert.not_valid_after_utc > cert.not_valid_before_utc
 
 
 def test_bad_acme_options_are_refused(tmp_path: Path) -> None:

@@ -59,7 +59,8 @@ def _show(d: dict[str, Any]) -> None:
         addrs = ", ".join(dns["addresses"]) or "-"
         out.print(f"  dns          {mark} ({addrs}){_why(dns['reason'])}", highlight=False)
         mark = "[green]issued[/]" if cert["issued"] else "[yellow]not issued[/]"
-        out.print(f"  certificate  {mark}{_why(cert['reason'])}", highlight=False)
+        until = f" until {cert['not_after']}" if cert.get("not_after") else ""
+        out.print(f"  certificate  {mark}{until}{_why(cert['reason'])}", highlight=False)
 
 
 def _why(reason: str | None) -> str:

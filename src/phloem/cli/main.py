@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -20,7 +21,7 @@ from rich.markup import escape
 
 from phloem import __version__
 from phloem.gateway.proxies import parse_networks
-from phloem.project.client import Client, ClientError
+from phloem.project.client import Client, ClientError, load_credentials
 from phloem.runtimes.registry import choose
 from phloem.system.ai_providers import parse_ai_providers
 from phloem.system.limits import FunctionLimits
@@ -82,9 +83,23 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+@dataclass
+class Remote:
+    """The root's ``--api/--key/--profile``, for every verb's client (set per run)."""
+
+    api: str | None = None
+    key: str | None = None
+    profile: str | None = None
+
+
+REMOTE = Remote()
+
+
 def client_for(data_dir: Path) -> Client:
+    """The platform the flags name (``--api/--key``, then ``PHLOEM_API_URL/KEY``, then
+    ``--profile``/``PHLOEM_PROFILE`` or the current profile), else ``data_dir``'s."""
     try:
-        return Client.from_environment(data_dir)
+        return Client(load_credentials(REMOTE.api, REMOTE.key, data_dir, REMOTE.profile))
     except ClientError as exc:
         fail(str(exc))
 
@@ -94,8 +109,23 @@ def print_json(data: Any) -> None:
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")]
-          = False) -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False,
+    api: Annotated[str | None, typer.Option(
+        "--api", envvar="PHLOEM_API_URL", help="URL of the platform's API to talk to "
+        "(e.g. https://phloem.example.com:9443).", show_default="the profile's, else the "
+        "data dir's platform")] = None,
+    key: Annotated[str | None, typer.Option(
+        "--key", envvar="PHLOEM_API_KEY", help="API key sent to --api.",
+        show_default="the profile's, else the data dir's")] = None,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", envvar="PHLOEM_PROFILE", help="Profile saved by 'phloem login' to use "
+        "(where --api/--key are not given).",
+        show_default="the current profile, else none")] = None,
+) -> None:
+    # --api/--key win over PHLOEM_API_URL/PHLOEM_API_KEY (typer reads them as their
+    # defaults), which win over the profile, which wins over the data dir's credentials.
+    REMOTE.api, REMOTE.key, REMOTE.profile = api, key, profile
     if version:
         out.print(__version__)
         raise typer.Exit()
@@ -340,7 +370,8 @@ def _print_invocation(fn: dict[str, Any], settings: Settings) -> None:
 @app.command()
 def status(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """Report each component of a running platform, probed now: system database, API,
-    gateway, supervisor, firewall, every branch's database and pooler, and the isolates.
+    gateway, supervisor, firewall, TLS (with acme: certificates issued, pending, failed),
+    every branch's database and pooler, and the isolates.
 
     Exit status: 0 when nothing is down; 1 when a component, a branch's database or its
     pooler is down (they are named on stderr), or the platform cannot be reached.

@@ -126,6 +126,9 @@ class Deployer:
     #: the platform's network rules follow them.
     on_function_deployed: Callable[[BranchRow, FunctionRow], Awaitable[None]] | None = None
     on_function_deleted: Callable[[FunctionRow], Awaitable[None]] | None = None
+    #: Awaited at the end of :meth:`drop_branch` (its custom domains' routes and
+    #: certificates go; the rows go with the branch's, by cascade).
+    on_branch_dropped: Callable[[BranchRow], Awaitable[None]] | None = None
     #: The branch services (set by the platform): their variables and host names.
     services: ServiceRegistry | None = None
 
@@ -581,6 +584,8 @@ class Deployer:
         """Everything of a branch being deleted: routes, isolates, deployment files."""
         for fn in await self.store.list_functions(branch.id):
             await self.delete(branch, fn.slug)
+        if self.on_branch_dropped is not None:
+            await self.on_branch_dropped(branch)
 
     async def copy_functions(self, parent: BranchRow, child: BranchRow) -> list[DeploymentRow]:
         """Deploy the parent's active deployments on ``child`` (same artifacts, entries,

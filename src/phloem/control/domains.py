@@ -15,15 +15,15 @@ gateway's routing table (:class:`~phloem.control.routes.RoutingTable`) in step.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import asdict
 from typing import Any
 
 from phloem.control.deployer import NotFound
-from phloem.control.domains_status import Certificates, dns_status
+from phloem.control.domains_status import dns_status
 from phloem.control.errors import ApiError
 from phloem.control.routes import DomainRoute, RoutingTable
+from phloem.gateway.acme import Certificates
 from phloem.metadata.domains import DomainExists, DomainRow, DomainSpec, DomainStore
 from phloem.metadata.store import BranchRow, Store
 from phloem.system.hostnames import hostname_problem, normalize_hostname, under_domain
@@ -80,12 +80,18 @@ class Domains:
         return row
 
     async def _certificate(self, name: str) -> None:
-        # The ACME hook: CertificateManager.ensure(name) (branch i13-acme) is what runs
-        # here once wired; until then the --tls mode's certificates answer.
+        # A registered domain maps to a function, so issuance is allowed (--tls acme:
+        # the CertificateManager orders it in the background; until then the fallback).
         try:
-            await asyncio.to_thread(self.certificates.ensure, name)
+            self.certificates.ensure(name)
         except Exception as exc:  # the domain stays; its status says what is missing
             log.warning("domains: no certificate for %s: %s", name, exc)
+
+    def _forget(self, name: str) -> None:
+        try:
+            self.certificates.forget(name)
+        except Exception as exc:  # the route is gone already: only the files may stay
+            log.warning("domains: forgetting the certificate of %s: %s", name, exc)
 
     async def get(self, hostname: str) -> DomainRow:
         row = await self.domains.get(normalize_hostname(hostname))
@@ -97,13 +103,25 @@ class Domains:
         row = await self.get(hostname)
         if await self.domains.remove(row.hostname):
             self.routes.remove_domain(row.hostname)
+            self._forget(row.hostname)
         return row
+
+    async def drop_branch(self, branch: BranchRow) -> None:
+        """The branch is being deleted: its domains stop being routed and their
+        certificates served (the rows go with the branch by cascade)."""
+        for name in self.routes.domains():
+            route = self.routes.domain(name)
+            if route is not None and route.branch_id == branch.id:
+                self.routes.remove_domain(name)
+                self._forget(name)
 
     async def list_domains(self, branch_id: str | None = None) -> list[DomainRow]:
         rows = await self.domains.list_domains(branch_id)
         if branch_id is None:
             # Domains of deleted branches went with them (ON DELETE CASCADE): drop their
-            # routes too, which otherwise stay (answering 404) until the next start.
+            # routes and certificates too, which otherwise stay until the next start.
+            for gone in set(self.routes.domains()) - {r.hostname for r in rows}:
+                self._forget(gone)
             self.routes.set_domains({r.hostname: _route(r) for r in rows})
         return rows
 
@@ -122,6 +140,7 @@ class Domains:
         rows, skipped = await self.domains.replace(branch.id, list(specs.values()), owner)
         for gone in before - {r.hostname for r in rows}:
             self.routes.remove_domain(gone)
+            self._forget(gone)
         for row in rows:
             self.routes.put_domain(row.hostname, _route(row))
             if row.hostname not in before:
@@ -138,8 +157,8 @@ class Domains:
         """``dns`` (does the name resolve to this host) and ``certificate``, each with
         the reason when not."""
         dns = await dns_status(row.hostname)
-        issued, why = self.certificates.status(row.hostname)
-        return {"dns": asdict(dns), "certificate": {"issued": issued, "reason": why}}
+        cert = self.certificates.status(row.hostname)
+        return {"dns": asdict(dns), "certificate": cert._asdict()}
 
     @staticmethod
     def _exists(name: str, branch: str) -> ApiError:

@@ -39,7 +39,10 @@ class DnsOut(BaseModel):
 
 class CertificateOut(BaseModel):
     issued: bool
-    reason: str = Field(description="how it was issued, or why it is not")
+    reason: str | None = Field(description="why it is not issued (or why its renewal "
+                               "fails); null when all is well")
+    not_after: datetime | None = Field(description="when the certificate served for the "
+                                       "name expires; null when there is none")
 
 
 class DomainStatusOut(BaseModel):

@@ -6,40 +6,34 @@ host, and is a certificate issued for it.
 
     certs = TlsModeCertificates("self-signed", tls_dir, store)
     certs.ensure("api.example.com")      # self-signed: a leaf from the local CA, served by SNI
-    certs.status("api.example.com")      # (True, "self-signed: issued by the local CA ...")
+    certs.status("api.example.com")      # CertStatus(True, None, not_after)
+    certs.forget("api.example.com")      # no longer served; its files go
 
-Certificates come through the :class:`Certificates` protocol: :class:`TlsModeCertificates`
-answers from the platform's ``--tls`` mode; an ACME ``CertificateManager`` (its own
-``ensure(name)``/``status(name)``) takes its place when it is wired in.
+Certificates come through the one :class:`~phloem.gateway.acme.Certificates` protocol
+(``ensure``/``forget``/``status``, synchronous, on the loop): with ``--tls acme`` the
+platform's ``CertificateManager`` answers it, otherwise :class:`TlsModeCertificates`
+from the ``--tls`` mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
+from cryptography import x509
+
+from phloem.gateway.acme import CertStatus
 from phloem.gateway.tls import CertificateStore, LocalCA, TlsError, cert_names
 
-__all__ = ["Certificates", "DnsStatus", "TlsModeCertificates", "dns_status",
+__all__ = ["DnsStatus", "TlsModeCertificates", "dns_status",
            "is_local_address"]
 
 #: Seconds the system resolver gets per name.
 DNS_TIMEOUT_S = 2.0
-
-
-class Certificates(Protocol):
-    """Who obtains and reports the certificates of custom domains."""
-
-    def ensure(self, name: str) -> None:
-        """Obtain a certificate for ``name`` (or start to): called when it is added."""
-
-    def status(self, name: str) -> tuple[bool, str]:
-        """(issued, why or why not)."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -89,11 +83,12 @@ async def dns_status(name: str, timeout: float = DNS_TIMEOUT_S) -> DnsStatus:
 
 
 class TlsModeCertificates:
-    """Certificates as the platform's ``--tls`` mode gives them, until ACME is wired.
+    """Custom domains' certificates as the platform's ``--tls`` mode gives them when it
+    is not ``acme``.
 
     ``off``: none (``tls off``). ``self-signed``: a leaf from the platform's local CA
-    for each domain, made on :meth:`ensure` and served by SNI. ``files``: whatever the
-    user's ``--tls-cert`` names."""
+    for each domain, made on :meth:`ensure` (a key and a signature: milliseconds, on the
+    loop) and served by SNI. ``files``: whatever the user's ``--tls-cert`` names."""
 
     def __init__(self, mode: str, directory: Path | None = None,
                  store: CertificateStore | None = None, cert: Path | None = None) -> None:
@@ -120,23 +115,39 @@ class TlsModeCertificates:
             self.store.add_files(cert, key)
             self._served.add(name)
 
-    def status(self, name: str) -> tuple[bool, str]:
+    def forget(self, name: str) -> None:
+        paths = self._paths(name)
+        if self.mode != "self-signed" or paths is None or self.store is None:
+            return
+        self.store.discard(name)
+        self._served.discard(name)
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def status(self, name: str) -> CertStatus:
         if self.mode == "off":
-            return False, "tls off: the gateway serves plain HTTP (phloem up --tls ...)"
+            return CertStatus(False, "tls off: the gateway serves plain HTTP "
+                              "(phloem up --tls ...)", None)
         if self.mode == "self-signed":
             paths = self._paths(name)
             if paths is not None and paths[0].exists() and name in cert_names(paths[0]):
-                return True, ("self-signed: issued by the platform's local CA (clients "
-                              "must trust its ca.pem)")
-            return False, "self-signed: not issued yet"
+                return CertStatus(True, None, _not_after(paths[0]))
+            return CertStatus(False, "self-signed: not issued yet", None)
         if self.cert is None:
-            return False, f"tls {self.mode}: no certificate"
+            return CertStatus(False, f"tls {self.mode}: no certificate", None)
         try:
             names = cert_names(self.cert)
         except (OSError, ValueError, TlsError) as exc:
-            return False, f"--tls-cert {self.cert} cannot be read: {exc}"
+            return CertStatus(False, f"--tls-cert {self.cert} cannot be read: {exc}", None)
         parent = name.partition(".")[2]
         if name in names or f"*.{parent}" in names:
-            return True, f"files: --tls-cert {self.cert} names it"
-        return False, (f"files: --tls-cert {self.cert} does not name it (it names "
-                       f"{', '.join(names) or 'nothing'})")
+            return CertStatus(True, None, _not_after(self.cert))
+        return CertStatus(False, f"files: --tls-cert {self.cert} does not name it (it "
+                          f"names {', '.join(names) or 'nothing'})", None)
+
+
+def _not_after(cert: Path) -> datetime.datetime | None:
+    try:
+        return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+    except (OSError, ValueError):
+        return None

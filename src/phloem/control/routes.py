@@ -64,6 +64,10 @@ class RoutingTable:
         """The route of a custom domain (lowercase, no port, no trailing dot)."""
         return self._domains.get(hostname)
 
+    def domains(self) -> list[str]:
+        """The custom domains routed now."""
+        return list(self._domains)
+
     def put_domain(self, hostname: str, route: DomainRoute) -> None:
         self._domains[hostname] = route
 

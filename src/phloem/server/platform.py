@@ -439,12 +439,14 @@ class Platform:
             port=s.url_port, secret_box=secret_box,
             connection_strings=branches.connection_strings, settings=s))
         push(branch_services.stop)
+        branch_services.certificates = self._tls.certificates if self._tls else None
         branches.state_hooks = branch_services
         deployer.services = branch_services
         await deployer.load_routes()
         await self._remove_unserved_deployments(store)
 
         domains = await start_domains(pool, store, deployer.routes, s, self._tls)
+        deployer.on_branch_dropped = domains.drop_branch
         router = PlatformRouter(deployer, supervisor, s.domain, hsts=s.tls_on,
                                 services=branch_services)
         # Client connections may not take the descriptors isolates' connections, spawns
@@ -479,6 +481,7 @@ class Platform:
             await self._tls.acme.start()
             for fn in await store.list_functions():
                 self._tls.certificates.ensure(host(fn))
+            branch_services.ensure_hosts()
         admissions = [gateway.admission]
         if s.tls_on:
             admissions.append(gateway.redirect_admission)
@@ -519,7 +522,7 @@ class Platform:
             branches=branches, firewall=firewall, function_logs=function_logs,
             metrics=metrics, cgroups=cgroups, supervisor=supervisor, artifacts=artifacts,
             deployer=deployer, gateway=gateway, api_server=api_server, api_task=api_task,
-            admissions=admissions, teardown=teardown, triggers=triggers)
+            admissions=admissions, teardown=teardown, triggers=triggers, tls=self._tls)
         while not api_server.started:
             if api_task.done():
                 api_task.result()

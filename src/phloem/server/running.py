@@ -31,6 +31,7 @@ from phloem.control.routes import RoutingTable
 from phloem.control.serving import ApiServer
 from phloem.control.triggers import Delivery, TriggerScheduler
 from phloem.firewall import Firewall
+from phloem.gateway.acme import Certificates
 from phloem.gateway.admission import Admission
 from phloem.gateway.server import Gateway, RequestRecord
 from phloem.metadata.domains import DomainStore
@@ -75,6 +76,8 @@ class Running:
     admissions: list[Admission]
     teardown: AsyncExitStack
     triggers: TriggerScheduler
+    #: The gateway's certificates (None: --tls off), for the status's counts.
+    tls: GatewayTls | None = None
     # phloem status: bounded probes, and the branches as last listed.
     _probes: Probes = field(default_factory=Probes)
     _listing: Bounded[list[BranchRow]] = field(default_factory=Bounded)
@@ -116,6 +119,7 @@ class Running:
             "gateway": self._gateway_state(),
             "supervisor": supervisor,
             "firewall": self.firewall.describe(),
+            "tls": self._tls_state(),
         }
         down = [name for name, c in components.items() if c["state"] == "down"]
         for b in branch_status:  # one being created, reset or deleted is down by design
@@ -188,6 +192,16 @@ class Running:
         return {"state": state, "address": f"{s.gateway_host}:{gw.port}",
                 "inflight": gw.inflight, "open_streams": gw.open_streams}
 
+    def _tls_state(self) -> dict[str, Any]:
+        """The TLS mode; with ``acme``, how many ensured names (function and service
+        hosts, custom domains) have their certificate, wait for it, or failed."""
+        if self.tls is None:
+            return {"state": "off"}
+        out: dict[str, Any] = {"state": self.settings.tls}
+        if self.tls.acme is not None:
+            out.update(self.tls.acme.counts())
+        return out
+
     def _sandbox_state(self) -> str:
         off = self.deployer.sandbox_off
         return "active" if off is None else f"off: {off}"
@@ -196,11 +210,15 @@ class Running:
 # -- custom domains ---------------------------------------------------------------
 async def start_domains(pool: AsyncConnectionPool, store: Store, routes: RoutingTable,
                         settings: Settings, tls: GatewayTls | None) -> Domains:
-    """Custom domains, routed from the start; their certificates as ``--tls`` gives
-    them (an ACME CertificateManager takes TlsModeCertificates' place when wired)."""
-    certificates = TlsModeCertificates(
-        settings.tls, tls_dir(settings.data_dir) if tls is not None else None,
-        tls.store if tls is not None else None, tls.cert if tls is not None else None)
+    """Custom domains, routed from the start; their certificates from the ACME manager
+    with ``--tls acme``, else as the ``--tls`` mode gives them."""
+    certificates: Certificates
+    if tls is not None and tls.acme is not None:
+        certificates = tls.certificates
+    else:
+        certificates = TlsModeCertificates(
+            settings.tls, tls_dir(settings.data_dir) if tls is not None else None,
+            tls.store if tls is not None else None, tls.cert if tls is not None else None)
     domains = Domains(DomainStore(pool), store, routes, settings, certificates)
     await domains.load()
     return domains

@@ -9,6 +9,11 @@ variables, and their part of branch create, reset and delete.
     await registry.copy(parent, child)     # the branch manager calls these three
     await registry.reset(branch, parent)
     await registry.delete(branch)
+
+With ``certificates`` set (``--tls``: the platform's ``Certificates``), a service's host
+``<branch_id>--<service>.<domain>`` is ensured when the service is provisioned on a
+branch (``declare``, ``copy``, and every one at start through :meth:`ensure_hosts`) and
+forgotten when it is removed or its branch deleted.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from phloem.gateway.acme import Certificates
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.metadata.services import ServiceStore
 from phloem.metadata.store import BranchRow
@@ -62,6 +68,8 @@ class ServiceRegistry:
         self._on: dict[str, dict[str, dict[str, Any]]] = {}
         self._ctx: ServiceContext | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Who orders and forgets the hosts' certificates (None: plain HTTP).
+        self.certificates: Certificates | None = None
 
     @classmethod
     def builtin(cls, store: ServiceStore) -> ServiceRegistry:
@@ -111,6 +119,24 @@ class ServiceRegistry:
         return [service_host(branch_id, name, self.ctx.domain)
                 for name in self._on.get(branch_id, {}) if name in self.services]
 
+    def ensure_hosts(self) -> None:
+        """Have a certificate for every provisioned service's host (at start, once the
+        certificates' manager runs)."""
+        for branch_id in list(self._on):
+            for host in self.hosts(branch_id):
+                self._certificate(host, True)
+
+    def _certificate(self, host: str, wanted: bool) -> None:
+        if self.certificates is None:
+            return
+        try:
+            if wanted:
+                self.certificates.ensure(host)
+            else:
+                self.certificates.forget(host)
+        except ValueError as exc:  # a name the CA cannot validate: served the fallback
+            log.warning("services: no certificate for %s: %s", host, exc)
+
     def _lock(self, branch_id: str) -> asyncio.Lock:
         return self._locks.setdefault(branch_id, asyncio.Lock())
 
@@ -141,6 +167,7 @@ class ServiceRegistry:
                                            f"services.{name}") from None
                     await self.store.put(branch.id, name, config)
                     self._on.setdefault(branch.id, {})[name] = dict(config)
+                    self._certificate(service_host(branch.id, name, self.ctx.domain), True)
                     changed = True
             for name in [n for n in current if n not in wanted]:
                 service = self.services.get(name)
@@ -148,6 +175,7 @@ class ServiceRegistry:
                     await service.unprovision(branch)
                 await self.store.remove(branch.id, name)
                 self._on.get(branch.id, {}).pop(name, None)
+                self._certificate(service_host(branch.id, name, self.ctx.domain), False)
                 changed = True
             return changed
 
@@ -173,6 +201,7 @@ class ServiceRegistry:
             service = self.services.get(name)
             if service is not None:
                 await service.copy(parent, child)
+                self._certificate(service_host(child.id, name, self.ctx.domain), True)
 
     async def reset(self, branch: BranchRow, parent: BranchRow) -> None:
         async with self._lock(branch.id):
@@ -187,5 +216,6 @@ class ServiceRegistry:
                 service = self.services.get(name)
                 if service is not None:
                     await service.delete(branch)
+                self._certificate(service_host(branch.id, name, self.ctx.domain), False)
             self._on.pop(branch.id, None)
         self._locks.pop(branch.id, None)

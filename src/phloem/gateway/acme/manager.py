@@ -2,9 +2,10 @@
 
 Issued at deploy time, never from a handshake: the platform calls :meth:`ensure` when a
 name becomes live (a function's invocation host when it is deployed, a custom domain when
-it is registered) and :meth:`forget` when it goes. Python's SNI callback is synchronous,
-so a name without its certificate yet gets the fallback (the local CA's) until issuance
-finishes; a handshake for a name nobody ensured never starts an order.
+it is registered, a branch service's host when it is provisioned) and :meth:`forget` when
+it goes (its certificate is no longer served, renewed or kept). Python's SNI callback is
+synchronous, so a name without its certificate yet gets the fallback (the local CA's)
+until issuance finishes; a handshake for a name nobody ensured never starts an order.
 
     manager = CertificateManager(store, secrets / "acme", AcmeConfig(directory_url))
     await manager.start()                     # loads stored certificates, no order
@@ -70,7 +71,8 @@ class CertStatus(NamedTuple):
 class Certificates(Protocol):
     """What other features call: ``ensure`` a name that became live (a deployed
     function's host, a registered custom domain, a branch service's host), ``forget`` it
-    when it goes, and ask its ``status``."""
+    when it goes, and ask its ``status``. All three run on the event loop and return at
+    once (issuance, when there is any, happens in the background)."""
 
     def ensure(self, name: str) -> None: ...
 
@@ -205,10 +207,34 @@ class CertificateManager:
         self._wake.set()
 
     def forget(self, name: str) -> None:
-        """Stop renewing ``name``; its certificate is served until it expires."""
-        entry = self._names.get(name.lower().rstrip("."))
-        if entry is not None:
-            entry.wanted = False
+        """Stop serving and renewing ``name``'s own certificate and delete its files (a
+        removed domain must not be served, nor again after a restart); handshakes for
+        it get the fallback (or the wildcard that covers it)."""
+        n = name.lower().rstrip(".")
+        if n.startswith("*."):
+            return  # the DNS-01 wildcard is the platform's, never a feature's
+        if self._names.pop(n, None) is None:
+            return
+        self._store.discard(n)
+        for path in self._paths(n):
+            path.unlink(missing_ok=True)
+
+    def counts(self) -> dict[str, int]:
+        """How many ensured names have a valid certificate (``issued``), wait for their
+        first one (``pending``) or had their last order fail (``failed``, renewals
+        included): ``phloem status``."""
+        now = datetime.datetime.now(datetime.UTC)
+        out = {"issued": 0, "pending": 0, "failed": 0}
+        for entry in self._names.values():
+            if not entry.wanted:
+                continue
+            if entry.error is not None:
+                out["failed"] += 1
+            elif entry.not_after is not None and entry.not_after > now:
+                out["issued"] += 1
+            else:
+                out["pending"] += 1
+        return out
 
     def status(self, name: str) -> CertStatus:
         n = name.lower().rstrip(".")
@@ -245,6 +271,8 @@ class CertificateManager:
         return self._certs / f"{stem}.pem", self._certs / f"{stem}-key.pem"
 
     def _load_stored(self) -> None:
+        # Names ensured before start (custom domains load first) stay wanted.
+        ensured = {n for n, e in self._names.items() if e.wanted}
         for cert in sorted(self._certs.glob("*.pem")):
             if cert.name.endswith("-key.pem"):
                 continue
@@ -255,7 +283,7 @@ class CertificateManager:
             except (TlsError, ValueError, OSError) as exc:
                 logger.error("acme: stored certificate %s not served: %s", cert, exc)
                 continue
-            self._names[name].wanted = False  # until ensured again in this run
+            self._names[name].wanted = name in ensured  # else until ensured in this run
         wildcard = f"*.{self._covered}"
         if self._covered is not None and wildcard in self._names:
             self._drop_covered(wildcard)
@@ -307,6 +335,8 @@ class CertificateManager:
         logger.warning("acme: ordering a certificate for %s", name)
         try:
             chain, key = await asyncio.to_thread(self._issue, name)
+            if self._names.get(name) is not entry:
+                return  # forgotten while the order ran: not served, not stored
             cert_path, key_path = self._paths(name)
             await asyncio.to_thread(write_private, key_path, key)
             await asyncio.to_thread(write_private, cert_path, chain)
