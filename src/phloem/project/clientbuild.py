@@ -50,9 +50,10 @@ def prepare(client: Client, project: Project, branch: str, new_branch: bool = Fa
                                        f"bundles ({', '.join(others) or 'none declared'})")
     artifact = bundle_on_client(project.root, {s: f.entry for s, f in functions.items()},
                                 progress)
-    _answer(project, info, Resolved(
-        {slug: replace(fn, entry=bundle_entry(slug), bundle=False)
-         for slug, fn in functions.items()}, resolved.branch, resolved.triggers))
+    # replace(): the rest of what the config said (services, domain notes) stays.
+    _answer(project, info, replace(resolved, functions={
+        slug: replace(fn, entry=bundle_entry(slug), bundle=False)
+        for slug, fn in functions.items()}))
     return ClientBuild("client", f"esbuild from node_modules, {len(functions)} "
                                  "function(s)", artifact)
 
