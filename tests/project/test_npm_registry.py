@@ -245,7 +245,8 @@ def test_link_npm_install_and_client_bundled_deploy(platform: PlatformProcess,
     locked = lock["packages"]["node_modules/@neon/functions"]["integrity"]
     with httpx.Client(base_url=f"{api_url}/npm/", timeout=60) as registry:
         doc = registry.get("@neon%2ffunctions").json()  # no API key: npm sends none
-        dist = doc["versions"][doc["dist-tags"]["latest"]]["dist"]
+        locked_version = lock["packages"]["node_modules/@neon/functions"]["version"]
+        dist = doc["versions"][locked_version]["dist"]
         tgz = registry.get(dist["tarball"].removeprefix(f"{api_url}/npm/")).content
         assert dist["integrity"] == locked == "sha512-" + base64.b64encode(
             hashlib.sha512(tgz).digest()).decode()
