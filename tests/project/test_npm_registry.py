@@ -29,7 +29,13 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from phloem.control.npm_registry import NpmRegistry, pack_supplied, with_npm_registry
+from phloem.control.npm_registry import (
+    NpmRegistry,
+    pack_supplied,
+    packument,
+    supplied_versions,
+    with_npm_registry,
+)
 from phloem.project.npmrc import npmrc_text
 from phloem.runtimes.node.substitutes import package_dir
 from phloem.testing import PlatformProcess, free_port, host_of, wait_for
@@ -79,6 +85,22 @@ def test_supplied_tarball_is_reproducible() -> None:
         names = tar.getnames()
         manifest = json.loads(tar.extractfile("package/package.json").read())  # type: ignore[union-attr]
     assert "package/index.js" in names and manifest["name"] == "@neon/functions"
+
+
+def test_supplied_packument_has_own_and_neon_versions() -> None:
+    """``^0.5.0`` (Neon's examples) and ``^0.1.0`` (ours) both resolve, each tarball
+    carrying its version."""
+    tbs = supplied_versions("@neon/ai-sdk-provider", "ai-sdk-provider")
+    doc = packument(tbs, "http://x/npm/")
+    assert set(doc["versions"]) == {"0.1.0", "0.5.0"} and doc["dist-tags"]["latest"] == "0.5.0"
+    for version, meta in doc["versions"].items():
+        assert meta["dist"]["tarball"] == \
+            f"http://x/npm/@neon/ai-sdk-provider/-/ai-sdk-provider-{version}.tgz"
+        tb = next(tb for tb in tbs if tb.version == version)
+        with tarfile.open(fileobj=io.BytesIO(tb.data)) as tar:
+            inner = json.loads(tar.extractfile("package/package.json").read())  # type: ignore[union-attr]
+        assert (inner["name"], inner["version"]) == ("@neon/ai-sdk-provider", version)
+        assert meta["dist"]["integrity"] == integrity(tb.data)
 
 
 def integrity(data: bytes) -> str:
@@ -157,7 +179,7 @@ def test_passthrough_against_a_local_upstream(tmp_path: Path) -> None:
     tgz = (tmp_path / json.loads(packed.stdout)[0]["filename"]).read_bytes()
     root = write(tmp_path / "proj", {"package.json": json.dumps({
         "name": "p", "version": "1.0.0", "private": True,
-        "dependencies": {"@neon/localdep": "^1.2.0", "@neon/functions": "^0.1.0"}})})
+        "dependencies": {"@neon/localdep": "^1.2.0", "@neon/functions": "^0.5.0"}})})
     with local_upstream(tgz, "@neon/localdep", "1.2.3") as (upstream, seen), \
             registry_alone(upstream) as api_url:
         (root / ".npmrc").write_text(npmrc_text("", api_url))
@@ -175,8 +197,10 @@ def test_passthrough_against_a_local_upstream(tmp_path: Path) -> None:
     assert lock["node_modules/@neon/localdep"]["integrity"] == integrity(tgz)
     assert (root / "node_modules/@neon/localdep/index.js").read_text() == \
         "export const where = 'local upstream';\n"
+    # ^0.5.0 is what Neon's examples pin: the same code published under that version.
+    assert lock["node_modules/@neon/functions"]["version"] == "0.5.0"
     assert lock["node_modules/@neon/functions"]["integrity"] == \
-        pack_supplied("@neon/functions", "functions").integrity
+        pack_supplied("@neon/functions", "functions", "0.5.0").integrity
 
 
 def test_link_npm_install_and_client_bundled_deploy(platform: PlatformProcess,
@@ -221,7 +245,8 @@ def test_link_npm_install_and_client_bundled_deploy(platform: PlatformProcess,
     locked = lock["packages"]["node_modules/@neon/functions"]["integrity"]
     with httpx.Client(base_url=f"{api_url}/npm/", timeout=60) as registry:
         doc = registry.get("@neon%2ffunctions").json()  # no API key: npm sends none
-        dist = doc["versions"][doc["dist-tags"]["latest"]]["dist"]
+        locked_version = lock["packages"]["node_modules/@neon/functions"]["version"]
+        dist = doc["versions"][locked_version]["dist"]
         tgz = registry.get(dist["tarball"].removeprefix(f"{api_url}/npm/")).content
         assert dist["integrity"] == locked == "sha512-" + base64.b64encode(
             hashlib.sha512(tgz).digest()).decode()

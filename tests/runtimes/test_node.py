@@ -35,6 +35,7 @@ from phloem.runtimes.node.bundle import (
     install_dependencies,
     native_packages,
 )
+from phloem.runtimes.node.substitutes import install_substitutes, package_dir
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -540,6 +541,27 @@ def test_external_packages_are_kept_next_to_the_bundle(tools: Tools, workdir: Pa
             assert c.get("/").text == "from extpkg"
     finally:
         assert host.stop() == 0
+
+
+def test_substituted_package_locked_at_the_registrys_version(tools: Tools,
+                                                             workdir: Path) -> None:
+    """A lockfile written by ``npm install`` through ``phloem link``'s registry pins
+    ``@neon/functions`` 0.5.0 (not on the public registry): the platform installs ours
+    (offline: a file: package), not the locked one. ~3 s."""
+    lock = {"name": "app", "lockfileVersion": 3, "requires": True, "packages": {
+        "": {"dependencies": {"@neon/functions": "^0.5.0"}},
+        "node_modules/@neon/functions": {
+            "version": "0.5.0", "license": "Apache-2.0",
+            "integrity": "sha512-" + "A" * 86 + "=="}}}
+    app = write_app(workdir / "locked", {
+        "package.json": json.dumps({"name": "app", "dependencies": {
+            "@neon/functions": "^0.5.0"}}),
+        "package-lock.json": json.dumps(lock)})
+    modules = install_dependencies(app, tools.deps_cache, tools.node,
+                                   substitutes=install_substitutes())
+    assert modules is not None
+    assert (modules / "@neon/functions/index.js").read_bytes() == \
+        (package_dir("functions") / "index.js").read_bytes()
 
 
 def test_dependency_install_is_cached_and_errors_are_npms(tools: Tools,

@@ -254,6 +254,31 @@ def test_a_token_works_only_on_its_own_branch(on_platform: OnPlatform) -> None:
         assert db.execute(query, (child,)).fetchall() == []
 
 
+def test_deploy_writes_the_services_variables_to_the_env_file(on_platform: OnPlatform,
+                                                              tmp_path: Path) -> None:
+    """As `neon deploy` (Neon's READMEs run `npm run db:push` next, which reads them).
+    ~10 s."""
+    o = on_platform
+    root = tmp_path / "proj"
+    (root / "src").mkdir(parents=True)
+    (root / "neon.ts").write_text(
+        'import { defineConfig } from "@phloem/config";\nexport default defineConfig({ '
+        'preview: { aiGateway: true, functions: { aipull: { name: "aipull", source: '
+        '"src/index.ts" } } } });\n')
+    (root / "src/index.ts").write_text(
+        "export default { fetch: () => new Response('ok') };\n")
+    branch_id = o.p.cli_json("branches", "create", "--name", "aipull")["id"]
+    o.p.cli("link", "--branch", "aipull", "--no-env-pull", cwd=root)
+    out = o.p.cli("deploy", "--yes", cwd=root).stdout
+    # No .env: the default target is .env.local, as for `env pull`.
+    assert f"wrote {root / '.env.local'}" in out, out
+    env = dict(line.split("=", 1) for line in (root / ".env.local").read_text()
+               .splitlines() if "=" in line)
+    assert env["NEON_AI_GATEWAY_BASE_URL"] == \
+        f"http://{branch_id}--ai.fn.localhost:{o.p.gateway_port}"
+    assert env["NEON_AI_GATEWAY_TOKEN"].startswith("nai.")
+
+
 @pytest.mark.parametrize(("text", "rule"), [
     ("openai", "expected KIND=URL"),
     ("gemini=https://x/v1", "KIND one of openai, anthropic"),

@@ -75,3 +75,29 @@ def test_branch_services_api_declares_and_refuses_by_name(platform: PlatformProc
     env = httpx.get(f"{api}/env", headers=headers, timeout=30)
     assert env.status_code == 200 and env.json() == {"env": {}, "hosts": []}
     assert httpx.get(f"{api}/env", timeout=30).status_code == 401
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or sandbox.available() is not None,
+                    reason=f"sandboxes need root: {sandbox.available()}")
+def test_sandbox_shows_a_path_under_var_tmp() -> None:
+    """A data dir under /var/tmp is visible inside (/var/tmp was a link to the sandbox's
+    /tmp, followed to the host's /tmp while mountpoints were made), and /var/tmp is still
+    the sandbox's /tmp. ~1 s."""
+    with tempfile.TemporaryDirectory() as root, \
+            tempfile.TemporaryDirectory(dir="/var/tmp") as shown:
+        os.chmod(root, 0o700)
+        os.chmod(shown, 0o755)
+        with open(os.path.join(shown, "f"), "w") as f:
+            f.write("seen")
+        script = f"cat {shown}/f; echo x > /tmp/t; cat /var/tmp/t"
+        job = Job(argv=["/bin/sh", "-c", script], env={}, cwd=shown, uid=65534, gid=65534,
+                  sandbox=SandboxSpec(root_dir=root, tmp_mb=1, ro=[shown]))
+        argv, fd = job.launcher()
+        try:
+            proc = subprocess.run(argv, pass_fds=(fd,), env=LAUNCHER_ENV, cwd="/",
+                                  capture_output=True, text=True, timeout=60, check=False)
+        finally:
+            os.close(fd)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "seenx\n"
+    assert not os.path.exists("/tmp" + shown)  # nothing made on the host's /tmp

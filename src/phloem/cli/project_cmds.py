@@ -278,6 +278,14 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
         fail(str(exc))
     ours = [t["name"] for t in triggers if t["owner"] == owner]
     failed = [r for r in results if not r.ok]
+    pulled = None
+    if services is not None and services["urls"]:
+        # As `neon deploy`: the services' variables go into the local env file at once,
+        # so the next local step (Neon's READMEs: `npm run db:push`) has them.
+        try:
+            pulled = _pull_env(client, root, pp.branch.id, None)
+        except ClientError as exc:
+            fail(str(exc))
     if quiet:
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
                     "results": [r.__dict__ for r in results], "triggers": ours,
@@ -302,6 +310,9 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
         for d in (domains or {}).get("skipped", []):
             out.print(f"  [yellow]skipped[/] domain {escape(d['hostname'])}: "
                       f"{escape(d['reason'])}")
+        if pulled is not None:
+            out.print(f"  wrote {escape(str(pulled))} (the branch's service variables)",
+                      highlight=False)
         if not results and not ours and not domains and not (services or {}).get("urls"):
             out.print("nothing to do")
     if failed:

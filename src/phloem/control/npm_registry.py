@@ -52,6 +52,12 @@ SCOPES = ("@neon", "@neondatabase")
 NPM_MTIME = 499162500
 #: Largest upstream packument and tarball passed through (npm packages of these scopes
 #: are far smaller; a cap keeps a bad upstream from filling the platform's memory).
+#: Versions each supplied package is also published under, besides its own: the range
+#: Neon's published examples pin (``"@neon/functions": "^0.5.0"``, same for
+#: ``@neon/ai-sdk-provider``). npm resolves a caret range only within one minor of 0.x, so
+#: without these their ``npm install`` fails with "No matching version". Same code, the
+#: version field set to each in the packed ``package.json``.
+NEON_VERSIONS = ("0.5.0",)
 MAX_PACKUMENT_BYTES = 16 * 1024 * 1024
 MAX_TARBALL_BYTES = 64 * 1024 * 1024
 UPSTREAM_TIMEOUT_S = 30.0
@@ -87,15 +93,18 @@ class Tarball:
         return f"{self.name.split('/', 1)[1]}-{self.version}.tgz"
 
 
-def pack_supplied(name: str, short: str) -> Tarball:
-    """``npm pack`` of phloem's package ``short`` under the npm ``name``: entries under
-    ``package/``, sorted, fixed times and owners, so the same files give the same bytes.
+def pack_supplied(name: str, short: str, version: str | None = None) -> Tarball:
+    """``npm pack`` of phloem's package ``short`` under the npm ``name`` (and ``version``,
+    else its own): entries under ``package/``, sorted, fixed times and owners, so the
+    same files give the same bytes.
 
         tb = pack_supplied("@neon/functions", "functions"); tb.integrity  # sha512-...
     """
     root = package_dir(short)
     manifest: dict[str, Any] = json.loads((root / "package.json").read_text())
     manifest["name"] = name
+    if version is not None:
+        manifest["version"] = version
     files = sorted(set(manifest.get("files") or []) - {"package.json"})
     entries = [("package.json", (json.dumps(manifest, indent=2) + "\n").encode())]
     entries += [(rel, (root / rel).read_bytes()) for rel in files]
@@ -109,14 +118,28 @@ def pack_supplied(name: str, short: str) -> Tarball:
     return Tarball(name, str(manifest["version"]), manifest, buf.getvalue())
 
 
-def packument(tb: Tarball, base: str) -> dict[str, Any]:
-    """The registry document of ``tb``'s package; tarball URLs under ``base`` (ends
-    with ``/npm/``)."""
-    version = {**tb.manifest, "_id": f"{tb.name}@{tb.version}",
-               "dist": {"tarball": f"{base}{tb.name}/-/{tb.filename}",
-                        "integrity": tb.integrity, "shasum": tb.shasum}}
-    return {"_id": tb.name, "name": tb.name, "dist-tags": {"latest": tb.version},
-            "versions": {tb.version: version}}
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("-")[0]))
+
+
+def supplied_versions(name: str, short: str) -> list[Tarball]:
+    """Every version the registry publishes of ``name``: its own and :data:`NEON_VERSIONS`,
+    lowest first."""
+    own = pack_supplied(name, short)
+    extra = [pack_supplied(name, short, v) for v in NEON_VERSIONS if v != own.version]
+    return sorted([own, *extra], key=lambda tb: _version_key(tb.version))
+
+
+def packument(tbs: list[Tarball], base: str) -> dict[str, Any]:
+    """The registry document of one package's versions ``tbs`` (lowest first; the last is
+    ``latest``); tarball URLs under ``base`` (ends with ``/npm/``)."""
+    name = tbs[-1].name
+    versions = {tb.version: {**tb.manifest, "_id": f"{tb.name}@{tb.version}",
+                             "dist": {"tarball": f"{base}{tb.name}/-/{tb.filename}",
+                                      "integrity": tb.integrity, "shasum": tb.shasum}}
+                for tb in tbs}
+    return {"_id": name, "name": name, "dist-tags": {"latest": tbs[-1].version},
+            "versions": versions}
 
 
 def npm_config_registry() -> str:
@@ -148,15 +171,15 @@ class NpmRegistry:
     def __init__(self, upstream: str | None = None) -> None:
         self._upstream = None if not upstream else upstream.rstrip("/") + "/"
         self._upstream_lock = asyncio.Lock()
-        self._packed: dict[str, Tarball] = {}
+        self._packed: dict[str, list[Tarball]] = {}
 
-    def supplied(self, name: str) -> Tarball | None:
-        """phloem's own package for ``name`` (always for SUPPLIED names)."""
+    def supplied(self, name: str) -> list[Tarball] | None:
+        """phloem's own package for ``name``, each version (always for SUPPLIED names)."""
         short = SUPPLIED.get(name)
         if short is None:
             return None
         if name not in self._packed:
-            self._packed[name] = pack_supplied(name, short)
+            self._packed[name] = supplied_versions(name, short)
         return self._packed[name]
 
     async def upstream(self) -> str:
@@ -188,10 +211,11 @@ class NpmRegistry:
                 return _not_found(f"{name}: this registry serves only {', '.join(SCOPES)}")
             own = self.supplied(name)
             if own is not None:
-                if m[3] != own.filename:
+                found = [tb for tb in own if tb.filename == m[3]]
+                if not found:
                     return _not_found(f"{name}: no tarball {m[3]} (phloem supplies "
-                                      f"{own.filename})")
-                return Response(own.data, media_type="application/octet-stream")
+                                      f"{', '.join(tb.filename for tb in own)})")
+                return Response(found[0].data, media_type="application/octet-stream")
             return await self._pass_tarball(rest)
         return _not_found(f"{rest}: not a package of {', '.join(SCOPES)}")
 

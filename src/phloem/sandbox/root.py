@@ -119,8 +119,12 @@ def enter(spec: SandboxSpec) -> None:
     # /tmp first: paths given below it (a test's data dir) are bound on top.
     size = max(1, spec.tmp_mb)
     _tmpfs(_inside(root, "/tmp"), f"mode=1777,size={size}m")
-    os.makedirs(_inside(root, "/var"), exist_ok=True)
-    os.symlink("/tmp", _inside(root, "/var/tmp"))
+    # /var/tmp is the same tmpfs, bound rather than linked: a link to "/tmp" would be
+    # followed to the host's /tmp while the paths below are made (a data dir under
+    # /var/tmp got its mountpoints there and was missing inside).
+    var_tmp = _inside(root, "/var/tmp")
+    os.makedirs(var_tmp, exist_ok=True)
+    k.mount(_inside(root, "/tmp"), var_tmp, None, k.MS_BIND)
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
             os.symlink(os.readlink(path), _inside(root, path))

@@ -170,7 +170,8 @@ def install_dependencies(app_dir: Path, cache_dir: Path, node: Path | None = Non
             shutil.copyfile(app_dir / "package.json", tmp / "package.json")
         for name in LOCKFILES:
             if (app_dir / name).is_file():
-                shutil.copyfile(app_dir / name, tmp / name)
+                lock = (app_dir / name).read_text()
+                (tmp / name).write_text(lock_without(lock, used) if used else lock)
         say(f"dependencies: npm install ({len(deps)} packages in package.json)")
         args = ["install", "--omit=dev", "--no-audit", "--no-fund", "--ignore-scripts",
                 "--install-links"]
@@ -194,6 +195,33 @@ def install_dependencies(app_dir: Path, cache_dir: Path, node: Path | None = Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target / "node_modules"
+
+
+def lock_without(lock: str, names: Mapping[str, Path]) -> str:
+    """``lock`` (a ``package-lock.json``) without its entries for the substituted
+    ``names``: a project installed through ``phloem link``'s registry locks
+    ``@neon/functions`` at the registry's version, which npm would fetch from the public
+    registry (404) instead of the ``file:`` package.json now names. Unparsable: as is.
+
+        lock_without(text, {"@neon/functions": path})
+    """
+    try:
+        doc = json.loads(lock)
+    except ValueError:
+        return lock
+    if not isinstance(doc, dict):
+        return lock
+    packages = doc.get("packages")
+    if isinstance(packages, dict):
+        for key in list(packages):
+            if any(key == f"node_modules/{n}" or key.endswith(f"/node_modules/{n}")
+                   for n in names):
+                del packages[key]
+    old = doc.get("dependencies")  # lockfile v1
+    if isinstance(old, dict):
+        for n in names:
+            old.pop(n, None)
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def _sandboxed_npm(runner: BuildRunner, args: list[str], work: Path, node: Path | None,
