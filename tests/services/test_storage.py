@@ -713,3 +713,34 @@ def test_a_local_forwarder_keeps_signatures_valid(endpoint: Endpoint) -> None:
                         b"X-Phloem-Signed-Host: evil\r\n\r\n", "a.b:8") == (
         b"GET / HTTP/1.1\r\nHost: a.b:8\r\nX-Phloem-Signed-Host: 127.0.0.1:5\r\n"
         b"Connection: close\r\n\r\n")
+
+
+def test_copy_at_the_consistency_point(endpoint: Endpoint) -> None:
+    """Branch create copies objects inside ``frozen`` (around the database copy's
+    pg_backup_stop): a write that comes while frozen waits and is not the child's."""
+    child_id = "br-frozen-copy-dddddd"
+    s3 = endpoint.client(MAIN)
+    s3.put_object(Bucket="images", Key="before.txt", Body=b"before")
+    frozen = endpoint.branches.frozen(MAIN, child_id)
+    endpoint.run(frozen.__aenter__())
+    done: list[str] = []
+    writer = threading.Thread(target=lambda: done.append(
+        s3.put_object(Bucket="images", Key="during.txt", Body=b"during")["ETag"]))
+    try:
+        writer.start()
+        wait_for(lambda: any((endpoint.branches.root_of(MAIN) / "images" / "tmp").iterdir()),
+                 30, "the write to reach the server and wait")
+        assert not done
+    finally:
+        endpoint.run(frozen.__aexit__(None, None, None))
+        writer.join(30)
+    assert done
+    endpoint.run(endpoint.branches.copy(MAIN, child_id))
+    try:
+        child = endpoint.client(child_id)
+        assert child.get_object(Bucket="images", Key="before.txt")["Body"].read() == b"before"
+        with pytest.raises(botocore.exceptions.ClientError):
+            child.head_object(Bucket="images", Key="during.txt")
+        assert s3.get_object(Bucket="images", Key="during.txt")["Body"].read() == b"during"
+    finally:
+        endpoint.run(endpoint.branches.delete(child_id))
