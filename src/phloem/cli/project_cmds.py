@@ -365,8 +365,9 @@ def default_env_target(root: Path) -> Path:
 def _hosts_notice(hosts: list[str]) -> None:
     """Service host names resolve inside isolates only; say what a local process needs."""
     if hosts:
-        err.print("note: the branch's services answer at names only isolates resolve; for "
-                  "local processes add this line to /etc/hosts:\n  127.0.0.1 "
+        err.print("note: the branch's services answer at names only isolates resolve; "
+                  "'phloem env run --forward-services' and 'phloem dev' reach them through "
+                  "local forwarders, or add this line to /etc/hosts:\n  127.0.0.1 "
                   + " ".join(hosts), highlight=False)
 
 
