@@ -698,7 +698,9 @@ def test_a_local_forwarder_keeps_signatures_valid(endpoint: Endpoint) -> None:
         assert s3.get_object(Bucket="images", Key="fwd.txt")["Body"].read() == b"forwarded"
         url = s3.generate_presigned_url("get_object", ExpiresIn=60,
                                         Params={"Bucket": "images", "Key": "chunked.bin"})
-        assert httpx.get(url).content == b"x" * 70_000
+        got = httpx.get(url)
+        assert got.content == b"x" * 70_000
+        assert got.headers["connection"] == "close"  # each request its own upstream
         # The same signed request straight to the endpoint, claiming a non-loopback host.
         u = urlsplit(url)
         forged = httpx.get(urlunsplit(u._replace(netloc=f"127.0.0.1:{endpoint.port}")),

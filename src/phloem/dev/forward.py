@@ -18,8 +18,8 @@ What the client signed stays valid: an S3 client signs the Host it sent (``127.0
 and Host is rewritten here, so the original goes along as ``X-Phloem-Signed-Host``; the
 storage service verifies the signature with it in place of Host, and only when it names a
 loopback address (:func:`phloem.services.storage.app.signed_host`). Each request gets its
-own upstream connection (``Connection: close``): the head of a second request on a kept-alive
-client connection would otherwise pass unrewritten.
+own upstream connection (``Connection: close``, to the client too): the head of a second
+request on a kept-alive client connection would otherwise pass unrewritten.
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ class ServiceForwarders:
                 await self._forward(reader, writer, netloc, hostname, port, tls)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 pass
+            except asyncio.CancelledError:
+                pass  # stop(): end quietly (asyncio's stream callback reads the result)
             finally:
                 self._tasks.discard(task)
                 writer.close()
@@ -155,6 +157,7 @@ class ServiceForwarders:
             up_writer.write(rewrite_head(head, netloc))
             request = asyncio.create_task(_pump(reader, up_writer))
             try:
+                await _response_head(up_reader, writer)
                 await _pump(up_reader, writer)
             finally:
                 # The answer is over (the upstream closes after it): a client that keeps
@@ -198,6 +201,25 @@ def rewrite_head(head: bytes, host: str) -> bytes:
     if not upgrade:
         out.append(b"Connection: close")
     return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+async def _response_head(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Pass interim heads (``100 Continue``) as they are and the final one with
+    ``Connection: close``: the client then opens a new connection for its next request
+    rather than finding this one closed under it."""
+    while True:
+        head = await src.readuntil(b"\r\n\r\n")
+        status = head[9:12]
+        if status[:1] == b"1" and status != b"101":
+            dst.write(head)
+            continue
+        if status != b"101":
+            lines = [ln for ln in head[:-4].split(b"\r\n")
+                     if ln.partition(b":")[0].strip().lower()
+                     not in (b"connection", b"keep-alive")]
+            head = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+        dst.write(head)
+        return
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
