@@ -1,6 +1,7 @@
 """``phloem dev`` and ``env run --forward-services`` reach the branch's services through
 local forwarders: a function run by dev (unsandboxed, no /etc/hosts entry) signs S3
-requests for its local endpoint and they verify; ``config status`` lists the services."""
+requests for its local endpoint and they verify; ``config status`` lists the services and
+``config plan`` of a neon.ts without them plans their removal."""
 
 from __future__ import annotations
 
@@ -70,5 +71,16 @@ def test_dev_and_env_run_reach_the_branch_storage(platform: PlatformProcess,
         out = platform.cli("env", "run", "--forward-services", "--", sys.executable, "-c",
                            SCRIPT, cwd=root).stdout.splitlines()
         assert out[0].startswith("http://127.0.0.1:") and out[1] == "from dev", out
+
+        # A neon.ts that no longer declares buckets plans the service's removal.
+        ts = tmp_path / "ts"
+        (ts / "src").mkdir(parents=True)
+        (ts / "src" / "hello.ts").write_text(
+            'export default { fetch: () => new Response("hi") };\n')
+        (ts / "neon.ts").write_text(
+            'import { defineConfig } from "@neon/config";\nexport default defineConfig('
+            '{ functions: { hello: { name: "hello", source: "src/hello.ts" } } });\n')
+        platform.cli("link", "--branch", branch, "--no-env-pull", cwd=ts)
+        assert platform.cli_json_in(ts, "config", "plan")["services"] == {"storage": "remove"}
     finally:
         platform.cli("branches", "delete", branch, check=False)
