@@ -36,12 +36,14 @@ SIGNED_HOST = b"x-phloem-signed-host"
 #: A request head larger than this is refused (the gateway's own limit is smaller).
 MAX_HEAD = 64 * 1024
 _CHUNK = 64 * 1024
+_Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class ServiceForwarders:
     """One local listener per service; ``urls`` is service -> its base URL on the gateway
     (as ``GET /api/v1/branches/{ref}/services`` gives them), ``connect_host`` where the
-    gateway is (the platform's host: the service names resolve nowhere outside)."""
+    gateway is when a service's name does not resolve here (the platform's host: names
+    under ``localhost`` resolve only inside sandboxes)."""
 
     def __init__(self, urls: dict[str, str], connect_host: str,
                  listen_host: str = "127.0.0.1") -> None:
@@ -61,10 +63,20 @@ class ServiceForwarders:
             port = u.port or (443 if u.scheme == "https" else 80)
             tls = ssl.create_default_context() if u.scheme == "https" else None
             server = await asyncio.start_server(
-                self._handler(u.netloc, u.hostname, port, tls), self.listen_host, 0)
+                self._handler(u.netloc, u.hostname, await self._target(u.hostname), port,
+                              tls), self.listen_host, 0)
             self._servers.append(server)
             bound = server.sockets[0].getsockname()[1]
             self.local[name] = f"http://{self.listen_host}:{bound}"
+
+    async def _target(self, hostname: str) -> str:
+        """Where to connect: the service's own name where it resolves (a platform on a
+        real domain), else ``connect_host``."""
+        try:
+            await asyncio.get_running_loop().getaddrinfo(hostname, None)
+        except OSError:
+            return self.connect_host
+        return hostname
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -122,15 +134,14 @@ class ServiceForwarders:
             thread.join(10)
             loop.close()
 
-    def _handler(self, netloc: str, hostname: str, port: int, tls: ssl.SSLContext | None
-                 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                               Awaitable[None]]:
+    def _handler(self, netloc: str, hostname: str, target: str, port: int,
+                 tls: ssl.SSLContext | None) -> _Handler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._tasks.add(task)
             try:
-                await self._forward(reader, writer, netloc, hostname, port, tls)
+                await self._forward(reader, writer, netloc, hostname, target, port, tls)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 pass
             except asyncio.CancelledError:
@@ -142,7 +153,7 @@ class ServiceForwarders:
         return handle
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       netloc: str, hostname: str, port: int,
+                       netloc: str, hostname: str, target: str, port: int,
                        tls: ssl.SSLContext | None) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -151,7 +162,7 @@ class ServiceForwarders:
                          b"Content-Length: 0\r\nConnection: close\r\n\r\n")
             return
         up_reader, up_writer = await asyncio.open_connection(
-            self.connect_host, port, ssl=tls, server_hostname=hostname if tls else None,
+            target, port, ssl=tls, server_hostname=hostname if tls else None,
             limit=MAX_HEAD)
         try:
             up_writer.write(rewrite_head(head, netloc))
