@@ -71,7 +71,11 @@ class ServiceForwarders:
 
     async def _target(self, hostname: str) -> str:
         """Where to connect: the service's own name where it resolves (a platform on a
-        real domain), else ``connect_host``."""
+        real domain), else ``connect_host``. A ``.localhost`` name always goes to
+        ``connect_host``: where a resolver answers one (nss-myhostname) it may give ``::1``
+        while the gateway listens on 127.0.0.1, and the platform may be remote."""
+        if hostname == "localhost" or hostname.endswith(".localhost"):
+            return self.connect_host
         try:
             await asyncio.get_running_loop().getaddrinfo(hostname, None)
         except OSError:
