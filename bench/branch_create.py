@@ -877,7 +877,8 @@ def main() -> None:
         report([run_filesystem(kind, sizes, args) for kind in kinds], args)
     print(f"\n(total bench time {time.perf_counter() - started:.0f} s; 1-min load average "
           f"{load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end: other work on the "
-          "machine skews the pgbench numbers)")
+          f"machine skews the {'create' if args.objects_gb is not None else 'pgbench'} "
+          "numbers)")
 
 
 if __name__ == "__main__":
