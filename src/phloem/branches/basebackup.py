@@ -27,7 +27,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,12 +164,13 @@ def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
         assert start_lsn is not None
         backup_ms = (time.monotonic() - started) * 1000
         copy_started = time.monotonic()
-        try:
-            files, nbytes = _copy_tree(parent_pgdata, child_pgdata, copier, owner)
-        except BaseException:
-            conn.execute("SELECT pg_backup_stop(false)")
-            raise
-        with at_stop():
+        with ExitStack() as around_stop:
+            try:
+                files, nbytes = _copy_tree(parent_pgdata, child_pgdata, copier, owner)
+                around_stop.enter_context(at_stop())
+            except BaseException:
+                conn.execute("SELECT pg_backup_stop(false)")  # the copy is abandoned
+                raise
             stop = conn.execute("SELECT lsn, labelfile, spcmapfile FROM pg_backup_stop(false)"
                                 ).fetchone()
         assert stop is not None
