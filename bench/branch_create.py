@@ -5,6 +5,10 @@ effect of creates on a parent under pgbench load. Root only (loop-mounted XFS).
 
     sudo .venv/bin/python bench/branch_create.py [--runs 5] [--pgbench-seconds 60]
         [--size-gb 5] [--quick] [--fs both|xfs|default]
+    sudo .venv/bin/python bench/branch_create.py --objects-gb 1 [--runs 5] [--fs xfs]
+
+``--objects-gb`` measures only branch create from a parent with that many GB of objects in
+a bucket against one without (``bench/_objects.py``; target <= 1.2x).
 
 Two filesystems, one ``phloem up`` each: a loop-mounted XFS image with reflink
 (``phloem.system.xfs.xfs_reflink_mount``) and the default filesystem (a data dir under /tmp).
@@ -51,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from _objects import ObjectsResult, measure_objects, report_objects
 from psycopg import sql
 
 from phloem.system.xfs import xfs_available, xfs_reflink_mount
@@ -538,6 +543,22 @@ def run_filesystem(kind: str, sizes: list[float], args: argparse.Namespace) -> F
         return result
 
 
+def run_objects(kind: str, args: argparse.Namespace) -> ObjectsResult:
+    """``--objects-gb``: one ``phloem up`` on ``kind``, the with/without-objects creates."""
+    image_gb = max(4.0, 2.5 * args.objects_gb + 3) if kind == "xfs" else 0
+    with filesystem_root(kind, image_gb) as root:
+        data_dir = root / "phloem"
+        data_dir.mkdir(mode=0o711)
+        os.chmod(data_dir, 0o711)
+        p = PlatformProcess(data_dir, free_port(), free_port())
+        p.launch()
+        try:
+            p.wait_ready()
+            return measure_objects(p, kind, fs_type(root), args.objects_gb, args.runs)
+        finally:
+            p.cleanup()
+
+
 def measure_size(p: PlatformProcess, api: Any, parent: Parent, kind: str, size_gb: float,
                  scratch: Path, runs: int) -> SizeResult:
     scale = max(1, round(size_gb * SCALE_PER_GB))
@@ -836,6 +857,9 @@ def main() -> None:
     parser.add_argument("--dump", metavar="PREFIX",
                         help="with --variant: write each loaded run's transaction end times "
                         "and creates to PREFIX.<variant>.json")
+    parser.add_argument("--objects-gb", type=float, default=None,
+                        help="only branch create from a parent with this many GB of objects "
+                        "in a bucket vs one without (the issue's target: 1)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/branch_create.py must run as root: it loop-mounts an XFS image "
@@ -847,11 +871,14 @@ def main() -> None:
     if "xfs" in kinds and (reason := xfs_available()):
         sys.exit(f"XFS reflink image unavailable: {reason}")
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    results = [run_filesystem(kind, sizes, args) for kind in kinds]
-    report(results, args)
+    if args.objects_gb is not None:
+        report_objects([run_objects(kind, args) for kind in kinds])
+    else:
+        report([run_filesystem(kind, sizes, args) for kind in kinds], args)
     print(f"\n(total bench time {time.perf_counter() - started:.0f} s; 1-min load average "
           f"{load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end: other work on the "
-          "machine skews the pgbench numbers)")
+          f"machine skews the {'create' if args.objects_gb is not None else 'pgbench'} "
+          "numbers)")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 
 from phloem.control.triggers import check_triggers
+from phloem.dev.forward import ServiceForwarders, rewrite_head
 from phloem.metadata.secrets import SecretBox
 from phloem.services.storage.app import StorageApp
 from phloem.services.storage.checksums import new_checksum
@@ -673,3 +674,75 @@ def test_leftovers_of_a_killed_platform_are_swept(tmp_path: Path) -> None:
         assert again.access_key_id == access.access_key_id
 
     asyncio.run(scenario())
+
+
+def test_a_local_forwarder_keeps_signatures_valid(endpoint: Endpoint) -> None:
+    """What ``phloem dev`` gives local processes: a listener on 127.0.0.1 that forwards
+    with Host rewritten; SigV4 made for the local URL verifies through it (PutObject,
+    upload_fileobj, a presigned GET), and a signed host that is not loopback is not
+    taken."""
+    remote = f"http://{endpoint.host(MAIN)}"
+    forwarders = ServiceForwarders({"storage": remote}, "127.0.0.1")
+    with forwarders.in_thread() as local:
+        env = forwarders.localize({"AWS_ENDPOINT_URL_S3": remote})
+        assert env["AWS_ENDPOINT_URL_S3"] == local["storage"]
+        key = endpoint.credentials(MAIN)
+        assert key is not None
+        s3 = boto3.client("s3", endpoint_url=local["storage"], region_name="us-east-1",
+                          aws_access_key_id=key[0], aws_secret_access_key=key[1],
+                          config=Config(signature_version="s3v4",
+                                        s3={"addressing_style": "path"},
+                                        retries={"max_attempts": 1}))
+        s3.put_object(Bucket="images", Key="fwd.txt", Body=b"forwarded")
+        s3.upload_fileobj(io.BytesIO(b"x" * 70_000), "images", "chunked.bin")
+        assert s3.get_object(Bucket="images", Key="fwd.txt")["Body"].read() == b"forwarded"
+        url = s3.generate_presigned_url("get_object", ExpiresIn=60,
+                                        Params={"Bucket": "images", "Key": "chunked.bin"})
+        got = httpx.get(url)
+        assert got.content == b"x" * 70_000
+        assert got.headers["connection"] == "close"  # each request its own upstream
+        # The same signed request straight to the endpoint, claiming a non-loopback host.
+        u = urlsplit(url)
+        forged = httpx.get(urlunsplit(u._replace(netloc=f"127.0.0.1:{endpoint.port}")),
+                           headers={"Host": endpoint.host(MAIN),
+                                    "X-Phloem-Signed-Host": f"example.com:{u.port}"})
+        assert forged.status_code == 403 and b"SignatureDoesNotMatch" in forged.content
+        loop = httpx.get(urlunsplit(u._replace(netloc=f"127.0.0.1:{endpoint.port}")),
+                         headers={"Host": endpoint.host(MAIN),
+                                  "X-Phloem-Signed-Host": u.netloc})
+        assert loop.status_code == 200
+    assert rewrite_head(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:5\r\nConnection: keep-alive\r\n"
+                        b"X-Phloem-Signed-Host: evil\r\n\r\n", "a.b:8") == (
+        b"GET / HTTP/1.1\r\nHost: a.b:8\r\nX-Phloem-Signed-Host: 127.0.0.1:5\r\n"
+        b"Connection: close\r\n\r\n")
+
+
+def test_copy_at_the_consistency_point(endpoint: Endpoint) -> None:
+    """Branch create copies objects inside ``frozen`` (around the database copy's
+    pg_backup_stop): a write that comes while frozen waits and is not the child's."""
+    child_id = "br-frozen-copy-dddddd"
+    s3 = endpoint.client(MAIN)
+    s3.put_object(Bucket="images", Key="before.txt", Body=b"before")
+    frozen = endpoint.branches.frozen(MAIN, child_id)
+    endpoint.run(frozen.__aenter__())
+    done: list[str] = []
+    writer = threading.Thread(target=lambda: done.append(
+        s3.put_object(Bucket="images", Key="during.txt", Body=b"during")["ETag"]))
+    try:
+        writer.start()
+        wait_for(lambda: any((endpoint.branches.root_of(MAIN) / "images" / "tmp").iterdir()),
+                 30, "the write to reach the server and wait")
+        assert not done
+    finally:
+        endpoint.run(frozen.__aexit__(None, None, None))
+        writer.join(30)
+    assert done
+    endpoint.run(endpoint.branches.copy(MAIN, child_id))
+    try:
+        child = endpoint.client(child_id)
+        assert child.get_object(Bucket="images", Key="before.txt")["Body"].read() == b"before"
+        with pytest.raises(botocore.exceptions.ClientError):
+            child.head_object(Bucket="images", Key="during.txt")
+        assert s3.get_object(Bucket="images", Key="during.txt")["Body"].read() == b"during"
+    finally:
+        endpoint.run(endpoint.branches.delete(child_id))

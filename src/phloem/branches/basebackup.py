@@ -8,7 +8,10 @@ with reflinks and in one superuser session on the parent:
    contents of pg_wal, pg_replslot and other runtime dirs, temp files, main forks of
    unlogged relations), ``global/pg_control`` last; files that vanish are skipped;
 4. ``pg_backup_stop()``; write its ``backup_label``; copy WAL from the start to the stop
-   segment; the slot goes with the session.
+   segment; the slot goes with the session. ``at_stop`` (a context manager) is entered
+   just before ``pg_backup_stop`` and left just after: the child's database is the
+   parent's as of that moment, so state kept beside the database (a branch's objects) is
+   frozen on entering and copied on leaving to match it.
 
 The child then recovers to consistency on its first start. The parent serves throughout.
 
@@ -23,6 +26,8 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,10 +129,13 @@ def _wal_segments(pg_wal: Path, first: str, last: str) -> list[str]:
 
 def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
                           child_pgdata: Path,
-                          owner: tuple[int, int] | None = None) -> CloneStats:
+                          owner: tuple[int, int] | None = None,
+                          at_stop: Callable[[], AbstractContextManager[None]] = nullcontext,
+                          ) -> CloneStats:
     """``conn``: an autocommit superuser connection to the parent. ``owner`` (uid, gid):
     who gets every file and directory of the copy as it is made (None: whoever runs
-    this)."""
+    this). ``at_stop``: around ``pg_backup_stop`` (see the module's docstring); an error
+    it raises fails the copy."""
     started = time.monotonic()
     row = conn.execute("SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN "
                        "('pg_default', 'pg_global')").fetchone()
@@ -156,9 +164,13 @@ def clone_running_cluster(conn: psycopg.Connection[Any], parent_pgdata: Path,
         assert start_lsn is not None
         backup_ms = (time.monotonic() - started) * 1000
         copy_started = time.monotonic()
-        try:
-            files, nbytes = _copy_tree(parent_pgdata, child_pgdata, copier, owner)
-        finally:
+        with ExitStack() as around_stop:
+            try:
+                files, nbytes = _copy_tree(parent_pgdata, child_pgdata, copier, owner)
+                around_stop.enter_context(at_stop())
+            except BaseException:
+                conn.execute("SELECT pg_backup_stop(false)")  # the copy is abandoned
+                raise
             stop = conn.execute("SELECT lsn, labelfile, spcmapfile FROM pg_backup_stop(false)"
                                 ).fetchone()
         assert stop is not None

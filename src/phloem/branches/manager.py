@@ -20,11 +20,11 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -83,6 +83,12 @@ BranchHook = Callable[[BranchRow], Awaitable[None]]
 class BranchStateHooks(Protocol):
     """State a branch carries besides its database (the branch services of
     ``phloem.services``), copied, reset and deleted with it."""
+
+    def at_consistency(self, parent: BranchRow, child: BranchRow
+                       ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around the database copy's ``pg_backup_stop`` (its consistency point): entered
+        just before, left just after; what is copied there matches the database copy."""
+        ...
 
     async def copy(self, parent: BranchRow, child: BranchRow) -> None:
         """After the database copy, before the child is ready; raising undoes the create."""
@@ -402,7 +408,13 @@ class BranchManager:
             await self.store.insert_branch(row)
             with self._busy_with(row.id):
                 try:
-                    stats = await asyncio.to_thread(self._clone_into, parent, row, progress)
+                    at_stop: Callable[[], contextlib.AbstractContextManager[None]] = \
+                        contextlib.nullcontext
+                    if self.state_hooks is not None:
+                        at_stop = _in_loop(self.state_hooks.at_consistency(parent, row),
+                                           asyncio.get_running_loop())
+                    stats = await asyncio.to_thread(self._clone_into, parent, row, progress,
+                                                    at_stop)
                     if self.state_hooks is not None:
                         await self.state_hooks.copy(parent, row)
                 except BaseException as exc:
@@ -415,7 +427,9 @@ class BranchManager:
             return await self.get(row.id)
 
     def _clone_into(self, parent: BranchRow, child: BranchRow,
-                    progress: Callable[[str], None]) -> CloneStats:
+                    progress: Callable[[str], None],
+                    at_stop: Callable[[], contextlib.AbstractContextManager[None]]
+                    = contextlib.nullcontext) -> CloneStats:
         """Copy ``parent``'s running cluster into ``child``'s data dir, start it privately,
         give it its own passwords, open it."""
         parent_cluster = self.cluster(parent)
@@ -427,7 +441,7 @@ class BranchManager:
         owner = None if self.owner.is_self else (self.owner.uid, self.owner.gid)
         with parent_cluster.connect(parent.superuser_password) as conn:
             stats = clone_running_cluster(conn, parent_cluster.pgdata, child_cluster.pgdata,
-                                          owner)
+                                          owner, at_stop)
         (child_cluster.pgdata / "pg_hba.conf").write_text(HBA_PRIVATE)
         self.owner.own(child_cluster.pgdata / "pg_hba.conf", 0o600)
         # Recover as a standby, then promote: the end of crash recovery would make the
@@ -565,6 +579,28 @@ class BranchManager:
             return True
         except psycopg.Error:
             return False
+
+
+def _in_loop(hook: contextlib.AbstractAsyncContextManager[None],
+             loop: asyncio.AbstractEventLoop
+             ) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """``hook`` entered and left in ``loop`` from the clone's thread (which waits)."""
+
+    def run(coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    @contextlib.contextmanager
+    def around() -> Iterator[None]:
+        run(hook.__aenter__())
+        try:
+            yield
+        except BaseException as exc:
+            if not run(hook.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            run(hook.__aexit__(None, None, None))
+
+    return around
 
 
 def _refuse_protected(row: BranchRow, verb: str) -> None:

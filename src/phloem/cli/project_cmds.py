@@ -14,6 +14,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.markup import escape
@@ -30,6 +31,7 @@ from phloem.cli.main import (
     out,
     print_json,
 )
+from phloem.dev.forward import ServiceForwarders
 from phloem.project.client import Client, ClientError
 from phloem.project.clientbuild import ClientBuild
 from phloem.project.clientbuild import explain as explain_build
@@ -181,12 +183,13 @@ def _confirm(plan: list[PlanItem], yes: bool) -> None:
 @config_app.command("status")
 def config_status(data_dir: DataDirOpt, branch: BranchOpt = "",
                   output: OutputOpt = OutputFormat.text) -> None:
-    """The linked branch's live functions and their active deployments, and its schedule
-    triggers."""
+    """The linked branch's live functions and their active deployments, its schedule
+    triggers, and its services (Neon Auth, AI Gateway, object storage) with their URLs."""
     client = client_for(data_dir)
     try:
         fns = client.list_functions(branch)
         live = client.list_triggers(branch)
+        on = client.get_services(branch)
     except ClientError as exc:
         fail(str(exc))
     rows = [{"slug": f["slug"], "status": f["status"], "deployment_id": f["deployment_id"],
@@ -195,7 +198,9 @@ def config_status(data_dir: DataDirOpt, branch: BranchOpt = "",
                  "functionPath": t["functionPath"], "enabled": t["enabled"],
                  "owner": t["owner"]} for t in live]
     if output is OutputFormat.json:
-        print_json({"branch": branch, "functions": rows, "triggers": triggers})
+        print_json({"branch": branch, "functions": rows, "triggers": triggers,
+                    "services": {name: {"config": config, "url": on["urls"].get(name)}
+                                 for name, config in on["services"].items()}})
         return
     out.print(f"branch [bold]{escape(branch)}[/]: {len(rows)} function(s)")
     for r in rows:
@@ -207,6 +212,10 @@ def config_status(data_dir: DataDirOpt, branch: BranchOpt = "",
         state = "enabled" if t["enabled"] else "disabled"
         out.print(f"  {escape(t['name']):<20} {state:<9} {t['cron']:<16} -> "
                   f"{t['function']}{escape(t['functionPath'])}", highlight=False)
+    if on["services"]:
+        out.print(f"{len(on['services'])} service(s):")
+    for name in on["services"]:
+        out.print(f"  {name:<20} {on['urls'].get(name, '-')}", highlight=False)
 
 
 @config_app.command("plan")
@@ -367,9 +376,22 @@ def default_env_target(root: Path) -> Path:
 def _hosts_notice(hosts: list[str]) -> None:
     """Service host names resolve inside isolates only; say what a local process needs."""
     if hosts:
-        err.print("note: the branch's services answer at names only isolates resolve; for "
-                  "local processes add this line to /etc/hosts:\n  127.0.0.1 "
+        err.print("note: the branch's services answer at names only isolates resolve; "
+                  "'phloem env run --forward-services' and 'phloem dev' reach them through "
+                  "local forwarders, or add this line to /etc/hosts:\n  127.0.0.1 "
                   + " ".join(hosts), highlight=False)
+
+
+def _forwarders(client: Client, branch: str) -> tuple[ServiceForwarders | None,
+                                                      dict[str, str]]:
+    """Local forwarders to the branch's services (none if it has none) and their
+    variables; the forwarders connect to the platform's host (the API URL's)."""
+    urls: dict[str, str] = client.get_services(branch)["urls"]
+    env: dict[str, str] = client.service_env(branch)["env"]
+    if not urls:
+        return None, env
+    host = urlsplit(client.creds.api_url).hostname or "127.0.0.1"
+    return ServiceForwarders(urls, host), env
 
 
 def _pull_env(client: Client, root: Path, branch: str, file: Path | None) -> Path:
@@ -491,10 +513,14 @@ def env_pull(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: Bran
 
 @env_app.command("run", context_settings={"allow_extra_args": True,
                                           "ignore_unknown_options": True})
-def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "") -> None:
+def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "",
+            forward: Annotated[bool, typer.Option(
+                "--forward-services", help="Reach the branch's services through local "
+                "forwarders (127.0.0.1) for the command's run, instead of their names "
+                "that only isolates resolve.")] = False) -> None:
     """Run a command with the branch's connection variables injected.
 
-    Example: phloem env run -- npx drizzle-kit push
+    Example: phloem env run --forward-services -- node scripts/upload.mjs
     """
     command = list(ctx.args)
     if not command:
@@ -502,9 +528,11 @@ def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "") ->
     client = client_for(data_dir)
     try:
         name = client.get_branch(branch)["name"]
-        services = client.service_env(branch)
-        _hosts_notice(services["hosts"])
-        env = {**os.environ, **services["env"],
+        forwarders, service_env = _forwarders(client, branch) if forward else (
+            None, client.service_env(branch)["env"])
+        if not forward:
+            _hosts_notice(client.service_env(branch)["hosts"])
+        env = {**os.environ, **service_env,
                "DATABASE_URL": client.connection_string(branch, pooled=True),
                "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
                "PHLOEM_BRANCH": name, "NEON_BRANCH": name}
@@ -512,7 +540,11 @@ def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "") ->
         fail(str(exc))
     if shutil.which(command[0]) is None:
         fail(f"env run: command not found: {command[0]}", 127)
-    raise typer.Exit(subprocess.call(command, env=env))
+    if forwarders is None:
+        raise typer.Exit(subprocess.call(command, env=env))
+    with forwarders.in_thread():
+        code = subprocess.call(command, env={**env, **forwarders.localize(service_env)})
+    raise typer.Exit(code)
 
 
 @app.command("init")
@@ -591,6 +623,8 @@ def dev(
             "PHLOEM_BRANCH": info["name"], "NEON_BRANCH": info["name"],
             "PHLOEM_BRANCH_ID": info["id"],
         }
+        forwarders, service_env = _forwarders(client, branch)
+        service_urls = forwarders.urls if forwarders else {}
     except (ClientError, ConfigError) as exc:
         fail(str(exc))
     if not desired:
@@ -605,7 +639,7 @@ def dev(
 
     try:
         server = DevServer(root, desired, info["id"], base_env, port=port, say=say,
-                           triggers=triggers)
+                           triggers=triggers, services=forwarders, service_env=service_env)
     except BuildFailed as exc:  # a runtime's tools (Node, esbuild) could not be provisioned
         fail(str(exc))
 
@@ -621,6 +655,9 @@ def dev(
             due = server.triggers.next_due[t.name].strftime("%H:%M")
             out.print(f"trigger {t.name} -> {t.function}{t.function_path}: {t.cron} "
                       f"(UTC; next {due})", highlight=False)
+        for name, url in (forwarders.local if forwarders else {}).items():
+            out.print(f"service {name}: {url} (forwards to {service_urls[name]})",
+                      highlight=False)
         out.print(f"watching {escape(str(root))} (Ctrl-C to stop)", highlight=False)
 
     try:

@@ -24,6 +24,11 @@ already in flight finish) and gets SIGINT. If the build or the start fails (a sy
 a failing start-up), the error and the function's own output are printed and the old one
 keeps serving. Schedule triggers of the served functions fire on their cron as on the
 platform (``dev/triggers.py``).
+
+The branch's services (Neon Auth, the AI Gateway, object storage) are reached through local
+forwarders (``dev/forward.py``) started with the functions: their variables
+(``service_env``, as ``env pull`` gets them) are given to every function with the local
+URLs in place of the service names that only sandboxes resolve.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import watchfiles
 from phloem.control.logs import FunctionLogs
 from phloem.control.routes import RoutingTable
 from phloem.control.triggers import Delivery
+from phloem.dev.forward import ServiceForwarders
 from phloem.dev.triggers import DevTriggers
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
@@ -107,8 +113,13 @@ class DevServer:
     def __init__(self, root: Path, functions: dict[str, DesiredFunction], branch_id: str,
                  base_env: dict[str, str], *, host: str = "127.0.0.1",
                  port: int = DEFAULT_PORT, say: Callable[[str], None] = print,
-                 triggers: Sequence[TriggerSpec] = ()) -> None:
+                 triggers: Sequence[TriggerSpec] = (),
+                 services: ServiceForwarders | None = None,
+                 service_env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.services = services
+        #: The branch's service variables; local URLs once :meth:`start` ran.
+        self.service_env = dict(service_env or {})
         self.branch_id = branch_id
         self.host = host
         self.first_port = port
@@ -175,7 +186,7 @@ class DevServer:
         # What the function's config declares wins over the local URLs (it may mean to
         # call a deployed function); the branch's variables win over a stale .env.
         env = {**os.environ, **self.function_urls(), **plan.env, **want.env,
-               **self.base_env, "PHLOEM_FUNCTION": want.slug,
+               **self.service_env, **self.base_env, "PHLOEM_FUNCTION": want.slug,
                "PHLOEM_DEPLOYMENT": deployment}
         return IsolateSpec(
             deployment_id=deployment, function_id=want.slug, slug=want.slug,
@@ -333,6 +344,9 @@ class DevServer:
         502 with the reason until an edit fixes it."""
         await self.supervisor.start()
         try:
+            if self.services is not None:
+                await self.services.start()
+                self.service_env = self.services.localize(self.service_env)
             await self._bind()
         except BaseException:
             await self.stop()
@@ -355,6 +369,8 @@ class DevServer:
         # A developer's Ctrl-C must not wait minutes for wait_until work (no second
         # Ctrl-C forces `phloem dev`): the grace only.
         await self.supervisor.stop_all(wait_until=False)
+        if self.services is not None:
+            await self.services.stop()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
     async def run(self, ready: Callable[[], None] = lambda: None) -> None:

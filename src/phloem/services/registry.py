@@ -19,8 +19,9 @@ forgotten when it is removed or its branch deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from phloem.gateway.acme import Certificates
@@ -192,6 +193,20 @@ class ServiceRegistry:
         return await service.acquire(parsed)
 
     # -- branch operations (called by the branch manager) ----------------------
+    @contextlib.asynccontextmanager
+    async def at_consistency(self, parent: BranchRow, child: BranchRow
+                             ) -> AsyncIterator[None]:
+        """Around the database copy's ``pg_backup_stop``: services with state beside the
+        database (``at_consistency(parent, child)``: storage) freeze it on entering and
+        copy it on leaving, so the child's objects match its rows; their ``copy`` then
+        finishes the child's part."""
+        async with contextlib.AsyncExitStack() as stack:
+            for name in self._on.get(parent.id, {}):
+                hook = getattr(self.services.get(name), "at_consistency", None)
+                if hook is not None:
+                    await stack.enter_async_context(hook(parent, child))
+            yield
+
     async def copy(self, parent: BranchRow, child: BranchRow) -> None:
         await self.store.copy(parent.id, child.id)
         on = self.enabled(parent.id)

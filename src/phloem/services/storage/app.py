@@ -8,6 +8,11 @@ own key, answers CORS preflights, and hands the request to the operation it name
 
 Anonymous requests may only GET or HEAD objects of a ``public_read`` bucket. A key of one
 branch is refused on any other (``InvalidAccessKeyId``, 403).
+
+A local forwarder (``phloem dev``, ``phloem.dev.forward``) rewrites Host to the service's
+name and sends the Host its client signed as ``X-Phloem-Signed-Host``; the signature is
+checked with that value in place of Host when it names a loopback address
+(:func:`signed_host`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from ipaddress import ip_address
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote
 
@@ -189,8 +195,10 @@ class StorageApp:
             bucket, _, key = path[1:].partition("/")
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                           keep_blank_values=True)
+        signed = signed_host(headers)
         auth: RequestAuth | PresignedV2 | None = parse_request_auth(
-            scope["method"], raw_path, query, headers)
+            scope["method"], raw_path, query,
+            headers if signed is None else {**headers, "host": [signed]})
         if auth is None:
             auth = parse_presigned_v2(scope["method"], raw_path, host_bucket, query, headers)
         if auth is not None:
@@ -211,6 +219,31 @@ class StorageApp:
                 raise S3Error("AccessDenied", "Access Denied (sign the request with the "
                               "branch's key, or read an object of a public_read bucket)")
         return request
+
+
+def signed_host(headers: dict[str, list[str]]) -> str | None:
+    """The Host a local forwarder's client signed (``X-Phloem-Signed-Host``), if it names
+    a loopback address (``127.0.0.1:41873``, ``[::1]:8``, ``localhost:9``), else None.
+
+    Routing still goes by the real Host and the key must be that branch's (each branch has
+    its own), so this only lets a signature made for a local forwarder of the branch's own
+    endpoint verify: replaying one through the forwarder was possible anyway. A loopback
+    name is required so a signature made for any other endpoint never verifies here.
+    """
+    value = _first(headers, "x-phloem-signed-host")
+    if value is None:
+        return None
+    name = value.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return value.strip()
+    try:
+        return value.strip() if ip_address(name).is_loopback else None
+    except ValueError:
+        return None
 
 
 def _first(headers: dict[str, list[str]], name: str) -> str | None:

@@ -11,6 +11,7 @@ The quota per branch is ``$PHLOEM_STORAGE_QUOTA_BYTES`` (default 10 GiB), read a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -105,6 +106,11 @@ class StorageService:
     async def unprovision(self, branch: BranchRow) -> None:
         self._configs.pop(branch.id, None)
         await self.branches.delete(branch.id)
+
+    def at_consistency(self, parent: BranchRow, child: BranchRow
+                       ) -> contextlib.AbstractAsyncContextManager[None]:
+        """The parent's objects as of the database copy's ``pg_backup_stop``."""
+        return self.branches.frozen(parent.id, child.id)
 
     async def copy(self, parent: BranchRow, child: BranchRow) -> None:
         if parent.id in self._configs:

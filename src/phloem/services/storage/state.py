@@ -17,11 +17,12 @@ branch; a child gets a new pair at copy, a reset keeps the branch's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import shutil
 import string
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ class StorageBranches:
         self.quota_bytes = quota_bytes
         self._open: dict[str, BranchAccess] = {}
         self._opening = asyncio.Lock()
+        #: Children whose objects :meth:`frozen` copied, for :meth:`copy` to keep.
+        self._copied: set[str] = set()
 
     def _context(self, branch_id: str) -> str:
         return f"branch:{branch_id}:storage_key"
@@ -152,18 +155,37 @@ class StorageBranches:
 
     async def delete(self, branch_id: str) -> None:
         """Remove the branch's objects, uploads and key (unprovision, branch delete)."""
+        self._copied.discard(branch_id)
         async with self._opening:
             self._close(branch_id)
             shutil.rmtree(self.root_of(branch_id), ignore_errors=True)
 
+    @contextlib.asynccontextmanager
+    async def frozen(self, parent_id: str, child_id: str) -> AsyncIterator[None]:
+        """The parent's writes wait while the block runs (the database copy's
+        ``pg_backup_stop``); leaving it cleanly copies the objects as they were, which
+        :meth:`copy` then keeps."""
+        parent = await self.storage(parent_id)
+        if parent is None:
+            yield
+            return
+        async with parent.store.lock:
+            yield
+            await asyncio.to_thread(self._copy_files, parent.store, self.root_of(child_id))
+            self._copied.add(child_id)
+
     async def copy(self, parent_id: str, child_id: str) -> None:
-        """Branch create: the child gets the parent's objects (cloned) and a key of its own."""
+        """Branch create: the child gets the parent's objects (cloned, unless
+        :meth:`frozen` did) and a key of its own."""
         parent = await self.storage(parent_id)
         if parent is None:
             return
         root = self.root_of(child_id)
-        async with parent.store.lock:
-            await asyncio.to_thread(self._copy_files, parent.store, root)
+        if child_id in self._copied:
+            self._copied.discard(child_id)
+        else:
+            async with parent.store.lock:
+                await asyncio.to_thread(self._copy_files, parent.store, root)
         key = self._write_key(child_id, root)
         buckets = {n: b.access for n, b in parent.store.buckets.items()}
         async with self._opening:
