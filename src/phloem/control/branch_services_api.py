@@ -44,7 +44,9 @@ class BranchServicesEnvOut(BaseModel):
     env: dict[str, str] = Field(description="the variables the branch's functions get from "
                                 "its services (credentials included)")
     hosts: list[str] = Field(description="the services' host names; they resolve inside "
-                             "isolates only: a local process needs them in /etc/hosts")
+                             "isolates only: a local process needs them in /etc/hosts, or "
+                             "the local forwarders of phloem dev / env run "
+                             "--forward-services")
 
 
 def _services(request: Request) -> ApiServices:
