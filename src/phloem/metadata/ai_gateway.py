@@ -13,11 +13,10 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from phloem.metadata.db import PooledStore
 from phloem.metadata.secrets import SecretBox
 
 
@@ -41,15 +40,10 @@ class UsageRow:
     last_at: datetime
 
 
-class AiGatewayStore:
+class AiGatewayStore(PooledStore):
     def __init__(self, pool: AsyncConnectionPool, box: SecretBox) -> None:
-        self.pool = pool
+        super().__init__(pool)
         self.box = box
-
-    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql.encode(), params)
-            return await cur.fetchall() if cur.description else []
 
     async def secrets(self) -> dict[str, bytes]:
         """Every branch's secret, opened (the gateway keeps them in memory)."""

@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from phloem.metadata.secrets import SecretBox
@@ -104,3 +105,16 @@ async def open_pool(conninfo: str) -> AsyncConnectionPool:
                                kwargs={"autocommit": True})
     await pool.open(wait=True, timeout=30)
     return pool
+
+
+class PooledStore:
+    """What every store of the system database shares: its pool, and one statement in
+    its own transaction with its rows as dicts ([] for a statement that returns none)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql.encode(), params)
+            return await cur.fetchall() if cur.description else []

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 __all__ = ["DomainExists", "DomainRow", "DomainSpec", "DomainStore"]
+
+from phloem.metadata.db import PooledStore
 
 
 class DomainExists(Exception):
@@ -49,15 +49,7 @@ class DomainRow:
     created_at: datetime
 
 
-class DomainStore:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self.pool = pool
-
-    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql.encode(), params)
-            return await cur.fetchall() if cur.description else []
-
+class DomainStore(PooledStore):
     async def list_domains(self, branch_id: str | None = None) -> list[DomainRow]:
         if branch_id is None:
             rows = await self._all("SELECT * FROM custom_domains ORDER BY hostname")

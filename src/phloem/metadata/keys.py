@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
-
+from phloem.metadata.db import PooledStore
 from phloem.metadata.store import hash_key, new_id
 
 #: What a key may be allowed to do (docs/architecture.md, "Scoped API keys").
@@ -57,14 +55,9 @@ class NewKey:
 _COLUMNS = "id, name, scopes, branch_ids, created_at, expires_at, revoked_at, last_used_at"
 
 
-class ApiKeys:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self.pool = pool
-
+class ApiKeys(PooledStore):
     async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[KeyRow]:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql.encode(), params)
-            return [KeyRow(**r) for r in await cur.fetchall()]
+        return [KeyRow(**r) for r in await self._all(sql, params)]
 
     async def create(self, name: str, scopes: list[str], branch_ids: list[str] | None,
                      expires_at: datetime | None) -> NewKey:

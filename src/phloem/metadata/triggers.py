@@ -15,8 +15,8 @@ from typing import Any
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
+from phloem.metadata.db import PooledStore
 from phloem.metadata.store import new_id
 
 #: A run's states: ``running`` (attempts under way or waiting to retry), then
@@ -72,15 +72,7 @@ class RunRow:
     event: dict[str, Any] | None = None
 
 
-class TriggerStore:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self.pool = pool
-
-    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql.encode(), params)
-            return await cur.fetchall() if cur.description else []
-
+class TriggerStore(PooledStore):
     async def list_triggers(self, branch_id: str | None = None) -> list[TriggerRow]:
         if branch_id is None:
             rows = await self._all("SELECT * FROM triggers ORDER BY branch_id, name")
