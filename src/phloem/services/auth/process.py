@@ -153,8 +153,13 @@ class AuthServer:
         closes it (it exits). A line longer than ``MAX_LINE`` is cut there."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=MAX_LINE)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        try:
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        except OSError as exc:  # not seen in practice; closed, it cannot fill and block
+            pipe.close()
+            self._recent.append(f"(auth: cannot read the server's output: {exc})")
+            return
         rest = b""
         try:
             while chunk := await reader.read(MAX_LINE):
@@ -189,8 +194,7 @@ class AuthServer:
         lines = [ln for ln in self._recent if ln.strip()]
         failed = [ln for ln in lines if ln.startswith(FAILED)]
         reason = (failed[-1][len(FAILED):] if failed else lines[-1] if lines else what)
-        # A stack trace follows the message on the same printed line's next lines.
-        reason = reason.strip()[:300]
+        reason = reason.strip()[:300]  # (its stack trace is on the lines after it)
         tail = "\n".join(lines[-20:])
         return AuthServerError(f"auth: {what}; see {self.spec.log_file}:\n{tail}",
                                f"{what}: {reason}" if reason != what else what)
