@@ -243,7 +243,7 @@ def read_json_line(proc: subprocess.Popen[str]) -> Any:
 def test_env_run_reaches_the_ai_gateway_and_neon_auth(forwarded: Forwarded) -> None:
     """A script run by ``env run --forward-services``: chat completions whole and streamed
     chunk by chunk, and a JWT from Neon Auth that verifies against the JWKS, issued by
-    the branch's own origin as for its deployed functions. ~5 s."""
+    the branch's own origin as for its deployed functions. ~11-17 s (load 10-13)."""
     f, up = forwarded, forwarded.upstream
     up.release.clear()
     up.sent_last.clear()
@@ -295,7 +295,7 @@ def test_a_dev_function_streams_from_the_ai_gateway_and_verifies_a_jwt(
         forwarded: Forwarded) -> None:
     """``phloem dev`` serves src/app.py: it relays a streamed chat completion chunk by
     chunk, and verifies a JWT issued at the branch's own origin (as deployed functions
-    get them) against the forwarded JWKS. ~5 s."""
+    get them) against the forwarded JWKS. ~13-16 s."""
     f, up = forwarded, forwarded.upstream
     origin = f"http://{f.branch_id}--auth.fn.localhost:{f.p.gateway_port}"
     env = dict(line.split("=", 1) for line in (f.root / ".env").read_text().splitlines()

@@ -261,7 +261,7 @@ def test_a_failed_provision_is_a_503_naming_why_and_leaves_nothing(
         auth_platform: Setup) -> None:
     """The auth server of a branch whose neon_auth tables it cannot use does not start:
     the API says so (503, the service and the database's error) and the branch keeps
-    the services it had, with no server left running. ~10 s."""
+    the services it had, with no server left running. ~30 s (a branch create)."""
     p = auth_platform.p
     name = f"authfail-{uuid.uuid4().hex[:6]}"
     branch_id = p.cli_json("branches", "create", "--name", name, "--parent", "main")["id"]

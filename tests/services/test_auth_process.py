@@ -1,7 +1,7 @@
 """The auth server's process (``AuthServer``) with a real Node process standing in for
 server.mjs (same protocol: the socket as LISTEN_FD, "ready" on READY_FD): its output goes
 to auth.log, rotated by size as function logs are, and a server that fails to start says
-why in one line. No platform: ~1 s."""
+why in one line. No platform: ~2 s."""
 
 from __future__ import annotations
 
