@@ -9,17 +9,28 @@ chunk through the gateway before releasing proves the gateway does not buffer.
     with Upstream() as up:
         up.url            # "http://127.0.0.1:PORT/v1"
         up.received       # [Received(method, path, headers, body), ...]
+
+    with Upstream() as up, ai_platform(up) as p:   # phloem up --ai-provider openai=up.url
+        ...
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from phloem.testing import free_port
+from phloem.testing import PlatformProcess, free_port, platform_process
+
+#: The operator's key for the upstream: it must reach the upstream, never a function.
+OPERATOR_KEY = "sk-operator-" + "k" * 24
+#: The variable ``phloem up --ai-provider ...,key-env=`` reads the key from.
+KEY_ENV = "PHLOEM_TEST_AI_UPSTREAM_KEY"
 
 CHAT_USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
 RESPONSES_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15,
@@ -141,3 +152,15 @@ class Upstream:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def ai_platform(upstream: Upstream) -> Iterator[PlatformProcess]:
+    """A platform whose AI Gateway forwards to ``upstream`` with :data:`OPERATOR_KEY`."""
+    os.environ[KEY_ENV] = OPERATOR_KEY  # phloem up reads the key from its own env
+    try:
+        with platform_process(
+                ["--ai-provider", f"openai={upstream.url},key-env={KEY_ENV}"]) as p:
+            yield p
+    finally:
+        os.environ.pop(KEY_ENV, None)

@@ -9,7 +9,6 @@ usage is counted per function, another branch's token gets 401.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,16 @@ from phloem.services.ai_gateway.tokens import make_token, new_secret
 from phloem.services.ai_gateway.usage import Meter, SseSplitter
 from phloem.system.ai_providers import parse_ai_providers
 from phloem.system.validation import InvalidInput
-from phloem.testing import PlatformProcess, free_port, host_of, platform_process, wait_for
-from tests.services.ai_upstream import ANTHROPIC_USAGE, CHAT_USAGE, RESPONSES_USAGE, Upstream
+from phloem.testing import PlatformProcess, free_port, host_of, wait_for
+from tests.services.ai_upstream import (
+    ANTHROPIC_USAGE,
+    CHAT_USAGE,
+    OPERATOR_KEY,
+    RESPONSES_USAGE,
+    Upstream,
+    ai_platform,
+)
 
-OPERATOR_KEY = "sk-operator-" + "k" * 24
 BRANCH, OTHER = "br-quiet-moon-3f9a2c", "br-loud-sun-1b2c3d"
 
 
@@ -165,7 +170,6 @@ def test_anthropic_messages_carry_the_operators_key_as_x_api_key(served: Served)
 
 NODE_APP = Path(__file__).parent.parent / "apps" / "node-ai"
 NODE_SDK_APP = Path(__file__).parent.parent / "apps" / "node-ai-sdk"
-KEY_ENV = "PHLOEM_TEST_AI_UPSTREAM_KEY"
 
 
 @dataclass
@@ -178,18 +182,13 @@ class OnPlatform:
 
 @pytest.fixture(scope="module")
 def on_platform() -> Iterator[OnPlatform]:
-    os.environ[KEY_ENV] = OPERATOR_KEY  # phloem up reads the key from its own env
-    try:
-        with Upstream() as upstream, platform_process(
-                ["--ai-provider", f"openai={upstream.url},key-env={KEY_ENV}"]) as p:
-            with p.api() as api:
-                r = api.put("/branches/main/services", json={"services": {"ai": {}}})
-                assert r.status_code == 200, r.text
-                main_id = r.json()["branch_id"]
-            fn = p.deploy("aicall", NODE_APP)
-            yield OnPlatform(p, upstream, main_id, host_of(fn["invocation_url"]))
-    finally:
-        os.environ.pop(KEY_ENV, None)
+    with Upstream() as upstream, ai_platform(upstream) as p:
+        with p.api() as api:
+            r = api.put("/branches/main/services", json={"services": {"ai": {}}})
+            assert r.status_code == 200, r.text
+            main_id = r.json()["branch_id"]
+        fn = p.deploy("aicall", NODE_APP)
+        yield OnPlatform(p, upstream, main_id, host_of(fn["invocation_url"]))
 
 
 def test_a_sandboxed_function_calls_the_gateway_and_usage_is_counted(

@@ -255,3 +255,40 @@ def test_a_bad_config_is_refused_naming_the_field(auth_platform: Setup) -> None:
         assert res.json()["error"]["field"] == field
     # Nothing changed: main still has auth on as before.
     assert services(p, "main")["services"] == {"auth": {}}
+
+
+def test_a_failed_provision_is_a_503_naming_why_and_leaves_nothing(
+        auth_platform: Setup) -> None:
+    """The auth server of a branch whose neon_auth tables it cannot use does not start:
+    the API says so (503, the service and the database's error) and the branch keeps
+    the services it had, with no server left running. ~30 s (a branch create)."""
+    p = auth_platform.p
+    name = f"authfail-{uuid.uuid4().hex[:6]}"
+    branch_id = p.cli_json("branches", "create", "--name", name, "--parent", "main")["id"]
+    try:
+        services(p, name, {"storage": {"buckets": {"keep": {}}}})
+        url = p.cli("connection-string", "--branch", name, "--unpooled").stdout.strip()
+        # A settings table of the wrong type: its secret cannot be stored.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TABLE neon_auth.phloem_settings")
+            conn.execute("CREATE TABLE neon_auth.phloem_settings "
+                         "(name text PRIMARY KEY, value integer)")
+        res = httpx.put(f"http://127.0.0.1:{p.api_port}/api/v1/branches/{name}/services",
+                        headers={"Authorization": f"Bearer {p.credentials['api_key']}"},
+                        json={"services": {"storage": {"buckets": {"keep": {}}}, "ai": {},
+                                           "auth": {}}}, timeout=600)
+        assert res.status_code == 503, res.text
+        error = res.json()["error"]
+        assert (error["code"], error["field"]) == ("service_unavailable", "services.auth")
+        assert error["message"].startswith(
+            f"Neon Auth (auth) could not be provisioned on branch {name!r}: the server "
+            "exited with 1 before it listened: error: invalid input syntax for type "
+            "integer"), error
+        # As it was: the AI Gateway added by the same request is gone again.
+        assert services(p, name)["services"] == {"storage": {"buckets": {"keep": {}}}}
+        assert processes_mentioning(f"{branch_id}--auth") == []
+        directory = p.data_dir / "branches" / branch_id / "services" / "auth"
+        assert not (directory / "http.sock").exists()
+        assert "invalid input syntax for type integer" in (directory / "auth.log").read_text()
+    finally:
+        p.cli("branches", "delete", name, check=False)

@@ -72,6 +72,14 @@ def _out(services: ApiServices, branch: BranchRow, changed: bool = False) -> Bra
         available=sorted(registry.services), changed=changed)
 
 
+def _with_503(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """``responses`` and the 503 of a service that could not be provisioned (its error
+    model is the API's, as the others')."""
+    return {**responses, 503: {**responses[400], "description": (
+        "a service could not be provisioned (`service_unavailable`: the message names it "
+        "and why); the branch's services are as they were")}}
+
+
 def make_router(errors: Errors) -> APIRouter:
     """The routes; ``errors`` is the API's ``responses=`` helper (its error model)."""
     router = APIRouter(prefix="/api/v1/branches/{ref}/services", tags=["services"])
@@ -87,7 +95,7 @@ def make_router(errors: Errors) -> APIRouter:
         registry = services.branch_services
         return BranchServicesEnvOut(env=registry.env(branch), hosts=registry.hosts(branch.id))
 
-    @router.put("", responses=errors(400, 404, 409), openapi_extra=DEPLOY)
+    @router.put("", responses=_with_503(errors(400, 404, 409)), openapi_extra=DEPLOY)
     async def declare_branch_services(branch: Branch, services: Services,
                                       body: BranchServicesIn) -> BranchServicesOut:
         if branch.state != "ready":

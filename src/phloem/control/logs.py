@@ -15,6 +15,7 @@ from typing import TextIO
 
 from phloem.gateway.record import RequestRecord
 from phloem.supervisor.isolate import IsolateSpec, LogWriter
+from phloem.system.logfiles import KEEP, ROTATE_BYTES, rotate
 
 # The gateway's access line for one request, formatted in one operation (see
 # FunctionLogs.access): the timestamp's second and milliseconds, then the request.
@@ -41,7 +42,7 @@ class FunctionLogs:
     #: Lines kept per file before they are written without waiting for a flush.
     MAX_PENDING = 512
 
-    def __init__(self, rotate_bytes: int = 10 * 2**20, keep: int = 3) -> None:
+    def __init__(self, rotate_bytes: int = ROTATE_BYTES, keep: int = KEEP) -> None:
         self._logs: dict[Path, _Log] = {}
         self.rotate_bytes = rotate_bytes
         self.keep = keep
@@ -119,15 +120,7 @@ class FunctionLogs:
         _write_pending(log)
         log.file.close()
         del self._logs[path]
-        for n in range(self.keep, 0, -1):
-            older = path.with_name(f"{path.name}.{n}")
-            if n == self.keep:
-                older.unlink(missing_ok=True)
-            else:
-                newer_name = path.with_name(f"{path.name}.{n + 1}")
-                if older.exists():
-                    older.rename(newer_name)
-        path.rename(path.with_name(f"{path.name}.1"))
+        rotate(path, self.keep)
 
     def close(self) -> None:
         for log in self._logs.values():

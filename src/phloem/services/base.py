@@ -61,6 +61,19 @@ def parse_service_host(host: str, domain: str) -> ServiceHost | None:
     return ServiceHost(m.group(1), m.group(2), prefix)
 
 
+class ServiceUnavailable(Exception):
+    """A service could not be provisioned for a reason of its own (its server did not
+    start, a tool did not install), not the config's; the service has cleaned up. The
+    API answers it 503 ``service_unavailable`` naming the service and ``reason``.
+
+        raise ServiceUnavailable("auth", "the server exited with 1 before it listened: ...")
+    """
+
+    def __init__(self, service: str, reason: str) -> None:
+        super().__init__(f"{service}: {reason}")
+        self.service, self.reason = service, reason
+
+
 @dataclass(frozen=True)
 class ServiceContext:
     """What the platform gives a service when it starts."""
@@ -118,7 +131,8 @@ class BranchService(Protocol):
         ...
 
     async def provision(self, branch: BranchRow, config: dict[str, Any]) -> None:
-        """neon.ts turned the service on for the branch, or changed its config."""
+        """neon.ts turned the service on for the branch, or changed its config; raise
+        :class:`ServiceUnavailable` (after cleaning up) when it cannot be provided."""
 
     async def unprovision(self, branch: BranchRow) -> None:
         """neon.ts no longer declares the service on the branch."""

@@ -34,6 +34,7 @@ from phloem.services.base import (
     SERVICES,
     BranchService,
     ServiceContext,
+    ServiceUnavailable,
     parse_service_host,
     service_host,
 )
@@ -156,16 +157,27 @@ class ServiceRegistry:
         async with self._lock(branch.id):
             current = self._on.get(branch.id, {})
             changed = False
+            added: list[str] = []
             for name, config in wanted.items():
                 if current.get(name) != config:
                     try:
                         await self.services[name].provision(branch, config)
                     except InvalidInput as exc:  # the service's config rules, by field
+                        await self._undo(branch, added)
                         raise ServiceError(400, "invalid_input", exc.message,
                                            exc.field) from None
                     except ValueError as exc:
+                        await self._undo(branch, added)
                         raise ServiceError(400, "invalid_input", str(exc),
                                            f"services.{name}") from None
+                    except ServiceUnavailable as exc:
+                        await self._undo(branch, added)
+                        raise ServiceError(
+                            503, "service_unavailable",
+                            f"{LABELS.get(name, name)} could not be provisioned on branch "
+                            f"{branch.name!r}: {exc.reason}", f"services.{name}") from None
+                    if name not in current:
+                        added.append(name)
                     await self.store.put(branch.id, name, config)
                     self._on.setdefault(branch.id, {})[name] = dict(config)
                     self._certificate(service_host(branch.id, name, self.ctx.domain), True)
@@ -179,6 +191,19 @@ class ServiceRegistry:
                 self._certificate(service_host(branch.id, name, self.ctx.domain), False)
                 changed = True
             return changed
+
+    async def _undo(self, branch: BranchRow, added: list[str]) -> None:
+        """A refused ``declare``: the services it had added go again, so the branch keeps
+        the set it had (a changed config stays changed: it is whole either way)."""
+        for name in reversed(added):
+            try:
+                await self.services[name].unprovision(branch)
+            except Exception:
+                log.exception("removing %s from %s after a refused change failed",
+                              name, branch.id)
+            await self.store.remove(branch.id, name)
+            self._on.get(branch.id, {}).pop(name, None)
+            self._certificate(service_host(branch.id, name, self.ctx.domain), False)
 
     # -- routing ---------------------------------------------------------------
     async def acquire(self, host: str) -> Upstream | None:

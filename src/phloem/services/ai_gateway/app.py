@@ -44,11 +44,13 @@ UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=10.0
 #: Streams hold their upstream connection for minutes: room for many at once.
 UPSTREAM_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 # Never sent upstream: hop-by-hop, the caller's credentials and addresses, framing the
-# client chose (httpx frames the body itself), and compression (usage must be readable).
+# client chose (httpx frames the body itself), compression (usage must be readable), and
+# phloem's own headers (a local forwarder's X-Phloem-Signed-Host, see dev/forward.py).
 _REQUEST_DROP = frozenset({
     "host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
     "transfer-encoding", "content-length", "authorization", "x-api-key", "cookie",
     "accept-encoding", "forwarded", "x-real-ip", "x-request-id"})
+_REQUEST_DROP_PREFIXES = ("x-forwarded-", "x-neon-", "x-phloem-")
 _RESPONSE_DROP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
     "transfer-encoding", "content-length", "set-cookie"})
@@ -230,7 +232,7 @@ class _Exchange:
 
     def _request(self) -> httpx.Request:
         headers = [(k, v) for k, v in self.headers.items()
-                   if k not in _REQUEST_DROP and not k.startswith(("x-forwarded-", "x-neon-"))]
+                   if k not in _REQUEST_DROP and not k.startswith(_REQUEST_DROP_PREFIXES)]
         headers += [("accept-encoding", "identity"), *self.provider.auth_headers()]
         if self.provider.kind == "anthropic" and "anthropic-version" not in self.headers:
             headers.append(("anthropic-version", "2023-06-01"))

@@ -12,12 +12,16 @@ but the branch database's owner password (in its environment, never in argv).
 
 The process is tied to the platform (``spawn_tied``): it gets SIGTERM when phloem dies,
 however it dies. Its stdout and stderr (the development verification and reset links
-among them) go to ``spec.log_file``.
+among them) come to phloem through a pipe and go to ``spec.log_file``, a line at a time
+with a timestamp, rotated by size as function logs are (:mod:`phloem.system.logfiles`).
+Its last lines are kept: a server that fails to start says why in
+:attr:`AuthServerError.reason`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -27,13 +31,26 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from phloem.system.identity import Identity
 from phloem.system.lifeline import spawn_tied
+from phloem.system.logfiles import KEEP, ROTATE_BYTES, RotatingFile, timestamp
+
+#: What server.mjs prints before it exits on an error.
+FAILED = "[neon-auth] failed: "
+#: Output lines kept in memory for errors, and the longest line kept whole.
+RECENT_LINES = 40
+MAX_LINE = 64 * 1024
 
 
 class AuthServerError(RuntimeError):
-    """The auth server could not start; the message carries the end of its log."""
+    """The auth server could not start; the message carries the end of its output,
+    ``reason`` one line saying why (for the API's answer)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,9 @@ class ServerSpec:
     #: AUTH_DATABASE_URL, AUTH_ORIGIN, AUTH_BASE_PATH, AUTH_TRUSTED_ORIGINS.
     env: Mapping[str, str]
     identity: Identity
+    #: ``log_file`` rotates past this size, keeping ``log_keep`` older files.
+    log_rotate_bytes: int = ROTATE_BYTES
+    log_keep: int = KEEP
 
     def argv(self, *extra: str) -> list[str]:
         # A bounded heap: one small server per branch with auth on.
@@ -57,19 +77,16 @@ class ServerSpec:
                 **self.env}
 
 
-def _log_tail(path: Path, limit: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return ""
-
-
 class AuthServer:
     def __init__(self, spec: ServerSpec) -> None:
         self.spec = spec
         self._proc: subprocess.Popen[bytes] | None = None
         #: time.monotonic() of the last lease: the service stops idle servers.
         self.last_used = time.monotonic()
+        self._log = RotatingFile(spec.log_file, spec.log_rotate_bytes, spec.log_keep)
+        self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
+        #: The task copying the running process's output to the log.
+        self._pump: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -111,7 +128,6 @@ class AuthServer:
 
     def _spawn(self, argv: list[str], listen_fd: int | None,
                ready_fd: int | None) -> subprocess.Popen[bytes]:
-        log = os.open(self.spec.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         env = self.spec.child_env()
         fds = []
         # pass_fds keeps the numbers: the child learns them from its environment.
@@ -119,14 +135,69 @@ class AuthServer:
             env.update(LISTEN_FD=str(listen_fd), READY_FD=str(ready_fd))
             fds = [listen_fd, ready_fd]
         try:
-            return spawn_tied(
+            proc = spawn_tied(
                 argv, signal.SIGTERM, env=env, cwd=str(self.spec.root),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                pass_fds=fds, **self.spec.identity.popen_kwargs())
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                close_fds=True, pass_fds=fds, **self.spec.identity.popen_kwargs())
         except OSError as exc:
-            raise AuthServerError(f"auth: cannot run {self.spec.node}: {exc}") from exc
+            raise AuthServerError(f"auth: cannot run {self.spec.node}: {exc}",
+                                  f"cannot run {self.spec.node}: {exc}") from exc
+        assert proc.stdout is not None
+        self._recent.clear()
+        self._pump = asyncio.create_task(self._copy_output(proc.stdout),
+                                         name=f"auth-log {self.spec.log_file}")
+        return proc
+
+    async def _copy_output(self, pipe: IO[bytes]) -> None:
+        """The process's output, line by line, to the log and :attr:`_recent`, until it
+        closes it (it exits). A line longer than ``MAX_LINE`` is cut there."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE)
+        try:
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        except OSError as exc:  # not seen in practice; closed, it cannot fill and block
+            pipe.close()
+            self._recent.append(f"(auth: cannot read the server's output: {exc})")
+            return
+        rest = b""
+        try:
+            while chunk := await reader.read(MAX_LINE):
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                if len(rest) >= MAX_LINE:
+                    lines.append(rest)
+                    rest = b""
+                for line in lines:
+                    self._line(line.decode(errors="replace"))
+            if rest:
+                self._line(rest.decode(errors="replace"))
         finally:
-            os.close(log)
+            transport.close()
+
+    def _line(self, line: str) -> None:
+        self._recent.append(line)
+        try:
+            self._log.write(f"{timestamp()} {line}\n")
+        except OSError as exc:  # a full disk must not block the server on its pipe
+            self._recent.append(f"(auth.log: {exc})")
+
+    async def _drained(self, timeout: float = 5) -> None:
+        """Wait until the output of an exited process is all read (its last lines)."""
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._pump), timeout)
+
+    def _error(self, what: str) -> AuthServerError:
+        """An :class:`AuthServerError` saying ``what``, with the process's last lines;
+        its reason is the error server.mjs printed, else its last line."""
+        lines = [ln for ln in self._recent if ln.strip()]
+        failed = [ln for ln in lines if ln.startswith(FAILED)]
+        reason = (failed[-1][len(FAILED):] if failed else lines[-1] if lines else what)
+        reason = reason.strip()[:300]  # (its stack trace is on the lines after it)
+        tail = "\n".join(lines[-20:])
+        return AuthServerError(f"auth: {what}; see {self.spec.log_file}:\n{tail}",
+                               f"{what}: {reason}" if reason != what else what)
 
     async def _wait_ready(self, ready_r: int, timeout: float) -> None:
         os.set_blocking(ready_r, False)
@@ -138,13 +209,12 @@ class AuthServer:
             with contextlib.suppress(BlockingIOError):
                 chunk = os.read(ready_r, 64)
                 if not chunk and proc.poll() is not None:
-                    raise AuthServerError(
-                        f"auth: the server exited with {proc.returncode} before it "
-                        f"listened:\n{_log_tail(self.spec.log_file)}")
+                    await self._drained()
+                    raise self._error(f"the server exited with {proc.returncode} before "
+                                      "it listened")
                 got += chunk
             if time.monotonic() > deadline:
-                raise AuthServerError(f"auth: the server did not listen within "
-                                      f"{timeout:.0f} s:\n{_log_tail(self.spec.log_file)}")
+                raise self._error(f"the server did not listen within {timeout:.0f} s")
             await asyncio.sleep(0.02)
 
     async def stop(self, timeout: float = 5) -> None:
@@ -161,6 +231,8 @@ class AuthServer:
                     proc.kill()
                 await asyncio.to_thread(proc.wait)
         self.spec.socket.unlink(missing_ok=True)
+        await self._drained()
+        self._log.close()  # reopened by the next start
 
     async def migrate(self, timeout: float = 120) -> None:
         """Create the schema and tables (``server.mjs --migrate``) without serving."""
@@ -170,8 +242,8 @@ class AuthServer:
             if time.monotonic() > deadline:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
-                raise AuthServerError(f"auth: migrating took over {timeout:.0f} s")
+                raise self._error(f"migrating took over {timeout:.0f} s")
             await asyncio.sleep(0.05)
+        await self._drained()
         if proc.returncode != 0:
-            raise AuthServerError(f"auth: migrating failed (exit {proc.returncode}):\n"
-                                  f"{_log_tail(self.spec.log_file)}")
+            raise self._error(f"migrating failed (exit {proc.returncode})")

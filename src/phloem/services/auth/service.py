@@ -45,12 +45,12 @@ from urllib.parse import urlsplit
 from phloem.gateway.routing import RouteError, Upstream
 from phloem.metadata.services import ServiceStore
 from phloem.metadata.store import BranchRow
-from phloem.runtimes.node.provision import ensure_node
+from phloem.runtimes.node.provision import ProvisionError, ensure_node
 from phloem.services.auth.install import ensure_auth_server
 from phloem.services.auth.process import AuthServer, AuthServerError, ServerSpec
-from phloem.services.base import ServiceContext, ServiceHost
+from phloem.services.base import ServiceContext, ServiceHost, ServiceUnavailable
 from phloem.services.upstream import SocketPool
-from phloem.system.identity import Identity
+from phloem.system.identity import Identity, IdentityError
 from phloem.system.validation import InvalidInput
 
 log = logging.getLogger("phloem.services.auth")
@@ -220,12 +220,21 @@ class AuthService:
     # -- branch events ---------------------------------------------------------------
     async def provision(self, branch: BranchRow, config: dict[str, Any]) -> None:
         """Create ``neon_auth`` and its tables now (the server is started, which
-        migrates first); a changed config restarts a running server."""
+        migrates first); a changed config restarts a running server. When the server
+        cannot start (or Node or Better Auth cannot be installed), nothing of it is left
+        running and :class:`ServiceUnavailable` says why."""
         check_config(config)
         await self._forget(branch.id)
-        async with self._lock(branch.id):
-            server = await self._new_server(branch, config)
-            await server.start()
+        try:
+            async with self._lock(branch.id):
+                server = await self._new_server(branch, config)
+                await server.start()
+        except (AuthServerError, ProvisionError, IdentityError, OSError) as exc:
+            log.error("auth: provisioning %s failed: %s", branch.id, exc)
+            await self._forget(branch.id)
+            reason = exc.reason if isinstance(exc, AuthServerError) else (
+                str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ServiceUnavailable(NAME, reason) from exc
 
     async def unprovision(self, branch: BranchRow) -> None:
         # The neon_auth schema stays: its users are the developer's data.
