@@ -27,6 +27,10 @@ def _ref(branch: str) -> str:
     return quote(branch, safe="")
 
 
+#: How long ``put_services`` waits for the API (a first Neon Auth provision installs
+#: Better Auth; 60 s was not enough on a loaded 2-core machine).
+SERVICES_TIMEOUT_S = 900.0
+
 class ClientError(RuntimeError):
     """An API error (``code`` from the response) or a connection problem."""
 
@@ -287,9 +291,12 @@ class Client:
         return result
 
     def put_services(self, branch: str, services: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Make the branch's services exactly ``services`` (service -> config)."""
+        """Make the branch's services exactly ``services`` (service -> config). Waits
+        up to :data:`SERVICES_TIMEOUT_S`: a first provision installs the service's
+        packages and migrates its tables before the API answers."""
         result: dict[str, Any] = self.json("PUT", f"/branches/{_ref(branch)}/services",
-                                           json={"services": services})
+                                           json={"services": services},
+                                           timeout=SERVICES_TIMEOUT_S)
         return result
 
     # -- API keys ----------------------------------------------------------------------
