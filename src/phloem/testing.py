@@ -44,12 +44,26 @@ PHLOEM = str(Path(sys.executable).parent / "phloem")
 EXAMPLE = REPO / "examples" / "hello-python"
 
 
+def _worker_share(low: int, high: int, step: int = 1) -> tuple[int, int]:
+    """The part of ``range(low, high)`` this pytest-xdist worker draws from: workers of
+    one run never pick the same port or uid range at the same moment (outside xdist, the
+    whole range)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return low, high
+    index = int(worker[2:]) % count
+    width = (high - low) // count // step * step
+    return low + index * width, low + (index + 1) * width
+
+
 def free_port() -> int:
     """A port that is free now, below the kernel's ephemeral range: a port the kernel
     handed out (bind to 0) can be taken by any client socket's local end before our
     server binds it, which failed CI runs with "already in use"."""
+    low, high = _worker_share(10000, 20000)
     for _ in range(200):
-        port = random.randrange(10000, 20000)
+        port = random.randrange(low, high)
         try:
             with socket.socket() as s:
                 s.bind(("0.0.0.0", port))
@@ -63,7 +77,8 @@ def db_port_base() -> int:
     """A base for branch ports below the kernel's ephemeral range (where client sockets
     take their local ports, which would race with ours), spread so that platforms in one
     test run rarely meet."""
-    return random.randrange(20000, 30000, 50)
+    low, high = _worker_share(20000, 30000, 50)
+    return random.randrange(low, high, 50)
 
 
 def pick_isolate_uid_base() -> int:
@@ -79,7 +94,7 @@ def pick_isolate_uid_base() -> int:
         with suppress(FirewallError):
             taken = [ConfinedUids.for_base(t.uid_base) for t in installed_tables(nft)
                      if t.uid_base is not None]
-    slots = list(range(1, 2000))
+    slots = list(range(*_worker_share(1, 2000)))
     random.shuffle(slots)
     for slot in slots:
         base = 1_500_000 + slot * 2**21
