@@ -11,7 +11,10 @@ the proxy is what is measured), with equal settings:
   (as bench/_procs.py's plain nginx row).
 
 Measured, 3 rounds interleaved (the order rotating per round), every run printed with the
-proxy's CPU per request and the load average, then medians and phloem/nginx:
+proxy's CPU per request and the load average, then medians and phloem/nginx; beside them,
+for context, the same two without TLS (``nginx-http``, ``phloem-http``: runtime.py's
+plain nginx and platform in front of the same app), so that what TLS adds to each shows
+apart from the proxies' plain request paths:
 
 1. keep-alive throughput over https: ``wrk -t1`` at 32 and 256 connections;
 2. new TLS connections per second: ``wrk -t1 -c32 -H 'Connection: close'``: each request
@@ -34,7 +37,7 @@ import shutil
 import statistics
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -177,6 +180,10 @@ def wrk_close(url: str, *, connections: int, duration: float,
     return rps, requests, "; ".join(errors)
 
 
+def _cpu_median(table: Table, way: str) -> float:
+    return statistics.median(r.cpu_us for r in table.runs[way])
+
+
 def _cpu(way: Way) -> float:
     return way.cpu() if way.cpu else math.nan
 
@@ -201,7 +208,12 @@ def handshakes(ways: list[Way], *, duration: float, rounds: int, results: TlsRes
     per = results.handshake_ratios()
     ratio = statistics.median(per)
     hits = sum(x >= T_HANDSHAKES for x in per)
-    say(f"   median new connections/s: phloem {med['phloem']:,.0f}   nginx {med['nginx']:,.0f}")
+    say("   median new connections/s: "
+        + "   ".join(f"{name} {rate:,.0f}" for name, rate in med.items()))
+    cpu = {name: statistics.median(r.cpu_us for r in runs)
+           for name, runs in results.handshakes.items()}
+    say("   median CPU per new connection: "
+        + "   ".join(f"{name} {us:,.0f} us" for name, us in cpu.items()))
     say(f"   phloem/nginx per run {' / '.join(f'{x:.2f}' for x in per)}; median {ratio:.2f}x"
         f"   target >= {T_HANDSHAKES:g}x: {'met' if ratio >= T_HANDSHAKES else 'MISSED'} "
         f"(met in {hits} of {len(per)} runs)")
@@ -231,15 +243,19 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
         fn = p.deploy("fixed", FIXED, "--limit", "max_isolates=1")
         host = host_of(fn["invocation_url"])
         assert p.proc is not None
-        ways = [Way("nginx", f"https://127.0.0.1:{nginx_port}/", "fixed.fn.localhost",
-                    cpu=tree_cpu(nginx.pid)),
-                Way("phloem", f"https://127.0.0.1:{https_port}/", host,
-                    cpu=own_cpu(p.proc.pid))]
+        tls_ways = [Way("nginx", f"https://127.0.0.1:{nginx_port}/", "fixed.fn.localhost",
+                        cpu=tree_cpu(nginx.pid)),
+                    Way("phloem", f"https://127.0.0.1:{https_port}/", host,
+                        cpu=own_cpu(p.proc.pid))]
+        # For context, the same without TLS (runtime.py's plain nginx and platform): what
+        # TLS adds to each, apart from the proxies' plain request paths.
+        plain = {w.name: w for w in b.ways("fixed")}
+        ways = [*tls_ways, *(replace(plain[n], name=f"{n}-http") for n in ("nginx", "phloem"))]
         say(f"   nginx  negotiated: {negotiated(nginx_port, ca.cert_path, 'fixed.fn.localhost')}")
         say(f"   phloem negotiated: {negotiated(https_port, ca.cert_path, host.split(':')[0])}")
         from _load import run_wrk
 
-        for w in ways:  # the paths, the isolate and pooled upstream connections first
+        for w in ways:  # the paths, the isolates and pooled upstream connections first
             # 32 connections: 256 new ones can take seconds to handshake on a loaded machine.
             r = run_wrk(w.url, connections=32, duration=1 if b.args.quick else 2, host=w.host)
             if r.errors or r.requests == 0:
@@ -252,10 +268,15 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
             table = interleaved(ways, connections=conns, duration=d, rounds=rounds, say=say)
             results.tables[conns] = table
             report(table, subject="phloem", against={"nginx": T_THROUGHPUT}, say=say)
+            report(table, subject="phloem-http", against={"nginx-http": math.nan}, say=say)
+            say(f"   {conns:>4} conns  CPU/req added by TLS (median, TLS - plain): "
+                + "   ".join(f"{n} {_cpu_median(table, n) - _cpu_median(table, n + '-http'):+.1f}"
+                           " us" for n in ("nginx", "phloem")))
         say(f"   -- new TLS connections per second: wrk -t1 -c{HANDSHAKE_CONNECTIONS} -H "
-            "'Connection: close' (connect + full handshake + 1 request + close each)")
+            "'Connection: close' (connect + full handshake + 1 request + close each; the -http "
+            "ways: the same without TLS)")
         handshakes(ways, duration=d, rounds=rounds, results=results, say=say)
-    say()
+    say("")
     return results
 
 
@@ -272,7 +293,7 @@ def summary_rows(r: TlsResults, rounds: int) -> list[str]:
                     f"nginx (runs {per}) | >= {T_THROUGHPUT:g}x nginx |")
     if r.handshakes:
         ph_runs, ng_runs = r.handshakes["phloem"], r.handshakes["nginx"]
-        per = r.handshake_ratios()
+        hs_per = r.handshake_ratios()
         rows.append(
             f"| new TLS connections/s (wrk -c{HANDSHAKE_CONNECTIONS}, Connection: close, full "
             f"handshakes), median of {rounds} (runs: phloem "
@@ -280,6 +301,6 @@ def summary_rows(r: TlsResults, rounds: int) -> list[str]:
             + " / ".join(f"{x.rps:,.0f}" for x in ng_runs) + ") | "
             f"{statistics.median(x.rps for x in ph_runs):,.0f} | nginx "
             f"{statistics.median(x.rps for x in ng_runs):,.0f} | | "
-            f"{statistics.median(per):.2f}x nginx (runs "
-            + " / ".join(f"{x:.2f}" for x in per) + f") | >= {T_HANDSHAKES:g}x nginx |")
+            f"{statistics.median(hs_per):.2f}x nginx (runs "
+            + " / ".join(f"{x:.2f}" for x in hs_per) + f") | >= {T_HANDSHAKES:g}x nginx |")
     return rows
