@@ -18,12 +18,13 @@ apart from the proxies' plain request paths:
 
 1. keep-alive throughput over https: ``wrk -t1`` at 32 and 256 connections;
 2. new TLS connections per second: ``wrk -t1 -c32 -H 'Connection: close'``: each request
-   is a TCP connect, a full TLS handshake, one request and a close (the server closes
-   after the response; wrk reconnects). wrk rather than a client loop: a Python client
-   would be slower than either server on this 2-core machine, so it would measure itself.
-   wrk does not resume sessions (it reads no TLS 1.3 ticket before the server's close:
-   nginx's ``$ssl_session_reused`` logged ``.`` for all of a probe run's requests), so
-   every connection is a full handshake (ECDHE X25519 + an ECDSA P-256 signature).
+   is a TCP connect, a TLS handshake, one request and a close (the server closes after
+   the response; wrk reconnects). wrk rather than a client loop: a Python client would be
+   slower than either server on this 2-core machine, so it would measure itself. wrk
+   resumes sessions: it keeps each connection's TLS 1.3 ticket for the next one (a probe
+   against nginx logged ``$ssl_session_reused`` "r" for 225 of 229 requests), so these
+   are resumed handshakes (PSK with an X25519 key exchange, no certificate signature),
+   as returning clients make; full handshakes are not measured separately.
 
     .venv/bin/python bench/runtime.py --only tls [--duration 10]
 """
@@ -273,7 +274,8 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
                 + "   ".join(f"{n} {_cpu_median(table, n) - _cpu_median(table, n + '-http'):+.1f}"
                            " us" for n in ("nginx", "phloem")))
         say(f"   -- new TLS connections per second: wrk -t1 -c{HANDSHAKE_CONNECTIONS} -H "
-            "'Connection: close' (connect + full handshake + 1 request + close each; the -http "
+            "'Connection: close' (connect + TLS 1.3 resumption + 1 request + close each; the "
+            "-http "
             "ways: the same without TLS)")
         handshakes(ways, duration=d, rounds=rounds, results=results, say=say)
     say("")
@@ -295,8 +297,8 @@ def summary_rows(r: TlsResults, rounds: int) -> list[str]:
         ph_runs, ng_runs = r.handshakes["phloem"], r.handshakes["nginx"]
         hs_per = r.handshake_ratios()
         rows.append(
-            f"| new TLS connections/s (wrk -c{HANDSHAKE_CONNECTIONS}, Connection: close, full "
-            f"handshakes), median of {rounds} (runs: phloem "
+            f"| new TLS connections/s (wrk -c{HANDSHAKE_CONNECTIONS}, Connection: close, "
+            f"resumed handshakes), median of {rounds} (runs: phloem "
             + " / ".join(f"{x.rps:,.0f}" for x in ph_runs) + "; nginx "
             + " / ".join(f"{x.rps:,.0f}" for x in ng_runs) + ") | "
             f"{statistics.median(x.rps for x in ph_runs):,.0f} | nginx "
