@@ -21,7 +21,10 @@ in front is what is measured ("fixed"):
 5. node: the minimal app as a Hono function, the same bundle through phloem, through
    nginx (to @hono/node-server on a Unix socket) and on @hono/node-server directly
    (throughput, 3 rounds), and its cold start, sandbox vs ``--no-sandbox`` as in 3, vs a
-   bare node spawn (bench/_node.py).
+   bare node spawn (bench/_node.py);
+6. tls: phloem ``--tls files`` vs nginx terminating TLS with the same certificate in front
+   of the fixed upstream: https throughput at 32 and 256 connections and new TLS
+   connections per second, 3 rounds interleaved (bench/_tls.py).
 
     .venv/bin/python bench/runtime.py                   # everything, about 20 minutes
     .venv/bin/python bench/runtime.py --quick           # 1 s runs, streams 1000/2000
@@ -55,6 +58,7 @@ from pathlib import Path
 
 import _cold
 import _node
+import _tls
 from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
 from _load import percentile, run_h2load, run_wrk
 from _procs import (
@@ -82,7 +86,7 @@ HERE = Path(__file__).resolve().parent
 MINIMAL = HERE / "apps" / "minimal"
 FIXED = HERE / "apps" / "fixed"
 SSE = HERE / "apps" / "sse"
-SECTIONS = ("throughput", "latency", "cold", "streams", "node")
+SECTIONS = ("throughput", "latency", "cold", "streams", "node", "tls")
 CONNECTIONS = (32, 256)
 LATENCY_CLIENTS = 32
 ROUNDS = 3  # runs per configuration, interleaved; the median is the figure
@@ -131,6 +135,7 @@ class Results:
     streams_note: str = ""
     base_rss_kib: int = 0  # the gateway's, with no stream open
     node: _node.NodeResults | None = None
+    tls: _tls.TlsResults | None = None
 
 
 @dataclass
@@ -569,11 +574,18 @@ def summary(r: Results, args: argparse.Namespace) -> None:
     if r.node:
         for row in _node.summary_rows(r.node, CONNECTIONS, ROUNDS):
             say(row)
+    if r.tls:
+        for row in _tls.summary_rows(r.tls, ROUNDS):
+            say(row)
     say()
 
 
 def node(b: Bench) -> None:
     b.results.node = _node.node(b, CONNECTIONS, ROUNDS, say)
+
+
+def tls(b: Bench) -> None:
+    b.results.tls = _tls.tls(b, ROUNDS, say)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -602,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tools = sorted({t for s in sections for t in {"throughput": ["wrk", "nginx", "haproxy"],
                                                     "node": ["wrk", "nginx"],
+                                                    "tls": ["wrk", "nginx"],
                                                     "latency": ["wrk", "nginx", "haproxy",
                                                                 "h2load"]
                                                     }.get(s, [])})
@@ -635,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             b.unboxed = stack.enter_context(platform_process(["--no-sandbox"]))
         steps: dict[str, Callable[[Bench], None]] = {
             "throughput": throughput, "latency": latency, "cold": cold, "streams": streams,
-            "node": node}
+            "node": node, "tls": tls}
         for name in SECTIONS:
             if name in sections:
                 t0 = time.monotonic()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from phloem.gateway.admission import Admission, AdmissionConfig, plan_connections
+from phloem.gateway.tls import LocalCA
 from phloem.testing import wait_for
 
 
@@ -164,3 +167,104 @@ def test_caps_and_eviction_order(caplog: pytest.LogCaptureFixture) -> None:
     lines = [r.getMessage() for r in caplog.records if "connection limit" in r.getMessage()]
     assert sorted(line.split(":")[1] for line in lines) == [
         " connection limit capacity", " connection limit evicted", " connection limit per_peer"]
+
+
+# -- TLS: connections still in their handshake --------------------------------------------
+
+# The same trivial protocol behind a TLS Listener: at most FLOOD_MAX connections, a head
+# timeout of HEAD_S (which also bounds the handshake).
+TLS_SERVER = SERVER.replace(
+    'limit = int(sys.argv[1])\nresource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))\n',
+    "import pathlib, ssl\nfrom phloem.gateway.tls import server_context\n"
+    "tls = server_context(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))\n",
+).replace(
+    "AdmissionConfig(max_connections=100000, max_per_peer=0)",
+    "AdmissionConfig(max_connections=int(sys.argv[3]), max_per_peer=0, "
+    "head_timeout_s=float(sys.argv[4]))",
+).replace("lambda: Http(admission), admission)", "lambda: Http(admission), admission, tls=tls)")
+FLOOD_MAX = 8
+HEAD_S = 3.0
+
+
+def half_client_hello(ctx: ssl.SSLContext) -> bytes:
+    """The first half of a real ClientHello (the handshake can never complete)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    return hello[: len(hello) // 2]
+
+
+def tls_get(port: int, ctx: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_handshake_flood_is_evicted(tmp_path: Path) -> None:
+    """Connections that never finish their TLS handshake (silent, or half a ClientHello)
+    fill the listener; they are evicted like any connection waiting for a head, so a real
+    TLS client is served at once, and an unfinished handshake is closed after the head
+    timeout."""
+    ca = LocalCA.ensure(tmp_path / "ca")
+    cert, key = ca.issue(tmp_path, ["localhost"])
+    client = ssl.create_default_context(cafile=str(ca.cert_path))
+    proc = subprocess.Popen([sys.executable, "-c", TLS_SERVER, str(cert), str(key),
+                             str(FLOOD_MAX), str(HEAD_S)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+    flood: list[socket.socket] = []
+    try:
+        port = int(proc.stdout.readline())
+
+        def counters() -> dict[str, int]:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            data: dict[str, int] = json.loads(proc.stdout.readline())
+            return data
+
+        # Bounded: alone, a connection that sends half a ClientHello is closed after the
+        # head timeout (not evicted: there is room).
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=HEAD_S + 5) as lone:
+            lone.sendall(half_client_hello(client))
+            assert closed_by_peer(lone)
+        assert HEAD_S - 0.5 <= time.monotonic() - t0 < HEAD_S + 3
+        wait_for(lambda: counters()["open"] == 0, 5, "the lone connection counted out")
+
+        hello = half_client_hello(client)
+        for i in range(3 * FLOOD_MAX):
+            s = socket.create_connection(("127.0.0.1", port), timeout=HEAD_S + 5)
+            if i % 2:
+                s.sendall(hello)
+            flood.append(s)
+        wait_for(lambda: counters()["evicted"] >= 2 * FLOOD_MAX, 10,
+                 "the flood fills the listener and evicts")
+        for _ in range(3):
+            t0 = time.monotonic()
+            data = tls_get(port, client)
+            assert data.startswith(b"HTTP/1.1 200"), data
+            assert time.monotonic() - t0 < 2
+        seen = counters()
+        assert seen["capacity"] == 0 and seen["open"] <= FLOOD_MAX, seen
+        # The evicted ones were closed, the oldest first.
+        assert closed_by_peer(flood[0]) and closed_by_peer(flood[1])
+    finally:
+        for s in flood:
+            s.close()
+        proc.stdin.close()
+        proc.wait(10)

@@ -17,8 +17,9 @@ process is out of descriptors). For each accepted socket it asks its :class:`Adm
   clients' connections) are not capped: the proxy in front limits its own clients.
 * **per listener**: at ``max_connections`` the connection that has waited longest for a
   request head (a fresh connection that sent nothing, an unfinished head, an idle
-  keep-alive connection) is closed to make room (``evicted``); when every connection is
-  busy with a request the new one is refused (``capacity``).
+  keep-alive connection, one still in its PROXY header or TLS handshake) is closed to make
+  room (``evicted``); when every connection is busy with a request the new one is refused
+  (``capacity``). The PROXY header and the TLS handshake together have ``head_timeout_s``.
 * **descriptors**: each listener holds one spare descriptor. If ``accept`` still fails
   with EMFILE/ENFILE, the spare is released to accept the connection, which gets the
   room of the longest-waiting connection, or is closed (``descriptors``); the spare is
@@ -170,6 +171,15 @@ class Admission:
     def opened(self, conn: Tracked, ip: str) -> None:
         self._conns[conn] = ip
         self._peers[ip] = self._peers.get(ip, 0) + 1
+
+    def replace(self, old: Tracked, new: Tracked) -> str | None:
+        """``new`` takes ``old``'s place (same peer, same count); the peer's address, or
+        None when ``old`` is no longer open (evicted)."""
+        self._waiting.pop(old, None)
+        ip = self._conns.pop(old, None)
+        if ip is not None:
+            self._conns[new] = ip
+        return ip
 
     def evict_one(self) -> bool:
         """Close the connection waiting longest for a request head; False if none is."""
@@ -389,27 +399,50 @@ class Listener(asyncio.AbstractServer):
             logger.exception("%s: could not set up a connection", self.admission.name)
             return
         tracked = cast(Tracked, protocol)  # the factory's protocols implement Tracked
-        self.admission.opened(tracked, ip)
-        task = self._loop.create_task(self._connect(protocol, tracked, conn))
+        if self.tls is None and self.preamble is None:
+            # Plain: the protocol is made at once and tracks itself.
+            self.admission.opened(tracked, ip)
+            task = self._loop.create_task(self._connect(protocol, protocol, tracked, conn))
+        else:
+            # A PROXY header and a TLS handshake come before the protocol is made: until
+            # then the connection is tracked, and evictable, as an _Opening.
+            opening = _Opening(self.admission, protocol, tracked)
+            self.admission.opened(opening, ip)
+            self.admission.waiting(opening)
+            task = opening.task = self._loop.create_task(
+                self._connect(protocol, _Handover(opening), opening, conn))
+            # Evicted before the task ran: its coroutine never starts, so close here.
+            task.add_done_callback(lambda t: conn.close() if t.cancelled() else None)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, protocol: asyncio.Protocol, tracked: Tracked,
-                       conn: socket.socket) -> None:
+    async def _connect(self, protocol: asyncio.Protocol, start: asyncio.Protocol,
+                       tracked: Tracked, conn: socket.socket) -> None:
+        """Read the PROXY header, make the transport (after the TLS handshake) with
+        ``start`` (``protocol`` or its _Handover), all within the head timeout."""
+        loop = self._loop
+        head_timeout = self.admission.config.head_timeout_s
+        deadline = loop.time() + head_timeout
         try:
             if self.preamble is not None and not await self.preamble(conn, protocol):
                 self.admission.closed(tracked)
                 conn.close()
                 return
             if self.tls is None:
-                await self._loop.connect_accepted_socket(lambda: protocol, conn)
+                await loop.connect_accepted_socket(lambda: start, conn)
             else:
-                await self._loop.connect_accepted_socket(
-                    lambda: protocol, conn, ssl=self.tls,
-                    ssl_handshake_timeout=self.admission.config.head_timeout_s)
-        except Exception as exc:
+                # The PROXY header and the handshake share the head timeout.
+                await loop.connect_accepted_socket(
+                    lambda: start, conn, ssl=self.tls,
+                    ssl_handshake_timeout=max(0.001, deadline - loop.time()))
+        except (Exception, asyncio.CancelledError) as exc:
+            # The transport (if made) closes the socket; close() only drops our reference.
             self.admission.closed(tracked)
             conn.close()
+            if isinstance(exc, asyncio.CancelledError):
+                if isinstance(tracked, _Opening) and tracked.evicted:
+                    return  # closed to make room before its handshake completed
+                raise
             if self.tls is not None and isinstance(exc, (ssl.SSLError, OSError,
                                                          TimeoutError)):
                 # A client that cannot or will not complete a handshake (an old TLS
@@ -493,6 +526,57 @@ class Listener(asyncio.AbstractServer):
 
     async def wait_closed(self) -> None:
         return None
+
+
+class _Opening:
+    """A connection whose protocol does not exist yet (its PROXY header or TLS handshake
+    is under way), as admission tracks it: evictable (nothing is lost by closing it, and a
+    flood of slow handshakes must not lock the listener), then handed over to the protocol
+    once the handshake is done (:meth:`handover` stands in as the protocol until then)."""
+
+    __slots__ = ("_admission", "_protocol", "_tracked", "evicted", "task")
+
+    def __init__(self, admission: Admission, protocol: asyncio.Protocol,
+                 tracked: Tracked) -> None:
+        self._admission = admission
+        self._protocol = protocol
+        self._tracked = tracked
+        self.task: asyncio.Task[None] | None = None
+        self.evicted = False
+
+    @property
+    def evictable(self) -> bool:
+        return True
+
+    def evict(self) -> None:
+        # The handshake is cancelled: the loop aborts its transport (uvloop and asyncio
+        # close it on a cancelled connect_accepted_socket), _connect drops the socket.
+        self.evicted = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def made(self, transport: asyncio.BaseTransport) -> None:
+        """The handshake is done: the protocol takes the transport, and this
+        connection's place in admission."""
+        admission = self._admission
+        ip = admission.replace(self, self._tracked)
+        transport.set_protocol(self._protocol)
+        if ip is None:  # evicted in the same loop iteration as the handshake completed
+            cast(asyncio.Transport, transport).abort()
+            return
+        self._protocol.connection_made(transport)
+
+
+class _Handover(asyncio.Protocol):
+    """The protocol a TLS or PROXY connection starts with; gone at ``connection_made``."""
+
+    __slots__ = ("_opening",)
+
+    def __init__(self, opening: _Opening) -> None:
+        self._opening = opening
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._opening.made(transport)
 
 
 def _refuse(conn: socket.socket, reason: str, http: bool = True) -> None:

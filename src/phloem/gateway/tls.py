@@ -58,12 +58,29 @@ class TlsError(ValueError):
     """A certificate or key that cannot be used; the message names the field."""
 
 
+class _DirectSSLObject(ssl.SSLObject):
+    """An ``SSLObject`` whose ``read``, ``write`` and ``pending`` are the C object's own
+    methods: the event loop's TLS protocol (uvloop's, asyncio's) calls them for every
+    record, and ``SSLObject``'s Python wrappers only pass the arguments on (a frame per
+    call: about 1 us of the 16 us TLS costs the gateway per small request here, measured
+    with memory BIOs). The loops always pass ``read`` a size."""
+
+    @classmethod
+    def _create(cls, *args: object, **kwargs: object) -> _DirectSSLObject:
+        self: _DirectSSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        raw = self._sslobj  # type: ignore[attr-defined]
+        # Instance attributes shadow the wrappers (the loops bind them once per connection).
+        self.read, self.write, self.pending = raw.read, raw.write, raw.pending  # type: ignore[method-assign]
+        return self
+
+
 def server_context(cert: Path, key: Path, *, field_name: str = "tls_cert") -> ssl.SSLContext:
     """A server context serving ``cert`` (a PEM chain, leaf first) with ``key``.
 
         ctx = server_context(Path("cert.pem"), Path("key.pem"))
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = _DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(CIPHERS)
