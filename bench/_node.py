@@ -4,8 +4,8 @@ Node 24.
 
 * throughput: wrk at 32 and 256 connections, 3 rounds interleaved (bench/_compare.py):
   phloem (gateway -> one Node isolate on a Unix socket), nginx (1 worker, keepalive 1024 ->
-  the bundle on @hono/node-server on a Unix socket, keep-alive 3600 s as phloem's host
-  sets it) and the bundle on @hono/node-server on TCP, one Node process each;
+  the bundle on @hono/node-server on a Unix socket, no keep-alive timeout, as phloem's
+  host sets it) and the bundle on @hono/node-server on TCP, one Node process each;
 * cold start: a new deployment each run (so no isolate is live; the bundle is built at
   deploy time, so this is the start of a cached bundle), request -> full response, on the
   sandboxed platform and on the ``--no-sandbox`` one (bench/_cold.py), vs a bare ``node``
@@ -47,7 +47,7 @@ if (/^[0-9]+$/.test(where)) {{
   serve({{ fetch: app.fetch, port: Number(where), hostname: "127.0.0.1" }});
 }} else {{
   const server = createAdaptorServer({{ fetch: app.fetch }});
-  server.keepAliveTimeout = 3600_000;  // as phloem's host: the proxy reuses connections
+  server.keepAliveTimeout = 0;  // as phloem's host: the proxy keeps and closes connections
   server.listen(where);
 }}
 """
