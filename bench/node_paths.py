@@ -4,10 +4,10 @@ served along each part of phloem's path, so the gateway's cost and the isolate's
 * ``direct``        the bundle on @hono/node-server on TCP (as bench/_node.py);
 * ``host``          phloem's host.mjs run bare (no sandbox, no cgroup) on a TCP socket it
                     inherits, wrk straight at it: host.mjs's own cost over ``direct``;
-* ``nginx>hono``    nginx -> the bundle on @hono/node-server on a Unix socket (bench/_node.py's
+* ``nginx-hono``    nginx -> the bundle on @hono/node-server on a Unix socket (bench/_node.py's
                     nginx row);
-* ``nginx>host``    nginx -> host.mjs run bare on a Unix socket;
-* ``nginx>isolate`` nginx -> the phloem isolate's own Unix socket (sandbox, cgroup, standby
+* ``nginx-host``    nginx -> host.mjs run bare on a Unix socket;
+* ``nginx-isolate`` nginx -> the phloem isolate's own Unix socket (sandbox, cgroup, standby
                     activation), bypassing the gateway;
 * ``phloem``        the gateway -> that same isolate.
 
@@ -16,6 +16,7 @@ request; rounds are interleaved with the order rotating.
 
     .venv/bin/python bench/node_paths.py --duration 5 --rounds 3 --connections 32 256
     .venv/bin/python bench/node_paths.py --only direct host   # a subset of the ways
+    .venv/bin/python bench/node_paths.py --platform-arg=--no-sandbox   # isolates unsandboxed
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from _procs import (
 from phloem.runtimes.node.provision import NODE_SERVER_VERSION, ensure_toolchain
 from phloem.testing import host_of, platform_process
 
-WAYS = ("direct", "host", "nginx>hono", "nginx>host", "nginx>isolate", "phloem")
+WAYS = ("direct", "host", "nginx-hono", "nginx-host", "nginx-isolate", "phloem")
 
 
 @dataclass
@@ -185,21 +186,21 @@ def main() -> None:
             proc = spawn_host(reaper, node, host_mjs, bundle, s)
             wait_answering(proc, port=port, what="bare host.mjs on TCP")
             ways.append(Way("host", f"http://127.0.0.1:{port}/", proc.pid, headers=rid))
-        if "nginx>hono" in args.only:
+        if "nginx-hono" in args.only:
             sock = str(tmp / "hono.sock")
             proc = reaper.spawn([str(node), str(script), bundle.as_uri(), sock],
                                 stdin=subprocess.DEVNULL)
             wait_answering(proc, uds=sock, what="node on a Unix socket")
             url, worker = nginx_to(sock)
-            ways.append(Way("nginx>hono", url, proc.pid, proxy_pid=worker))
-        if "nginx>host" in args.only:
+            ways.append(Way("nginx-hono", url, proc.pid, proxy_pid=worker))
+        if "nginx-host" in args.only:
             sock = str(tmp / "host.sock")
             s = bind_unix(sock)
             proc = spawn_host(reaper, node, host_mjs, bundle, s)
             wait_answering(proc, uds=sock, what="bare host.mjs on a Unix socket")
             url, worker = nginx_to(sock)
-            ways.append(Way("nginx>host", url, proc.pid, proxy_pid=worker))
-        if {"nginx>isolate", "phloem"} & set(args.only):
+            ways.append(Way("nginx-host", url, proc.pid, proxy_pid=worker))
+        if {"nginx-isolate", "phloem"} & set(args.only):
             assert p.proc is not None
             before = {pid: cpu_seconds(pid) for pid in descendants(p.proc.pid)}
             gw = f"http://127.0.0.1:{p.gateway_port}/"
@@ -207,11 +208,11 @@ def main() -> None:
             isolate = isolate_of(p.proc.pid, before)
             say(f"isolate pid {isolate}: {_cmdline(isolate)[:200]}")
             say(f"isolate cgroup: {Path(f'/proc/{isolate}/cgroup').read_text().strip()}")
-            if "nginx>isolate" in args.only:
+            if "nginx-isolate" in args.only:
                 sock = isolate_socket(isolate, p.data_dir)
                 say(f"isolate socket {sock}: {http_get(uds=sock)}")
                 url, worker = nginx_to(sock)
-                ways.append(Way("nginx>isolate", url, isolate, proxy_pid=worker))
+                ways.append(Way("nginx-isolate", url, isolate, proxy_pid=worker))
             if "phloem" in args.only:
                 ways.append(Way("phloem", gw, isolate, host=fn_host, proxy_pid=p.proc.pid))
         for w in ways:  # warm up: JIT, connection pools
