@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import _cold
 from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
@@ -59,8 +59,12 @@ class NodeResults:
     cold: _cold.ColdResult | None = None
 
 
-def _bundle_of(b: Bench, fn: dict[str, str]) -> Path:
-    return b.p.data_dir / "deployments" / fn["deployment_id"] / "bundle" / "bundle.mjs"
+def _bundle_of(b: Bench, fn: dict[str, Any]) -> Path:
+    # The deploy's own id (``phloem functions deploy --output json`` adds it as
+    # "deployment"): the function's deployment_id, read just after, was null in some
+    # loaded runs.
+    dep: str = fn["deployment"]["id"]
+    return b.p.data_dir / "deployments" / dep / "bundle" / "bundle.mjs"
 
 
 def _direct_script(b: Bench, tools: Path) -> Path:

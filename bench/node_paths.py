@@ -158,7 +158,10 @@ def main() -> None:
         os.chmod(tmp, 0o755)
         fn = p.deploy("nodepaths", APP, "--limit", "max_isolates=1")
         fn_host = host_of(fn["invocation_url"])
-        bundle = p.data_dir / "deployments" / fn["deployment_id"] / "bundle" / "bundle.mjs"
+        # The deploy's own id: the function's deployment_id, read just after, was null
+        # in some loaded runs.
+        dep = fn["deployment"]["id"]
+        bundle = p.data_dir / "deployments" / dep / "bundle" / "bundle.mjs"
         node, _, host_mjs = ensure_toolchain(p.data_dir / "runtime" / "node", lambda _: None)
         version = subprocess.run([str(node), "--version"], capture_output=True, text=True)
         say(f"node {version.stdout.strip()}, host {host_mjs}")
