@@ -4,8 +4,8 @@ Node 24.
 
 * throughput: wrk at 32 and 256 connections, 3 rounds interleaved (bench/_compare.py):
   phloem (gateway -> one Node isolate on a Unix socket), nginx (1 worker, keepalive 1024 ->
-  the bundle on @hono/node-server on a Unix socket, keep-alive 3600 s as phloem's host
-  sets it) and the bundle on @hono/node-server on TCP, one Node process each;
+  the bundle on @hono/node-server on a Unix socket, no keep-alive timeout, as phloem's
+  host sets it) and the bundle on @hono/node-server on TCP, one Node process each;
 * cold start: a new deployment each run (so no isolate is live; the bundle is built at
   deploy time, so this is the start of a cached bundle), request -> full response, on the
   sandboxed platform and on the ``--no-sandbox`` one (bench/_cold.py), vs a bare ``node``
@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import _cold
 from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
@@ -47,7 +47,7 @@ if (/^[0-9]+$/.test(where)) {{
   serve({{ fetch: app.fetch, port: Number(where), hostname: "127.0.0.1" }});
 }} else {{
   const server = createAdaptorServer({{ fetch: app.fetch }});
-  server.keepAliveTimeout = 3600_000;  // as phloem's host: the proxy reuses connections
+  server.keepAliveTimeout = 0;  // as phloem's host: the proxy keeps and closes connections
   server.listen(where);
 }}
 """
@@ -59,8 +59,12 @@ class NodeResults:
     cold: _cold.ColdResult | None = None
 
 
-def _bundle_of(b: Bench, fn: dict[str, str]) -> Path:
-    return b.p.data_dir / "deployments" / fn["deployment_id"] / "bundle" / "bundle.mjs"
+def _bundle_of(b: Bench, fn: dict[str, Any]) -> Path:
+    # The deploy's own id (``phloem functions deploy --output json`` adds it as
+    # "deployment"): the function's deployment_id, read just after, was null in some
+    # loaded runs.
+    dep: str = fn["deployment"]["id"]
+    return b.p.data_dir / "deployments" / dep / "bundle" / "bundle.mjs"
 
 
 def _direct_script(b: Bench, tools: Path) -> Path:

@@ -17,6 +17,7 @@ import pytest
 from phloem.supervisor.cgroups import choose_limiter, parent_name
 from phloem.supervisor.cgroups.hierarchy import Mount, cgroup_mounts, own_cgroups
 from phloem.supervisor.cgroups.tree import CgroupError
+from phloem.supervisor.cgroups.v1 import CgroupV1Limiter, platform_shares
 from phloem.supervisor.cgroups.v2 import CgroupV2Limiter
 from phloem.system.limits import FunctionLimits
 from phloem.system.validation import InvalidInput
@@ -255,6 +256,29 @@ def test_v2_layout_on_a_fake_tree(tmp_path: Path) -> None:
         limiter.prepare("iso-3", 2**30, function_id="../escape")
 
 
+def test_v1_platform_parent_weighs_a_process_per_cpu(tmp_path: Path) -> None:
+    """All isolates together get a plain process's cpu.shares per CPU (at the default
+    1024 they weighed as one process; see platform_shares), set again when the parent is
+    made anew; isolate groups keep the default."""
+    mounts = []
+    for controller in ("memory", "pids", "cpu"):
+        (tmp_path / controller).mkdir()
+        mounts.append(Mount(tmp_path / controller, "/", False, frozenset({controller})))
+    own = {"memory": "/", "pids": "/", "cpu": "/"}
+    limiter = CgroupV1Limiter.probe("phloem-test", mounts=mounts, own=own)
+    assert limiter is not None
+    parent = tmp_path / "cpu" / "phloem-test"
+    assert (parent / "cpu.shares").read_text() == str(1024 * (os.cpu_count() or 1))
+    assert platform_shares(4) == 4096
+    assert not (tmp_path / "memory" / "phloem-test" / "cpu.shares").exists()
+    (parent / "cpu.shares").unlink()
+    parent.rmdir()
+    limiter.prepare("iso-1", 64 * 2**20, function_id="fn-abc")
+    assert (parent / "cpu.shares").read_text() == str(platform_shares())
+    assert not (parent / "fn-abc" / "cpu.shares").exists()
+    assert (parent / "fn-abc" / "iso-1" / "cpu.cfs_quota_us").read_text() == "-1"
+
+
 def test_v2_without_memory_is_not_used(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("hugetlb\n")
     mount = Mount(tmp_path, "/", True, frozenset({"rw"}))
@@ -270,6 +294,9 @@ def test_wrap_joins_every_hierarchy() -> None:
                              text=True, check=True).stdout
         joined = [line for line in out.splitlines() if "/fn-wrap/iso-wrap" in line]
         assert len(joined) == len(set(limiter.describe()["hierarchies"].values())), out
+        cpu = limiter.describe()["hierarchies"].get("cpu")
+        if limiter.name == "cgroup-v1" and cpu:
+            assert Path(cpu, "cpu.shares").read_text().strip() == str(platform_shares())
         assert slot.finished() is None
         assert not any(Path(f).parent.exists() for f in slot.procs_files)
     finally:

@@ -267,7 +267,10 @@ function checkResponse(value) {
 function newServer() {
   return createServer({
     requestTimeout: 0, // the gateway enforces its own limits; long uploads are fine
-    keepAliveTimeout: 3600_000, // the gateway keeps upstream connections and reuses them
+    // No idle timeout: the gateway keeps, trims and closes its upstream connections. With
+    // one, Node re-armed a socket timer on every response and sent "Keep-Alive:
+    // timeout=3600", which the gateway forwards (it passes response heads through).
+    keepAliveTimeout: 0,
     headersTimeout: 60_000,
   });
 }

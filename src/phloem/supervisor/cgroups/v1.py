@@ -4,19 +4,37 @@ an isolate joins the group of each.
 * memory: ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes``: swap would hide
   the limit), OOM kills counted in ``memory.oom_control``;
 * pids: ``pids.max``;
-* cpu: ``cpu.cfs_quota_us`` per ``cpu.cfs_period_us`` (-1: no quota).
+* cpu: ``cpu.cfs_quota_us`` per ``cpu.cfs_period_us`` (-1: no quota); the platform
+  parent's ``cpu.shares`` is a plain process's weight per CPU (:func:`platform_shares`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from phloem.supervisor.cgroups.hierarchy import Mount, cgroup_mounts, own_cgroups, writable_dir
-from phloem.supervisor.cgroups.tree import CgroupLimiter
+from phloem.supervisor.cgroups.tree import CgroupError, CgroupLimiter, write
 from phloem.system.limits import FunctionLimits
 
 CONTROLLERS = ("memory", "pids", "cpu")
 CFS_PERIOD_US = 100_000
+#: ``cpu.shares`` of a group (and of each plain process) unless set.
+DEFAULT_SHARES = 1024
+
+
+def platform_shares(cpus: int | None = None) -> int:
+    """The platform parent's ``cpu.shares``: a plain process's weight per CPU.
+
+    A v1 group competes with the other tasks of its parent (here: every process and
+    autogroup of the machine) as one task of its ``cpu.shares``, so at the default all
+    isolates of the platform together weighed as much as a single process. Under
+    contention a Node isolate then served 0.5x the rate of the same host.mjs run as a plain
+    process behind the same nginx (bench/node_paths.py); at this weight the isolates
+    together can claim each CPU as a busy plain process could.
+    """
+    return DEFAULT_SHARES * max(1, cpus if cpus is not None else os.cpu_count() or 1)
 
 
 def cpu_quota_us(millicores: int, period_us: int = CFS_PERIOD_US) -> int:
@@ -27,6 +45,12 @@ def cpu_quota_us(millicores: int, period_us: int = CFS_PERIOD_US) -> int:
 class CgroupV1Limiter(CgroupLimiter):
     name = "cgroup-v1"
     oom_file = "memory.oom_control"
+
+    def _made_inner(self, directory: Path) -> None:
+        if directory == self.parents.get("cpu"):
+            # Not a limit: an isolate still runs where the weight cannot be set.
+            with contextlib.suppress(CgroupError):
+                write(directory / "cpu.shares", str(platform_shares()))
 
     def _limit_files(self, limit_bytes: int, limits: FunctionLimits
                      ) -> dict[str, dict[str, str]]:
@@ -65,4 +89,7 @@ class CgroupV1Limiter(CgroupLimiter):
             for parent in parents.values():
                 parent.rmdir()
             return None
-        return cls(parents, own=owns, defaults=defaults)
+        limiter = cls(parents, own=owns, defaults=defaults)
+        if "cpu" in parents:
+            limiter._made_inner(parents["cpu"])
+        return limiter
