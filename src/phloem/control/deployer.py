@@ -343,8 +343,9 @@ class Deployer:
             await asyncio.to_thread(shutil.rmtree, dep_dir, True)
             raise
         log(f"ready in {time.monotonic() - started:.2f}s")
-        await self.store.finish_deployment(dep.id, "ready", None, "\n".join(lines))
-        await self.activate(branch, fn, dep, spec)
+        # "ready" and the switch are one write: a client that sees the deployment ready
+        # finds the function pointing at it (two writes let it read the old one).
+        await self.activate(branch, fn, dep, spec, build_log="\n".join(lines))
 
     def _build_steps(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
                      log: Callable[[str], None]) -> IsolateSpec:
@@ -367,16 +368,17 @@ class Deployer:
         return spec
 
     async def activate(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
-                       spec: IsolateSpec) -> None:
+                       spec: IsolateSpec, build_log: str | None = None) -> None:
+        """Serve ``dep``; with ``build_log``, its build is marked ready in the same write."""
         async with self._fn_locks[fn.id]:
-            await self._switch(branch, fn, dep, spec)
+            await self._switch(branch, fn, dep, spec, build_log)
 
     async def _switch(self, branch: BranchRow, fn: FunctionRow, dep: DeploymentRow,
-                      spec: IsolateSpec) -> str | None:
+                      spec: IsolateSpec, build_log: str | None = None) -> str | None:
         """Point the function at ``dep`` (its lock held); returns the one replaced."""
         current = await self.store.get_function(branch.id, fn.slug)
         previous = current.active_deployment_id if current else None
-        await self.store.set_active_deployment(fn.id, dep.id)
+        await self.store.set_active_deployment(fn.id, dep.id, build_log=build_log)
         # New requests go to the new version at once; the old one drains in the background.
         self.routes.put(branch.id, fn.slug, spec)
         if previous and previous != dep.id:

@@ -238,13 +238,18 @@ class Store:
         assert row is not None
         return FunctionRow(**row)
 
-    async def set_active_deployment(self, function_id: str, deployment_id: str) -> None:
+    async def set_active_deployment(self, function_id: str, deployment_id: str, *,
+                                    build_log: str | None = None) -> None:
         """Make the deployment the function's active one (one statement: both rows or
-        neither), stamping its ``activated_at``."""
+        neither), stamping its ``activated_at``; with ``build_log``, its build is also
+        finished as ``ready`` in that statement."""
+        finish = (", status = 'ready', error = NULL, build_log = %s, finished_at = now()"
+                  if build_log is not None else "")
         await self._exec(
-            "WITH d AS (UPDATE deployments SET activated_at = now() WHERE id = %s)"
+            f"WITH d AS (UPDATE deployments SET activated_at = now(){finish} WHERE id = %s)"
             " UPDATE functions SET active_deployment_id = %s, updated_at = now() WHERE id = %s",
-            (deployment_id, deployment_id, function_id),
+            (*([build_log] if build_log is not None else []), deployment_id, deployment_id,
+             function_id),
         )
 
     async def delete_function(self, function_id: str) -> None:
