@@ -120,8 +120,9 @@ def test_no_wait_returns_while_building(platform: PlatformProcess, tmp_path: Pat
     src = tmp_path / "slow"
     write_app(src, "slow")
     app = src / "app.py"
-    # Importing takes 5 s, so the entry check keeps the build going that long.
-    app.write_text("import time\ntime.sleep(5)\n" + app.read_text())
+    # Importing takes 15 s, so the entry check keeps the build going that long: the three
+    # CLI calls below must see it building (5 s was not enough on a loaded machine).
+    app.write_text("import time\ntime.sleep(15)\n" + app.read_text())
     accepted = p.deploy(slug, src, "--no-wait")
     assert accepted["deployment"]["status"] == "building"
     dep_id = accepted["deployment"]["id"]
