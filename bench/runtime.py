@@ -24,12 +24,12 @@ in front is what is measured ("fixed"):
    bare node spawn (bench/_node.py).
 
     .venv/bin/python bench/runtime.py                   # everything, about 20 minutes
-    .venv/bin/python bench/runtime.py --quick           # a look in 2-3 minutes
+    .venv/bin/python bench/runtime.py --quick           # a look in 1-3 minutes
     .venv/bin/python bench/runtime.py --only throughput --duration 20
     scripts/bench runtime
 
-``--quick`` (2.5-3 minutes at load 11-16; less on a quiet machine) keeps each comparison
-side by side with its ratios but measures it once: sections 1, 2 and 4 only, with 1 s load
+``--quick`` (68 s at load 5-8; 2.5-3 minutes at load 11-16) keeps each comparison side
+by side with its ratios but measures it once: sections 1, 2 and 4 only, with 1 s load
 runs after a 1 s warm-up, one round (no medians), both upstreams and both connection
 counts; added latency at one fixed rate and unloaded; 1,000 streams only (RSS per stream
 from the idle gateway), 2 s measured. No cold starts and no node section (their time goes
