@@ -124,10 +124,13 @@ def node(b: Bench, conns_list: tuple[int, ...], rounds: int, say: object) -> Nod
     b.reaper.stop(nginx)
     b.reaper.stop(behind)
     b.reaper.stop(direct)
+    runs = b.args.cold_runs
+    if not runs:  # --quick: no cold starts
+        say()
+        return out
     # The cold starts compare two platforms alike: no idle isolate left on one only.
     b.p.cli("functions", "delete", "nodemin")
 
-    runs = b.args.cold_runs
     say(f"   cold start, median of {runs} ({os.getloadavg()[0]:.2f} load average, 1 min): a "
         "new deployment each run, request -> response, sandbox and no sandbox interleaved; "
         "bare: node spawn -> first response")

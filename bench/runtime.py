@@ -27,9 +27,19 @@ in front is what is measured ("fixed"):
    connections per second, 3 rounds interleaved (bench/_tls.py).
 
     .venv/bin/python bench/runtime.py                   # everything, about 20 minutes
-    .venv/bin/python bench/runtime.py --quick           # 1 s runs, streams 1000/2000
+    .venv/bin/python bench/runtime.py --quick           # a look in 1-3 minutes
     .venv/bin/python bench/runtime.py --only throughput --duration 20
     scripts/bench runtime
+
+``--quick`` (68 s at load 5-8; 2.5-3 minutes at load 11-16) keeps each comparison side
+by side with its ratios but measures it once: sections 1, 2 and 4 only, with 1 s load
+runs after a 1 s warm-up, one round (no medians), both upstreams and both connection
+counts; added latency at one fixed rate and unloaded; 1,000 streams only (RSS per stream
+from the idle gateway), 2 s measured. No cold starts and no node section (their time goes
+to deploys, not to measuring), so one platform; no tls section. ``--only node`` /
+``--only cold`` / ``--only tls`` and ``--rounds`` bring parts back (node without its cold
+starts unless ``--cold-runs N``).
+Every run ends with the time each section took.
 
 Needs wrk, nginx, HAProxy and h2load (``apt-get install -y wrk nginx-light haproxy
 nghttp2-client``, or ``scripts/install --bench``); it checks and says which command
@@ -52,6 +62,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +98,10 @@ MINIMAL = HERE / "apps" / "minimal"
 FIXED = HERE / "apps" / "fixed"
 SSE = HERE / "apps" / "sse"
 SECTIONS = ("throughput", "latency", "cold", "streams", "node", "tls")
+#: Left out of --quick unless named with --only: their time goes to deploys and cold starts
+#: (node: its deploy, provisioning and npm, 84 s of 101 at load 12; tls: a platform of its
+#: own and nginx with TLS), not to side-by-side runs.
+QUICK_SKIPS = ("cold", "node", "tls")
 CONNECTIONS = (32, 256)
 LATENCY_CLIENTS = 32
 ROUNDS = 3  # runs per configuration, interleaved; the median is the figure
@@ -207,14 +222,19 @@ class Bench:
         a time) to one more process of it on a Unix socket; phloem to its isolate."""
         if upstream not in self._ways:
             direct = free_port()
-            self.spawn_upstream(upstream, port=direct)
             sock = str(self.tmp / f"{upstream}.sock")
-            self.spawn_upstream(upstream, uds=sock)
-            nginx_port, haproxy_port = free_port(), free_port()
-            nginx = start_nginx(self.reaper, self.tmp, nginx_port, sock)
-            haproxy = start_haproxy(self.reaper, self.tmp, haproxy_port, sock)
-            host = self.deploy({"python": "minimal", "fixed": "fixed"}[upstream],
-                               {"python": MINIMAL, "fixed": FIXED}[upstream])
+            # Side by side: on a loaded machine each start or deploy takes seconds.
+            with ThreadPoolExecutor(3) as pool:
+                deployed = pool.submit(self.deploy,
+                                       {"python": "minimal", "fixed": "fixed"}[upstream],
+                                       {"python": MINIMAL, "fixed": FIXED}[upstream])
+                for started in [pool.submit(self.spawn_upstream, upstream, port=direct),
+                                pool.submit(self.spawn_upstream, upstream, uds=sock)]:
+                    started.result()
+                nginx_port, haproxy_port = free_port(), free_port()
+                nginx = start_nginx(self.reaper, self.tmp, nginx_port, sock)
+                haproxy = start_haproxy(self.reaper, self.tmp, haproxy_port, sock)
+                host = deployed.result()
             self._ways[upstream] = [
                 Way("direct", f"http://127.0.0.1:{direct}/"),
                 Way("nginx", f"http://127.0.0.1:{nginx_port}/", cpu=tree_cpu(nginx.pid)),
@@ -242,20 +262,22 @@ def _warm(ways: list[Way], quick: bool) -> None:
 
 
 def throughput(b: Bench) -> None:
-    d = b.args.duration
-    say(f"## 1. throughput: wrk -t1, {d:g} s per run, {ROUNDS} rounds per configuration, the "
+    d, rounds = b.args.duration, b.args.rounds
+    say(f"## 1. throughput: wrk -t1, {d:g} s per run, {rounds} rounds per configuration, the "
         f"order rotating ({load_note()})")
     say("   direct = the upstream on TCP; nginx = 1 worker, keepalive 1024 (idle upstream "
         "connections kept); haproxy = 1 process, 1 thread (nbthread 1), http-reuse always;")
     say("   phloem = the gateway (1 process) -> 1 isolate (max_isolates=1); nginx and haproxy "
         "-> 1 upstream process on a Unix socket; all keep-alive both sides;")
     say("   CPU/req = the proxy's CPU time over the run / its requests (10 ms clock ticks)")
+    with ThreadPoolExecutor(len(UPSTREAMS)) as pool:  # every upstream's servers at once
+        list(pool.map(b.ways, UPSTREAMS))
     for upstream, what in UPSTREAMS.items():
         say(f"   -- {upstream} upstream: {what}")
         ways = b.ways(upstream)
         _warm(ways, b.args.quick)
         for conns in CONNECTIONS:
-            table = interleaved(ways, connections=conns, duration=d, rounds=ROUNDS, say=say)
+            table = interleaved(ways, connections=conns, duration=d, rounds=rounds, say=say)
             b.results.tables[(upstream, conns)] = table
             report(table, subject="phloem",
                    against={"nginx": T_NGINX, "haproxy": T_HAPROXY, "direct": math.nan},
@@ -289,13 +311,13 @@ def latency(b: Bench) -> None:
 
 def unloaded(b: Bench) -> None:
     """The path alone, without queueing: one connection, one request at a time."""
-    d = min(b.args.duration, 5)
-    say(f"   unloaded: wrk -c1 (one request at a time), {d:g} s each, {ROUNDS} rounds, the "
+    d, rounds = min(b.args.duration, 5), b.args.rounds
+    say(f"   unloaded: wrk -c1 (one request at a time), {d:g} s each, {rounds} rounds, the "
         "order rotating:")
     for upstream in UPSTREAMS:
         ways = b.ways(upstream)
         single: dict[str, list[tuple[float, float]]] = {w.name: [] for w in ways}
-        for i in range(ROUNDS):
+        for i in range(rounds):
             for w in ways[i % len(ways):] + ways[:i % len(ways)]:
                 r = run_wrk(w.url, connections=1, duration=d, host=w.host)
                 single[w.name].append((r.p50_ms, r.p99_ms))
@@ -407,8 +429,9 @@ def _nofile_limit(pid: int) -> int:
 
 
 def streams(b: Bench) -> None:
-    wanted = [1000, 2000] if b.args.quick else [1000, 5000, 10000]
-    window = max(3.0, b.args.duration)  # long enough to catch the gateway's full GCs
+    wanted = [1000] if b.args.quick else [1000, 5000, 10000]
+    # Long enough to catch the gateway's full GCs (--quick: a look, 2 s).
+    window = max(2.0 if b.args.quick else 3.0, b.args.duration)
     fn = b.p.deploy("sse", SSE, "--limit", "max_isolates=1")
     host = host_of(fn["invocation_url"])
     limit = _nofile_limit(b.gateway_pid)
@@ -452,10 +475,9 @@ def streams(b: Bench) -> None:
         slope = (r.gateway_rss_kib - previous_rss) / (r.count - previous_count)
         say(f"   RSS per stream {previous_count:>6,} -> {r.count:>6,}: {slope:6.1f} KiB")
         previous_count, previous_rss = r.count, r.gateway_rss_kib
-    if len(rows) >= 2:
-        per = _per_stream_kib(rows)
-        say(f"   RSS per stream (slope {rows[0].count:,} -> {rows[-1].count:,}): {per:.1f} KiB"
-            f"   target <= {T_RSS_KIB:g} KiB: {verdict(per <= T_RSS_KIB)}")
+    per = _per_stream_kib(rows, base_rss)
+    say(f"   RSS per stream (slope {_slope_from(rows):,} -> {rows[-1].count:,}): {per:.1f} KiB"
+        f"   target <= {T_RSS_KIB:g} KiB: {verdict(per <= T_RSS_KIB)}")
     top = rows[-1]
     say(f"   heartbeat lag p99 at {top.count:,} streams: {top.lag_p99_ms:.1f} ms   target <= "
         f"{T_LAG_P99_MS:g} ms at 10,000: {verdict(top.lag_p99_ms <= T_LAG_P99_MS)}"
@@ -463,9 +485,16 @@ def streams(b: Bench) -> None:
     say()
 
 
-def _per_stream_kib(rows: list[StreamRow]) -> float:
-    first, last = rows[0], rows[-1]
-    return (last.gateway_rss_kib - first.gateway_rss_kib) / (last.count - first.count)
+def _slope_from(rows: list[StreamRow]) -> int:
+    """The stream count the RSS slope starts at: the first level's, or 0 (the idle
+    gateway) when only one level ran (--quick)."""
+    return rows[0].count if len(rows) >= 2 else 0
+
+
+def _per_stream_kib(rows: list[StreamRow], base_rss_kib: int) -> float:
+    first = (rows[0].count, rows[0].gateway_rss_kib) if len(rows) >= 2 else (0, base_rss_kib)
+    last = rows[-1]
+    return (last.gateway_rss_kib - first[1]) / (last.count - first[0])
 
 
 async def _streams(b: Bench, host: str, counts: list[int],
@@ -526,6 +555,7 @@ def _run(coro: object) -> list[StreamRow]:
 
 
 def summary(r: Results, args: argparse.Namespace) -> None:
+    rounds = args.rounds
     say("## summary (markdown)")
     say()
     say(f"machine: {machine()}; wrk/h2load -t1 on the same machine, {args.duration:g} s runs")
@@ -536,7 +566,7 @@ def summary(r: Results, args: argparse.Namespace) -> None:
         ph, ng, ha, di = (t.median_rps(w) for w in ("phloem", "nginx", "haproxy", "direct"))
         runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
                          for w in ("phloem", "nginx", "haproxy"))
-        say(f"| throughput, {upstream} upstream, {conns} connections, median of {ROUNDS} "
+        say(f"| throughput, {upstream} upstream, {conns} connections, median of {rounds} "
             f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} / {ha:,.0f} | {di:,.0f} | "
             f"{t.ratio('phloem', 'nginx'):.2f}x nginx, {t.ratio('phloem', 'haproxy'):.2f}x "
             f"HAProxy, {t.ratio('phloem', 'direct'):.2f}x direct | >= {T_NGINX:g}x nginx, "
@@ -555,7 +585,7 @@ def summary(r: Results, args: argparse.Namespace) -> None:
         added = {w: statistics.median(_added(single, w)) for w in PROXIES}
         d50 = statistics.median(x[0] for x in single["direct"])
         say(f"| added latency p50, unloaded (1 connection), {upstream} upstream, median of "
-            f"{ROUNDS} (ms) | {added['phloem']:+.3f} | {added['nginx']:+.3f} / "
+            f"{rounds} (ms) | {added['phloem']:+.3f} | {added['nginx']:+.3f} / "
             f"{added['haproxy']:+.3f} | {d50:.3f} (p50) | | <= {T_UNLOADED_P50_MS:g} ms |")
     if r.cold:
         for row in _cold.summary_rows(r.cold, "", "bare uvicorn",
@@ -563,29 +593,28 @@ def summary(r: Results, args: argparse.Namespace) -> None:
                              f"<= {T_COLD_RATIO}x bare"):
             say(row)
     if r.streams:
-        if len(r.streams) >= 2:
-            first, last = r.streams[0], r.streams[-1]
-            say(f"| gateway RSS per SSE stream, {first.count:,} -> {last.count:,} (KiB) | "
-                f"{_per_stream_kib(r.streams):.1f} | | | | <= 30 KiB |")
+        say(f"| gateway RSS per SSE stream, {_slope_from(r.streams):,} -> "
+            f"{r.streams[-1].count:,} (KiB) | {_per_stream_kib(r.streams, r.base_rss_kib):.1f}"
+            " | | | | <= 30 KiB |")
         top = r.streams[-1]
         note = f" ({r.streams_note})" if r.streams_note else ""
         say(f"| heartbeat lag p99 at {top.count:,} streams (ms){note} | {top.lag_p99_ms:.0f} | "
             f"| | | <= 250 ms at 10,000 |")
     if r.node:
-        for row in _node.summary_rows(r.node, CONNECTIONS, ROUNDS):
+        for row in _node.summary_rows(r.node, CONNECTIONS, rounds):
             say(row)
     if r.tls:
-        for row in _tls.summary_rows(r.tls, ROUNDS):
+        for row in _tls.summary_rows(r.tls, rounds):
             say(row)
     say()
 
 
 def node(b: Bench) -> None:
-    b.results.node = _node.node(b, CONNECTIONS, ROUNDS, say)
+    b.results.node = _node.node(b, CONNECTIONS, b.args.rounds, say)
 
 
 def tls(b: Bench) -> None:
-    b.results.tls = _tls.tls(b, ROUNDS, say)
+    b.results.tls = _tls.tls(b, b.args.rounds, say)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -602,15 +631,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per load run (default 10, 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="1 s load runs, 5 cold starts, streams 1000/2000 only")
+                        help="a look in about 2 minutes, still side by side with ratios: "
+                             "throughput, latency and streams only (no cold starts, no node "
+                             "section unless named with --only), 1 s load runs after a 1 s "
+                             "warm-up, one round, 1,000 streams only, 2 s measured")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only this section (repeatable)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"runs per configuration, interleaved; the median is the figure "
+                             f"(default {ROUNDS}, 1 with --quick)")
     parser.add_argument("--cold-runs", type=int, default=None,
-                        help="cold starts to take the median of (default 20, 5 with --quick)")
+                        help="cold starts to take the median of (default 20; with --quick 0, "
+                             "or 5 when --only cold is given)")
     args = parser.parse_args(argv)
     args.duration = args.duration or (1.0 if args.quick else 10.0)
-    args.cold_runs = args.cold_runs or (5 if args.quick else 20)
-    sections = args.only or list(SECTIONS)
+    args.rounds = args.rounds or (1 if args.quick else ROUNDS)
+    if args.cold_runs is None:
+        args.cold_runs = 20 if not args.quick else 5 if "cold" in (args.only or []) else 0
+    sections = args.only or [s for s in SECTIONS if not (args.quick and s in QUICK_SKIPS)]
 
     tools = sorted({t for s in sections for t in {"throughput": ["wrk", "nginx", "haproxy"],
                                                     "node": ["wrk", "nginx"],
@@ -629,11 +667,13 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     say(f"load average (1 min) before starting: {load:.2f}"
         + ("  -- other work is running: expect noisy numbers" if load > 0.5 else ""))
-    if {"cold", "node"} & set(sections) and os.geteuid() != 0:
+    cold_starts = bool({"cold", "node"} & set(sections)) and args.cold_runs > 0
+    if cold_starts and os.geteuid() != 0:
         say("not root: neither platform can make sandboxes, so 'sandbox' and 'no sandbox' "
             "below run alike")
     say()
     started = time.monotonic()
+    took: dict[str, float] = {}  # section -> seconds, printed at the end of every run
     with ExitStack() as stack:
         stack.enter_context(exit_on_signals())
         # Unwound in reverse: the platform stops, then every server, then the temp dir goes.
@@ -643,9 +683,10 @@ def main(argv: list[str] | None = None) -> int:
         # would refuse the streams section's thousands; 0 lifts it.
         p = stack.enter_context(platform_process(["--max-connections-per-peer", "0"]))
         b = Bench(args, reaper, tmp, p)
-        if {"cold", "node"} & set(sections):
+        if cold_starts:
             # The same bench without sandboxing, beside it with equal settings.
             b.unboxed = stack.enter_context(platform_process(["--no-sandbox"]))
+        took["setup (platforms)"] = time.monotonic() - started
         steps: dict[str, Callable[[Bench], None]] = {
             "throughput": throughput, "latency": latency, "cold": cold, "streams": streams,
             "node": node, "tls": tls}
@@ -653,10 +694,14 @@ def main(argv: list[str] | None = None) -> int:
             if name in sections:
                 t0 = time.monotonic()
                 steps[name](b)
-                say(f"   ({name}: {time.monotonic() - t0:.0f} s)")
+                took[name] = time.monotonic() - t0
+                say(f"   ({name}: {took[name]:.0f} s)")
                 say()
         results = b.results
+        t0 = time.monotonic()
+    took["teardown"] = time.monotonic() - t0
     summary(results, args)
+    say("section times: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items()))
     say(f"(whole run: {time.monotonic() - started:.0f} s; {load_note()} at the end)")
     return 0
 

@@ -16,13 +16,12 @@ from phloem.cli.main import (
     DataDirOpt,
     OutputFormat,
     OutputOpt,
+    api_errors,
     app,
     client_for,
-    fail,
     out,
     print_json,
 )
-from phloem.project.client import ClientError
 
 ai_app = typer.Typer(help="The AI Gateway: usage per branch and function.",
                      no_args_is_help=True)
@@ -38,11 +37,9 @@ def ai_usage(
 ) -> None:
     """Requests, errors and input/output tokens the AI Gateway counted, per branch,
     calling function ('-' for the branch-wide token), provider and model."""
-    try:
+    with api_errors():
         rows = client_for(data_dir).json("GET", "/ai/usage",
                                          params={"branch": branch} if branch else {})
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(rows)
         return

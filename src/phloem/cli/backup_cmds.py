@@ -20,6 +20,7 @@ from phloem.cli.main import (
     DataDirOpt,
     OutputFormat,
     OutputOpt,
+    api_errors,
     app,
     client_for,
     err,
@@ -27,7 +28,6 @@ from phloem.cli.main import (
     out,
     print_json,
 )
-from phloem.project.client import ClientError
 from phloem.system.settings import default_data_dir
 
 backup_app = typer.Typer(help="Back up the whole platform (metadata, every branch, "
@@ -56,7 +56,7 @@ def backup_create(
     """
     client = client_for(data_dir)
     quiet = output is OutputFormat.json
-    try:
+    with api_errors():
         job: dict[str, Any] = client.json("POST", "/backups")
         shown = 0
         deadline = time.monotonic() + timeout
@@ -74,8 +74,6 @@ def backup_create(
                     fail(f"backup {job['id']} still running after {timeout:.0f} s; "
                          f"see 'phloem backup list'")
                 time.sleep(0.2)
-    except ClientError as exc:
-        fail(str(exc))
     if quiet:
         print_json(job)
     if job["state"] != "complete":
@@ -91,10 +89,8 @@ def backup_create(
 @backup_app.command("list")
 def backup_list(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """List the backups in <data dir>/backups (and one running)."""
-    try:
+    with api_errors():
         rows: list[dict[str, Any]] = client_for(data_dir).json("GET", "/backups")
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(rows)
         return

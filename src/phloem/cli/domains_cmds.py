@@ -22,13 +22,12 @@ from phloem.cli.main import (
     DataDirOpt,
     OutputFormat,
     OutputOpt,
+    api_errors,
     app,
     client_for,
-    fail,
     out,
     print_json,
 )
-from phloem.project.client import ClientError
 
 domains_app = typer.Typer(help="Custom domains: add, list, get, remove.",
                           no_args_is_help=True)
@@ -38,10 +37,8 @@ HostnameArg = Annotated[str, typer.Argument(help="The custom domain, e.g. api.ex
 
 
 def _call(data_dir: Path, method: str, path: str, **kwargs: Any) -> Any:
-    try:
+    with api_errors():
         return client_for(data_dir).json(method, path, **kwargs)
-    except ClientError as exc:
-        fail(str(exc))
 
 
 def _path(hostname: str) -> str:

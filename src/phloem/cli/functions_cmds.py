@@ -20,6 +20,7 @@ from phloem.cli.main import (
     DataDirOpt,
     OutputFormat,
     OutputOpt,
+    api_errors,
     client_for,
     err,
     fail,
@@ -28,7 +29,6 @@ from phloem.cli.main import (
     parse_pairs,
     print_json,
 )
-from phloem.project.client import ClientError
 from phloem.project.packing import PackError
 from phloem.runtimes.registry import RUNTIMES, choose
 from phloem.system.limits import check_limits
@@ -101,7 +101,7 @@ def functions_deploy(
         fail(str(exc))
     client = client_for(data_dir)
     quiet = output is OutputFormat.json
-    try:
+    with api_errors(InvalidInput, PackError):
         with err.status(f"deploying {slug}") as spinner:
             def progress(line: str) -> None:
                 spinner.update(f"deploying {slug}: {line[:100]}")
@@ -112,8 +112,6 @@ def functions_deploy(
                                 runtime=runtime, limits=limits, unset_env=unset,
                                 progress=progress, wait=wait, bundle=not no_bundle)
         fn = client.get_function(branch, slug)
-    except (ClientError, InvalidInput, PackError) as exc:
-        fail(str(exc))
     if quiet:
         print_json({**fn, "deployment": dep})
     elif dep["status"] == "ready":
@@ -129,10 +127,8 @@ def functions_deploy(
 def functions_list(data_dir: DataDirOpt, branch: BranchOpt = "",
                    output: OutputOpt = OutputFormat.text) -> None:
     """List the functions of a branch."""
-    try:
+    with api_errors():
         fns = client_for(data_dir).list_functions(branch)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(fns)
         return
@@ -153,12 +149,10 @@ def functions_get(
                                               "show the values too (secrets!).")] = False,
 ) -> None:
     """Show one function and its latest deployment."""
-    try:
+    with api_errors():
         client = client_for(data_dir)
         fn = client.get_function(branch, slug)
         env = client.function_env(branch, slug, show_values) if list_env else None
-    except ClientError as exc:
-        fail(str(exc))
     if env is not None:
         fn["env"] = env["values"] if show_values else env["keys"]
     if output is OutputFormat.json:
@@ -180,10 +174,8 @@ def functions_get(
 def functions_delete(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "",
                      output: OutputOpt = OutputFormat.text) -> None:
     """Delete a function: its URL stops answering and its isolates stop."""
-    try:
+    with api_errors():
         client_for(data_dir).delete_function(branch, slug)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json({"deleted": slug, "branch": branch})
     else:
@@ -202,10 +194,8 @@ def functions_deployments(slug: str, data_dir: DataDirOpt, branch: BranchOpt = "
 
     Example: phloem functions deployments todos --output json
     """
-    try:
+    with api_errors():
         deps = client_for(data_dir).list_deployments(branch, slug)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(deps)
         return
@@ -234,10 +224,8 @@ def functions_rollback(
 
     Example: phloem functions rollback todos --to dep-3f9a1c2b7d4e
     """
-    try:
+    with api_errors():
         done = client_for(data_dir).rollback(branch, slug, to)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(done)
         return
@@ -284,13 +272,12 @@ def functions_logs(
         fail(str(exc))
     client = client_for(data_dir)
     try:
-        if follow:
-            for line in client.follow_logs(branch, slug, lines, since_s):
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
-        else:
-            sys.stdout.write(client.function_logs(branch, slug, lines, since_s))
-    except ClientError as exc:
-        fail(str(exc))
+        with api_errors():
+            if follow:
+                for line in client.follow_logs(branch, slug, lines, since_s):
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+            else:
+                sys.stdout.write(client.function_logs(branch, slug, lines, since_s))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None

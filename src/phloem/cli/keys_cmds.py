@@ -26,6 +26,7 @@ from phloem.cli.main import (
     DataDirOpt,
     OutputFormat,
     OutputOpt,
+    api_errors,
     app,
     client_for,
     err,
@@ -35,7 +36,6 @@ from phloem.cli.main import (
 )
 from phloem.project.client import (
     Client,
-    ClientError,
     Credentials,
     profiles_path,
     read_profiles,
@@ -81,10 +81,8 @@ def keys_create(
 ) -> None:
     """Create a key. Its secret is printed this once: store it now."""
     seconds = parse_expiry(expires_in) if expires_in is not None else None
-    try:
+    with api_errors():
         key = client_for(data_dir).create_key(name, scope, branch or None, seconds)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(key)
         return
@@ -97,10 +95,8 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """Every key: scopes, branches, expiry, last use and state (never a secret)."""
-    try:
+    with api_errors():
         rows = client_for(data_dir).list_keys()
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(rows)
         return
@@ -116,10 +112,8 @@ def keys_list(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> No
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key-...).")],
                 data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """Revoke a key: requests with it get 401 from now on."""
-    try:
+    with api_errors():
         key = client_for(data_dir).revoke_key(key_id)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(key)
         return
@@ -145,11 +139,9 @@ def login(
     if not url.startswith(("https://", "http://")):
         fail(f"api: must start with https:// or http:// (got {api!r})")
     ca = ca_cert.absolute() if ca_cert is not None else None
-    try:
+    with api_errors(what=f"login to {url}"):
         client = Client(Credentials(url, key, ca))
         me = client.my_key()
-    except ClientError as exc:
-        fail(f"login to {url}: {exc}")
     data = read_profiles()
     name = profile or data.get("current") or "default"
     data["profiles"][name] = {"api_url": url, "api_key": key,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -83,6 +85,26 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+@contextmanager
+def api_errors(*also: type[Exception], what: str = "") -> Iterator[None]:
+    """An API call's failure (a ``ClientError``, or one of ``also``) raised in the block
+    becomes the CLI's ``error: <reason>`` on stderr and exit code 1 (:func:`fail`); one
+    place for what every command that calls the API does with it.
+
+        with api_errors():
+            rows = client_for(data_dir).list_keys()
+        with api_errors(PackError):                # a packing error likewise
+            dep = client.deploy(...)
+        with api_errors(what=f"login to {url}"):   # error: login to <url>: <reason>
+            me = client.my_key()
+    """
+    errors: tuple[type[Exception], ...] = (ClientError, *also)
+    try:
+        yield
+    except errors as exc:
+        fail(f"{what}: {exc}" if what else str(exc))
+
+
 @dataclass
 class Remote:
     """The root's ``--api/--key/--profile``, for every verb's client (set per run)."""
@@ -98,10 +120,8 @@ REMOTE = Remote()
 def client_for(data_dir: Path) -> Client:
     """The platform the flags name (``--api/--key``, then ``PHLOEM_API_URL/KEY``, then
     ``--profile``/``PHLOEM_PROFILE`` or the current profile), else ``data_dir``'s."""
-    try:
+    with api_errors():
         return Client(load_credentials(REMOTE.api, REMOTE.key, data_dir, REMOTE.profile))
-    except ClientError as exc:
-        fail(str(exc))
 
 
 def print_json(data: Any) -> None:
@@ -377,10 +397,8 @@ def status(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     pooler is down (they are named on stderr), or the platform cannot be reached.
     A database that does not answer within 2 s counts as down.
     """
-    try:
+    with api_errors():
         data = client_for(data_dir).status()
-    except ClientError as exc:
-        fail(str(exc))
     down: list[str] = data.get("down", [])
     if output is OutputFormat.json:
         print_json(data)
@@ -455,21 +473,16 @@ def branches_create(
     Example: phloem branches create --name preview/login --parent main
     """
     client = client_for(data_dir)
-    try:
-        with err.status(f"branching {parent or 'main'}"):
-            b = client.create_branch(name, parent, copy_functions)
-    except ClientError as exc:
-        fail(str(exc))
+    with api_errors(), err.status(f"branching {parent or 'main'}"):
+        b = client.create_branch(name, parent, copy_functions)
     _emit_branch(b, output)
 
 
 @branches_app.command("list")
 def branches_list(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """List branches as a tree, with sizes."""
-    try:
+    with api_errors():
         rows = client_for(data_dir).list_branches()
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(rows)
         return
@@ -497,10 +510,8 @@ def branches_list(data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -
 def branches_get(ref: Annotated[str, typer.Argument(help="Branch name or id.")],
                  data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """Show one branch."""
-    try:
+    with api_errors():
         b = client_for(data_dir).get_branch(ref)
-    except ClientError as exc:
-        fail(str(exc))
     _emit_branch(b, output)
 
 
@@ -509,11 +520,8 @@ def branches_reset(ref: Annotated[str, typer.Argument(help="Branch name or id.")
                    data_dir: DataDirOpt, output: OutputOpt = OutputFormat.text) -> None:
     """Re-clone a branch from its parent, keeping its id, URLs and credentials; its
     functions restart against the reset data."""
-    try:
-        with err.status(f"resetting {ref}"):
-            b = client_for(data_dir).reset_branch(ref)
-    except ClientError as exc:
-        fail(str(exc))
+    with api_errors(), err.status(f"resetting {ref}"):
+        b = client_for(data_dir).reset_branch(ref)
     _emit_branch(b, output)
 
 
@@ -526,10 +534,8 @@ def branches_delete(
     output: OutputOpt = OutputFormat.text,
 ) -> None:
     """Delete a branch: its database, pooler, functions and files."""
-    try:
+    with api_errors():
         deleted = client_for(data_dir).delete_branch(ref, recursive)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json({"deleted": deleted})
     else:
@@ -547,10 +553,8 @@ def connection_string(
 
     Example: psql "$(phloem connection-string --unpooled)"
     """
-    try:
+    with api_errors():
         sys.stdout.write(client_for(data_dir).connection_string(branch, pooled) + "\n")
-    except ClientError as exc:
-        fail(str(exc))
 
 
 # -- functions -----------------------------------------------------------------

@@ -24,6 +24,7 @@ from phloem.cli.main import (
     DataDirOpt,
     OutputFormat,
     OutputOpt,
+    api_errors,
     app,
     client_for,
     err,
@@ -104,7 +105,7 @@ def _load(root: Path, env_file: Path | None) -> Project:
 
 def _plan(client: Client, project: Project, branch: str, owner: str | None,
           new_branch: bool = False) -> tuple[ProjectPlan, tuple[bytes, str], ClientBuild]:
-    try:
+    with api_errors(ConfigError, PackError):
         built = prepare_build(client, project, branch, new_branch,
                               lambda line: err.print(f"  [dim]{escape(line)}[/]",
                                                      highlight=False))
@@ -112,8 +113,6 @@ def _plan(client: Client, project: Project, branch: str, owner: str | None,
         pp = plan_project(client, project, branch, artifact[1], owner, new_branch)
         explain_build(pp.items, built)
         return pp, artifact, built
-    except (ConfigError, ClientError, PackError) as exc:
-        fail(str(exc))
 
 
 def _show_build(built: ClientBuild) -> None:
@@ -186,12 +185,10 @@ def config_status(data_dir: DataDirOpt, branch: BranchOpt = "",
     """The linked branch's live functions and their active deployments, its schedule
     triggers, and its services (Neon Auth, AI Gateway, object storage) with their URLs."""
     client = client_for(data_dir)
-    try:
+    with api_errors():
         fns = client.list_functions(branch)
         live = client.list_triggers(branch)
         on = client.get_services(branch)
-    except ClientError as exc:
-        fail(str(exc))
     rows = [{"slug": f["slug"], "status": f["status"], "deployment_id": f["deployment_id"],
              "invocation_url": f["invocation_url"]} for f in fns]
     triggers = [{"name": t["name"], "function": t["function"], "cron": t["cron"],
@@ -230,11 +227,9 @@ def config_plan(data_dir: DataDirOpt, project: ProjectOpt = Path("."),
     # Plan changes nothing: a project without an id yet has created nothing.
     owner = read_link(root).get("project_id")
     pp, _, _ = _plan(client, proj, branch, owner)
-    try:
+    with api_errors():
         triggers = plan_triggers(proj.triggers, client.list_triggers(branch), owner)
         services = service_changes(client.get_services(branch)["services"], pp.services)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json({"branch": branch, "plan": [i.as_dict() for i in pp.items],
                     "branch_changes": pp.branch_changes(), "services": services,
@@ -265,36 +260,31 @@ def do_apply(data_dir: Path, root: Path, env_file: Path | None, branch: str,
         fail(f"branch {pp.branch.name!r} is protected: deploying to it needs "
              "--allow-protected")
     _confirm(plan, yes)
-    try:
-        with err.status("applying") as spinner:
-            def progress(line: str) -> None:
-                spinner.update(f"applying: {line[:100]}")
-                if not quiet:
-                    err.print(f"  [dim]{escape(line)}[/]", highlight=False)
+    with api_errors(), err.status("applying") as spinner:
+        def progress(line: str) -> None:
+            spinner.update(f"applying: {line[:100]}")
+            if not quiet:
+                err.print(f"  [dim]{escape(line)}[/]", highlight=False)
 
-            # Services first: the functions' variables come from them.
-            services = (client.put_services(branch, pp.services)
-                        if pp.services is not None else None)
-            results = apply_plan(client, proj, plan, branch, artifact, progress,
-                                 owner=owner, wait=wait)
-            changes = pp.branch_changes()
-            lifetime = client.set_branch_lifetime(branch, changes) if changes else None
-            # This project's schedule triggers (none: its earlier ones go).
-            triggers = client.put_triggers(branch, proj.triggers, owner)
-            # This project's custom domains (names another branch holds are skipped).
-            domains = apply_domains(client, branch, pp.domains, owner) if pp.domains else None
-    except ClientError as exc:
-        fail(str(exc))
+        # Services first: the functions' variables come from them.
+        services = (client.put_services(branch, pp.services)
+                    if pp.services is not None else None)
+        results = apply_plan(client, proj, plan, branch, artifact, progress,
+                             owner=owner, wait=wait)
+        changes = pp.branch_changes()
+        lifetime = client.set_branch_lifetime(branch, changes) if changes else None
+        # This project's schedule triggers (none: its earlier ones go).
+        triggers = client.put_triggers(branch, proj.triggers, owner)
+        # This project's custom domains (names another branch holds are skipped).
+        domains = apply_domains(client, branch, pp.domains, owner) if pp.domains else None
     ours = [t["name"] for t in triggers if t["owner"] == owner]
     failed = [r for r in results if not r.ok]
     pulled = None
     if services is not None and services["urls"]:
         # As `neon deploy`: the services' variables go into the local env file at once,
         # so the next local step (Neon's READMEs: `npm run db:push`) has them.
-        try:
+        with api_errors():
             pulled = _pull_env(client, root, pp.branch.id, None)
-        except ClientError as exc:
-            fail(str(exc))
     if quiet:
         print_json({"branch": branch, "plan": [i.as_dict() for i in plan],
                     "results": [r.__dict__ for r in results], "triggers": ours,
@@ -438,13 +428,11 @@ def link(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: BranchOp
     @neon/functions (its other lines are kept)."""
     root = project_root(project)
     client = client_for(data_dir)
-    try:
+    with api_errors():
         b = client.get_branch(branch)
         path = write_link(root, client.creds.api_url, b["name"])
         if not no_env_pull:
             _pull_env(client, root, b["name"], Path(".env"))
-    except ClientError as exc:
-        fail(str(exc))
     out.print(f"linked {root} to branch {b['name']} ({b['id']}) in {path}")
     if is_node_project(root):
         npmrc, changed = write_npmrc(root, client.creds.api_url)
@@ -469,7 +457,7 @@ def checkout(
     root = project_root(project)
     client = client_for(data_dir)
     created = False
-    try:
+    with api_errors():
         try:
             client.get_branch(name)
         except ClientError as exc:
@@ -480,16 +468,12 @@ def checkout(
                 client.create_branch(name, base)
             created = True
         write_link(root, client.creds.api_url, name)
-    except ClientError as exc:
-        fail(str(exc))
     out.print(f"{'created and ' if created else ''}switched to branch {name}")
     if created and ((root / CONFIG_FILE).is_file() or find_neon_config(root) is not None):
         do_apply(data_dir, root, env_file, name, OutputFormat.text, new_branch=True)
     if not no_env_pull:
-        try:
+        with api_errors():
             target = _pull_env(client, root, name, Path(".env"))
-        except ClientError as exc:
-            fail(str(exc))
         out.print(f"wrote {target}")
 
 
@@ -504,10 +488,8 @@ def env_pull(data_dir: DataDirOpt, project: ProjectOpt = Path("."), branch: Bran
 
     Example: phloem env pull --file .env.preview
     """
-    try:
+    with api_errors():
         target = _pull_env(client_for(data_dir), project_root(project), branch, file)
-    except ClientError as exc:
-        fail(str(exc))
     out.print(f"wrote {target}")
 
 
@@ -526,7 +508,7 @@ def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "",
     if not command:
         fail("env run: give a command after --, e.g. phloem env run -- psql")
     client = client_for(data_dir)
-    try:
+    with api_errors():
         name = client.get_branch(branch)["name"]
         forwarders, service_env = _forwarders(client, branch) if forward else (
             None, client.service_env(branch)["env"])
@@ -536,8 +518,6 @@ def env_run(ctx: typer.Context, data_dir: DataDirOpt, branch: BranchOpt = "",
                "DATABASE_URL": client.connection_string(branch, pooled=True),
                "DATABASE_URL_UNPOOLED": client.connection_string(branch, pooled=False),
                "PHLOEM_BRANCH": name, "NEON_BRANCH": name}
-    except ClientError as exc:
-        fail(str(exc))
     if shutil.which(command[0]) is None:
         fail(f"env run: command not found: {command[0]}", 127)
     if forwarders is None:
@@ -614,7 +594,7 @@ def dev(
     root = project_root(project)
     proj = _load(root, env_file)
     client = client_for(data_dir)
-    try:
+    with api_errors(ConfigError):
         info = client.get_branch(branch)
         desired = proj.desired(branch_info(info))
         base_env = {
@@ -625,8 +605,6 @@ def dev(
         }
         forwarders, service_env = _forwarders(client, branch)
         service_urls = forwarders.urls if forwarders else {}
-    except (ClientError, ConfigError) as exc:
-        fail(str(exc))
     if not desired:
         fail(f"{proj.config_file}: declares no functions to serve")
     try:

@@ -21,13 +21,12 @@ from phloem.cli.main import (
     DataDirOpt,
     OutputFormat,
     OutputOpt,
+    api_errors,
     app,
     client_for,
-    fail,
     out,
     print_json,
 )
-from phloem.project.client import ClientError
 
 triggers_app = typer.Typer(help="Schedule triggers: list, history, enable, disable, run.",
                            no_args_is_help=True)
@@ -54,10 +53,8 @@ def _show(trigger: dict[str, Any]) -> None:
 def triggers_list(data_dir: DataDirOpt, branch: BranchOpt = "",
                   output: OutputOpt = OutputFormat.text) -> None:
     """The branch's triggers: schedule (UTC) or bucket, function and path, enabled or not."""
-    try:
+    with api_errors():
         rows = client_for(data_dir).list_triggers(branch)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(rows)
         return
@@ -77,10 +74,8 @@ def triggers_history(
 ) -> None:
     """A trigger's runs, newest first: when, why (schedule or manual), attempts, the
     function's last status and error."""
-    try:
+    with api_errors():
         runs = client_for(data_dir).trigger_history(branch, name, limit)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(runs)
         return
@@ -95,10 +90,8 @@ def triggers_history(
 
 def _switch(data_dir: Path, branch: str, name: str, action: str,
             output: OutputFormat) -> None:
-    try:
+    with api_errors():
         row = client_for(data_dir).trigger_action(branch, name, action)
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(row)
     else:
@@ -124,10 +117,8 @@ def triggers_run(name: NameArg, data_dir: DataDirOpt, branch: BranchOpt = "",
                  output: OutputOpt = OutputFormat.text) -> None:
     """Fire it now, enabled or not, delivered as its schedule would (with retries);
     prints the invocation id (see ``history``)."""
-    try:
+    with api_errors():
         run = client_for(data_dir).trigger_action(branch, name, "run")
-    except ClientError as exc:
-        fail(str(exc))
     if output is OutputFormat.json:
         print_json(run)
     else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import replace
-from typing import Protocol
 
 from phloem.control.routes import DomainRoute, RoutingTable
 from phloem.gateway.routing import Limits, RouteError, Upstream
@@ -63,13 +62,6 @@ def route_of(host: str, domain: str, routes: RoutingTable) -> tuple[str, str] | 
     return (route.branch_id, route.slug) if route is not None else None
 
 
-class HasRoutes(Protocol):
-    """Whoever owns the routing table (the deployer); the router only reads it."""
-
-    @property
-    def routes(self) -> RoutingTable: ...
-
-
 class _HeaderLease:
     """A lease whose limits add response headers (a custom domain's HSTS); the rest is
     the supervisor's lease's."""
@@ -98,11 +90,16 @@ class _HeaderLease:
 
 
 class PlatformRouter:
-    """``hsts``: the gateway serves TLS, so custom domains with HSTS on get the header."""
+    """Reads ``routes`` (the table the deployer writes; the router never sees the
+    deployer) on every request. ``hsts``: the gateway serves TLS, so custom domains with
+    HSTS on get the header.
 
-    def __init__(self, owner: HasRoutes, supervisor: Supervisor, domain: str, *,
+        router = PlatformRouter(deployer.routes, supervisor, "fn.localhost", hsts=True)
+    """
+
+    def __init__(self, routes: RoutingTable, supervisor: Supervisor, domain: str, *,
                  hsts: bool = False, services: ServiceRegistry | None = None) -> None:
-        self.routes = owner.routes
+        self.routes = routes
         self.supervisor = supervisor
         self.domain = domain
         self.hsts = hsts

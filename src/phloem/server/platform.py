@@ -447,7 +447,7 @@ class Platform:
 
         domains = await start_domains(pool, store, deployer.routes, s, self._tls)
         deployer.on_branch_dropped = domains.drop_branch
-        router = PlatformRouter(deployer, supervisor, s.domain, hsts=s.tls_on,
+        router = PlatformRouter(deployer.routes, supervisor, s.domain, hsts=s.tls_on,
                                 services=branch_services)
         # Client connections may not take the descriptors isolates' connections, spawns
         # and databases need (phloem.gateway.admission.plan_connections).
