@@ -632,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per load run (default 10, 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="a look in about 2 minutes, still side by side with ratios: "
-                             "throughput, latency and streams only (no cold starts, no node "
-                             "section unless named with --only), 1 s load runs after a 1 s "
+                             "throughput, latency and streams only (no cold starts, no node or "
+                             "tls section unless named with --only), 1 s load runs after a 1 s "
                              "warm-up, one round, 1,000 streams only, 2 s measured")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only this section (repeatable)")
