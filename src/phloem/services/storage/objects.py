@@ -20,7 +20,8 @@ keeps reading it, and the index and the blobs agree whenever the lock is free.
     bucket = store.bucket("images")
     async with store.lock:
         bucket.commit("a.png", tmp_path, ObjectMeta(...))
-    copy_storage(parent_store, child_root, copier)   # with parent_store.lock held
+    cloned = preclone_storage([("images", bucket.path)], child_root, copier, stop)
+    copy_storage(parent_store, child_root, copier, cloned)   # with parent_store.lock held
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -215,27 +217,90 @@ class BranchStorage:
         self._buckets.clear()
 
 
-def copy_storage(src: BranchStorage, dst_root: Path, copier: Copier) -> int:
-    """Copy every declared bucket of ``src`` (index and blobs) into ``dst_root``, which must
-    not hold buckets yet; the caller holds ``src.lock`` so index and blobs agree. Blobs are
-    cloned by ``copier`` (reflinks share their blocks). Returns the bytes copied."""
+#: Per bucket name: the blobs an unlocked first pass (:func:`preclone_storage`) cloned.
+Cloned = dict[str, set[str]]
+
+
+def _clone_blobs(src_blobs: Path, dst_blobs: Path, names: list[str] | set[str],
+                 copier: Copier, stop: threading.Event | None = None,
+                 missing_ok: bool = False) -> tuple[set[str], int]:
+    """Clone ``names`` from ``src_blobs`` into ``dst_blobs``; the names cloned and their
+    bytes. ``missing_ok``: a blob that vanished (replaced meanwhile) is skipped. ``stop``
+    set: the clones not yet started are skipped."""
+    def one(name: str) -> int:
+        if stop is not None and stop.is_set():
+            return -1
+        try:
+            return copier.copy_file(src_blobs / name, dst_blobs / name)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+            return -1
+
+    if not names:
+        return set(), 0
+    # A clone is a few syscalls that mostly wait on the filesystem's log: several at
+    # once overlap those waits (the ioctl releases the GIL).
+    ordered = list(names)
+    with ThreadPoolExecutor(max_workers=min(COPY_THREADS, len(ordered))) as pool:
+        sizes = list(pool.map(one, ordered))
+    return ({n for n, size in zip(ordered, sizes, strict=True) if size >= 0},
+            sum(size for size in sizes if size > 0))
+
+
+def preclone_storage(buckets: list[tuple[str, Path]], dst_root: Path, copier: Copier,
+                     stop: threading.Event) -> Cloned:
+    """First pass of a branch copy, without the branch's lock (its writes go on): clone
+    the blobs each bucket's index names now into ``dst_root``. Blobs are never rewritten
+    in place (a write makes a new one), so a clone taken here stays right for as long as
+    the index names it; :func:`copy_storage` later brings the copy up to date under the
+    lock. ``buckets``: (name, directory) of each, read by the caller in the loop."""
+    cloned: Cloned = {}
+    dst_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, path in buckets:
+        if stop.is_set():
+            break
+        dst = dst_root / name
+        (dst / "blobs").mkdir(mode=0o700, parents=True, exist_ok=True)
+        (dst / "tmp").mkdir(mode=0o700, exist_ok=True)
+        # A connection of its own: the bucket's is the event loop's, which keeps writing.
+        index = sqlite3.connect(f"file:{path / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            names = [row[0] for row in index.execute("SELECT blob FROM objects")]
+        finally:
+            index.close()
+        cloned[name], _ = _clone_blobs(path / "blobs", dst / "blobs", names, copier, stop,
+                                       missing_ok=True)
+    return cloned
+
+
+def copy_storage(src: BranchStorage, dst_root: Path, copier: Copier,
+                 cloned: Cloned | None = None) -> int:
+    """Copy every declared bucket of ``src`` (index and blobs) into ``dst_root``; the
+    caller holds ``src.lock`` so index and blobs agree. Blobs are cloned by ``copier``
+    (reflinks share their blocks). ``cloned``: what :func:`preclone_storage` already put
+    in ``dst_root``; only the blobs the index names now and it lacks are cloned, and
+    those the index no longer names removed. Returns the bytes copied here."""
     copied = 0
+    cloned = cloned or {}
     dst_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, bucket in src.buckets.items():
         dst = dst_root / name
-        (dst / "blobs").mkdir(mode=0o700, parents=True)
-        (dst / "tmp").mkdir(mode=0o700)
+        (dst / "blobs").mkdir(mode=0o700, parents=True, exist_ok=True)
+        (dst / "tmp").mkdir(mode=0o700, exist_ok=True)
         target = sqlite3.connect(dst / "index.sqlite")
         try:
             bucket.db.backup(target)
+            names = {row[0] for row in target.execute("SELECT blob FROM objects")}
         finally:
             target.close()
-        pairs = [(bucket.blob_path(row[0]), dst / "blobs" / row[0])
-                 for row in bucket.db.execute("SELECT blob FROM objects")]
-        # A clone is a few syscalls that mostly wait on the filesystem's log: several at
-        # once overlap those waits (the ioctl releases the GIL).
-        with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-            copied += sum(pool.map(lambda pair: copier.copy_file(*pair), pairs))
+        have = cloned.pop(name, set())
+        for stale in have - names:
+            os.unlink(dst / "blobs" / stale)
+        _, nbytes = _clone_blobs(bucket.blobs, dst / "blobs", names - have, copier)
+        copied += nbytes
+    for name in cloned:   # pre-cloned, then no longer declared
+        shutil.rmtree(dst_root / name, ignore_errors=True)
     return copied
 
 
