@@ -44,6 +44,7 @@ from phloem.services.storage.objects import (
     copy_storage,
     preclone_storage,
     remove_buckets,
+    sync_storage,
 )
 
 log = logging.getLogger("phloem.services.storage")
@@ -58,6 +59,13 @@ def _copier_for(src: BranchStorage, dst_root: Path) -> Copier:
     if src.copier is not None and os.stat(src.root).st_dev == os.stat(dst_root).st_dev:
         return src.copier
     return choose_backend(src.root, dst_root / ".uploads")
+
+
+async def _settled(task: asyncio.Future[Any] | None) -> None:
+    """Wait for a background step of a copy being abandoned; its error no longer matters."""
+    if task is not None:
+        with contextlib.suppress(Exception):
+            await task
 
 
 @dataclass
@@ -113,8 +121,9 @@ class StorageBranches:
         self.quota_bytes = quota_bytes
         self._open: dict[str, BranchAccess] = {}
         self._opening = asyncio.Lock()
-        #: Children whose objects :meth:`frozen` copied, for :meth:`copy` to keep.
-        self._copied: set[str] = set()
+        #: Children whose objects :meth:`frozen` copied, for :meth:`copy` to keep: the
+        #: copy being made durable meanwhile (off the create's critical path).
+        self._copied: dict[str, asyncio.Future[None]] = {}
         #: Children whose objects :meth:`copying` is cloning ahead of :meth:`frozen`.
         self._precloning: dict[str, _Preclone] = {}
 
@@ -186,7 +195,7 @@ class StorageBranches:
 
     async def delete(self, branch_id: str) -> None:
         """Remove the branch's objects, uploads and key (unprovision, branch delete)."""
-        self._copied.discard(branch_id)
+        await _settled(self._copied.pop(branch_id, None))
         async with self._opening:
             self._close(branch_id)
             shutil.rmtree(self.root_of(branch_id), ignore_errors=True)
@@ -212,13 +221,12 @@ class StorageBranches:
         try:
             yield
         except BaseException:
-            self._copied.discard(child_id)
+            await _settled(self._copied.pop(child_id, None))
             raise
         finally:
             self._precloning.pop(child_id, None)
             work.stop.set()
-            with contextlib.suppress(Exception):
-                await work.task
+            await _settled(work.task)
             if child_id not in self._copied:
                 await asyncio.to_thread(shutil.rmtree, root, True)
 
@@ -250,7 +258,8 @@ class StorageBranches:
         async with parent.store.lock:
             started = time.monotonic()
             await asyncio.to_thread(self._copy_files, parent.store, root, cloned)
-            self._copied.add(child_id)
+            self._copied[child_id] = asyncio.ensure_future(
+                asyncio.to_thread(sync_storage, root))
             log.info("storage: %s's objects copied to %s, %s, in %.0f ms with its writes "
                      "held", parent_id, child_id,
                      "after a clone ahead" if cloned is not None else "all",
@@ -264,11 +273,13 @@ class StorageBranches:
         if parent is None:
             return
         root = self.root_of(child_id)
-        if child_id in self._copied:
-            self._copied.discard(child_id)
+        synced = self._copied.pop(child_id, None)
+        if synced is not None:
+            await synced
         else:
             async with parent.store.lock:
                 await asyncio.to_thread(self._copy_files, parent.store, root)
+            await asyncio.to_thread(sync_storage, root)
         key = self._write_key(child_id, root)
         buckets = {n: b.access for n, b in parent.store.buckets.items()}
         copier = _copier_for(parent.store, root)
@@ -297,6 +308,7 @@ class StorageBranches:
             if parent is not None:
                 async with parent.store.lock:
                     await asyncio.to_thread(self._copy_files, parent.store, root)
+                await asyncio.to_thread(sync_storage, root)
         async with self._opening:
             self._load(branch_id, buckets, key)
 
