@@ -219,6 +219,13 @@ def report_objects(results: list[ObjectsResult], phase_names: Sequence[str]) -> 
               f"{max((len(v) for v in r.alone.values()), default=0)}):")
         for step, values in r.alone.items():
             print(f"    {step:<48} {_ms(values)}")
+        pairs = [r.creates[i:i + 2] for i in range(0, len(r.creates) - 1, 2)]
+        per_run = [next(x.create.seconds for x in pair if x.which == "objs")
+                   / next(x.create.seconds for x in pair if x.which == "plain")
+                   for pair in pairs]
+        if per_run:   # each run's two creates are back to back: the same load
+            print(f"  per run objs/plain: {' '.join(f'{x:.2f}' for x in per_run)}; median "
+                  f"{statistics.median(per_run):.2f}x")
         verdict = "ok" if r.ratio() <= 1.2 else "OVER TARGET"
         print(f"  median without objects {r.median('plain') * 1000:.0f} ms, with "
               f"{r.median('objs') * 1000:.0f} ms: ratio {r.ratio():.2f}x ({verdict})")
