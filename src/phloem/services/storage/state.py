@@ -264,7 +264,11 @@ class StorageBranches:
                      "held", parent_id, child_id,
                      "after a clone ahead" if cloned is not None else "all",
                      (time.monotonic() - started) * 1000)
-            yield
+            try:
+                yield
+            except BaseException:   # pg_backup_stop failed: the create is undone
+                await _settled(self._copied.pop(child_id, None))
+                raise
 
     async def copy(self, parent_id: str, child_id: str) -> None:
         """Branch create: the child gets the parent's objects (cloned, unless
