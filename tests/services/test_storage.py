@@ -746,3 +746,51 @@ def test_copy_at_the_consistency_point(endpoint: Endpoint) -> None:
         assert s3.get_object(Bucket="images", Key="during.txt")["Body"].read() == b"during"
     finally:
         endpoint.run(endpoint.branches.delete(child_id))
+
+
+def test_objects_cloned_ahead_are_brought_up_to_date(endpoint: Endpoint) -> None:
+    """Branch create clones the objects ahead, unlocked, while the database copy runs
+    (``copying``); writes go on meanwhile, and ``frozen`` adds what changed since under the
+    lock: the child has the objects as of ``frozen``, no blob more."""
+    child_id = "br-ahead-copy-eeeeee"
+    s3 = endpoint.client(MAIN)
+    for key, body in (("kept.txt", b"kept"), ("replaced.txt", b"old"),
+                      ("deleted.txt", b"deleted")):
+        s3.put_object(Bucket="images", Key=f"ahead/{key}", Body=body)
+    parent_blobs = endpoint.branches.root_of(MAIN) / "images" / "blobs"
+    child_blobs = endpoint.branches.root_of(child_id) / "images" / "blobs"
+    copying = endpoint.branches.copying(MAIN, child_id)
+    endpoint.run(copying.__aenter__())
+    try:
+        wait_for(lambda: child_blobs.exists() and len(list(child_blobs.iterdir())) ==
+                 len(list(parent_blobs.iterdir())), 30, "the objects to be cloned ahead")
+        s3.put_object(Bucket="images", Key="ahead/replaced.txt", Body=b"new")   # not held
+        s3.delete_object(Bucket="images", Key="ahead/deleted.txt")
+        s3.put_object(Bucket="images", Key="ahead/added.txt", Body=b"added")
+        frozen = endpoint.branches.frozen(MAIN, child_id)
+        endpoint.run(frozen.__aenter__())
+        endpoint.run(frozen.__aexit__(None, None, None))
+    finally:
+        endpoint.run(copying.__aexit__(None, None, None))
+    endpoint.run(endpoint.branches.copy(MAIN, child_id))
+    try:
+        child = endpoint.client(child_id)
+        got = {o["Key"]: child.get_object(Bucket="images", Key=o["Key"])["Body"].read()
+               for o in child.list_objects_v2(Bucket="images", Prefix="ahead/")["Contents"]}
+        assert got == {"ahead/kept.txt": b"kept", "ahead/replaced.txt": b"new",
+                       "ahead/added.txt": b"added"}
+        listed = child.list_objects_v2(Bucket="images")["KeyCount"]
+        assert len(list(child_blobs.iterdir())) == listed   # stale clones were removed
+    finally:
+        endpoint.run(endpoint.branches.delete(child_id))
+
+
+def test_objects_cloned_ahead_go_when_the_create_fails(endpoint: Endpoint) -> None:
+    child_id = "br-ahead-fail-ffffff"
+    endpoint.client(MAIN).put_object(Bucket="images", Key="ahead-fail", Body=b"x")
+    copying = endpoint.branches.copying(MAIN, child_id)
+    endpoint.run(copying.__aenter__())
+    failure = RuntimeError("the database copy failed")
+    # False: the failure is not swallowed (the caller raises it on).
+    assert endpoint.run(copying.__aexit__(RuntimeError, failure, None)) is False
+    assert not endpoint.branches.root_of(child_id).exists()

@@ -84,6 +84,12 @@ class BranchStateHooks(Protocol):
     """State a branch carries besides its database (the branch services of
     ``phloem.services``), copied, reset and deleted with it."""
 
+    def copying(self, parent: BranchRow, child: BranchRow
+                ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around the whole database copy (entered before it starts, left after it, also
+        when it fails): state beside the database may start copying meanwhile."""
+        ...
+
     def at_consistency(self, parent: BranchRow, child: BranchRow
                        ) -> contextlib.AbstractAsyncContextManager[None]:
         """Around the database copy's ``pg_backup_stop`` (its consistency point): entered
@@ -410,11 +416,14 @@ class BranchManager:
                 try:
                     at_stop: Callable[[], contextlib.AbstractContextManager[None]] = \
                         contextlib.nullcontext
-                    if self.state_hooks is not None:
-                        at_stop = _in_loop(self.state_hooks.at_consistency(parent, row),
-                                           asyncio.get_running_loop())
-                    stats = await asyncio.to_thread(self._clone_into, parent, row, progress,
-                                                    at_stop)
+                    async with contextlib.AsyncExitStack() as around_copy:
+                        if self.state_hooks is not None:
+                            await around_copy.enter_async_context(
+                                self.state_hooks.copying(parent, row))
+                            at_stop = _in_loop(self.state_hooks.at_consistency(parent, row),
+                                               asyncio.get_running_loop())
+                        stats = await asyncio.to_thread(self._clone_into, parent, row,
+                                                        progress, at_stop)
                     if self.state_hooks is not None:
                         await self.state_hooks.copy(parent, row)
                 except BaseException as exc:

@@ -219,6 +219,18 @@ class ServiceRegistry:
 
     # -- branch operations (called by the branch manager) ----------------------
     @contextlib.asynccontextmanager
+    async def copying(self, parent: BranchRow, child: BranchRow) -> AsyncIterator[None]:
+        """Around the whole database copy: services with state beside the database
+        (``copying(parent, child)``: storage) may start copying it meanwhile, for
+        ``at_consistency`` to finish."""
+        async with contextlib.AsyncExitStack() as stack:
+            for name in self._on.get(parent.id, {}):
+                hook = getattr(self.services.get(name), "copying", None)
+                if hook is not None:
+                    await stack.enter_async_context(hook(parent, child))
+            yield
+
+    @contextlib.asynccontextmanager
     async def at_consistency(self, parent: BranchRow, child: BranchRow
                              ) -> AsyncIterator[None]:
         """Around the database copy's ``pg_backup_stop``: services with state beside the

@@ -107,6 +107,11 @@ class StorageService:
         self._configs.pop(branch.id, None)
         await self.branches.delete(branch.id)
 
+    def copying(self, parent: BranchRow, child: BranchRow
+                ) -> contextlib.AbstractAsyncContextManager[None]:
+        """The parent's objects cloned ahead while the database copy runs."""
+        return self.branches.copying(parent.id, child.id)
+
     def at_consistency(self, parent: BranchRow, child: BranchRow
                        ) -> contextlib.AbstractAsyncContextManager[None]:
         """The parent's objects as of the database copy's ``pg_backup_stop``."""

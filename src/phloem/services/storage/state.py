@@ -5,7 +5,10 @@ and its key pair, opened on first use, copied, reset and removed with the branch
                                config_of=load_config, quota_bytes=10 << 30)
     await branches.provision("br-a", {"buckets": {"images": {"access": "private"}}})
     access = await branches.storage("br-a")       # StorageApp's lookup
-    await branches.copy("br-a", "br-b")           # branch create
+    async with branches.copying("br-a", "br-b"):  # branch create: around the database
+        async with branches.frozen("br-a", "br-b"):   # copy, and its pg_backup_stop
+            ...
+    await branches.copy("br-a", "br-b")           # the child's key; opens it
     await branches.reset("br-b", "br-a")          # branch reset
     await branches.delete("br-b")
 
@@ -18,26 +21,59 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
 import secrets
 import shutil
 import string
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phloem.branches.clone import choose_backend
+from phloem.branches.clone import Copier, choose_backend
 from phloem.metadata.secrets import SecretBox
 from phloem.services.storage.app import BranchAccess
 from phloem.services.storage.objects import (
     ACCESS_MODES,
     BranchStorage,
+    Cloned,
     copy_storage,
+    preclone_storage,
     remove_buckets,
+    sync_storage,
 )
+
+log = logging.getLogger("phloem.services.storage")
 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
+
+
+def _copier_for(src: BranchStorage, dst_root: Path) -> Copier:
+    """The parent's probed copier when ``dst_root`` is on its filesystem (it always is
+    under one data dir): a probe is a few journalled metadata writes; else a new probe."""
+    if src.copier is not None and os.stat(src.root).st_dev == os.stat(dst_root).st_dev:
+        return src.copier
+    return choose_backend(src.root, dst_root / ".uploads")
+
+
+async def _settled(task: asyncio.Future[Any] | None) -> None:
+    """Wait for a background step of a copy being abandoned; its error no longer matters."""
+    if task is not None:
+        with contextlib.suppress(Exception):
+            await task
+
+
+@dataclass
+class _Preclone:
+    """A child's objects being cloned ahead by :meth:`StorageBranches.copying`."""
+
+    stop: threading.Event
+    task: asyncio.Future[Cloned] | None = None
 
 
 def parse_buckets(config: dict[str, Any]) -> dict[str, str]:
@@ -85,8 +121,11 @@ class StorageBranches:
         self.quota_bytes = quota_bytes
         self._open: dict[str, BranchAccess] = {}
         self._opening = asyncio.Lock()
-        #: Children whose objects :meth:`frozen` copied, for :meth:`copy` to keep.
-        self._copied: set[str] = set()
+        #: Children whose objects :meth:`frozen` copied, for :meth:`copy` to keep: the
+        #: copy being made durable meanwhile (off the create's critical path).
+        self._copied: dict[str, asyncio.Future[None]] = {}
+        #: Children whose objects :meth:`copying` is cloning ahead of :meth:`frozen`.
+        self._precloning: dict[str, _Preclone] = {}
 
     def _context(self, branch_id: str) -> str:
         return f"branch:{branch_id}:storage_key"
@@ -109,10 +148,11 @@ class StorageBranches:
         pair = self._box.open(path.read_text(), context=self._context(branch_id))
         return pair["access_key_id"], pair["secret_access_key"]
 
-    def _load(self, branch_id: str, buckets: dict[str, str],
-              key: tuple[str, str]) -> BranchAccess:
+    def _load(self, branch_id: str, buckets: dict[str, str], key: tuple[str, str],
+              copier: Copier | None = None) -> BranchAccess:
+        """``copier``: one probed on the same filesystem (the parent's), else probed here."""
         store = BranchStorage(self.root_of(branch_id), buckets, self.quota_bytes)
-        store.copier = choose_backend(store.root, store.root / ".uploads")
+        store.copier = copier or choose_backend(store.root, store.root / ".uploads")
         access = BranchAccess(branch_id, store, key[0], key[1])
         self._open[branch_id] = access
         return access
@@ -155,24 +195,80 @@ class StorageBranches:
 
     async def delete(self, branch_id: str) -> None:
         """Remove the branch's objects, uploads and key (unprovision, branch delete)."""
-        self._copied.discard(branch_id)
+        await _settled(self._copied.pop(branch_id, None))
         async with self._opening:
             self._close(branch_id)
             shutil.rmtree(self.root_of(branch_id), ignore_errors=True)
 
     @contextlib.asynccontextmanager
-    async def frozen(self, parent_id: str, child_id: str) -> AsyncIterator[None]:
-        """The parent's writes wait while the block runs (the database copy's
-        ``pg_backup_stop``); leaving it cleanly copies the objects as they were, which
-        :meth:`copy` then keeps."""
+    async def copying(self, parent_id: str, child_id: str) -> AsyncIterator[None]:
+        """Around the whole database copy of a branch create: the parent's objects are
+        cloned into the child meanwhile, without its lock (its writes go on), so that
+        :meth:`frozen` has only the objects written since to add. Leaving stops that
+        and waits for it; unless :meth:`frozen` copied (the create failed), what it
+        cloned is removed."""
         parent = await self.storage(parent_id)
         if parent is None:
             yield
             return
-        async with parent.store.lock:
+        store = parent.store
+        work = _Preclone(threading.Event())
+        buckets = [(name, b.path) for name, b in store.buckets.items()]
+        root = self.root_of(child_id)
+        work.task = asyncio.ensure_future(asyncio.to_thread(
+            self._preclone, store, buckets, root, work.stop))
+        self._precloning[child_id] = work
+        try:
             yield
-            await asyncio.to_thread(self._copy_files, parent.store, self.root_of(child_id))
-            self._copied.add(child_id)
+        except BaseException:
+            await _settled(self._copied.pop(child_id, None))
+            raise
+        finally:
+            self._precloning.pop(child_id, None)
+            work.stop.set()
+            await _settled(work.task)
+            if child_id not in self._copied:
+                await asyncio.to_thread(shutil.rmtree, root, True)
+
+    def _preclone(self, store: BranchStorage, buckets: list[tuple[str, Path]], root: Path,
+                  stop: threading.Event) -> Cloned:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return preclone_storage(buckets, root, _copier_for(store, root), stop)
+
+    @contextlib.asynccontextmanager
+    async def frozen(self, parent_id: str, child_id: str) -> AsyncIterator[None]:
+        """Around the database copy's ``pg_backup_stop``: entering holds the parent's
+        writes and copies its objects as they are (adding to what :meth:`copying` cloned
+        ahead, if it did), which :meth:`copy` then keeps; leaving lets the writes go.
+        So the child's objects are the parent's as of ``pg_backup_stop``."""
+        parent = await self.storage(parent_id)
+        if parent is None:
+            yield
+            return
+        root = self.root_of(child_id)
+        work = self._precloning.get(child_id)
+        cloned: Cloned | None = None
+        if work is not None and work.task is not None:
+            try:
+                cloned = await work.task   # still unlocked: writes go on meanwhile
+            except Exception as exc:   # the copy under the lock below does it all
+                log.warning("storage: cloning %s's objects ahead failed (%s); copying "
+                            "them with its writes held", parent_id, exc)
+                await asyncio.to_thread(remove_buckets, root)
+        async with parent.store.lock:
+            started = time.monotonic()
+            await asyncio.to_thread(self._copy_files, parent.store, root, cloned)
+            self._copied[child_id] = asyncio.ensure_future(
+                asyncio.to_thread(sync_storage, root))
+            log.info("storage: %s's objects copied to %s, %s, in %.0f ms with its writes "
+                     "held", parent_id, child_id,
+                     "after a clone ahead" if cloned is not None else "all",
+                     (time.monotonic() - started) * 1000)
+            try:
+                yield
+            except BaseException:   # pg_backup_stop failed: the create is undone
+                await _settled(self._copied.pop(child_id, None))
+                raise
 
     async def copy(self, parent_id: str, child_id: str) -> None:
         """Branch create: the child gets the parent's objects (cloned, unless
@@ -181,19 +277,23 @@ class StorageBranches:
         if parent is None:
             return
         root = self.root_of(child_id)
-        if child_id in self._copied:
-            self._copied.discard(child_id)
+        synced = self._copied.pop(child_id, None)
+        if synced is not None:
+            await synced
         else:
             async with parent.store.lock:
                 await asyncio.to_thread(self._copy_files, parent.store, root)
+            await asyncio.to_thread(sync_storage, root)
         key = self._write_key(child_id, root)
         buckets = {n: b.access for n, b in parent.store.buckets.items()}
+        copier = _copier_for(parent.store, root)
         async with self._opening:
-            self._load(child_id, buckets, key)
+            self._load(child_id, buckets, key, copier)
 
-    def _copy_files(self, src: BranchStorage, dst_root: Path) -> None:
+    def _copy_files(self, src: BranchStorage, dst_root: Path,
+                    cloned: Cloned | None = None) -> None:
         dst_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        copy_storage(src, dst_root, choose_backend(src.root, dst_root / ".uploads"))
+        copy_storage(src, dst_root, _copier_for(src, dst_root), cloned)
         (dst_root / ".uploads").mkdir(mode=0o700, exist_ok=True)
 
     async def reset(self, branch_id: str, parent_id: str) -> None:
@@ -212,6 +312,7 @@ class StorageBranches:
             if parent is not None:
                 async with parent.store.lock:
                     await asyncio.to_thread(self._copy_files, parent.store, root)
+                await asyncio.to_thread(sync_storage, root)
         async with self._opening:
             self._load(branch_id, buckets, key)
 
