@@ -216,7 +216,7 @@ class FastExchange:
             # request id; the exchange is counted and recorded once, there.
             self._release(reusable=False, abort=False)
             conn.active = None
-            conn.gateway._exchange_ended(False)
+            conn.gateway.exchange_ended(False)
             req.rid = self.rid
             req.attempts = 1
             if self.body:

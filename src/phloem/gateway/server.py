@@ -263,20 +263,32 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    def _exchange_started(self) -> None:
+    # -- what client connections report (phloem.gateway.connection.ConnectionOwner) ---------
+
+    def connection_opened(self, conn: _Connection) -> None:
+        self._connections.add(conn)
+
+    def connection_closed(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+
+    def exchange_started(self) -> None:
+        """A request is being handled (counted in :attr:`inflight`)."""
         self._inflight += 1
 
-    def _stream_opened(self) -> None:
+    def stream_opened(self) -> None:
+        """The current exchange became a stream (from :attr:`inflight` to
+        :attr:`open_streams`)."""
         self._inflight -= 1
         self._open_streams += 1
 
-    def _exchange_ended(self, stream: bool) -> None:
+    def exchange_ended(self, stream: bool) -> None:
         if stream:
             self._open_streams -= 1
         else:
             self._inflight -= 1
 
-    def _record(self, record: RequestRecord) -> None:
+    def record(self, record: RequestRecord) -> None:
+        """Report a finished exchange to ``on_request`` (its failures are logged)."""
         if self._on_request is not None:
             try:
                 self._on_request(record)
