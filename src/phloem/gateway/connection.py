@@ -94,6 +94,9 @@ class _Connection(asyncio.Protocol):
         #: set before the connection is made; it stands for the socket's peer.
         self.proxied_ip: str | None = None
         self.trusted = False  # the peer is a trusted proxy
+        # What a plain request head gets (see http.plain_request_head).
+        self.forwarded_for = b""
+        self.proto = self.config.proto.encode("ascii")
         self.task: asyncio.Task[None] | None = None
 
         # Parser side.
@@ -143,6 +146,8 @@ class _Connection(asyncio.Protocol):
             trusted = self.config.trusted
             if trusted:  # once per connection, and only when proxies are configured
                 self.trusted = self.peer_ip in trusted
+            if self.peer_ip:
+                self.forwarded_for = b"X-Forwarded-For: %s\r\n" % self.peer_ip.encode("ascii")
         self.gateway.connection_opened(self)
         self.task = self.loop.create_task(self._run())
 

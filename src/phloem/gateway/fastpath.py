@@ -45,7 +45,6 @@ __all__ = ["FastExchange", "_Relay", "try_fast"]
 logger = logging.getLogger("phloem.gateway")
 
 
-
 def try_fast(conn: _Connection, req: Request) -> bool:
     """Start ``req`` (the first pending request) on the callback path if it qualifies and
     an upstream connection is available at once; else leave it to the task."""
@@ -61,10 +60,14 @@ def try_fast(conn: _Connection, req: Request) -> bool:
         or conn.write_paused  # the client is behind: the task waits for it first
     ):
         return False
-    info = http.scan_request_headers(req.headers)
-    if info.host_count != 1 or not info.host:
-        return False  # the task path answers these
-    host = info.host.decode("latin-1")
+    host_b = req.host  # a plain head's: no other header to look at
+    info: http.RequestInfo | None = None
+    if host_b is None:
+        info = http.scan_request_headers(req.headers)
+        host_b = info.host
+        if info.host_count != 1 or not host_b:
+            return False  # the task path answers these
+    host = host_b.decode("latin-1")
     try:
         lease = conn.acquire_nowait(host)
     except Exception:
@@ -94,7 +97,8 @@ def try_fast(conn: _Connection, req: Request) -> bool:
     conn.active = conn.last = req
     started = conn.last_io  # loop time, stamped by data_received in this same callback
     # request_id() only when the client sent one (a call less for most requests).
-    rid = request_id(info) if info.request_id is not None else http.new_request_id()
+    rid = request_id(info) if info is not None and info.request_id is not None \
+        else http.new_request_id()
     conn.begin_exchange(host)
     # The relay's parser is in step with the connection; until the exchange ends cleanly
     # it is the framer's alone.
@@ -105,17 +109,21 @@ def try_fast(conn: _Connection, req: Request) -> bool:
                                   framer)
     conn.upstream = transport
     conn.lease = lease
-    head = http.upstream_request_head(  # never an upgrade here
-        req.method, req.target, req.version, req.headers, info, request_id=rid,
-        peer_ip=conn.peer_ip, proto=config.proto, upgrade=False, trusted=conn.trusted)
     body = b""
-    if info.chunked or info.content_length:
-        if req.body:
-            body = req.take()
-        head = request_bytes(head, body, chunked=info.chunked)
-    else:
-        # Replayed on a fresh connection if a pooled one turns out dead (see may_replay).
+    if info is None:  # plain: no body, and forwarded as it came when it came alone
         fx.replayable = req.method in IDEMPOTENT
+        head = (http.plain_request_head(req.raw, conn.forwarded_for, rid, conn.proto, host_b)
+                if req.raw else conn.upstream_head(req, http.scan_request_headers(req.headers),
+                                                   rid))
+    else:
+        head = conn.upstream_head(req, info, rid)  # never an upgrade here
+        if info.chunked or info.content_length:
+            if req.body:
+                body = req.take()
+            head = request_bytes(head, body, chunked=info.chunked)
+        else:
+            # Replayed on a fresh connection if a pooled one turns out dead (see may_replay).
+            fx.replayable = req.method in IDEMPOTENT
     if len(head) <= REPLAY_MAX:
         fx.body = body  # the request is whole in hand: it can be sent again
     relay.sink = fx
@@ -123,7 +131,8 @@ def try_fast(conn: _Connection, req: Request) -> bool:
     if limits is not conn.limits_seen:  # the same object for every lease of a route
         conn.limits_seen = limits
         conn.limits_timeouts = conn.timeouts(limits)
-    conn.watch.ttfb(*conn.limits_timeouts)
+    ttfb, silence = conn.limits_timeouts
+    conn.watch.ttfb(ttfb, silence, started)  # started: this callback's loop time
     return True
 
 
