@@ -48,21 +48,23 @@ logger = logging.getLogger("phloem.gateway")
 def try_fast(conn: _Connection, req: Request) -> bool:
     """Start ``req`` (the first pending request) on the callback path if it qualifies and
     an upstream connection is available at once; else leave it to the task."""
-    config = conn.config
-    if (
-        not req.complete
-        or req.upgrade
-        or req.error is not None
-        or req.attempts
-        or req.version not in ("1.1", "1.0")
-        or req.method == b"CONNECT"
-        or req.received > config.max_body_bytes
-        or conn.write_paused  # the client is behind: the task waits for it first
-    ):
-        return False
-    host_b = req.host  # a plain head's: no other header to look at
+    host_b = req.host  # a plain head's: HTTP/1.1, no body, no upgrade, nothing else to read
     info: http.RequestInfo | None = None
-    if host_b is None:
+    if host_b is not None:
+        if not req.complete or req.attempts or conn.write_paused:
+            return False
+    else:
+        if (
+            not req.complete
+            or req.upgrade
+            or req.error is not None
+            or req.attempts
+            or req.version not in ("1.1", "1.0")
+            or req.method == b"CONNECT"
+            or req.received > conn.config.max_body_bytes
+            or conn.write_paused  # the client is behind: the task waits for it first
+        ):
+            return False
         info = http.scan_request_headers(req.headers)
         host_b = info.host
         if info.host_count != 1 or not host_b:

@@ -3,7 +3,9 @@
 * :func:`scan_request_headers` / :func:`upstream_request_head` turn a parsed client request
   head into the head sent to the isolate (hop-by-hop headers dropped, ``X-Forwarded-*`` and
   ``X-Request-Id`` set by the gateway; a client's own forwarding headers are dropped unless
-  its connection comes from a trusted proxy).
+  its connection comes from a trusted proxy). A plain head (no header to rewrite: see
+  :data:`REWRITTEN`) goes as received, the gateway's headers appended
+  (:func:`plain_request_head`).
 * :func:`parse_response_head` reads an upstream response head just far enough to know its
   status and how its body is framed; the bytes themselves are forwarded untouched.
 * :func:`error_response` renders the gateway's own JSON error responses.
