@@ -47,7 +47,8 @@ LINGER_TOTAL = 30.0
 
 class ConnectionOwner(Protocol):
     """What a client connection needs from its gateway (:class:`~phloem.gateway.server.Gateway`
-    is one): its settings, router and admission, and where it reports."""
+    is one): its settings, router and admission, and where it reports. (The gateway counts
+    exchanges and streams from its connections' ``exchanging`` and ``stream`` when asked.)"""
 
     @property
     def config(self) -> GatewayConfig: ...
@@ -66,13 +67,6 @@ class ConnectionOwner(Protocol):
     def connection_opened(self, conn: _Connection) -> None: ...
 
     def connection_closed(self, conn: _Connection) -> None: ...
-
-    def exchange_started(self) -> None: ...
-
-    def stream_opened(self) -> None:
-        """The current exchange (already started) became a stream."""
-
-    def exchange_ended(self, stream: bool) -> None: ...
 
     def record(self, record: RequestRecord) -> None:
         """A finished exchange, for ``on_request``."""
@@ -122,6 +116,8 @@ class _Connection(asyncio.Protocol):
         self.lease: Upstream | None = None
         self.host = ""  # the current exchange's Host, for logs
         self.stream = False  # the current exchange is an SSE response or a WebSocket tunnel
+        # An exchange is under way (Gateway.inflight and open_streams count these).
+        self.exchanging = False
         self.close_after = False  # the callback path ended the connection's last exchange
         self.timed_out: str | None = None  # "upstream_timeout" or "stream_silence"
 
@@ -367,7 +363,6 @@ class _Connection(asyncio.Protocol):
         if self.stream:
             return
         self.stream = True
-        self.gateway.stream_opened()
         if self.lease is not None:
             try:
                 self.lease.mark_stream()
@@ -387,7 +382,7 @@ class _Connection(asyncio.Protocol):
         self.stream = False
         self.timed_out = None
         self.host = host
-        self.gateway.exchange_started()
+        self.exchanging = True
 
     def end_exchange(self, req: Request, started: float, rid: bytes, host: str) -> None:
         self.active = None
@@ -399,8 +394,8 @@ class _Connection(asyncio.Protocol):
         ):
             self.status = 499
         self.update_reading()
+        self.exchanging = False
         gateway = self.gateway
-        gateway.exchange_ended(self.stream)
         # Positional: keywords make building the record three times as slow.
         gateway.record(RequestRecord(
             host,  # host

@@ -40,9 +40,13 @@ from phloem.gateway.routing import Upstream
 if TYPE_CHECKING:
     from phloem.gateway.connection import _Connection
 
-__all__ = ["FastExchange", "_Relay", "try_fast"]
+__all__ = ["HOLD_MAX", "FastExchange", "_Relay", "try_fast"]
 
 logger = logging.getLogger("phloem.gateway")
+
+# A response head with at most this much Content-Length body still to come is held until
+# the body is here, so that the client gets one write.
+HOLD_MAX = 64 * 1024
 
 
 def try_fast(conn: _Connection, req: Request) -> bool:
@@ -145,6 +149,7 @@ class FastExchange:
         "body",
         "conn",
         "framer",
+        "held",
         "host",
         "lease",
         "relay",
@@ -180,12 +185,27 @@ class FastExchange:
         self.replayable = False
         # The request body while all of the request can be sent again (see REPLAY_MAX).
         self.body: bytes | None = None
+        # Response bytes held back until the rest of a small response is here (see data).
+        self.held = b""
 
     def data(self, data: bytes) -> None:
         """Response bytes from the upstream (via its _Relay)."""
         framer = self.framer
         event = framer.feed(data)
         out = framer.out
+        held = self.held
+        if held:
+            out = held + out
+            self.held = b""
+        if event < DONE and framer.small_body_due(HOLD_MAX - len(out)):
+            # A small response whose body comes in another read (an ASGI server writes
+            # the head on http.response.start): one write to the client for all of it.
+            self.held = out
+            conn = self.conn
+            conn.last_io = conn.loop.time()  # upstream activity, as a write would stamp
+            if event == HEAD:
+                self._event(event)
+            return
         if out:
             self.conn.write(out)
         if event:
@@ -194,9 +214,17 @@ class FastExchange:
     def closed(self, exc: BaseException | None) -> None:
         """The upstream closed (``exc`` None: end of stream) or reset its connection, or
         refused our write (its _Relay let go of us already)."""
+        self._flush()
         event = self.framer.closed(exc)
         if event:
             self._event(event)
+
+    def _flush(self) -> None:
+        """Send what is held (see data) before the exchange ends otherwise."""
+        held = self.held
+        if held:
+            self.held = b""
+            self.conn.write(held)
 
     def _event(self, event: int) -> None:
         framer = self.framer
@@ -227,7 +255,7 @@ class FastExchange:
             # request id; the exchange is counted and recorded once, there.
             self._release(reusable=False, abort=False)
             conn.active = None
-            conn.gateway.exchange_ended(False)
+            conn.exchanging = False
             req.rid = self.rid
             req.attempts = 1
             if self.body:
@@ -274,6 +302,7 @@ class FastExchange:
         conn = self.conn
         if conn.fast is not self:
             return
+        self._flush()  # (not written if the client went away)
         self._release(reusable=reusable, abort=abort)
         conn.end_exchange(self.req, self.started, self.rid, self.host)
         conn.fast_ended(self.req, keep)
