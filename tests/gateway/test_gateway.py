@@ -178,6 +178,12 @@ def make_app(state: AppState) -> Callable[[Scope, Receive, Send], Awaitable[None
             await send({"type": "http.response.body", "body": b""})
         elif path == "/head":
             await respond(send, 200, b"hello", [(b"content-length", b"5")])
+        elif path == "/late-body":  # the head at once, the body when the test says
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"4")]})
+            state.slow_started.set()
+            await state.slow_release.wait()
+            await send({"type": "http.response.body", "body": b"late"})
         elif path == "/nocontent":
             await respond(send, 204)
         elif path == "/slow":
@@ -663,6 +669,21 @@ async def trickle(parts: list[bytes]) -> AsyncIterator[bytes]:
     for part in parts:
         await asyncio.sleep(0)  # let the gateway see the head before the body
         yield part
+
+
+async def test_a_small_response_reaches_the_client_in_one_write(tmp_path: Path) -> None:
+    """The callback path holds the head of a small Content-Length response until its body
+    is here (an ASGI server writes the two apart): the client gets one write (0.3 s)."""
+    async with running_env(tmp_path) as env:
+        reader, writer = await env.raw()
+        writer.write(b"GET /late-body HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        await asyncio.wait_for(env.state.slow_started.wait(), 5)  # the app sent its head
+        with pytest.raises(TimeoutError):  # ... which the gateway holds for the body
+            await asyncio.wait_for(reader.read(65536), 0.2)
+        env.state.slow_release.set()
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nlate")
+        writer.close()
 
 
 async def test_large_responses_arrive_intact(env: Env) -> None:

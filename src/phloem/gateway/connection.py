@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from phloem.gateway import fastpath, http, upstream
 from phloem.gateway.framing import ResponseFramer, error_reply
@@ -29,9 +29,11 @@ from phloem.gateway.routing import Limits, Upstream
 from phloem.gateway.watchdog import KEEP_ALIVE, Watchdog
 
 if TYPE_CHECKING:
-    from phloem.gateway.server import Gateway
+    from phloem.gateway.admission import Admission
+    from phloem.gateway.routing import Router
+    from phloem.gateway.server import GatewayConfig
 
-__all__ = ["LINGER_IDLE", "LINGER_TOTAL", "_Connection"]
+__all__ = ["LINGER_IDLE", "LINGER_TOTAL", "ConnectionOwner", "_Connection"]
 
 logger = logging.getLogger("phloem.gateway")
 
@@ -43,13 +45,40 @@ LINGER_IDLE = 5.0
 LINGER_TOTAL = 30.0
 
 
+class ConnectionOwner(Protocol):
+    """What a client connection needs from its gateway (:class:`~phloem.gateway.server.Gateway`
+    is one): its settings, router and admission, and where it reports. (The gateway counts
+    exchanges and streams from its connections' ``exchanging`` and ``stream`` when asked.)"""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def admission(self) -> Admission: ...
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: no keep-alive after the current exchange."""
+        ...
+
+    def connection_opened(self, conn: _Connection) -> None: ...
+
+    def connection_closed(self, conn: _Connection) -> None: ...
+
+    def record(self, record: RequestRecord) -> None:
+        """A finished exchange, for ``on_request``."""
+
+
 class _Connection(asyncio.Protocol):
     """One client connection (see the module docstring). The members without a leading
     underscore are shared with the two request paths."""
 
     transport: asyncio.Transport
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: ConnectionOwner) -> None:
         self.gateway = gateway
         self.config = gateway.config
         self._admission = gateway.admission
@@ -59,6 +88,9 @@ class _Connection(asyncio.Protocol):
         #: set before the connection is made; it stands for the socket's peer.
         self.proxied_ip: str | None = None
         self.trusted = False  # the peer is a trusted proxy
+        # What a plain request head gets (see http.plain_request_head).
+        self.forwarded_for = b""
+        self.proto = self.config.proto.encode("ascii")
         self.task: asyncio.Task[None] | None = None
 
         # Parser side.
@@ -84,6 +116,8 @@ class _Connection(asyncio.Protocol):
         self.lease: Upstream | None = None
         self.host = ""  # the current exchange's Host, for logs
         self.stream = False  # the current exchange is an SSE response or a WebSocket tunnel
+        # An exchange is under way (Gateway.inflight and open_streams count these).
+        self.exchanging = False
         self.close_after = False  # the callback path ended the connection's last exchange
         self.timed_out: str | None = None  # "upstream_timeout" or "stream_silence"
 
@@ -108,7 +142,9 @@ class _Connection(asyncio.Protocol):
             trusted = self.config.trusted
             if trusted:  # once per connection, and only when proxies are configured
                 self.trusted = self.peer_ip in trusted
-        self.gateway._connections.add(self)
+            if self.peer_ip:
+                self.forwarded_for = b"X-Forwarded-For: %s\r\n" % self.peer_ip.encode("ascii")
+        self.gateway.connection_opened(self)
         self.task = self.loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
@@ -327,7 +363,6 @@ class _Connection(asyncio.Protocol):
         if self.stream:
             return
         self.stream = True
-        self.gateway._stream_opened()
         if self.lease is not None:
             try:
                 self.lease.mark_stream()
@@ -347,7 +382,7 @@ class _Connection(asyncio.Protocol):
         self.stream = False
         self.timed_out = None
         self.host = host
-        self.gateway._exchange_started()
+        self.exchanging = True
 
     def end_exchange(self, req: Request, started: float, rid: bytes, host: str) -> None:
         self.active = None
@@ -359,10 +394,10 @@ class _Connection(asyncio.Protocol):
         ):
             self.status = 499
         self.update_reading()
+        self.exchanging = False
         gateway = self.gateway
-        gateway._exchange_ended(self.stream)
         # Positional: keywords make building the record three times as slow.
-        gateway._record(RequestRecord(
+        gateway.record(RequestRecord(
             host,  # host
             req.method.decode("latin-1"),  # method
             req.target.split(b"?", 1)[0].decode("latin-1"),  # path
@@ -418,7 +453,7 @@ class _Connection(asyncio.Protocol):
             self.watch.stop()
             if not self.transport.is_closing():
                 self.transport.close()
-            self.gateway._connections.discard(self)
+            self.gateway.connection_closed(self)
 
     async def _next_request(self) -> Request | None:
         while True:
@@ -503,4 +538,4 @@ class _Connection(asyncio.Protocol):
         rid = http.new_request_id()
         self.write(error_reply(status, code, message, rid, keep=False, head_only=False,
                                http10=False))
-        self.gateway._record(RequestRecord("", "", "", status, 0.0, rid.decode("ascii")))
+        self.gateway.record(RequestRecord("", "", "", status, 0.0, rid.decode("ascii")))

@@ -40,31 +40,40 @@ from phloem.gateway.routing import Upstream
 if TYPE_CHECKING:
     from phloem.gateway.connection import _Connection
 
-__all__ = ["FastExchange", "_Relay", "try_fast"]
+__all__ = ["HOLD_MAX", "FastExchange", "_Relay", "try_fast"]
 
 logger = logging.getLogger("phloem.gateway")
 
+# A response head with at most this much Content-Length body still to come is held until
+# the body is here, so that the client gets one write.
+HOLD_MAX = 64 * 1024
 
 
 def try_fast(conn: _Connection, req: Request) -> bool:
     """Start ``req`` (the first pending request) on the callback path if it qualifies and
     an upstream connection is available at once; else leave it to the task."""
-    config = conn.config
-    if (
-        not req.complete
-        or req.upgrade
-        or req.error is not None
-        or req.attempts
-        or req.version not in ("1.1", "1.0")
-        or req.method == b"CONNECT"
-        or req.received > config.max_body_bytes
-        or conn.write_paused  # the client is behind: the task waits for it first
-    ):
-        return False
-    info = http.scan_request_headers(req.headers)
-    if info.host_count != 1 or not info.host:
-        return False  # the task path answers these
-    host = info.host.decode("latin-1")
+    host_b = req.host  # a plain head's: HTTP/1.1, no body, no upgrade, nothing else to read
+    info: http.RequestInfo | None = None
+    if host_b is not None:
+        if not req.complete or req.attempts or conn.write_paused:
+            return False
+    else:
+        if (
+            not req.complete
+            or req.upgrade
+            or req.error is not None
+            or req.attempts
+            or req.version not in ("1.1", "1.0")
+            or req.method == b"CONNECT"
+            or req.received > conn.config.max_body_bytes
+            or conn.write_paused  # the client is behind: the task waits for it first
+        ):
+            return False
+        info = http.scan_request_headers(req.headers)
+        host_b = info.host
+        if info.host_count != 1 or not host_b:
+            return False  # the task path answers these
+    host = host_b.decode("latin-1")
     try:
         lease = conn.acquire_nowait(host)
     except Exception:
@@ -94,7 +103,8 @@ def try_fast(conn: _Connection, req: Request) -> bool:
     conn.active = conn.last = req
     started = conn.last_io  # loop time, stamped by data_received in this same callback
     # request_id() only when the client sent one (a call less for most requests).
-    rid = request_id(info) if info.request_id is not None else http.new_request_id()
+    rid = request_id(info) if info is not None and info.request_id is not None \
+        else http.new_request_id()
     conn.begin_exchange(host)
     # The relay's parser is in step with the connection; until the exchange ends cleanly
     # it is the framer's alone.
@@ -105,17 +115,21 @@ def try_fast(conn: _Connection, req: Request) -> bool:
                                   framer)
     conn.upstream = transport
     conn.lease = lease
-    head = http.upstream_request_head(  # never an upgrade here
-        req.method, req.target, req.version, req.headers, info, request_id=rid,
-        peer_ip=conn.peer_ip, proto=config.proto, upgrade=False, trusted=conn.trusted)
     body = b""
-    if info.chunked or info.content_length:
-        if req.body:
-            body = req.take()
-        head = request_bytes(head, body, chunked=info.chunked)
-    else:
-        # Replayed on a fresh connection if a pooled one turns out dead (see may_replay).
+    if info is None:  # plain: no body, and forwarded as it came when it came alone
         fx.replayable = req.method in IDEMPOTENT
+        head = (http.plain_request_head(req.raw, conn.forwarded_for, rid, conn.proto, host_b)
+                if req.raw else conn.upstream_head(req, http.scan_request_headers(req.headers),
+                                                   rid))
+    else:
+        head = conn.upstream_head(req, info, rid)  # never an upgrade here
+        if info.chunked or info.content_length:
+            if req.body:
+                body = req.take()
+            head = request_bytes(head, body, chunked=info.chunked)
+        else:
+            # Replayed on a fresh connection if a pooled one turns out dead (see may_replay).
+            fx.replayable = req.method in IDEMPOTENT
     if len(head) <= REPLAY_MAX:
         fx.body = body  # the request is whole in hand: it can be sent again
     relay.sink = fx
@@ -123,7 +137,8 @@ def try_fast(conn: _Connection, req: Request) -> bool:
     if limits is not conn.limits_seen:  # the same object for every lease of a route
         conn.limits_seen = limits
         conn.limits_timeouts = conn.timeouts(limits)
-    conn.watch.ttfb(*conn.limits_timeouts)
+    ttfb, silence = conn.limits_timeouts
+    conn.watch.ttfb(ttfb, silence, started)  # started: this callback's loop time
     return True
 
 
@@ -134,6 +149,7 @@ class FastExchange:
         "body",
         "conn",
         "framer",
+        "held",
         "host",
         "lease",
         "relay",
@@ -169,12 +185,27 @@ class FastExchange:
         self.replayable = False
         # The request body while all of the request can be sent again (see REPLAY_MAX).
         self.body: bytes | None = None
+        # Response bytes held back until the rest of a small response is here (see data).
+        self.held = b""
 
     def data(self, data: bytes) -> None:
         """Response bytes from the upstream (via its _Relay)."""
         framer = self.framer
         event = framer.feed(data)
         out = framer.out
+        held = self.held
+        if held:
+            out = held + out
+            self.held = b""
+        if event < DONE and framer.small_body_due(HOLD_MAX - len(out)):
+            # A small response whose body comes in another read (an ASGI server writes
+            # the head on http.response.start): one write to the client for all of it.
+            self.held = out
+            conn = self.conn
+            conn.last_io = conn.loop.time()  # upstream activity, as a write would stamp
+            if event == HEAD:
+                self._event(event)
+            return
         if out:
             self.conn.write(out)
         if event:
@@ -183,9 +214,17 @@ class FastExchange:
     def closed(self, exc: BaseException | None) -> None:
         """The upstream closed (``exc`` None: end of stream) or reset its connection, or
         refused our write (its _Relay let go of us already)."""
+        self._flush()
         event = self.framer.closed(exc)
         if event:
             self._event(event)
+
+    def _flush(self) -> None:
+        """Send what is held (see data) before the exchange ends otherwise."""
+        held = self.held
+        if held:
+            self.held = b""
+            self.conn.write(held)
 
     def _event(self, event: int) -> None:
         framer = self.framer
@@ -216,7 +255,7 @@ class FastExchange:
             # request id; the exchange is counted and recorded once, there.
             self._release(reusable=False, abort=False)
             conn.active = None
-            conn.gateway._exchange_ended(False)
+            conn.exchanging = False
             req.rid = self.rid
             req.attempts = 1
             if self.body:
@@ -263,6 +302,7 @@ class FastExchange:
         conn = self.conn
         if conn.fast is not self:
             return
+        self._flush()  # (not written if the client went away)
         self._release(reusable=reusable, abort=abort)
         conn.end_exchange(self.req, self.started, self.rid, self.host)
         conn.fast_ended(self.req, keep)

@@ -189,6 +189,12 @@ class ResponseFramer:
         self.reason = "closed mid-body"
         return self._done(False, False, complete=False)
 
+    def small_body_due(self, limit: int) -> bool:
+        """The head is framed and a Content-Length body of at most ``limit`` more bytes is
+        due (not an event stream): a caller may hold what ``out`` gave so far and send it
+        with the rest in one write."""
+        return self.state == _LENGTH and self.remaining <= limit and not self.stream
+
     def next_parser(self) -> http.ResponseHead | None:
         """The parser, if it can serve the connection's next response: it read exactly
         this one (not after a HEAD request: it would expect the body the head announced)."""

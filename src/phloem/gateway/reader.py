@@ -26,6 +26,10 @@ from phloem.gateway.request import Request
 __all__ = ["ReaderOwner", "RequestReader"]
 
 
+_REWRITTEN = http.REWRITTEN
+_PREFIXES = http.REWRITTEN_PREFIXES
+
+
 class _HeadTooLarge(Exception):
     pass
 
@@ -42,13 +46,16 @@ class ReaderOwner(Protocol):
 
 class RequestReader:
     __slots__ = (
+        "_begun",
         "_head_began_now",
         "_head_bytes",
         "_head_trickle",
         "_headers",
+        "_host",
         "_max_body",
         "_owner",
         "_parser",
+        "_plain",
         "_url",
         "bad_request",
         "dead",
@@ -68,6 +75,9 @@ class RequestReader:
         self._head_began_now = False
         self._head_bytes = 0
         self._head_trickle = 0
+        self._begun = 0  # messages begun in the current feed
+        self._plain = True  # no header but one Host needs the gateway's attention so far
+        self._host: bytes | None = None
         self.in_head = False  # a request head has begun and is not complete
         self.head_timed = False  # the head deadline covers the head being parsed
         self.parsing: Request | None = None  # request whose body is being parsed
@@ -83,6 +93,8 @@ class RequestReader:
         if self.dead:
             return
         self._head_began_now = False
+        at_boundary = self.parsing is None and not self.in_head
+        self._begun = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -95,7 +107,9 @@ class RequestReader:
             else:
                 self._failed(400, "malformed_request", f"malformed request: {exc}")
         else:
-            if self.in_head:
+            if at_boundary and self._begun == 1 and self.parsing is None and not self.in_head:
+                self._whole(data)
+            elif self.in_head:
                 # httptools buffers a partial header line internally: bound what a
                 # slowly trickling head can make it hold.
                 if not self._head_began_now:
@@ -106,6 +120,19 @@ class RequestReader:
                 # (A head that arrives whole, the common case, never gets here.)
                 if not self.head_timed:
                     self._owner.head_begun()
+
+    def _whole(self, data: bytes) -> None:
+        """``data`` held exactly one whole request: keep its head to forward as received
+        if it is plain (then it has no body). llhttp has checked every line (no bare CR or
+        LF, no folded line); ``data`` must only not start or end with blank lines, which
+        llhttp skips between requests."""
+        req = self.pending[-1]
+        if (
+            req.host is not None
+            and data.startswith(req.method)
+            and data.find(b"\r\n\r\n") == len(data) - 4
+        ):
+            req.raw = data
 
     def _failed(self, status: int, code: str, message: str) -> None:
         self.dead = True
@@ -126,6 +153,9 @@ class RequestReader:
         self._head_bytes = 0
         self._head_trickle = 0
         self.head_timed = False
+        self._begun += 1
+        self._plain = True
+        self._host = None
 
     # The head's size is counted as it is parsed; _HeadTooLarge surfaces as an
     # HttpParserError from feed_data.
@@ -143,6 +173,17 @@ class RequestReader:
             self._head_bytes += len(name) + len(value) + 4
             if self._head_bytes > MAX_HEAD_BYTES:
                 raise _HeadTooLarge
+            if self._plain:
+                # One pass for what the gateway needs to know of most heads (the others
+                # are scanned again by http.scan_request_headers).
+                n = name.lower()
+                if n == b"host":
+                    if self._host is None:
+                        self._host = value
+                    else:
+                        self._plain = False
+                elif n in _REWRITTEN or (n[0] == 0x78 and n.startswith(_PREFIXES)):
+                    self._plain = False
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -156,6 +197,10 @@ class RequestReader:
             p.should_upgrade(),
             self._max_body,
         )
+        if self._plain and self._host is not None and req.version == "1.1" and not req.upgrade:
+            host = self._host.strip()
+            if host and req.method != b"CONNECT":
+                req.host = host
         self.parsing = req
         self.pending.append(req)  # the connection then dispatches it
 

@@ -33,9 +33,11 @@ class Request:
         "discard",
         "error",
         "headers",
+        "host",
         "keep_alive",
         "max_body",
         "method",
+        "raw",
         "received",
         "rid",
         "target",
@@ -74,6 +76,11 @@ class Request:
         # Set when the callback path hands the request over after a failed first attempt.
         self.rid: bytes | None = None
         self.attempts = 0
+        # Set by the reader for a plain HTTP/1.1 head (no header the gateway reads or
+        # rewrites but one Host: see http.REWRITTEN): ``host``, its Host value, and ``raw``,
+        # the head as received when it came alone in one read (else b""), to forward as is.
+        self.host: bytes | None = None
+        self.raw = b""
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)

@@ -141,8 +141,6 @@ class Gateway:
         self._http_port: int | None = None
         self._connections: set[_Connection] = set()
         self._draining = False
-        self._inflight = 0
-        self._open_streams = 0
 
     async def start(self) -> None:
         try:
@@ -228,12 +226,14 @@ class Gateway:
     def inflight(self) -> int:
         """Requests being handled that are not streams: routing (cold starts included),
         waiting for the response, or receiving a non-stream response."""
-        return self._inflight
+        # Counted when asked (rarely: status) rather than on every request; a connection
+        # has at most one exchange at a time.
+        return sum(1 for c in self._connections if c.exchanging and not c.stream)
 
     @property
     def open_streams(self) -> int:
         """Exchanges that became streams: SSE responses and WebSocket tunnels."""
-        return self._open_streams
+        return sum(1 for c in self._connections if c.exchanging and c.stream)
 
     async def stop_accepting(self) -> None:
         # Not wait_closed(): on Python 3.12+ it also waits for every open connection.
@@ -263,20 +263,16 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    def _exchange_started(self) -> None:
-        self._inflight += 1
+    # -- what client connections report (phloem.gateway.connection.ConnectionOwner) ---------
 
-    def _stream_opened(self) -> None:
-        self._inflight -= 1
-        self._open_streams += 1
+    def connection_opened(self, conn: _Connection) -> None:
+        self._connections.add(conn)
 
-    def _exchange_ended(self, stream: bool) -> None:
-        if stream:
-            self._open_streams -= 1
-        else:
-            self._inflight -= 1
+    def connection_closed(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
 
-    def _record(self, record: RequestRecord) -> None:
+    def record(self, record: RequestRecord) -> None:
+        """Report a finished exchange to ``on_request`` (its failures are logged)."""
         if self._on_request is not None:
             try:
                 self._on_request(record)

@@ -67,12 +67,13 @@ class Watchdog:
             if self._handle is None or self._when > deadline:
                 self._arm(deadline)
 
-    def ttfb(self, timeout: float, silence: float) -> None:
-        """The request head went upstream: its final response head must start in time."""
+    def ttfb(self, timeout: float, silence: float, now: float | None = None) -> None:
+        """The request head went upstream (at loop time ``now``, default the loop's
+        time): its final response head must start in time."""
         self.phase = TTFB
         self.ttfb_s = timeout
         self.silence_s = silence
-        self.deadline = deadline = self._loop.time() + timeout
+        self.deadline = deadline = (self._loop.time() if now is None else now) + timeout
         if self._handle is None or self._when > deadline:
             self._arm(deadline)
 
