@@ -247,7 +247,7 @@ def read_json_line(proc: subprocess.Popen[str]) -> Any:
 def test_env_run_reaches_the_ai_gateway_and_neon_auth(forwarded: Forwarded) -> None:
     """A script run by ``env run --forward-services``: chat completions whole and streamed
     chunk by chunk, and a JWT from Neon Auth that verifies against the JWKS, issued by
-    the branch's own origin as for its deployed functions. ~11-17 s (load 10-13)."""
+    the forwarder's origin (the local NEON_AUTH_BASE_URL's). ~11-17 s (load 10-13)."""
     f, up = forwarded, forwarded.upstream
     up.release.clear()
     up.sent_last.clear()
@@ -376,7 +376,7 @@ def test_jose_accepts_a_local_token_with_the_local_base_urls_origin(
     """with-realtime-chat's issuer check works in a local loop: a token minted through
     the forwarder verifies with ``new URL(NEON_AUTH_BASE_URL).origin``; one minted at the
     branch's origin keeps it (and fails the local issuer); an X-Phloem-Signed-Host that is
-    not a loopback origin, sent straight to the gateway, changes nothing. ~5-8 s."""
+    not a loopback origin, sent straight to the gateway, changes nothing. ~2-3 s."""
     f = forwarded
     origin = f"http://{f.branch_id}--auth.fn.localhost:{f.p.gateway_port}"
     env = dict(line.split("=", 1) for line in (f.root / ".env").read_text().splitlines()
