@@ -4,11 +4,15 @@ requests for its local endpoint and they verify; ``config status`` lists the ser
 ``config plan`` of a neon.ts without them plans their removal. The AI Gateway (whole and
 streamed answers from a local upstream) and Neon Auth (sign-up, sign-in, a JWT verified
 against the JWKS) are called by an ``env run`` script and a dev function, on one
-platform of this module's own (it needs an AI upstream)."""
+platform of this module's own (it needs an AI upstream). A token minted through a local
+forwarder is issued by the forwarder's origin, so jose's ``jwtVerify`` with
+``issuer: new URL(NEON_AUTH_BASE_URL).origin`` (as with-realtime-chat does) accepts it."""
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -243,7 +247,7 @@ def read_json_line(proc: subprocess.Popen[str]) -> Any:
 def test_env_run_reaches_the_ai_gateway_and_neon_auth(forwarded: Forwarded) -> None:
     """A script run by ``env run --forward-services``: chat completions whole and streamed
     chunk by chunk, and a JWT from Neon Auth that verifies against the JWKS, issued by
-    the branch's own origin as for its deployed functions. ~11-17 s (load 10-13)."""
+    the forwarder's origin (the local NEON_AUTH_BASE_URL's). ~11-17 s (load 10-13)."""
     f, up = forwarded, forwarded.upstream
     up.release.clear()
     up.sent_last.clear()
@@ -283,7 +287,9 @@ def test_env_run_reaches_the_ai_gateway_and_neon_auth(forwarded: Forwarded) -> N
     assert got["auth"].startswith("http://127.0.0.1:") and got["auth"].endswith("/auth")
     claims = got["claims"]
     assert (claims["sub"], claims["email"]) == (got["user"], email)
-    assert claims["iss"] == claims["aud"] == origin
+    # Minted through the forwarder: issued by its origin, as the local base URL says.
+    local = "http://" + urlsplit(got["auth"]).netloc
+    assert claims["iss"] == claims["aud"] == local != origin
     # The user is the branch's: it signs in at the branch's own origin too.
     with f.p.gateway(f"{f.branch_id}--auth.fn.localhost") as gw:
         r = gw.post(urlsplit(got["auth"]).path + "/sign-in/email",
@@ -328,3 +334,76 @@ def test_a_dev_function_streams_from_the_ai_gateway_and_verifies_a_jwt(
         r = httpx.get(url + "verify", headers={"Authorization": f"Bearer {forged}"},
                       timeout=60)
         assert r.status_code == 401 and "InvalidSignature" in r.text, r.text
+
+
+#: with-realtime-chat's check, run by ``env run`` with Node and jose: sign in through the
+#: forwarder, get a JWT and verify it with ``issuer: new URL(env.auth.baseUrl).origin``;
+#: then check the token minted at the branch's origin (argv) against both issuers.
+JOSE = """
+import { createRemoteJWKSet, jwtVerify } from "jose";
+const [email, password, branchJwt, branchOrigin] = process.argv.slice(2);
+const base = process.env.NEON_AUTH_BASE_URL;
+const jwks = createRemoteJWKSet(new URL(process.env.NEON_AUTH_JWKS_URL));
+const issuer = new URL(base).origin;
+// Node's fetch sends Sec-Fetch-Mode, so Better Auth wants an Origin, as from a browser.
+const r = await fetch(base + "/sign-in/email", { method: "POST", body: JSON.stringify(
+  { email, password }), headers: { "content-type": "application/json", origin: issuer } });
+if (!r.ok) throw new Error(`sign-in: ${r.status} ${await r.text()}`);
+const session = (await r.json()).token;
+const t = await fetch(base + "/token", { headers: { authorization: `Bearer ${session}` } });
+const { payload } = await jwtVerify((await t.json()).token, jwks, { issuer });
+const verdict = (o) => jwtVerify(branchJwt, jwks, o).then(() => "ok", (e) => e.code);
+console.log(JSON.stringify({ issuer, iss: payload.iss, aud: payload.aud, email: payload.email,
+  branch: await verdict({ issuer: branchOrigin }), branchAsLocal: await verdict({ issuer }) }));
+"""
+
+
+def node_with_jose(p: PlatformProcess, root: Path) -> str:
+    """The Node the platform provisioned (the system's where it is Node 24), with jose
+    importable from ``root`` (the auth server's own node_modules, linked)."""
+    (server,) = (p.data_dir / "runtime" / "auth").glob("server-*/node_modules/jose")
+    link = root / "node_modules"
+    if not link.exists():
+        link.symlink_to(server.parent, target_is_directory=True)
+    provisioned = sorted((p.data_dir / "runtime" / "node").glob("node-v*/bin/node"))
+    node = str(provisioned[-1]) if provisioned else shutil.which("node")
+    assert node is not None
+    return node
+
+
+def test_jose_accepts_a_local_token_with_the_local_base_urls_origin(
+        forwarded: Forwarded) -> None:
+    """with-realtime-chat's issuer check works in a local loop: a token minted through
+    the forwarder verifies with ``new URL(NEON_AUTH_BASE_URL).origin``; one minted at the
+    branch's origin keeps it (and fails the local issuer); an X-Phloem-Signed-Host that is
+    not a loopback origin, sent straight to the gateway, changes nothing. ~2-3 s."""
+    f = forwarded
+    origin = f"http://{f.branch_id}--auth.fn.localhost:{f.p.gateway_port}"
+    env = dict(line.split("=", 1) for line in (f.root / ".env").read_text().splitlines()
+               if "=" in line)
+    path = urlsplit(env["NEON_AUTH_BASE_URL"]).path
+    email = f"jose-{uuid.uuid4().hex[:8]}@example.com"
+    with f.p.gateway(f"{f.branch_id}--auth.fn.localhost") as gw:
+        r = gw.post(path + "/sign-up/email", json={"email": email, "password": PASSWORD,
+                                                   "name": "jose"})
+        assert r.status_code == 200, r.text
+        session = {"Authorization": f"Bearer {r.json()['token']}"}
+        branch_jwt = gw.get(path + "/token", headers=session).json()["token"]
+        for forged in ("evil.example:443", "127.0.0.1.evil.example:80", "127.0.0.1"):
+            jwt = gw.get(path + "/token", headers={
+                **session, "X-Phloem-Signed-Host": forged}).json()["token"]
+            assert claims_of(jwt)["iss"] == origin, forged
+    (f.root / "verify.mjs").write_text(JOSE)
+    out = f.p.cli("env", "run", "--forward-services", "--",
+                  node_with_jose(f.p, f.root), "verify.mjs", email, PASSWORD, branch_jwt,
+                  origin, cwd=f.root).stdout
+    got = json.loads(out.splitlines()[-1])
+    assert got["issuer"].startswith("http://127.0.0.1:"), got
+    assert (got["iss"], got["aud"], got["email"]) == (got["issuer"], got["issuer"], email)
+    assert got["branch"] == "ok", got
+    assert got["branchAsLocal"] == "ERR_JWT_CLAIM_VALIDATION_FAILED", got
+
+
+def claims_of(jwt: str) -> Any:
+    payload = jwt.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))

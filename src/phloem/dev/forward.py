@@ -17,7 +17,9 @@ and without touching ``/etc/hosts``:
 What the client signed stays valid: an S3 client signs the Host it sent (``127.0.0.1:<port>``),
 and Host is rewritten here, so the original goes along as ``X-Phloem-Signed-Host``; the
 storage service verifies the signature with it in place of Host, and only when it names a
-loopback address (:func:`phloem.services.storage.app.signed_host`). Each request gets its
+loopback address (:func:`phloem.services.storage.app.signed_host`). Neon Auth issues
+tokens minted through a forwarder for its loopback origin the same way (``server.mjs``),
+so a local ``new URL(NEON_AUTH_BASE_URL).origin`` issuer check passes. Each request gets its
 own upstream connection (``Connection: close``, to the client too): the head of a second
 request on a kept-alive client connection would otherwise pass unrewritten.
 """

@@ -13,6 +13,14 @@
 //   AUTH_TRUSTED_ORIGINS  JSON list of extra origins allowed to send credentials
 //   LISTEN_FD, READY_FD
 //
+// A request through a local forwarder (phloem dev, env run --forward-services) carries the
+// client's Host as X-Phloem-Signed-Host (src/phloem/dev/forward.py). When that names a
+// loopback origin (127.0.0.1, localhost, [::1], with a port) the request is served by a
+// Better Auth instance whose baseURL, trusted origin, JWT issuer and audience are that
+// origin, so code that checks `new URL(NEON_AUTH_BASE_URL).origin` locally accepts the
+// tokens; every other request, and every other header value, gets the branch's origin.
+// The instances share the pool, hence the users, sessions and signing keys.
+//
 // Every table lives in schema neon_auth and every query names it (kysely withSchema):
 // the branch's pooler drops search_path startup options, so nothing may rely on it.
 import http from "node:http";
@@ -66,15 +74,15 @@ function log(what, fields) {
   console.log(`[neon-auth] ${what} ${JSON.stringify(fields)}`);
 }
 
-function options(secret) {
+function options(secret, self = origin) {
   return {
     appName: "phloem",
-    baseURL: origin,
+    baseURL: self,
     basePath,
     secret,
     database: { dialect: new PostgresDialect({ pool }), type: "postgres",
                 schemaName: SCHEMA, transaction: true },
-    trustedOrigins: [origin, ...trusted],
+    trustedOrigins: [...new Set([self, origin, ...trusted])],
     telemetry: { enabled: false },
     // No mail is sent: development links go to the log (the branch's auth.log).
     emailAndPassword: {
@@ -95,7 +103,8 @@ function options(secret) {
         jwks: { jwksPath: "/.well-known/jwks.json" },
         // The branch's origin is the issuer (and audience): a child copies the keys with
         // the data but has another origin, so its tokens fail the parent's issuer check.
-        jwt: { issuer: origin, audience: origin },
+        // Through a local forwarder it is the forwarder's origin (see localOrigin).
+        jwt: { issuer: self, audience: self },
       }),
     ],
   };
@@ -106,9 +115,9 @@ function options(secret) {
 const patterns = [origin, ...trusted].map((p) => new RegExp(
   "^" + p.split("*").map((part) => part.replace(/[.+?^${}()|[\]\\/]/g, "\\$&")).join("[^/]*") + "$"));
 
-function cors(req, res) {
+function cors(req, res, local) {
   const from = req.headers.origin;
-  if (!from || !patterns.some((p) => p.test(from))) return false;
+  if (!from || !(from === local || patterns.some((p) => p.test(from)))) return false;
   res.setHeader("access-control-allow-origin", from);
   res.setHeader("access-control-allow-credentials", "true");
   res.setHeader("vary", "Origin");
@@ -123,22 +132,61 @@ function cors(req, res) {
   return true;
 }
 
+// The origin of a local forwarder the request came through, or null. Only loopback names
+// are taken: such an issuer is accepted only by a verifier on the caller's own machine
+// that expects exactly that origin, while a foreign name (any client can send the header
+// straight to the gateway) could make tokens look issued by another server.
+const LOOPBACK = /^(127\.0\.0\.1|localhost|\[::1\]):[0-9]{1,5}$/;
+
+function localOrigin(req) {
+  const value = req.headers["x-phloem-signed-host"];
+  if (typeof value !== "string") return null;
+  const host = value.trim().toLowerCase();
+  if (!LOOPBACK.test(host)) return null;
+  try {
+    const url = new URL(`http://${host}`);
+    return url.port ? url.origin : null;  // port 80 (or 0xx forms of it): not a forwarder
+  } catch {
+    return null;
+  }
+}
+
+// One Better Auth instance per local origin, made on first use; the oldest goes beyond
+// MAX_LOCAL (each forwarder run has a new port; an instance holds only rate-limit state).
+const MAX_LOCAL = 16;
+
+function handlers(secret) {
+  const main = toNodeHandler(betterAuth(options(secret)));
+  const local = new Map();
+  return (req) => {
+    const self = localOrigin(req);
+    if (self === null) return [main, null];
+    let handler = local.get(self);
+    if (handler === undefined) {
+      if (local.size >= MAX_LOCAL) local.delete(local.keys().next().value);
+      handler = toNodeHandler(betterAuth(options(secret, self)));
+      local.set(self, handler);
+    }
+    return [handler, self];
+  };
+}
+
 async function migrate(opts) {
   const { runMigrations } = await getMigrations(opts);
   await runMigrations();
 }
 
 async function main() {
-  const opts = options(await branchSecret());
-  await migrate(opts);
+  const secret = await branchSecret();
+  await migrate(options(secret));
   if (process.argv.includes("--migrate")) {
     await pool.end();
     return;
   }
-  const auth = betterAuth(opts);
-  const handler = toNodeHandler(auth);
+  const pick = handlers(secret);
   const server = http.createServer((req, res) => {
-    if (cors(req, res)) return;
+    const [handler, local] = pick(req);
+    if (cors(req, res, local)) return;
     handler(req, res).catch((err) => {
       console.error(`[neon-auth] ${req.method} ${req.url}: ${err?.stack ?? err}`);
       if (!res.headersSent) res.writeHead(500, { "content-type": "application/json" });
