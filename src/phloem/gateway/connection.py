@@ -120,8 +120,8 @@ class _Connection(asyncio.Protocol):
         self.exchanging = False
         self.close_after = False  # the callback path ended the connection's last exchange
         self.timed_out: str | None = None  # "upstream_timeout" or "stream_silence"
-        # The task path's latest framer (the callback path's is fast.framer): told when
-        # the gateway starts draining, so a head still to come says Connection: close.
+        # The task path's framer during an exchange (the callback path's: fast.framer),
+        # told when the gateway starts draining, so a head still to come says close.
         self.framer: ResponseFramer | None = None
 
         # The callback path (see phloem.gateway.fastpath).

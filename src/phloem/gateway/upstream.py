@@ -281,6 +281,7 @@ async def proxy(
         conn.resume_upstream(writer.transport)
         conn.upstream = None
         conn.lease = None
+        conn.framer = None  # (and its parser) not kept by an idle connection
         if pump is not None and not pump.done():
             pump.cancel()
         lease.release(reusable=reusable)
