@@ -1210,6 +1210,7 @@ async def test_drain_waits_for_the_in_flight_request(env: Env) -> None:
     env.state.slow_release.set()
     r = await asyncio.wait_for(slow, 5)
     assert (r.status_code, r.content) == (200, b"done")
+    assert r.headers["connection"] == "close"  # its head came after the drain began
     await asyncio.wait_for(drain, 2)
     with pytest.raises(OSError):
         await env.raw()
