@@ -221,9 +221,13 @@ class Supervisor:
         pooled = best.take_idle()
         if pooled is None:
             return None
-        best.last_active = time.monotonic()
+        # (No last_active stamp: a leased isolate is busy, and the release stamps it.)
         best.inflight += 1
-        self._note_idle(best)
+        # _note_idle, inline: this runs for every request.
+        n = best.idle_connections
+        low = self._idle_low.get(best.id)
+        if low is None or n < low:
+            self._idle_low[best.id] = n
         return Lease(best, pooled[0], pooled[1], pool.lease_limits, True)
 
     def _note_idle(self, isolate: Isolate) -> None:
