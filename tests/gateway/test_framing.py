@@ -84,6 +84,46 @@ def test_connection_close_and_http10_decide_keep_alive() -> None:
     assert f.keep is True
 
 
+def test_client_is_told_when_its_connection_closes() -> None:
+    # The common keep-alive response passes as received.
+    f = framer()
+    assert f.feed(OK + b"hello") == DONE and f.out == OK + b"hello"
+    close = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    # The client asked (or the gateway drains): set until the head arrives.
+    f = framer()
+    f.close = True
+    assert f.feed(OK + b"hello") == DONE and f.out == close
+    # The upstream closes (HTTP/1.0 without keep-alive): so does the client connection.
+    f = framer()
+    f.feed(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert f.out == close.replace(b"1.1", b"1.0", 1) and not f.keep
+    # An HTTP/1.0 client that asked for keep-alive is told it is kept; a HEAD's head too.
+    f = ResponseFramer(head_request=True, upgrade=False, http10=True)
+    assert f.feed(OK) == DONE
+    assert f.out == OK[:-2] + b"Connection: keep-alive\r\n\r\n"
+
+
+def test_hop_by_hop_response_fields_stay_upstream() -> None:
+    f = ResponseFramer(head_request=False, upgrade=False, extra=b"X-Route: r\r\n")
+    f.feed(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n"
+           b"X-Hop: 1\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\nA: b\r\n\r\nhi")
+    assert f.out == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nA: b\r\nX-Route: r\r\n\r\nhi"
+    assert (f.keep, f.reusable) == (True, True)
+    # Framing fields named in Connection stay; the connection closes after a close.
+    f = framer()
+    f.feed(b"HTTP/1.1 200 OK\r\nconnection: close, content-length\r\ncontent-length: 2\r\n"
+           b"\r\nhi")
+    assert f.out == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: close\r\n\r\nhi"
+    # After an interim head, only the final head is rewritten; a 101 goes as received.
+    f = framer()
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    f.feed(interim + b"HTTP/1.1 204 No Content\r\nKeep-Alive: timeout=5\r\n\r\n")
+    assert f.out == interim + b"HTTP/1.1 204 No Content\r\n\r\n"
+    up = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    f = framer(upgrade=True)
+    assert f.feed(up) == TUNNEL and f.out == up
+
+
 @pytest.mark.parametrize(("head_request", "status"), [(True, 200), (False, 204), (False, 304)])
 def test_no_body_whatever_the_headers_say(head_request: bool, status: int) -> None:
     head = b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status
@@ -183,7 +223,8 @@ def test_event_streams_are_streams() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
     f = framer()
     assert f.feed(head + b"data: one\n\n") == HEAD
-    assert (f.stream, f.out) == (True, head + b"data: one\n\n")
+    # Close-delimited: the client is told the connection ends with it.
+    assert (f.stream, f.out) == (True, head[:-2] + b"Connection: close\r\n\r\ndata: one\n\n")
     # Even with all of a Content-Length body at once, it counts as a stream.
     f = framer()
     sized = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 2\r\n\r\n"

@@ -1042,6 +1042,47 @@ async def test_response_delimited_by_close(env: Env) -> None:
     assert env.router.releases == [False]
 
 
+async def test_the_client_connection_is_the_gateways(env: Env) -> None:
+    """The upstream's hop-by-hop fields stay upstream; the client is told
+    ``Connection: close`` whenever its connection ends after the response."""
+
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\n"
+                         b"Keep-Alive: timeout=5\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\nok")
+
+    async def head_of(request: bytes) -> tuple[bytes, asyncio.StreamReader,
+                                               asyncio.StreamWriter]:
+        reader, writer = await env.raw()
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+        return head.lower(), reader, writer
+
+    async with fake_upstream(env, "hop.test", chatty):
+        # Keep-alive: none of the upstream's connection fields, nothing added.
+        head, reader, writer = await head_of(b"GET / HTTP/1.1\r\nHost: hop.test\r\n\r\n")
+        assert head == b"http/1.1 200 ok\r\ncontent-length: 2\r\n\r\n"
+        writer.write(b"GET / HTTP/1.1\r\nHost: hop.test\r\nConnection: close\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.lower() == b"http/1.1 200 ok\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+        assert await read_eof(reader)
+        writer.close()
+        # HTTP/1.0: closed unless the client asked for keep-alive, and told either way.
+        head, reader, writer = await head_of(b"GET / HTTP/1.0\r\nHost: hop.test\r\n\r\n")
+        assert head.endswith(b"\r\ncontent-length: 2\r\nconnection: close\r\n\r\n")
+        assert await read_eof(reader)
+        writer.close()
+        head, reader, writer = await head_of(
+            b"GET / HTTP/1.0\r\nHost: hop.test\r\nConnection: keep-alive\r\n\r\n")
+        assert head.endswith(b"\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\n")
+        assert b"x-hop" not in head and b"timeout" not in head
+        writer.write(b"GET / HTTP/1.1\r\nHost: hop.test\r\n\r\n")  # still open
+        assert (await read_response(reader)).body == b"ok"
+        writer.close()
+
+
 async def test_many_concurrent_clients_do_not_cross_talk(env: Env) -> None:
     async def one(i: int) -> None:
         async with httpx.AsyncClient(
@@ -1169,6 +1210,7 @@ async def test_drain_waits_for_the_in_flight_request(env: Env) -> None:
     env.state.slow_release.set()
     r = await asyncio.wait_for(slow, 5)
     assert (r.status_code, r.content) == (200, b"done")
+    assert r.headers["connection"] == "close"  # its head came after the drain began
     await asyncio.wait_for(drain, 2)
     with pytest.raises(OSError):
         await env.raw()

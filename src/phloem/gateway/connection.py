@@ -120,6 +120,9 @@ class _Connection(asyncio.Protocol):
         self.exchanging = False
         self.close_after = False  # the callback path ended the connection's last exchange
         self.timed_out: str | None = None  # "upstream_timeout" or "stream_silence"
+        # The task path's framer during an exchange (the callback path's: fast.framer),
+        # told when the gateway starts draining, so a head still to come says close.
+        self.framer: ResponseFramer | None = None
 
         # The callback path (see phloem.gateway.fastpath).
         self.acquire_nowait: Callable[[str], Upstream | None] = gateway.router.acquire_nowait
@@ -238,9 +241,14 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def close_if_idle(self) -> None:
-        """Used by :meth:`Gateway.drain`: wake the handler so an idle connection closes."""
+        """Used by :meth:`Gateway.drain`: wake the handler so an idle connection closes;
+        a response head still to come says that the connection closes after it."""
         if self.active is None and not self.pending and not self.reader.in_head:
             self.wake_handler()
+            return
+        framer = self.fast.framer if self.fast is not None else self.framer
+        if framer is not None:
+            framer.close = True  # no keep-alive after this exchange
 
     def abort(self) -> None:
         self.transport.abort()

@@ -109,7 +109,9 @@ def try_fast(conn: _Connection, req: Request) -> bool:
     # The relay's parser is in step with the connection; until the exchange ends cleanly
     # it is the framer's alone.
     framer = ResponseFramer(req.method == b"HEAD", False, relay.resp,
-                            limits.response_headers if limits is not None else b"")
+                            limits.response_headers if limits is not None else b"",
+                            not req.keep_alive or conn.gateway.draining,
+                            info is not None and req.keep_alive and req.version == "1.0")
     relay.resp = None
     fx = conn.fast = FastExchange(conn, req, rid, host, started, lease, transport, relay,
                                   framer)

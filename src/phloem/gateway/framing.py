@@ -92,6 +92,11 @@ class ResponseFramer:
     an error). ``resp``: a parser in step with the upstream connection (its previous
     response ended cleanly), to reuse instead of creating one. ``extra``: header lines
     (CRLF-terminated) added at the end of the final response head (not of a 101).
+    ``close``: the client connection closes after this response (``Connection: close`` is
+    added; also when the response itself ends the connection). ``http10``: an HTTP/1.0
+    client asked for keep-alive (``Connection: keep-alive`` is added unless closing).
+    The upstream's hop-by-hop fields (Connection, Keep-Alive, Proxy-Connection, those
+    named in Connection) are dropped from the final head; a 101's head goes as received.
 
     Call :meth:`feed` with every upstream read and :meth:`closed` when the upstream ends;
     each returns an event (:data:`MORE`, :data:`FAILED`, :data:`HEAD`, :data:`TUNNEL`,
@@ -100,9 +105,11 @@ class ResponseFramer:
 
     __slots__ = (
         "buf",
+        "close",
         "complete",
         "extra",
         "head_request",
+        "http10",
         "keep",
         "out",
         "reason",
@@ -120,10 +127,15 @@ class ResponseFramer:
 
     def __init__(
         self, head_request: bool, upgrade: bool, resp: http.ResponseHead | None = None,
-        extra: bytes = b"",
+        extra: bytes = b"", close: bool = False, http10: bool = False,
     ) -> None:
         self.head_request = head_request
         self.extra = extra
+        # The client connection closes after this response whatever it says (the client
+        # asked, or the gateway drains: may be set until the head arrives); an HTTP/1.0
+        # client that asked for keep-alive is told it is kept.
+        self.close = close
+        self.http10 = http10
         self.upgrade = upgrade
         self.resp = resp
         self.state = _HEAD
@@ -269,14 +281,30 @@ class ResponseFramer:
                 break
             start = head_len
             end = buf.find(b"\r\n\r\n", start)
-        if self.extra:  # after the head's last line, before its blank line
-            buf = buf[: end + 2] + self.extra + buf[end + 2 :]
-            head_len += len(self.extra)
+        keep = self.keep = resp.keep_alive
+        length = resp.content_length
+        # The client's connection is the gateway's: it says Connection: close when it
+        # will close after this response (RFC 9112 9.6), and the upstream's hop-by-hop
+        # fields never reach the client. (A close-delimited body ends the connection.)
+        close = self.close or not keep or (
+            (length is None or resp.transfer_encoding) and not resp.chunked
+            and not self.head_request and status not in NO_BODY_STATUS)
+        if close or resp.hop or self.extra or self.http10:
+            # After the head's last line, before its blank line; the common keep-alive
+            # head without hop-by-hop fields only gets the route's extra lines, if any.
+            head = buf[start : end + 2]
+            if resp.hop:
+                head = http.strip_hop_by_hop(head, resp.connection)
+            add = self.extra
+            if close:
+                add += b"Connection: close\r\n"
+            elif self.http10:
+                add += b"Connection: keep-alive\r\n"
+            buf = b"".join((buf[:start], head, add, buf[end + 2 :]))
+            head_len = start + len(head) + len(add) + 2
         self.buf = b""
         self.status = status
-        keep = self.keep = resp.keep_alive
         rest_len = len(buf) - head_len
-        length = resp.content_length
         if (
             length is not None
             and rest_len >= length

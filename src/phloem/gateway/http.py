@@ -38,6 +38,7 @@ __all__ = [
     "plain_request_head",
     "sane_request_id",
     "scan_request_headers",
+    "strip_hop_by_hop",
     "upstream_request_head",
 ]
 
@@ -252,8 +253,30 @@ def chunk(data: bytes) -> list[bytes]:
 LAST_CHUNK = b"0\r\n\r\n"
 
 _RESPONSE_FIELDS = frozenset(
-    {b"content-length", b"transfer-encoding", b"connection", b"content-type"}
+    {b"content-length", b"transfer-encoding", b"connection", b"content-type", b"keep-alive",
+     b"proxy-connection"}
 )
+# Response fields about the upstream hop alone, never passed to a client (plus any field the
+# response names in Connection, framing fields excepted: see strip_hop_by_hop).
+_RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+
+
+def strip_hop_by_hop(head: bytes, named: set[bytes]) -> bytes:
+    """A response head (status line to the last header line's CRLF, no blank line)
+    without its hop-by-hop fields: Connection, Keep-Alive, Proxy-Connection and the
+    fields ``named`` in Connection (never Content-Length or Transfer-Encoding, by which
+    the body is framed as received).
+
+        strip_hop_by_hop(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nA: b\r\n", set())
+        # b"HTTP/1.1 200 OK\r\nA: b\r\n"
+    """
+    drop = _RESPONSE_HOP | (named - _PROTECTED) if named else _RESPONSE_HOP
+    lines = head.split(b"\r\n")
+    kept = [lines[0]]
+    kept.extend(line for line in lines[1:-1]
+                if line.split(b":", 1)[0].strip().lower() not in drop)
+    kept.append(b"")
+    return b"\r\n".join(kept)
 
 
 class ResponseHead:
@@ -272,6 +295,7 @@ class ResponseHead:
         "connection",
         "content_length",
         "event_stream",
+        "hop",
         "keep_alive",
         "parser",
         "status",
@@ -287,6 +311,9 @@ class ResponseHead:
         self.connection: set[bytes] = set()
         # Content-Type text/event-stream: the exchange is a long-lived SSE stream.
         self.event_stream = False
+        # A hop-by-hop field (Connection, Keep-Alive, Proxy-Connection) is in the head: it
+        # must be rewritten before it goes to a client (see strip_hop_by_hop).
+        self.hop = False
         self.keep_alive = True
         self.complete = False
         # More than one message begin means bytes followed the response: broken framing.
@@ -304,10 +331,12 @@ class ResponseHead:
         elif n == b"transfer-encoding":
             self.transfer_encoding = True
             self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        elif n == b"connection":
-            self.connection |= _tokens(value)
         elif n == b"content-type":
             self.event_stream = value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+        else:
+            self.hop = True
+            if n == b"connection":
+                self.connection |= _tokens(value)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -318,7 +347,8 @@ class ResponseHead:
         self.status = 0
         self.content_length = None
         self.transfer_encoding = self.chunked = self.event_stream = self.complete = False
-        if self.connection:
+        if self.hop:
+            self.hop = False
             self.connection = set()
         self.begins = 0
         parser = self.parser

@@ -281,6 +281,7 @@ async def proxy(
         conn.resume_upstream(writer.transport)
         conn.upstream = None
         conn.lease = None
+        conn.framer = None  # (and its parser) not kept by an idle connection
         if pump is not None and not pump.done():
             pump.cancel()
         lease.release(reusable=reusable)
@@ -338,8 +339,11 @@ async def _pump_response(
     conn: _Connection, req: Request, reader: asyncio.StreamReader, extra: bytes = b""
 ) -> tuple[bool, bool]:
     """Upstream -> client. Returns (upstream connection reusable, client keep-alive)."""
-    framer = ResponseFramer(head_request=req.method == b"HEAD", upgrade=req.upgrade,
-                            extra=extra)
+    framer = conn.framer = ResponseFramer(
+        head_request=req.method == b"HEAD", upgrade=req.upgrade, extra=extra,
+        # An upgrade refused ends the connection too (see proxy).
+        close=not req.keep_alive or req.upgrade or conn.gateway.draining,
+        http10=req.keep_alive and req.version == "1.0")
     while True:
         try:
             data = await reader.read(READ_SIZE)

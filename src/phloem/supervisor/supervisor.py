@@ -50,9 +50,10 @@ log = logging.getLogger("phloem.supervisor")
 MAX_IDLE_PER_ISOLATE = 64
 
 
-@dataclass
+@dataclass(slots=True)
 class Lease:
-    """One upstream connection to an isolate, for one exchange (see gateway.routing)."""
+    """One upstream connection to an isolate, for one exchange (see gateway.routing).
+    Slotted and built with positional arguments: one is made per request."""
 
     isolate: Isolate
     reader: asyncio.StreamReader
@@ -198,7 +199,7 @@ class Supervisor:
                 if attempt == 2:
                     raise IsolateFailed(f"cannot connect to isolate {isolate.id}: {exc}"
                                         ) from exc
-        return Lease(isolate, reader, writer, pool.lease_limits, reused=reused)
+        return Lease(isolate, reader, writer, pool.lease_limits, reused)
 
     def acquire_nowait(self, spec: IsolateSpec) -> Lease | None:
         """A lease on an idle pooled connection to the least-loaded ready isolate, when that
@@ -220,10 +221,14 @@ class Supervisor:
         pooled = best.take_idle()
         if pooled is None:
             return None
-        best.last_active = time.monotonic()
+        # (No last_active stamp: a leased isolate is busy, and the release stamps it.)
         best.inflight += 1
-        self._note_idle(best)
-        return Lease(best, pooled[0], pooled[1], pool.lease_limits, reused=True)
+        # _note_idle, inline: this runs for every request.
+        n = best.idle_connections
+        low = self._idle_low.get(best.id)
+        if low is None or n < low:
+            self._idle_low[best.id] = n
+        return Lease(best, pooled[0], pooled[1], pool.lease_limits, True)
 
     def _note_idle(self, isolate: Isolate) -> None:
         n = isolate.idle_connections
