@@ -82,6 +82,16 @@ uvloop.run(main())
 LIMIT = 64
 
 
+def counters(proc: subprocess.Popen[str]) -> dict[str, int]:
+    """The admission counters of a server started from SERVER or TLS_SERVER: it prints
+    them as one JSON line for every line it reads."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    data: dict[str, int] = json.loads(proc.stdout.readline())
+    return data
+
+
 def test_out_of_descriptors_still_serves() -> None:
     """With every descriptor taken by silent connections, a new client is still served:
     the spare descriptor accepts it and the longest-waiting connections make room."""
@@ -93,16 +103,9 @@ def test_out_of_descriptors_still_serves() -> None:
     try:
         port = int(proc.stdout.readline())
 
-        def counters() -> dict[str, int]:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            data: dict[str, int] = json.loads(proc.stdout.readline())
-            return data
-
         silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2 * LIMIT)]
-        wait_for(lambda: counters()["descriptors"] > 0, 10, "accept out of descriptors")
-        assert counters()["open"] < LIMIT
+        wait_for(lambda: counters(proc)["descriptors"] > 0, 10, "accept out of descriptors")
+        assert counters(proc)["open"] < LIMIT
         for _ in range(5):
             t0 = time.monotonic()
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -230,13 +233,6 @@ def test_handshake_flood_is_evicted(tmp_path: Path) -> None:
     try:
         port = int(proc.stdout.readline())
 
-        def counters() -> dict[str, int]:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            data: dict[str, int] = json.loads(proc.stdout.readline())
-            return data
-
         # Bounded: alone, a connection that sends half a ClientHello is closed after the
         # head timeout (not evicted: there is room).
         t0 = time.monotonic()
@@ -244,7 +240,7 @@ def test_handshake_flood_is_evicted(tmp_path: Path) -> None:
             lone.sendall(half_client_hello(client))
             assert closed_by_peer(lone)
         assert HEAD_S - 0.5 <= time.monotonic() - t0 < HEAD_S + 3
-        wait_for(lambda: counters()["open"] == 0, 5, "the lone connection counted out")
+        wait_for(lambda: counters(proc)["open"] == 0, 5, "the lone connection counted out")
 
         hello = half_client_hello(client)
         for i in range(3 * FLOOD_MAX):
@@ -252,14 +248,14 @@ def test_handshake_flood_is_evicted(tmp_path: Path) -> None:
             if i % 2:
                 s.sendall(hello)
             flood.append(s)
-        wait_for(lambda: counters()["evicted"] >= 2 * FLOOD_MAX, 10,
+        wait_for(lambda: counters(proc)["evicted"] >= 2 * FLOOD_MAX, 10,
                  "the flood fills the listener and evicts")
         for _ in range(3):
             t0 = time.monotonic()
             data = tls_get(port, client)
             assert data.startswith(b"HTTP/1.1 200"), data
             assert time.monotonic() - t0 < 2
-        seen = counters()
+        seen = counters(proc)
         assert seen["capacity"] == 0 and seen["open"] <= FLOOD_MAX, seen
         # The evicted ones were closed, the oldest first.
         assert closed_by_peer(flood[0]) and closed_by_peer(flood[1])
