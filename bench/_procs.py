@@ -116,7 +116,7 @@ http {{
         keepalive_timeout 3600s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=1024;
+        listen 127.0.0.1:{port}{ssl} backlog=1024;{tls}
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -133,14 +133,32 @@ http {{
 """
 
 
-def start_nginx(reaper: Reaper, tmp: Path, port: int, sock: str) -> subprocess.Popen[bytes]:
+#: The server block's TLS lines for ``start_nginx(tls=...)``, as
+#: phloem.gateway.tls.server_context: TLS 1.2/1.3, the same 1.2 ciphers, OpenSSL's default
+#: groups and 1.3 suites, tickets on, no session cache (phloem keeps none either).
+NGINX_TLS = """
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers ECDHE+AESGCM:ECDHE+CHACHA20;
+        ssl_prefer_server_ciphers off;
+        ssl_ecdh_curve auto;
+        ssl_session_tickets on;
+        ssl_session_cache off;"""
+
+
+def start_nginx(reaper: Reaper, tmp: Path, port: int, sock: str,
+                tls: tuple[Path, Path] | None = None) -> subprocess.Popen[bytes]:
     """nginx, one worker, proxying 127.0.0.1:``port`` to the Unix socket ``sock``; its
-    files go in a directory of ``tmp`` named after the port (several may run)."""
+    files go in a directory of ``tmp`` named after the port (several may run). With
+    ``tls`` (certificate, key) it terminates TLS on that port, otherwise the same."""
     home = tmp / f"nginx-{port}"
     home.mkdir()
     conf = home / "nginx.conf"
     user = "user root root;" if os.geteuid() == 0 else ""  # the socket is in a 0700 dir
-    conf.write_text(NGINX_CONF.format(user=user, tmp=home, sock=sock, port=port))
+    tls_lines = NGINX_TLS.format(cert=tls[0], key=tls[1]) if tls else ""
+    conf.write_text(NGINX_CONF.format(user=user, tmp=home, sock=sock, port=port,
+                                      ssl=" ssl" if tls else "", tls=tls_lines))
     proc = reaper.spawn(["nginx", "-p", str(home), "-e", str(home / "error.log"), "-c",
                          str(conf)], stdin=subprocess.DEVNULL)
     try:

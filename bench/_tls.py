@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
-from _procs import Reaper, free_port, wait_answering
+from _procs import free_port, start_nginx
 
 from phloem.gateway.tls import LocalCA
 from phloem.testing import host_of, platform_process
@@ -56,57 +56,6 @@ CONNECTIONS = (32, 256)
 HANDSHAKE_CONNECTIONS = 32
 T_THROUGHPUT = 0.85  # issue 13: phloem / nginx, 32 and 256 connections
 T_HANDSHAKES = 0.7  # issue 13: new TLS connections per second, phloem / nginx
-
-NGINX_TLS_CONF = """\
-daemon off;
-worker_processes 1;
-{user}
-pid {home}/nginx.pid;
-error_log {home}/error.log warn;
-worker_rlimit_nofile 16384;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {home}/body;
-    proxy_temp_path {home}/proxy;
-    fastcgi_temp_path {home}/fastcgi;
-    uwsgi_temp_path {home}/uwsgi;
-    scgi_temp_path {home}/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-    upstream app {{
-        server unix:{sock};
-        keepalive 1024;
-        keepalive_requests 1000000;
-        keepalive_timeout 3600s;
-    }}
-    server {{
-        listen 127.0.0.1:{port} ssl backlog=1024;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        # As phloem.gateway.tls.server_context: TLS 1.2/1.3, the same 1.2 ciphers,
-        # OpenSSL's default groups and 1.3 suites, tickets on, no session cache
-        # (phloem keeps none either: tickets only).
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_ciphers ECDHE+AESGCM:ECDHE+CHACHA20;
-        ssl_prefer_server_ciphers off;
-        ssl_ecdh_curve auto;
-        ssl_session_tickets on;
-        ssl_session_cache off;
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Request-Id $request_id;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-Host $host;
-        }}
-    }}
-}}
-"""
-
 
 @dataclass
 class HandshakeRun:
@@ -124,26 +73,6 @@ class TlsResults:
     def handshake_ratios(self) -> list[float]:
         return [p.rps / n.rps for p, n in
                 zip(self.handshakes["phloem"], self.handshakes["nginx"], strict=True)]
-
-
-def start_nginx_tls(reaper: Reaper, tmp: Path, port: int, sock: str, cert: Path,
-                    key: Path) -> subprocess.Popen[bytes]:
-    home = tmp / f"nginx-tls-{port}"
-    home.mkdir()
-    conf = home / "nginx.conf"
-    user = "user root root;" if os.geteuid() == 0 else ""
-    conf.write_text(NGINX_TLS_CONF.format(user=user, home=home, sock=sock, port=port,
-                                          cert=cert, key=key))
-    proc = reaper.spawn(["nginx", "-p", str(home), "-e", str(home / "error.log"), "-c",
-                         str(conf)], stdin=subprocess.DEVNULL)
-    try:
-        # A plain GET gets nginx's 400 (plain HTTP to an https port): it is up.
-        wait_answering(proc, port=port, what="nginx (tls)")
-    except RuntimeError:
-        log = home / "error.log"
-        raise RuntimeError("nginx did not start:\n"
-                           + (log.read_text() if log.exists() else "(no error.log)")) from None
-    return proc
 
 
 def negotiated(port: int, ca: Path, host: str) -> str:
@@ -233,7 +162,7 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
     sock = str(b.tmp / "fixed-tls.sock")
     b.spawn_upstream("fixed", uds=sock)
     nginx_port, https_port = free_port(), free_port()
-    nginx = start_nginx_tls(b.reaper, b.tmp, nginx_port, sock, cert, key)
+    nginx = start_nginx(b.reaper, b.tmp, nginx_port, sock, tls=(cert, key))
     say(f"## tls: phloem --tls files vs nginx terminating TLS, same certificate (ECDSA P-256,"
         f" {cert.name}) and settings, fixed upstream; wrk -t1 over https, {d:g} s per run, "
         f"{rounds} rounds interleaved, the order rotating (load average (1 min) "
