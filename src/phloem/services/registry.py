@@ -223,11 +223,7 @@ class ServiceRegistry:
         """Around the whole database copy: services with state beside the database
         (``copying(parent, child)``: storage) may start copying it meanwhile, for
         ``at_consistency`` to finish."""
-        async with contextlib.AsyncExitStack() as stack:
-            for name in self._on.get(parent.id, {}):
-                hook = getattr(self.services.get(name), "copying", None)
-                if hook is not None:
-                    await stack.enter_async_context(hook(parent, child))
+        async with self._each_hook("copying", parent, child):
             yield
 
     @contextlib.asynccontextmanager
@@ -237,9 +233,17 @@ class ServiceRegistry:
         database (``at_consistency(parent, child)``: storage) freeze it on entering and
         copy it on leaving, so the child's objects match its rows; their ``copy`` then
         finishes the child's part."""
+        async with self._each_hook("at_consistency", parent, child):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _each_hook(self, hook_name: str, parent: BranchRow, child: BranchRow
+                         ) -> AsyncIterator[None]:
+        """Enter ``hook_name(parent, child)`` of each of the parent's services that has
+        one (an optional hook: most services keep no state beside the database)."""
         async with contextlib.AsyncExitStack() as stack:
             for name in self._on.get(parent.id, {}):
-                hook = getattr(self.services.get(name), "at_consistency", None)
+                hook = getattr(self.services.get(name), hook_name, None)
                 if hook is not None:
                     await stack.enter_async_context(hook(parent, child))
             yield
