@@ -57,6 +57,9 @@ def _worker_share(low: int, high: int, step: int = 1) -> tuple[int, int]:
     return low + index * width, low + (index + 1) * width
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """A port that is free now, below the kernel's ephemeral range: a port the kernel
     handed out (bind to 0) can be taken by any client socket's local end before our
@@ -64,11 +67,16 @@ def free_port() -> int:
     low, high = _worker_share(10000, 20000)
     for _ in range(200):
         port = random.randrange(low, high)
+        # A port handed out before may still be unbound (a test picks several, then
+        # starts the processes that bind them): never hand it out twice.
+        if port in _handed_out:
+            continue
         try:
             with socket.socket() as s:
                 s.bind(("0.0.0.0", port))
         except OSError:
             continue
+        _handed_out.add(port)
         return port
     raise RuntimeError("no free port in 10000-19999")
 
@@ -211,7 +219,10 @@ class PlatformProcess:
         ready.set()
 
     def wait_ready(self, timeout: float = 180) -> None:
-        if not self._ready.wait(timeout) or not self.running:
+        # The reader also wakes us at EOF, a moment before the exited process can be
+        # reaped: only a printed "ready." line counts.
+        if (not self._ready.wait(timeout) or not self.running
+                or not any(line.startswith("ready.") for line in self.output)):
             raise AssertionError("phloem up did not become ready:\n" + "\n".join(self.output))
 
     @property
