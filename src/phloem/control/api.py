@@ -54,7 +54,7 @@ from phloem.control.guard import (
     RequestGuard,
 )
 from phloem.control.keys_api import make_router as make_keys_router
-from phloem.control.logs import follow_file, tail
+from phloem.control.log_reader import follow_file, tail
 from phloem.control.scopes import (
     BRANCHES,
     DEPLOY,

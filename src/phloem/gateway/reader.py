@@ -97,8 +97,8 @@ class RequestReader:
         self._begun = 0
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            tail = data[exc.args[0] :]
+        except httptools.HttpParserUpgrade as upgrade:
+            tail = data[upgrade.args[0] :]
             if tail and self.upgraded is not None:
                 self.upgraded.feed(tail)
         except httptools.HttpParserError as exc:

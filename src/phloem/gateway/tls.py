@@ -91,11 +91,14 @@ def server_context(cert: Path, key: Path, *, field_name: str = "tls_cert") -> ss
         ctx.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
         raise TlsError(f"{field_name}: no such file: {exc.filename}") from None
-    except PermissionError as exc:
-        raise TlsError(f"{field_name}: not readable: {exc.filename}") from None
-    except ssl.SSLError as exc:
+    except PermissionError as denied:
+        raise TlsError(f"{field_name}: not readable: {denied.filename}") from None
+    except ssl.SSLError as unusable:
+        # getattr: typeshed says str, but OpenSSL errors without a reason carry None (and
+        # the compiled module checks declared types).
+        reason = getattr(unusable, "reason", None) or unusable
         raise TlsError(f"{field_name}: {cert} with key {key} cannot be used: "
-                       f"{exc.reason or exc} (a PEM certificate chain and its private key "
+                       f"{reason} (a PEM certificate chain and its private key "
                        "are expected)") from None
     return ctx
 

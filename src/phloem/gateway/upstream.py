@@ -100,11 +100,12 @@ async def exchange(conn: _Connection, req: Request, info: http.RequestInfo,
         attempt += 1
         try:
             lease = await conn.gateway.router.acquire(host)
-        except RouteError as exc:
-            status = exc.status if 400 <= exc.status <= 599 else 502
-            return await reply_error(conn, req, info, rid, status, exc.code, exc.message)
-        except Exception as exc:
-            logger.warning("cannot reach upstream for %s: %r", host, exc)
+        except RouteError as refused:
+            status = refused.status if 400 <= refused.status <= 599 else 502
+            return await reply_error(conn, req, info, rid, status, refused.code,
+                                     refused.message)
+        except Exception as unreachable:
+            logger.warning("cannot reach upstream for %s: %r", host, unreachable)
             return await reply_error(conn, req, info, rid, 502, "upstream_failed",
                                      "the function could not be reached")
         if conn.disconnected:
@@ -123,8 +124,8 @@ async def exchange(conn: _Connection, req: Request, info: http.RequestInfo,
                                          f"request body exceeds {limit} bytes")
         try:
             keep = await proxy(conn, req, info, rid, lease, limits)
-        except UpstreamFailed as exc:
-            failure = exc
+        except UpstreamFailed as failed:
+            failure = failed
         else:
             if keep and not req.complete:
                 # The app answered before the body was all read: drop the rest, with

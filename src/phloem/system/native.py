@@ -1,0 +1,78 @@
+"""The request path's modules compiled with mypyc (``scripts/build_native.py``, run by
+scripts/install), loaded in place of their sources while those are unchanged.
+
+The packages that hold compiled modules call :func:`install` from their ``__init__``, so
+the finder is in place before any of those modules is imported: the compiled modules share
+one library and call each other directly, so they load all together or not at all.
+
+    from phloem.system.native import install
+    native = install()   # True: the compiled modules serve this process
+
+``PHLOEM_NATIVE=0`` keeps every module as Python; so does an edited source (until the next
+build), another Python, or no build at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.abc import MetaPathFinder
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["ROOT", "install"]
+
+#: Where scripts/build_native.py puts the compiled modules and their manifest.
+ROOT = Path(sys.prefix) / "lib" / "phloem-native"
+_PACKAGE = Path(__file__).resolve().parent.parent  # src/phloem
+
+_state: bool | None = None
+
+
+class _Finder(MetaPathFinder):
+    """Finds the compiled modules (and the library they share) by name."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
+        file = self.files.get(fullname)
+        if file is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, file)
+
+
+def _files() -> dict[str, Path] | None:
+    """Module name -> extension file, if the build is of these sources by this Python."""
+    try:
+        built = json.loads((ROOT / "manifest.json").read_text())
+        if built["python"] != sys.version:
+            return None
+        files = {built["group"]: ROOT / built["group_file"]}
+        for name, entry in built["modules"].items():
+            source = (_PACKAGE / entry["source"]).read_bytes()
+            if hashlib.sha256(source).hexdigest() != entry["sha256"]:
+                return None
+            files[name] = ROOT / entry["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if any(name in sys.modules for name in files):
+        return None  # some already run as Python: the rest must too
+    return files
+
+
+def install() -> bool:
+    """Put the compiled modules' finder first (once per process); whether they serve."""
+    global _state
+    if _state is None:
+        files = None if os.environ.get("PHLOEM_NATIVE", "1") == "0" else _files()
+        if files is not None:
+            sys.meta_path.insert(0, _Finder(files))
+        _state = files is not None
+    return _state
