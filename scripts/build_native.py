@@ -36,6 +36,7 @@ MODULES = sorted([
     PACKAGE / "control" / "routes.py",
     PACKAGE / "server" / "dispatch.py",
     PACKAGE / "server" / "metrics.py",
+    PACKAGE / "supervisor" / "supervisor.py",
 ])
 OUT = Path(sys.prefix) / "lib" / "phloem-native"
 #: The name of the library the modules share (a top-level module beside them).

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import replace
 
+from phloem.control.logs import FunctionLogs
 from phloem.control.routes import DomainRoute, RoutingTable
+from phloem.gateway.record import RequestRecord
 from phloem.gateway.routing import Limits, RouteError, Upstream
+from phloem.server.metrics import Metrics
 from phloem.services.registry import ServiceRegistry
 from phloem.supervisor import IsolateFailed, IsolateSpec, Supervisor
 
@@ -155,3 +159,20 @@ class PlatformRouter:
             return None
         lease = self.supervisor.acquire_nowait(spec)
         return self._dress(lease, route) if lease is not None else None
+
+
+def request_observer(domain: str, routes: RoutingTable, metrics: Metrics,
+                     logs: FunctionLogs) -> Callable[[RequestRecord], None]:
+    """The gateway's ``on_request``: metrics and one access line per request."""
+    def observe(record: RequestRecord) -> None:
+        # Runs for every request on the gateway's path: keep it to lookups and one format.
+        # Only label with routes that exist: any client can send any Host.
+        key = route_of(record.host, domain, routes)
+        if key is None:
+            return
+        spec = routes.get(key)
+        if spec is None:
+            return
+        metrics.observe_request(record, key[0], key[1])
+        logs.access(spec.log_path, record)
+    return observe

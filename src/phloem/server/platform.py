@@ -66,7 +66,7 @@ from phloem.runtimes.build import DIRECT, SandboxRunner
 from phloem.runtimes.registry import spawners
 from phloem.sandbox import available as sandbox_unavailable
 from phloem.server import leftovers
-from phloem.server.dispatch import PlatformRouter
+from phloem.server.dispatch import PlatformRouter, request_observer
 from phloem.server.https import GatewayTls, gateway_tls
 from phloem.server.lifecycle import (
     FORCED_EXIT_STATUS,
@@ -84,7 +84,6 @@ from phloem.server.running import (
     Running,
     function_load,
     listener_load,
-    request_observer,
     start_domains,
     start_triggers,
 )
@@ -471,7 +470,8 @@ class Platform:
                           # The gateway's own limit is a ceiling; lower ones come per lease.
                           max_body_bytes=max(s.function_limits.max_body_bytes,
                                              MAX_BODY_CEILING)),
-            on_request=request_observer(s, deployer, metrics, function_logs))
+            on_request=request_observer(s.domain, deployer.routes, metrics,
+                                         function_logs))
         push(_close_gateway, gateway, s.drain_timeout_s)
         await gateway.start()
         if self._tls is not None and self._tls.acme is not None:

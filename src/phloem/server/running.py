@@ -33,11 +33,10 @@ from phloem.control.triggers import Delivery, TriggerScheduler
 from phloem.firewall import Firewall
 from phloem.gateway.acme import Certificates
 from phloem.gateway.admission import Admission
-from phloem.gateway.server import Gateway, RequestRecord
+from phloem.gateway.server import Gateway
 from phloem.metadata.domains import DomainStore
 from phloem.metadata.store import BranchRow, Store
 from phloem.metadata.triggers import TriggerStore
-from phloem.server.dispatch import route_of
 from phloem.server.health import Bounded, Probes
 from phloem.server.https import GatewayTls, tls_dir
 from phloem.server.metrics import FunctionLoad, ListenerLoad, Metrics
@@ -259,20 +258,3 @@ def listener_load(admissions: list[Admission]) -> Callable[[], dict[str, Listene
         return {a.name: ListenerLoad(a.open, a.config.max_connections, dict(a.refused))
                 for a in admissions}
     return load
-
-
-def request_observer(settings: Settings, deployer: Deployer, metrics: Metrics,
-                     logs: FunctionLogs) -> Callable[[RequestRecord], None]:
-    """The gateway's ``on_request``: metrics and one access line per request."""
-    def observe(record: RequestRecord) -> None:
-        # Runs for every request on the gateway's path: keep it to lookups and one format.
-        # Only label with routes that exist: any client can send any Host.
-        key = route_of(record.host, settings.domain, deployer.routes)
-        if key is None:
-            return
-        spec = deployer.routes.get(key)
-        if spec is None:
-            return
-        metrics.observe_request(record, key[0], key[1])
-        logs.access(spec.log_path, record)
-    return observe
