@@ -21,6 +21,7 @@ from typing import Any
 
 import uvloop
 
+from phloem.gateway import native
 from phloem.gateway.connection import _Connection
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
 
@@ -120,7 +121,8 @@ async def measure(requests: int) -> float:
 def main() -> int:
     requests = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
     print(f"{uvloop.run(measure(requests)) * 1e6:.2f} us/request "
-          f"(callback path, in process, best of 7 x {requests})")
+          f"(callback path, in process, best of 7 x {requests}, "
+          f"{'compiled' if native else 'Python'})")
     return 0
 
 

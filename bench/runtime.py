@@ -90,6 +90,7 @@ from _procs import (
 )
 from _sse import StreamFleet
 
+from phloem.gateway import native as gateway_native
 from phloem.gateway.admission import plan_connections
 from phloem.testing import PlatformProcess, host_of, platform_process
 
@@ -664,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _raise_nofile()  # before the platform starts: it inherits the limit
     say(f"phloem runtime benchmarks; {machine()}")
+    # The platform process loads the compiled request path on the same terms as this one.
+    say("request path: " + ("compiled (mypyc; PHLOEM_NATIVE=0 for Python)" if gateway_native
+                            else "Python (not built, stale, or PHLOEM_NATIVE=0)"))
     load = os.getloadavg()[0]
     say(f"load average (1 min) before starting: {load:.2f}"
         + ("  -- other work is running: expect noisy numbers" if load > 0.5 else ""))
