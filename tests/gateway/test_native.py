@@ -1,0 +1,89 @@
+"""The compiled request path (phloem.system.native, built by scripts/build_native.py): used
+when built from these very sources, never when one differs, off with PHLOEM_NATIVE=0.
+
+Each case runs in a fresh interpreter: which modules serve is decided once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phloem.system.native import ROOT
+
+PROBE = """
+import json, sys
+import phloem.system.native as native
+from pathlib import Path
+if len(sys.argv) > 1:
+    native.ROOT = Path(sys.argv[1])
+import phloem.server.dispatch, phloem.gateway.fastpath as fastpath
+import phloem.gateway
+print(json.dumps({"native": phloem.gateway.native, "fastpath": fastpath.__file__,
+                  "dispatch": phloem.server.dispatch.__file__}))
+"""
+
+
+def probe(*args: str, **env: str) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def built() -> bool:
+    return (ROOT / "manifest.json").exists()
+
+
+def test_the_build_serves_when_its_sources_are_these() -> None:
+    if not built():
+        # scripts/install builds it wherever a compiler is; CI must run what users run.
+        assert not os.environ.get("CI"), f"no compiled request path in {ROOT} under CI"
+        pytest.skip(f"not built here ({ROOT}): scripts/install builds it")
+    out = probe()
+    assert out["native"] is True
+    assert str(out["fastpath"]).endswith(".so") and str(out["dispatch"]).endswith(".so")
+
+
+def test_off_with_phloem_native_0() -> None:
+    out = probe(PHLOEM_NATIVE="0")
+    assert out["native"] is False
+    assert str(out["fastpath"]).endswith("fastpath.py")
+
+
+def test_a_changed_source_keeps_every_module_python(tmp_path: Path) -> None:
+    if not built():
+        pytest.skip(f"not built here ({ROOT})")
+    # The real build, with one module's recorded digest no longer matching its source
+    # (as after an edit): the whole group must stay Python, not only that module.
+    root = tmp_path / "native"
+    shutil.copytree(ROOT, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["modules"]["phloem.gateway.http"]["sha256"] = "0" * 64
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    out = probe(str(root))
+    assert out["native"] is False
+    assert str(out["fastpath"]).endswith("fastpath.py")
+    assert str(out["dispatch"]).endswith("dispatch.py")
+    # The copy itself, untouched, serves: the refusal above was the digest's doing.
+    shutil.rmtree(root)
+    shutil.copytree(ROOT, root)
+    assert probe(str(root))["native"] is True
+
+
+def test_a_build_by_another_python_is_not_used(tmp_path: Path) -> None:
+    if not built():
+        pytest.skip(f"not built here ({ROOT})")
+    root = tmp_path / "native"
+    shutil.copytree(ROOT, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["python"] = "3.11.0 (another build)"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert probe(str(root))["native"] is False
