@@ -104,6 +104,10 @@ class _Connection(asyncio.Protocol):
         self.last: Request | None = None  # the latest request handed to the handler
         self.upstream: asyncio.WriteTransport | None = None  # aborted if the client goes
         self._waiter: asyncio.Future[None] | None = None
+        # The task has not run yet: as idle as when it waits (a new connection's first
+        # request, often read in the same loop iteration as the accept or the TLS
+        # handshake, would otherwise always take the task path).
+        self._task_fresh = True
         self._idle_expired = False
         self.disconnected = False
         self._reading_paused = False
@@ -422,7 +426,8 @@ class _Connection(asyncio.Protocol):
         if self.active is not None:
             return  # the current exchange's end picks it up
         waiter = self._waiter
-        if waiter is None or waiter.done() or not fastpath.try_fast(self, self.pending[0]):
+        idle = self._task_fresh or (waiter is not None and not waiter.done())
+        if not idle or not fastpath.try_fast(self, self.pending[0]):
             self.wake_handler()
 
     def fast_ended(self, req: Request, keep: bool) -> None:
@@ -440,6 +445,7 @@ class _Connection(asyncio.Protocol):
     # -- the task ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        self._task_fresh = False
         try:
             while (req := await self._next_request()) is not None:
                 if not await self._handle(req):
