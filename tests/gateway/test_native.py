@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,32 +60,36 @@ def test_off_with_phloem_native_0() -> None:
     assert str(out["fastpath"]).endswith("fastpath.py")
 
 
-def test_a_changed_source_keeps_every_module_python(tmp_path: Path) -> None:
+def build_copy(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """A copy of the real build, its manifest changed by ``edit``."""
     if not built():
         pytest.skip(f"not built here ({ROOT})")
-    # The real build, with one module's recorded digest no longer matching its source
-    # (as after an edit): the whole group must stay Python, not only that module.
     root = tmp_path / "native"
+    shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(ROOT, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["modules"]["phloem.gateway.http"]["sha256"] = "0" * 64
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    out = probe(str(root))
+    if edit is not None:
+        manifest = json.loads((root / "manifest.json").read_text())
+        edit(manifest)
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_a_changed_source_keeps_every_module_python(tmp_path: Path) -> None:
+    # One module's recorded digest no longer matches its source (as after an edit): the
+    # whole group must stay Python, not only that module.
+    def edited(manifest: dict[str, Any]) -> None:
+        manifest["modules"]["phloem.gateway.http"]["sha256"] = "0" * 64
+
+    out = probe(str(build_copy(tmp_path, edited)))
     assert out["native"] is False
     assert str(out["fastpath"]).endswith("fastpath.py")
     assert str(out["dispatch"]).endswith("dispatch.py")
     # The copy itself, untouched, serves: the refusal above was the digest's doing.
-    shutil.rmtree(root)
-    shutil.copytree(ROOT, root)
-    assert probe(str(root))["native"] is True
+    assert probe(str(build_copy(tmp_path)))["native"] is True
 
 
 def test_a_build_by_another_python_is_not_used(tmp_path: Path) -> None:
-    if not built():
-        pytest.skip(f"not built here ({ROOT})")
-    root = tmp_path / "native"
-    shutil.copytree(ROOT, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["python"] = "3.11.0 (another build)"
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    assert probe(str(root))["native"] is False
+    def other_python(manifest: dict[str, Any]) -> None:
+        manifest["python"] = "3.11.0 (another build)"
+
+    assert probe(str(build_copy(tmp_path, other_python)))["native"] is False
