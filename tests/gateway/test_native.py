@@ -33,8 +33,10 @@ print(json.dumps({"native": phloem.gateway.native, "fastpath": fastpath.__file__
 
 
 def probe(*args: str, **env: str) -> dict[str, object]:
+    # Not inherited: scripts/test runs the gateway's tests a second time with it set.
+    base = {k: v for k, v in os.environ.items() if k != "PHLOEM_NATIVE"}
     proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=60)
+                          text=True, env={**base, **env}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout)
     return result
