@@ -16,7 +16,6 @@ keeps the pure-Python gateway: this prints why and exits 0.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from phloem.system.native import ROOT, digest, verified_files
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
@@ -39,49 +40,32 @@ MODULES = sorted([
     PACKAGE / "server" / "metrics.py",
     PACKAGE / "supervisor" / "supervisor.py",
 ])
-OUT = Path(sys.prefix) / "lib" / "phloem-native"
 #: The name of the library the modules share (a top-level module beside them).
 GROUP = "phloem_native"
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def module_name(path: Path) -> str:
     return ".".join(path.relative_to(SRC).with_suffix("").parts)
 
 
-def manifest(files: dict[str, str] | None = None) -> dict[str, object]:
-    """What phloem.system.native checks: this Python, each module's source and its digest
-    (with ``files``, the built extension of each module, relative to OUT)."""
+def manifest(files: dict[str, str]) -> dict[str, object]:
+    """What phloem.system.native checks: this Python, each module's source and its digest,
+    and the built extension of each module (``files``, relative to ROOT)."""
     return {
         "python": sys.version,
         "modules": {module_name(p): {"source": str(p.relative_to(PACKAGE)),
-                                     "sha256": digest(p),
-                                     **({"file": files[module_name(p)]} if files else {})}
+                                     "sha256": digest(p), "file": files[module_name(p)]}
                     for p in MODULES},
-        **({"group": f"{GROUP}__mypyc", "group_file": files[f"{GROUP}__mypyc"]}
-           if files else {}),
+        "group": f"{GROUP}__mypyc",
+        "group_file": files[f"{GROUP}__mypyc"],
     }
 
 
-def strip_files(built: dict[str, object]) -> dict[str, object]:
-    """``built`` without the file names, to compare with manifest()."""
-    modules = built.get("modules")
-    if not isinstance(modules, dict):
-        return {}
-    return {"python": built.get("python"),
-            "modules": {name: {k: v for k, v in entry.items() if k != "file"}
-                        for name, entry in modules.items()}}
-
-
 def current() -> bool:
-    try:
-        built = json.loads((OUT / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(built, dict) and strip_files(built) == manifest()
+    """The build in ROOT is the one phloem would load, and of exactly MODULES."""
+    files = verified_files()
+    return files is not None and set(files) == {module_name(p) for p in MODULES} | {
+        f"{GROUP}__mypyc"}
 
 
 SETUP = """\
@@ -96,7 +80,7 @@ setup(name="phloem-native", script_args=["build_ext", "--build-lib", sys.argv[1]
 
 
 def build() -> str | None:
-    """Compile MODULES into OUT; the reason on failure."""
+    """Compile MODULES into ROOT; the reason on failure."""
     with tempfile.TemporaryDirectory(prefix="phloem-native-") as tmp:
         work = Path(tmp)
         (work / "setup.py").write_text(SETUP.format(group=GROUP))
@@ -110,7 +94,7 @@ def build() -> str | None:
         if proc.returncode != 0:
             lines = (proc.stdout + proc.stderr).strip().splitlines()
             return next((line for line in lines if ": error:" in line), lines[-1])
-        staged = OUT.with_name(OUT.name + ".new")
+        staged = ROOT.with_name(ROOT.name + ".new")
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(lib, staged)
         files = {".".join(f.relative_to(staged).parts).split(".cpython")[0]:
@@ -119,8 +103,8 @@ def build() -> str | None:
         if missing:
             return f"not built: {', '.join(sorted(missing))}"
         (staged / "manifest.json").write_text(json.dumps(manifest(files), indent=1))
-        shutil.rmtree(OUT, ignore_errors=True)
-        staged.rename(OUT)
+        shutil.rmtree(ROOT, ignore_errors=True)
+        staged.rename(ROOT)
     return None
 
 
@@ -129,7 +113,7 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="build even if up to date")
     args = parser.parse_args()
     if not args.force and current():
-        print(f"--> compiled request path up to date ({OUT})")
+        print(f"--> compiled request path up to date ({ROOT})")
         return 0
     try:
         import mypyc  # noqa: F401
@@ -143,9 +127,9 @@ def main() -> int:
     reason = build()
     if reason is None:
         print(f"--> compiled {len(MODULES)} modules in {time.monotonic() - started:.0f} s "
-              f"({OUT})")
+              f"({ROOT})")
     else:
-        shutil.rmtree(OUT, ignore_errors=True)
+        shutil.rmtree(ROOT, ignore_errors=True)
         print(f"--> compiled request path skipped ({reason}); it runs as Python")
     return 0
 

@@ -25,7 +25,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["ROOT", "install"]
+__all__ = ["ROOT", "digest", "install", "verified_files"]
 
 #: Where scripts/build_native.py puts the compiled modules and their manifest.
 ROOT = Path(sys.prefix) / "lib" / "phloem-native"
@@ -48,22 +48,26 @@ class _Finder(MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, file)
 
 
-def _files() -> dict[str, Path] | None:
-    """Module name -> extension file, if the build is of these sources by this Python."""
+def digest(source: Path) -> str:
+    """A source's SHA-256, as the manifest records it."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def verified_files(root: Path | None = None) -> dict[str, Path] | None:
+    """Module name -> extension file (the shared library's too) of the build in ``root``
+    (default :data:`ROOT`), if it is of these sources by this Python; else ``None``."""
+    root = ROOT if root is None else root
     try:
-        built = json.loads((ROOT / "manifest.json").read_text())
+        built = json.loads((root / "manifest.json").read_text())
         if built["python"] != sys.version:
             return None
-        files = {built["group"]: ROOT / built["group_file"]}
+        files = {built["group"]: root / built["group_file"]}
         for name, entry in built["modules"].items():
-            source = (_PACKAGE / entry["source"]).read_bytes()
-            if hashlib.sha256(source).hexdigest() != entry["sha256"]:
+            if digest(_PACKAGE / entry["source"]) != entry["sha256"]:
                 return None
-            files[name] = ROOT / entry["file"]
+            files[name] = root / entry["file"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if any(name in sys.modules for name in files):
-        return None  # some already run as Python: the rest must too
     return files
 
 
@@ -71,7 +75,9 @@ def install() -> bool:
     """Put the compiled modules' finder first (once per process); whether they serve."""
     global _state
     if _state is None:
-        files = None if os.environ.get("PHLOEM_NATIVE", "1") == "0" else _files()
+        files = None if os.environ.get("PHLOEM_NATIVE", "1") == "0" else verified_files()
+        if files is not None and any(name in sys.modules for name in files):
+            files = None  # some already run as Python: the rest must too
         if files is not None:
             sys.meta_path.insert(0, _Finder(files))
         _state = files is not None
