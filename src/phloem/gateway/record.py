@@ -5,15 +5,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 __all__ = ["RequestRecord"]
 
 
-@dataclass(slots=True)
 class RequestRecord:
-    """One finished exchange, for logs and metrics (read-only by convention: not frozen,
-    which would make building one, once per request, three times as slow).
+    """One finished exchange, for logs and metrics (read-only by convention).
 
     ``status`` is the status sent to the client (the upstream's, or the gateway's own for
     errors), 499 when the client went away before the response was complete, and 0 when
@@ -23,11 +19,24 @@ class RequestRecord:
     byte; status 504) or ``"stream_silence"`` (closed mid-response; status as sent).
     """
 
-    host: str
-    method: str
-    path: str
-    status: int
-    duration_s: float
-    request_id: str
-    stream: bool = False
-    error: str | None = None
+    # A written-out __init__, not a dataclass: one is built per request, and the compiled
+    # build (phloem.system.native) keeps a dataclass's generated __init__ interpreted.
+    __slots__ = ("duration_s", "error", "host", "method", "path", "request_id", "status",
+                 "stream")
+
+    def __init__(self, host: str, method: str, path: str, status: int, duration_s: float,
+                 request_id: str, stream: bool = False, error: str | None = None) -> None:
+        self.host = host
+        self.method = method
+        self.path = path
+        self.status = status
+        self.duration_s = duration_s
+        self.request_id = request_id
+        self.stream = stream
+        self.error = error
+
+    def __repr__(self) -> str:
+        return (f"RequestRecord(host={self.host!r}, method={self.method!r}, "
+                f"path={self.path!r}, status={self.status!r}, "
+                f"duration_s={self.duration_s!r}, request_id={self.request_id!r}, "
+                f"stream={self.stream!r}, error={self.error!r})")

@@ -50,25 +50,32 @@ log = logging.getLogger("phloem.supervisor")
 MAX_IDLE_PER_ISOLATE = 64
 
 
-@dataclass(slots=True)
 class Lease:
     """One upstream connection to an isolate, for one exchange (see gateway.routing).
-    Slotted and built with positional arguments: one is made per request."""
+    Slotted, with a written-out __init__ (a dataclass's generated one stays interpreted
+    in the compiled build): one is made per request."""
 
-    isolate: Isolate
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    limits: Limits | None = None
-    #: Taken from the idle pool rather than freshly opened.
-    reused: bool = False
-    #: Never let the gateway replay a request merely because it is idempotent and got no
-    #: answer: isolates keep connections open for an hour, so a connection failing means
-    #: the isolate failed, and the request may be what crashed it. The gateway still
-    #: replays a request the kernel proves the isolate never read (the connection was
-    #: reset or refused the write before any answer; see gateway.framing.may_replay).
-    replay_safe: bool = False
-    _released: bool = False
-    _stream: bool = False
+    __slots__ = ("_released", "_stream", "isolate", "limits", "reader", "replay_safe",
+                 "reused", "writer")
+
+    def __init__(self, isolate: Isolate, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, limits: Limits | None = None,
+                 reused: bool = False) -> None:
+        self.isolate = isolate
+        self.reader = reader
+        self.writer = writer
+        self.limits = limits
+        #: Taken from the idle pool rather than freshly opened.
+        self.reused = reused
+        #: Never let the gateway replay a request merely because it is idempotent and got
+        #: no answer: isolates keep connections open for an hour, so a connection failing
+        #: means the isolate failed, and the request may be what crashed it. The gateway
+        #: still replays a request the kernel proves the isolate never read (the
+        #: connection was reset or refused the write before any answer; see
+        #: gateway.framing.may_replay).
+        self.replay_safe = False
+        self._released = False
+        self._stream = False
 
     def mark_stream(self) -> None:
         """The exchange became a long-lived stream (SSE, WebSocket): it no longer counts as
