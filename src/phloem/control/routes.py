@@ -42,6 +42,9 @@ class RoutingTable:
     def __init__(self) -> None:
         self._specs: dict[tuple[str, str], IsolateSpec] = {}
         self._domains: dict[str, DomainRoute] = {}
+        #: Changes with every write: what readers remember per Host is good while it
+        #: stays the same (see phloem.server.dispatch.HostRoutes).
+        self.version = 0
 
     def get(self, key: tuple[str, str]) -> IsolateSpec | None:
         return self._specs.get(key)
@@ -49,10 +52,12 @@ class RoutingTable:
     def put(self, branch_id: str, slug: str, spec: IsolateSpec) -> None:
         """Route the function's new requests to ``spec`` from now on."""
         self._specs[(branch_id, slug)] = spec
+        self.version += 1
 
     def remove(self, branch_id: str, slug: str) -> None:
         """Stop routing the function (absent already is fine)."""
         self._specs.pop((branch_id, slug), None)
+        self.version += 1
 
     def deployments_of(self, branch_id: str) -> list[str]:
         """The active deployment ids of a branch's functions."""
@@ -70,10 +75,13 @@ class RoutingTable:
 
     def put_domain(self, hostname: str, route: DomainRoute) -> None:
         self._domains[hostname] = route
+        self.version += 1
 
     def remove_domain(self, hostname: str) -> None:
         self._domains.pop(hostname, None)
+        self.version += 1
 
     def set_domains(self, routes: dict[str, DomainRoute]) -> None:
         """Replace every custom domain route (at start, from the system database)."""
         self._domains = dict(routes)
+        self.version += 1

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from phloem.control.logs import FunctionLogs
 from phloem.control.routes import DomainRoute, RoutingTable
 from phloem.gateway.record import RequestRecord
 from phloem.gateway.routing import Limits, RouteError, Upstream
-from phloem.server.metrics import Metrics
+from phloem.server.metrics import FunctionRequests, Metrics
 from phloem.services.registry import ServiceRegistry
 from phloem.supervisor import IsolateFailed, IsolateSpec, Supervisor
 
@@ -30,12 +30,14 @@ _LABEL_RE = re.compile(r"^(br-[a-z]+-[a-z]+-[0-9a-f]{6})-([a-z0-9]{1,20})$")
 #: One year, the value browsers' preload lists ask for; not includeSubDomains: the
 #: domain's other names are not ours to promise.
 HSTS = b"Strict-Transport-Security: max-age=31536000\r\n"
+#: Host names remembered by a HostRoutes (and the request observer); then it starts over.
+MAX_HOSTS = 4096
 
 
 @functools.lru_cache(maxsize=4096)
 def parse_host(host: str, domain: str) -> tuple[str, str] | None:
-    """``(branch_id, slug)`` for a function host name, else ``None``. Cached: the router
-    and the request observer both ask for every request."""
+    """``(branch_id, slug)`` for a function host name, else ``None``. (Cached; callers on
+    the request path ask :class:`HostRoutes`, which remembers more.)"""
     name = host.strip().lower()
     if name.startswith("["):
         return None
@@ -56,14 +58,61 @@ def host_name(host: str) -> str:
     return (name.rsplit(":", 1)[0] if ":" in name else name).removesuffix(".")
 
 
-def route_of(host: str, domain: str, routes: RoutingTable) -> tuple[str, str] | None:
-    """``(branch_id, slug)`` a Host header is served by: a function host name, else a
-    custom domain; ``None``: neither."""
-    key = parse_host(host, domain)
-    if key is not None:
-        return key
-    route = routes.domain(host_name(host))
-    return (route.branch_id, route.slug) if route is not None else None
+class Found:
+    """What a Host header is routed to: ``key`` (branch id, slug) and the spec of its
+    active deployment (``None``: nothing deployed there), ``route`` when the name is a
+    custom domain. ``key`` None: the name routes nowhere."""
+
+    __slots__ = ("key", "route", "spec")
+
+    def __init__(self, key: tuple[str, str] | None, spec: IsolateSpec | None,
+                 route: DomainRoute | None) -> None:
+        self.key = key
+        self.spec = spec
+        self.route = route
+
+
+class HostRoutes:
+    """Host header -> :class:`Found`, remembered per Host string until the routing table
+    changes (its ``version``): the router and the request observer ask for every request,
+    and one lookup of the Host string costs less than parsing it and looking the parts up.
+    At most :data:`MAX_HOSTS` names are remembered (any client can send any Host).
+
+        hosts = HostRoutes(deployer.routes, "fn.localhost")
+        hosts.find("br-quiet-moon-3f9a2c-todos.fn.localhost:8787").spec
+    """
+
+    __slots__ = ("_domain", "_memo", "_routes", "_version")
+
+    def __init__(self, routes: RoutingTable, domain: str) -> None:
+        self._routes = routes
+        self._domain = domain
+        self._memo: dict[str, Found] = {}
+        self._version = routes.version
+
+    def find(self, host: str) -> Found:
+        routes = self._routes
+        memo = self._memo
+        if routes.version != self._version:
+            memo.clear()
+            self._version = routes.version
+        found = memo.get(host)
+        if found is None:
+            if len(memo) >= MAX_HOSTS:
+                memo.clear()
+            found = memo[host] = self._resolve(host)
+        return found
+
+    def _resolve(self, host: str) -> Found:
+        routes = self._routes
+        key = parse_host(host, self._domain)
+        if key is not None:
+            return Found(key, routes.get(key), None)
+        route = routes.domain(host_name(host))
+        if route is None:
+            return Found(None, None, None)
+        key = (route.branch_id, route.slug)
+        return Found(key, routes.get(key), route)
 
 
 class _HeaderLease:
@@ -106,21 +155,13 @@ class PlatformRouter:
         self.routes = routes
         self.supervisor = supervisor
         self.domain = domain
+        self._hosts = HostRoutes(routes, domain)
         self.hsts = hsts
         #: Branch services answer at ``<branch_id>--<service>.<domain>``.
         self.services = services
         # A route's limits with HSTS added, made once per limits object (the gateway's
         # fast path recognises a route's limits by identity).
         self._with_hsts: dict[int, tuple[Limits | None, Limits]] = {}
-
-    def _find(self, host: str) -> tuple[IsolateSpec | None, DomainRoute | None]:
-        key = parse_host(host, self.domain)
-        if key is not None:
-            return self.routes.get(key), None
-        route = self.routes.domain(host_name(host))
-        if route is None:
-            return None, None
-        return self.routes.get((route.branch_id, route.slug)), route
 
     def _dress(self, lease: Upstream, route: DomainRoute | None) -> Upstream:
         if route is None or not route.hsts or not self.hsts:
@@ -133,7 +174,8 @@ class PlatformRouter:
         return _HeaderLease(lease, cached[1])
 
     async def acquire(self, host: str) -> Upstream:
-        spec, route = self._find(host)
+        found = self._hosts.find(host)
+        spec, route = found.spec, found.route
         if spec is None and route is None and self.services is not None:
             lease = await self.services.acquire(host)
             if lease is not None:
@@ -150,29 +192,69 @@ class PlatformRouter:
     def acquire_nowait(self, host: str) -> Upstream | None:
         """The gateway's fast path (see gateway.routing): an idle pooled connection to a
         ready isolate of the host's deployment, or ``None`` (then :meth:`acquire`)."""
-        key = parse_host(host, self.domain)
-        if key is not None:  # the common case first: one cached parse, one lookup
-            spec = self.routes.get(key)
-            return self.supervisor.acquire_nowait(spec) if spec is not None else None
-        spec, route = self._find(host)
+        found = self._hosts.find(host)
+        spec = found.spec
         if spec is None:
             return None
         lease = self.supervisor.acquire_nowait(spec)
-        return self._dress(lease, route) if lease is not None else None
+        if lease is None or found.route is None:
+            return lease
+        return self._dress(lease, found.route)
 
 
-def request_observer(domain: str, routes: RoutingTable, metrics: Metrics,
-                     logs: FunctionLogs) -> Callable[[RequestRecord], None]:
-    """The gateway's ``on_request``: metrics and one access line per request."""
-    def observe(record: RequestRecord) -> None:
-        # Runs for every request on the gateway's path: keep it to lookups and one format.
-        # Only label with routes that exist: any client can send any Host.
-        key = route_of(record.host, domain, routes)
-        if key is None:
+class _Observed:
+    """Where one Host's requests are counted and logged (``log_path`` None: nowhere)."""
+
+    __slots__ = ("log_path", "series")
+
+    def __init__(self, log_path: Path | None, series: FunctionRequests | None) -> None:
+        self.log_path = log_path
+        self.series = series
+
+
+class RequestObserver:
+    """The gateway's ``on_request``: metrics and one access line per request, for hosts
+    that route to a deployed function (any client can send any Host: only existing routes
+    become labels). What a Host resolves to is remembered until the routing table changes.
+
+        gateway = Gateway(router, config, on_request=RequestObserver(domain, routes,
+                                                                     metrics, logs))
+    """
+
+    __slots__ = ("_hosts", "_logs", "_memo", "_metrics", "_routes", "_version")
+
+    def __init__(self, domain: str, routes: RoutingTable, metrics: Metrics,
+                 logs: FunctionLogs) -> None:
+        self._hosts = HostRoutes(routes, domain)
+        self._routes = routes
+        self._metrics = metrics
+        self._logs = logs
+        self._memo: dict[str, _Observed] = {}
+        self._version = routes.version
+
+    def __call__(self, record: RequestRecord) -> None:
+        # Runs for every request on the gateway's path: one lookup, one count, one line.
+        routes = self._routes
+        memo = self._memo
+        if routes.version != self._version:
+            memo.clear()
+            self._version = routes.version
+        observed = memo.get(record.host)
+        if observed is None:
+            if len(memo) >= MAX_HOSTS:
+                memo.clear()
+            observed = memo[record.host] = self._resolve(record.host)
+        log_path = observed.log_path
+        series = observed.series
+        if log_path is None or series is None:
             return
-        spec = routes.get(key)
-        if spec is None:
-            return
-        metrics.observe_request(record, key[0], key[1])
-        logs.access(spec.log_path, record)
-    return observe
+        series.observe(record.status, record.duration_s, record.stream)
+        self._logs.access(log_path, record)
+
+    def _resolve(self, host: str) -> _Observed:
+        found = self._hosts.find(host)
+        if found.key is None or found.spec is None:
+            return _Observed(None, None)
+        return _Observed(found.spec.log_path,
+                         self._metrics.requests_of(found.key[0], found.key[1]))
+

@@ -49,6 +49,7 @@ __all__ = [
     "REQUEST_BUCKETS",
     "ConnectionSource",
     "FunctionLoad",
+    "FunctionRequests",
     "ListenerLoad",
     "LoadSource",
     "Metrics",
@@ -216,16 +217,44 @@ class _LoadCollector:
         return families
 
 
-class _Timings:
-    """One function's request durations: a count per bucket (not cumulative; the last one
-    is ``+Inf``) and their sum."""
+class _Count:
+    """One status's requests of one function, and when it was first seen."""
 
-    __slots__ = ("buckets", "created", "total")
+    __slots__ = ("created", "n")
 
     def __init__(self) -> None:
+        self.n = 0
+        self.created = time.time()
+
+
+class FunctionRequests:
+    """One function's request series: a count per status, and its request durations as a
+    count per bucket (not cumulative; the last one is ``+Inf``) and their sum. The request
+    observer keeps one per Host (see :meth:`Metrics.requests_of`), so counting a request
+    builds no key.
+
+        metrics.requests_of("br-quiet-moon-3f9a2c", "todos").observe(200, 0.004, False)
+    """
+
+    __slots__ = ("buckets", "created", "statuses", "total")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, _Count] = {}
         self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)
         self.total = 0.0
         self.created = time.time()
+
+    def observe(self, status: int, duration_s: float, stream: bool) -> None:
+        """Count one finished exchange. A stream's duration is its lifetime, not a
+        latency, so streams are counted but kept out of the duration histogram."""
+        count = self.statuses.get(status)
+        if count is None:
+            count = self.statuses[status] = _Count()
+        count.n += 1
+        if not stream:
+            # bisect_left: a duration equal to a bound belongs to that bucket (le is <=).
+            self.buckets[bisect.bisect_left(REQUEST_BUCKETS, duration_s)] += 1
+            self.total += duration_s
 
 
 _LE: list[str] = [*(floatToGoString(b) for b in REQUEST_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
@@ -236,9 +265,7 @@ class _RequestCollector:
     counts (see the module docstring)."""
 
     def __init__(self) -> None:
-        # (branch, function, status) -> [count, created]
-        self.requests: dict[tuple[str, str, int], list[float]] = {}
-        self.timings: dict[tuple[str, str], _Timings] = {}
+        self.functions: dict[tuple[str, str], FunctionRequests] = {}
 
     def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
         return (
@@ -259,9 +286,14 @@ class _RequestCollector:
 
     def collect(self) -> Iterable[Metric]:
         requests, durations = families = self._families()
-        for (branch, function, status), (count, created) in sorted(self.requests.items()):
-            requests.add_metric((branch, function, str(status)), count, created=created)
-        for (branch, function), t in sorted(self.timings.items()):
+        functions = sorted(self.functions.items())
+        for (branch, function), t in functions:
+            for status, count in sorted(t.statuses.items()):
+                requests.add_metric((branch, function, str(status)), count.n,
+                                    created=count.created)
+        for (branch, function), t in functions:
+            if not any(t.buckets):
+                continue  # streams only: no durations to show
             cumulative, running = [], 0
             for le, n in zip(_LE, t.buckets, strict=True):
                 running += n
@@ -305,26 +337,19 @@ class Metrics:
         r.register(_LoadCollector(self))
         r.register(_ConnectionCollector(self))
 
-    def observe_request(self, record: RequestRecord, branch: str, function: str) -> None:
-        """Count one finished exchange (feed it the gateway's ``on_request`` records).
+    def requests_of(self, branch: str, function: str) -> FunctionRequests:
+        """The function's request series (made on its first request)."""
+        functions = self._request_series.functions
+        series = functions.get((branch, function))
+        if series is None:
+            series = functions[(branch, function)] = FunctionRequests()
+        return series
 
-        A stream's duration is its lifetime, not a latency, so streams are counted but kept
-        out of the duration histogram.
-        """
-        series = self._request_series
-        key = (branch, function, record.status)
-        count = series.requests.get(key)
-        if count is None:
-            series.requests[key] = [1, time.time()]
-        else:
-            count[0] += 1
-        if not record.stream:
-            timings = series.timings.get((branch, function))
-            if timings is None:
-                timings = series.timings[(branch, function)] = _Timings()
-            # bisect_left: a duration equal to a bound belongs to that bucket (le is <=).
-            timings.buckets[bisect.bisect_left(REQUEST_BUCKETS, record.duration_s)] += 1
-            timings.total += record.duration_s
+    def observe_request(self, record: RequestRecord, branch: str, function: str) -> None:
+        """Count one finished exchange (feed it the gateway's ``on_request`` records; see
+        :meth:`FunctionRequests.observe`)."""
+        self.requests_of(branch, function).observe(record.status, record.duration_s,
+                                                   record.stream)
 
     def observe_cold_start(self, branch: str, function: str, seconds: float) -> None:
         self._cold_starts.labels(branch, function).inc()

@@ -66,7 +66,7 @@ from phloem.runtimes.build import DIRECT, SandboxRunner
 from phloem.runtimes.registry import spawners
 from phloem.sandbox import available as sandbox_unavailable
 from phloem.server import leftovers
-from phloem.server.dispatch import PlatformRouter, request_observer
+from phloem.server.dispatch import PlatformRouter, RequestObserver
 from phloem.server.https import GatewayTls, gateway_tls
 from phloem.server.lifecycle import (
     FORCED_EXIT_STATUS,
@@ -470,8 +470,8 @@ class Platform:
                           # The gateway's own limit is a ceiling; lower ones come per lease.
                           max_body_bytes=max(s.function_limits.max_body_bytes,
                                              MAX_BODY_CEILING)),
-            on_request=request_observer(s.domain, deployer.routes, metrics,
-                                         function_logs))
+            on_request=RequestObserver(s.domain, deployer.routes, metrics,
+                                       function_logs))
         push(_close_gateway, gateway, s.drain_timeout_s)
         await gateway.start()
         if self._tls is not None and self._tls.acme is not None:
