@@ -23,6 +23,7 @@ from pathlib import Path
 import uvicorn
 from starlette.types import ASGIApp
 
+from phloem.gateway.idle import IdleConnections
 from phloem.gateway.routing import Limits, RouteError
 
 #: Idle connections kept per socket.
@@ -58,14 +59,12 @@ class SocketPool:
     def __init__(self, path: Path, limits: Limits | None = None) -> None:
         self.path = path
         self.limits = limits
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle = IdleConnections()
 
     async def acquire(self) -> UnixLease:
-        while self._idle:
-            reader, writer = self._idle.pop()
-            if not writer.is_closing() and not reader.at_eof():
-                return UnixLease(self, reader, writer, self.limits)
-            writer.close()
+        pooled = self._idle.take()
+        if pooled is not None:
+            return UnixLease(self, pooled[0], pooled[1], self.limits)
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.path))
         except OSError as exc:
@@ -75,16 +74,12 @@ class SocketPool:
 
     def give_back(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   reusable: bool) -> None:
-        if (reusable and len(self._idle) < MAX_IDLE and not writer.is_closing()
-                and not reader.at_eof() and reader.exception() is None):
-            self._idle.append((reader, writer))
-        else:
-            writer.close()
+        self._idle.give_back(reader, writer, keep=(
+            reusable and len(self._idle) < MAX_IDLE and not reader.at_eof()
+            and reader.exception() is None))
 
     def close(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
+        self._idle.close_all()
 
 
 class _QuietServer(uvicorn.Server):

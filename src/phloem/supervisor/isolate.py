@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from phloem.gateway.idle import IdleConnections
 from phloem.sandbox import LAUNCHER_ENV, Job, SandboxSpec
 from phloem.supervisor.cgroups import MemoryLimiter, MemorySlot
 from phloem.system.identity import Identity
@@ -259,7 +260,9 @@ class Isolate:
     exit_reason: str | None = None
     _process: IsolateProcess | None = None
     _memory: MemorySlot | None = None
-    _idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
+    #: Open connections to the app that no lease holds (the supervisor's leases take from
+    #: and give back to it directly: it is compiled, and this class is not).
+    idle: IdleConnections = field(default_factory=IdleConnections)
     _ready: asyncio.Future[None] | None = None
     _exited: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -354,7 +357,7 @@ class Isolate:
         was = self.state
         self.state = "exited"
         self.background = False
-        self._drop_idle()
+        self.idle.close_all()
         # Let the pumps flush what the process printed last, for the failure reason.
         await asyncio.gather(*self._tasks[:2], return_exceptions=True)
         if self._memory is not None:
@@ -386,11 +389,6 @@ class Isolate:
     def alive(self) -> bool:
         return self.state in ("starting", "ready")
 
-    def _drop_idle(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
-
     def connection_broke(self) -> None:
         """A connection to the process ended without a clean answer. If the process is
         dying, stop leasing it now and drop its idle connections: its exit may be noticed
@@ -400,34 +398,13 @@ class Isolate:
         if self.alive and pid is not None and _exiting(pid):
             self.log(self.id, "phloem", "isolate is exiting: no new requests")
             self.state = "stopping"
-            self._drop_idle()
-
-    def take_idle(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """The most recently used open connection of the idle pool (dead ones on the way
-        are closed), or ``None``."""
-        while self._idle:
-            reader, writer = self._idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()
-        return None
-
-    @property
-    def idle_connections(self) -> int:
-        return len(self._idle)
-
-    def close_oldest_idle(self, count: int) -> None:
-        """Close the ``count`` least recently used idle connections (the pool is a stack:
-        its bottom was used longest ago)."""
-        for _, writer in self._idle[:count]:
-            writer.close()
-        del self._idle[:count]
+            self.idle.close_all()
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         """A connection to the app, from the idle pool when one is there; the flag says
         whether it was reused."""
         self.last_active = time.monotonic()
-        pooled = self.take_idle()
+        pooled = self.idle.take()
         if pooled is not None:
             return pooled[0], pooled[1], True
         reader, writer = await asyncio.open_unix_connection(str(self.socket_path),
@@ -436,14 +413,6 @@ class Isolate:
             writer.close()
             raise ConnectionRefusedError(f"isolate {self.id} is exiting")
         return reader, writer, False
-
-    def give_back(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  reusable: bool) -> None:
-        self.last_active = time.monotonic()
-        if reusable and self.state == "ready" and not writer.is_closing():
-            self._idle.append((reader, writer))
-        else:
-            writer.close()
 
     def send_signal(self, sig: int) -> None:
         if self._process is not None:
@@ -458,7 +427,7 @@ class Isolate:
         if self.state == "exited":
             return
         self.state = "stopping"
-        self._drop_idle()
+        self.idle.close_all()
         self.send_signal(signal.SIGINT)
         loop = asyncio.get_running_loop()
         budget_end = loop.time() + wait_until_s

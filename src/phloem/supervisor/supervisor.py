@@ -98,7 +98,11 @@ class Lease:
                              or self.reader.exception() is not None):
             # The isolate ended the connection: maybe it died (then stop leasing it now).
             isolate.connection_broke()
-        isolate.give_back(self.reader, self.writer, reusable)
+        # Back to the isolate's idle pool while it serves (directly: the pool is compiled,
+        # the isolate's methods are not, and this runs for every request).
+        isolate.last_active = time.monotonic()
+        isolate.idle.give_back(self.reader, self.writer,
+                               keep=reusable and isolate.state == "ready")
 
 
 @dataclass
@@ -225,20 +229,20 @@ class Supervisor:
         if (best.inflight >= limits.target_inflight and live < limits.max_isolates
                 and starting is None):
             return None  # acquire() starts another isolate
-        pooled = best.take_idle()
+        pooled = best.idle.take()
         if pooled is None:
             return None
         # (No last_active stamp: a leased isolate is busy, and the release stamps it.)
         best.inflight += 1
         # _note_idle, inline: this runs for every request.
-        n = best.idle_connections
+        n = len(best.idle)
         low = self._idle_low.get(best.id)
         if low is None or n < low:
             self._idle_low[best.id] = n
         return Lease(best, pooled[0], pooled[1], pool.lease_limits, True)
 
     def _note_idle(self, isolate: Isolate) -> None:
-        n = isolate.idle_connections
+        n = len(isolate.idle)
         low = self._idle_low.get(isolate.id)
         if low is None or n < low:
             self._idle_low[isolate.id] = n
@@ -247,11 +251,11 @@ class Supervisor:
         """Close idle connections beyond MAX_IDLE_PER_ISOLATE among those unused since the
         last round: the idle pool is a stack, and at least ``low`` connections at its
         bottom (the least recently used) were not touched."""
-        n = isolate.idle_connections
+        n = len(isolate.idle)
         low = self._idle_low.pop(isolate.id, n)
         excess = min(low, n) - MAX_IDLE_PER_ISOLATE
         if excess > 0:
-            isolate.close_oldest_idle(excess)
+            isolate.idle.close_oldest(excess)
 
     async def _pick(self, pool: Pool) -> Isolate:
         limits = pool.spec.limits
