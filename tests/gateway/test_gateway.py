@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import gc
 import json
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import websockets
 
 from phloem.gateway.routing import Limits, RouteError, Upstream
 from phloem.gateway.server import Gateway, GatewayConfig, RequestRecord
+from phloem.gateway.tls import LocalCA, server_context
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -1234,6 +1238,59 @@ async def test_port_in_use_is_a_clear_oserror(env: Env) -> None:
     other = Gateway(env.router, GatewayConfig(port=env.gateway.port))
     with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1"):
         await other.start()
+
+
+# -- teardown --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("nowait", [True, False], ids=["callbacks", "task"])
+def test_a_closed_connection_leaves_no_cyclic_garbage(tmp_path: Path, tls: bool,
+                                                      nowait: bool) -> None:
+    """A connection's objects are freed by reference counting when it closes, not left to
+    the cyclic collector: with a connection per request, collections took a tenth of the
+    gateway's CPU. Under uvloop, as production runs."""
+    uvloop = pytest.importorskip("uvloop")
+    client_tls: ssl.SSLContext | None = None
+    config = GatewayConfig(port=0)
+    if tls:
+        ca = LocalCA.ensure(tmp_path / "ca")
+        cert, key = ca.issue(tmp_path, ["app.test"], stem="app")
+        config = GatewayConfig(port=0, tls=server_context(cert, key))
+        client_tls = ssl.create_default_context(cafile=str(ca.cert_path))
+
+    async def one(env: Env) -> None:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", env.gateway.port, ssl=client_tls,
+            server_hostname="app.test" if tls else None)
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        assert (await read_response(reader)).status == 200
+        assert await read_eof(reader)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    async def main() -> list[object]:
+        async with running_env(tmp_path, config, nowait=nowait) as env:
+            await one(env)  # pooled upstream connections, caches
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                for _ in range(5):
+                    await one(env)
+                await wait_until(lambda: env.gateway.admission.open == 0
+                                 and env.gateway.inflight == 0)
+                for _ in range(3):  # the connections' tasks end
+                    await asyncio.sleep(0)
+                gc.collect()
+                return [o for o in gc.garbage
+                        if type(o).__module__.startswith("phloem.gateway")]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+
+    left = uvloop.run(main())
+    assert not left, collections.Counter(type(o).__qualname__ for o in left)
 
 
 # -- the same scenarios under uvloop (what production runs) -----------------------------------

@@ -468,6 +468,16 @@ class _Connection(asyncio.Protocol):
             if not self.transport.is_closing():
                 self.transport.close()
             self.gateway.connection_closed(self)
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """The connection is over: cut the references that make its objects a cycle (it
+        and its reader, the reader and its parser, its watchdog, its task), so they are
+        freed when the transport lets go of it rather than by the cyclic GC, which with a
+        connection per request took a tenth of the gateway's CPU."""
+        self.reader.let_go()
+        self.task = None
+        self.last = None
 
     async def _next_request(self) -> Request | None:
         while True:

@@ -279,32 +279,16 @@ def strip_hop_by_hop(head: bytes, named: set[bytes]) -> bytes:
     return b"\r\n".join(kept)
 
 
-class ResponseHead:
-    """Callbacks for :class:`httptools.HttpResponseParser`, and what they learnt.
+class _ResponseFields:
+    """The callbacks of a :class:`ResponseHead`'s parser and what they learnt. Apart from
+    the ResponseHead so that the parser, which holds its callbacks, holds nothing that
+    holds it: no reference cycle, so a dropped head is freed at once, not by the cyclic
+    GC (one per exchange on the task path)."""
 
-    Only message boundaries are taken from the parser; the response bytes are forwarded
-    as received, so nothing here is ever re-serialised. One can serve successive responses
-    on a keep-alive connection (:meth:`feed_head` for each head, :meth:`feed` for every
-    body byte): creating a parser costs more than parsing a small head.
-    """
-
-    __slots__ = (
-        "begins",
-        "chunked",
-        "complete",
-        "connection",
-        "content_length",
-        "event_stream",
-        "hop",
-        "keep_alive",
-        "parser",
-        "status",
-        "transfer_encoding",
-    )
+    __slots__ = ("begins", "chunked", "complete", "connection", "content_length",
+                 "event_stream", "hop", "transfer_encoding")
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.status = 0
         self.content_length: int | None = None
         self.transfer_encoding = False
         self.chunked = False
@@ -314,9 +298,16 @@ class ResponseHead:
         # A hop-by-hop field (Connection, Keep-Alive, Proxy-Connection) is in the head: it
         # must be rewritten before it goes to a client (see strip_hop_by_hop).
         self.hop = False
-        self.keep_alive = True
         self.complete = False
         # More than one message begin means bytes followed the response: broken framing.
+        self.begins = 0
+
+    def reset(self) -> None:
+        self.content_length = None
+        self.transfer_encoding = self.chunked = self.event_stream = self.complete = False
+        if self.hop:
+            self.hop = False
+            self.connection = set()
         self.begins = 0
 
     def on_message_begin(self) -> None:
@@ -341,16 +332,64 @@ class ResponseHead:
     def on_message_complete(self) -> None:
         self.complete = True
 
+
+class ResponseHead:
+    """An upstream connection's ``httptools.HttpResponseParser``, and what it learnt of
+    the current response.
+
+    Only message boundaries are taken from the parser; the response bytes are forwarded
+    as received, so nothing here is ever re-serialised. One can serve successive responses
+    on a keep-alive connection (:meth:`feed_head` for each head, :meth:`feed` for every
+    body byte): creating a parser costs more than parsing a small head.
+    """
+
+    __slots__ = ("_fields", "keep_alive", "parser", "status")
+
+    def __init__(self) -> None:
+        self._fields = fields = _ResponseFields()
+        self.parser = httptools.HttpResponseParser(fields)
+        self.status = 0
+        self.keep_alive = True
+
+    @property
+    def content_length(self) -> int | None:
+        return self._fields.content_length
+
+    @property
+    def transfer_encoding(self) -> bool:
+        return self._fields.transfer_encoding
+
+    @property
+    def chunked(self) -> bool:
+        return self._fields.chunked
+
+    @property
+    def connection(self) -> set[bytes]:
+        """The Connection field's tokens, lowercase."""
+        return self._fields.connection
+
+    @property
+    def event_stream(self) -> bool:
+        return self._fields.event_stream
+
+    @property
+    def hop(self) -> bool:
+        return self._fields.hop
+
+    @property
+    def complete(self) -> bool:
+        return self._fields.complete
+
+    @property
+    def extra_data(self) -> bool:
+        return self._fields.begins > 1
+
     def feed_head(self, head: bytes) -> None:
         """Parse one complete head (status line to the blank line, inclusive): the next
         message on this parser's connection. Raises :class:`UpstreamProtocolError`."""
         self.status = 0
-        self.content_length = None
-        self.transfer_encoding = self.chunked = self.event_stream = self.complete = False
-        if self.hop:
-            self.hop = False
-            self.connection = set()
-        self.begins = 0
+        fields = self._fields
+        fields.reset()
         parser = self.parser
         try:
             parser.feed_data(head)
@@ -361,21 +400,18 @@ class ResponseHead:
         self.status = parser.get_status_code()
         # (get_http_version formats a string: the status line says it at once.)
         if head.startswith(b"HTTP/1.1 ") or parser.get_http_version() == "1.1":
-            self.keep_alive = b"close" not in self.connection
+            self.keep_alive = b"close" not in fields.connection
         else:
-            self.keep_alive = b"keep-alive" in self.connection
-
-    @property
-    def extra_data(self) -> bool:
-        return self.begins > 1
+            self.keep_alive = b"keep-alive" in fields.connection
 
     def feed(self, data: bytes) -> None:
         """Feed body bytes; raises :class:`UpstreamProtocolError` on broken framing."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self.complete:
-                self.begins += 1  # the message ended; what follows it is junk
+            fields = self._fields
+            if fields.complete:
+                fields.begins += 1  # the message ended; what follows it is junk
                 return
             raise UpstreamProtocolError(str(exc)) from exc
 

@@ -44,6 +44,21 @@ class ReaderOwner(Protocol):
         """Parsing failed: the connection's task answers it."""
 
 
+class _Nobody:
+    """The owner and parser callbacks of a reader that was let go: ignores everything."""
+
+    def head_begun(self) -> None:
+        pass
+
+    def wake_handler(self) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
+# One parser for every reader that was let go; never fed (a dead reader parses nothing).
+_LET_GO = httptools.HttpRequestParser(_NOBODY)
+
+
 class RequestReader:
     __slots__ = (
         "_begun",
@@ -85,6 +100,15 @@ class RequestReader:
         self.pending: collections.deque[Request] = collections.deque()
         self.bad_request: tuple[int, str, str] | None = None  # unparseable input, in order
         self.dead = False  # nothing more will be parsed
+
+    def let_go(self) -> None:
+        """The connection is over: nothing more is parsed, and the reader lets go of its
+        parser and owner (see ``_Connection._let_go``)."""
+        self.dead = True
+        self.parsing = self.upgraded = None
+        self.pending.clear()
+        self._parser = _LET_GO
+        self._owner = _NOBODY
 
     def feed(self, data: bytes) -> None:
         if self.upgraded is not None:

@@ -37,6 +37,24 @@ class Watched(Protocol):
     def silence_expired(self, timeout: float) -> None: ...
 
 
+class _Nobody:
+    """The owner of a stopped watchdog (whose timer is cancelled: never told anything)."""
+
+    last_io = 0.0
+
+    def keep_alive_expired(self) -> None:
+        pass
+
+    def ttfb_expired(self, timeout: float) -> None:
+        pass
+
+    def silence_expired(self, timeout: float) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
+
+
 class Watchdog:
     __slots__ = ("_handle", "_loop", "_owner", "_when", "deadline", "phase", "silence_s",
                  "ttfb_s")
@@ -90,10 +108,12 @@ class Watchdog:
         self.phase = NONE
 
     def stop(self) -> None:
+        """For good: the owner's connection is over (and is let go of: no cycle)."""
         self.phase = NONE
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self._owner = _NOBODY
 
     def _arm(self, when: float) -> None:
         if self._handle is not None:
