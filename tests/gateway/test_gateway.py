@@ -1293,6 +1293,58 @@ def test_a_closed_connection_leaves_no_cyclic_garbage(tmp_path: Path, tls: bool,
     assert not left, collections.Counter(type(o).__qualname__ for o in left)
 
 
+def test_a_slow_tls_handshake_comes_out_of_the_head_timeout(tmp_path: Path) -> None:
+    """The first request head is due head_timeout after accept, however long the TLS
+    handshake took (not head_timeout after the handshake: a client could hold a
+    connection twice as long)."""
+    uvloop = pytest.importorskip("uvloop")
+    head_s = 2.0
+    ca = LocalCA.ensure(tmp_path / "ca")
+    cert, key = ca.issue(tmp_path, ["app.test"], stem="app")
+    config = GatewayConfig(port=0, head_timeout=head_s, tls=server_context(cert, key))
+    client = ssl.create_default_context(cafile=str(ca.cert_path))
+
+    def slow_handshake_then_silence(port: int) -> tuple[float, float]:
+        """(seconds to the end of the handshake, seconds to the server's close)."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = client.wrap_bio(incoming, outgoing, server_hostname="app.test")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            start = time.monotonic()
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.do_handshake()
+            hello = outgoing.read()
+            s.sendall(hello[: len(hello) // 2])
+            time.sleep(head_s * 0.6)  # the handshake takes 60% of the head timeout
+            s.sendall(hello[len(hello) // 2 :])
+            while True:
+                data = s.recv(65536)
+                assert data, "closed during the handshake"
+                incoming.write(data)
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    s.sendall(outgoing.read())
+            s.sendall(outgoing.read())  # the client's Finished
+            handshaken = time.monotonic() - start
+            while data := s.recv(65536):  # session tickets, then the close (no request)
+                incoming.write(data)
+                try:
+                    if obj.read() == b"":
+                        break  # the server's close_notify
+                except ssl.SSLWantReadError:
+                    continue
+            return handshaken, time.monotonic() - start
+
+    async def main() -> tuple[float, float]:
+        async with running_env(tmp_path, config) as env:
+            return await asyncio.to_thread(slow_handshake_then_silence, env.gateway.port)
+
+    handshaken, closed = uvloop.run(main())
+    assert handshaken >= head_s * 0.6
+    assert head_s - 0.3 <= closed < head_s + 0.7, (handshaken, closed)
+
+
 # -- the same scenarios under uvloop (what production runs) -----------------------------------
 
 UVLOOP_SCENARIOS = [

@@ -61,7 +61,8 @@ class AdmittedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head()  # the first head counts from accept
+        # The first head counts from accept (a TLS handshake took its share).
+        self._arm_head(self._admission.first_head_timeout(self))
         self._admission.waiting(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -73,7 +74,8 @@ class AdmittedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         if self._head_timer is None:
-            self._arm_head()  # a later head counts from its first byte
+            # A later head counts from its first byte.
+            self._arm_head(self._admission.config.head_timeout_s)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -90,9 +92,8 @@ class AdmittedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- the head deadline -----------------------------------------------------------------
 
-    def _arm_head(self) -> None:
-        self._head_timer = self.loop.call_later(self._admission.config.head_timeout_s,
-                                                self._head_timed_out)
+    def _arm_head(self, timeout: float) -> None:
+        self._head_timer = self.loop.call_later(timeout, self._head_timed_out)
 
     def _disarm_head(self) -> None:
         if self._head_timer is not None:

@@ -134,6 +134,9 @@ class Admission:
         # Connections waiting for a request head, longest waiting first; entries are
         # checked (and dropped if no longer evictable) only when room is needed.
         self._waiting: dict[Tracked, None] = {}
+        # Loop time by which a connection handed over after its PROXY header or TLS
+        # handshake must have sent its first request head (see first_head_timeout).
+        self._head_due: dict[Tracked, float] = {}
         #: Connections refused or closed by a limit, per reason (REASONS).
         self.refused: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._logged: dict[str, float] = {}
@@ -172,14 +175,25 @@ class Admission:
         self._conns[conn] = ip
         self._peers[ip] = self._peers.get(ip, 0) + 1
 
-    def replace(self, old: Tracked, new: Tracked) -> str | None:
-        """``new`` takes ``old``'s place (same peer, same count); the peer's address, or
-        None when ``old`` is no longer open (evicted)."""
+    def replace(self, old: Tracked, new: Tracked, head_due: float) -> str | None:
+        """``new`` takes ``old``'s place (same peer, same count), and must have sent its
+        first request head by loop time ``head_due``; the peer's address, or None when
+        ``old`` is no longer open (evicted)."""
         self._waiting.pop(old, None)
         ip = self._conns.pop(old, None)
         if ip is not None:
             self._conns[new] = ip
+            self._head_due[new] = head_due
         return ip
+
+    def first_head_timeout(self, conn: Tracked) -> float:
+        """Seconds ``conn`` has left for its first request head: ``head_timeout_s`` from
+        accept, of which its PROXY header and TLS handshake took their share. Asked once,
+        when the protocol starts waiting for that head."""
+        due = self._head_due.pop(conn, None)
+        if due is None:
+            return self.config.head_timeout_s
+        return max(0.001, due - asyncio.get_running_loop().time())
 
     def evict_one(self) -> bool:
         """Close the connection waiting longest for a request head; False if none is."""
@@ -204,6 +218,8 @@ class Admission:
     def closed(self, conn: Tracked) -> None:
         """``conn`` is gone (idempotent)."""
         self._waiting.pop(conn, None)
+        if self._head_due:
+            self._head_due.pop(conn, None)
         ip = self._conns.pop(conn, None)
         if ip is None:
             return
@@ -408,7 +424,8 @@ class Listener(asyncio.AbstractServer):
         else:
             # A PROXY header and a TLS handshake come before the protocol is made: until
             # then the connection is tracked, and evictable, as an _Opening.
-            opening = _Opening(self.admission, protocol, tracked)
+            opening = _Opening(self.admission, protocol, tracked,
+                               self._loop.time() + self.admission.config.head_timeout_s)
             self.admission.opened(opening, ip)
             self.admission.waiting(opening)
             task = opening.task = self._loop.create_task(
@@ -423,8 +440,8 @@ class Listener(asyncio.AbstractServer):
         """Read the PROXY header, make the transport (after the TLS handshake) with
         ``start`` (``protocol`` or its _Handover), all within the head timeout."""
         loop = self._loop
-        head_timeout = self.admission.config.head_timeout_s
-        deadline = loop.time() + head_timeout
+        deadline = (tracked.head_due if isinstance(tracked, _Opening)
+                    else loop.time() + self.admission.config.head_timeout_s)
         try:
             if self.preamble is not None and not await self.preamble(conn, protocol):
                 self.admission.closed(tracked)
@@ -536,13 +553,16 @@ class _Opening:
     flood of slow handshakes must not lock the listener), then handed over to the protocol
     once the handshake is done (:meth:`handover` stands in as the protocol until then)."""
 
-    __slots__ = ("_admission", "_protocol", "_tracked", "evicted", "task")
+    __slots__ = ("_admission", "_protocol", "_tracked", "evicted", "head_due", "task")
 
     def __init__(self, admission: Admission, protocol: asyncio.Protocol,
-                 tracked: Tracked) -> None:
+                 tracked: Tracked, head_due: float) -> None:
         self._admission = admission
         self._protocol = protocol
         self._tracked = tracked
+        #: Loop time by which the first request head must be complete (head_timeout_s
+        #: after accept): the PROXY header and the handshake come out of it.
+        self.head_due = head_due
         self.task: asyncio.Task[None] | None = None
         self.evicted = False
 
@@ -561,7 +581,7 @@ class _Opening:
         """The handshake is done: the protocol takes the transport, and this
         connection's place in admission."""
         admission = self._admission
-        ip = admission.replace(self, self._tracked)
+        ip = admission.replace(self, self._tracked, self.head_due)
         transport.set_protocol(self._protocol)
         if ip is None:  # evicted in the same loop iteration as the handshake completed
             cast(asyncio.Transport, transport).abort()

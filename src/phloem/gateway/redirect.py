@@ -107,7 +107,8 @@ class RedirectProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._admission.waiting(self)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._admission.config.head_timeout_s, self._timeout)
+        # From accept: a PROXY header took its share.
+        self._timer = loop.call_later(self._admission.first_head_timeout(self), self._timeout)
 
     def _timeout(self) -> None:
         self._admission.limit_hit("head_timeout", "", "no request head in time")
