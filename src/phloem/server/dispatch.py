@@ -17,6 +17,7 @@ import functools
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from phloem.control.logs import FunctionLogs
 from phloem.control.routes import DomainRoute, RoutingTable
@@ -30,8 +31,10 @@ _LABEL_RE = re.compile(r"^(br-[a-z]+-[a-z]+-[0-9a-f]{6})-([a-z0-9]{1,20})$")
 #: One year, the value browsers' preload lists ask for; not includeSubDomains: the
 #: domain's other names are not ours to promise.
 HSTS = b"Strict-Transport-Security: max-age=31536000\r\n"
-#: Host names remembered by a HostRoutes (and the request observer); then it starts over.
+#: Host names remembered by a PerHost; then it starts over.
 MAX_HOSTS = 4096
+
+T = TypeVar("T")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -72,35 +75,58 @@ class Found:
         self.route = route
 
 
+class PerHost(Generic[T]):
+    """Values per Host string, kept until the routing table changes (its ``version``)
+    and at most :data:`MAX_HOSTS` of them (any client can send any Host).
+
+        seen: PerHost[int] = PerHost(routes)
+        n = seen.get(host)
+        if n is None:
+            n = seen.put(host, len(host))
+    """
+
+    __slots__ = ("_memo", "_routes", "_version")
+
+    def __init__(self, routes: RoutingTable) -> None:
+        self._routes = routes
+        self._memo: dict[str, T] = {}
+        self._version = routes.version
+
+    def get(self, host: str) -> T | None:
+        routes = self._routes
+        if routes.version != self._version:
+            self._memo.clear()
+            self._version = routes.version
+        return self._memo.get(host)
+
+    def put(self, host: str, value: T) -> T:
+        memo = self._memo
+        if len(memo) >= MAX_HOSTS:
+            memo.clear()
+        memo[host] = value
+        return value
+
+
 class HostRoutes:
-    """Host header -> :class:`Found`, remembered per Host string until the routing table
-    changes (its ``version``): the router and the request observer ask for every request,
-    and one lookup of the Host string costs less than parsing it and looking the parts up.
-    At most :data:`MAX_HOSTS` names are remembered (any client can send any Host).
+    """Host header -> :class:`Found`, remembered per Host string (:class:`PerHost`): the
+    router and the request observer ask for every request, and one lookup of the Host
+    string costs less than parsing it and looking the parts up.
 
         hosts = HostRoutes(deployer.routes, "fn.localhost")
         hosts.find("br-quiet-moon-3f9a2c-todos.fn.localhost:8787").spec
     """
 
-    __slots__ = ("_domain", "_memo", "_routes", "_version")
+    __slots__ = ("_domain", "_found", "_routes")
 
     def __init__(self, routes: RoutingTable, domain: str) -> None:
         self._routes = routes
         self._domain = domain
-        self._memo: dict[str, Found] = {}
-        self._version = routes.version
+        self._found: PerHost[Found] = PerHost(routes)
 
     def find(self, host: str) -> Found:
-        routes = self._routes
-        memo = self._memo
-        if routes.version != self._version:
-            memo.clear()
-            self._version = routes.version
-        found = memo.get(host)
+        found = self._found.get(host)
         if found is None:
-            if len(memo) >= MAX_HOSTS:
-                memo.clear()
-            found = memo[host] = self._resolve(host)
+            found = self._found.put(host, self._resolve(host))
         return found
 
     def _resolve(self, host: str) -> Found:
@@ -215,35 +241,26 @@ class _Observed:
 class RequestObserver:
     """The gateway's ``on_request``: metrics and one access line per request, for hosts
     that route to a deployed function (any client can send any Host: only existing routes
-    become labels). What a Host resolves to is remembered until the routing table changes.
+    become labels). What a Host resolves to is remembered (:class:`PerHost`).
 
         gateway = Gateway(router, config, on_request=RequestObserver(domain, routes,
                                                                      metrics, logs))
     """
 
-    __slots__ = ("_hosts", "_logs", "_memo", "_metrics", "_routes", "_version")
+    __slots__ = ("_hosts", "_logs", "_metrics", "_observed")
 
     def __init__(self, domain: str, routes: RoutingTable, metrics: Metrics,
                  logs: FunctionLogs) -> None:
         self._hosts = HostRoutes(routes, domain)
-        self._routes = routes
         self._metrics = metrics
         self._logs = logs
-        self._memo: dict[str, _Observed] = {}
-        self._version = routes.version
+        self._observed: PerHost[_Observed] = PerHost(routes)
 
     def __call__(self, record: RequestRecord) -> None:
         # Runs for every request on the gateway's path: one lookup, one count, one line.
-        routes = self._routes
-        memo = self._memo
-        if routes.version != self._version:
-            memo.clear()
-            self._version = routes.version
-        observed = memo.get(record.host)
+        observed = self._observed.get(record.host)
         if observed is None:
-            if len(memo) >= MAX_HOSTS:
-                memo.clear()
-            observed = memo[record.host] = self._resolve(record.host)
+            observed = self._observed.put(record.host, self._resolve(record.host))
         log_path = observed.log_path
         series = observed.series
         if log_path is None or series is None:
