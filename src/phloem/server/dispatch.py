@@ -126,19 +126,20 @@ class HostRoutes:
     def find(self, host: str) -> Found:
         found = self._found.get(host)
         if found is None:
-            found = self._found.put(host, self._resolve(host))
+            found = self._found.put(host, resolve_host(host, self._domain, self._routes))
         return found
 
-    def _resolve(self, host: str) -> Found:
-        routes = self._routes
-        key = parse_host(host, self._domain)
-        if key is not None:
-            return Found(key, routes.get(key), None)
-        route = routes.domain(host_name(host))
-        if route is None:
-            return Found(None, None, None)
-        key = (route.branch_id, route.slug)
-        return Found(key, routes.get(key), route)
+
+def resolve_host(host: str, domain: str, routes: RoutingTable) -> Found:
+    """What a Host header routes to now: a function host name, else a custom domain."""
+    key = parse_host(host, domain)
+    if key is not None:
+        return Found(key, routes.get(key), None)
+    route = routes.domain(host_name(host))
+    if route is None:
+        return Found(None, None, None)
+    key = (route.branch_id, route.slug)
+    return Found(key, routes.get(key), route)
 
 
 class _HeaderLease:
@@ -247,11 +248,12 @@ class RequestObserver:
                                                                      metrics, logs))
     """
 
-    __slots__ = ("_hosts", "_logs", "_metrics", "_observed")
+    __slots__ = ("_domain", "_logs", "_metrics", "_observed", "_routes")
 
     def __init__(self, domain: str, routes: RoutingTable, metrics: Metrics,
                  logs: FunctionLogs) -> None:
-        self._hosts = HostRoutes(routes, domain)
+        self._domain = domain
+        self._routes = routes
         self._metrics = metrics
         self._logs = logs
         self._observed: PerHost[_Observed] = PerHost(routes)
@@ -269,7 +271,8 @@ class RequestObserver:
         self._logs.access(log_path, record)
 
     def _resolve(self, host: str) -> _Observed:
-        found = self._hosts.find(host)
+        # Asked once per Host until the routes change: _observed remembers the answer.
+        found = resolve_host(host, self._domain, self._routes)
         if found.key is None or found.spec is None:
             return _Observed(None, None)
         return _Observed(found.spec.log_path,
