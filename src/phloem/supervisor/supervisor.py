@@ -234,11 +234,7 @@ class Supervisor:
             return None
         # (No last_active stamp: a leased isolate is busy, and the release stamps it.)
         best.inflight += 1
-        # _note_idle, inline: this runs for every request.
-        n = len(best.idle)
-        low = self._idle_low.get(best.id)
-        if low is None or n < low:
-            self._idle_low[best.id] = n
+        self._note_idle(best)
         return Lease(best, pooled[0], pooled[1], pool.lease_limits, True)
 
     def _note_idle(self, isolate: Isolate) -> None:
