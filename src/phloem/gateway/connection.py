@@ -109,7 +109,6 @@ class _Connection(asyncio.Protocol):
         # handshake, would otherwise always take the task path).
         self._task_fresh = True
         self._idle_expired = False
-        self._first_head_timed = False  # its deadline set (see watch_keep_alive)
         self.disconnected = False
         self._reading_paused = False
         self.write_paused = False
@@ -293,14 +292,12 @@ class _Connection(asyncio.Protocol):
         config = self.config
         timeout = config.keep_alive_timeout
         reader = self.reader
-        if self.last is None and not self._first_head_timed:
-            # From accept: a PROXY header and a TLS handshake took their share.
-            self._first_head_timed = True
+        if self.last is None or reader.in_head:
             reader.head_timed = reader.in_head
-            timeout = min(timeout, self._admission.first_head_timeout(self))
-        elif self.last is None or reader.in_head:
-            reader.head_timed = reader.in_head
-            timeout = min(timeout, config.head_timeout)
+            # The first head's from accept (a PROXY header and a TLS handshake took their
+            # share; asked again, the admission says the whole head_timeout).
+            timeout = min(timeout, self._admission.first_head_timeout(self)
+                          if self.last is None else config.head_timeout)
         self.watch.keep_alive(timeout)
         self._admission.waiting(self)
 
