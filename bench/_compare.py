@@ -90,13 +90,15 @@ def interleaved(ways: list[Way], *, connections: int, duration: float, rounds: i
 
 
 def report(table: Table, *, subject: str, against: dict[str, float],
-           say: Callable[[str], None], indent: str = "   ") -> dict[str, bool]:
-    """Print the medians and ``subject``'s ratio to each way in ``against`` (way -> the
-    target ratio, nan for none) per round and as the median of the rounds; returns
-    way -> whether the median met its target."""
+           say: Callable[[str], None], indent: str = "   ", medians: bool = True,
+           ) -> dict[str, bool]:
+    """Print the medians (unless ``medians`` is false) and ``subject``'s ratio to each way
+    in ``against`` (way -> the target ratio, nan for none) per round and as the median of
+    the rounds; returns way -> whether the median met its target."""
     c = table.connections
-    medians = "   ".join(f"{w} {table.median_rps(w):,.0f}" for w in table.runs)
-    say(f"{indent}median {c:>4} conns  {medians}  (req/s)")
+    if medians:
+        rates = "   ".join(f"{w} {table.median_rps(w):,.0f}" for w in table.runs)
+        say(f"{indent}median {c:>4} conns  {rates}  (req/s)")
     met = {}
     for other, target in against.items():
         per = table.ratios(subject, other)

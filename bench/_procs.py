@@ -213,6 +213,19 @@ def start_haproxy(reaper: Reaper, tmp: Path, port: int, sock: str) -> subprocess
     return proc
 
 
+FORWARDER = Path(__file__).resolve().parent / "apps" / "forwarder.py"
+
+
+def start_forwarder(reaper: Reaper, port: int, sock: str) -> subprocess.Popen[bytes]:
+    """bench/apps/forwarder.py (the floor of a Python proxy: uvloop + httptools, one
+    upstream connection per client) proxying 127.0.0.1:``port`` to the Unix socket
+    ``sock``; returns once it answers."""
+    proc = reaper.spawn([sys.executable, str(FORWARDER), "--port", str(port), "--uds", sock],
+                        stdin=subprocess.DEVNULL)
+    wait_answering(proc, port=port, what="the forwarder")
+    return proc
+
+
 def http_get(*, port: int | None = None, uds: str | None = None, host: str = "bench",
              path: str = "/", timeout: float = 60.0) -> tuple[int, bytes]:
     """One ``Connection: close`` GET on a fresh socket; (status, body). Raises OSError when

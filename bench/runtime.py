@@ -6,9 +6,11 @@ in front is what is measured ("fixed"):
 
 1. throughput (wrk -t1, 32 and 256 connections), per upstream: direct to it on TCP,
    through nginx (1 worker, keepalive upstream on a Unix socket), through HAProxy (1
-   process, 1 thread, ``http-reuse always``, same socket) and through phloem's gateway (1
-   isolate on a Unix socket); 3 rounds, the order rotating per round, every run printed
-   with the proxy's CPU per request, then medians and phloem/nginx, phloem/haproxy;
+   process, 1 thread, ``http-reuse always``, same socket), through phloem's gateway (1
+   isolate on a Unix socket) and through bench/apps/forwarder.py (the floor of a Python
+   proxy: uvloop + httptools and nothing else, same socket); 3 rounds, the order rotating
+   per round, every run printed with the proxy's CPU per request, then medians and
+   phloem/nginx, phloem/haproxy, phloem/forwarder and forwarder/nginx;
 2. added latency: p50/p99 through each proxy minus direct, at a fixed rate of half the
    direct maximum (h2load --rps; again at half phloem's maximum when phloem cannot sustain
    that) on the python upstream, and unloaded (wrk, one connection) on both, 3 rounds;
@@ -84,6 +86,7 @@ from _procs import (
     missing_tools,
     rss_kib,
     spawn_uvicorn,
+    start_forwarder,
     start_haproxy,
     start_nginx,
     wait_answering,
@@ -190,6 +193,7 @@ class Bench:
     unboxed: PlatformProcess | None = None
     results: Results = field(default_factory=Results)
     _ways: dict[str, list[Way]] = field(default_factory=dict)  # upstream -> its ways
+    _floor: dict[str, Way] = field(default_factory=dict)  # upstream -> its forwarder
 
     @property
     def gateway_pid(self) -> int:
@@ -235,6 +239,8 @@ class Bench:
                 nginx_port, haproxy_port = free_port(), free_port()
                 nginx = start_nginx(self.reaper, self.tmp, nginx_port, sock)
                 haproxy = start_haproxy(self.reaper, self.tmp, haproxy_port, sock)
+                forwarder_port = free_port()
+                forwarder = start_forwarder(self.reaper, forwarder_port, sock)
                 host = deployed.result()
             self._ways[upstream] = [
                 Way("direct", f"http://127.0.0.1:{direct}/"),
@@ -244,7 +250,15 @@ class Bench:
                 Way("phloem", f"http://127.0.0.1:{self.p.gateway_port}/", host,
                     cpu=own_cpu(self.gateway_pid)),
             ]
+            self._floor[upstream] = Way("forwarder", f"http://127.0.0.1:{forwarder_port}/",
+                                        cpu=own_cpu(forwarder.pid))
         return self._ways[upstream]
+
+    def floor(self, upstream: str) -> Way:
+        """bench/apps/forwarder.py in front of ``upstream`` (see :meth:`ways`): the floor of
+        a Python proxy, measured in the throughput section only."""
+        self.ways(upstream)
+        return self._floor[upstream]
 
     def cold_platforms(self) -> list[_cold.Platform]:
         """The sandboxed platform, then the --no-sandbox one if it runs."""
@@ -270,19 +284,25 @@ def throughput(b: Bench) -> None:
         "connections kept); haproxy = 1 process, 1 thread (nbthread 1), http-reuse always;")
     say("   phloem = the gateway (1 process) -> 1 isolate (max_isolates=1); nginx and haproxy "
         "-> 1 upstream process on a Unix socket; all keep-alive both sides;")
+    say("   forwarder = bench/apps/forwarder.py, the floor of a Python proxy (uvloop + "
+        "httptools, 1 process, one upstream connection per client; no routing, pooling, "
+        "limits, logs or metrics), to the same socket;")
     say("   CPU/req = the proxy's CPU time over the run / its requests (10 ms clock ticks)")
     with ThreadPoolExecutor(len(UPSTREAMS)) as pool:  # every upstream's servers at once
         list(pool.map(b.ways, UPSTREAMS))
     for upstream, what in UPSTREAMS.items():
         say(f"   -- {upstream} upstream: {what}")
-        ways = b.ways(upstream)
+        ways = [*b.ways(upstream), b.floor(upstream)]
         _warm(ways, b.args.quick)
         for conns in CONNECTIONS:
             table = interleaved(ways, connections=conns, duration=d, rounds=rounds, say=say)
             b.results.tables[(upstream, conns)] = table
             report(table, subject="phloem",
-                   against={"nginx": T_NGINX, "haproxy": T_HAPROXY, "direct": math.nan},
+                   against={"nginx": T_NGINX, "haproxy": T_HAPROXY, "direct": math.nan,
+                            "forwarder": math.nan},
                    say=say)
+            report(table, subject="forwarder", against={"nginx": math.nan}, say=say,
+                   medians=False)
     say()
 
 
@@ -566,11 +586,13 @@ def summary(r: Results, args: argparse.Namespace) -> None:
     for (upstream, conns), t in r.tables.items():
         ph, ng, ha, di = (t.median_rps(w) for w in ("phloem", "nginx", "haproxy", "direct"))
         runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
-                         for w in ("phloem", "nginx", "haproxy"))
+                         for w in ("phloem", "nginx", "haproxy", "forwarder"))
         say(f"| throughput, {upstream} upstream, {conns} connections, median of {rounds} "
             f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} / {ha:,.0f} | {di:,.0f} | "
             f"{t.ratio('phloem', 'nginx'):.2f}x nginx, {t.ratio('phloem', 'haproxy'):.2f}x "
-            f"HAProxy, {t.ratio('phloem', 'direct'):.2f}x direct | >= {T_NGINX:g}x nginx, "
+            f"HAProxy, {t.ratio('phloem', 'direct'):.2f}x direct, "
+            f"{t.ratio('phloem', 'forwarder'):.2f}x the Python floor (which is "
+            f"{t.ratio('forwarder', 'nginx'):.2f}x nginx) | >= {T_NGINX:g}x nginx, "
             f">= {T_HAPROXY:g}x HAProxy |")
     for point in r.latency:
         if "direct" not in point.ways:
