@@ -76,3 +76,29 @@ def test_a_head_split_over_reads_is_plain_but_not_kept() -> None:
     reader.feed(PLAIN[20:])
     [req] = reader.pending
     assert req.host == b"app.test" and req.raw == b""
+
+
+# Keep-alive, so that a request may follow it on the connection.
+H10 = b"GET /old HTTP/1.0\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n"
+
+
+@pytest.mark.parametrize(("feeds", "versions"), [
+    ([PLAIN], ["1.1"]),
+    ([H10], ["1.0"]),
+    ([PLAIN + H10], ["1.1", "1.0"]),  # the second of a read is not the first line's
+    ([H10 + PLAIN], ["1.0", "1.1"]),
+    ([b"\r\n" + H10], ["1.0"]),  # a blank line first: no first request line to read
+    ([H10[:12], H10[12:]], ["1.0"]),  # the line split: the version comes in a later read
+    ([PLAIN[:10], PLAIN[10:]], ["1.1"]),
+    ([PLAIN[:30], PLAIN[30:] + H10], ["1.1", "1.0"]),
+    ([b"GET /x%20HTTP/1.1 HTTP/1.0\r\nHost: a\r\n\r\n"], ["1.0"]),
+])
+def test_each_request_gets_its_own_http_version(feeds: list[bytes],
+                                                versions: list[str]) -> None:
+    # The first request line of a read is read for its version; any other request's
+    # version comes from the parser.
+    reader = RequestReader(1024, _Owner())
+    for data in feeds:
+        reader.feed(data)
+    assert [r.version for r in reader.pending] == versions
+    assert reader.bad_request is None

@@ -59,6 +59,20 @@ def test_requests_are_counted_by_status_and_timed() -> None:
     assert (REQUEST_BUCKETS[0], REQUEST_BUCKETS[-1]) == (0.001, 900.0)
 
 
+def test_a_duration_on_a_bound_counts_in_that_bucket() -> None:
+    # Buckets are "less than or equal": a request of exactly 1 ms is in le="0.001".
+    m = Metrics()
+    for duration_s in (0.0, 0.001, 0.0010001, 0.0025, 900.0, 900.0001):
+        m.observe_request(record(200, duration_s), **FN)
+    s = scrape(m)
+    bucket = "phloem_request_duration_seconds_bucket"
+    assert value(s, bucket, **FN, le="0.001") == 2
+    assert value(s, bucket, **FN, le="0.0025") == 4
+    assert value(s, bucket, **FN, le="0.005") == 4
+    assert value(s, bucket, **FN, le="900.0") == 5
+    assert value(s, bucket, **FN, le="+Inf") == 6
+
+
 def test_streams_are_counted_but_not_timed() -> None:
     m = Metrics()
     m.observe_request(record(101, 3600.0, stream=True), **FN)

@@ -256,6 +256,14 @@ _RESPONSE_FIELDS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"content-type", b"keep-alive",
      b"proxy-connection"}
 )
+# How those names come (lowercase, or capitalised as Node and most servers send them), to
+# the lowercase name: found without lowering them. A name of another length is none of
+# them, known without hashing it (most response fields).
+_RESPONSE_FIELD_NAMES = {
+    **{name: name for name in _RESPONSE_FIELDS},
+    **{name.title(): name for name in _RESPONSE_FIELDS},
+}
+_RESPONSE_FIELD_LENGTHS = frozenset(len(name) for name in _RESPONSE_FIELDS)
 # Response fields about the upstream hop alone, never passed to a client (plus any field the
 # response names in Connection, framing fields excepted: see strip_hop_by_hop).
 _RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
@@ -314,9 +322,14 @@ class _ResponseFields:
         self.begins += 1
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        n = name.lower()
-        if n not in _RESPONSE_FIELDS:
-            return  # most are not, and this runs for every header of every response
+        # Runs for every header of every response: most are none of _RESPONSE_FIELDS.
+        if len(name) not in _RESPONSE_FIELD_LENGTHS:
+            return
+        n = _RESPONSE_FIELD_NAMES.get(name)
+        if n is None:
+            n = name.lower()
+            if n not in _RESPONSE_FIELDS:
+                return
         if n == b"content-length":
             self.content_length = int(value)
         elif n == b"transfer-encoding":

@@ -72,6 +72,7 @@ class RequestReader:
         "_parser",
         "_plain",
         "_url",
+        "_v11",
         "bad_request",
         "dead",
         "head_timed",
@@ -93,6 +94,8 @@ class RequestReader:
         self._begun = 0  # messages begun in the current feed
         self._plain = True  # no header but one Host needs the gateway's attention so far
         self._host: bytes | None = None
+        # The current feed starts with a whole "... HTTP/1.1" request line (see feed).
+        self._v11 = False
         self.in_head = False  # a request head has begun and is not complete
         self.head_timed = False  # the head deadline covers the head being parsed
         self.parsing: Request | None = None  # request whose body is being parsed
@@ -119,6 +122,14 @@ class RequestReader:
         self._head_began_now = False
         at_boundary = self.parsing is None and not self.in_head
         self._begun = 0
+        # The first request of these bytes says its version at the end of its first line:
+        # reading it there spares httptools' get_http_version, which formats a new string
+        # per request. (llhttp checks that line as it parses it.)
+        if at_boundary:
+            eol = data.find(b"\r\n")
+            self._v11 = eol > 9 and data.startswith(b" HTTP/1.1", eol - 9)
+        else:
+            self._v11 = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -215,7 +226,7 @@ class RequestReader:
         req = Request(
             p.get_method(),
             self._url,
-            p.get_http_version(),
+            "1.1" if self._v11 and self._begun == 1 else p.get_http_version(),
             self._headers,
             p.should_keep_alive(),
             p.should_upgrade(),
