@@ -216,14 +216,26 @@ def start_haproxy(reaper: Reaper, tmp: Path, port: int, sock: str) -> subprocess
 FORWARDER = Path(__file__).resolve().parent / "apps" / "forwarder.py"
 
 
-def start_forwarder(reaper: Reaper, port: int, sock: str) -> subprocess.Popen[bytes]:
+def start_forwarder(reaper: Reaper, port: int, sock: str,
+                    tls: tuple[Path, Path] | None = None) -> subprocess.Popen[bytes]:
     """bench/apps/forwarder.py (the floor of a Python proxy: uvloop + httptools, one
     upstream connection per client) proxying 127.0.0.1:``port`` to the Unix socket
-    ``sock``; returns once it answers."""
-    proc = reaper.spawn([sys.executable, str(FORWARDER), "--port", str(port), "--uds", sock],
-                        stdin=subprocess.DEVNULL)
-    wait_answering(proc, port=port, what="the forwarder")
-    return proc
+    ``sock``; with ``tls`` (certificate, key) it terminates TLS on that port. Returns once
+    it accepts connections (over TLS, wait_answering's plain GET would not do)."""
+    tls_args = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []
+    proc = reaper.spawn([sys.executable, str(FORWARDER), "--port", str(port), "--uds", sock,
+                         *tls_args], stdin=subprocess.DEVNULL)
+    if tls is None:
+        wait_answering(proc, port=port, what="the forwarder")
+        return proc
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"the TLS forwarder did not start (exit code {proc.poll()})")
 
 
 def http_get(*, port: int | None = None, uds: str | None = None, host: str = "bench",

@@ -11,7 +11,9 @@ the proxy is what is measured), with equal settings:
   (as bench/_procs.py's plain nginx row).
 
 Measured, 3 rounds interleaved (the order rotating per round), every run printed with the
-proxy's CPU per request and the load average, then medians and phloem/nginx; beside them,
+proxy's CPU per request and the load average, then medians and phloem/nginx; with them,
+bench/apps/forwarder.py terminating TLS with Python's ``ssl`` (the floor of a Python
+proxy: uvloop + httptools, nothing else) and phloem/forwarder, forwarder/nginx; beside them,
 for context, the same two without TLS (``nginx-http``, ``phloem-http``: runtime.py's
 plain nginx and platform in front of the same app), so that what TLS adds to each shows
 apart from the proxies' plain request paths:
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
-from _procs import free_port, start_nginx
+from _procs import free_port, start_forwarder, start_nginx
 
 from phloem.gateway.tls import LocalCA
 from phloem.testing import host_of, platform_process
@@ -70,9 +72,9 @@ class TlsResults:
     tables: dict[int, Table] = field(default_factory=dict)  # conns -> keep-alive runs
     handshakes: dict[str, list[HandshakeRun]] = field(default_factory=dict)
 
-    def handshake_ratios(self) -> list[float]:
-        return [p.rps / n.rps for p, n in
-                zip(self.handshakes["phloem"], self.handshakes["nginx"], strict=True)]
+    def handshake_ratios(self, a: str = "phloem", b: str = "nginx") -> list[float]:
+        return [x.rps / y.rps for x, y in
+                zip(self.handshakes[a], self.handshakes[b], strict=True)]
 
 
 def negotiated(port: int, ca: Path, host: str) -> str:
@@ -147,6 +149,11 @@ def handshakes(ways: list[Way], *, duration: float, rounds: int, results: TlsRes
     say(f"   phloem/nginx per run {' / '.join(f'{x:.2f}' for x in per)}; median {ratio:.2f}x"
         f"   target >= {T_HANDSHAKES:g}x: {'met' if ratio >= T_HANDSHAKES else 'MISSED'} "
         f"(met in {hits} of {len(per)} runs)")
+    for a, b in (("phloem", "forwarder"), ("forwarder", "nginx")):
+        if a in results.handshakes and b in results.handshakes:
+            per = results.handshake_ratios(a, b)
+            say(f"   {a}/{b} per run {' / '.join(f'{x:.2f}' for x in per)}; median "
+                f"{statistics.median(per):.2f}x")
 
 
 def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
@@ -163,6 +170,8 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
     b.spawn_upstream("fixed", uds=sock)
     nginx_port, https_port = free_port(), free_port()
     nginx = start_nginx(b.reaper, b.tmp, nginx_port, sock, tls=(cert, key))
+    forwarder_port = free_port()
+    forwarder = start_forwarder(b.reaper, forwarder_port, sock, tls=(cert, key))
     say(f"## tls: phloem --tls files vs nginx terminating TLS, same certificate (ECDSA P-256,"
         f" {cert.name}) and settings, fixed upstream; wrk -t1 over https, {d:g} s per run, "
         f"{rounds} rounds interleaved, the order rotating (load average (1 min) "
@@ -176,7 +185,10 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
         tls_ways = [Way("nginx", f"https://127.0.0.1:{nginx_port}/", "fixed.fn.localhost",
                         cpu=tree_cpu(nginx.pid)),
                     Way("phloem", f"https://127.0.0.1:{https_port}/", host,
-                        cpu=own_cpu(p.proc.pid))]
+                        cpu=own_cpu(p.proc.pid)),
+                    # The floor of a Python proxy with Python's ssl (bench/apps/forwarder.py).
+                    Way("forwarder", f"https://127.0.0.1:{forwarder_port}/",
+                        "fixed.fn.localhost", cpu=own_cpu(forwarder.pid))]
         # For context, the same without TLS (runtime.py's plain nginx and platform): what
         # TLS adds to each, apart from the proxies' plain request paths.
         plain = {w.name: w for w in b.ways("fixed")}
@@ -197,7 +209,10 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
                 "connection runs)")
             table = interleaved(ways, connections=conns, duration=d, rounds=rounds, say=say)
             results.tables[conns] = table
-            report(table, subject="phloem", against={"nginx": T_THROUGHPUT}, say=say)
+            report(table, subject="phloem",
+                   against={"nginx": T_THROUGHPUT, "forwarder": math.nan}, say=say)
+            report(table, subject="forwarder", against={"nginx": math.nan}, say=say,
+                   medians=False)
             report(table, subject="phloem-http", against={"nginx-http": math.nan}, say=say)
             say(f"   {conns:>4} conns  CPU/req added by TLS (median, TLS - plain): "
                 + "   ".join(f"{n} {_cpu_median(table, n) - _cpu_median(table, n + '-http'):+.1f}"
@@ -216,12 +231,14 @@ def summary_rows(r: TlsResults, rounds: int) -> list[str]:
     for conns, t in r.tables.items():
         ph, ng = t.median_rps("phloem"), t.median_rps("nginx")
         runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
-                         for w in ("phloem", "nginx"))
+                         for w in ("phloem", "nginx", "forwarder"))
         per = " / ".join(f"{x:.2f}" for x in t.ratios("phloem", "nginx"))
         rows.append(f"| TLS throughput (https, keep-alive), fixed upstream, {conns} connections,"
                     f" median of {rounds} (req/s; runs: {runs}) | {ph:,.0f} | nginx "
                     f"{ng:,.0f} (same cert, TLS 1.3) | | {t.ratio('phloem', 'nginx'):.2f}x "
-                    f"nginx (runs {per}) | >= {T_THROUGHPUT:g}x nginx |")
+                    f"nginx (runs {per}); {t.ratio('phloem', 'forwarder'):.2f}x the Python "
+                    f"floor (which is {t.ratio('forwarder', 'nginx'):.2f}x nginx) | "
+                    f">= {T_THROUGHPUT:g}x nginx |")
     if r.handshakes:
         ph_runs, ng_runs = r.handshakes["phloem"], r.handshakes["nginx"]
         hs_per = r.handshake_ratios()
@@ -233,5 +250,8 @@ def summary_rows(r: TlsResults, rounds: int) -> list[str]:
             f"{statistics.median(x.rps for x in ph_runs):,.0f} | nginx "
             f"{statistics.median(x.rps for x in ng_runs):,.0f} | | "
             f"{statistics.median(hs_per):.2f}x nginx (runs "
-            + " / ".join(f"{x:.2f}" for x in hs_per) + f") | >= {T_HANDSHAKES:g}x nginx |")
+            + " / ".join(f"{x:.2f}" for x in hs_per) + "); "
+            f"{statistics.median(r.handshake_ratios('phloem', 'forwarder')):.2f}x the Python "
+            f"floor (which is {statistics.median(r.handshake_ratios('forwarder', 'nginx')):.2f}x"
+            f" nginx) | >= {T_HANDSHAKES:g}x nginx |")
     return rows

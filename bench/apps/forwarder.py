@@ -7,6 +7,10 @@ is what any Python proxy pays per request, so bench/runtime.py prints phloem's r
 beside its ratio to nginx.
 
     python forwarder.py --port 8090 --uds /tmp/fixed.sock
+    python forwarder.py --port 8443 --uds /tmp/fixed.sock --tls-cert c.pem --tls-key k.pem
+
+With a certificate it terminates TLS with Python's ``ssl`` as uvloop drives it (TLS 1.2 and
+1.3, ALPN http/1.1, OpenSSL's defaults otherwise: tickets on), as phloem's gateway does.
 
 Only bodiless requests (GET, HEAD) are forwarded, as wrk sends them; anything else closes
 the connection. Requests are not pipelined by wrk, so none are queued.
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import itertools
 import os
+import ssl
 
 import httptools
 import uvloop
@@ -108,9 +113,10 @@ class Client(asyncio.Protocol):
             self.upstream.write(head)
 
 
-async def serve(port: int, uds: str) -> None:
+async def serve(port: int, uds: str, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Client(uds), "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(lambda: Client(uds), "127.0.0.1", port, backlog=1024,
+                                      ssl=tls)
     async with server:
         await server.serve_forever()
 
@@ -119,8 +125,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
     parser.add_argument("--uds", required=True, help="the upstream's Unix socket")
+    parser.add_argument("--tls-cert", help="terminate TLS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="and this key (PEM)")
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.uds))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        tls.set_alpn_protocols(["http/1.1"])
+    uvloop.run(serve(args.port, args.uds, tls))
 
 
 if __name__ == "__main__":
