@@ -5,7 +5,8 @@ Node 24.
 * throughput: wrk at 32 and 256 connections, 3 rounds interleaved (bench/_compare.py):
   phloem (gateway -> one Node isolate on a Unix socket), nginx (1 worker, keepalive 1024 ->
   the bundle on @hono/node-server on a Unix socket, no keep-alive timeout, as phloem's
-  host sets it) and the bundle on @hono/node-server on TCP, one Node process each;
+  host sets it), bench/apps/forwarder.py (the floor of a Python proxy) to the same socket,
+  and the bundle on @hono/node-server on TCP, one Node process each;
 * cold start: a new deployment each run (so no isolate is live; the bundle is built at
   deploy time, so this is the start of a cached bundle), request -> full response, on the
   sandboxed platform and on the ``--no-sandbox`` one (bench/_cold.py), vs a bare ``node``
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import _cold
 from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
 from _load import run_wrk
-from _procs import free_port, start_nginx, wait_answering
+from _procs import free_port, start_forwarder, start_nginx, wait_answering
 
 from phloem.runtimes.node.provision import NODE_SERVER_VERSION, ensure_toolchain
 from phloem.testing import host_of
@@ -109,18 +110,25 @@ def node(b: Bench, conns_list: tuple[int, ...], rounds: int, say: object) -> Nod
     behind, _ = _spawn_direct(b, node_bin, script, bundle, None, uds=sock)
     nginx_port = free_port()
     nginx = start_nginx(b.reaper, b.tmp, nginx_port, sock)
+    forwarder_port = free_port()
+    forwarder = start_forwarder(b.reaper, forwarder_port, sock)
     host = host_of(fn["invocation_url"])
     ways = [Way("direct", f"http://127.0.0.1:{port}/"),
             Way("nginx", f"http://127.0.0.1:{nginx_port}/", cpu=tree_cpu(nginx.pid)),
             Way("phloem", f"http://127.0.0.1:{b.p.gateway_port}/", host,
-                cpu=own_cpu(b.p.proc.pid if b.p.proc else 0))]
+                cpu=own_cpu(b.p.proc.pid if b.p.proc else 0)),
+            # The floor of a Python proxy (bench/apps/forwarder.py) to the same socket.
+            Way("forwarder", f"http://127.0.0.1:{forwarder_port}/", cpu=own_cpu(forwarder.pid))]
     for w in ways:
         run_wrk(w.url, connections=256, duration=1 if b.args.quick else 2, host=w.host)
     for conns in conns_list:
         table = interleaved(ways, connections=conns, duration=d, rounds=rounds, say=say)
         out.tables[conns] = table
-        report(table, subject="phloem", against={"nginx": T_NGINX, "direct": math.nan},
-               say=say)
+        report(table, subject="phloem",
+               against={"nginx": T_NGINX, "direct": math.nan, "forwarder": math.nan}, say=say)
+        report(table, subject="forwarder", against={"nginx": math.nan}, say=say,
+               medians=False)
+    b.reaper.stop(forwarder)
     b.reaper.stop(nginx)
     b.reaper.stop(behind)
     b.reaper.stop(direct)
@@ -164,11 +172,13 @@ def summary_rows(r: NodeResults, conns_list: tuple[int, ...], rounds: int) -> li
             t = r.tables[conns]
             ph, ng, di = (t.median_rps(w) for w in ("phloem", "nginx", "direct"))
             runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
-                             for w in ("phloem", "nginx", "direct"))
+                             for w in ("phloem", "nginx", "direct", "forwarder"))
             rows.append(f"| Node (Hono) throughput, {conns} connections, median of {rounds} "
                         f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} | {di:,.0f} | "
                         f"{t.ratio('phloem', 'nginx'):.2f}x nginx, "
-                        f"{t.ratio('phloem', 'direct'):.2f}x @hono/node-server | "
+                        f"{t.ratio('phloem', 'direct'):.2f}x @hono/node-server, "
+                        f"{t.ratio('phloem', 'forwarder'):.2f}x the Python floor (which is "
+                        f"{t.ratio('forwarder', 'nginx'):.2f}x nginx) | "
                         f">= {T_NGINX:g}x nginx |")
     if r.cold:
         rows += _cold.summary_rows(r.cold, "Node ", "bare node",
