@@ -57,6 +57,19 @@ class Table:
         return statistics.median(self.ratios(a, b))
 
 
+def floor_ratios(table: Table) -> str:
+    """phloem's ratio to the Python floor (bench/apps/forwarder.py, the way named
+    "forwarder") and the floor's to nginx, for a summary row."""
+    return (f"{table.ratio('phloem', 'forwarder'):.2f}x the Python floor (which is "
+            f"{table.ratio('forwarder', 'nginx'):.2f}x nginx)")
+
+
+def report_floor(table: Table, say: Callable[[str], None]) -> None:
+    """Print the floor's ratio to nginx per round and as their median, after a
+    :func:`report` of phloem that named ``"forwarder": math.nan``."""
+    report(table, subject="forwarder", against={"nginx": math.nan}, say=say, medians=False)
+
+
 def tree_cpu(pid: int) -> Callable[[], float]:
     """CPU seconds of ``pid`` and its children (nginx's master and worker)."""
     return lambda: tree_cpu_ticks([pid]) / CLOCK_TICKS

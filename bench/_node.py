@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import _cold
-from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
+from _compare import (
+    Table,
+    Way,
+    floor_ratios,
+    interleaved,
+    own_cpu,
+    report,
+    report_floor,
+    tree_cpu,
+)
 from _load import run_wrk
 from _procs import free_port, start_forwarder, start_nginx, wait_answering
 
@@ -126,8 +135,7 @@ def node(b: Bench, conns_list: tuple[int, ...], rounds: int, say: object) -> Nod
         out.tables[conns] = table
         report(table, subject="phloem",
                against={"nginx": T_NGINX, "direct": math.nan, "forwarder": math.nan}, say=say)
-        report(table, subject="forwarder", against={"nginx": math.nan}, say=say,
-               medians=False)
+        report_floor(table, say)
     b.reaper.stop(forwarder)
     b.reaper.stop(nginx)
     b.reaper.stop(behind)
@@ -177,8 +185,7 @@ def summary_rows(r: NodeResults, conns_list: tuple[int, ...], rounds: int) -> li
                         f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} | {di:,.0f} | "
                         f"{t.ratio('phloem', 'nginx'):.2f}x nginx, "
                         f"{t.ratio('phloem', 'direct'):.2f}x @hono/node-server, "
-                        f"{t.ratio('phloem', 'forwarder'):.2f}x the Python floor (which is "
-                        f"{t.ratio('forwarder', 'nginx'):.2f}x nginx) | "
+                        f"{floor_ratios(t)} | "
                         f">= {T_NGINX:g}x nginx |")
     if r.cold:
         rows += _cold.summary_rows(r.cold, "Node ", "bare node",

@@ -17,12 +17,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import TypeVar
 
 from phloem.testing import free_port as free_port  # re-exported for the benches
+
+T = TypeVar("T")
 
 TOOLS = {
     "wrk": "apt-get install -y wrk",
@@ -221,21 +224,16 @@ def start_forwarder(reaper: Reaper, port: int, sock: str,
     """bench/apps/forwarder.py (the floor of a Python proxy: uvloop + httptools, one
     upstream connection per client) proxying 127.0.0.1:``port`` to the Unix socket
     ``sock``; with ``tls`` (certificate, key) it terminates TLS on that port. Returns once
-    it accepts connections (over TLS, wait_answering's plain GET would not do)."""
+    it answers (over TLS: once it accepts a connection; a plain GET would not do)."""
     tls_args = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []
     proc = reaper.spawn([sys.executable, str(FORWARDER), "--port", str(port), "--uds", sock,
                          *tls_args], stdin=subprocess.DEVNULL)
     if tls is None:
         wait_answering(proc, port=port, what="the forwarder")
-        return proc
-    deadline = time.monotonic() + 30
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"the TLS forwarder did not start (exit code {proc.poll()})")
+    else:
+        wait_until(proc, lambda: socket.create_connection(("127.0.0.1", port), 1).close(),
+                   what="the TLS forwarder")
+    return proc
 
 
 def http_get(*, port: int | None = None, uds: str | None = None, host: str = "bench",
@@ -268,12 +266,20 @@ def wait_answering(proc: subprocess.Popen[bytes], *, port: int | None = None,
                    poll_s: float = 0.02) -> tuple[int, bytes]:
     """Poll ``proc``'s server every ``poll_s`` until it answers a GET; returns that first
     answer (status, body). Cold-start timers poll every millisecond."""
+    return wait_until(proc, lambda: http_get(port=port, uds=uds, timeout=2.0), what=what,
+                      timeout=timeout, poll_s=poll_s)
+
+
+def wait_until(proc: subprocess.Popen[bytes], probe: Callable[[], T], *, what: str,
+               timeout: float = 30.0, poll_s: float = 0.02) -> T:
+    """Call ``probe`` every ``poll_s`` until it raises no OSError; returns what it returned.
+    Fails at once if ``proc`` exits first, else after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode}")
         try:
-            return http_get(port=port, uds=uds, timeout=2.0)
+            return probe()
         except OSError:
             time.sleep(poll_s)
     raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")

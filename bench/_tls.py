@@ -44,7 +44,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
+from _compare import (
+    Table,
+    Way,
+    floor_ratios,
+    interleaved,
+    own_cpu,
+    report,
+    report_floor,
+    tree_cpu,
+)
 from _procs import free_port, start_forwarder, start_nginx
 
 from phloem.gateway.tls import LocalCA
@@ -150,10 +159,9 @@ def handshakes(ways: list[Way], *, duration: float, rounds: int, results: TlsRes
         f"   target >= {T_HANDSHAKES:g}x: {'met' if ratio >= T_HANDSHAKES else 'MISSED'} "
         f"(met in {hits} of {len(per)} runs)")
     for a, b in (("phloem", "forwarder"), ("forwarder", "nginx")):
-        if a in results.handshakes and b in results.handshakes:
-            per = results.handshake_ratios(a, b)
-            say(f"   {a}/{b} per run {' / '.join(f'{x:.2f}' for x in per)}; median "
-                f"{statistics.median(per):.2f}x")
+        per = results.handshake_ratios(a, b)
+        say(f"   {a}/{b} per run {' / '.join(f'{x:.2f}' for x in per)}; median "
+            f"{statistics.median(per):.2f}x")
 
 
 def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
@@ -211,8 +219,7 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
             results.tables[conns] = table
             report(table, subject="phloem",
                    against={"nginx": T_THROUGHPUT, "forwarder": math.nan}, say=say)
-            report(table, subject="forwarder", against={"nginx": math.nan}, say=say,
-                   medians=False)
+            report_floor(table, say)
             report(table, subject="phloem-http", against={"nginx-http": math.nan}, say=say)
             say(f"   {conns:>4} conns  CPU/req added by TLS (median, TLS - plain): "
                 + "   ".join(f"{n} {_cpu_median(table, n) - _cpu_median(table, n + '-http'):+.1f}"
@@ -236,8 +243,7 @@ def summary_rows(r: TlsResults, rounds: int) -> list[str]:
         rows.append(f"| TLS throughput (https, keep-alive), fixed upstream, {conns} connections,"
                     f" median of {rounds} (req/s; runs: {runs}) | {ph:,.0f} | nginx "
                     f"{ng:,.0f} (same cert, TLS 1.3) | | {t.ratio('phloem', 'nginx'):.2f}x "
-                    f"nginx (runs {per}); {t.ratio('phloem', 'forwarder'):.2f}x the Python "
-                    f"floor (which is {t.ratio('forwarder', 'nginx'):.2f}x nginx) | "
+                    f"nginx (runs {per}); {floor_ratios(t)} | "
                     f">= {T_THROUGHPUT:g}x nginx |")
     if r.handshakes:
         ph_runs, ng_runs = r.handshakes["phloem"], r.handshakes["nginx"]

@@ -72,7 +72,16 @@ from pathlib import Path
 import _cold
 import _node
 import _tls
-from _compare import Table, Way, interleaved, own_cpu, report, tree_cpu
+from _compare import (
+    Table,
+    Way,
+    floor_ratios,
+    interleaved,
+    own_cpu,
+    report,
+    report_floor,
+    tree_cpu,
+)
 from _load import percentile, run_h2load, run_wrk
 from _procs import (
     Reaper,
@@ -301,8 +310,7 @@ def throughput(b: Bench) -> None:
                    against={"nginx": T_NGINX, "haproxy": T_HAPROXY, "direct": math.nan,
                             "forwarder": math.nan},
                    say=say)
-            report(table, subject="forwarder", against={"nginx": math.nan}, say=say,
-                   medians=False)
+            report_floor(table, say)
     say()
 
 
@@ -591,8 +599,7 @@ def summary(r: Results, args: argparse.Namespace) -> None:
             f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} / {ha:,.0f} | {di:,.0f} | "
             f"{t.ratio('phloem', 'nginx'):.2f}x nginx, {t.ratio('phloem', 'haproxy'):.2f}x "
             f"HAProxy, {t.ratio('phloem', 'direct'):.2f}x direct, "
-            f"{t.ratio('phloem', 'forwarder'):.2f}x the Python floor (which is "
-            f"{t.ratio('forwarder', 'nginx'):.2f}x nginx) | >= {T_NGINX:g}x nginx, "
+            f"{floor_ratios(t)} | >= {T_NGINX:g}x nginx, "
             f">= {T_HAPROXY:g}x HAProxy |")
     for point in r.latency:
         if "direct" not in point.ways:
