@@ -1,11 +1,13 @@
 """The gateway's CPU per request, two builds side by side: each build's ``phloem up`` serves
-one fixed-upstream function (one isolate), and wrk loads them in turn, alternating, so a
+one function (one isolate: by default an upstream that answers at once, ``--app node``
+the minimal Hono app), and wrk loads them in turn, alternating, so a
 noisy shared machine hits both alike. Each run prints req/s and the ``phloem up`` process's
 CPU per request (user + kernel, from /proc; the isolate is another process), then the
 median of each build.
 
     .venv/bin/python bench/gateway_ab.py --base /work/wt-base/.venv/bin/phloem
     .venv/bin/python bench/gateway_ab.py --base A/phloem --new B/phloem --rounds 5 -c 256
+    .venv/bin/python bench/gateway_ab.py --base A/phloem --app node
 
 ``--new`` defaults to this environment's ``phloem``. Needs wrk.
 """
@@ -24,7 +26,11 @@ from _procs import CLOCK_TICKS, exit_on_signals, http_get
 
 from phloem.testing import PHLOEM, PlatformProcess, free_port, host_of, new_data_dir
 
-FIXED = Path(__file__).resolve().parent / "apps" / "fixed"
+APPS = Path(__file__).resolve().parent / "apps"
+# The function each build serves: an upstream that answers at once (the gateway is what is
+# measured), or the minimal Hono app (Node's response head: four fields, Connection
+# among them).
+APP_DIRS = {"fixed": APPS / "fixed", "node": APPS / "node-minimal"}
 
 
 class _Build(PlatformProcess):
@@ -37,13 +43,13 @@ class _Build(PlatformProcess):
 
 
 @contextlib.contextmanager
-def serving(exe: str) -> Iterator[tuple[_Build, str]]:
+def serving(exe: str, app: Path) -> Iterator[tuple[_Build, str]]:
     p = _Build(new_data_dir(), free_port(), free_port())
     p.exe = exe
     p.launch()
     try:
         p.wait_ready()
-        fn = p.deploy("ab", FIXED, "--limit", "max_isolates=1")
+        fn = p.deploy("ab", app, "--limit", "max_isolates=1")
         host = host_of(fn["invocation_url"])
         status, _ = http_get(port=p.gateway_port, host=host)
         if status != 200:
@@ -71,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--connections", type=int, default=32)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--app", choices=sorted(APP_DIRS), default="fixed",
+                        help="the function both builds serve (default: fixed)")
     args = parser.parse_args(argv)
+    app = APP_DIRS[args.app]
     # (user us, kernel us, req/s) per run
     results: dict[str, list[tuple[float, float, float]]] = {"base": [], "new": []}
-    with exit_on_signals(), serving(args.base) as base, serving(args.new) as new:
+    with exit_on_signals(), serving(args.base, app) as base, \
+            serving(args.new, app) as new:
         builds = {"base": base, "new": new}
         for p, host in builds.values():  # warm the pools
             run_wrk(f"http://127.0.0.1:{p.gateway_port}/", connections=args.connections,

@@ -124,6 +124,31 @@ def test_hop_by_hop_response_fields_stay_upstream() -> None:
     assert f.feed(up) == TUNNEL and f.out == up
 
 
+@pytest.mark.parametrize("line", [
+    b"Connection: keep-alive", b"connection: Keep-Alive", b"Connection:keep-alive",
+    b"Connection: keep-alive ", b"Connection: close",
+])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_lone_connection_field_is_cut_out_wherever_it_is(line: bytes, where: str) -> None:
+    # Node sends "Connection: keep-alive" with every response: cut out as a whole line
+    # (or by the general strip when spelt otherwise), the other lines as they were.
+    others = [b"Content-Type: text/plain", b"Date: x", b"Content-Length: 2"]
+    at = {"first": 0, "middle": 1, "last": 3}[where]
+    lines = [*others[:at], line, *others[at:]]
+    f = framer()
+    assert f.feed(b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(lines) + b"\r\n\r\nhi") == DONE
+    closing = b"close" in line.lower()
+    expected = b"HTTP/1.1 200 OK\r\n" + b"".join(o + b"\r\n" for o in others)
+    expected += b"Connection: close\r\n" if closing else b""
+    assert f.out == expected + b"\r\nhi"
+    assert (f.keep, f.reusable) == (not closing, not closing)
+    # The same parser's next response, with a second hop-by-hop field: both go.
+    f2 = ResponseFramer(False, False, f.next_parser()) if not closing else framer()
+    f2.feed(b"HTTP/1.1 200 OK\r\n" + line + b"\r\nKeep-Alive: timeout=5\r\nA: b\r\n"
+            b"Content-Length: 0\r\n\r\n")
+    assert f2.out.startswith(b"HTTP/1.1 200 OK\r\nA: b\r\nContent-Length: 0\r\n")
+
+
 @pytest.mark.parametrize(("head_request", "status"), [(True, 200), (False, 204), (False, 304)])
 def test_no_body_whatever_the_headers_say(head_request: bool, status: int) -> None:
     head = b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status

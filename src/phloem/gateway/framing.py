@@ -294,7 +294,7 @@ class ResponseFramer:
             # head without hop-by-hop fields only gets the route's extra lines, if any.
             head = buf[start : end + 2]
             if resp.hop:
-                head = http.strip_hop_by_hop(head, resp.connection)
+                head = http.strip_hop_by_hop(head, resp.connection, resp.hop_line)
             add = self.extra
             if close:
                 add += b"Connection: close\r\n"

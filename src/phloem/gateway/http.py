@@ -269,15 +269,22 @@ _RESPONSE_FIELD_LENGTHS = frozenset(len(name) for name in _RESPONSE_FIELDS)
 _RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 
 
-def strip_hop_by_hop(head: bytes, named: set[bytes]) -> bytes:
+def strip_hop_by_hop(head: bytes, named: set[bytes], line: bytes = b"") -> bytes:
     """A response head (status line to the last header line's CRLF, no blank line)
     without its hop-by-hop fields: Connection, Keep-Alive, Proxy-Connection and the
     fields ``named`` in Connection (never Content-Length or Transfer-Encoding, by which
-    the body is framed as received).
+    the body is framed as received). ``line``: the head's only hop-by-hop field, as
+    CRLF + the line + CRLF (``ResponseHead.hop_line``), cut out without splitting the head.
 
         strip_hop_by_hop(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nA: b\r\n", set())
         # b"HTTP/1.1 200 OK\r\nA: b\r\n"
     """
+    if line:
+        # A field value holds no CR or LF (llhttp checked), so CRLF on both sides match
+        # a whole line only.
+        at = head.find(line)
+        if at >= 0:
+            return head[: at + 2] + head[at + len(line) :]
     drop = _RESPONSE_HOP | (named - _PROTECTED) if named else _RESPONSE_HOP
     lines = head.split(b"\r\n")
     kept = [lines[0]]
@@ -294,7 +301,7 @@ class _ResponseFields:
     GC (one per exchange on the task path)."""
 
     __slots__ = ("begins", "chunked", "complete", "connection", "content_length",
-                 "event_stream", "hop", "transfer_encoding")
+                 "event_stream", "hop", "hop_line", "transfer_encoding")
 
     def __init__(self) -> None:
         self.content_length: int | None = None
@@ -306,6 +313,10 @@ class _ResponseFields:
         # A hop-by-hop field (Connection, Keep-Alive, Proxy-Connection) is in the head: it
         # must be rewritten before it goes to a client (see strip_hop_by_hop).
         self.hop = False
+        # The head's only hop-by-hop field when it is a Connection field saying just
+        # keep-alive or close (as Node sends on every response), as it appears in the head
+        # (see strip_hop_by_hop); else b"".
+        self.hop_line = b""
         self.complete = False
         # More than one message begin means bytes followed the response: broken framing.
         self.begins = 0
@@ -316,6 +327,7 @@ class _ResponseFields:
         if self.hop:
             self.hop = False
             self.connection = set()
+            self.hop_line = b""
         self.begins = 0
 
     def on_message_begin(self) -> None:
@@ -337,10 +349,19 @@ class _ResponseFields:
             self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         elif n == b"content-type":
             self.event_stream = value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+        elif self.hop:
+            self.hop_line = b""  # more than one hop-by-hop field: the general strip
+            if n == b"connection":
+                self.connection |= _tokens(value)
         else:
             self.hop = True
             if n == b"connection":
-                self.connection |= _tokens(value)
+                v = value.lower()
+                if v == b"keep-alive" or v == b"close":
+                    self.connection = {v}
+                    self.hop_line = b"\r\n" + name + b": " + value + b"\r\n"
+                else:
+                    self.connection = _tokens(value)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -388,6 +409,11 @@ class ResponseHead:
     @property
     def hop(self) -> bool:
         return self._fields.hop
+
+    @property
+    def hop_line(self) -> bytes:
+        """The only hop-by-hop field, when it is a plain Connection one (strip_hop_by_hop)."""
+        return self._fields.hop_line
 
     @property
     def complete(self) -> bool:
