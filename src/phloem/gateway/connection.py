@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from phloem.gateway import fastpath, http, upstream
 from phloem.gateway.framing import ResponseFramer, error_reply
@@ -41,8 +41,8 @@ logger = logging.getLogger("phloem.gateway")
 # response we just wrote. So a client that may still be sending (an oversized upload, say)
 # gets a half-close, and its input is dropped until it closes, goes quiet for
 # LINGER_IDLE seconds, or LINGER_TOTAL seconds pass (nginx's lingering close).
-LINGER_IDLE = 5.0
-LINGER_TOTAL = 30.0
+LINGER_IDLE: Final = 5.0
+LINGER_TOTAL: Final = 30.0
 
 
 class ConnectionOwner(Protocol):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from phloem.gateway import http
 from phloem.gateway.framing import (
@@ -46,7 +46,7 @@ logger = logging.getLogger("phloem.gateway")
 
 # A response head with at most this much Content-Length body still to come is held until
 # the body is here, so that the client gets one write.
-HOLD_MAX = 64 * 1024
+HOLD_MAX: Final = 64 * 1024
 
 
 def try_fast(conn: _Connection, req: Request) -> bool:

@@ -22,6 +22,8 @@ where each response ends.
 
 from __future__ import annotations
 
+from typing import Final
+
 from phloem.gateway import http
 
 __all__ = [
@@ -45,34 +47,39 @@ __all__ = [
 ]
 
 # Request and response heads larger than this are refused.
-MAX_HEAD_BYTES = 64 * 1024
-NO_BODY_STATUS = frozenset({204, 304})
+MAX_HEAD_BYTES: Final = 64 * 1024
+NO_BODY_STATUS: Final = frozenset({204, 304})
 # Safe to retry on a fresh upstream connection when a pooled one died before answering.
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # Replays (see may_replay): a request is sent again only when
 # all of it is still in hand, i.e. it went upstream in one write of at most REPLAY_MAX
 # bytes (head plus a body that had fully arrived), and the upstream never read it. At most
 # MAX_ATTEMPTS sends.
-REPLAY_MAX = 64 * 1024
-MAX_ATTEMPTS = 3
+REPLAY_MAX: Final = 64 * 1024
+MAX_ATTEMPTS: Final = 3
 
 # What ResponseFramer.feed and .closed return (after each call, write ``out`` first).
 #: Nothing decided yet.
-MORE = 0
+MORE: Final = 0
 #: No final response head reached the client (``reason``, ``retryable``, ``undelivered``):
 #: answer 502 or send the request again. ``out`` may hold 1xx interim heads.
-FAILED = 1
+FAILED: Final = 1
 #: The final response head is in ``out``; a body follows.
-HEAD = 2
+HEAD: Final = 2
 #: A 101 to an Upgrade request: ``out`` holds its head and the first tunnel bytes; from now
 #: on bytes pass through unframed until either side closes.
-TUNNEL = 3
+TUNNEL: Final = 3
 #: The response ended: ``reusable`` (the upstream connection), ``keep`` (the client's, as
 #: far as the response allows), ``complete`` (false: cut off or broken, see ``reason``).
-DONE = 4
+DONE: Final = 4
 
 # Framer states.
-_HEAD, _LENGTH, _CHUNKED, _UNTIL_EOF, _TUNNEL, _OVER = range(6)
+_HEAD: Final = 0
+_LENGTH: Final = 1
+_CHUNKED: Final = 2
+_UNTIL_EOF: Final = 3
+_TUNNEL: Final = 4
+_OVER: Final = 5
 
 #: The gateway's answer when the upstream failed before a final response head.
 UPSTREAM_FAILED = (502, "upstream_failed", "the function failed to respond")

@@ -24,6 +24,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from http import HTTPStatus
+from typing import Final
 
 import httptools
 
@@ -46,34 +47,34 @@ Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy Proxy-Connection. Upgrade is re-added
 # explicitly for upgrade requests.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
 )
 # Set by the gateway itself; a client's values are never passed through as-is (a trusted
 # proxy's X-Forwarded-* are taken over: see upstream_request_head).
-GATEWAY_HEADERS = frozenset(
+GATEWAY_HEADERS: Final = frozenset(
     {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
 # Other headers by which a client could claim an address, scheme or host: passed on only
 # from a trusted proxy, like every X-Forwarded-* (matched by prefix).
-FORWARDING = frozenset({b"forwarded", b"x-real-ip"})
-_DROP = HOP_BY_HOP | GATEWAY_HEADERS | FORWARDING
+FORWARDING: Final = frozenset({b"forwarded", b"x-real-ip"})
+_DROP: Final = HOP_BY_HOP | GATEWAY_HEADERS | FORWARDING
 #: Request headers the gateway reads or rewrites besides Host (plus every ``X-Forwarded-*``
 #: and ``X-Neon-*``): a head without them is "plain" and goes upstream as the client sent
 #: it, with the gateway's headers appended (:func:`plain_request_head`).
-REWRITTEN = _DROP | {b"content-length", b"transfer-encoding", b"expect"}
+REWRITTEN: Final = _DROP | {b"content-length", b"transfer-encoding", b"expect"}
 #: Prefixes of more such names (see :data:`REWRITTEN`), all starting with "x-".
-REWRITTEN_PREFIXES = (b"x-forwarded-", b"x-neon-")
-_DROP_TRUSTED = HOP_BY_HOP | {b"x-request-id"}
-_X_FORWARDED = b"x-forwarded-"
+REWRITTEN_PREFIXES: Final = (b"x-forwarded-", b"x-neon-")
+_DROP_TRUSTED: Final = HOP_BY_HOP | {b"x-request-id"}
+_X_FORWARDED: Final = b"x-forwarded-"
 # The platform's own headers to functions (a schedule trigger's X-Neon-Invocation-Id,
 # ...): never from a client, trusted proxy or not, so a function can trust them.
-_X_NEON = b"x-neon-"
+_X_NEON: Final = b"x-neon-"
 # A client may name extra hop-by-hop fields in Connection; these are never removed that way,
 # since dropping a framing header would desynchronise the upstream connection.
-_PROTECTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_PROTECTED: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
 
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,200}")
+_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._-]{1,200}")
 
 
 class UpstreamProtocolError(Exception):
@@ -89,7 +90,7 @@ def sane_request_id(value: bytes | None) -> bool:
 # microseconds). An id names a request in logs; it is not a secret.
 # Formatting an id costs more than joining two short strings, so ids come 256 at a time:
 # one formatted head of 30 digits (prefix and counter), then each of 256 two-digit tails.
-_TAILS = tuple(b"%02x" % i for i in range(256))
+_TAILS: Final = tuple(b"%02x" % i for i in range(256))
 
 
 def _request_ids() -> Iterator[bytes]:
@@ -239,10 +240,10 @@ def plain_request_head(raw: bytes, forwarded_for: bytes, request_id: bytes, prot
     return _PLAIN % (raw[:-2], forwarded_for, request_id, proto, host)
 
 
-_PLAIN = b"%s%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
-_OURS = b"%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\n\r\n"
-_OURS_HOST = b"%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_PLAIN: Final = b"%s%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
+_OURS: Final = b"%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\n\r\n"
+_OURS_HOST: Final = b"%sX-Request-Id: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 def chunk(data: bytes) -> list[bytes]:
@@ -250,23 +251,23 @@ def chunk(data: bytes) -> list[bytes]:
     return [b"%x\r\n" % len(data), data, b"\r\n"]
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
-_RESPONSE_FIELDS = frozenset(
+_RESPONSE_FIELDS: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"content-type", b"keep-alive",
      b"proxy-connection"}
 )
 # How those names come (lowercase, or capitalised as Node and most servers send them), to
 # the lowercase name: found without lowering them. A name of another length is none of
 # them, known without hashing it (most response fields).
-_RESPONSE_FIELD_NAMES = {
+_RESPONSE_FIELD_NAMES: Final = {
     **{name: name for name in _RESPONSE_FIELDS},
     **{name.title(): name for name in _RESPONSE_FIELDS},
 }
-_RESPONSE_FIELD_LENGTHS = frozenset(len(name) for name in _RESPONSE_FIELDS)
+_RESPONSE_FIELD_LENGTHS: Final = frozenset(len(name) for name in _RESPONSE_FIELDS)
 # Response fields about the upstream hop alone, never passed to a client (plus any field the
 # response names in Connection, framing fields excepted: see strip_hop_by_hop).
-_RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+_RESPONSE_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 
 
 def strip_hop_by_hop(head: bytes, named: set[bytes], line: bytes = b"") -> bytes:

@@ -15,7 +15,7 @@ it are served.
 from __future__ import annotations
 
 import collections
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -26,8 +26,8 @@ from phloem.gateway.request import Request
 __all__ = ["ReaderOwner", "RequestReader"]
 
 
-_REWRITTEN = http.REWRITTEN
-_PREFIXES = http.REWRITTEN_PREFIXES
+_REWRITTEN: Final = http.REWRITTEN
+_PREFIXES: Final = http.REWRITTEN_PREFIXES
 
 
 class _HeadTooLarge(Exception):

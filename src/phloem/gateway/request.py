@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 from phloem.gateway import http
 
@@ -19,7 +20,7 @@ __all__ = ["BODY_HIGH_WATER", "BodySent", "Request", "request_id"]
 # stops reading the client, and the most sent upstream in one write: with the upstream
 # transport's own high-water mark (its writes are drained), what a client sending faster
 # than the function reads costs the gateway.
-BODY_HIGH_WATER = 64 * 1024
+BODY_HIGH_WATER: Final = 64 * 1024
 
 
 class Request:

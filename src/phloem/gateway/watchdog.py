@@ -15,13 +15,16 @@ two per request; bytes only stamp a time (``owner.last_io``).
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Final, Protocol
 
 __all__ = ["KEEP_ALIVE", "NONE", "SILENCE", "TTFB", "Watchdog", "Watched"]
 
 # What the timer is watching: nothing (routing, cold start), the keep-alive wait for the
 # next request head, time to first byte, or stream silence.
-NONE, KEEP_ALIVE, TTFB, SILENCE = 0, 1, 2, 3
+NONE: Final = 0
+KEEP_ALIVE: Final = 1
+TTFB: Final = 2
+SILENCE: Final = 3
 
 
 class Watched(Protocol):
