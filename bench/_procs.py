@@ -101,7 +101,11 @@ error_log {tmp}/error.log warn;
 worker_rlimit_nofile 16384;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    # An access line per request, buffered, as phloem's gateway writes one for every
+    # request (equal work on both sides).
+    log_format access '$time_iso8601 gateway access $request_method $uri $status '
+                      '$request_time rid=$request_id';
+    access_log {tmp}/access.log access buffer=64k flush=1s;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
@@ -177,8 +181,16 @@ HAPROXY_CONF = """\
 global
     nbthread 1
     maxconn 8192  # as nginx's worker_connections (2 fds each within RLIMIT_NOFILE)
+# An access line per request into an in-memory ring, as phloem's gateway writes one for
+# every request (HAProxy writes logs to syslog-style sinks, not files).
+ring access
+    format raw
+    maxlen 512
+    size 1048576
 defaults
     mode http
+    log ring@access local0
+    log-format "%t gateway access %HM %HP %ST %Ta rid=%ID"
     timeout connect 5s
     timeout client 60s
     timeout server 3600s

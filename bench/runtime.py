@@ -10,7 +10,9 @@ in front is what is measured ("fixed"):
    isolate on a Unix socket) and through bench/apps/forwarder.py (the floor of a Python
    proxy: uvloop + httptools and nothing else, same socket); 3 rounds, the order rotating
    per round, every run printed with the proxy's CPU per request, then medians and
-   phloem/nginx, phloem/haproxy, phloem/forwarder and forwarder/nginx;
+   phloem/nginx, phloem/haproxy, phloem/forwarder and forwarder/nginx. nginx and HAProxy
+   write an access line per request (nginx to a file, buffered; HAProxy to an in-memory
+   ring), as phloem's gateway does (the forwarder writes none: it is the floor);
 2. added latency: p50/p99 through each proxy minus direct, at a fixed rate of half the
    direct maximum (h2load --rps; again at half phloem's maximum when phloem cannot sustain
    that) on the python upstream, and unloaded (wrk, one connection) on both, 3 rounds;
