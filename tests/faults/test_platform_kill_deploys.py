@@ -43,7 +43,6 @@ async def app(scope, receive, send):
 def test_kill_during_deploys(killer: Killer, reliability: Any, tmp_path: Path) -> None:
     p = killer.p
     passed, acknowledged = 0, 0
-    killer.restart_s.clear()
     #: Round and id of the last deployment whose deploy returned.
     last: tuple[int, str] | None = None
     # Kills fall anywhere in a deploy's span (and a bit after: some deploys finish).

@@ -22,7 +22,6 @@ def test_kill_during_writes(killer: Killer, reliability: Any) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE writes (round int, n int, PRIMARY KEY (round, n))")
     passed, committed = 0, 0
-    killer.restart_s.clear()
     for r in range(ROUNDS):
         assert serve(p, "probe").status_code == 200
         acked: list[int] = []
