@@ -40,6 +40,7 @@ from phloem.testing import (
 )
 
 APP = Path(__file__).parent.parent / "apps" / "tlsecho"
+NOT_ASGI = Path(__file__).parent.parent / "apps" / "notasgi"
 DOMAIN = "fn.acme.test"
 LIFETIME_S = 60
 
@@ -421,6 +422,42 @@ case "$1" in
 esac
 exit 2
 """
+
+
+def test_a_deploy_whose_build_fails_orders_nothing(acme: Acme) -> None:
+    # A certificate is for a live function: none for one whose first build fails.
+    broken = acme.host.replace("-echo.", "-broken.")
+    failed = acme.p.cli("functions", "deploy", "broken", "--path", str(NOT_ASGI),
+                        "--entry", "main:app", check=False)
+    assert failed.returncode == 1, failed.stdout
+    # Orders go out one after another: once a function deployed after it has its
+    # certificate, an order for the failed one would have been made before.
+    late = host_of(acme.p.deploy("late", APP)["invocation_url"]).split(":")[0]
+    wait_for(lambda: "Pebble" in issuer(served(acme.https_port, late)), 60,
+             "the late function's certificate")
+    orders = acme.orders_by_platform()
+    assert late in orders and broken not in orders, orders
+    assert "Pebble" not in issuer(served(acme.https_port, broken))
+
+
+def test_remote_api_gets_its_certificate_at_start(acme: Acme) -> None:
+    # Restarted with --api-listen: its name (--api-domain, api.<domain> by default) is
+    # ordered at start, and clients verify the API with the CA's root alone.
+    api_port, name = free_port(), f"api.{DOMAIN}"
+    acme.p.stop()
+    acme.p.launch([*acme.extra, "--api-listen", f"127.0.0.1:{api_port}"])
+    acme.p.wait_ready()
+    assert any(f"https://{name}:{api_port}/api/v1" in line for line in acme.p.output)
+    cert = wait_for(lambda: (c := served(api_port, name)) and "Pebble" in issuer(c) and c,
+                    60, "the remote API's certificate")
+    assert names_in(cert) == [name]
+    key = acme.p.credentials["api_key"]
+    with httpx.Client(verify=acme.trusting(), timeout=60) as client:
+        got = client.get(f"https://127.0.0.1:{api_port}/api/v1/branches",
+                         headers={"Host": name, "Authorization": f"Bearer {key}"},
+                         extensions={"sni_hostname": name})
+        assert got.status_code == 200 and [b["name"] for b in got.json()] == ["main"]
+    assert name in acme.orders_by_platform()
 
 
 def test_restart_with_a_dns_hook_serves_one_wildcard(acme: Acme) -> None:

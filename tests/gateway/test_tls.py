@@ -4,6 +4,7 @@ websockets, Python's ssl), and the certificate store behind a real TLS socket.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -20,7 +21,9 @@ import websockets
 from cryptography import x509
 
 from phloem.gateway.tls import CertificateStore, LocalCA
+from phloem.system.settings import Settings
 from phloem.testing import (
+    PHLOEM,
     PlatformProcess,
     free_port,
     host_of,
@@ -193,11 +196,15 @@ def test_files_mode_reloads_a_replaced_pair(tmp_path: Path) -> None:
     ca = LocalCA.ensure(tmp_path / "ca")
     names = ["fn.localhost", "*.fn.localhost", "127.0.0.1"]
     cert, key = ca.issue(tmp_path, names, stem="served")
-    https_port = free_port()
+    https_port, http_port = free_port(), free_port()
     ctx = ssl.create_default_context(cafile=str(ca.cert_path))
+    # (files mode serves 443 and 80 unless told: a public service's ports)
     with platform_process(["--tls", "files", "--tls-cert", str(cert), "--tls-key", str(key),
-                           "--https-port", str(https_port)]) as p:
+                           "--listen", "127.0.0.1", "--https-port", str(https_port),
+                           "--http-port", str(http_port)]) as p:
         assert not any("tls CA" in line for line in p.output)
+        assert any(f"https 127.0.0.1:{https_port}  (TLS files; http 127.0.0.1:{http_port} "
+                   "redirects to https)" in line for line in p.output), p.output
         first = handshake(https_port, "a.fn.localhost", ctx)[2].serial_number
         # A pair that does not match (another leaf's key) is logged and not served.
         other_cert, other_key = ca.issue(tmp_path, ["other.test"], stem="other")
@@ -237,6 +244,25 @@ def test_bad_tls_options_are_refused(tmp_path: Path) -> None:
     same = refused_start({"PHLOEM_TLS": "self-signed", "PHLOEM_HTTPS_PORT": "18443",
                           "PHLOEM_HTTP_PORT": "18443"})
     assert "https_port: must differ from the plain HTTP port 18443" in same
+
+
+def test_public_modes_serve_443_and_80_unless_told(tmp_path: Path) -> None:
+    # acme and files are a public service's modes: HTTPS on 443, the redirect and HTTP-01
+    # on 80 (the only port a CA validates on); self-signed keeps a laptop's ports.
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    public = [Settings(data_dir=tmp_path, tls="acme"),
+              Settings(data_dir=tmp_path, tls="files", tls_cert=cert, tls_key=key)]
+    for s in public:
+        assert (s.https_port, s.plain_port, s.url_port) == (443, 80, 443), s.tls
+        assert dataclasses.replace(s, domain="fn.example.com").https_port == 443
+    local = Settings(data_dir=tmp_path, tls="self-signed", gateway_port=8787)
+    assert (local.https_port, local.plain_port) == (8443, 8787)
+    told = Settings(data_dir=tmp_path, tls="acme", https_port=9443, http_port=9080)
+    assert (told.https_port, told.plain_port) == (9443, 9080)
+    assert Settings(data_dir=tmp_path).serving_port == 8787  # --tls off: unchanged
+    helped = subprocess.run([PHLOEM, "up", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"}, timeout=60).stdout
+    assert "--gateway-host,--listen" in helped.replace(" ", "") and "443 with --tls" in helped
 
 
 # -- the store: SNI picks among certificates -------------------------------------------------

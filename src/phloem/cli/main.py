@@ -163,8 +163,10 @@ def up(
         envvar="PHLOEM_API_LISTEN", help="ADDR:PORT where the control API is also served "
         "for remote clients (phloem login; scoped keys from phloem keys create), over TLS "
         "with the gateway's certificate unless --tls off.", show_default="none")] = None,
-    gateway_host: Annotated[str, typer.Option(envvar="PHLOEM_GATEWAY_HOST",
-                                              help="Address functions are served on.")]
+    gateway_host: Annotated[str, typer.Option(
+        "--gateway-host", "--listen", envvar="PHLOEM_GATEWAY_HOST",
+        help="Address functions are served on: the gateway port, and with --tls the HTTPS "
+        "and redirect ports (0.0.0.0 or :: for every interface: a public service).")]
     = "127.0.0.1",
     gateway_port: Annotated[int, typer.Option(envvar="PHLOEM_GATEWAY_PORT",
                                               help="Port functions are served on (plain "
@@ -202,14 +204,20 @@ def up(
         "returns once it is visible; with it one wildcard *.<domain> certificate is "
         "obtained by DNS-01 instead of one per function host.", show_default="none")]
     = None,
-    https_port: Annotated[int, typer.Option(
+    https_port: Annotated[int | None, typer.Option(
         envvar="PHLOEM_HTTPS_PORT", min=1, max=65535, help="Port functions are served on "
-        "with --tls (443 needs root or CAP_NET_BIND_SERVICE).")] = 8443,
+        "with --tls (443 needs root or CAP_NET_BIND_SERVICE).",
+        show_default="443 with --tls acme or files, else 8443")] = None,
     http_port: Annotated[int | None, typer.Option(
         envvar="PHLOEM_HTTP_PORT", min=1, max=65535, help="With --tls: plain HTTP port "
         "that only redirects to https (308 for GET/HEAD, else 400) and answers ACME "
-        "HTTP-01 challenges (--tls acme); 80 needs root or "
-        "CAP_NET_BIND_SERVICE.", show_default="the gateway port")] = None,
+        "HTTP-01 challenges (--tls acme; the CA always validates on port 80); 80 needs "
+        "root or CAP_NET_BIND_SERVICE.",
+        show_default="80 with --tls acme or files, else the gateway port")] = None,
+    api_domain: Annotated[str | None, typer.Option(
+        envvar="PHLOEM_API_DOMAIN", help="DNS name remote clients reach --api-listen at; "
+        "with --tls acme a certificate is obtained for it at start.",
+        show_default="api.<domain>")] = None,
     domain: Annotated[str, typer.Option(envvar="PHLOEM_DOMAIN",
                                         help="Domain of invocation URLs.")] = "fn.localhost",
     public_port: Annotated[int | None, typer.Option(
@@ -314,7 +322,8 @@ def up(
     try:
         settings = Settings(
             tls=tls.value, tls_cert=tls_cert.absolute() if tls_cert else None,
-            tls_key=tls_key.absolute() if tls_key else None, https_port=https_port,
+            tls_key=tls_key.absolute() if tls_key else None,
+            https_port=https_port if https_port is not None else 0, api_domain=api_domain,
             http_port=http_port, acme_directory=acme_directory, acme_email=acme_email,
             acme_ca_bundle=acme_ca_bundle.absolute() if acme_ca_bundle else None,
             acme_renew_fraction=acme_renew_fraction, acme_dns_hook=acme_dns_hook,

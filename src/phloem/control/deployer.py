@@ -126,6 +126,9 @@ class Deployer:
     #: the platform's network rules follow them.
     on_function_deployed: Callable[[BranchRow, FunctionRow], Awaitable[None]] | None = None
     on_function_deleted: Callable[[FunctionRow], Awaitable[None]] | None = None
+    #: Awaited each time a function starts serving a deployment (the first and every
+    #: later switch): what needs a live function (its ACME certificate) follows it.
+    on_function_live: Callable[[BranchRow, FunctionRow], Awaitable[None]] | None = None
     #: Awaited at the end of :meth:`drop_branch` (its custom domains' routes and
     #: certificates go; the rows go with the branch's, by cascade).
     on_branch_dropped: Callable[[BranchRow], Awaitable[None]] | None = None
@@ -381,6 +384,8 @@ class Deployer:
         await self.store.set_active_deployment(fn.id, dep.id, build_log=build_log)
         # New requests go to the new version at once; the old one drains in the background.
         self.routes.put(branch.id, fn.slug, spec)
+        if self.on_function_live is not None:
+            await self.on_function_live(branch, fn)
         if previous and previous != dep.id:
             self._draining.add(previous)
             retire = asyncio.create_task(self._retire(fn, previous))

@@ -8,7 +8,8 @@ gateway, and what ``phloem up`` tells the user.
 With ``--tls acme``, ``setup.acme`` obtains a certificate per name the platform ensures
 (``setup.certificates.ensure(host)`` when a function is deployed), puts it in
 ``setup.store`` and answers HTTP-01 challenges through ``GatewayConfig.acme_challenge``;
-the local CA's certificate is served meanwhile (and for any other name).
+the local CA's certificate is served meanwhile (and for any other name). With
+``api_listen``, the remote API's name (``settings.remote_api_name``) is ensured at start.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def self_signed_names(settings: Settings) -> list[str]:
     """The platform domain and its one-label wildcard, localhost, loopback, and the
     gateway's address when it is a specific one."""
     names = [settings.domain, f"*.{settings.domain}", "localhost", "127.0.0.1", "::1"]
+    if settings.api_listen is not None:
+        names.append(settings.remote_api_name)
     try:
         if not ipaddress.ip_address(settings.gateway_host).is_unspecified:
             names.append(settings.gateway_host)
@@ -92,6 +95,12 @@ def gateway_tls(settings: Settings) -> GatewayTls | None:
     except ValueError:
         raise TlsError(f"domain: --tls acme needs a DNS name of one or more labels "
                        f"(got {settings.domain!r})") from None
+    if settings.api_listen is not None:
+        try:  # the remote API's certificate is ordered at start (Platform._start)
+            check_name(settings.remote_api_name)
+        except ValueError:
+            raise TlsError(f"api_domain: --tls acme needs a DNS name of two or more labels "
+                           f"for the remote API (got {settings.remote_api_name!r})") from None
     bundle = settings.acme_ca_bundle
     if bundle is not None and not bundle.is_file():
         raise TlsError(f"acme_ca_bundle: no such file: {bundle}")

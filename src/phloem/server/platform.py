@@ -260,7 +260,10 @@ class Platform:
         out.print(f"[bold green]phloem {__version__} is up[/]  data dir {s.data_dir}")
         out.print(f"  api      {s.api_url}/api/v1   (key in {s.data_dir / 'credentials.json'})")
         if s.api_listen is not None:
-            out.print(f"  api      {'https' if self._tls else 'http'}://{s.api_listen}/api/v1   "
+            # With ACME the certificate names the API: that name is what clients verify.
+            where = (f"{s.remote_api_name}:{s.api_listen_address[1]}"
+                     if s.tls == "acme" and s.api_listen_address else s.api_listen)
+            out.print(f"  api      {'https' if self._tls else 'http'}://{where}/api/v1   "
                       "(remote: phloem keys create, then phloem login)"
                       + ("" if self._tls else "  [yellow]plain HTTP: keys cross the network "
                          "in clear; use --tls[/]"))
@@ -420,7 +423,11 @@ class Platform:
 
         async def allow(branch: BranchRow, fn: FunctionRow) -> None:
             await firewall.allow_function(self._isolate_uid(fn), _branch_ports(branch))
-            if self._tls is not None:  # --tls acme: its certificate is ordered now
+
+        async def live(branch: BranchRow, fn: FunctionRow) -> None:
+            # --tls acme: a certificate for a name that maps to a live function only, so
+            # a deploy whose build fails orders nothing.
+            if self._tls is not None:
                 self._tls.certificates.ensure(host(fn))  # a valid name (gateway_tls)
 
         async def forget(fn: FunctionRow) -> None:
@@ -429,6 +436,7 @@ class Platform:
                 self._tls.certificates.forget(host(fn))
 
         deployer.on_function_deployed = allow
+        deployer.on_function_live = live
         deployer.on_function_deleted = forget
         # Branch services: before the routes load (their variables are in the specs),
         # stopped after the gateway.
@@ -480,7 +488,10 @@ class Platform:
             push(self._tls.acme.stop)
             await self._tls.acme.start()
             for fn in await store.list_functions():
-                self._tls.certificates.ensure(host(fn))
+                if fn.active_deployment_id is not None:
+                    self._tls.certificates.ensure(host(fn))
+            if s.api_listen is not None:
+                self._tls.certificates.ensure(s.remote_api_name)  # checked in gateway_tls
             branch_services.ensure_hosts()
         admissions = [gateway.admission]
         if s.tls_on:

@@ -18,6 +18,8 @@ from phloem.system.limits import FunctionLimits
 
 #: ``--tls`` values.
 TLS_MODES = ("off", "self-signed", "files", "acme")
+#: TLS modes of a service exposed to the world: HTTPS on 443 and HTTP on 80 by default.
+PUBLIC_TLS_MODES = ("files", "acme")
 #: Let's Encrypt's production directory: ``--acme-directory`` by default.
 ACME_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -53,10 +55,14 @@ class Settings:
     tls: str = "off"
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    #: With TLS: functions are served here; ``http_port`` (default: ``gateway_port``)
-    #: only redirects to it.
-    https_port: int = 8443
+    #: With TLS: functions are served on ``https_port``; ``http_port`` only redirects to
+    #: it (and answers ACME HTTP-01 challenges). Unset (0 / None): a public service's 443
+    #: and 80 with ``tls`` acme or files, else 8443 and ``gateway_port`` (a laptop's).
+    https_port: int = 0
     http_port: int | None = None
+    #: The DNS name remote clients reach ``api_listen`` at: with ``tls`` acme a
+    #: certificate is obtained for it. None: ``api.<domain>``.
+    api_domain: str | None = None
     #: ``--tls acme``: the CA's directory URL, the account's contact e-mail, a CA bundle
     #: trusted for the directory's HTTPS (None: the system's), and the fraction of a
     #: certificate's lifetime after which it is renewed.
@@ -124,6 +130,11 @@ class Settings:
         default_factory=lambda: os.environ.get("PHLOEM_NPM_UPSTREAM") or None)
 
     def __post_init__(self) -> None:
+        public = self.tls in PUBLIC_TLS_MODES
+        if self.https_port == 0:  # frozen: the resolved default is set once, here
+            object.__setattr__(self, "https_port", 443 if public else 8443)
+        if self.http_port is None and public:
+            object.__setattr__(self, "http_port", 80)
         if self.api_listen is not None:
             self.api_listen_address  # noqa: B018  (raises naming the field)
         if self.tls not in TLS_MODES:
@@ -159,6 +170,11 @@ class Settings:
             raise ValueError(f"api_listen: must be ADDR:PORT, e.g. 0.0.0.0:8789 or "
                              f"[::]:8789 (got {self.api_listen!r})")
         return host, int(port)
+
+    @property
+    def remote_api_name(self) -> str:
+        """The name of the remote API (``api_listen``): ``api_domain`` or ``api.<domain>``."""
+        return self.api_domain or f"api.{self.domain}"
 
     @property
     def tls_on(self) -> bool:
