@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -114,6 +115,36 @@ def test_deploy_key_cannot_create_branches(remote: tuple[PlatformProcess, int],
         assert api.get("/api/v1/branches/main").status_code == 200  # deploy includes read
         r = api.get("/api/v1/branches/main/connection")
         assert r.status_code == 200  # a password is a deploy key's to have
+
+
+def test_metrics_key_scrapes_and_does_nothing_else(remote: tuple[PlatformProcess, int],
+                                                  secrets_made: list[str]) -> None:
+    """A key for scrapers: /metrics over the TLS listener, and 403 elsewhere; read does
+    not include metrics (only admin includes every scope)."""
+    p, port = remote
+    key = make_key(p, secrets_made, scopes=["metrics"])
+    ca = ssl.create_default_context(cafile=str(p.data_dir / "tls" / "ca.pem"))
+    with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ca, timeout=60,
+                      headers={"Authorization": f"Bearer {key['secret']}"}) as api:
+        scraped = api.get("/metrics")
+        assert scraped.status_code == 200, scraped.text
+        assert "# TYPE phloem_requests_total counter" in scraped.text
+        for method, path, body, needed in (
+                ("GET", "/api/v1/branches", None, "read"),
+                ("GET", "/api/v1/branches/main/functions", None, "read"),
+                ("POST", "/api/v1/branches/main/functions/x/deployments",
+                 {"artifact_sha256": "0" * 64, "entry": "main:app"}, "deploy")):
+            r = api.request(method, path, json=body)
+            assert r.status_code == 403, (path, r.text)
+            assert error(r)["code"] == "forbidden_scope", r.text
+            assert error(r)["message"] == (f"{method} {path} needs an api key with scope "
+                                           f"'{needed}' (this key has: metrics)"), r.text
+    read = make_key(p, secrets_made, scopes=["read"])
+    with as_key(p, read["secret"]) as api:
+        r = api.get("/metrics")
+        assert r.status_code == 403 and "scope 'metrics'" in error(r)["message"], r.text
+        assert "phloem_" not in r.text
+        assert api.get("/api/v1/branches").status_code == 200
 
 
 def test_branch_limited_key_sees_only_its_branches(remote: tuple[PlatformProcess, int],

@@ -22,11 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from phloem.gateway.acme import AcmeConfig, CertificateManager, StaticCertificates
 from phloem.gateway.acme.manager import RETRY_FIRST_S, OrderBucket
 from phloem.gateway.tls import CertificateStore, LocalCA, TlsError
+from phloem.runtimes.node.provision import ensure_node
 from phloem.server.https import gateway_tls
 from phloem.system.settings import Settings
 from phloem.testing import (
@@ -194,6 +197,100 @@ def test_deployed_host_gets_a_certificate_by_http01(acme: Acme) -> None:
                  secrets / "certs" / f"{acme.host}-key.pem"):
         assert path.stat().st_mode & 0o777 == 0o600, path
     assert (acme.p.data_dir / "secrets").stat().st_mode & 0o777 == 0o700
+
+
+FETCH = """
+import tls from "node:tls";
+const [url, host] = process.argv.slice(2);
+// Node 24 has no public undici to make an Agent from, and fetch has no --resolve. Loading
+// fetch's undici (a Request does) puts its Agent in the global-dispatcher slot undici
+// shares across copies; an Agent of that class with `connect.lookup` maps the function's
+// name alone to 127.0.0.1, and the TLS name check stays the real one.
+new Request(url);
+const Agent = globalThis[Symbol.for("undici.globalDispatcher.1")].constructor;
+const chain = [];
+const dispatcher = new Agent({ connect: {
+  lookup(name, options, callback) {
+    if (name !== host) return callback(Object.assign(new Error(name), { code: "ENOTFOUND" }));
+    if (options.all) return callback(null, [{ address: "127.0.0.1", family: 4 }]);
+    callback(null, "127.0.0.1", 4);
+  },
+  // Called only for a chain that verified: record it, then check the name as Node does.
+  checkServerIdentity(name, cert) {
+    for (let c = cert; c && !chain.includes(c.fingerprint256); c = c.issuerCertificate)
+      chain.push(c.fingerprint256, c.subject.CN, c.issuer.CN);
+    return tls.checkServerIdentity(name, cert);
+  },
+} });
+try {
+  const res = await fetch(url, { dispatcher });
+  console.log(JSON.stringify({ node: process.version, status: res.status,
+                               body: await res.json(), chain }));
+} catch (e) {
+  console.log(JSON.stringify({ error: e.cause?.code ?? String(e), chain }));
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def node24(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Node 24 as the function runtime gets it: the machine's if it is 24, else the pinned
+    build (cached in $PHLOEM_TEST_NODE_TOOLS, like tests/runtimes/test_node.py's)."""
+    cached = os.environ.get("PHLOEM_TEST_NODE_TOOLS")
+    return ensure_node(Path(cached) if cached else tmp_path_factory.mktemp("node"),
+                       lambda _line: None)
+
+
+def node_fetch(acme: Acme, node: Path, path: str, ca: Path | None) -> dict[str, Any]:
+    script = acme.work / "fetch.mjs"
+    script.write_text(FETCH)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NODE_") and "proxy" not in k.lower()}
+    if ca is not None:
+        env["NODE_EXTRA_CA_CERTS"] = str(ca)
+    res = subprocess.run([str(node), str(script), f"https://{acme.host}:{acme.https_port}"
+                          f"{path}", acme.host], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    got: dict[str, Any] = json.loads(res.stdout)
+    return got
+
+
+def test_node_fetch_verifies_the_acme_certificate(acme: Acme, node24: Path) -> None:
+    _verified(acme, acme.host)
+    got = node_fetch(acme, node24, "/from-node", acme.root)
+    assert got.get("status") == 200 and got["node"].startswith("v24."), got
+    assert got["body"]["path"] == "/from-node"
+    assert got["body"]["headers"]["x-forwarded-proto"] == "https"
+    # The chain Node verified: the function's leaf, pebble's intermediate, pebble's root
+    # (the file given in NODE_EXTRA_CA_CERTS).
+    root = x509.load_pem_x509_certificate(acme.root.read_bytes())
+    fingerprint = ":".join(f"{b:02X}" for b in root.fingerprint(hashes.SHA256()))
+    assert len(got["chain"]) == 9, got["chain"]
+    leaf, intermediate, anchor = (got["chain"][i:i + 3] for i in range(0, 9, 3))
+    assert leaf[1] == acme.host and leaf[2] == intermediate[1]
+    assert intermediate[1].startswith("Pebble Intermediate")
+    assert intermediate[2] == anchor[1] and anchor[0] == fingerprint
+    # Without pebble's root Node's own trust store refuses the same certificate.
+    refused = node_fetch(acme, node24, "/from-node", None)
+    assert refused == {"error": "UNABLE_TO_GET_ISSUER_CERT_LOCALLY", "chain": []}, refused
+
+
+async def test_wss_echo_through_the_acme_certificate(acme: Acme) -> None:
+    await asyncio.to_thread(_verified, acme, acme.host)
+    async with websockets.connect(f"wss://{acme.host}:{acme.https_port}/ws",
+                                  host="127.0.0.1", port=acme.https_port, open_timeout=60,
+                                  ssl=acme.trusting()) as ws:
+        issuer_of = dict(x[0] for x in ws.transport.get_extra_info("peercert")["issuer"])
+        assert issuer_of["commonName"].startswith("Pebble Intermediate"), issuer_of
+        await ws.send("acme")
+        assert await asyncio.wait_for(ws.recv(), 10) == "echo:acme"
+    # Python's default trust store (no pebble root) refuses the handshake.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        async with websockets.connect(f"wss://{acme.host}:{acme.https_port}/ws",
+                                      host="127.0.0.1", port=acme.https_port,
+                                      open_timeout=60, ssl=ssl.create_default_context()):
+            pass
 
 
 def test_unknown_name_gets_the_fallback(acme: Acme) -> None:
