@@ -42,9 +42,6 @@ _.define_config
 _.parse_env
 _.pending_count
 
-# Waiting on another branch of issue 12: platform.py's lifecycle rewrite removes it;
-# the lead deletes this line when merging it.
-
 # Neon API v2 response fields (control/neon_v2): Neon's CLI reads them from the JSON.
 _.account_id
 _.active_deployment

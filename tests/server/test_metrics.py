@@ -36,12 +36,18 @@ FN = {"branch": "br-quiet-moon-3f9a2c", "function": "todos"}
 OTHER = {"branch": "br-quiet-moon-3f9a2c", "function": "other"}
 
 
+def observe(m: Metrics, r: RequestRecord, branch: str, function: str) -> None:
+    """Count ``r`` as the platform does (``server.dispatch.RequestObserver``): into the
+    function's series."""
+    m.requests_of(branch, function).observe(r.status, r.duration_s, r.stream)
+
+
 def test_requests_are_counted_by_status_and_timed() -> None:
     m = Metrics()
-    m.observe_request(record(200, 0.002), **FN)
-    m.observe_request(record(200, 0.3), **FN)
-    m.observe_request(record(504, 900.5), **FN)
-    m.observe_request(record(200, 0.004), **OTHER)
+    observe(m, record(200, 0.002), **FN)
+    observe(m, record(200, 0.3), **FN)
+    observe(m, record(504, 900.5), **FN)
+    observe(m, record(200, 0.004), **OTHER)
     s = scrape(m)
     assert value(s, "phloem_requests_total", **FN, status="200") == 2
     assert value(s, "phloem_requests_total", **FN, status="504") == 1
@@ -63,7 +69,7 @@ def test_a_duration_on_a_bound_counts_in_that_bucket() -> None:
     # Buckets are "less than or equal": a request of exactly 1 ms is in le="0.001".
     m = Metrics()
     for duration_s in (0.0, 0.001, 0.0010001, 0.0025, 900.0, 900.0001):
-        m.observe_request(record(200, duration_s), **FN)
+        observe(m, record(200, duration_s), **FN)
     s = scrape(m)
     bucket = "phloem_request_duration_seconds_bucket"
     assert value(s, bucket, **FN, le="0.001") == 2
@@ -75,8 +81,8 @@ def test_a_duration_on_a_bound_counts_in_that_bucket() -> None:
 
 def test_streams_are_counted_but_not_timed() -> None:
     m = Metrics()
-    m.observe_request(record(101, 3600.0, stream=True), **FN)
-    m.observe_request(record(200, 0.01), **FN)
+    observe(m, record(101, 3600.0, stream=True), **FN)
+    observe(m, record(200, 0.01), **FN)
     s = scrape(m)
     assert value(s, "phloem_requests_total", **FN, status="101") == 1
     assert value(s, "phloem_request_duration_seconds_count", **FN) == 1
@@ -126,7 +132,7 @@ def test_a_failing_load_source_does_not_break_the_scrape() -> None:
         raise RuntimeError("supervisor is gone")
 
     m = Metrics(load=broken)
-    m.observe_request(record(), **FN)
+    observe(m, record(), **FN)
     s = scrape(m)
     assert value(s, "phloem_requests_total", **FN, status="200") == 1
     assert not any(name == "phloem_isolates" for name, _ in s)
@@ -134,7 +140,7 @@ def test_a_failing_load_source_does_not_break_the_scrape() -> None:
 
 def test_registries_are_independent_and_the_source_can_be_set_later() -> None:
     a, b = Metrics(), Metrics()
-    a.observe_request(record(), **FN)
+    observe(a, record(), **FN)
     assert value(scrape(a), "phloem_requests_total", **FN, status="200") == 1
     assert value(scrape(b), "phloem_requests_total", **FN, status="200") is None
     assert value(scrape(b), "phloem_isolates", **FN) is None
@@ -144,7 +150,7 @@ def test_registries_are_independent_and_the_source_can_be_set_later() -> None:
 
 def test_openmetrics_when_asked() -> None:
     m = Metrics()
-    m.observe_request(record(), **FN)
+    observe(m, record(), **FN)
     body, content_type = m.render("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith(b"# EOF\n")
@@ -162,7 +168,7 @@ async def test_fed_by_a_real_gateway() -> None:
     """Records from a Gateway's on_request hook, gauges from its counters."""
     m = Metrics()
     gateway = Gateway(
-        NoRoutes(), GatewayConfig(port=0), on_request=lambda r: m.observe_request(r, **FN)
+        NoRoutes(), GatewayConfig(port=0), on_request=lambda r: observe(m, r, **FN)
     )
     m.load = lambda: {
         ("br-quiet-moon-3f9a2c", "todos"): FunctionLoad(

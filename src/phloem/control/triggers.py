@@ -345,9 +345,3 @@ class TriggerScheduler:
                 await self.store.prune_runs(row.id, HISTORY_KEEP)
                 return
             await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-
-    async def wait_idle(self, timeout: float) -> None:
-        """Wait (bounded) until no delivery is in flight: tests."""
-        async with asyncio.timeout(timeout):
-            while self._runs:
-                await asyncio.gather(*list(self._runs), return_exceptions=True)

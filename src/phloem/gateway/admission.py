@@ -148,9 +148,6 @@ class Admission:
         """Client connections open now."""
         return len(self._conns)
 
-    def peer_count(self, ip: str) -> int:
-        return self._peers.get(ip, 0)
-
     # -- the listener's side ----------------------------------------------------------------
 
     def check(self, ip: str) -> str | None:

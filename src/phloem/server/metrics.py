@@ -1,7 +1,9 @@
 """Prometheus metrics for the platform, in the text exposition format.
 
     metrics = Metrics(load=lambda: {("br-quiet-moon-3f9a2c", "todos"): FunctionLoad(1, 3, 0)})
-    gateway = Gateway(router, config, on_request=lambda r: metrics.observe_request(r, b, f))
+    series = metrics.requests_of("br-quiet-moon-3f9a2c", "todos")  # per Host: server.dispatch
+    gateway = Gateway(router, config,
+                      on_request=lambda r: series.observe(r.status, r.duration_s, r.stream))
     metrics.observe_cold_start("br-quiet-moon-3f9a2c", "todos", 0.041)
     metrics.observe_eviction("br-quiet-moon-3f9a2c", "todos", "idle")
     metrics.connections = lambda: {"gateway": ListenerLoad(open=12, limit=9360,
@@ -27,7 +29,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -39,9 +40,6 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
-
-if TYPE_CHECKING:
-    from phloem.gateway.server import RequestRecord
 
 __all__ = [
     "COLD_START_BUCKETS",
@@ -355,12 +353,6 @@ class Metrics:
         if series is None:
             series = functions[(branch, function)] = FunctionRequests()
         return series
-
-    def observe_request(self, record: RequestRecord, branch: str, function: str) -> None:
-        """Count one finished exchange (feed it the gateway's ``on_request`` records; see
-        :meth:`FunctionRequests.observe`)."""
-        self.requests_of(branch, function).observe(record.status, record.duration_s,
-                                                   record.stream)
 
     def observe_cold_start(self, branch: str, function: str, seconds: float) -> None:
         self._cold_starts.labels(branch, function).inc()

@@ -168,8 +168,6 @@ class CertificateManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._account: AcmeAccount | None = None
-        #: Orders sent to the CA since start (a log line each).
-        self.orders = 0
 
     # -- what the platform calls ---------------------------------------------------
     async def start(self) -> None:
@@ -331,7 +329,6 @@ class CertificateManager:
 
     async def _order(self, entry: _Name) -> None:
         name = entry.name
-        self.orders += 1
         logger.warning("acme: ordering a certificate for %s", name)
         try:
             chain, key = await asyncio.to_thread(self._issue, name)
