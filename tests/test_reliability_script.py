@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -83,3 +84,16 @@ def test_markers_are_replaced_and_required() -> None:
         script.replace_between_markers("no markers here", "new")
     readme = (ROOT / "README.md").read_text()
     assert readme.count(script.BEGIN) == 1 and readme.count(script.END) == 1
+
+
+def test_rows_are_grouped_by_file_in_the_order_they_ran(tmp_path: Path) -> None:
+    # xdist workers interleave files; the table keeps each file's rows together.
+    script = load_script()
+    ran = ["tests/b.py::test_one", "tests/a.py::test_two", "tests/b.py::test_three",
+           "tests/a.py::test_one"]
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps({"test": t, "rounds": 1, "passed": 1, "figure": t})
+                           + "\n" for t in ran))
+    rows = script.build_rows(out, dict.fromkeys(ran, "passed"))
+    assert [r.test for r in rows] == ["tests/a.py::test_two", "tests/a.py::test_one",
+                                      "tests/b.py::test_one", "tests/b.py::test_three"]
