@@ -185,7 +185,7 @@ def tls(b: Bench, rounds: int, say: Callable[[str], None]) -> TlsResults:
         f"{rounds} rounds interleaved, the order rotating (load average (1 min) "
         f"{os.getloadavg()[0]:.2f})")
     with platform_process(["--tls", "files", "--tls-cert", str(cert), "--tls-key", str(key),
-                           "--https-port", str(https_port),
+                           "--https-port", str(https_port), "--http-port", str(free_port()),
                            "--max-connections-per-peer", "0"]) as p:
         fn = p.deploy("fixed", FIXED, "--limit", "max_isolates=1")
         host = host_of(fn["invocation_url"])
