@@ -60,14 +60,21 @@ class Table:
 def floor_ratios(table: Table) -> str:
     """phloem's ratio to the Python floor (bench/apps/forwarder.py, the way named
     "forwarder") and the floor's to nginx, for a summary row."""
-    return (f"{table.ratio('phloem', 'forwarder'):.2f}x the Python floor (which is "
+    text = (f"{table.ratio('phloem', 'forwarder'):.2f}x the Python floor (which is "
             f"{table.ratio('forwarder', 'nginx'):.2f}x nginx)")
+    if "pooled" in table.runs:
+        text += (f", {table.ratio('phloem', 'pooled'):.2f}x the pooling floor (which is "
+                 f"{table.ratio('pooled', 'nginx'):.2f}x nginx)")
+    return text
 
 
 def report_floor(table: Table, say: Callable[[str], None]) -> None:
     """Print the floor's ratio to nginx per round and as their median, after a
     :func:`report` of phloem that named ``"forwarder": math.nan``."""
     report(table, subject="forwarder", against={"nginx": math.nan}, say=say, medians=False)
+    if "pooled" in table.runs:
+        report(table, subject="pooled", against={"nginx": math.nan, "forwarder": math.nan},
+               say=say, medians=False)
 
 
 def tree_cpu(pid: int) -> Callable[[], float]:

@@ -232,14 +232,17 @@ FORWARDER = Path(__file__).resolve().parent / "apps" / "forwarder.py"
 
 
 def start_forwarder(reaper: Reaper, port: int, sock: str,
-                    tls: tuple[Path, Path] | None = None) -> subprocess.Popen[bytes]:
+                    tls: tuple[Path, Path] | None = None,
+                    pool: bool = False) -> subprocess.Popen[bytes]:
     """bench/apps/forwarder.py (the floor of a Python proxy: uvloop + httptools, one
-    upstream connection per client) proxying 127.0.0.1:``port`` to the Unix socket
-    ``sock``; with ``tls`` (certificate, key) it terminates TLS on that port. Returns once
-    it answers (over TLS: once it accepts a connection; a plain GET would not do)."""
+    upstream connection per client; with ``pool``, shared ones) proxying
+    127.0.0.1:``port`` to the Unix socket ``sock``; with ``tls`` (certificate, key) it
+    terminates TLS on that port. Returns once it answers (over TLS: once it accepts a
+    connection; a plain GET would not do)."""
     tls_args = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []
+    pool_args = ["--pool"] if pool else []
     proc = reaper.spawn([sys.executable, str(FORWARDER), "--port", str(port), "--uds", sock,
-                         *tls_args], stdin=subprocess.DEVNULL)
+                         *tls_args, *pool_args], stdin=subprocess.DEVNULL)
     if tls is None:
         wait_answering(proc, port=port, what="the forwarder")
     else:

@@ -204,7 +204,8 @@ class Bench:
     unboxed: PlatformProcess | None = None
     results: Results = field(default_factory=Results)
     _ways: dict[str, list[Way]] = field(default_factory=dict)  # upstream -> its ways
-    _floor: dict[str, Way] = field(default_factory=dict)  # upstream -> its forwarder
+    # upstream -> its forwarders: one upstream connection per client, and pooled
+    _floor: dict[str, list[Way]] = field(default_factory=dict)
 
     @property
     def gateway_pid(self) -> int:
@@ -250,8 +251,9 @@ class Bench:
                 nginx_port, haproxy_port = free_port(), free_port()
                 nginx = start_nginx(self.reaper, self.tmp, nginx_port, sock)
                 haproxy = start_haproxy(self.reaper, self.tmp, haproxy_port, sock)
-                forwarder_port = free_port()
+                forwarder_port, pooled_port = free_port(), free_port()
                 forwarder = start_forwarder(self.reaper, forwarder_port, sock)
+                pooled = start_forwarder(self.reaper, pooled_port, sock, pool=True)
                 host = deployed.result()
             self._ways[upstream] = [
                 Way("direct", f"http://127.0.0.1:{direct}/"),
@@ -261,13 +263,15 @@ class Bench:
                 Way("phloem", f"http://127.0.0.1:{self.p.gateway_port}/", host,
                     cpu=own_cpu(self.gateway_pid)),
             ]
-            self._floor[upstream] = Way("forwarder", f"http://127.0.0.1:{forwarder_port}/",
-                                        cpu=own_cpu(forwarder.pid))
+            self._floor[upstream] = [
+                Way("forwarder", f"http://127.0.0.1:{forwarder_port}/",
+                    cpu=own_cpu(forwarder.pid)),
+                Way("pooled", f"http://127.0.0.1:{pooled_port}/", cpu=own_cpu(pooled.pid))]
         return self._ways[upstream]
 
-    def floor(self, upstream: str) -> Way:
-        """bench/apps/forwarder.py in front of ``upstream`` (see :meth:`ways`): the floor of
-        a Python proxy, measured in the throughput section only."""
+    def floor(self, upstream: str) -> list[Way]:
+        """bench/apps/forwarder.py in front of ``upstream`` (see :meth:`ways`), plain and
+        ``--pool``: the floors of a Python proxy, measured in the throughput section only."""
         self.ways(upstream)
         return self._floor[upstream]
 
@@ -297,20 +301,22 @@ def throughput(b: Bench) -> None:
         "-> 1 upstream process on a Unix socket; all keep-alive both sides;")
     say("   forwarder = bench/apps/forwarder.py, the floor of a Python proxy (uvloop + "
         "httptools, 1 process, one upstream connection per client; no routing, pooling, "
-        "limits, logs or metrics), to the same socket;")
+        "limits, logs or metrics), to the same socket; pooled = the same with --pool "
+        "(shared upstream connections, a response parser to free them: the least a "
+        "proxy in front of functions does);")
     say("   CPU/req = the proxy's CPU time over the run / its requests (10 ms clock ticks)")
     with ThreadPoolExecutor(len(UPSTREAMS)) as pool:  # every upstream's servers at once
         list(pool.map(b.ways, UPSTREAMS))
     for upstream, what in UPSTREAMS.items():
         say(f"   -- {upstream} upstream: {what}")
-        ways = [*b.ways(upstream), b.floor(upstream)]
+        ways = [*b.ways(upstream), *b.floor(upstream)]
         _warm(ways, b.args.quick)
         for conns in CONNECTIONS:
             table = interleaved(ways, connections=conns, duration=d, rounds=rounds, say=say)
             b.results.tables[(upstream, conns)] = table
             report(table, subject="phloem",
                    against={"nginx": T_NGINX, "haproxy": T_HAPROXY, "direct": math.nan,
-                            "forwarder": math.nan},
+                            "forwarder": math.nan, "pooled": math.nan},
                    say=say)
             report_floor(table, say)
     say()
@@ -596,7 +602,8 @@ def summary(r: Results, args: argparse.Namespace) -> None:
     for (upstream, conns), t in r.tables.items():
         ph, ng, ha, di = (t.median_rps(w) for w in ("phloem", "nginx", "haproxy", "direct"))
         runs = "; ".join(f"{w} " + " / ".join(f"{x:,.0f}" for x in t.rps(w))
-                         for w in ("phloem", "nginx", "haproxy", "forwarder"))
+                         for w in ("phloem", "nginx", "haproxy", "forwarder", "pooled")
+                         if w in t.runs)
         say(f"| throughput, {upstream} upstream, {conns} connections, median of {rounds} "
             f"(req/s; runs: {runs}) | {ph:,.0f} | {ng:,.0f} / {ha:,.0f} | {di:,.0f} | "
             f"{t.ratio('phloem', 'nginx'):.2f}x nginx, {t.ratio('phloem', 'haproxy'):.2f}x "

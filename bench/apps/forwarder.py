@@ -9,6 +9,13 @@ beside its ratio to nginx.
     python forwarder.py --port 8090 --uds /tmp/fixed.sock
     python forwarder.py --port 8443 --uds /tmp/fixed.sock --tls-cert c.pem --tls-key k.pem
 
+With ``--pool`` upstream connections are shared instead: a request takes an idle one (or
+opens one), and a response parser (httptools) tells when the response is over and the
+connection free again. That is the least a proxy in front of a function needs (an isolate
+cannot hold a connection per client), so it is the floor of a *pooling* Python proxy.
+
+    python forwarder.py --port 8091 --uds /tmp/fixed.sock --pool
+
 With a certificate it terminates TLS with Python's ``ssl`` as uvloop drives it (TLS 1.2 and
 1.3, ALPN http/1.1, OpenSSL's defaults otherwise: tickets on), as phloem's gateway does.
 
@@ -44,11 +51,56 @@ class Upstream(asyncio.Protocol):
         self.client.transport.close()
 
 
+class Pooled(asyncio.Protocol):
+    """A shared upstream connection (``--pool``): its bytes go to the client it serves
+    now; once its response parser sees the end of the response it is idle again."""
+
+    def __init__(self, idle: list[Pooled]) -> None:
+        self.idle = idle
+        self.client: Client | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.keep_alive = True
+        self.done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        self.parser.feed_data(data)
+        if client is None:
+            return
+        client.transport.write(data)
+        if self.done:
+            self.done = False
+            self.client = None
+            if self.keep_alive:
+                self.idle.append(self)
+            else:
+                self.transport.close()
+            if not client.keep_alive:
+                client.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.idle:
+            self.idle.remove(self)
+        if self.client is not None:
+            self.client.transport.close()
+
+
 class Client(asyncio.Protocol):
     """One client connection and its httptools request parser."""
 
-    def __init__(self, uds: str) -> None:
+    def __init__(self, uds: str, idle: list[Pooled] | None = None) -> None:
         self.uds = uds
+        self.idle = idle  # --pool: the shared idle upstream connections
+        self.keep_alive = True
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.fields: list[bytes] = []
@@ -60,7 +112,8 @@ class Client(asyncio.Protocol):
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if isinstance(peer, tuple) else b"unknown"
-        asyncio.get_running_loop().create_task(self._connect())
+        if self.idle is None:
+            asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -93,6 +146,9 @@ class Client(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
 
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"host":
             self.host = value
@@ -107,16 +163,36 @@ class Client(asyncio.Protocol):
                b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n\r\n" % (
                    method, self.url, b"".join(self.fields), _PREFIX, next(_IDS),
                    self.peer, self.host)
-        if self.upstream is None:
+        if self.idle is not None:
+            self._pooled(head)
+        elif self.upstream is None:
             self.waiting.append(head)
         else:
             self.upstream.write(head)
 
+    def _pooled(self, head: bytes) -> None:
+        assert self.idle is not None
+        if self.idle:
+            pooled = self.idle.pop()
+            pooled.client = self
+            pooled.transport.write(head)
+        else:
+            asyncio.get_running_loop().create_task(self._connect_pooled(head))
 
-async def serve(port: int, uds: str, tls: ssl.SSLContext | None) -> None:
+    async def _connect_pooled(self, head: bytes) -> None:
+        assert self.idle is not None
+        idle = self.idle
+        loop = asyncio.get_running_loop()
+        _, pooled = await loop.create_unix_connection(lambda: Pooled(idle), self.uds)
+        pooled.client = self
+        pooled.transport.write(head)
+
+
+async def serve(port: int, uds: str, tls: ssl.SSLContext | None, pool: bool) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Client(uds), "127.0.0.1", port, backlog=1024,
-                                      ssl=tls)
+    idle: list[Pooled] | None = [] if pool else None
+    server = await loop.create_server(lambda: Client(uds, idle), "127.0.0.1", port,
+                                      backlog=1024, ssl=tls)
     async with server:
         await server.serve_forever()
 
@@ -127,6 +203,8 @@ def main() -> None:
     parser.add_argument("--uds", required=True, help="the upstream's Unix socket")
     parser.add_argument("--tls-cert", help="terminate TLS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", help="and this key (PEM)")
+    parser.add_argument("--pool", action="store_true",
+                        help="share upstream connections (parse responses to free them)")
     args = parser.parse_args()
     tls = None
     if args.tls_cert:
@@ -134,7 +212,7 @@ def main() -> None:
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(args.tls_cert, args.tls_key)
         tls.set_alpn_protocols(["http/1.1"])
-    uvloop.run(serve(args.port, args.uds, tls))
+    uvloop.run(serve(args.port, args.uds, tls, args.pool))
 
 
 if __name__ == "__main__":
