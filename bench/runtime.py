@@ -106,6 +106,7 @@ from _sse import StreamFleet
 
 from phloem.gateway import native as gateway_native
 from phloem.gateway.admission import plan_connections
+from phloem.system.native import why_python
 from phloem.testing import PlatformProcess, host_of, platform_process
 
 HERE = Path(__file__).resolve().parent
@@ -704,8 +705,16 @@ def main(argv: list[str] | None = None) -> int:
     _raise_nofile()  # before the platform starts: it inherits the limit
     say(f"phloem runtime benchmarks; {machine()}")
     # The platform process loads the compiled request path on the same terms as this one.
+    reason = why_python()
     say("request path: " + ("compiled (mypyc; PHLOEM_NATIVE=0 for Python)" if gateway_native
-                            else "Python (not built, stale, or PHLOEM_NATIVE=0)"))
+                            else f"Python ({reason})"))
+    if not gateway_native and os.environ.get("PHLOEM_NATIVE") != "0" and \
+            {"throughput", "latency", "node", "tls"} & set(sections):
+        # A stale build would make every figure below the Python path's, unannounced.
+        say("refusing to measure a request path that is not what users run; rebuild it "
+            "(.venv/bin/python scripts/build_native.py) or set PHLOEM_NATIVE=0 to measure "
+            "the Python path on purpose")
+        return 2
     load = os.getloadavg()[0]
     say(f"load average (1 min) before starting: {load:.2f}"
         + ("  -- other work is running: expect noisy numbers" if load > 0.5 else ""))

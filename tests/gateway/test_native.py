@@ -95,3 +95,39 @@ def test_a_build_by_another_python_is_not_used(tmp_path: Path) -> None:
         manifest["python"] = "3.11.0 (another build)"
 
     assert probe(str(build_copy(tmp_path, other_python)))["native"] is False
+
+
+WHY = """
+import sys
+from pathlib import Path
+from phloem.system.native import why_python
+print(why_python(Path(sys.argv[1])))
+"""
+
+
+def why(root: Path, **env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "PHLOEM_NATIVE"}
+    proc = subprocess.run([sys.executable, "-c", WHY, str(root)], capture_output=True,
+                          text=True, env={**base, **env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_why_python_names_the_reason(tmp_path: Path) -> None:
+    # What `phloem up` and bench/runtime.py print when the compiled path does not serve.
+    def edited(manifest: dict[str, Any]) -> None:
+        manifest["modules"]["phloem.gateway.http"]["sha256"] = "0" * 64
+
+    def other_python(manifest: dict[str, Any]) -> None:
+        manifest["python"] = "3.11.0 (another build)"
+
+    assert why(build_copy(tmp_path)) == "None"
+    assert why(build_copy(tmp_path), PHLOEM_NATIVE="0") == "PHLOEM_NATIVE=0"
+    assert why(build_copy(tmp_path, edited)) == (
+        "stale: gateway/http.py changed since the build (scripts/build_native.py "
+        "rebuilds it)")
+    assert why(build_copy(tmp_path, other_python)) == (
+        "built for another Python (scripts/build_native.py rebuilds it)")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert why(empty) == f"not built in {empty} (scripts/build_native.py builds it)"

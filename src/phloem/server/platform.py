@@ -100,6 +100,7 @@ from phloem.supervisor.cgroups import (
 )
 from phloem.supervisor.isolate import DirectSpawner, Spawner
 from phloem.system.identity import MAX_UID_BASE, MIN_UID_BASE, Identity, make_dir
+from phloem.system.native import why_python
 from phloem.system.paths import DataPaths
 from phloem.system.settings import Settings
 
@@ -276,6 +277,9 @@ class Platform:
         if self._tls is not None and self._tls.ca is not None:
             out.print(f"  tls CA   {self._tls.ca}   (curl --cacert {self._tls.ca} "
                       f"https://...)")
+        if (reason := why_python()) is not None:
+            out.print(f"  [yellow]request path runs as Python: {escape(reason)}; it costs "
+                      "about 3x the CPU per request[/]", highlight=False)
         out.print(f"  firewall {escape(running.firewall.state)}", highlight=False)
         for b in await running.store.list_branches():
             out.print(f"  branch   {b.name} ({b.id})  postgres 127.0.0.1:{b.port}")

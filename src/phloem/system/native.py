@@ -9,7 +9,9 @@ one library and call each other directly, so they load all together or not at al
     native = install()   # True: the compiled modules serve this process
 
 ``PHLOEM_NATIVE=0`` keeps every module as Python; so does an edited source (until the next
-build), another Python, or no build at all.
+build), another Python, or no build at all. :func:`why_python` says which, for people
+(``phloem up`` and the benchmarks print it): the Python path costs about three times the
+CPU per request.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["ROOT", "digest", "install", "verified_files"]
+__all__ = ["ROOT", "digest", "install", "verified_files", "why_python"]
 
 #: Where scripts/build_native.py puts the compiled modules and their manifest.
 ROOT = Path(sys.prefix) / "lib" / "phloem-native"
@@ -82,3 +84,32 @@ def install() -> bool:
             sys.meta_path.insert(0, _Finder(files))
         _state = files is not None
     return _state
+
+
+def why_python(root: Path | None = None) -> str | None:
+    """Why the request path runs as Python in this process, in words; None when the
+    compiled modules serve it.
+
+        if (reason := why_python()) is not None:
+            print(f"request path runs as Python: {reason}")
+    """
+    if _state and root is None:
+        return None
+    if os.environ.get("PHLOEM_NATIVE", "1") == "0":
+        return "PHLOEM_NATIVE=0"
+    root = ROOT if root is None else root
+    rebuild = "scripts/build_native.py rebuilds it"
+    try:
+        built = json.loads((root / "manifest.json").read_text())
+        if built["python"] != sys.version:
+            return f"built for another Python ({rebuild})"
+        changed = [entry["source"] for entry in built["modules"].values()
+                   if digest(_PACKAGE / entry["source"]) != entry["sha256"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"not built in {root} (scripts/build_native.py builds it)"
+    if changed:
+        more = f" and {len(changed) - 2} more" if len(changed) > 2 else ""
+        return f"stale: {', '.join(changed[:2])}{more} changed since the build ({rebuild})"
+    if _state is False:
+        return "some of its modules were imported as Python before the build's"
+    return None
