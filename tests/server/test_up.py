@@ -78,6 +78,15 @@ def test_port_in_use_is_a_clear_error() -> None:
     assert processes_mentioning(str(data_dir)) == []
 
 
+def test_an_address_not_of_this_machine_is_refused_by_name() -> None:
+    # --listen (PHLOEM_GATEWAY_HOST) of a public service, mistyped: 192.0.2.1 (TEST-NET-1)
+    # is on no interface here. Refused before anything is made, naming the setting.
+    assert ("gateway_host: 192.0.2.1 is not an address of this machine" in
+            refused_start({"PHLOEM_GATEWAY_HOST": "192.0.2.1"}))
+    assert ("api_listen: 192.0.2.1 is not an address of this machine" in
+            refused_start({"PHLOEM_API_LISTEN": "192.0.2.1:18789"}))
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"PHLOEM_TRUSTED_PROXIES": "10.0.0.0/8 10.0.0.300/8"},
      "trusted_proxies: '10.0.0.300/8' is not an IP address or a network in CIDR notation"),

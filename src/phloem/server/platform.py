@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -116,12 +117,25 @@ class PlatformError(RuntimeError):
     """Start-up cannot go on; the message says what to fix."""
 
 
-def _check_port_free(what: str, host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def _check_port_free(what: str, host_field: str, host: str, port: int) -> None:
+    """Bind ``host:port`` once, so that a port in use, a privileged one or an address this
+    machine does not have is refused by name before anything starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
+            if exc.errno == errno.EACCES:
+                raise PlatformError(
+                    f"{what}: port {port} is below 1024 and needs root or "
+                    "CAP_NET_BIND_SERVICE (contrib/systemd/phloem.service grants it); or "
+                    "choose a port from 1024 up") from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or \
+                    isinstance(exc, socket.gaierror):
+                raise PlatformError(
+                    f"{host_field}: {host} is not an address of this machine (give one of "
+                    "its addresses, or 0.0.0.0 / :: for all of them)") from None
             raise PlatformError(
                 f"{what}: {host}:{port} is already in use ({exc.strerror}); stop what is "
                 f"listening there or choose another port"
@@ -319,12 +333,12 @@ class Platform:
                                 f"{MAX_UID_BASE} (got {s.isolate_uid_base})")
         # With TLS, --http-port (default: the gateway port) only redirects to https.
         _check_port_free("http_port" if s.tls_on and s.http_port is not None
-                         else "gateway_port", s.gateway_host, s.plain_port)
+                         else "gateway_port", "gateway_host", s.gateway_host, s.plain_port)
         if s.tls_on:
-            _check_port_free("https_port", s.gateway_host, s.https_port)
-        _check_port_free("api_port", s.api_host, s.api_port)
-        if s.api_listen_address is not None and ":" not in s.api_listen_address[0]:
-            _check_port_free("api_listen", *s.api_listen_address)
+            _check_port_free("https_port", "gateway_host", s.gateway_host, s.https_port)
+        _check_port_free("api_port", "api_host", s.api_host, s.api_port)
+        if s.api_listen_address is not None:
+            _check_port_free("api_listen", "api_listen", *s.api_listen_address)
         self._prepare_data_dir(teardown)
         try:
             self._tls = await asyncio.to_thread(gateway_tls, s)
