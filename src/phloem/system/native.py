@@ -32,6 +32,7 @@ __all__ = ["ROOT", "digest", "install", "verified_files", "why_python"]
 #: Where scripts/build_native.py puts the compiled modules and their manifest.
 ROOT = Path(sys.prefix) / "lib" / "phloem-native"
 _PACKAGE = Path(__file__).resolve().parent.parent  # src/phloem
+_REBUILD = "scripts/build_native.py rebuilds it"
 
 _state: bool | None = None
 
@@ -58,19 +59,29 @@ def digest(source: Path) -> str:
 def verified_files(root: Path | None = None) -> dict[str, Path] | None:
     """Module name -> extension file (the shared library's too) of the build in ``root``
     (default :data:`ROOT`), if it is of these sources by this Python; else ``None``."""
-    root = ROOT if root is None else root
+    return _examine(ROOT if root is None else root)[0]
+
+
+def _examine(root: Path) -> tuple[dict[str, Path] | None, str | None]:
+    """The build in ``root``: its files if it is of these sources by this Python, else
+    None and why, in words (:func:`why_python`)."""
     try:
         built = json.loads((root / "manifest.json").read_text())
         if built["python"] != sys.version:
-            return None
+            return None, f"built for another Python ({_REBUILD})"
         files = {built["group"]: root / built["group_file"]}
+        changed: list[str] = []
         for name, entry in built["modules"].items():
             if digest(_PACKAGE / entry["source"]) != entry["sha256"]:
-                return None
+                changed.append(entry["source"])
             files[name] = root / entry["file"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return files
+        return None, f"not built in {root} (scripts/build_native.py builds it)"
+    if changed:
+        more = f" and {len(changed) - 2} more" if len(changed) > 2 else ""
+        return None, (f"stale: {', '.join(changed[:2])}{more} changed since the build "
+                      f"({_REBUILD})")
+    return files, None
 
 
 def install() -> bool:
@@ -97,19 +108,7 @@ def why_python(root: Path | None = None) -> str | None:
         return None
     if os.environ.get("PHLOEM_NATIVE", "1") == "0":
         return "PHLOEM_NATIVE=0"
-    root = ROOT if root is None else root
-    rebuild = "scripts/build_native.py rebuilds it"
-    try:
-        built = json.loads((root / "manifest.json").read_text())
-        if built["python"] != sys.version:
-            return f"built for another Python ({rebuild})"
-        changed = [entry["source"] for entry in built["modules"].values()
-                   if digest(_PACKAGE / entry["source"]) != entry["sha256"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"not built in {root} (scripts/build_native.py builds it)"
-    if changed:
-        more = f" and {len(changed) - 2} more" if len(changed) > 2 else ""
-        return f"stale: {', '.join(changed[:2])}{more} changed since the build ({rebuild})"
-    if _state is False:
+    reason = _examine(ROOT if root is None else root)[1]
+    if reason is None and _state is False:
         return "some of its modules were imported as Python before the build's"
-    return None
+    return reason
