@@ -6,7 +6,7 @@ gateway, and what ``phloem up`` tells the user.
     print(setup.ca)                 # self-signed: curl --cacert <this>
 
 With ``--tls acme``, ``setup.acme`` obtains a certificate per name the platform ensures
-(``setup.certificates.ensure(host)`` when a function is deployed), puts it in
+(``setup.certificates.ensure(host)`` when a function's deployment goes live), puts it in
 ``setup.store`` and answers HTTP-01 challenges through ``GatewayConfig.acme_challenge``;
 the local CA's certificate is served meanwhile (and for any other name). With
 ``api_listen``, the remote API's name (``settings.remote_api_name``) is ensured at start.
