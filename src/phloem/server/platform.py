@@ -77,6 +77,7 @@ from phloem.server.lifecycle import (
     err,
     freeze_startup_heap,
     install_uvloop,
+    keep_large_blocks_on_heap,
     out,
     raise_fd_limit,
 )
@@ -213,12 +214,14 @@ class Platform:
                     own_process: bool = False) -> int:
         """Start, call ``on_ready``, print the readiness line, serve until
         :meth:`request_stop`, stop; 0, or 1 if start-up failed. ``own_process``: this
-        process is the platform's (``phloem up``): raise the descriptor limit, take
+        process is the platform's (``phloem up``): raise the descriptor limit, keep TLS
+        reads off mmap (see keep_large_blocks_on_heap), take
         SIGINT/SIGTERM (a second one forces exit), tune the heap once started."""
         try:
             if not own_process:
                 return await self._serve(on_ready, own_process=False)
             raise_fd_limit()
+            keep_large_blocks_on_heap()
             with capture_signals(on_stop=self._first_signal, on_force=self.force_exit):
                 return await self._serve(on_ready, own_process=True)
         finally:
