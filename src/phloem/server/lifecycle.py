@@ -1,5 +1,6 @@
 """What running the platform as a process takes, beside the platform itself: the event
-loop, the descriptor limit, the stop signals and the heap once start-up is done.
+loop, the descriptor limit, the allocator, the stop signals and the heap once start-up is
+done.
 ``Platform.run`` (and ``Platform.serve(own_process=True)``) use these, in the shape of
 uvicorn's ``Server.run``/``serve``/``capture_signals``.
 
