@@ -1,7 +1,9 @@
 """Interleaved wrk comparisons for bench/runtime.py: every way of serving one upstream
 (direct, nginx, HAProxy, phloem, ...) is run once per round, the order rotating each round
 so none always runs first on a noisy machine; every run is printed with the proxy's CPU
-per request, then the medians and the ratios of phloem to each other proxy.
+per request (and the share of the machine's time the hypervisor stole, when any: a run
+with steal was slowed from outside), then the medians and the ratios of phloem to each
+other proxy.
 
     ways = [Way("nginx", "http://127.0.0.1:8081/", cpu=tree_cpu(nginx_pid)),
             Way("phloem", "http://127.0.0.1:8080/", host="x", cpu=own_cpu(gateway_pid))]
@@ -91,6 +93,21 @@ def _cpu_seconds(way: Way) -> float:
     return way.cpu() if way.cpu else math.nan
 
 
+def machine_cpu() -> list[int]:
+    """The machine's CPU time so far, in ticks: /proc/stat's user, nice, system, idle,
+    iowait, irq, softirq and steal."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def steal_percent(before: list[int], after: list[int]) -> float:
+    """The share of the machine's time between two :func:`machine_cpu` readings that the
+    hypervisor gave to other guests (0 on bare metal)."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(spent)
+    return 100.0 * spent[7] / total if total else 0.0
+
+
 def interleaved(ways: list[Way], *, connections: int, duration: float, rounds: int,
                 say: Callable[[str], None], indent: str = "   ") -> Table:
     """``rounds`` rounds of one wrk run per way (order rotated each round), each printed."""
@@ -98,14 +115,17 @@ def interleaved(ways: list[Way], *, connections: int, duration: float, rounds: i
     for i in range(rounds):
         shift = i % len(ways)
         for way in ways[shift:] + ways[:shift]:
-            cpu0 = _cpu_seconds(way)
+            cpu0, machine0 = _cpu_seconds(way), machine_cpu()
             r = run_wrk(way.url, connections=connections, duration=duration, host=way.host)
             cpu_us = (_cpu_seconds(way) - cpu0) / max(r.requests, 1) * 1e6
             table.runs[way.name].append(Run(r, cpu_us))
             cpu = f"   {cpu_us:5.1f} us CPU/req" if way.cpu else ""
+            stolen = steal_percent(machine0, machine_cpu())
+            # The hypervisor gave the machine's time to others: that run is slower for it.
+            steal = f"   steal {stolen:.0f}%" if stolen >= 1 else ""
             note = f"   ({r.errors})" if r.errors else ""
             say(f"{indent}run {i + 1}  {connections:>4} conns  {way.name:<14} {r.rps:>9,.0f} req/s"
-                f"   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms{cpu}{note}")
+                f"   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms{cpu}{steal}{note}")
     return table
 
 

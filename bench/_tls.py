@@ -49,9 +49,11 @@ from _compare import (
     Way,
     floor_ratios,
     interleaved,
+    machine_cpu,
     own_cpu,
     report,
     report_floor,
+    steal_percent,
     tree_cpu,
 )
 from _procs import free_port, start_forwarder, start_nginx
@@ -136,14 +138,16 @@ def handshakes(ways: list[Way], *, duration: float, rounds: int, results: TlsRes
         shift = i % len(ways)
         for way in ways[shift:] + ways[:shift]:
             load = os.getloadavg()[0]
-            cpu0 = _cpu(way)
+            cpu0, machine0 = _cpu(way), machine_cpu()
             rps, n, errors = wrk_close(way.url, connections=HANDSHAKE_CONNECTIONS,
                                        duration=duration, host=way.host)
             cpu_us = (_cpu(way) - cpu0) / max(n, 1) * 1e6
+            stolen = steal_percent(machine0, machine_cpu())
             results.handshakes[way.name].append(HandshakeRun(rps, cpu_us, load, errors))
+            steal = f"   steal {stolen:.0f}%" if stolen >= 1 else ""
             note = f"   ({errors})" if errors else ""
             say(f"   run {i + 1}  new connections  {way.name:<8} {rps:>8,.0f} conn/s   "
-                f"{cpu_us:6.1f} us CPU/conn   load {load:.2f}{note}")
+                f"{cpu_us:6.1f} us CPU/conn   load {load:.2f}{steal}{note}")
     med = {name: statistics.median(r.rps for r in runs)
            for name, runs in results.handshakes.items()}
     per = results.handshake_ratios()
