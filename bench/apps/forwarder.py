@@ -45,7 +45,8 @@ class Upstream(asyncio.Protocol):
         self.client = client
 
     def data_received(self, data: bytes) -> None:
-        self.client.transport.write(data)
+        if not self.client.transport.is_closing():
+            self.client.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.transport.close()
@@ -70,7 +71,11 @@ class Pooled(asyncio.Protocol):
         self.parser.feed_data(data)
         if client is None:
             return
-        client.transport.write(data)
+        # A client that left mid-response (wrk closes at the end of a run) still lets the
+        # response be parsed to its end, so the connection goes back idle (uvloop refuses
+        # writes to a closed transport, as the gateway's own write checks first too).
+        if not client.transport.is_closing():
+            client.transport.write(data)
         if self.done:
             self.done = False
             self.client = None
