@@ -108,6 +108,11 @@ def steal_percent(before: list[int], after: list[int]) -> float:
     return 100.0 * spent[7] / total if total else 0.0
 
 
+def steal_note(stolen: float) -> str:
+    """What a run's line says of the steal it saw: nothing below 1%."""
+    return f"   steal {stolen:.0f}%" if stolen >= 1 else ""
+
+
 #: A run during which the hypervisor gave at least this share (%) of the machine to other
 #: guests is run again, up to STEAL_RETRIES times (the last attempt counts whatever its
 #: steal); every attempt is printed.
@@ -131,11 +136,10 @@ def interleaved(ways: list[Way], *, connections: int, duration: float, rounds: i
                 stolen = steal_percent(machine0, machine_cpu())
                 again = stolen >= STEAL_REDO and attempt < STEAL_RETRIES
                 cpu = f"   {cpu_us:5.1f} us CPU/req" if way.cpu else ""
-                steal = f"   steal {stolen:.0f}%" if stolen >= 1 else ""
                 note = f"   ({r.errors})" if r.errors else ""
                 say(f"{indent}run {i + 1}  {connections:>4} conns  {way.name:<14} "
                     f"{r.rps:>9,.0f} req/s   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms"
-                    f"{cpu}{steal}{note}{'   -> run again' if again else ''}")
+                    f"{cpu}{steal_note(stolen)}{note}{'   -> run again' if again else ''}")
                 if not again:
                     table.runs[way.name].append(Run(r, cpu_us))
                     break

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TypeVar
 
-from phloem.server.lifecycle import MMAP_THRESHOLD
+from phloem.server.lifecycle import MMAP_THRESHOLD, TRIM_THRESHOLD
 from phloem.testing import free_port as free_port  # re-exported for the benches
 
 T = TypeVar("T")
@@ -246,7 +246,7 @@ def start_forwarder(reaper: Reaper, port: int, sock: str,
     # keep_large_blocks_on_heap): without it, every TLS read here cost an mmap, an mremap
     # and a munmap, and the floor read low.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-           "MALLOC_TRIM_THRESHOLD_": str(2 * MMAP_THRESHOLD)}
+           "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
     proc = reaper.spawn([sys.executable, str(FORWARDER), "--port", str(port), "--uds", sock,
                          *tls_args, *pool_args], stdin=subprocess.DEVNULL, env=env)
     if tls is None:

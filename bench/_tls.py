@@ -53,6 +53,7 @@ from _compare import (
     own_cpu,
     report,
     report_floor,
+    steal_note,
     steal_percent,
     tree_cpu,
 )
@@ -144,10 +145,9 @@ def handshakes(ways: list[Way], *, duration: float, rounds: int, results: TlsRes
             cpu_us = (_cpu(way) - cpu0) / max(n, 1) * 1e6
             stolen = steal_percent(machine0, machine_cpu())
             results.handshakes[way.name].append(HandshakeRun(rps, cpu_us, load, errors))
-            steal = f"   steal {stolen:.0f}%" if stolen >= 1 else ""
             note = f"   ({errors})" if errors else ""
             say(f"   run {i + 1}  new connections  {way.name:<8} {rps:>8,.0f} conn/s   "
-                f"{cpu_us:6.1f} us CPU/conn   load {load:.2f}{steal}{note}")
+                f"{cpu_us:6.1f} us CPU/conn   load {load:.2f}{steal_note(stolen)}{note}")
     med = {name: statistics.median(r.rps for r in runs)
            for name, runs in results.handshakes.items()}
     per = results.handshake_ratios()

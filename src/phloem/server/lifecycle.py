@@ -59,8 +59,9 @@ def raise_fd_limit() -> None:
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 #: Blocks below this come from the heap, not from mmap; the heap's top is given back to
-#: the system above twice that (the ratio glibc's own adjustment keeps).
+#: the system above TRIM_THRESHOLD, twice that (the ratio glibc's own adjustment keeps).
 MMAP_THRESHOLD = 1 << 20
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
 
 def keep_large_blocks_on_heap() -> bool:
@@ -76,7 +77,7 @@ def keep_large_blocks_on_heap() -> bool:
     except (OSError, AttributeError):
         return False  # another C library: nothing to tune
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)) and bool(
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
